@@ -1,0 +1,244 @@
+"""The `Backend` half of the HAL contract, and how backends are found.
+
+A backend is one subclass of `Backend` per chip. Its abstract methods are the whole contract:
+``is_available`` (cheap; imports no vendor SDK), ``native_ops`` (its op table, by op name) and
+``capabilities`` (dtypes, fp8, peak FLOP/s and memory bandwidth for MFU). Everything else, from op
+resolution with fallback to the reference, to device handling and communicators, is shared.
+
+Backends are discovered through the entry-point group ``openseek_hal.backends``; the in-tree ones
+are registered there too, so a vendor's plugin package is found exactly as ours are. An entry
+point names either a `Backend` subclass or a zero-argument function returning one (or None when
+the plugin does not apply to this machine). A plugin that fails to load is recorded with its
+error and never breaks discovery of the others.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import import_module
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+import torch
+
+from . import ops as _ops
+from .device import Device
+from .errors import BackendUnavailableError, MissingOpError, UnknownBackendError
+
+ENTRY_POINT_GROUP = "openseek_hal.backends"
+ENV_BACKEND = "OPENSEEK_HAL_BACKEND"
+ENV_STRICT = "OPENSEEK_HAL_STRICT"
+
+
+class OpFallbackWarning(UserWarning):
+    """A backend has no native implementation of an op; the reference runs instead."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Capabilities:
+    """What a backend's device can do; ``peak_flops`` and ``memory_bandwidth`` feed MFU and %-of-peak."""
+
+    device_name: str
+    dtypes: tuple[torch.dtype, ...]
+    fp8: bool = False
+    peak_flops: Mapping[torch.dtype, float] = field(default_factory=dict)  # dense FLOP/s per dtype
+    memory_bandwidth: float | None = None  # bytes/s
+
+
+@dataclass(frozen=True)
+class ExpectedFailure:
+    """A check a backend declares it fails, with the reason (reported as xfail by conformance)."""
+
+    op: str
+    reason: str
+    dtype: torch.dtype | None = None  # None: every dtype
+
+
+class Backend(ABC):
+    """One chip's implementation of the HAL. Subclass it, fill in the three abstract methods."""
+
+    name: ClassVar[str]
+    device_type: ClassVar[str]  # a torch device type string: "cpu", "cuda", "xpu", "npu", ...
+    priority: ClassVar[int] = 0  # the available backend with the highest priority is the default
+    dist_backend: ClassVar[str] = "gloo"  # torch.distributed backend for this chip's native collectives
+    expected_failures: ClassVar[tuple[ExpectedFailure, ...]] = ()
+
+    @classmethod
+    @abstractmethod
+    def is_available(cls) -> tuple[bool, str]:
+        """(True, "") when usable here, else (False, why). Must be cheap and must not raise."""
+
+    @abstractmethod
+    def native_ops(self) -> Mapping[str, Callable[..., Any]]:
+        """This backend's own implementations, by op name. Ops not listed fall back to the reference."""
+
+    @abstractmethod
+    def capabilities(self) -> Capabilities:
+        """Dtypes, fp8 support, peak FLOP/s and memory bandwidth of ``self.device``."""
+
+    # -- shared machinery --------------------------------------------------------------------
+    _warned: ClassVar[set[tuple[str, str]]] = set()
+    _warn_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, device_index: int | None = None, *, strict: bool | None = None):
+        self.device = Device(self.device_type, device_index)
+        self.strict = os.environ.get(ENV_STRICT, "") in ("1", "true") if strict is None else strict
+        self._native: Mapping[str, Callable[..., Any]] | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} on {self.device.torch_device}>"
+
+    def _native_table(self) -> Mapping[str, Callable[..., Any]]:
+        if self._native is None:
+            self._native = dict(self.native_ops())
+        return self._native
+
+    def has_native(self, name: str) -> bool:
+        return name in self._native_table()
+
+    def op(self, name: str) -> Callable[..., Any]:
+        """The callable implementing op ``name``: native if the backend has it, else the reference.
+
+        Resolve once (at module construction) and keep the callable: dispatch is this dict lookup.
+        A fallback warns once per (backend, op) per process; in strict mode it raises instead.
+        """
+        opdef = _ops.get(name)
+        impl = self._native_table().get(name)
+        if impl is not None:
+            return impl
+        if self.strict:
+            raise MissingOpError(f"backend '{self.name}' has no native '{name}' (strict mode)")
+        key = (self.name, name)
+        with self._warn_lock:
+            first = key not in self._warned
+            self._warned.add(key)
+        if first:
+            warnings.warn(f"backend '{self.name}' has no native '{name}'; using the reference implementation",
+                          OpFallbackWarning, stacklevel=2)
+        return opdef.reference
+
+    def coverage(self) -> dict[str, str]:
+        """``{op name: "native" | "fallback"}`` over every registered op."""
+        native = self._native_table()
+        return {name: ("native" if name in native else "fallback") for name in _ops.names()}
+
+
+# -- discovery --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    cls: type[Backend] | None
+    available: bool
+    reason: str  # why not available, or the plugin's load error
+
+
+_registered: dict[str, type[Backend]] = {}
+_discovered: tuple[dict[str, type[Backend]], dict[str, str]] | None = None
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    """Register a backend class directly (tests, notebooks). Packages use the entry-point group."""
+    _check_backend_class(cls, cls.__dict__.get("name", cls.__name__))
+    _registered[cls.name] = cls
+    return cls
+
+
+def unregister_backend(name: str) -> None:
+    _registered.pop(name, None)
+
+
+def _check_backend_class(obj: Any, ep_name: str) -> type[Backend]:
+    if not (isinstance(obj, type) and issubclass(obj, Backend)):
+        raise TypeError(f"entry point '{ep_name}' gave {obj!r}, not a Backend subclass")
+    for attr in ("name", "device_type"):
+        if not isinstance(getattr(obj, attr, None), str):
+            raise TypeError(f"backend class {obj.__name__} has no string class attribute '{attr}'")
+    return obj
+
+
+def _load_entry_point(ep: Any) -> type[Backend] | None:
+    obj = ep.load()
+    if not isinstance(obj, type) and callable(obj):  # vLLM-style: a function that names the class
+        obj = obj()
+        if obj is None:
+            return None
+        if isinstance(obj, str):
+            module, _, qualname = obj.partition(":")
+            target: Any = import_module(module)
+            for part in qualname.split("."):
+                target = getattr(target, part)
+            obj = target
+    return _check_backend_class(obj, ep.name)
+
+
+def discover(refresh: bool = False) -> tuple[dict[str, type[Backend]], dict[str, str]]:
+    """``(backends by name, load errors by entry-point name)``; cached until ``refresh``."""
+    global _discovered
+    if _discovered is None or refresh:
+        found: dict[str, type[Backend]] = {}
+        errors: dict[str, str] = {}
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                cls = _load_entry_point(ep)
+            except Exception as e:  # a broken plugin is reported, never fatal
+                errors[ep.name] = f"{type(e).__name__}: {e}"
+                continue
+            if cls is not None:
+                found.setdefault(cls.name, cls)
+        _discovered = (found, errors)
+    found, errors = _discovered
+    return {**found, **_registered}, dict(errors)
+
+
+def backend_names() -> list[str]:
+    return sorted(discover()[0])
+
+
+def _availability(cls: type[Backend]) -> tuple[bool, str]:
+    try:
+        ok, reason = cls.is_available()
+    except Exception as e:  # is_available must not raise; if it does, the backend is unusable
+        return False, f"is_available() raised {type(e).__name__}: {e}"
+    return bool(ok), str(reason)
+
+
+def list_backends() -> list[BackendInfo]:
+    """Every discovered backend (available or not) and every plugin that failed to load."""
+    found, errors = discover()
+    infos = [BackendInfo(name, cls, *_availability(cls)) for name, cls in sorted(found.items())]
+    infos += [BackendInfo(name, None, False, f"failed to load: {err}") for name, err in sorted(errors.items())]
+    return infos
+
+
+def default_backend_name() -> str:
+    """``$OPENSEEK_HAL_BACKEND`` if set, else the available backend with the highest priority."""
+    env = os.environ.get(ENV_BACKEND)
+    if env:
+        return env
+    found, _ = discover()
+    usable = [cls for cls in found.values() if _availability(cls)[0]]
+    if not usable:
+        raise BackendUnavailableError("(default)", "no backend is available; run `openseek-hal backends`")
+    return max(usable, key=lambda c: (c.priority, c.name)).name
+
+
+def get_backend(name: str | None = None, *, device_index: int | None = None,
+                strict: bool | None = None) -> Backend:
+    """An instance of backend ``name`` (default: `default_backend_name`), checked to be available."""
+    name = name or default_backend_name()
+    found, errors = discover()
+    if name not in found:
+        if name in errors:
+            raise BackendUnavailableError(name, f"its plugin failed to load: {errors[name]}")
+        raise UnknownBackendError(name, sorted(found))
+    cls = found[name]
+    ok, reason = _availability(cls)
+    if not ok:
+        raise BackendUnavailableError(name, reason)
+    return cls(device_index, strict=strict)

@@ -1,0 +1,57 @@
+"""NVIDIA GPUs: the torch CUDA device, NCCL collectives, and the Triton kernels of ``ops/``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..backend import Backend, Capabilities
+
+# Dense (no sparsity) tensor-core peaks in FLOP/s and HBM bandwidth in bytes/s, from NVIDIA's
+# datasheets, keyed by a substring of the device name. The SXM parts are listed first.
+_PEAKS: tuple[tuple[str, dict[torch.dtype, float], float], ...] = (
+    ("H200", {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494e12,
+              torch.float8_e4m3fn: 1979e12}, 4.8e12),
+    ("H100 PCIe", {torch.bfloat16: 756e12, torch.float16: 756e12, torch.float32: 378e12,
+                   torch.float8_e4m3fn: 1513e12}, 2.0e12),
+    ("H100", {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494e12,
+              torch.float8_e4m3fn: 1979e12}, 3.35e12),
+    ("A100", {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12}, 2.0e12),
+)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+class CUDABackend(Backend):
+    name = "cuda"
+    device_type = "cuda"
+    priority = 100
+    dist_backend = "nccl"
+
+    @classmethod
+    def is_available(cls) -> tuple[bool, str]:
+        if not torch.backends.cuda.is_built():
+            return False, f"this PyTorch ({torch.__version__}) was built without CUDA"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device found (torch.cuda.is_available() is False)"
+        return True, ""
+
+    def native_ops(self) -> Mapping[str, Callable[..., Any]]:
+        return {"causal_attention": _attention, "embedding": F.embedding}
+
+    def capabilities(self) -> Capabilities:
+        name = self.device.name()
+        major, _ = torch.cuda.get_device_capability(self.device.index)
+        flops, bandwidth = {}, None
+        for key, peaks, bw in _PEAKS:
+            if key in name:
+                flops, bandwidth = peaks, bw
+                break
+        dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+        return Capabilities(device_name=name, dtypes=dtypes, fp8=major >= 9, peak_flops=flops,
+                            memory_bandwidth=bandwidth)

@@ -1,0 +1,1 @@
+"""Data tools: readers, filters, dedup, classifiers, tokenization, synthesis."""

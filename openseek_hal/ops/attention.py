@@ -1,0 +1,32 @@
+"""Causal scaled-dot-product attention whose query/key head dim may differ from the value's (MLA)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .opdef import OpDef, Sample, randn
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale + causal_mask) v`` on ``(batch, heads, seq, dim)`` tensors."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    s_q, s_k = q.shape[-2], k.shape[-2]
+    mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(diagonal=s_k - s_q)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), v.to(acc)).to(q.dtype)
+
+
+def _samples(dtype, device, gen):
+    for b, h, s, dqk, dv in [(2, 4, 16, 24, 16), (1, 1, 1, 8, 8), (1, 2, 33, 64, 32)]:
+        q, k = (randn(b, h, s, dqk, dtype=dtype, device=device, generator=gen) for _ in range(2))
+        v = randn(b, h, s, dv, dtype=dtype, device=device, generator=gen)
+        yield Sample((q, k, v), {"scale": dqk ** -0.5}, f"B{b}H{h}S{s}Dqk{dqk}Dv{dv}", s)
+
+
+OPDEFS = [OpDef(name="causal_attention",
+                signature="causal_attention(q[B,H,S,Dqk], k[B,H,S,Dqk], v[B,H,S,Dv], scale=None) -> o[B,H,S,Dv]",
+                reference=causal_attention, samples=_samples)]

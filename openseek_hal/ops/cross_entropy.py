@@ -1,0 +1,51 @@
+"""Token cross entropy over large vocabularies, with ``ignore_index`` and optional z-loss."""
+
+from __future__ import annotations
+
+import torch
+
+from .opdef import OpDef, Sample, randn
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean", z_loss: float = 0.0) -> torch.Tensor:
+    """Mean (over non-ignored rows) or sum of ``logsumexp(logits) - logits[target]``.
+
+    With ``z_loss > 0`` each kept row adds ``z_loss * logsumexp(logits) ** 2`` (PaLM's z-loss).
+    A mean over zero kept rows is 0, not NaN, so an all-padding batch does not poison training.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    x = logits.to(acc)
+    keep = target != ignore_index
+    safe_target = torch.where(keep, target, torch.zeros_like(target))
+    lse = torch.logsumexp(x, dim=-1)
+    loss = lse - x.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+    if z_loss:
+        loss = loss + z_loss * lse.pow(2)
+    total = torch.where(keep, loss, torch.zeros_like(loss)).sum()
+    if reduction == "sum":
+        return total
+    return total / keep.sum().clamp(min=1).to(acc)
+
+
+def _samples(dtype, device, gen):
+    for rows, vocab in [(8, 100), (1, 1), (5, 4099), (0, 16), (16, 32000)]:
+        logits = randn(rows, vocab, dtype=dtype, device=device, generator=gen, scale=3.0)
+        target = torch.randint(0, vocab, (rows,), generator=gen)
+        if rows > 2:
+            target[::3] = -100
+        yield Sample((logits, target.to(device)), {}, f"{rows}x{vocab}", vocab)
+    logits = randn(6, 500, dtype=dtype, device=device, generator=gen, scale=3.0)
+    target = torch.randint(0, 500, (6,), generator=gen).to(device)
+    yield Sample((logits, target), {"reduction": "sum", "z_loss": 1e-4}, "6x500:sum+z", 500)
+    wide = randn(4, 2048, dtype=dtype, device=device, generator=gen)[:, :1000]
+    target = torch.tensor([3, -100, 999, 0]).to(device)
+    yield Sample((wide, target), {"ignore_index": -100}, "4x1000-strided", 1000)
+
+
+OPDEFS = [OpDef(name="cross_entropy",
+                signature="cross_entropy(logits[N, V], target[N], ignore_index=-100, reduction='mean', "
+                          "z_loss=0.0) -> loss",
+                reference=cross_entropy, samples=_samples)]

@@ -1,0 +1,52 @@
+"""RMSNorm and the fused residual-add + RMSNorm (references and OpDefs)."""
+
+from __future__ import annotations
+
+import torch
+
+from .opdef import OpDef, Sample, randn
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dimension, computed in float32 or wider."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.to(acc)).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(rms_norm(x + residual), x + residual)``; the sum is the next residual stream."""
+    total = x + residual
+    return rms_norm(total, weight, eps), total
+
+
+def _norm_samples(dtype, device, gen, with_residual: bool):
+    shapes = [(4, 64), (2, 3, 128), (1, 1), (7, 33), (0, 16), (3, 1000)]
+    for shape in shapes:
+        hidden = shape[-1]
+        x = randn(*shape, dtype=dtype, device=device, generator=gen)
+        w = randn(hidden, dtype=dtype, device=device, generator=gen, scale=0.1) + 1
+        label = "x".join(map(str, shape))
+        if with_residual:
+            r = randn(*shape, dtype=dtype, device=device, generator=gen)
+            yield Sample((x, r, w), {"eps": 1e-6}, label, hidden)
+        else:
+            yield Sample((x, w), {"eps": 1e-6}, label, hidden)
+    # non-contiguous input: every other row of a wider matrix
+    wide = randn(8, 256, dtype=dtype, device=device, generator=gen)[:, ::2]
+    w = randn(128, dtype=dtype, device=device, generator=gen, scale=0.1) + 1
+    if with_residual:
+        r = randn(8, 128, dtype=dtype, device=device, generator=gen)
+        yield Sample((wide, r, w), {"eps": 1e-5}, "8x128-strided", 128)
+    else:
+        yield Sample((wide, w), {"eps": 1e-5}, "8x128-strided", 128)
+
+
+OPDEFS = [
+    OpDef(name="rms_norm", signature="rms_norm(x, weight, eps=1e-6) -> y", reference=rms_norm,
+          samples=lambda dt, dev, g: _norm_samples(dt, dev, g, False)),
+    OpDef(name="add_rms_norm", signature="add_rms_norm(x, residual, weight, eps=1e-6) -> (y, x + residual)",
+          reference=add_rms_norm, samples=lambda dt, dev, g: _norm_samples(dt, dev, g, True)),
+]

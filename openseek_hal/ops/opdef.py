@@ -1,0 +1,73 @@
+"""`OpDef`: what an op *is*, independent of any chip.
+
+An OpDef holds the op's name and signature, a pure-torch reference implementation
+(differentiable, dtype-generic: the conformance suite runs it in float64 on the CPU), sample
+inputs (edge shapes included), the tolerance per dtype and whether the op is deterministic.
+Backends implement ops *by name*; the reference is both the fallback and the ground truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Relative tolerance per dtype (the numerics policy of DESIGN.md). The absolute tolerance of a
+# check is ``atol_per_element[dtype] * reduction_length`` so that long reductions are not held to
+# a bound that only short ones can meet.
+RTOL: dict[torch.dtype, float] = {
+    torch.float64: 1e-7,
+    torch.float32: 1.3e-6,
+    torch.bfloat16: 1.6e-2,
+    torch.float16: 1e-3,
+}
+ATOL_PER_ELEMENT: dict[torch.dtype, float] = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.bfloat16: 1e-3,
+    torch.float16: 1e-4,
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One call of an op: positional tensors/values, keyword arguments, and a label for reports.
+
+    ``reduction_length`` is the longest reduction the op performs on these inputs (the hidden
+    size of a norm, the vocabulary of a cross entropy); it scales the absolute tolerance.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    reduction_length: int = 1
+
+
+SampleFn = Callable[[torch.dtype, torch.device, torch.Generator], Iterable[Sample]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpDef:
+    name: str
+    signature: str
+    reference: Callable[..., Any]
+    samples: SampleFn
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float64)
+    deterministic: bool = True
+    # Overrides of (rtol, atol_per_element) for this op, by dtype.
+    tolerance: dict[torch.dtype, tuple[float, float]] = field(default_factory=dict)
+    doc: str = ""
+
+    def tol(self, dtype: torch.dtype, reduction_length: int = 1) -> tuple[float, float]:
+        """(rtol, atol) for comparing this op's output in ``dtype`` against the float64 reference."""
+        rtol, atol = self.tolerance.get(dtype, (RTOL[dtype], ATOL_PER_ELEMENT[dtype]))
+        return rtol, atol * max(1, reduction_length)
+
+
+def randn(*shape: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator,
+          scale: float = 1.0) -> torch.Tensor:
+    """Normal samples drawn on the CPU from ``generator`` (so every backend sees the same values)."""
+    return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype=dtype,
+                                                                                       device=device)

@@ -1,0 +1,1 @@
+"""Training: the trainer, configs, checkpoints, schedules and logging."""

@@ -1,0 +1,34 @@
+"""Shared fixtures. ``backend`` runs a test once per available backend (``--backend`` picks one)."""
+
+from __future__ import annotations
+
+import pytest
+
+from openseek_hal.backend import get_backend, list_backends
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--backend", action="append", default=None,
+                     help="run backend-parametrized tests only on this backend (repeatable)")
+
+
+def _selected_backends(config: pytest.Config) -> list[str]:
+    available = [info.name for info in list_backends() if info.available]
+    chosen = config.getoption("--backend")
+    if not chosen:
+        return available
+    unknown = [name for name in chosen if name not in available]
+    if unknown:
+        raise pytest.UsageError(f"--backend {', '.join(unknown)}: not available here (available: {available})")
+    return chosen
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend_name" in metafunc.fixturenames:
+        metafunc.parametrize("backend_name", _selected_backends(metafunc.config))
+
+
+@pytest.fixture
+def backend(backend_name: str):
+    """An instance of each selected backend in turn."""
+    return get_backend(backend_name)
