@@ -1,0 +1,135 @@
+"""DeepSeekMoE routing and the token permute/unpermute around the experts (references and OpDefs).
+
+``moe_route`` turns router logits into expert choices the way DeepSeek-V3 does: scores by sigmoid
+(or softmax) in float32; an expert bias that shifts *selection only* (aux-loss-free balancing);
+group-limited top-k (keep the ``topk_group`` best of ``n_group`` expert groups, then take ``top_k``
+experts among them); weights gathered from the unbiased scores, optionally normalized, then scaled
+by ``routed_scaling_factor``.
+
+``moe_permute`` groups token copies by expert (stable, so tokens keep their order inside an
+expert); ``moe_unpermute`` scatters expert outputs back and sums each token's ``top_k`` copies
+weighted by its routing weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .opdef import OpDef, Sample, randn
+
+
+def moe_route(logits: torch.Tensor, bias: torch.Tensor | None = None, *, top_k: int, n_group: int = 1,
+              topk_group: int = 1, score_func: str = "sigmoid", norm_topk_prob: bool = True,
+              routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Route ``logits[T, E]`` -> ``(indices[T, top_k] int64, weights[T, top_k], tokens_per_expert[E] int64)``.
+
+    Weights are differentiable with respect to ``logits``; the bias never receives a gradient.
+    Group score: the best expert of the group without a bias, the sum of its best two with one
+    (DeepSeek-V3's ``noaux_tc``).
+    """
+    if score_func not in ("sigmoid", "softmax"):
+        raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
+    tokens, experts = logits.shape
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    x = logits.to(acc)
+    scores = x.sigmoid() if score_func == "sigmoid" else x.softmax(dim=-1)
+    choice = scores.detach() if bias is None else scores.detach() + bias.to(acc)
+    if n_group > 1:
+        if experts % n_group:
+            raise ValueError(f"{experts} experts do not split into {n_group} groups")
+        grouped = choice.view(tokens, n_group, experts // n_group)
+        if bias is None:
+            group_scores = grouped.amax(dim=-1)
+        else:
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        keep_groups = group_scores.topk(topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, keep_groups, True)
+        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(tokens, experts)
+        choice = choice.masked_fill(~expert_mask, float("-inf"))
+    indices = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, indices)
+    if norm_topk_prob and top_k > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    weights = weights * routed_scaling_factor
+    counts = torch.bincount(indices.flatten(), minlength=experts)
+    return indices, weights, counts
+
+
+def moe_permute(x: torch.Tensor, indices: torch.Tensor,
+                num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x[T, H]``, ``indices[T, k]`` -> ``(x_sorted[T*k, H], sorted_order[T*k], tokens_per_expert[E])``.
+
+    ``sorted_order`` is the stable argsort of ``indices.flatten()``: row ``i`` of ``x_sorted`` is
+    token ``sorted_order[i] // k``, and rows of expert ``e`` are contiguous, in token order.
+    """
+    k = indices.shape[-1]
+    flat = indices.flatten()
+    sorted_order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_experts)
+    return x.index_select(0, sorted_order // k), sorted_order, counts
+
+
+def moe_unpermute(y_sorted: torch.Tensor, sorted_order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Inverse of `moe_permute` with the weighted sum: ``out[t] = sum_j weights[t, j] * y[copy (t, j)]``."""
+    tokens, k = weights.shape
+    inverse = torch.empty_like(sorted_order).scatter_(
+        0, sorted_order, torch.arange(sorted_order.numel(), device=sorted_order.device))
+    acc = torch.promote_types(y_sorted.dtype, torch.float32)
+    y = y_sorted.index_select(0, inverse).to(acc).view(tokens, k, y_sorted.shape[-1])
+    return (y * weights.to(acc).unsqueeze(-1)).sum(dim=1).to(y_sorted.dtype)
+
+
+# -- samples ----------------------------------------------------------------------------------
+
+_ROUTE_CASES = [  # tokens, experts, top_k, n_group, topk_group, score_func, norm, scale, with_bias
+    (16, 8, 2, 1, 1, "softmax", False, 1.0, False),
+    (32, 64, 6, 1, 1, "sigmoid", True, 2.446, True),
+    (24, 32, 8, 8, 4, "sigmoid", True, 2.5, True),
+    (7, 16, 4, 4, 2, "sigmoid", False, 1.0, False),
+    (1, 4, 1, 1, 1, "softmax", True, 1.0, False),
+    (0, 8, 2, 1, 1, "sigmoid", True, 1.0, True),
+]
+
+
+def _route_samples(dtype, device, gen):
+    for t, e, k, ng, tg, fn, norm, scale, with_bias in _ROUTE_CASES:
+        logits = randn(t, e, dtype=dtype, device=device, generator=gen, scale=2.0)
+        bias = randn(e, dtype=torch.float32, device=device, generator=gen, scale=0.1) if with_bias else None
+        kwargs = dict(top_k=k, n_group=ng, topk_group=tg, score_func=fn, norm_topk_prob=norm,
+                      routed_scaling_factor=scale)
+        yield Sample((logits, bias), kwargs, f"T{t}E{e}k{k}g{ng}/{tg}:{fn}", e)
+
+
+def _random_routing(tokens: int, experts: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Distinct experts per token, drawn on the CPU from ``gen``."""
+    return torch.rand(tokens, experts, generator=gen).argsort(dim=-1)[:, :k]
+
+
+def _permute_samples(dtype, device, gen):
+    for t, h, e, k in [(16, 32, 8, 2), (33, 64, 64, 6), (1, 8, 4, 1), (0, 16, 4, 2), (9, 17, 3, 3)]:
+        x = randn(t, h, dtype=dtype, device=device, generator=gen)
+        yield Sample((x, _random_routing(t, e, k, gen).to(device), e), {}, f"T{t}H{h}E{e}k{k}")
+
+
+def _unpermute_samples(dtype, device, gen):
+    for t, h, e, k in [(16, 32, 8, 2), (33, 64, 64, 6), (1, 8, 4, 1), (0, 16, 4, 2), (9, 17, 3, 3)]:
+        order = torch.sort(_random_routing(t, e, k, gen).flatten(), stable=True).indices.to(device)
+        y = randn(t * k, h, dtype=dtype, device=device, generator=gen)
+        w = torch.rand(t, k, generator=gen, dtype=torch.float32).to(device)
+        yield Sample((y, order, w), {}, f"T{t}H{h}E{e}k{k}", k)
+
+
+OPDEFS = [
+    OpDef(name="moe_route",
+          signature="moe_route(logits[T, E], bias[E] | None, *, top_k, n_group=1, topk_group=1, "
+                    "score_func='sigmoid', norm_topk_prob=True, routed_scaling_factor=1.0) "
+                    "-> (indices[T, k], weights[T, k] fp32, tokens_per_expert[E])",
+          reference=moe_route, samples=_route_samples),
+    OpDef(name="moe_permute",
+          signature="moe_permute(x[T, H], indices[T, k], num_experts) -> (x_sorted[T*k, H], sorted_order[T*k], "
+                    "tokens_per_expert[E])",
+          reference=moe_permute, samples=_permute_samples),
+    OpDef(name="moe_unpermute",
+          signature="moe_unpermute(y_sorted[T*k, H], sorted_order[T*k], weights[T, k]) -> out[T, H]",
+          reference=moe_unpermute, samples=_unpermute_samples),
+]
