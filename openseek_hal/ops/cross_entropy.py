@@ -48,4 +48,4 @@ def _samples(dtype, device, gen):
 OPDEFS = [OpDef(name="cross_entropy",
                 signature="cross_entropy(logits[N, V], target[N], ignore_index=-100, reduction='mean', "
                           "z_loss=0.0) -> loss",
-                reference=cross_entropy, samples=_samples)]
+                reference=cross_entropy, samples=_samples, grad_inputs=(0,))]

@@ -21,4 +21,4 @@ def _samples(dtype, device, gen):
 
 # Backward scatters into the weight gradient by index: atomics on most chips, so not bitwise stable.
 OPDEFS = [OpDef(name="embedding", signature="embedding(ids, weight) -> weight[ids]",
-                reference=embedding, samples=_samples, deterministic=False)]
+                reference=embedding, samples=_samples, deterministic=False, grad_inputs=(1,))]

@@ -124,12 +124,12 @@ OPDEFS = [
           signature="moe_route(logits[T, E], bias[E] | None, *, top_k, n_group=1, topk_group=1, "
                     "score_func='sigmoid', norm_topk_prob=True, routed_scaling_factor=1.0) "
                     "-> (indices[T, k], weights[T, k] fp32, tokens_per_expert[E])",
-          reference=moe_route, samples=_route_samples),
+          reference=moe_route, samples=_route_samples, grad_inputs=(0,)),
     OpDef(name="moe_permute",
           signature="moe_permute(x[T, H], indices[T, k], num_experts) -> (x_sorted[T*k, H], sorted_order[T*k], "
                     "tokens_per_expert[E])",
-          reference=moe_permute, samples=_permute_samples),
+          reference=moe_permute, samples=_permute_samples, grad_inputs=(0,)),
     OpDef(name="moe_unpermute",
           signature="moe_unpermute(y_sorted[T*k, H], sorted_order[T*k], weights[T, k]) -> out[T, H]",
-          reference=moe_unpermute, samples=_unpermute_samples),
+          reference=moe_unpermute, samples=_unpermute_samples, grad_inputs=(0, 2)),
 ]

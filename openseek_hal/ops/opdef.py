@@ -56,6 +56,10 @@ class OpDef:
     samples: SampleFn
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float64)
     deterministic: bool = True
+    # Positions of the arguments that receive gradients in the backward check (None: every floating
+    # tensor argument); ``differentiable=False`` for ops with no backward (optimizer steps).
+    grad_inputs: tuple[int, ...] | None = None
+    differentiable: bool = True
     # Overrides of (rtol, atol_per_element) for this op, by dtype.
     tolerance: dict[torch.dtype, tuple[float, float]] = field(default_factory=dict)
     doc: str = ""

@@ -49,4 +49,4 @@ def _samples(dtype, device, gen):
 
 
 OPDEFS = [OpDef(name="rope", signature="rope(x[..., S, D], cos[S, D/2], sin[S, D/2], interleaved=False) -> y",
-                reference=rope, samples=_samples)]
+                reference=rope, samples=_samples, grad_inputs=(0,))]
