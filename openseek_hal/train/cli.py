@@ -1,0 +1,37 @@
+"""`openseek-hal train`: train on the built-in corpus (or ``--data``) with the chosen backend."""
+
+from __future__ import annotations
+
+import click
+
+from .config import load_config
+
+
+@click.command()
+@click.option("--backend", "-b", default=None,
+              help="Backend name (default: $OPENSEEK_HAL_BACKEND or the best available).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML file of TrainConfig fields (see docs/train.md); options given here override it.")
+@click.option("--data", type=click.Path(), default=None,
+              help="A .txt/.jsonl(.gz) file or a folder of them (default: Python's bundled documentation).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default: runs/default).")
+@click.option("--resume", type=click.Path(), default=None, help="Continue from a checkpoint or run folder.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--seq-len", type=click.IntRange(min=2), default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override any config field, dotted for nesting (e.g. --set model.hidden_size=256).")
+def train(backend, steps, config_path, data, out, resume, batch_size, seq_len, lr, seed, sets) -> None:
+    """Train a model through the HAL and save a checkpoint; prints loss, tokens/s and a greedy sample."""
+    from .trainer import train as run_training
+
+    overrides = {k: v for k, v in dict(backend=backend, steps=steps, data=data, out=out, batch_size=batch_size,
+                                       seq_len=seq_len, lr=lr, seed=seed).items() if v is not None}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        overrides[key] = value
+    run_training(load_config(config_path, overrides), resume=resume)

@@ -1,0 +1,145 @@
+"""Training configuration: keyword-only dataclasses, loadable from YAML, overridable from the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class TinyDecoderConfig:
+    """The foundation's small decoder (RMSNorm, rope attention, SwiGLU), built from HAL ops."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 384
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    model: TinyDecoderConfig = field(default_factory=TinyDecoderConfig)
+    backend: str | None = None  # None: the best available backend
+    data: str | None = None  # None: the built-in corpus (Python's own documentation)
+    out: str = "runs/default"
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    dtype: str = "auto"  # "auto": bf16 autocast on accelerators, fp32 on the CPU; or fp32 / bf16
+    log_every: int = 10
+    save_every: int = 0  # 0: save only at the end
+    eval_batches: int = 8
+    sample_tokens: int = 48
+    tokenizer_vocab_size: int = 4096
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check and convert ``value`` to the annotated type ``tp`` (dataclasses, Optional, scalars)."""
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float, str):
+        if isinstance(value, bool) and tp is not str:
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        try:
+            converted = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != converted:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return converted
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise `ConfigError`."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (valid: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A `TrainConfig` from a YAML file (optional) with ``overrides`` (dotted keys allowed) applied."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data = loaded or {}
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    cfg = from_dict(TrainConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+                "log_every": cfg.log_every, "model.hidden_size": cfg.model.hidden_size,
+                "model.num_hidden_layers": cfg.model.num_hidden_layers,
+                "model.num_attention_heads": cfg.model.num_attention_heads}
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+    if cfg.model.hidden_size % cfg.model.num_attention_heads:
+        raise ConfigError("model.hidden_size must be divisible by model.num_attention_heads")
+    if (cfg.model.hidden_size // cfg.model.num_attention_heads) % 2:
+        raise ConfigError("the attention head size must be even (rope rotates pairs)")
+    if cfg.lr <= 0:
+        raise ConfigError(f"lr must be positive, got {cfg.lr}")
+    if cfg.dtype not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")

@@ -1,0 +1,144 @@
+"""Training text and its tokenizer: the built-in corpus, user files, and a cached byte-level BPE.
+
+The built-in corpus is the documentation that ships with Python itself (``pydoc_data.topics``), so
+``openseek-hal train`` works on a fresh machine with no download. The tokenizer is a byte-level BPE
+trained with the `tokenizers` library on first use and cached under the user's cache directory,
+keyed by a hash of the text and the vocabulary size.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from ..errors import UserError
+
+EOS = "<|endoftext|>"
+
+
+def cache_dir() -> Path:
+    """``$OPENSEEK_HAL_CACHE``, else ``$XDG_CACHE_HOME/openseek-hal``, else ``~/.cache/openseek-hal``."""
+    if os.environ.get("OPENSEEK_HAL_CACHE"):
+        return Path(os.environ["OPENSEEK_HAL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "openseek-hal"
+
+
+@dataclass
+class Documents:
+    """Documents read from a source, and the lines that could not be read (file, line number, why)."""
+
+    name: str
+    texts: list[str]
+    skipped: list[tuple[str, int, str]] = field(default_factory=list)
+
+
+def builtin_documents() -> Documents:
+    from pydoc_data.topics import topics
+
+    return Documents("pydoc_data.topics", [topics[key] for key in sorted(topics)])
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+
+
+def _read_jsonl(path: Path, text_key: str, docs: Documents) -> None:
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                text = record[text_key]
+                if not isinstance(text, str):
+                    raise TypeError(f"field '{text_key}' is not a string")
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                why = f"missing field '{text_key}'" if isinstance(e, KeyError) else str(e).splitlines()[0]
+                docs.skipped.append((str(path), lineno, why))
+                continue
+            docs.texts.append(text)
+
+
+def read_documents(source: str | None, text_key: str = "text") -> Documents:
+    """Documents from ``source``: None (built-in), a .txt file, a .jsonl(.gz) file, or a folder of them."""
+    if source is None:
+        return builtin_documents()
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"data not found: {path}")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    docs = Documents(str(path), [])
+    for f in files:
+        name = f.name[:-3] if f.name.endswith(".gz") else f.name
+        try:
+            if name.endswith((".jsonl", ".json")):
+                _read_jsonl(f, text_key, docs)
+            elif name.endswith((".txt", ".md")):
+                with _open_text(f) as fh:
+                    docs.texts.append(fh.read())
+            elif not path.is_dir():
+                raise UserError(f"unsupported data file {f} (expected .txt, .md, .jsonl or .jsonl.gz)")
+        except (UnicodeDecodeError, OSError, EOFError) as e:
+            raise UserError(f"cannot read {f}: {e}") from None
+    if not any(t.strip() for t in docs.texts):
+        raise UserError(f"no text found in {path}")
+    return docs
+
+
+def _corpus_hash(texts: list[str], vocab_size: int) -> str:
+    h = hashlib.sha256(f"bpe-v1:{vocab_size}".encode())
+    for t in texts:
+        h.update(hashlib.sha256(t.encode()).digest())
+    return h.hexdigest()[:16]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_or_train_tokenizer(docs: Documents, vocab_size: int) -> tuple[Tokenizer, Path]:
+    """The cached BPE for these documents, trained (and cached atomically) on first use."""
+    path = cache_dir() / "tokenizers" / f"bpe-{_corpus_hash(docs.texts, vocab_size)}.json"
+    if path.is_file():
+        try:
+            return Tokenizer.from_file(str(path)), path
+        except Exception:  # a corrupt cache entry is rebuilt, not fatal
+            path.unlink(missing_ok=True)
+    tok = train_tokenizer(docs.texts, vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    tok.save(tmp)
+    os.replace(tmp, path)
+    return tok, path
+
+
+def encode_documents(tok: Tokenizer, texts: list[str]) -> np.ndarray:
+    """All documents as one token stream, each followed by the end-of-text token."""
+    eos = tok.token_to_id(EOS)
+    out: list[int] = []
+    for enc in tok.encode_batch(texts):
+        out.extend(enc.ids)
+        out.append(eos)
+    return np.asarray(out, dtype=np.int32)
+
+
+def iter_windows(n_tokens: int, seq_len: int) -> Iterator[int]:
+    """Start offsets of consecutive non-overlapping (input, label) windows."""
+    yield from range(0, n_tokens - seq_len - 1, seq_len)
