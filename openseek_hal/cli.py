@@ -8,6 +8,7 @@ others. Errors a user can cause print one line on stderr and exit 2; nothing pri
 from __future__ import annotations
 
 import sys
+import warnings
 from importlib import import_module
 
 import click
@@ -100,8 +101,14 @@ def not_yet(command: str, issue: str) -> click.Command:
     return _cmd
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings meant for users (op fallbacks, ...) as one line, without source context."""
+    click.echo(f"openseek-hal: warning: {message}", err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the CLI, turning user errors into one line and exit 2."""
+    warnings.showwarning = _show_warning
     try:
         rv = cli.main(args=argv, prog_name="openseek-hal", standalone_mode=False)
     except click.exceptions.Abort:
