@@ -32,3 +32,9 @@ class MissingOpError(UserError, LookupError):
 
 class ConfigError(UserError, ValueError):
     """A configuration file or value that cannot be used."""
+
+
+class RunError(UserError):
+    """A run that cannot go on (a diverged loss, ...): one line on stderr, exit 1."""
+
+    exit_code = 1

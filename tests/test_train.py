@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import pytest
 import torch
 from rich.console import Console
 
+from openseek_hal.errors import RunError
 from openseek_hal.train.checkpoint import load_checkpoint, resolve_checkpoint
 from openseek_hal.train.config import load_config
 from openseek_hal.train.trainer import TinyDecoder, lr_at, train
@@ -49,6 +52,9 @@ def test_loss_falls_and_checkpoint_reloads(backend_name, tmp_path):
     state = load_checkpoint(tmp_path / "run", model)
     assert state["step"] == 40 and state["losses"] == result.losses
     assert (tmp_path / "run" / "tokenizer.json").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30, 35, 40, 40]
+    assert rows[-2]["loss"] == result.losses[-1] and rows[-1]["val_loss"] == result.val_loss
 
 
 def test_resume_is_exact(tmp_path):
@@ -80,3 +86,29 @@ def test_jsonl_data_with_malformed_lines(tmp_path):
     assert [(ln, why.split()[0]) for _, ln, why in docs.skipped] == [(4, "Expecting"), (8, "missing")]
     result = train(_cfg(tmp_path, steps=3, data=str(data)), console=_quiet())
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_wandb_logs_offline(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeRun:
+        def log(self, metrics, step):
+            calls.append(("log", step, sorted(metrics)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw["mode"], kw["project"])) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    train(_cfg(tmp_path, steps=5, wandb="true"), console=_quiet())
+    assert calls[0] == ("init", "offline", "openseek-hal")
+    assert ("log", 5, ["grad_norm", "loss", "lr", "tokens_per_s"]) in calls
+    assert calls[-1] == ("finish",)
+
+
+def test_diverged_loss_is_one_clear_error(tmp_path, monkeypatch):
+    real_loss = TinyDecoder.loss
+    monkeypatch.setattr(TinyDecoder, "loss", lambda self, x, y: real_loss(self, x, y) * float("nan"))
+    with pytest.raises(RunError, match="loss became nan at step 1"):
+        train(_cfg(tmp_path, steps=3), console=_quiet())

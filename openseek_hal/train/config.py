@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class TrainConfig:
     eval_batches: int = 8
     sample_tokens: int = 48
     tokenizer_vocab_size: int = 4096
+    wandb: bool = False  # also log to Weights & Biases, offline (needs the `wandb` extra)
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -139,7 +141,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("model.hidden_size must be divisible by model.num_attention_heads")
     if (cfg.model.hidden_size // cfg.model.num_attention_heads) % 2:
         raise ConfigError("the attention head size must be even (rope rotates pairs)")
-    if cfg.lr <= 0:
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
         raise ConfigError(f"lr must be positive, got {cfg.lr}")
     if cfg.dtype not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")

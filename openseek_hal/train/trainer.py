@@ -22,11 +22,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tokenizers import Tokenizer
 
 from ..backend import Backend, get_backend
-from ..errors import UserError
+from ..errors import RunError, UserError
 from ..models.tiny_decoder import TinyDecoder
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, to_dict
 from .corpus import encode_documents, iter_windows, load_or_train_tokenizer, read_documents
+from .metrics import MetricsLogger
 
 
 @dataclass
@@ -145,11 +146,12 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
     autocast = _autocast(backend, cfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     timed_tokens, timed_seconds = 0, 0.0
-    ckpt_path = None
     model.train()
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    metrics = MetricsLogger(out, use_wandb=cfg.wandb, run_name=out.name, config=to_dict(cfg),
+                            append=resume is not None)
+    with metrics, Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("training", total=cfg.steps, completed=start_step)
         for step in range(start_step, cfg.steps):
             t_step = time.perf_counter()
@@ -164,7 +166,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
             optimizer.zero_grad(set_to_none=True)
             loss_value = loss.item()  # synchronizes, so the step time below is real
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss became {loss_value} at step {step + 1}")
+                raise RunError(f"loss became {loss_value} at step {step + 1}; lower lr or check the data")
             losses.append(loss_value)
             if step > start_step:  # the first step pays for warm-up (allocator, kernel compilation)
                 timed_seconds += time.perf_counter() - t_step
@@ -173,15 +175,20 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
             progress.update(task, completed=done)
             if done % cfg.log_every == 0 or done == cfg.steps:
                 tps = timed_tokens / timed_seconds if timed_seconds else float("nan")
-                mfu = f"  mfu {100 * tps * flops_per_token / peak:.1f}%" if peak else ""
-                progress.console.print(f"step {done:>5}/{cfg.steps}  loss {loss_value:.4f}  lr {lr_at(step, cfg):.2e}  "
-                                       f"grad {float(grad_norm):.3f}  tok/s {tps:,.0f}{mfu}")
+                row = {"loss": loss_value, "lr": lr_at(step, cfg), "grad_norm": float(grad_norm),
+                       "tokens_per_s": tps}
+                if peak:
+                    row["mfu"] = tps * flops_per_token / peak
+                metrics.log(done, row)
+                mfu = f"  mfu {100 * row['mfu']:.1f}%" if peak else ""
+                progress.console.print(f"step {done:>5}/{cfg.steps}  loss {loss_value:.4f}  lr {row['lr']:.2e}  "
+                                       f"grad {row['grad_norm']:.3f}  tok/s {tps:,.0f}{mfu}")
             if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
                 save_checkpoint(out, done, model, optimizer, _state(cfg, losses, tok_path))
-    ckpt_path = save_checkpoint(out, cfg.steps, model, optimizer, _state(cfg, losses, tok_path))
-
-    model.eval()
-    val_loss = evaluate(model, val_tokens, cfg, device, autocast)
+        ckpt_path = save_checkpoint(out, cfg.steps, model, optimizer, _state(cfg, losses, tok_path))
+        model.eval()
+        val_loss = evaluate(model, val_tokens, cfg, device, autocast)
+        metrics.log(cfg.steps, {"val_loss": val_loss})
     sample = greedy_sample(model, tok, "The ", cfg.sample_tokens, cfg.seq_len, device, autocast)
     tps = timed_tokens / timed_seconds if timed_seconds else float("nan")
     mfu = tps * flops_per_token / peak if peak and timed_seconds else None

@@ -1,0 +1,45 @@
+"""Metrics sinks: ``metrics.jsonl`` in the run folder always, Weights & Biases (offline) on request.
+
+wandb is imported only when enabled and always runs in offline mode (no network at run time);
+``wandb sync`` uploads a run later from a machine that may reach the service.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+
+class MetricsLogger:
+    def __init__(self, out: Path, *, use_wandb: bool = False, run_name: str | None = None,
+                 config: dict[str, Any] | None = None, append: bool = False):
+        self._file = (out / "metrics.jsonl").open("a" if append else "w")
+        self._wandb = None
+        if use_wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("wandb logging was asked for but wandb is not installed "
+                                "(pip install 'openseek-hal[wandb]')") from None
+            self._wandb = wandb.init(project="openseek-hal", name=run_name, dir=str(out), mode="offline",
+                                     config=config)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
