@@ -81,6 +81,8 @@ class Device:
         return torch.Stream(device=self.torch_device)
 
     def current_stream(self) -> torch.Stream:
+        if self.type == "cpu":  # the host has one (default) stream
+            return torch.Stream(device=self.torch_device)
         return torch.accelerator.current_stream(self.index)
 
     def event(self, enable_timing: bool = False) -> torch.Event:
