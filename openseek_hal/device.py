@@ -11,9 +11,35 @@ from __future__ import annotations
 import importlib
 import resource
 import sys
+import time
 from typing import Any
 
 import torch
+
+
+class HostEvent:
+    """An event for the host CPU, where work is synchronous: it records the wall clock."""
+
+    def __init__(self) -> None:
+        self._t: float | None = None
+
+    def record(self, stream: torch.Stream | None = None) -> None:
+        self._t = time.perf_counter()
+
+    def query(self) -> bool:
+        return self._t is not None
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream: torch.Stream | None = None) -> None:
+        pass
+
+    def elapsed_time(self, end: HostEvent) -> float:
+        """Milliseconds from this event to ``end`` (both must have been recorded)."""
+        if self._t is None or end._t is None:
+            raise RuntimeError("both events must be recorded before elapsed_time()")
+        return (end._t - self._t) * 1e3
 
 
 class Device:
@@ -85,7 +111,10 @@ class Device:
             return torch.Stream(device=self.torch_device)
         return torch.accelerator.current_stream(self.index)
 
-    def event(self, enable_timing: bool = False) -> torch.Event:
+    def event(self, enable_timing: bool = False) -> torch.Event | HostEvent:
+        """A device event; on the CPU (where torch has none) a `HostEvent` with the same methods."""
+        if self.type == "cpu":
+            return HostEvent()
         return torch.Event(device=self.torch_device, enable_timing=enable_timing)
 
     # -- memory -------------------------------------------------------------------------------

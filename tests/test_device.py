@@ -23,9 +23,15 @@ def test_streams_and_events(backend):
     dev = backend.device
     assert dev.stream().device.type == backend.device_type
     assert dev.current_stream().device.type == backend.device_type
-    event = dev.event()
-    event.record(dev.current_stream())
-    event.synchronize()
+    start, end = dev.event(enable_timing=True), dev.event(enable_timing=True)
+    start.record(dev.current_stream())
+    x = torch.randn(256, 256, device=dev.torch_device)
+    for _ in range(4):
+        x = x @ x / 16
+    end.record(dev.current_stream())
+    end.synchronize()
+    assert start.query() and end.query()
+    assert end.elapsed_time(start) <= 0.0 <= start.elapsed_time(end) < 60_000
 
 
 def test_manual_seed_is_reproducible(backend):
