@@ -178,6 +178,8 @@ def load(fmt: str, path: str | Path, backend: Backend | str | None = None, *, dt
     """
     source = open_source(fmt, path)
     target_dtype = dtype or source.dtype or torch.float32
+    if isinstance(source, HFSource):
+        source.fp8_dtype = target_dtype  # dequantize straight to the model's dtype, not through bfloat16
     model = build_model(source.config, backend, dtype=target_dtype, device=device, init=False)
     state = model.state_dict()
     for name, tensor in state.items():
