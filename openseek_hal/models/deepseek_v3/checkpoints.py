@@ -59,6 +59,10 @@ class HFSource:
         self.path = Path(path)
         self.reader = ShardedReader(self.path)
         hf = read_json(self.path / "config.json")
+        if hf.get("format") == NATIVE_FORMAT:
+            raise CheckpointError(f"{self.path} is an {NATIVE_FORMAT} checkpoint, not a Hugging Face one")
+        if hf.get("model_type", "deepseek_v3") not in ("deepseek_v3", "deepseek_v2"):
+            raise CheckpointError(f"{self.path}: model_type {hf['model_type']!r} is not a DeepSeek-V3 model")
         config = _config_from(self.path, DeepseekV3Config.from_hf)
         depth = adapter.hf_mtp_depth(self.reader.keys(), config.num_hidden_layers)
         if depth < config.num_nextn_predict_layers:  # transformers drops the MTP layers when it saves
