@@ -33,7 +33,8 @@ CASES = {
     "no_norm_topk": dict(norm_topk_prob=False, n_shared_experts=2),
     "all_moe": dict(first_k_dense_replace=0),
     "two_dense": dict(first_k_dense_replace=2),
-    "yarn": dict(max_position_embeddings=256, rope_scaling={
+    # factor == max_position_embeddings / original, as in DeepSeek's config (transformers < 4.56 derives it so)
+    "yarn": dict(max_position_embeddings=64, rope_scaling={
         "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 0.8}),
     "tied+half_rope": dict(tie_word_embeddings=True, rope_interleave=False),
@@ -65,7 +66,7 @@ def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture
 def ids() -> torch.Tensor:
-    return torch.randint(0, BASE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    return torch.randint(0, BASE["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -76,7 +77,7 @@ def test_load_hf_matches_transformers(case, tmp_path, ids, backend):
     assert ours.config.num_nextn_predict_layers == 0  # transformers does not save the MTP layer
     with torch.no_grad():
         got = ours(ids.to(backend.device.torch_device))
-    assert got.shape == (2, 24, BASE["vocab_size"])
+    assert got.shape == (2, 40, BASE["vocab_size"])
     assert rel_err(got, hf_logits(hf, ids)) <= 1e-4
 
 

@@ -24,7 +24,7 @@ from ...errors import ConfigError
 _HF_IGNORED = {
     "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "auto_map", "use_cache",
     "pretraining_tp", "attention_dropout", "output_router_logits", "head_dim", "qk_head_dim", "quantization_config",
-    "topk_method", "num_experts_per_tok_", "ep_size", "moe_layer_freq", "seq_aux", "rope_parameters",
+    "topk_method", "ep_size", "moe_layer_freq", "seq_aux", "rope_parameters",
     "aux_loss_alpha", "_name_or_path", "num_local_experts",
 }
 
