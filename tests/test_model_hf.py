@@ -28,7 +28,7 @@ BASE = dict(
 
 CASES = {
     "plain": {},
-    "q_lora": dict(q_lora_rank=24),
+    "q_lora+bias": dict(q_lora_rank=24, attention_bias=True),
     "groups+bias": dict(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4),
     "no_norm_topk": dict(norm_topk_prob=False, n_shared_experts=2),
     "all_moe": dict(first_k_dense_replace=0),
@@ -50,12 +50,14 @@ def make_hf_model(seed: int = 0, **overrides) -> transformers.DeepseekV3ForCausa
     config = transformers.DeepseekV3Config(**{**BASE, **overrides})
     config._attn_implementation = "eager"
     model = transformers.DeepseekV3ForCausalLM(config).eval()
-    with torch.no_grad():  # HF initializes norms to 1 and the routing bias to 0: make both carry information
+    with torch.no_grad():  # HF starts norms at 1 and biases at 0: make them carry information
         for name, tensor in model.state_dict().items():
             if "norm" in name:
                 tensor.copy_(1 + 0.2 * torch.randn_like(tensor))
             elif name.endswith("e_score_correction_bias"):
                 tensor.copy_(0.05 * torch.randn_like(tensor))
+            elif name.endswith(".bias"):  # attention_bias: HF starts them at 0
+                tensor.copy_(0.1 * torch.randn_like(tensor))
     return model
 
 
