@@ -50,6 +50,17 @@ def test_parameter_count_from_config_matches_the_built_model(name, overrides):
     assert config.num_parameters(active=True) == config.num_parameters() - inactive
 
 
+@pytest.mark.parametrize("overrides", [dict(tie_word_embeddings=True), dict(mtp_loss_weight=0.0, q_lora_rank=16)])
+def test_flops_per_token_counts_the_matmuls_of_a_training_step(overrides):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(SMALL, "cpu", seed=0, **overrides).train()
+    ids = ids_for(61, batch=2, seq=16)
+    with FlopCounterMode(display=False) as counter:  # the reference attention is plain matmuls: all counted
+        model.loss(ids, ids).total.backward()
+    assert counter.get_total_flops() / ids.numel() == pytest.approx(model.flops_per_token(16), rel=1e-9)
+
+
 def test_tiny_preset_is_small_and_takes_the_tokenizer_vocab():
     config = preset("tiny", vocab_size=5000)
     assert config.vocab_size == 5000

@@ -342,6 +342,24 @@ class DeepseekV3(nn.Module):
     def _token_loss(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
         return self._cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)
 
+    def num_parameters(self) -> int:
+        """Parameters of this module, MTP included (`DeepseekV3Config.num_parameters` gives the other counts)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of `loss`: 6 x the matmul parameters one token uses (top-k experts,
+        the output head once per MTP depth too) + attention scores over ``seq_len`` (PaLM appendix B)."""
+        c = self.config
+        mtp = list(self.mtp) if c.mtp_loss_weight > 0 else []  # loss() skips MTP at weight 0
+        vectors = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 1 and not n.startswith("mtp."))
+        vectors += sum(p.numel() for m in mtp for p in m.parameters() if p.dim() == 1)  # norms and biases
+        head = c.vocab_size * c.hidden_size
+        # the embedding is a lookup, not a matmul; the head runs once more per MTP depth
+        matmul = c.num_parameters(active=True, include_mtp=bool(mtp)) - vectors
+        matmul += len(mtp) * head - (0 if c.tie_word_embeddings else head)
+        layers = c.num_hidden_layers + len(mtp)
+        return 6 * matmul + 6 * layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * seq_len
+
     @torch.no_grad()
     def update_expert_bias(self, comm=None) -> torch.Tensor | None:
         """Aux-loss-free balancing, once per optimizer step: ``bias += rate * sign(mean_load - load)``.
