@@ -111,6 +111,9 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits ``[T, E]`` in float32 (routing decisions must not depend on the activation dtype)."""
+        if torch.is_autocast_enabled(x.device.type):  # autocast would run this matmul in bfloat16
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x.float(), self.weight.float())
         return F.linear(x.float(), self.weight.float())
 
 
