@@ -42,11 +42,11 @@ def build_model(spec: str | Path | Mapping[str, Any] | DeepseekV3Config, backend
     device = torch.device(device) if device is not None else backend.device.torch_device
     with torch.device("meta"):
         model = DeepseekV3(config, backend)
-    if device.type == "meta":
-        return model.to(dtype) if dtype is not None else model
-    model = model.to_empty(device=device)
     if dtype is not None:
-        model = model.to(dtype)
+        model = model.to(dtype)  # on meta, so memory is allocated once, in the final dtype
+    if device.type == "meta":
+        return model
+    model = model.to_empty(device=device)
     for m in model.moe_layers():
         m.expert_load.zero_()
     if init:
