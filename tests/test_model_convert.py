@@ -109,3 +109,21 @@ def test_load_hf_reports_missing_tensors(model, tmp_path):
     save_file(tensors, tmp_path / "hf" / "model.safetensors")
     with pytest.raises(CheckpointError, match="experts.3.up_proj"):
         load_hf(tmp_path / "hf", "cpu")
+
+
+def test_writer_is_atomic_and_overwrites_only_when_asked(model, tmp_path):
+    from openseek_hal.models.checkpoint_io import ShardedWriter
+
+    with pytest.raises(RuntimeError), ShardedWriter(tmp_path / "ckpt") as writer:
+        writer.add("a", torch.ones(3))
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []  # neither the destination nor a partial directory
+
+    save_native(model, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="not empty"):
+        save_native(model, tmp_path / "ckpt")
+    with torch.no_grad():
+        model.norm.weight.fill_(2.0)
+    save_native(model, tmp_path / "ckpt", overwrite=True)
+    assert torch.equal(load_native(tmp_path / "ckpt", "cpu").norm.weight, model.norm.weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
