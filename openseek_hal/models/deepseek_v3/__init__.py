@@ -1,0 +1,10 @@
+"""DeepSeek-V3 (MLA, DeepSeekMoE, MTP): config, presets, model, HF adapter and checkpoint formats."""
+
+from .build import build_model, resolve_config
+from .checkpoints import load_hf, load_native, save_hf, save_native
+from .config import DeepseekV3Config
+from .model import DeepseekV3, ModelLoss
+from .presets import PRESETS, preset
+
+__all__ = ["PRESETS", "DeepseekV3", "DeepseekV3Config", "ModelLoss", "build_model", "load_hf", "load_native",
+           "preset", "resolve_config", "save_hf", "save_native"]

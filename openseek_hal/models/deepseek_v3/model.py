@@ -1,0 +1,399 @@
+"""The DeepSeek-V3 model on the HAL: MLA attention, DeepSeekMoE, multi-token prediction.
+
+Every module takes the `Backend` at construction and resolves the ops it calls once
+(``backend.op("rms_norm")``); the model never calls a kernel directly, so any backend runs it
+unchanged. Plain torch does the rest (linear layers, the per-expert matmuls).
+
+Shapes: ``B`` batch, ``S`` sequence, ``H`` heads, ``E`` routed experts, ``k`` experts per token.
+
+Parameter names are ours (see `state_dict_adapter` for the HF mapping): gate and up projections
+are fused (``gate_up_proj``, gate first, as `silu_and_mul` expects) and the routed experts of a
+layer are stacked (``experts.gate_up_proj[E, 2I, hidden]``, ``experts.down_proj[E, hidden, I]``).
+MTP modules live under ``mtp.{d}`` and share the embedding and output head of the main model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...backend import Backend
+from ...ops.rope_scaling import rope_tables, softmax_scale
+from .config import DeepseekV3Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, backend: Backend):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self._rms_norm = backend.op("rms_norm")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._rms_norm(x, self.weight, self.eps)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention: low-rank (optionally) queries, a compressed KV latent with its own
+    norm, and a decoupled rope part whose key is shared by all heads."""
+
+    def __init__(self, config: DeepseekV3Config, backend: Backend):
+        super().__init__()
+        c = config
+        self.heads, self.nope_dim, self.rope_dim, self.v_dim = (
+            c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim)
+        self.kv_lora_rank = c.kv_lora_rank
+        self.interleaved = c.rope_interleave
+        self.scale = softmax_scale(c.qk_head_dim, c.rope_scaling, c.max_position_embeddings)
+        q_out = self.heads * c.qk_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, backend)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + self.rope_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, backend)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
+        self._rope = backend.op("rope")
+        self._attention = backend.op("causal_attention")
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, s, self.heads, -1).transpose(1, 2)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, s, self.heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        # The rope op keeps the interleaved pair order where HF de-interleaves; q and k get the same
+        # layout, so the scores q.k are the same.
+        q_rope = self._rope(q_rope, cos, sin, self.interleaved)
+        k_rope = self._rope(k_rope.unsqueeze(1), cos, sin, self.interleaved).expand(b, self.heads, s, self.rope_dim)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope], dim=-1)
+        out = self._attention(q, k, v, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.v_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward with fused gate/up projection (dense layers and shared experts)."""
+
+    def __init__(self, hidden: int, intermediate: int, backend: Backend):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self._silu_and_mul = backend.op("silu_and_mul")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self._silu_and_mul(self.gate_up_proj(x)))
+
+
+class Router(nn.Module):
+    """Expert scores and the aux-loss-free selection bias (``e_score_correction_bias``)."""
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
+
+    def _apply(self, fn, recurse=True):
+        # The bias must stay float32 under model.to(bfloat16): its 1e-3 update steps are below
+        # bfloat16's resolution once |bias| > 0.25, and the bias would stop moving.
+        super()._apply(fn, recurse)
+        self.e_score_correction_bias.data = self.e_score_correction_bias.data.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits ``[T, E]`` in float32 (routing decisions must not depend on the activation dtype)."""
+        if torch.is_autocast_enabled(x.device.type):  # autocast would run this matmul in bfloat16
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x.float(), self.weight.float())
+        return F.linear(x.float(), self.weight.float())
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts plus top-k of the routed experts (group-limited, bias-steered selection).
+
+    In training mode each forward adds its tokens-per-expert to ``expert_load`` (read and cleared by
+    `DeepseekV3.update_expert_bias`) and, when ``seq_aux_loss_coef > 0``, returns the sequence-wise
+    balance loss ``alpha * sum_i f_i P_i`` averaged over the batch's sequences.
+    """
+
+    def __init__(self, config: DeepseekV3Config, backend: Backend):
+        super().__init__()
+        c = config
+        self.num_experts, self.top_k = c.n_routed_experts, c.num_experts_per_tok
+        self.route_kwargs = dict(top_k=c.num_experts_per_tok, n_group=c.n_group, topk_group=c.topk_group,
+                                 score_func=c.scoring_func, norm_topk_prob=c.norm_topk_prob,
+                                 routed_scaling_factor=c.routed_scaling_factor)
+        self.aux_coef = c.seq_aux_loss_coef
+        self.gate = Router(c)
+        self.experts = Experts(c, backend)
+        self.shared_experts = MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts, backend) \
+            if c.n_shared_experts else None
+        self.register_buffer("expert_load", torch.zeros(c.n_routed_experts), persistent=False)
+        self._route = backend.op("moe_route")
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # counts must stay exact: float32 holds integers up to 2**24 per step
+        self.expert_load.data = self.expert_load.data.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, s, h = x.shape
+        flat = x.reshape(-1, h)
+        logits = self.gate(flat)
+        indices, weights, counts = self._route(logits, self.gate.e_score_correction_bias, **self.route_kwargs)
+        out = self.experts(flat, indices, weights).view(b, s, h)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        aux = None
+        if self.training:
+            self.expert_load += counts.detach().float()
+            if self.aux_coef > 0:
+                aux = self._sequence_aux_loss(logits.view(b, s, -1), indices.view(b, s, -1))
+        return out, aux
+
+    def _sequence_aux_loss(self, logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        if self.route_kwargs["score_func"] == "sigmoid":
+            scores = logits.sigmoid()
+            scores = scores / scores.sum(dim=-1, keepdim=True)
+        else:
+            scores = logits.softmax(dim=-1)
+        b, s, _ = logits.shape
+        picked = torch.zeros(b, self.num_experts, device=logits.device, dtype=scores.dtype)
+        picked.scatter_add_(1, indices.reshape(b, -1), torch.ones_like(indices.reshape(b, -1), dtype=scores.dtype))
+        f = picked * (self.num_experts / (self.top_k * s))  # fraction of the sequence's picks, scaled so uniform = 1
+        p = scores.mean(dim=1)
+        return self.aux_coef * (f * p).sum(dim=-1).mean()
+
+
+class Experts(nn.Module):
+    """The routed experts' weights, stacked, and their grouped computation on permuted tokens."""
+
+    def __init__(self, config: DeepseekV3Config, backend: Backend):
+        super().__init__()
+        e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self._permute = backend.op("moe_permute")
+        self._unpermute = backend.op("moe_unpermute")
+        self._silu_and_mul = backend.op("silu_and_mul")
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        x_sorted, order, counts = self._permute(x, indices, self.gate_up_proj.shape[0])
+        # One host sync per layer for the group sizes; each expert is then one matmul over its rows.
+        # unbind, not indexing: one backward node for all experts instead of one full-size zeros per expert
+        outs = [F.linear(self._silu_and_mul(F.linear(rows, gate_up)), down) for rows, gate_up, down in
+                zip(x_sorted.split(counts.tolist()), self.gate_up_proj.unbind(0), self.down_proj.unbind(0))]
+        return self._unpermute(torch.cat(outs), order, weights)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: MLA then a dense MLP or a MoE."""
+
+    def __init__(self, config: DeepseekV3Config, layer_index: int, backend: Backend):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.self_attn = MLA(config, backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.is_moe = config.is_moe_layer(layer_index)
+        self.mlp = MoE(config, backend) if self.is_moe else MLP(config.hidden_size, config.intermediate_size, backend)
+        self._add_rms_norm = backend.op("add_rms_norm")
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn = self.self_attn(self.input_layernorm(x), cos, sin)
+        normed, x = self._add_rms_norm(attn, x, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
+        if self.is_moe:
+            out, aux = self.mlp(normed)
+        else:
+            out, aux = self.mlp(normed), None
+        return x + out, aux
+
+
+class MTPModule(nn.Module):
+    """One multi-token-prediction depth: ``h' = block(eh_proj([enorm(emb(t_{i+d})), hnorm(h_i)]))``."""
+
+    def __init__(self, config: DeepseekV3Config, depth: int, backend: Backend):
+        super().__init__()
+        h = config.hidden_size
+        self.enorm = RMSNorm(h, config.rms_norm_eps, backend)
+        self.hnorm = RMSNorm(h, config.rms_norm_eps, backend)
+        self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        self.block = Block(config, config.num_hidden_layers + depth, backend)
+        self.norm = RMSNorm(h, config.rms_norm_eps, backend)  # HF: shared_head.norm
+
+    def forward(self, hidden: torch.Tensor, embedded: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(hidden)], dim=-1))
+        x, aux = self.block(x, cos, sin)
+        return self.norm(x), aux
+
+
+@dataclass
+class ModelLoss:
+    """The losses of one batch; ``total = main + mtp_loss_weight * mtp + aux`` is what to backpropagate."""
+
+    total: torch.Tensor
+    main: torch.Tensor
+    mtp: torch.Tensor | None  # mean over the D depths, before the weight
+    aux: torch.Tensor | None  # sequence-wise balance loss summed over MoE layers, coefficient included
+
+
+class DeepseekV3(nn.Module):
+    """DeepSeek-V3: ``model(input_ids[B, S]) -> logits[B, S, vocab]`` (MTP is off in this call).
+
+    `forward_with_mtp` also returns the D MTP logits (depth ``d`` at position ``i`` predicts token
+    ``i + d + 1``); `loss` computes the main, MTP and balance losses from already-shifted labels.
+    """
+
+    def __init__(self, config: DeepseekV3Config, backend: Backend):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c, i, backend) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, backend)
+        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(c, d, backend) for d in range(c.num_nextn_predict_layers))
+        self._embedding = backend.op("embedding")
+        self._cross_entropy = backend.op("cross_entropy")
+        self._rope_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- pieces --------------------------------------------------------------------------------
+    def _rope_tables(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (seq_len, device)
+        if key not in self._rope_cache:
+            c = self.config
+            self._rope_cache[key] = rope_tables(c.qk_rope_head_dim, seq_len, theta=c.rope_theta,
+                                                rope_scaling=c.rope_scaling,
+                                                max_position_embeddings=c.max_position_embeddings, device=device)
+        return self._rope_cache[key]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def moe_layers(self) -> Iterator[MoE]:
+        for block in [*self.layers, *(m.block for m in self.mtp)]:
+            if block.is_moe:
+                yield block.mlp
+
+    def _trunk(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], tuple]:
+        cos, sin = self._rope_tables(input_ids.shape[1], input_ids.device)
+        x = self._embedding(input_ids, self.embed_tokens.weight)
+        auxes = []
+        for layer in self.layers:
+            x, aux = layer(x, cos, sin)
+            if aux is not None:
+                auxes.append(aux)
+        return self.norm(x), auxes, (cos, sin)
+
+    def _mtp(self, input_ids: torch.Tensor, hidden: torch.Tensor, rope: tuple,
+             auxes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Hidden states of each MTP depth. Inputs are shifted left one token per depth; the
+        positions whose future tokens fall off the end see token 0 and are masked in the loss."""
+        out, ids = [], input_ids
+        for module in self.mtp:
+            ids = F.pad(ids[:, 1:], (0, 1))
+            hidden, aux = module(hidden, self._embedding(ids, self.embed_tokens.weight), *rope)
+            if aux is not None:
+                auxes.append(aux)
+            out.append(hidden)
+        return out
+
+    # -- public --------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden, _, _ = self._trunk(input_ids)
+        return self.head(hidden)
+
+    def forward_with_mtp(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(logits[B, S, V], [mtp_logits_d[B, S, V] for d in 1..D])``."""
+        hidden, auxes, rope = self._trunk(input_ids)
+        return self.head(hidden), [self.head(h) for h in self._mtp(input_ids, hidden, rope, auxes)]
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100) -> ModelLoss:
+        """Losses for next-token ``labels[B, S]`` (``labels[:, i]`` is the target at position ``i``).
+
+        MTP depth ``d`` targets ``labels[:, i + d]``; its last ``d`` positions are ignored.
+        """
+        c = self.config
+        hidden, auxes, rope = self._trunk(input_ids)
+        main = self._token_loss(self.head(hidden), labels, ignore_index)
+        mtp = None
+        if len(self.mtp) and c.mtp_loss_weight > 0:
+            shifted, losses = labels, []
+            for h in self._mtp(input_ids, hidden, rope, auxes):
+                shifted = F.pad(shifted[:, 1:], (0, 1), value=ignore_index)
+                losses.append(self._token_loss(self.head(h), shifted, ignore_index))
+            mtp = torch.stack(losses).mean()
+        aux = torch.stack(auxes).sum() if auxes else None
+        total = main
+        if mtp is not None:
+            total = total + c.mtp_loss_weight * mtp
+        if aux is not None:
+            total = total + aux
+        return ModelLoss(total=total, main=main, mtp=mtp, aux=aux)
+
+    def _token_loss(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        return self._cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)
+
+    def num_parameters(self) -> int:
+        """Parameters of this module, MTP included (`DeepseekV3Config.num_parameters` gives the other counts)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of `loss`: 6 x the matmul parameters one token uses (top-k experts,
+        the output head once per MTP depth too) + attention scores over ``seq_len`` (PaLM appendix B)."""
+        c = self.config
+        mtp = list(self.mtp) if c.mtp_loss_weight > 0 else []  # loss() skips MTP at weight 0
+        vectors = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 1 and not n.startswith("mtp."))
+        vectors += sum(p.numel() for m in mtp for p in m.parameters() if p.dim() == 1)  # norms and biases
+        head = c.vocab_size * c.hidden_size
+        # the embedding is a lookup, not a matmul; the head runs once more per MTP depth
+        matmul = c.num_parameters(active=True, include_mtp=bool(mtp)) - vectors
+        matmul += len(mtp) * head - (0 if c.tie_word_embeddings else head)
+        layers = c.num_hidden_layers + len(mtp)
+        return 6 * matmul + 6 * layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * seq_len
+
+    @torch.no_grad()
+    def update_expert_bias(self, comm=None) -> torch.Tensor | None:
+        """Aux-loss-free balancing, once per optimizer step: ``bias += rate * sign(mean_load - load)``.
+
+        Loads are the tokens routed to each expert since the last call, summed over every rank of
+        ``comm`` (a `Communicator` spanning the data/expert-parallel ranks; None: this rank only),
+        in one ``all_reduce`` for all layers. Returns the ``[layers, E]`` loads used (None without MoE).
+        """
+        layers = list(self.moe_layers())
+        if not layers:
+            return None
+        loads = torch.stack([m.expert_load for m in layers])
+        if comm is not None:
+            comm.all_reduce(loads)
+        rate = self.config.bias_update_rate
+        for m, load in zip(layers, loads):
+            m.gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+            m.expert_load.zero_()
+        return loads
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """DeepSeek-style init: every matrix ~ N(0, initializer_range), norms 1, routing bias 0."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
+        for m in self.moe_layers():
+            m.gate.e_score_correction_bias.zero_()
+            m.expert_load.zero_()

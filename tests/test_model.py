@@ -1,0 +1,271 @@
+"""The DeepSeek-V3 model itself: sizes, HAL-only op use, losses, MTP, expert-bias balancing, configs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from openseek_hal.backends.cpu import CPUBackend
+from openseek_hal.errors import ConfigError
+from openseek_hal.models import DeepseekV3Config, build_model, preset
+from openseek_hal.ops.rope import rope_frequencies
+from openseek_hal.ops.rope_scaling import rope_tables, softmax_scale
+
+SMALL = dict(vocab_size=61, hidden_size=48, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=3,
+             num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+             topk_group=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+             qk_nope_head_dim=8, v_head_dim=8, num_nextn_predict_layers=2, initializer_range=0.1,
+             seq_aux_loss_coef=0.01)
+
+
+def ids_for(vocab: int, batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# -- sizes -------------------------------------------------------------------------------------------
+
+def test_openseek_small_and_deepseek_v3_parameter_counts():
+    small, v3 = preset("openseek-small"), preset("deepseek-v3")
+    assert abs(small.num_parameters() / 1e9 - 1.39) < 0.01
+    assert abs(small.num_parameters(active=True) / 1e9 - 0.40) < 0.01
+    assert abs(v3.num_parameters() / 1e9 - 671) < 1
+    assert abs(v3.num_parameters(active=True) / 1e9 - 37) < 1
+
+
+@pytest.mark.parametrize("name,overrides", [("deepseek-v3", {}), ("openseek-small", {}),
+                                            ("tiny", dict(q_lora_rank=32, attention_bias=True))])
+def test_parameter_count_from_config_matches_the_built_model(name, overrides):
+    model = build_model(name, "cpu", device="meta", **overrides)
+    config = model.config
+    total = sum(p.numel() for p in model.parameters())
+    assert total == config.num_parameters(include_mtp=True)
+    assert sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp.")) == config.num_parameters()
+    # active: a token touches top_k of each MoE layer's routed experts
+    per_expert = 3 * config.hidden_size * config.moe_intermediate_size
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    inactive = moe_layers * (config.n_routed_experts - config.num_experts_per_tok) * per_expert
+    assert config.num_parameters(active=True) == config.num_parameters() - inactive
+
+
+@pytest.mark.parametrize("overrides", [dict(tie_word_embeddings=True), dict(mtp_loss_weight=0.0, q_lora_rank=16)])
+def test_flops_per_token_counts_the_matmuls_of_a_training_step(overrides):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(SMALL, "cpu", seed=0, **overrides).train()
+    ids = ids_for(61, batch=2, seq=16)
+    with FlopCounterMode(display=False) as counter:  # the reference attention is plain matmuls: all counted
+        model.loss(ids, ids).total.backward()
+    assert counter.get_total_flops() / ids.numel() == pytest.approx(model.flops_per_token(16), rel=1e-9)
+
+
+def test_tiny_preset_is_small_and_takes_the_tokenizer_vocab():
+    config = preset("tiny", vocab_size=5000)
+    assert config.vocab_size == 5000
+    assert 2e6 <= config.num_parameters(include_mtp=True) <= 6e6
+    assert config.first_k_dense_replace == 1 and config.num_nextn_predict_layers == 1
+
+
+# -- the HAL contract ---------------------------------------------------------------------------------
+
+class CountingBackend(CPUBackend):
+    """The reference backend, counting the calls of every op."""
+
+    name = "counting"
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def native_ops(self):
+        def counted(name, fn):
+            def call(*args, **kwargs):
+                self.calls[name] = self.calls.get(name, 0) + 1
+                return fn(*args, **kwargs)
+            return call
+        return {name: counted(name, fn) for name, fn in super().native_ops().items()}
+
+
+def test_model_runs_every_op_through_the_backend():
+    backend = CountingBackend()
+    model = build_model(SMALL, backend, seed=0, q_lora_rank=16).train()
+    ids = ids_for(61)
+    model.loss(ids, ids).total.backward()
+    layers = SMALL["num_hidden_layers"] + SMALL["num_nextn_predict_layers"]
+    assert backend.calls["causal_attention"] == layers
+    assert backend.calls["rope"] == 2 * layers
+    assert backend.calls["moe_route"] == backend.calls["moe_permute"] == backend.calls["moe_unpermute"] == layers - 1
+    assert backend.calls["add_rms_norm"] == layers
+    assert backend.calls["cross_entropy"] == 1 + SMALL["num_nextn_predict_layers"]
+    assert backend.calls["embedding"] == 1 + SMALL["num_nextn_predict_layers"]
+    assert backend.calls["silu_and_mul"] > 0 and backend.calls["rms_norm"] > 0
+
+
+# -- forward, losses, MTP -------------------------------------------------------------------------------
+
+def test_forward_and_losses_match_an_independent_computation(backend):
+    model = build_model(SMALL, backend, seed=0).train()
+    device = backend.device.torch_device
+    ids = ids_for(61).to(device)
+    labels = ids_for(61, seed=1).to(device)
+    labels[0, 3] = -100
+    out = model.loss(ids, labels)
+    logits, mtp_logits = model.forward_with_mtp(ids)
+    assert logits.shape == (2, 12, 61) and len(mtp_logits) == 2
+    assert torch.allclose(model(ids), logits, atol=1e-5)
+    main = F.cross_entropy(logits.reshape(-1, 61), labels.reshape(-1), ignore_index=-100)
+    assert torch.allclose(out.main, main, atol=1e-5)
+    # depth d at position i predicts labels[i + d]; the last d positions have no target
+    mtp = [F.cross_entropy(m[:, : 12 - d].reshape(-1, 61), labels[:, d:].reshape(-1), ignore_index=-100)
+           for d, m in enumerate(mtp_logits, start=1)]
+    assert torch.allclose(out.mtp, torch.stack(mtp).mean(), atol=1e-5)
+    assert out.aux is not None and out.aux > 0
+    assert torch.allclose(out.total, out.main + 0.3 * out.mtp + out.aux)
+    out.total.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_mtp_is_causal_and_uses_the_shifted_future_token():
+    model = build_model(SMALL, "cpu", seed=0).eval()
+    ids = ids_for(61)
+    with torch.no_grad():
+        logits, (d1, d2) = model.forward_with_mtp(ids)
+        changed = ids.clone()
+        changed[:, 7] = (changed[:, 7] + 1) % 61
+        logits2, (e1, e2) = model.forward_with_mtp(changed)
+    # equal up to rounding: the expert groups (so the matmul shapes) change with the tokens
+    same = lambda a, b: torch.allclose(a, b, atol=1e-5)  # noqa: E731
+    assert same(logits[:, :7], logits2[:, :7]) and not same(logits[:, 7], logits2[:, 7])
+    # depth 1 at position i reads token i + 1; depth 2 reads tokens i + 1 and i + 2
+    assert same(d1[:, :6], e1[:, :6]) and not same(d1[:, 6], e1[:, 6])
+    assert same(d2[:, :5], e2[:, :5]) and not same(d2[:, 5], e2[:, 5])
+
+
+def test_mtp_off_and_no_aux_at_depth_zero():
+    model = build_model(SMALL, "cpu", seed=0, num_nextn_predict_layers=0, seq_aux_loss_coef=0.0).train()
+    ids = ids_for(61)
+    out = model.loss(ids, ids)
+    assert out.mtp is None and out.aux is None and torch.equal(out.total, out.main)
+
+
+def test_sequence_aux_loss_matches_the_deepseek_formula():
+    model = build_model(SMALL, "cpu", seed=0, num_nextn_predict_layers=0, num_hidden_layers=2).train()
+    moe = model.layers[1].mlp
+    captured = {}
+    moe.gate.register_forward_hook(lambda mod, inp, out: captured.update(logits=out.detach()))
+    route = moe._route
+    moe._route = lambda *a, **k: captured.setdefault("route", route(*a, **k))
+    ids = ids_for(61, batch=3, seq=10)
+    aux = model.loss(ids, ids).aux
+    scores = captured["logits"].sigmoid().view(3, 10, 8)
+    indices = captured["route"][0].view(3, 10, 2)
+    expected = 0.0
+    for b in range(3):  # L = alpha * sum_i f_i P_i, f_i = E / (k T) * #picks of i, P_i = mean_t s'_{i,t}
+        f = torch.tensor([(indices[b] == i).sum().item() for i in range(8)]) * 8 / (2 * 10)
+        p = (scores[b] / scores[b].sum(-1, keepdim=True)).mean(0)
+        expected += 0.01 * (f * p).sum().item() / 3
+    assert math.isclose(aux.item(), expected, rel_tol=1e-5)
+
+
+def test_training_reduces_the_loss():
+    torch.manual_seed(0)
+    model = build_model("tiny", "cpu", seed=0, vocab_size=64).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = ids_for(64, batch=2, seq=16)
+    first = None
+    for _ in range(8):
+        loss = model.loss(ids[:, :-1], ids[:, 1:]).total
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_expert_bias()
+    assert loss.item() < 0.7 * first
+
+
+# -- aux-loss-free balancing ---------------------------------------------------------------------------
+
+class SumOverTwoRanks:
+    """A stand-in Communicator: the other rank routed ``other`` tokens to each expert."""
+
+    def __init__(self, other: torch.Tensor):
+        self.other, self.calls = other, 0
+
+    def all_reduce(self, tensor, op="sum", async_op=False):
+        self.calls += 1
+        tensor += self.other
+
+
+@pytest.mark.parametrize("with_comm", [False, True])
+def test_expert_bias_update(with_comm):
+    model = build_model(SMALL, "cpu", seed=0, bias_update_rate=0.01).train()
+    ids = ids_for(61)
+    model(ids)
+    moes = list(model.moe_layers())
+    assert len(moes) == 4  # two main MoE layers and the two MTP blocks, which forward() does not run
+    loads = torch.stack([m.expert_load.clone() for m in moes])
+    assert loads.sum(1).tolist() == [2 * 12 * 2] * 2 + [0, 0]
+    other = torch.arange(32, dtype=torch.float32).view(4, 8)
+    comm = SumOverTwoRanks(other) if with_comm else None
+    before = torch.stack([m.gate.e_score_correction_bias.clone() for m in moes])
+    model.update_expert_bias(comm)
+    total = loads + other if with_comm else loads
+    expected = before + 0.01 * torch.sign(total.mean(1, keepdim=True) - total)
+    assert torch.equal(torch.stack([m.gate.e_score_correction_bias for m in moes]), expected)
+    assert all(m.expert_load.sum() == 0 for m in moes)
+    assert comm is None or comm.calls == 1
+    model.eval()
+    model(ids)
+    assert all(m.expert_load.sum() == 0 for m in moes)  # inference does not count
+
+
+def test_routing_bias_stays_float32_in_a_bfloat16_model():
+    model = build_model(SMALL, "cpu", seed=0, dtype=torch.bfloat16)
+    moe = next(model.moe_layers())
+    assert moe.gate.weight.dtype == torch.bfloat16
+    assert moe.gate.e_score_correction_bias.dtype == torch.float32 and moe.expert_load.dtype == torch.float32
+    assert model(ids_for(61)).dtype == torch.bfloat16
+
+
+# -- rope tables -----------------------------------------------------------------------------------------
+
+def test_rope_tables_plain_and_yarn_softmax_scale():
+    cos, sin = rope_tables(16, 10)
+    ref_cos, ref_sin = rope_frequencies(16, 10)
+    assert torch.allclose(cos, ref_cos) and torch.allclose(sin, ref_sin)
+    yarn = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "mscale": 1.0,
+            "mscale_all_dim": 1.0}
+    assert math.isclose(softmax_scale(192, yarn), 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
+    assert softmax_scale(192, None) == 192 ** -0.5
+    # the fastest frequency is kept and the slowest is interpolated by the factor
+    cos_y, sin_y = rope_tables(64, 2, rope_scaling=yarn)
+    angle = torch.atan2(sin_y[1], cos_y[1])
+    assert math.isclose(angle[0].item(), 1.0, rel_tol=1e-6)
+    assert math.isclose(angle[-1].item(), 10000 ** (-62 / 64) / 40, rel_tol=1e-6)
+
+
+# -- configs --------------------------------------------------------------------------------------------
+
+def test_config_loading_and_errors(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("hidden_size: 64\nnum_attention_heads: 2\nnum_key_value_heads: 2\n")
+    config = DeepseekV3Config.from_yaml(path, vocab_size=10)
+    assert (config.hidden_size, config.vocab_size) == (64, 10)
+    assert DeepseekV3Config.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="hiden_size"):
+        DeepseekV3Config.from_dict({"hiden_size": 3})
+    with pytest.raises(ConfigError, match="n_group"):
+        DeepseekV3Config(n_routed_experts=10, n_group=3)
+    with pytest.raises(ConfigError, match="not found"):
+        DeepseekV3Config.from_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        preset("huge")
+    # transformers 5 writes rope_parameters; 4.x (and DeepSeek) rope_scaling + rope_theta
+    hf5 = DeepseekV3Config.from_hf({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e4,
+                                                        "original_max_position_embeddings": 64},
+                                    "transformers_version": "5.0", "model_type": "deepseek_v3"})
+    assert hf5.rope_theta == 5e4 and hf5.rope_scaling["factor"] == 4.0
+    assert DeepseekV3Config.from_hf(hf5.to_hf()) == hf5
