@@ -5,26 +5,34 @@ from __future__ import annotations
 import pytest
 
 from openseek_hal.errors import ConfigError
-from openseek_hal.train.config import load_config
+from openseek_hal.train.config import load_config, model_config
 
 
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("steps: 7\nlr: 0.001\nmodel:\n  hidden_size: 64\n  num_attention_heads: 2\n")
-    cfg = load_config(path, {"steps": "9", "model.num_hidden_layers": "3"})
+    path.write_text("steps: 7\nlr: 0.001\n"
+                    "model:\n  hidden_size: 64\n  num_attention_heads: 2\n  num_key_value_heads: 2\n")
+    cfg = load_config(path, {"steps": "9", "model.num_hidden_layers": 3})
     assert cfg.steps == 9 and cfg.lr == 0.001
-    assert (cfg.model.hidden_size, cfg.model.num_attention_heads, cfg.model.num_hidden_layers) == (64, 2, 3)
+    assert cfg.model == {"hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2,
+                         "num_hidden_layers": 3}
+    mc = model_config(cfg, vocab_size=300)
+    assert (mc.hidden_size, mc.num_attention_heads, mc.num_hidden_layers, mc.vocab_size) == (64, 2, 3, 300)
+    assert mc.n_routed_experts == 8  # the rest comes from the tiny preset
 
 
 @pytest.mark.parametrize("text, message", [
     ("stepz: 3\n", "unknown key"),
     ("steps: many\n", "steps: expected int"),
     ("steps: 2.5\n", "expected an integer"),
-    ("model:\n  tie_word_embeddings: maybe\n", "expected true/false"),
+    ("wandb: maybe\n", "expected true/false"),
     ("- a\n- b\n", "mapping"),
     ("steps: [\n", "not valid YAML"),
     ("steps: 0\n", "steps must be positive"),
-    ("model:\n  hidden_size: 100\n  num_attention_heads: 3\n", "divisible"),
+    ("model:\n  hidden_sizee: 3\n", "unknown DeepSeek-V3 config field"),
+    ("model:\n  n_group: 3\n", "not a multiple of n_group"),
+    ("model: 5\n", "model: expected a mapping"),
+    ("model_preset: huge\n", "neither a preset"),
     ("dtype: fp8\n", "dtype must be"),
 ])
 def test_bad_config_gives_one_clear_error(tmp_path, text, message):

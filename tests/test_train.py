@@ -9,16 +9,16 @@ import types
 import pytest
 import torch
 from rich.console import Console
+from tokenizers import Tokenizer
 
 from openseek_hal.errors import RunError
+from openseek_hal.models import DeepseekV3, ModelLoss, build_model
 from openseek_hal.train.checkpoint import load_checkpoint, resolve_checkpoint
-from openseek_hal.train.config import load_config
-from openseek_hal.train.trainer import TinyDecoder, lr_at, train
+from openseek_hal.train.config import load_config, model_config
+from openseek_hal.train.trainer import lr_at, train
 
 TINY = {"batch_size": 8, "seq_len": 32, "lr": 1e-2, "warmup_steps": 3, "tokenizer_vocab_size": 512,
-        "sample_tokens": 8, "eval_batches": 2, "log_every": 5,
-        "model.hidden_size": 64, "model.num_hidden_layers": 2, "model.num_attention_heads": 2,
-        "model.intermediate_size": 128}
+        "sample_tokens": 8, "eval_batches": 2, "log_every": 5, "model.num_hidden_layers": 2}
 
 
 @pytest.fixture(autouse=True)
@@ -48,8 +48,12 @@ def test_loss_falls_and_checkpoint_reloads(backend_name, tmp_path):
     # the saved weights give back the trained model's logits
     from openseek_hal.backend import get_backend
 
-    model = TinyDecoder(cfg.model, get_backend(backend_name))
+    vocab = Tokenizer.from_file(str(tmp_path / "run" / "tokenizer.json")).get_vocab_size()
+    model = build_model(model_config(cfg, vocab_size=vocab), get_backend(backend_name), init=False)
     state = load_checkpoint(tmp_path / "run", model)
+    model.eval()
+    x = torch.randint(0, vocab, (2, 16), device=model.embed_tokens.weight.device)
+    assert torch.isfinite(model(x)).all()
     assert state["step"] == 40 and state["losses"] == result.losses
     assert (tmp_path / "run" / "tokenizer.json").is_file()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -103,12 +107,17 @@ def test_wandb_logs_offline(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", fake)
     train(_cfg(tmp_path, steps=5, wandb="true"), console=_quiet())
     assert calls[0] == ("init", "offline", "openseek-hal")
-    assert ("log", 5, ["grad_norm", "loss", "lr", "tokens_per_s"]) in calls
+    assert ("log", 5, ["aux_loss", "grad_norm", "loss", "lr", "mtp_loss", "tokens_per_s"]) in calls
     assert calls[-1] == ("finish",)
 
 
 def test_diverged_loss_is_one_clear_error(tmp_path, monkeypatch):
-    real_loss = TinyDecoder.loss
-    monkeypatch.setattr(TinyDecoder, "loss", lambda self, x, y: real_loss(self, x, y) * float("nan"))
+    real_loss = DeepseekV3.loss
+
+    def poisoned(self, x, y):
+        out = real_loss(self, x, y)
+        return ModelLoss(total=out.total * float("nan"), main=out.main * float("nan"), mtp=out.mtp, aux=out.aux)
+
+    monkeypatch.setattr(DeepseekV3, "loss", poisoned)
     with pytest.raises(RunError, match="loss became nan at step 1"):
         train(_cfg(tmp_path, steps=3), console=_quiet())

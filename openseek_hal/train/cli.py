@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import click
+import yaml
 
 from .config import load_config
+
+
+def _parse_value(text: str) -> object:
+    """``--set`` values are YAML scalars: 256 -> int, 1e-3 -> float, true -> bool, null -> None."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 @click.command()
@@ -21,17 +30,20 @@ from .config import load_config
 @click.option("--seq-len", type=click.IntRange(min=2), default=None)
 @click.option("--lr", type=float, default=None)
 @click.option("--seed", type=int, default=None)
+@click.option("--model", "model_preset", default=None,
+              help="DeepSeek-V3 preset (tiny, openseek-small, deepseek-v3) or a YAML file of config fields.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override any config field, dotted for nesting (e.g. --set model.hidden_size=256).")
-def train(backend, steps, config_path, data, out, resume, batch_size, seq_len, lr, seed, sets) -> None:
+              help="Override any config field; model fields are dotted (e.g. --set model.num_hidden_layers=2).")
+def train(backend, steps, config_path, data, out, resume, batch_size, seq_len, lr, seed, model_preset, sets) -> None:
     """Train a model through the HAL and save a checkpoint; prints loss, tokens/s and a greedy sample."""
     from .trainer import train as run_training
 
     overrides = {k: v for k, v in dict(backend=backend, steps=steps, data=data, out=out, batch_size=batch_size,
-                                       seq_len=seq_len, lr=lr, seed=seed).items() if v is not None}
+                                       seq_len=seq_len, lr=lr, seed=seed, model_preset=model_preset).items()
+                 if v is not None}
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep:
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-        overrides[key] = value
+        overrides[key] = _parse_value(value)
     run_training(load_config(config_path, overrides), resume=resume)

@@ -14,25 +14,16 @@ import yaml
 
 from ..errors import ConfigError
 
-
-@dataclass(kw_only=True)
-class TinyDecoderConfig:
-    """The foundation's small decoder (RMSNorm, rope attention, SwiGLU), built from HAL ops."""
-
-    vocab_size: int = 4096
-    hidden_size: int = 128
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    intermediate_size: int = 384
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    initializer_range: float = 0.02
-    tie_word_embeddings: bool = True
+if typing.TYPE_CHECKING:
+    from ..models.deepseek_v3.config import DeepseekV3Config
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    model: TinyDecoderConfig = field(default_factory=TinyDecoderConfig)
+    # A DeepSeek-V3 preset name (tiny, openseek-small, deepseek-v3) or a YAML file of config fields,
+    # and overrides of its fields by their Hugging Face names (vocab_size comes from the tokenizer).
+    model_preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)
     backend: str | None = None  # None: the best available backend
     data: str | None = None  # None: the built-in corpus (Python's own documentation)
     out: str = "runs/default"
@@ -58,6 +49,10 @@ class TrainConfig:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check and convert ``value`` to the annotated type ``tp`` (dataclasses, Optional, scalars)."""
+    if typing.get_origin(tp) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -129,18 +124,28 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return cfg
 
 
+def model_config(cfg: TrainConfig, **overrides: Any) -> DeepseekV3Config:
+    """The model config of a run: its preset with ``cfg.model`` and ``overrides`` applied."""
+    from ..models.deepseek_v3.build import resolve_config
+    from ..models.deepseek_v3.presets import PRESETS
+
+    if cfg.model_preset not in PRESETS and not Path(cfg.model_preset).is_file():
+        raise ConfigError(f"model_preset '{cfg.model_preset}' is neither a preset ({', '.join(PRESETS)}) "
+                          "nor a YAML file")
+    try:
+        return resolve_config(cfg.model_preset, **{**cfg.model, **overrides})
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from None
+
+
 def validate(cfg: TrainConfig) -> None:
-    positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
-                "log_every": cfg.log_every, "model.hidden_size": cfg.model.hidden_size,
-                "model.num_hidden_layers": cfg.model.num_hidden_layers,
-                "model.num_attention_heads": cfg.model.num_attention_heads}
+    positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "log_every": cfg.log_every}
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}")
-    if cfg.model.hidden_size % cfg.model.num_attention_heads:
-        raise ConfigError("model.hidden_size must be divisible by model.num_attention_heads")
-    if (cfg.model.hidden_size // cfg.model.num_attention_heads) % 2:
-        raise ConfigError("the attention head size must be even (rope rotates pairs)")
+    model_config(cfg)  # a bad model field fails here, before any data is read
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
         raise ConfigError(f"lr must be positive, got {cfg.lr}")
     if cfg.dtype not in ("auto", "fp32", "bf16"):

@@ -23,9 +23,9 @@ from tokenizers import Tokenizer
 
 from ..backend import Backend, get_backend
 from ..errors import RunError, UserError
-from ..models.tiny_decoder import TinyDecoder
+from ..models import DeepseekV3, build_model
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from .config import TrainConfig, to_dict
+from .config import TrainConfig, model_config, to_dict
 from .corpus import encode_documents, iter_windows, load_or_train_tokenizer, read_documents
 from .metrics import MetricsLogger
 
@@ -69,7 +69,7 @@ def _autocast(backend: Backend, cfg: TrainConfig) -> contextlib.AbstractContextM
 
 
 @torch.no_grad()
-def greedy_sample(model: TinyDecoder, tok: Tokenizer, prompt: str, n_tokens: int, seq_len: int,
+def greedy_sample(model: DeepseekV3, tok: Tokenizer, prompt: str, n_tokens: int, seq_len: int,
                   device: torch.device, autocast: contextlib.AbstractContextManager) -> str:
     ids = tok.encode(prompt).ids or [0]
     for _ in range(n_tokens):
@@ -81,7 +81,7 @@ def greedy_sample(model: TinyDecoder, tok: Tokenizer, prompt: str, n_tokens: int
 
 
 @torch.no_grad()
-def evaluate(model: TinyDecoder, tokens: torch.Tensor, cfg: TrainConfig, device: torch.device,
+def evaluate(model: DeepseekV3, tokens: torch.Tensor, cfg: TrainConfig, device: torch.device,
              autocast: contextlib.AbstractContextManager) -> float:
     """Mean loss over consecutive held-out windows (up to ``eval_batches`` batches)."""
     starts = list(iter_windows(len(tokens), cfg.seq_len))[: cfg.eval_batches * cfg.batch_size]
@@ -92,7 +92,7 @@ def evaluate(model: TinyDecoder, tokens: torch.Tensor, cfg: TrainConfig, device:
         window = torch.tensor(starts[i:i + cfg.batch_size])[:, None] + torch.arange(cfg.seq_len + 1)
         chunk = tokens[window].long().to(device)
         with autocast:
-            losses.append(float(model.loss(chunk[:, :-1], chunk[:, 1:])))
+            losses.append(float(model.loss(chunk[:, :-1], chunk[:, 1:]).main))
     return float(np.mean(losses))
 
 
@@ -119,8 +119,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
     console.print(f"data: {docs.name}: {len(docs.texts)} documents, {len(stream):,} tokens "
                   f"(vocab {tok.get_vocab_size()}, tokenizer {tok_path}, {time.perf_counter() - t0:.1f}s)")
 
-    cfg.model.vocab_size = tok.get_vocab_size()
-    model = TinyDecoder(cfg.model, backend).to(device)
+    model = build_model(model_config(cfg, vocab_size=tok.get_vocab_size()), backend, seed=cfg.seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -160,11 +159,12 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
                 group["lr"] = lr_at(step, cfg)
             with autocast:
                 loss = model.loss(x, y)
-            loss.backward()
+            loss.total.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = loss.item()  # synchronizes, so the step time below is real
+            model.update_expert_bias()  # aux-loss-free balancing, once per optimizer step
+            loss_value = loss.main.item()  # synchronizes, so the step time below is real
             if not math.isfinite(loss_value):
                 raise RunError(f"loss became {loss_value} at step {step + 1}; lower lr or check the data")
             losses.append(loss_value)
@@ -177,6 +177,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
                 tps = timed_tokens / timed_seconds if timed_seconds else float("nan")
                 row = {"loss": loss_value, "lr": lr_at(step, cfg), "grad_norm": float(grad_norm),
                        "tokens_per_s": tps}
+                row.update({k: float(v) for k, v in (("mtp_loss", loss.mtp), ("aux_loss", loss.aux)) if v is not None})
                 if peak:
                     row["mfu"] = tps * flops_per_token / peak
                 metrics.log(done, row)
