@@ -1,0 +1,114 @@
+"""One GPU session: check every Triton kernel (fwd+bwd vs float64 reference) on the GPU, then benchmark.
+
+Usage (from the repository root, on a CUDA machine):
+    python benchmarks/ops/gpu_run.py OUT_DIR [--check] [--bench OP[,OP...]|all]
+Writes OUT_DIR/check.json and OUT_DIR/bench.json; prints a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+
+def _backends():
+    from openseek_hal.backend import register_backend
+    from openseek_hal.backends.cuda import CUDABackend
+    from openseek_hal.backends.flaggems import FlagGemsBackend
+
+    # Entry points may not be installed where this runs: register the in-tree classes directly.
+    register_backend(CUDABackend)
+    register_backend(FlagGemsBackend)
+    return CUDABackend, FlagGemsBackend
+
+
+def check(out: Path) -> list[str]:
+    from openseek_hal.ops.kernel_loader import kernel_table
+    from openseek_hal.ops.selfcheck import check_op
+
+    cuda_cls, fg_cls = _backends()
+    results, lines = [], []
+    targets = [("cuda", name, fn) for name, fn in sorted(kernel_table(interpret=False).items())]
+    ok, reason = fg_cls.is_available()
+    if ok:
+        fg = fg_cls()
+        targets += [("flaggems", name, fg.op(name)) for name, origin in sorted(fg.op_origins().items())
+                    if origin == "flaggems"]
+    else:
+        lines.append(f"flaggems unavailable: {reason}")
+    for backend, name, fn in targets:
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            t0 = time.time()
+            try:
+                n = check_op(name, fn, dtype, device="cuda")
+                status, err = "pass", ""
+            except Exception as e:
+                n, status, err = 0, "FAIL", f"{type(e).__name__}: {str(e)[:600]}"
+            results.append(dict(backend=backend, op=name, dtype=str(dtype), status=status, samples=n,
+                                seconds=round(time.time() - t0, 2), error=err))
+            if status != "pass":
+                lines.append(f"{backend} {name} {dtype}: {err[:300]}")
+    # torch.compile must trace the kernels' autograd Functions (no graph break, forward and backward).
+    from openseek_hal.ops.kernel_loader import kernel_table as kt
+
+    ops = kt(interpret=False)
+    try:
+        x = torch.randn(64, 256, device="cuda", requires_grad=True)
+        w = torch.ones(256, device="cuda", requires_grad=True)
+        t = torch.randint(0, 256, (64,), device="cuda")
+        f = torch.compile(lambda x, w: ops["cross_entropy"](ops["rms_norm"](x, w), t), fullgraph=True)
+        f(x, w).backward()
+        compile_status = "pass"
+    except Exception as e:
+        compile_status = f"FAIL {type(e).__name__}: {str(e)[:300]}"
+        traceback.print_exc()
+    results.append(dict(backend="cuda", op="torch.compile(fullgraph) of rms_norm+cross_entropy", status=compile_status))
+    (out / "check.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(), results=results), indent=1))
+    passed = sum(r["status"] == "pass" for r in results)
+    lines.append(f"check: {passed}/{len(results)} pass on {torch.cuda.get_device_name()}; compile: {compile_status}")
+    return lines
+
+
+def bench(out: Path, ops: list[str] | None) -> None:
+    from openseek_hal.ops import bench as bench_mod
+    from openseek_hal.ops import bench_cases
+
+    _backends()
+    names = ops or sorted({c.op for c in bench_cases.cases()})
+    merged = None
+    for op in names:
+        t0 = time.time()
+        res = bench_mod.run_bench("cuda", op, lambda msg: print("bench", msg, flush=True))
+        print(f"  {op}: {time.time() - t0:.0f}s", flush=True)
+        if merged is None:
+            merged = res
+        else:
+            merged["rows"] += res["rows"]
+            mem = res.get("cross_entropy_extra_peak_bytes", {})
+            merged.setdefault("cross_entropy_extra_peak_bytes", {}).update(mem)
+        (out / "bench.json").write_text(json.dumps(merged, indent=1))
+    bench_mod.print_table(merged)
+    if "cross_entropy_extra_peak_bytes" in merged:
+        print(json.dumps(merged["cross_entropy_extra_peak_bytes"], indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--bench", default=None)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    lines = check(args.out) if args.check else []
+    if args.bench:
+        bench(args.out, None if args.bench == "all" else args.bench.split(","))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
