@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -34,13 +37,6 @@ def check(out: Path) -> list[str]:
     cuda_cls, fg_cls = _backends()
     results, lines = [], []
     targets = [("cuda", name, fn) for name, fn in sorted(kernel_table(interpret=False).items())]
-    ok, reason = fg_cls.is_available()
-    if ok:
-        fg = fg_cls()
-        targets += [("flaggems", name, fg.op(name)) for name, origin in sorted(fg.op_origins().items())
-                    if origin == "flaggems"]
-    else:
-        lines.append(f"flaggems unavailable: {reason}")
     for backend, name, fn in targets:
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
             t0 = time.time()
@@ -74,6 +70,46 @@ def check(out: Path) -> list[str]:
     return lines
 
 
+def check_flaggems(out: Path) -> list[str]:
+    """Each FlagGems-native op in its own process: a FlagGems crash must not poison the others' CUDA context."""
+    _, fg_cls = _backends()
+    ok, reason = fg_cls.is_available()
+    if not ok:
+        return [f"flaggems unavailable: {reason}"]
+    results, lines = [], []
+    for name, origin in sorted(fg_cls().op_origins().items()):
+        if origin != "flaggems":
+            continue
+        proc = subprocess.run([sys.executable, __file__, str(out), "--flaggems-one", name],
+                              capture_output=True, text=True, env={**os.environ, "CUDA_LAUNCH_BLOCKING": "1"})
+        done = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        for line in done:
+            results.append(json.loads(line))
+            lines.append(f"flaggems {name} {results[-1]['dtype']}: {results[-1]['status']} "
+                         f"{results[-1]['error'][:200]}")
+        if proc.returncode:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+            results.append(dict(backend="flaggems", op=name, dtype="(crash)", status="FAIL", error=tail[0][:500]))
+            lines.append(f"flaggems {name}: process died: {tail[0][:200]}")
+    (out / "check_flaggems.json").write_text(json.dumps(results, indent=1))
+    return lines
+
+
+def flaggems_one(spec: str) -> None:
+    from openseek_hal.ops.selfcheck import check_op
+
+    _, fg_cls = _backends()
+    impl = fg_cls().op(spec)
+    for dtype in ("float32", "bfloat16", "float64"):
+        try:
+            check_op(spec, impl, getattr(torch, dtype), device="cuda")
+            status, err = "pass", ""
+        except AssertionError as e:
+            status, err = "FAIL", str(e)[:500]
+        print("RESULT " + json.dumps(dict(backend="flaggems", op=spec, dtype=dtype, status=status, error=err)),
+              flush=True)
+
+
 def bench(out: Path, ops: list[str] | None) -> None:
     from openseek_hal.ops import bench as bench_mod
     from openseek_hal.ops import bench_cases
@@ -102,11 +138,17 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--bench", default=None)
+    parser.add_argument("--flaggems", action="store_true", help="check the FlagGems-native ops (last)")
+    parser.add_argument("--flaggems-one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.flaggems_one:
+        return flaggems_one(args.flaggems_one)
     args.out.mkdir(parents=True, exist_ok=True)
     lines = check(args.out) if args.check else []
     if args.bench:
         bench(args.out, None if args.bench == "all" else args.bench.split(","))
+    if args.flaggems:
+        lines += check_flaggems(args.out)
     print("\n".join(lines))
 
 

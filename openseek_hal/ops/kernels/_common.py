@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -36,13 +34,12 @@ def warps_for(block_elements: int) -> int:
     return max(1, min(16, block_elements // 512))
 
 
-@functools.cache
-def _sm_count(device_type: str, index: int | None) -> int:
-    if device_type == "cuda":
-        return torch.cuda.get_device_properties(index or 0).multi_processor_count
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter runs programs one after another: few, longer programs cost the same
 
 
 def persistent_programs(device: torch.device, rows: int, per_sm: int = 4) -> int:
     """A grid size for kernels that loop over rows and write one partial result per program."""
-    return max(1, min(rows, per_sm * _sm_count(device.type, device.index)))
+    return max(1, min(rows, per_sm * _sm_count(device)))

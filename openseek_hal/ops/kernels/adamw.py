@@ -16,8 +16,15 @@ from ._common import acc_type
 
 
 @triton.jit
-def _adamw_kernel(P, G, M, V, MASTER, n, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2_sqrt,
-                  HAS_MASTER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _adamw_kernel(P, G, M, V, MASTER, HYPER, n, HAS_MASTER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # Hyperparameters come from a float64 tensor: a float argument would be rounded to float32.
+    lr = tl.load(HYPER).to(ACC)
+    beta1 = tl.load(HYPER + 1).to(ACC)
+    beta2 = tl.load(HYPER + 2).to(ACC)
+    eps = tl.load(HYPER + 3).to(ACC)
+    weight_decay = tl.load(HYPER + 4).to(ACC)
+    bias_c1 = tl.load(HYPER + 5).to(ACC)
+    bias_c2_sqrt = tl.load(HYPER + 6).to(ACC)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     if HAS_MASTER:
@@ -47,6 +54,7 @@ def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avg
     bias_c1 = 1.0 - beta1 ** step
     bias_c2_sqrt = (1.0 - beta2 ** step) ** 0.5
     block = 1024
+    hyper = None
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
         for t in (p, g, m, v, *masters[i:i + 1]):
             if not t.is_contiguous():
@@ -55,7 +63,9 @@ def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avg
         if not n:
             continue
         master = masters[i] if masters else p
-        _adamw_kernel[(triton.cdiv(n, block),)](
-            p, g, m, v, master, n, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2_sqrt,
-            HAS_MASTER=bool(masters), ACC=acc_type(master.dtype), BLOCK=block, num_warps=4)
+        if hyper is None:
+            hyper = torch.tensor([lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2_sqrt], dtype=torch.float64,
+                                 device=p.device)
+        _adamw_kernel[(triton.cdiv(n, block),)](p, g, m, v, master, hyper, n, HAS_MASTER=bool(masters),
+                                                ACC=acc_type(master.dtype), BLOCK=block, num_warps=4)
     return list(params), list(exp_avgs), list(exp_avg_sqs), masters

@@ -83,9 +83,7 @@ class CrossEntropy(torch.autograd.Function):
         else:
             kept = torch.ones((), dtype=acc, device=logits.device)
         ctx.save_for_backward(x2, target, lse, kept)
-        # A private copy (non-contiguous logits) can always take the gradient in place.
-        copied = x2.data_ptr() != logits.data_ptr()
-        ctx.config = (ignore_index, z_loss, inplace_backward or copied, logits.shape)
+        ctx.config = (ignore_index, z_loss, inplace_backward, logits.shape)
         return total
 
     @staticmethod

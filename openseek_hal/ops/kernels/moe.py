@@ -3,7 +3,8 @@
 ``moe_route``: one program per token holds its expert scores as a ``(groups, experts per group)``
 tile; group-limited selection and the top-k are done by repeated max + lowest-index-of-max, which
 gives torch.topk's order (descending) without a sort. The backward recomputes the scores from the
-logits. Tokens-per-expert counts use ``torch.bincount`` (integer, so exact and reproducible).
+logits. Tokens-per-expert counts are an integer ``index_add_`` (exact, so reproducible, and unlike
+``torch.bincount`` it needs no device-to-host sync, so CUDA graphs and torch.compile keep it).
 
 Permute/unpermute: the stable sort of expert ids is torch's (it is over ``T * k`` integers); the
 row movement is Triton. Every backward is a gather (each output row read-summed by one program),
@@ -116,6 +117,11 @@ def _route_bwd(X, IDX, DW, DX, n_experts, group_size, scale, SOFTMAX: tl.constex
     tl.store(DX + row * n_experts + expert, dx.to(DX.dtype.element_ty), mask=valid)
 
 
+def _count(indices: torch.Tensor, n: int) -> torch.Tensor:
+    flat = indices.reshape(-1)
+    return torch.zeros(n, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+
+
 def _route_blocks(experts: int, n_group: int, top_k: int) -> dict:
     group_size = experts // n_group
     return dict(BLOCK_G=triton.next_power_of_2(n_group), BLOCK_C=triton.next_power_of_2(group_size),
@@ -139,7 +145,7 @@ class MoERoute(torch.autograd.Function):
                 routed_scaling_factor, HAS_BIAS=bias is not None, SOFTMAX=score_func == "softmax",
                 NORM=norm_topk_prob, N_GROUP=n_group, TOPK_GROUP=topk_group, TOP_K=top_k,
                 ACC=acc_type(x.dtype), **_route_blocks(experts, n_group, top_k), num_warps=1 if experts <= 64 else 4)
-        counts = torch.bincount(indices.flatten(), minlength=experts)
+        counts = _count(indices, experts)
         ctx.save_for_backward(x, indices)
         ctx.config = (n_group, score_func, norm_topk_prob, routed_scaling_factor)
         ctx.mark_non_differentiable(indices, counts)
@@ -247,7 +253,7 @@ class MoEPermute(torch.autograd.Function):
         tokens, top_k = indices.shape
         flat = indices.reshape(-1)
         order = torch.sort(flat, stable=True).indices
-        counts = torch.bincount(flat, minlength=num_experts)
+        counts = _count(flat, num_experts)
         x = _rows(x)
         out = torch.empty((order.numel(), x.shape[1]), dtype=x.dtype, device=x.device)
         if order.numel() and x.shape[1]:
