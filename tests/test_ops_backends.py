@@ -136,3 +136,15 @@ def test_bench_cases_cover_the_presets():
     assert all(c.fwd_bytes > 0 for c in all_cases)
     with pytest.raises(KeyError):
         cases("no_such_op")
+
+
+def test_moe_route_compiles_as_an_opaque_custom_op():
+    """torch.compile traces the router (forward and backward) as one custom op, without a graph break."""
+    route = kernel_loader.kernel_table(interpret=True)["moe_route"]
+    kwargs = dict(top_k=2, n_group=4, topk_group=2, routed_scaling_factor=1.5)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    compiled = torch.compile(lambda x: route(x, None, **kwargs)[1].square().sum(), fullgraph=True, backend="aot_eager")
+    (grad,) = torch.autograd.grad(compiled(x), x)
+    x64 = x.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(ops.get("moe_route").reference(x64, None, **kwargs)[1].square().sum(), x64)
+    torch.testing.assert_close(grad.double(), ref, rtol=1e-5, atol=1e-6)

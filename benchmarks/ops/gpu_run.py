@@ -1,7 +1,7 @@
 """One GPU session: check every Triton kernel (fwd+bwd vs float64 reference) on the GPU, then benchmark.
 
 Usage (from the repository root, on a CUDA machine):
-    python benchmarks/ops/gpu_run.py OUT_DIR [--check] [--bench OP[,OP...]|all]
+    python benchmarks/ops/gpu_run.py OUT_DIR [--check OP[,OP...]|all] [--bench OP[,OP...]|all] [--flaggems]
 Writes OUT_DIR/check.json and OUT_DIR/bench.json; prints a short table last.
 """
 
@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -30,13 +29,38 @@ def _backends():
     return CUDABackend, FlagGemsBackend
 
 
-def check(out: Path) -> list[str]:
+def _compile_checks(ops: dict) -> dict[str, str]:
+    """torch.compile(fullgraph=True) must trace each kernel's autograd Function, forward and backward."""
+    x = torch.randn(64, 256, device="cuda", requires_grad=True)
+    w = torch.ones(256, device="cuda", requires_grad=True)
+    t = torch.randint(0, 256, (64,), device="cuda")
+    cos, sin = torch.randn(64, 128, device="cuda"), torch.randn(64, 128, device="cuda")
+    cases = {
+        "rms_norm+cross_entropy": lambda: ops["cross_entropy"](ops["rms_norm"](x, w), t),
+        "add_rms_norm": lambda: ops["add_rms_norm"](x, x, w)[0].sum(),
+        "silu_and_mul": lambda: ops["silu_and_mul"](x).sum(),
+        "rope": lambda: ops["rope"](x, cos, sin, interleaved=True).sum(),
+        "moe_route": lambda: ops["moe_route"](x, None, top_k=4, n_group=8, topk_group=2)[1].sum(),
+    }
+    status = {}
+    for name, fn in cases.items():
+        try:
+            torch._dynamo.reset()
+            torch.compile(fn, fullgraph=True)().backward()
+            status[name] = "pass"
+        except Exception as e:
+            status[name] = f"FAIL {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return status
+
+
+def check(out: Path, only: list[str] | None) -> list[str]:
     from openseek_hal.ops.kernel_loader import kernel_table
     from openseek_hal.ops.selfcheck import check_op
 
     cuda_cls, fg_cls = _backends()
     results, lines = [], []
-    targets = [("cuda", name, fn) for name, fn in sorted(kernel_table(interpret=False).items())]
+    targets = [("cuda", name, fn) for name, fn in sorted(kernel_table(interpret=False).items())
+               if only is None or name in only]
     for backend, name, fn in targets:
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
             t0 = time.time()
@@ -49,24 +73,13 @@ def check(out: Path) -> list[str]:
                                 seconds=round(time.time() - t0, 2), error=err))
             if status != "pass":
                 lines.append(f"{backend} {name} {dtype}: {err[:300]}")
-    # torch.compile must trace the kernels' autograd Functions (no graph break, forward and backward).
-    from openseek_hal.ops.kernel_loader import kernel_table as kt
-
-    ops = kt(interpret=False)
-    try:
-        x = torch.randn(64, 256, device="cuda", requires_grad=True)
-        w = torch.ones(256, device="cuda", requires_grad=True)
-        t = torch.randint(0, 256, (64,), device="cuda")
-        f = torch.compile(lambda x, w: ops["cross_entropy"](ops["rms_norm"](x, w), t), fullgraph=True)
-        f(x, w).backward()
-        compile_status = "pass"
-    except Exception as e:
-        compile_status = f"FAIL {type(e).__name__}: {str(e)[:300]}"
-        traceback.print_exc()
-    results.append(dict(backend="cuda", op="torch.compile(fullgraph) of rms_norm+cross_entropy", status=compile_status))
+    compile_status = _compile_checks(kernel_table(interpret=False))
+    results += [dict(backend="cuda", op=f"torch.compile(fullgraph) {k}", status=v) for k, v in compile_status.items()]
     (out / "check.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(), results=results), indent=1))
     passed = sum(r["status"] == "pass" for r in results)
     lines.append(f"check: {passed}/{len(results)} pass on {torch.cuda.get_device_name()}; compile: {compile_status}")
+    lines += [f"{r['backend']} {r['op']} {r.get('dtype', '')}: {r['status'][:200]}" for r in results
+              if r["status"] != "pass"]
     return lines
 
 
@@ -136,7 +149,7 @@ def bench(out: Path, ops: list[str] | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
-    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--check", default=None, help="OP[,OP...] or all: kernel checks on the GPU")
     parser.add_argument("--bench", default=None)
     parser.add_argument("--flaggems", action="store_true", help="check the FlagGems-native ops (last)")
     parser.add_argument("--flaggems-one", default=None, help=argparse.SUPPRESS)
@@ -144,7 +157,7 @@ def main() -> None:
     if args.flaggems_one:
         return flaggems_one(args.flaggems_one)
     args.out.mkdir(parents=True, exist_ok=True)
-    lines = check(args.out) if args.check else []
+    lines = check(args.out, None if args.check == "all" else args.check.split(",")) if args.check else []
     if args.bench:
         bench(args.out, None if args.bench == "all" else args.bench.split(","))
     if args.flaggems:

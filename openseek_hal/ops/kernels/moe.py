@@ -128,49 +128,83 @@ def _route_blocks(experts: int, n_group: int, top_k: int) -> dict:
                 BLOCK_K=triton.next_power_of_2(top_k))
 
 
-class MoERoute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, bias, top_k, n_group, topk_group, score_func, norm_topk_prob, routed_scaling_factor):
-        if score_func not in ("sigmoid", "softmax"):
-            raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
-        tokens, experts = logits.shape
-        if experts % n_group:
-            raise ValueError(f"{experts} experts do not split into {n_group} groups")
-        x = logits.contiguous()
-        indices = torch.empty((tokens, top_k), dtype=torch.int64, device=x.device)
-        weights = torch.empty((tokens, top_k), dtype=acc_dtype(x.dtype), device=x.device)
-        if tokens:
-            _route_fwd[(tokens,)](
-                x, bias if bias is not None else x, indices, weights, experts, experts // n_group,
-                routed_scaling_factor, HAS_BIAS=bias is not None, SOFTMAX=score_func == "softmax",
-                NORM=norm_topk_prob, N_GROUP=n_group, TOPK_GROUP=topk_group, TOP_K=top_k,
-                ACC=acc_type(x.dtype), **_route_blocks(experts, n_group, top_k), num_warps=1 if experts <= 64 else 4)
-        counts = _count(indices, experts)
-        ctx.save_for_backward(x, indices)
-        ctx.config = (n_group, score_func, norm_topk_prob, routed_scaling_factor)
-        ctx.mark_non_differentiable(indices, counts)
-        return indices, weights, counts
+# The router is a torch.library custom op (opaque to torch.compile, which then never re-analyses
+# its Triton kernels: inductor failed on them when it did). Each copy of this package (compiled,
+# interpreted) registers under its own namespace, so both can be loaded in one process.
+_NAMESPACE = "openseek_hal_interpret" if "_kernels_interpreted" in __name__ else "openseek_hal"
 
-    @staticmethod
-    def backward(ctx, _d_indices, d_weights, _d_counts):
-        x, indices = ctx.saved_tensors
-        n_group, score_func, norm, scale = ctx.config
-        tokens, experts = x.shape
-        top_k = indices.shape[1]
-        dx = torch.empty_like(x)
-        if tokens:
-            _route_bwd[(tokens,)](
-                x, indices, d_weights.contiguous(), dx, experts, experts // n_group, scale,
-                SOFTMAX=score_func == "softmax", NORM=norm, TOP_K=top_k, ACC=acc_type(x.dtype),
-                **_route_blocks(experts, n_group, top_k), num_warps=1 if experts <= 64 else 4)
-        return dx, None, None, None, None, None, None, None
+
+@torch.library.custom_op(f"{_NAMESPACE}::moe_route", mutates_args=())
+def _moe_route_op(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
+                  score_func: str, norm_topk_prob: bool,
+                  routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    tokens, experts = logits.shape
+    indices = torch.empty((tokens, top_k), dtype=torch.int64, device=logits.device)
+    weights = torch.empty((tokens, top_k), dtype=acc_dtype(logits.dtype), device=logits.device)
+    if tokens:
+        _route_fwd[(tokens,)](
+            logits, bias if bias is not None else logits, indices, weights, experts, experts // n_group,
+            routed_scaling_factor, HAS_BIAS=bias is not None, SOFTMAX=score_func == "softmax",
+            NORM=norm_topk_prob, N_GROUP=n_group, TOPK_GROUP=topk_group, TOP_K=top_k,
+            ACC=acc_type(logits.dtype), **_route_blocks(experts, n_group, top_k),
+            num_warps=1 if experts <= 64 else 4)
+    return indices, weights, _count(indices, experts)
+
+
+@_moe_route_op.register_fake
+def _(logits, bias, top_k, n_group, topk_group, score_func, norm_topk_prob, routed_scaling_factor):
+    tokens, experts = logits.shape
+    return (logits.new_empty((tokens, top_k), dtype=torch.int64),
+            logits.new_empty((tokens, top_k), dtype=acc_dtype(logits.dtype)),
+            logits.new_empty((experts,), dtype=torch.int64))
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::moe_route_backward", mutates_args=())
+def _moe_route_backward_op(logits: torch.Tensor, indices: torch.Tensor, d_weights: torch.Tensor, n_group: int,
+                           score_func: str, norm_topk_prob: bool, routed_scaling_factor: float) -> torch.Tensor:
+    tokens, experts = logits.shape
+    top_k = indices.shape[1]
+    dx = torch.empty_like(logits)
+    if tokens:
+        _route_bwd[(tokens,)](
+            logits, indices, d_weights.contiguous(), dx, experts, experts // n_group, routed_scaling_factor,
+            SOFTMAX=score_func == "softmax", NORM=norm_topk_prob, TOP_K=top_k, ACC=acc_type(logits.dtype),
+            **_route_blocks(experts, n_group, top_k), num_warps=1 if experts <= 64 else 4)
+    return dx
+
+
+@_moe_route_backward_op.register_fake
+def _(logits, indices, d_weights, n_group, score_func, norm_topk_prob, routed_scaling_factor):
+    return torch.empty_like(logits)
+
+
+def _route_setup_context(ctx, inputs, output):
+    logits, _, _, n_group, _, score_func, norm, scale = inputs
+    ctx.save_for_backward(logits, output[0])
+    ctx.config = (n_group, score_func, norm, scale)
+    ctx.mark_non_differentiable(output[0], output[2])
+
+
+def _route_backward(ctx, _d_indices, d_weights, _d_counts):
+    logits, indices = ctx.saved_tensors
+    if d_weights is None:
+        d_weights = torch.zeros(indices.shape, dtype=acc_dtype(logits.dtype), device=logits.device)
+    dx = _moe_route_backward_op(logits, indices, d_weights, *ctx.config)
+    return dx, None, None, None, None, None, None, None
+
+
+_moe_route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
 
 
 def moe_route(logits: torch.Tensor, bias: torch.Tensor | None = None, *, top_k: int, n_group: int = 1,
               topk_group: int = 1, score_func: str = "sigmoid", norm_topk_prob: bool = True,
               routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return MoERoute.apply(logits, bias, top_k, n_group, topk_group, score_func, norm_topk_prob,
-                          routed_scaling_factor)
+    if score_func not in ("sigmoid", "softmax"):
+        raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
+    if logits.shape[-1] % n_group:
+        raise ValueError(f"{logits.shape[-1]} experts do not split into {n_group} groups")
+    return _moe_route_op(logits.contiguous(), bias, top_k, n_group, topk_group, score_func, norm_topk_prob,
+                         float(routed_scaling_factor))
 
 
 # -- permute / unpermute ------------------------------------------------------------------------
