@@ -1,11 +1,17 @@
 """NVIDIA GPUs through FlagGems (BAAI's Triton op library) where it has the op, our Triton kernels elsewhere.
 
-FlagGems-native here: ``rms_norm`` and ``silu_and_mul`` (FlagGems' forward and backward) and
-``cross_entropy`` without z-loss (FlagGems' ``cross_entropy_loss``; with ``z_loss`` our kernel runs).
-FlagGems' ``fused_add_rms_norm``, ``apply_rotary_pos_emb`` and ``grouped_topk`` are forward-only
-(and the first works in place), so ``add_rms_norm``, ``rope`` and ``moe_route`` use the ``cuda``
-backend's kernels, as do the ops FlagGems lacks. `op_origins` says which is which
-(``openseek-hal backends --ops`` prints it).
+FlagGems-native here: ``rms_norm`` and ``silu_and_mul`` (FlagGems' forward and backward; both
+compute in float32, so their float64 results are declared expected failures). Not taken from
+FlagGems, with the reason:
+
+* ``cross_entropy``: flag-gems 5.0.2's ``cross_entropy_loss`` loads ``logits[row, target]`` before it
+  masks ignored targets, so a row with ``target == ignore_index`` (-100) reads out of bounds; on an
+  H100 the conformance samples ended in "illegal memory access", which kills the CUDA context.
+* ``add_rms_norm``, ``rope``, ``moe_route``: FlagGems' ``fused_add_rms_norm`` (in place),
+  ``apply_rotary_pos_emb`` and ``grouped_topk`` have no backward.
+
+Those ops and the ones FlagGems lacks run the ``cuda`` backend's kernels. `op_origins` says which
+is which (``openseek-hal backends --ops`` prints it).
 
 ``flag_gems`` is imported only when this backend is used. flag-gems 5.0.2 pins numpy 1.26.4, so it
 is no extra of this package; install it beside torch with
@@ -22,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..backend import ExpectedFailure
 from .cuda import CUDABackend
 
 INSTALL_HINT = "pip install --no-deps flag-gems==5.0.2 sqlalchemy greenlet"
@@ -36,7 +43,7 @@ def _import_flag_gems() -> tuple[Any, str]:
         return None, f"import flag_gems failed: {type(e).__name__}: {e}"
 
 
-def _flaggems_ops(fg: Any, ours: Mapping[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+def _flaggems_ops(fg: Any) -> dict[str, Callable[..., Any]]:
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
         return fg.rms_norm(x, [x.shape[-1]], weight, eps)
 
@@ -44,18 +51,15 @@ def _flaggems_ops(fg: Any, ours: Mapping[str, Callable[..., Any]]) -> dict[str, 
         gate, up = x.chunk(2, dim=-1)
         return fg.silu_and_mul(gate, up)
 
-    def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
-                      reduction: str = "mean", z_loss: float = 0.0, inplace_backward: bool = False) -> torch.Tensor:
-        if z_loss:  # FlagGems has no z-loss
-            return ours["cross_entropy"](logits, target, ignore_index, reduction, z_loss, inplace_backward)
-        return fg.cross_entropy_loss(logits, target, None, reduction, ignore_index, 0.0)
-
-    return {"rms_norm": rms_norm, "silu_and_mul": silu_and_mul, "cross_entropy": cross_entropy}
+    return {"rms_norm": rms_norm, "silu_and_mul": silu_and_mul}
 
 
 class FlagGemsBackend(CUDABackend):
     name = "flaggems"
     priority = 50  # below cuda: a user picks FlagGems explicitly
+    expected_failures = tuple(
+        ExpectedFailure(op, "FlagGems computes in float32: float64 results are off by up to ~4e-6 relative "
+                            "(H100, flag-gems 5.0.2)", torch.float64) for op in ("rms_norm", "silu_and_mul"))
 
     @classmethod
     def is_available(cls) -> tuple[bool, str]:
@@ -72,11 +76,11 @@ class FlagGemsBackend(CUDABackend):
         fg, reason = _import_flag_gems()
         if fg is None:
             raise RuntimeError(reason)
-        return {**ours, **_flaggems_ops(fg, ours)}
+        return {**ours, **_flaggems_ops(fg)}
 
     def op_origins(self) -> dict[str, str]:
         """``{op: "flaggems" | "openseek-hal" | "torch"}`` for every native op of this backend."""
         torch_ops = {"embedding", "causal_attention"}
-        flaggems = {"rms_norm", "silu_and_mul", "cross_entropy"}
+        flaggems = {"rms_norm", "silu_and_mul"}
         return {op: "flaggems" if op in flaggems else "torch" if op in torch_ops else "openseek-hal"
                 for op in self._native_table()}
