@@ -23,6 +23,7 @@ class TritonInterpretBackend(Backend):
     name = "triton-interpret"
     device_type = "cpu"
     priority = -10  # never the default: it is a debugging and CI backend
+    slow = True  # tests parametrized over every backend skip it unless `pytest --backend triton-interpret`
     dist_backend = "gloo"
 
     @classmethod
