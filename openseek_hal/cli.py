@@ -77,16 +77,20 @@ def backends(show_ops: bool) -> None:
                 native = sorted(op for op, kind in cov.items() if kind == "native")
                 ops_col = f"{len(native)} / {len(cov) - len(native)}"
                 note = be.capabilities().device_name + ("  (default)" if info.name == default else "")
-                coverage_rows.append((info.name, native, sorted(set(cov) - set(native))))
+                coverage_rows.append((info.name, native, sorted(set(cov) - set(native)),
+                                      getattr(be, "op_origins", dict)()))
             except Exception as e:  # a backend that breaks on use is shown, not fatal
                 note = f"error: {type(e).__name__}: {e}"
         table.add_row(info.name, "yes" if info.available else "no", devices, ops_col, note)
     console = Console()
     console.print(table)
     if show_ops:
-        for name, native, fallback in coverage_rows:
+        for name, native, fallback, origins in coverage_rows:
             console.print(f"[bold]{name}[/] native: {', '.join(native) or '-'}")
             console.print(f"[bold]{name}[/] fallback: {', '.join(fallback) or '-'}")
+            for origin in sorted(set(origins.values())):  # backends that mix libraries say whose op is whose
+                ops_from = sorted(op for op, o in origins.items() if o == origin)
+                console.print(f"[bold]{name}[/] {origin}-native: {', '.join(ops_from)}")
 
 
 def not_yet(command: str, issue: str) -> click.Command:

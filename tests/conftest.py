@@ -13,10 +13,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _selected_backends(config: pytest.Config) -> list[str]:
-    available = [info.name for info in list_backends() if info.available]
+    infos = [info for info in list_backends() if info.available]
+    available = [info.name for info in infos]
     chosen = config.getoption("--backend")
     if not chosen:
-        return available
+        # A backend marked `slow` (an interpreter) runs only where --backend names it.
+        return [info.name for info in infos if not getattr(info.cls, "slow", False)]
     unknown = [name for name in chosen if name not in available]
     if unknown:
         raise pytest.UsageError(f"--backend {', '.join(unknown)}: not available here (available: {available})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import Backend, Capabilities
+from ..ops.attention import sdpa_causal_attention
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s and HBM bandwidth in bytes/s, from NVIDIA's
 # datasheets, keyed by a substring of the device name. The SXM parts are listed first.
@@ -21,10 +23,6 @@ _PEAKS: tuple[tuple[str, dict[torch.dtype, float], float], ...] = (
               torch.float8_e4m3fn: 1979e12}, 3.35e12),
     ("A100", {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12}, 2.0e12),
 )
-
-
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 class CUDABackend(Backend):
@@ -42,7 +40,12 @@ class CUDABackend(Backend):
         return True, ""
 
     def native_ops(self) -> Mapping[str, Callable[..., Any]]:
-        return {"causal_attention": _attention, "embedding": F.embedding}
+        from ..ops.kernel_loader import kernel_table
+
+        ops: dict[str, Callable[..., Any]] = {"causal_attention": sdpa_causal_attention, "embedding": F.embedding}
+        if importlib.util.find_spec("triton") is not None:
+            ops.update(kernel_table(interpret=False))
+        return ops
 
     def capabilities(self) -> Capabilities:
         name = self.device.name()

@@ -1,5 +1,206 @@
-"""`openseek-hal bench`: per-op GPU benchmarks against torch eager, torch.compile, FlagGems, Liger."""
+"""`openseek-hal bench`: per-op GPU benchmarks of a backend against torch eager, torch.compile, FlagGems, Liger.
 
-from ..cli import not_yet
+``openseek-hal bench --backend cuda [--op NAME] [--json FILE]`` times every case of
+`openseek_hal.ops.bench_cases` forward and backward: median of CUDA-event timings after warm-up
+(``triton.testing.do_bench``, which also flushes the L2 cache between runs), achieved GB/s and its
+percent of the device-to-device copy bandwidth measured at the start of the same run, and the
+speedup of the backend's op over each baseline that is installed. ``bench comm`` (collectives)
+comes from `openseek_hal.comm.bench`.
+"""
 
-bench = not_yet("bench", "issue #3: ops and bench")
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from torch.utils import _pytree as pytree
+
+from ..errors import UserError
+
+WARMUP_MS, REP_MS = 25, 200
+
+
+def _median_ms(fn: Callable[[], Any]) -> float:
+    from triton.testing import do_bench
+
+    fn()  # compile (Triton, torch.compile) before timing
+    torch.cuda.synchronize()
+    return float(do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"))
+
+
+def copy_bandwidth(device: torch.device, gib: float = 1.0) -> float:
+    """Bytes/s of a large device-to-device copy (bytes read plus bytes written)."""
+    n = int(gib * 2**30) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = statistics.median(_median_ms(lambda: dst.copy_(src)) for _ in range(3))
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def _floating(outputs: Any) -> list[torch.Tensor]:
+    return [o for o in pytree.tree_leaves(outputs) if isinstance(o, torch.Tensor) and o.requires_grad]
+
+
+def _time_case(case, impl: Callable[..., Any], device: torch.device) -> dict[str, float]:
+    """``{"fwd": ms, "bwd": ms}`` (or ``{"fwd+bwd": ms}``) for one implementation of a case."""
+    args, kwargs = case.make(device)
+    grad_args = [a for i, a in enumerate(args) if i in case.grad_args]
+    if not grad_args:
+        return {"fwd": _median_ms(lambda: impl(*args, **kwargs))}
+    with torch.no_grad():
+        fwd = _median_ms(lambda: impl(*args, **kwargs))
+    for a in grad_args:
+        a.requires_grad_(True)
+    if case.fused_fwd_bwd:
+        def step():
+            torch.autograd.grad(_floating(impl(*args, **kwargs)), grad_args)
+        return {"fwd": fwd, "fwd+bwd": _median_ms(step)}
+    outs = _floating(impl(*args, **kwargs))
+    cots = [torch.randn_like(o) for o in outs]
+    bwd = _median_ms(lambda: torch.autograd.grad(outs, grad_args, cots, retain_graph=True))
+    return {"fwd": fwd, "bwd": bwd}
+
+
+def _extra_peak_bytes(case, impl: Callable[..., Any], device: torch.device, **extra_kwargs: Any) -> int:
+    """Peak memory of one forward+backward above what the inputs hold."""
+    args, kwargs = case.make(device)
+    grad_args = [a.requires_grad_(True) for i, a in enumerate(args) if i in case.grad_args]
+    impl(*args, **kwargs, **extra_kwargs)  # compile first
+    torch.cuda.synchronize()
+    args, kwargs = case.make(device)
+    grad_args = [a.requires_grad_(True) for i, a in enumerate(args) if i in case.grad_args]
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    grads = torch.autograd.grad(_floating(impl(*args, **kwargs, **extra_kwargs)), grad_args)
+    torch.cuda.synchronize()
+    del grads
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def run_bench(backend_name: str, op: str | None, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Benchmark ``backend_name`` on every case (or those of ``op``); returns the JSON-ready results."""
+    from ..backend import get_backend
+    from . import bench_cases, get
+
+    backend = get_backend(backend_name)
+    if backend.device.type != "cuda":
+        raise UserError(f"bench times GPU kernels with CUDA events; backend '{backend_name}' runs on "
+                        f"'{backend.device.type}'")
+    device = backend.device.torch_device
+    try:
+        cases = bench_cases.cases(op)
+    except KeyError as e:
+        raise UserError(str(e.args[0])) from None
+    copy_bw = copy_bandwidth(device)
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+        "triton": import_module("triton").__version__, "backend": backend_name,
+        "copy_bandwidth_GBps": copy_bw / 1e9, "rows": [],
+    }
+    for case in cases:
+        progress(f"{case.op} {case.label}")
+        reference = get(case.op).reference
+        impls: dict[str, Callable[..., Any]] = {"ours": backend.op(case.op), "eager": reference}
+        if case.compile_baseline:
+            impls["compile"] = torch.compile(reference, dynamic=False)
+        impls.update(case.baselines)
+        times: dict[str, dict[str, float]] = {}
+        for name, impl in impls.items():
+            try:
+                times[name] = _time_case(case, impl, device)
+            except Exception as e:  # a baseline without this shape or a backward is reported, not fatal
+                times[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+            torch._dynamo.reset() if name == "compile" else None
+            torch.cuda.empty_cache()
+        for direction in ("fwd", "bwd", "fwd+bwd"):
+            ours = times["ours"].get(direction)
+            if ours is None:
+                continue
+            nbytes = {"fwd": case.fwd_bytes, "bwd": case.bwd_bytes,
+                      "fwd+bwd": case.fwd_bytes + case.bwd_bytes}[direction]
+            row = {"op": case.op, "shape": case.label, "dir": direction, "ours_ms": ours,
+                   "GBps": nbytes / (ours * 1e-3) / 1e9 if nbytes else None,
+                   "pct_copy": 100 * nbytes / (ours * 1e-3) / copy_bw if nbytes else None, "baselines": {}}
+            for name, t in times.items():
+                if name != "ours":
+                    ms = t.get(direction)
+                    row["baselines"][name] = {"ms": ms, "speedup": ms / ours} if ms else {"error": t.get("error")}
+            results["rows"].append(row)
+        if case.op == "cross_entropy":
+            mem = {"ours_inplace": _extra_peak_bytes(case, impls["ours"], device, inplace_backward=True),
+                   "ours": _extra_peak_bytes(case, impls["ours"], device)}
+            for name in ("eager", "compile", "liger", "flaggems"):
+                if name in impls:
+                    try:
+                        mem[name] = _extra_peak_bytes(case, impls[name], device)
+                    except Exception as e:
+                        mem[name] = f"{type(e).__name__}"
+            results.setdefault("cross_entropy_extra_peak_bytes", {})[case.label] = mem
+            torch._dynamo.reset()
+    return results
+
+
+def print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    names = sorted({n for r in results["rows"] for n in r["baselines"]},
+                   key=lambda n: ("eager", "compile", "flaggems", "liger", n).index(n))
+    table = Table(title=f"openseek-hal bench: {results['backend']} on {results['device']} "
+                        f"(copy {results['copy_bandwidth_GBps']:.0f} GB/s)")
+    for col in ("op", "shape", "dir", "ms", "GB/s", "% copy", *[f"vs {n}" for n in names]):
+        table.add_column(col, justify="left" if col in ("op", "shape", "dir") else "right")
+    for r in results["rows"]:
+        cells = [r["op"], r["shape"], r["dir"], f"{r['ours_ms']:.3f}",
+                 f"{r['GBps']:.0f}" if r["GBps"] else "-", f"{r['pct_copy']:.0f}" if r["pct_copy"] else "-"]
+        for n in names:
+            b = r["baselines"].get(n)
+            cells.append(f"{b['speedup']:.2f}x" if b and "speedup" in b else "-")
+        table.add_row(*cells)
+    Console(width=200).print(table)
+
+
+class _BenchGroup(click.Group):
+    """``bench`` with subcommands attached lazily (``comm`` lives with the collectives)."""
+
+    lazy = {"comm": "openseek_hal.comm.bench:comm"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            module, _, attr = self.lazy[name].partition(":")
+            try:
+                return getattr(import_module(module), attr)
+            except (ImportError, AttributeError) as e:
+                raise UserError(f"'bench {name}' is not available: cannot load {self.lazy[name]} ({e})") from None
+        return super().get_command(ctx, name)
+
+
+@click.group("bench", cls=_BenchGroup, invoke_without_command=True)
+@click.option("--backend", "backend_name", default="cuda", show_default=True, help="Backend whose ops to time.")
+@click.option("--op", default=None, help="Only this op (default: every op with a benchmark case).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the full results here.")
+@click.pass_context
+def bench(ctx: click.Context, backend_name: str, op: str | None, json_path: Path | None) -> None:
+    """Time a backend's ops (forward, backward) against torch eager, torch.compile, FlagGems and Liger."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status("benchmarking") as status:
+        results = run_bench(backend_name, op, lambda msg: status.update(f"benchmarking {msg}"))
+    print_table(results)
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=1))
+        console.print(f"results written to {json_path}")

@@ -8,8 +8,12 @@ from .opdef import OpDef, Sample, randn
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
-                  reduction: str = "mean", z_loss: float = 0.0) -> torch.Tensor:
+                  reduction: str = "mean", z_loss: float = 0.0, inplace_backward: bool = False) -> torch.Tensor:
     """Mean (over non-ignored rows) or sum of ``logsumexp(logits) - logits[target]``.
+
+    ``inplace_backward=True`` lets a fast implementation write the logits' gradient into the
+    logits' storage (training, where nothing reads the logits after the loss); it never changes
+    the result, and the reference ignores it.
 
     With ``z_loss > 0`` each kept row adds ``z_loss * logsumexp(logits) ** 2`` (PaLM's z-loss).
     A mean over zero kept rows is 0, not NaN, so an all-padding batch does not poison training.
@@ -47,5 +51,5 @@ def _samples(dtype, device, gen):
 
 OPDEFS = [OpDef(name="cross_entropy",
                 signature="cross_entropy(logits[N, V], target[N], ignore_index=-100, reduction='mean', "
-                          "z_loss=0.0) -> loss",
+                          "z_loss=0.0, inplace_backward=False) -> loss",
                 reference=cross_entropy, samples=_samples, grad_inputs=(0,))]

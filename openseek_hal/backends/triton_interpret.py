@@ -1,0 +1,43 @@
+"""Triton's interpreter on the host CPU: the GPU kernels of ``ops/kernels`` run as numpy, op by op.
+
+For CI (every kernel's numerics checked without a GPU) and for vendors debugging a kernel without
+hardware (``breakpoint()`` and ``print`` work inside an interpreted kernel). The kernels are a
+separate, interpreter-mode copy of the package (see `openseek_hal.ops.kernel_loader`), so this
+backend and ``cuda`` can be used in the same process. Slow: use small shapes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..backend import Backend, Capabilities
+from ..ops.attention import sdpa_causal_attention
+
+
+class TritonInterpretBackend(Backend):
+    name = "triton-interpret"
+    device_type = "cpu"
+    priority = -10  # never the default: it is a debugging and CI backend
+    slow = True  # tests parametrized over every backend skip it unless `pytest --backend triton-interpret`
+    dist_backend = "gloo"
+
+    @classmethod
+    def is_available(cls) -> tuple[bool, str]:
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed (pip install 'openseek-hal[triton]')"
+        return True, ""
+
+    def native_ops(self) -> Mapping[str, Callable[..., Any]]:
+        from ..ops.kernel_loader import kernel_table
+
+        # Embedding and attention are torch's, as on the cuda backend, whose op table this one mirrors.
+        return {**kernel_table(interpret=True), "embedding": F.embedding, "causal_attention": sdpa_causal_attention}
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(device_name=f"Triton interpreter on {self.device.name()}",
+                            dtypes=(torch.float32, torch.bfloat16, torch.float64))

@@ -1,0 +1,191 @@
+"""The op benchmark's cases: shapes (OpenSeek-Small, DeepSeek-V3), inputs, bytes moved, and the baselines.
+
+Each case is one op at one shape. Its implementations all take the op's signature: ``ours`` (the
+backend's op), ``eager`` (the OpDef reference, i.e. plain torch), ``compile`` (``torch.compile`` of
+the reference; for AdamW, torch's own fused multi-tensor kernel instead) and, when installed,
+``flaggems`` and ``liger`` (adapters to their APIs; a library without that op, or without a
+backward for it, is simply absent from that row).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import get
+from .rope import rope_frequencies
+
+# name: (hidden, vocab, tokens, experts, top_k, n_group, topk_group, moe_intermediate)
+PRESETS: dict[str, dict[str, int]] = {
+    "openseek-small": dict(hidden=1280, vocab=151872, tokens=4096, experts=64, top_k=6, n_group=1, topk_group=1,
+                           ffn=2 * 1280, heads=10),
+    "deepseek-v3": dict(hidden=7168, vocab=129280, tokens=4096, experts=256, top_k=8, n_group=8, topk_group=4,
+                        ffn=2048, heads=128),
+}
+
+
+@dataclass
+class Case:
+    op: str
+    label: str  # preset and shape, e.g. "deepseek-v3 16384x7168"
+    make: Callable[[torch.device], tuple[tuple, dict]]
+    grad_args: tuple[int, ...]  # argument positions that take gradients (empty: forward only)
+    fwd_bytes: int
+    bwd_bytes: int
+    flops: int = 0  # for ops that are not memory-bound; 0: report bandwidth
+    fused_fwd_bwd: bool = False  # time forward+backward together (cross entropy)
+    compile_baseline: bool = True  # False where a stronger torch baseline is given instead
+    baselines: dict[str, Callable[..., Any]] = field(default_factory=dict)
+
+
+def _optional(module: str) -> Any | None:
+    try:
+        return importlib.import_module(module)
+    except Exception:  # an optional baseline that cannot be imported is skipped
+        return None
+
+
+@functools.cache
+def flag_gems() -> Any | None:
+    return _optional("flag_gems")
+
+
+@functools.cache
+def liger() -> dict[str, Any]:
+    found = {}
+    for name, (module, attr) in {
+        "rms_norm": ("liger_kernel.ops.rms_norm", "LigerRMSNormFunction"),
+        "add_rms_norm": ("liger_kernel.ops.fused_add_rms_norm", "LigerFusedAddRMSNormFunction"),
+        "silu_and_mul": ("liger_kernel.ops.swiglu", "LigerFusedGateUpSiLUMulFunction"),
+        "cross_entropy": ("liger_kernel.ops.cross_entropy", "LigerCrossEntropyFunction"),
+    }.items():
+        mod = _optional(module)
+        if mod is not None and hasattr(mod, attr):
+            found[name] = getattr(mod, attr)
+    return found
+
+
+def _external_baselines(op: str) -> dict[str, Callable[..., Any]]:
+    out: dict[str, Callable[..., Any]] = {}
+    fg, lg = flag_gems(), liger()
+    if fg is not None:
+        if op == "rms_norm":
+            out["flaggems"] = lambda x, w, eps=1e-6: fg.rms_norm(x, [x.shape[-1]], w, eps)
+        elif op == "silu_and_mul":
+            out["flaggems"] = lambda x: fg.silu_and_mul(*x.chunk(2, dim=-1))
+        elif op == "cross_entropy":
+            out["flaggems"] = lambda x, t, **kw: fg.cross_entropy_loss(x, t, None, "mean", -100, 0.0)
+    if op in lg:
+        fn = lg[op]
+        if op == "rms_norm":
+            out["liger"] = lambda x, w, eps=1e-6: fn.apply(x, w, eps, 0.0, "llama", False)
+        elif op == "add_rms_norm":
+            out["liger"] = lambda x, r, w, eps=1e-6: fn.apply(x, r, w, eps)
+        elif op == "silu_and_mul":
+            out["liger"] = lambda x: fn.apply(x)
+        elif op == "cross_entropy":
+            out["liger"] = lambda x, t, **kw: fn.apply(x, t, None, -100, 0.0, 0.0, "mean")[0]
+    return out
+
+
+def _randn(*shape: int, dtype=torch.bfloat16, device, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, device=device, dtype=torch.float32).mul_(scale).to(dtype)
+
+
+def _cases_for(preset: str, p: dict[str, int]) -> list[Case]:
+    bf = 2
+    t = p["tokens"] * 4  # a micro-batch of 4 sequences
+    h, v, e, k = p["hidden"], p["vocab"], p["experts"], p["top_k"]
+    cases = []
+    for rows, hidden, label in ([(t, h, f"{preset} {t}x{h}")]
+                                + ([(16384, 4096, "reference 16384x4096")] if preset == "deepseek-v3" else [])):
+        cases.append(Case("rms_norm", label, functools.partial(
+            lambda dev, r, hd: ((_randn(r, hd, device=dev), _randn(hd, device=dev, scale=0.1) + 1), {}),
+            r=rows, hd=hidden), (0, 1), 2 * rows * hidden * bf, 3 * rows * hidden * bf))
+        cases.append(Case("add_rms_norm", label, functools.partial(
+            lambda dev, r, hd: ((_randn(r, hd, device=dev), _randn(r, hd, device=dev),
+                                 _randn(hd, device=dev, scale=0.1) + 1), {}), r=rows, hd=hidden),
+            (0, 1, 2), 4 * rows * hidden * bf, 4 * rows * hidden * bf))
+    for rows, d, label in [(t, p["ffn"], f"{preset} {t}x2*{p['ffn']}"), (16384, 4096, "reference 16384x2*4096")][
+            : 1 if preset == "openseek-small" else 2]:
+        cases.append(Case("silu_and_mul", label, functools.partial(
+            lambda dev, r, dd: ((_randn(r, 2 * dd, device=dev, scale=2.0),), {}), r=rows, dd=d),
+            (0,), 3 * rows * d * bf, 5 * rows * d * bf))
+    heads, seq = p["heads"], p["tokens"]
+    for interleaved in (False, True):
+        numel = 4 * heads * seq * 64
+        cases.append(Case("rope", f"{preset} 4x{heads}x{seq}x64 {'interleaved' if interleaved else 'half'}",
+                          functools.partial(lambda dev, hh, s, il: (
+                              (_randn(4, hh, s, 64, device=dev), *rope_frequencies(64, s, device=dev)),
+                              {"interleaved": il}), hh=heads, s=seq, il=interleaved),
+                          (0,), 2 * numel * bf, 2 * numel * bf))
+    rows = 8192 if preset == "deepseek-v3" else 4096
+    cases.append(Case("cross_entropy", f"{preset} {rows}x{v}", functools.partial(
+        lambda dev, r, vv: ((_randn(r, vv, device=dev, scale=3.0),
+                             torch.randint(0, vv, (r,), device=dev)), {}), r=rows, vv=v),
+        (0,), rows * v * bf, 2 * rows * v * bf, fused_fwd_bwd=True))
+    route_kw = dict(top_k=k, n_group=p["n_group"], topk_group=p["topk_group"], score_func="sigmoid",
+                    norm_topk_prob=True, routed_scaling_factor=2.5)
+    cases.append(Case("moe_route", f"{preset} {t}x{e} top{k}", functools.partial(
+        lambda dev, tt, ee, kw: ((_randn(tt, ee, device=dev, dtype=torch.float32),
+                                  _randn(ee, device=dev, dtype=torch.float32, scale=0.1)), kw),
+        tt=t, ee=e, kw=route_kw), (0,), t * e * 4 + t * k * 16, 2 * t * e * 4 + t * k * 12))
+    tok = p["tokens"]
+
+    def routing(dev, tt):
+        return torch.rand(tt, e, device=dev).argsort(dim=-1)[:, :k].contiguous()
+
+    cases.append(Case("moe_permute", f"{preset} {tok}x{h} E{e} top{k}", functools.partial(
+        lambda dev, tt: ((_randn(tt, h, device=dev), routing(dev, tt), e), {}), tt=tok),
+        (0,), (tok + tok * k) * h * bf, (tok * k + tok) * h * bf))
+
+    def unpermute_inputs(dev, tt):
+        order = torch.sort(routing(dev, tt).flatten(), stable=True).indices
+        return (_randn(tt * k, h, device=dev), order, torch.rand(tt, k, device=dev)), {}
+
+    cases.append(Case("moe_unpermute", f"{preset} {tok}x{h} E{e} top{k}",
+                      functools.partial(unpermute_inputs, tt=tok), (0, 2),
+                      (tok * k + tok) * h * bf, (tok + 2 * tok * k) * h * bf))
+    return cases
+
+
+def _adamw_case(params_millions: int) -> Case:
+    n = params_millions * 1_000_000
+    sizes = [n // 64] * 64  # 64 tensors: a model's parameters in one multi-tensor step
+
+    def make(dev):
+        masters = [torch.randn(s, device=dev) for s in sizes]
+        return ([m.to(torch.bfloat16) for m in masters], [_randn(s, device=dev) for s in sizes],
+                [torch.zeros(s, device=dev) for s in sizes], [torch.zeros(s, device=dev) for s in sizes]), dict(
+            lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=10, master_params=masters)
+
+    grads32: dict[int, list[torch.Tensor]] = {}
+
+    def torch_fused(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step,
+                    master_params):
+        # torch's fused AdamW needs grads in the masters' dtype: convert once per input set, untimed.
+        g32 = grads32.setdefault(id(grads[0]), [g.float() for g in grads])
+        steps = [torch.tensor(float(step), device=g32[0].device) for _ in g32]
+        torch._fused_adamw_(master_params, g32, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+        torch._foreach_copy_(params, master_params)
+
+    # bf16 param write, bf16 grad read, fp32 master/m/v read+write
+    return Case("adamw", f"{params_millions}M params bf16+fp32 master, 64 tensors", make, (),
+                n * (2 + 2 + 3 * 8), 0, compile_baseline=False, baselines={"torch-fused": torch_fused})
+
+
+def cases(op: str | None = None) -> list[Case]:
+    """Every case (or those of ``op``), with the external baselines that are installed."""
+    out = [c for preset, p in PRESETS.items() for c in _cases_for(preset, p)] + [_adamw_case(256)]
+    if op is not None:
+        get(op)  # a clear KeyError for an unknown op name
+        out = [c for c in out if c.op == op]
+    for c in out:
+        c.baselines.update(_external_baselines(c.op))
+    return out

@@ -1,0 +1,24 @@
+"""Triton kernels of the op set, with their autograd wrappers, shared by every Triton-capable backend.
+
+Import this package through `openseek_hal.ops.kernel_loader` (not directly) so that a backend gets
+either compiled kernels or, for ``triton-interpret``, a copy of this package built in Triton's
+interpreter mode. `KERNELS` maps op names to implementations with the OpDefs' signatures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from . import activation, adamw, cross_entropy, moe, norm, rope
+
+KERNELS: dict[str, Callable] = {
+    "rms_norm": norm.rms_norm,
+    "add_rms_norm": norm.add_rms_norm,
+    "silu_and_mul": activation.silu_and_mul,
+    "rope": rope.rope,
+    "cross_entropy": cross_entropy.cross_entropy,
+    "moe_route": moe.moe_route,
+    "moe_permute": moe.moe_permute,
+    "moe_unpermute": moe.moe_unpermute,
+    "adamw": adamw.adamw,
+}

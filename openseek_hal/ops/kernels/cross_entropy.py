@@ -1,0 +1,105 @@
+"""Triton cross entropy over large vocabularies (chunked online softmax), forward and backward.
+
+The forward reads each row of logits once in chunks, keeping a running max and sum of exponentials
+in registers: no float32 copy of the logits is ever made. It saves only ``logsumexp`` per row. The
+backward reads the logits again and writes the gradient chunk by chunk; with
+``inplace_backward=True`` it writes into the logits' own storage, so the whole loss adds almost no
+memory (use it when nothing else needs the logits after the loss, as in training).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype, acc_type, as_rows
+
+
+@triton.jit
+def _ce_fwd(X, T, LOSS, LSE, stride_x, n_cols, ignore_index, z_loss, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    cols = tl.arange(0, BLOCK)
+    m = tl.full([], float("-inf"), ACC)
+    total = tl.zeros([], ACC)
+    for start in range(0, n_cols, BLOCK):
+        offs = start + cols
+        x = tl.load(x_row + offs, mask=offs < n_cols, other=float("-inf")).to(ACC)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(total)
+    target = tl.load(T + row)
+    keep = target != ignore_index
+    x_t = tl.load(x_row + tl.where(keep, target, 0)).to(ACC)
+    loss = lse - x_t + z_loss * lse * lse
+    tl.store(LOSS + row, tl.where(keep, loss, 0.0))
+    tl.store(LSE + row, lse)
+
+
+@triton.jit
+def _ce_bwd(X, T, LSE, SCALE, DX, stride_x, stride_dx, n_cols, ignore_index, z_loss,
+            ACC: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    target = tl.load(T + row)
+    keep = target != ignore_index
+    scale = tl.where(keep, tl.load(SCALE).to(ACC), 0.0)
+    lse = tl.load(LSE + row)
+    p_scale = scale * (1.0 + 2.0 * z_loss * lse)
+    for start in range(0, n_cols, BLOCK):
+        offs = start + cols
+        mask = offs < n_cols
+        x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(ACC)
+        dx = tl.exp(x - lse) * p_scale - tl.where(offs == target, scale, 0.0)
+        tl.store(DX + row * stride_dx + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def _block(n_cols: int) -> tuple[int, int]:
+    block = min(triton.next_power_of_2(max(n_cols, 1)), 4096)
+    return block, max(1, min(16, block // 256))
+
+
+class CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, reduction, z_loss, inplace_backward):
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        x2 = as_rows(logits)
+        rows, n_cols = x2.shape
+        acc = acc_dtype(logits.dtype)
+        losses = torch.empty(rows, dtype=acc, device=logits.device)
+        lse = torch.empty(rows, dtype=acc, device=logits.device)
+        target = target.reshape(-1)
+        if rows:
+            block, warps = _block(n_cols)
+            _ce_fwd[(rows,)](x2, target, losses, lse, x2.stride(0), n_cols, ignore_index, z_loss,
+                             ACC=acc_type(logits.dtype), BLOCK=block, num_warps=warps)
+        total = losses.sum()
+        if reduction == "mean":
+            kept = (target != ignore_index).sum().clamp(min=1).to(acc)
+            total = total / kept
+        else:
+            kept = torch.ones((), dtype=acc, device=logits.device)
+        ctx.save_for_backward(x2, target, lse, kept)
+        ctx.config = (ignore_index, z_loss, inplace_backward, logits.shape)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, target, lse, kept = ctx.saved_tensors
+        ignore_index, z_loss, inplace, shape = ctx.config
+        rows, n_cols = x2.shape
+        dx = x2 if inplace else torch.empty((rows, n_cols), dtype=x2.dtype, device=x2.device)
+        if rows:
+            scale = (grad_out.to(kept.dtype) / kept).reshape(1)
+            block, warps = _block(n_cols)
+            _ce_bwd[(rows,)](x2, target, lse, scale, dx, x2.stride(0), dx.stride(0), n_cols, ignore_index, z_loss,
+                             ACC=acc_type(x2.dtype), BLOCK=block, num_warps=warps)
+        return dx.view(shape), None, None, None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
+                  z_loss: float = 0.0, inplace_backward: bool = False) -> torch.Tensor:
+    return CrossEntropy.apply(logits, target, ignore_index, reduction, z_loss, inplace_backward)

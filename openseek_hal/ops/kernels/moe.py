@@ -1,0 +1,341 @@
+"""Triton MoE routing and token permute/unpermute, forward and backward.
+
+``moe_route``: one program per token holds its expert scores as a ``(groups, experts per group)``
+tile; group-limited selection and the top-k are done by repeated max + lowest-index-of-max, which
+gives torch.topk's order (descending) without a sort. The backward recomputes the scores from the
+logits. Tokens-per-expert counts are an integer ``index_add_`` (exact, so reproducible, and unlike
+``torch.bincount`` it needs no device-to-host sync, so CUDA graphs and torch.compile keep it).
+
+Permute/unpermute: the stable sort of expert ids is torch's (it is over ``T * k`` integers); the
+row movement is Triton. Every backward is a gather (each output row read-summed by one program),
+never a scatter-add, so results are bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype, acc_type
+
+_BIG = tl.constexpr(1 << 30)
+
+
+@triton.jit
+def _scores(X, row, g_idx, c_idx, group_size, n_experts, SOFTMAX: tl.constexpr, ACC: tl.constexpr):
+    expert = g_idx[:, None] * group_size + c_idx[None, :]
+    valid = (c_idx[None, :] < group_size) & (expert < n_experts)
+    x = tl.load(X + row * n_experts + expert, mask=valid, other=float("-inf")).to(ACC)
+    if SOFTMAX:
+        m = tl.max(tl.max(x, axis=1), axis=0)
+        e = tl.exp(x - m)
+        s = e / tl.sum(tl.sum(e, axis=1), axis=0)
+    else:
+        s = 1.0 / (1.0 + tl.exp(-x))
+    return tl.where(valid, s, 0.0), expert, valid
+
+
+@triton.jit
+def _route_fwd(X, BIAS, IDX, W, n_experts, group_size, scale, HAS_BIAS: tl.constexpr, SOFTMAX: tl.constexpr,
+               NORM: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
+               ACC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    g_idx = tl.arange(0, BLOCK_G)
+    c_idx = tl.arange(0, BLOCK_C)
+    s, expert, valid = _scores(X, row, g_idx, c_idx, group_size, n_experts, SOFTMAX, ACC)
+    choice = s
+    if HAS_BIAS:
+        choice += tl.load(BIAS + expert, mask=valid, other=0.0).to(ACC)
+    choice = tl.where(valid, choice, float("-inf"))
+    if N_GROUP > 1:
+        best = tl.max(choice, axis=1)
+        if HAS_BIAS and BLOCK_C > 1:  # group score: sum of the best two (DeepSeek-V3's noaux_tc)
+            first = tl.min(tl.where(choice == best[:, None], c_idx[None, :], _BIG), axis=1)
+            second = tl.max(tl.where(c_idx[None, :] == first[:, None], float("-inf"), choice), axis=1)
+            group_score = best + tl.where(second == float("-inf"), 0.0, second)
+        else:
+            group_score = best
+        group_score = tl.where(g_idx < N_GROUP, group_score, float("-inf"))
+        keep = g_idx < 0
+        for _ in tl.static_range(TOPK_GROUP):
+            top = tl.max(group_score, axis=0)
+            g = tl.min(tl.where(group_score == top, g_idx, _BIG), axis=0)
+            keep = keep | (g_idx == g)
+            group_score = tl.where(g_idx == g, float("-inf"), group_score)
+        choice = tl.where(keep[:, None], choice, float("-inf"))
+    k_idx = tl.arange(0, BLOCK_K)
+    picked = tl.zeros([BLOCK_K], dtype=tl.int64)
+    weights = tl.zeros([BLOCK_K], dtype=ACC)
+    for j in tl.static_range(TOP_K):
+        top = tl.max(tl.max(choice, axis=1), axis=0)
+        e = tl.min(tl.min(tl.where(choice == top, expert, _BIG), axis=1), axis=0)
+        hit = expert == e
+        w = tl.sum(tl.sum(tl.where(hit, s, 0.0), axis=1), axis=0)
+        picked = tl.where(k_idx == j, e.to(tl.int64), picked)
+        weights = tl.where(k_idx == j, w, weights)
+        choice = tl.where(hit, float("-inf"), choice)
+    if NORM and TOP_K > 1:
+        weights = weights / (tl.sum(weights, axis=0) + 1e-20)
+    k_mask = k_idx < TOP_K
+    tl.store(IDX + row * TOP_K + k_idx, picked, mask=k_mask)
+    tl.store(W + row * TOP_K + k_idx, weights * scale, mask=k_mask)
+
+
+@triton.jit
+def _route_bwd(X, IDX, DW, DX, n_experts, group_size, scale, SOFTMAX: tl.constexpr, NORM: tl.constexpr,
+               TOP_K: tl.constexpr, ACC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    g_idx = tl.arange(0, BLOCK_G)
+    c_idx = tl.arange(0, BLOCK_C)
+    s, expert, valid = _scores(X, row, g_idx, c_idx, group_size, n_experts, SOFTMAX, ACC)
+    k_idx = tl.arange(0, BLOCK_K)
+    k_mask = k_idx < TOP_K
+    picked = tl.load(IDX + row * TOP_K + k_idx, mask=k_mask, other=-1)
+    dw = tl.load(DW + row * TOP_K + k_idx, mask=k_mask, other=0.0).to(ACC) * scale
+    # Scores of the picked experts, gathered from the tile.
+    s_picked = tl.zeros([BLOCK_K], dtype=ACC)
+    for j in tl.static_range(TOP_K):
+        e = tl.sum(tl.where(k_idx == j, picked, 0), axis=0)
+        v = tl.sum(tl.sum(tl.where(expert == e, s, 0.0), axis=1), axis=0)
+        s_picked = tl.where(k_idx == j, v, s_picked)
+    if NORM and TOP_K > 1:
+        z = tl.sum(s_picked, axis=0) + 1e-20
+        ds_picked = dw / z - tl.sum(dw * s_picked, axis=0) / (z * z)
+    else:
+        ds_picked = dw
+    ds = tl.zeros([BLOCK_G, BLOCK_C], dtype=ACC)
+    for j in tl.static_range(TOP_K):
+        e = tl.sum(tl.where(k_idx == j, picked, 0), axis=0)
+        d = tl.sum(tl.where(k_idx == j, ds_picked, 0.0), axis=0)
+        ds += tl.where(expert == e, d, 0.0)
+    if SOFTMAX:
+        dx = s * (ds - tl.sum(tl.sum(ds * s, axis=1), axis=0))
+    else:
+        dx = ds * s * (1.0 - s)
+    tl.store(DX + row * n_experts + expert, dx.to(DX.dtype.element_ty), mask=valid)
+
+
+def _count(indices: torch.Tensor, n: int) -> torch.Tensor:
+    flat = indices.reshape(-1)
+    return torch.zeros(n, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+
+
+def _route_blocks(experts: int, n_group: int, top_k: int) -> dict:
+    group_size = experts // n_group
+    return dict(BLOCK_G=triton.next_power_of_2(n_group), BLOCK_C=triton.next_power_of_2(group_size),
+                BLOCK_K=triton.next_power_of_2(top_k))
+
+
+# The router is a torch.library custom op (opaque to torch.compile, which then never re-analyses
+# its Triton kernels: inductor failed on them when it did). Each copy of this package (compiled,
+# interpreted) registers under its own namespace, so both can be loaded in one process.
+_NAMESPACE = "openseek_hal_interpret" if "_kernels_interpreted" in __name__ else "openseek_hal"
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::moe_route", mutates_args=())
+def _moe_route_op(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
+                  score_func: str, norm_topk_prob: bool,
+                  routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    tokens, experts = logits.shape
+    indices = torch.empty((tokens, top_k), dtype=torch.int64, device=logits.device)
+    weights = torch.empty((tokens, top_k), dtype=acc_dtype(logits.dtype), device=logits.device)
+    if tokens:
+        _route_fwd[(tokens,)](
+            logits, bias if bias is not None else logits, indices, weights, experts, experts // n_group,
+            routed_scaling_factor, HAS_BIAS=bias is not None, SOFTMAX=score_func == "softmax",
+            NORM=norm_topk_prob, N_GROUP=n_group, TOPK_GROUP=topk_group, TOP_K=top_k,
+            ACC=acc_type(logits.dtype), **_route_blocks(experts, n_group, top_k),
+            num_warps=1 if experts <= 64 else 4)
+    return indices, weights, _count(indices, experts)
+
+
+@_moe_route_op.register_fake
+def _(logits, bias, top_k, n_group, topk_group, score_func, norm_topk_prob, routed_scaling_factor):
+    tokens, experts = logits.shape
+    return (logits.new_empty((tokens, top_k), dtype=torch.int64),
+            logits.new_empty((tokens, top_k), dtype=acc_dtype(logits.dtype)),
+            logits.new_empty((experts,), dtype=torch.int64))
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::moe_route_backward", mutates_args=())
+def _moe_route_backward_op(logits: torch.Tensor, indices: torch.Tensor, d_weights: torch.Tensor, n_group: int,
+                           score_func: str, norm_topk_prob: bool, routed_scaling_factor: float) -> torch.Tensor:
+    tokens, experts = logits.shape
+    top_k = indices.shape[1]
+    dx = torch.empty_like(logits)
+    if tokens:
+        _route_bwd[(tokens,)](
+            logits, indices, d_weights.contiguous(), dx, experts, experts // n_group, routed_scaling_factor,
+            SOFTMAX=score_func == "softmax", NORM=norm_topk_prob, TOP_K=top_k, ACC=acc_type(logits.dtype),
+            **_route_blocks(experts, n_group, top_k), num_warps=1 if experts <= 64 else 4)
+    return dx
+
+
+@_moe_route_backward_op.register_fake
+def _(logits, indices, d_weights, n_group, score_func, norm_topk_prob, routed_scaling_factor):
+    return torch.empty_like(logits)
+
+
+def _route_setup_context(ctx, inputs, output):
+    logits, _, _, n_group, _, score_func, norm, scale = inputs
+    ctx.save_for_backward(logits, output[0])
+    ctx.config = (n_group, score_func, norm, scale)
+    ctx.mark_non_differentiable(output[0], output[2])
+
+
+def _route_backward(ctx, _d_indices, d_weights, _d_counts):
+    logits, indices = ctx.saved_tensors
+    if d_weights is None:
+        d_weights = torch.zeros(indices.shape, dtype=acc_dtype(logits.dtype), device=logits.device)
+    dx = _moe_route_backward_op(logits, indices, d_weights, *ctx.config)
+    return dx, None, None, None, None, None, None, None
+
+
+_moe_route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
+
+
+def moe_route(logits: torch.Tensor, bias: torch.Tensor | None = None, *, top_k: int, n_group: int = 1,
+              topk_group: int = 1, score_func: str = "sigmoid", norm_topk_prob: bool = True,
+              routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if score_func not in ("sigmoid", "softmax"):
+        raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
+    if logits.shape[-1] % n_group:
+        raise ValueError(f"{logits.shape[-1]} experts do not split into {n_group} groups")
+    return _moe_route_op(logits.contiguous(), bias, top_k, n_group, topk_group, score_func, norm_topk_prob,
+                         float(routed_scaling_factor))
+
+
+# -- permute / unpermute ------------------------------------------------------------------------
+
+@triton.jit
+def _gather_rows(SRC, ROWS, DST, stride_src, stride_dst, n_cols, DIVISOR: tl.constexpr, BLOCK: tl.constexpr):
+    """``dst[i] = src[rows[i] // DIVISOR]``."""
+    i = tl.program_id(0).to(tl.int64)
+    src_row = tl.load(ROWS + i) // DIVISOR
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        tl.store(DST + i * stride_dst + cols, tl.load(SRC + src_row * stride_src + cols, mask=mask), mask=mask)
+
+
+@triton.jit
+def _combine_rows(SRC, INV, W, DST, stride_src, stride_dst, n_cols, top_k, HAS_W: tl.constexpr,
+                  ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """``dst[t] = sum_j w[t, j] * src[inv[t * k + j]]`` (w = 1 without weights), summed in order of j."""
+    t = tl.program_id(0).to(tl.int64)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        acc = tl.zeros([BLOCK], dtype=ACC)
+        for j in range(top_k):
+            p = tl.load(INV + t * top_k + j)
+            v = tl.load(SRC + p * stride_src + cols, mask=mask, other=0.0).to(ACC)
+            if HAS_W:
+                v *= tl.load(W + t * top_k + j).to(ACC)
+            acc += v
+        tl.store(DST + t * stride_dst + cols, acc.to(DST.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _unpermute_bwd(DOUT, Y, INV, W, DY, DW, stride_dout, stride_y, stride_dy, n_cols, top_k,
+                   ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Per token: ``dy[inv[t, j]] = w[t, j] * dout[t]`` and ``dw[t, j] = <dout[t], y[inv[t, j]]>``."""
+    t = tl.program_id(0).to(tl.int64)
+    for j in range(top_k):
+        p = tl.load(INV + t * top_k + j)
+        w = tl.load(W + t * top_k + j).to(ACC)
+        dot = tl.zeros([BLOCK], dtype=ACC)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            g = tl.load(DOUT + t * stride_dout + cols, mask=mask, other=0.0).to(ACC)
+            y = tl.load(Y + p * stride_y + cols, mask=mask, other=0.0).to(ACC)
+            tl.store(DY + p * stride_dy + cols, (g * w).to(DY.dtype.element_ty), mask=mask)
+            dot += g * y
+        tl.store(DW + t * top_k + j, tl.sum(dot, axis=0).to(DW.dtype.element_ty))
+
+
+def _row_block(n_cols: int) -> tuple[int, int]:
+    block = min(triton.next_power_of_2(max(n_cols, 1)), 4096)
+    return block, max(1, min(8, block // 512))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+def _combine(src: torch.Tensor, inv: torch.Tensor, weights: torch.Tensor | None, tokens: int, top_k: int,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty((tokens, src.shape[1]), dtype=out_dtype, device=src.device)
+    if tokens and src.shape[1]:
+        block, warps = _row_block(src.shape[1])
+        _combine_rows[(tokens,)](src, inv, weights if weights is not None else inv, out, src.stride(0), out.stride(0),
+                                 src.shape[1], top_k, HAS_W=weights is not None, ACC=acc_type(src.dtype),
+                                 BLOCK=block, num_warps=warps)
+    return out
+
+
+class MoEPermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, indices, num_experts):
+        tokens, top_k = indices.shape
+        flat = indices.reshape(-1)
+        order = torch.sort(flat, stable=True).indices
+        counts = _count(flat, num_experts)
+        x = _rows(x)
+        out = torch.empty((order.numel(), x.shape[1]), dtype=x.dtype, device=x.device)
+        if order.numel() and x.shape[1]:
+            block, warps = _row_block(x.shape[1])
+            _gather_rows[(order.numel(),)](x, order, out, x.stride(0), out.stride(0), x.shape[1], DIVISOR=top_k,
+                                           BLOCK=block, num_warps=warps)
+        ctx.save_for_backward(order)
+        ctx.shape = (tokens, top_k)
+        ctx.mark_non_differentiable(order, counts)
+        return out, order, counts
+
+    @staticmethod
+    def backward(ctx, d_out, _d_order, _d_counts):
+        (order,) = ctx.saved_tensors
+        tokens, top_k = ctx.shape
+        dx = _combine(_rows(d_out), _inverse(order), None, tokens, top_k, d_out.dtype)
+        return dx, None, None
+
+
+class MoEUnpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_sorted, sorted_order, weights):
+        tokens, top_k = weights.shape
+        y = _rows(y_sorted)
+        inv = _inverse(sorted_order)
+        w = weights.contiguous()
+        ctx.save_for_backward(y, inv, w)
+        return _combine(y, inv, w, tokens, top_k, y.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        y, inv, w = ctx.saved_tensors
+        tokens, top_k = w.shape
+        d_out = _rows(d_out)
+        dy = torch.empty_like(y, memory_format=torch.contiguous_format)
+        dw = torch.empty_like(w)
+        if tokens:
+            block, warps = _row_block(y.shape[1])
+            _unpermute_bwd[(tokens,)](d_out, y, inv, w, dy, dw, d_out.stride(0), y.stride(0), dy.stride(0),
+                                      y.shape[1], top_k, ACC=acc_type(torch.promote_types(y.dtype, w.dtype)),
+                                      BLOCK=block, num_warps=warps)
+        return dy, None, dw
+
+
+def moe_permute(x: torch.Tensor, indices: torch.Tensor,
+                num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return MoEPermute.apply(x, indices, num_experts)
+
+
+def moe_unpermute(y_sorted: torch.Tensor, sorted_order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return MoEUnpermute.apply(y_sorted, sorted_order, weights)

@@ -1,0 +1,98 @@
+"""Triton rotary embedding for both layouts (interleaved pairs and rotated halves), forward and backward.
+
+``x`` is ``(..., S, D)`` with any strides over the leading dims (up to two leading dims are walked
+by stride, so a transposed ``(B, S, H, D) -> (B, H, S, D)`` view is read in place, not copied).
+The backward is the same kernel rotating by the opposite angle. The cos/sin tables may hold any
+scaling (plain rope, YaRN with mscale): the kernel only reads them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_type
+
+
+@triton.jit
+def _rope_kernel(X, COS, SIN, Y, n_rows, n_mid, seq, half, stride_xa, stride_xb, stride_xs, stride_cs,
+                 stride_ya, stride_yb, stride_ys, SIGN: tl.constexpr, INTERLEAVED: tl.constexpr,
+                 ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    i = tl.arange(0, BLOCK_HALF)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (i < half)[None, :]
+    rows = tl.where(row_mask, rows, 0).to(tl.int64)
+    s = rows % seq
+    lead = rows // seq
+    b = lead % n_mid
+    a = lead // n_mid
+    x_row = X + a * stride_xa + b * stride_xb + s * stride_xs
+    y_row = Y + a * stride_ya + b * stride_yb + s * stride_ys
+    c = tl.load(COS + s[:, None] * stride_cs + i[None, :], mask=mask, other=0.0).to(ACC)
+    sn = tl.load(SIN + s[:, None] * stride_cs + i[None, :], mask=mask, other=0.0).to(ACC) * SIGN
+    if INTERLEAVED:
+        # Read each row contiguously and split even/odd lanes in registers: two stride-2 loads
+        # (and stores) ran an order of magnitude slower on an H100.
+        d = tl.arange(0, 2 * BLOCK_HALF)
+        row_d_mask = row_mask[:, None] & (d < 2 * half)[None, :]
+        x = tl.load(x_row[:, None] + d[None, :], mask=row_d_mask, other=0.0).to(ACC)
+        x1, x2 = tl.split(tl.reshape(x, [BLOCK_ROWS, BLOCK_HALF, 2]))
+        y = tl.reshape(tl.join(x1 * c - x2 * sn, x2 * c + x1 * sn), [BLOCK_ROWS, 2 * BLOCK_HALF])
+        tl.store(y_row[:, None] + d[None, :], y.to(Y.dtype.element_ty), mask=row_d_mask)
+    else:
+        x1 = tl.load(x_row[:, None] + i[None, :], mask=mask, other=0.0).to(ACC)
+        x2 = tl.load(x_row[:, None] + half + i[None, :], mask=mask, other=0.0).to(ACC)
+        tl.store(y_row[:, None] + i[None, :], (x1 * c - x2 * sn).to(Y.dtype.element_ty), mask=mask)
+        tl.store(y_row[:, None] + half + i[None, :], (x2 * c + x1 * sn).to(Y.dtype.element_ty), mask=mask)
+
+
+def _as_4d(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``(A, B, S, D)`` with a unit stride on D, viewing (not copying) whenever possible."""
+    if x.dim() < 2:
+        raise ValueError(f"rope needs x of shape (..., seq, dim), got {tuple(x.shape)}")
+    if x.dim() > 4:
+        x = x.reshape(-1, *x.shape[-3:])
+    while x.dim() < 4:
+        x = x.unsqueeze(0)
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, sign: int) -> torch.Tensor:
+    seq, dim = x.shape[-2], x.shape[-1]
+    if dim % 2:
+        raise ValueError(f"rope needs an even head dim, got {dim}")
+    if cos.shape != (seq, dim // 2) or sin.shape != cos.shape:
+        raise ValueError(f"rope tables must be ({seq}, {dim // 2}), got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if not x.numel():
+        return y
+    x4, y4 = _as_4d(x), _as_4d(y)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    n_rows = x4.shape[0] * x4.shape[1] * seq
+    block_half = triton.next_power_of_2(dim // 2)
+    block_rows = max(1, min(64, 2048 // block_half))
+    _rope_kernel[(triton.cdiv(n_rows, block_rows),)](
+        x4, cos, sin, y4, n_rows, x4.shape[1], seq, dim // 2, x4.stride(0), x4.stride(1), x4.stride(2),
+        cos.stride(0), y4.stride(0), y4.stride(1), y4.stride(2), SIGN=sign, INTERLEAVED=interleaved,
+        ACC=acc_type(x.dtype), BLOCK_ROWS=block_rows, BLOCK_HALF=block_half, num_warps=4)
+    return y
+
+
+class Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin, interleaved):
+        ctx.save_for_backward(cos, sin)
+        ctx.interleaved = interleaved
+        return _rotate(x, cos, sin, interleaved, 1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        # A rotation's transpose is the rotation by the opposite angle.
+        return _rotate(dy, cos, sin, ctx.interleaved, -1), None, None, None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    return Rope.apply(x, cos, sin, interleaved)

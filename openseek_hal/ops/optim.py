@@ -1,0 +1,71 @@
+"""The AdamW step over many tensors (reference and OpDef); fp32 master weights for bf16 parameters optional.
+
+This op has no backward (``differentiable=False``). The reference is functional: it returns new
+tensors ``(params, exp_avgs, exp_avg_sqs, master_params)`` so that conformance can compare them;
+fast implementations update the given tensors in place and return those same tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .opdef import OpDef, Sample, randn
+
+
+def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+          exp_avg_sqs: Sequence[torch.Tensor], *, lr: float, beta1: float = 0.9, beta2: float = 0.999,
+          eps: float = 1e-8, weight_decay: float = 0.0, step: int,
+          master_params: Sequence[torch.Tensor] | None = None
+          ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """One decoupled-weight-decay Adam step (``torch.optim.AdamW``'s update) with ``step`` >= 1.
+
+    With ``master_params`` the update is applied to the master copies and each parameter becomes
+    its master rounded to the parameter's dtype; the fourth result is then the new masters, else [].
+    """
+    bias_c1 = 1.0 - beta1 ** step
+    bias_c2_sqrt = (1.0 - beta2 ** step) ** 0.5
+    out_p, out_m, out_v, out_master = [], [], [], []
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
+        base = master_params[i] if master_params is not None else p
+        acc = torch.promote_types(base.dtype, torch.float32)
+        gf = g.to(acc)
+        m_new = beta1 * m.to(acc) + (1 - beta1) * gf
+        v_new = beta2 * v.to(acc) + (1 - beta2) * gf * gf
+        x = base.to(acc) * (1 - lr * weight_decay)
+        x = x - (lr / bias_c1) * m_new / (v_new.sqrt() / bias_c2_sqrt + eps)
+        out_p.append(x.to(p.dtype))
+        out_m.append(m_new.to(m.dtype))
+        out_v.append(v_new.to(v.dtype))
+        if master_params is not None:
+            out_master.append(x.to(base.dtype))
+    return out_p, out_m, out_v, out_master
+
+
+def _samples(dtype, device, gen):
+    shapes = [(64,), (7, 33), (1,), (0,), (3, 1000)]
+    state = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def tensors(scale: float, dt: torch.dtype, positive: bool = False) -> list[torch.Tensor]:
+        out = [randn(*s, dtype=dt, device=device, generator=gen, scale=scale) for s in shapes]
+        return [t.abs() for t in out] if positive else out
+
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    yield Sample((tensors(1.0, dtype), tensors(1.0, dtype), tensors(0.1, state), tensors(0.01, state, True)),
+                 {**hyper, "step": 5}, "5-tensors:step5")
+    yield Sample((tensors(1.0, dtype), tensors(1.0, dtype), tensors(0.0, state), tensors(0.0, state)),
+                 {**hyper, "step": 1, "weight_decay": 0.0}, "5-tensors:step1-no-decay")
+    masters = tensors(1.0, state)
+    yield Sample(([m.to(dtype) for m in masters], tensors(1.0, dtype), tensors(0.1, state),
+                  tensors(0.01, state, True)), {**hyper, "step": 3, "master_params": masters},
+                 "5-tensors:step3-master")
+
+
+OPDEFS = [OpDef(name="adamw",
+                signature="adamw(params[], grads[], exp_avgs[], exp_avg_sqs[], *, lr, beta1=0.9, beta2=0.999, "
+                          "eps=1e-8, weight_decay=0.0, step, master_params[]=None) "
+                          "-> (params[], exp_avgs[], exp_avg_sqs[], master_params[] or [])",
+                reference=adamw, samples=_samples, differentiable=False,
+                doc="Fast implementations update in place and return the same tensors; the reference returns "
+                    "new ones. Lists of tensors are pytrees (torch.utils._pytree).")]

@@ -1,0 +1,170 @@
+"""The Triton-capable backends: discovery, availability reasons, op tables, and the interpreter copy.
+
+Also pins behaviours the OpDef samples do not reach: cross entropy's in-place backward, and that
+`check_op` (the kernel harness) fails a wrong kernel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from openseek_hal import ops
+from openseek_hal.backend import get_backend, list_backends
+from openseek_hal.backends.cuda import CUDABackend
+from openseek_hal.backends.flaggems import FlagGemsBackend
+from openseek_hal.cli import main
+
+pytest.importorskip("triton")
+
+from openseek_hal.ops import kernel_loader  # noqa: E402
+from openseek_hal.ops.selfcheck import check_op  # noqa: E402
+
+KERNEL_OPS = {"rms_norm", "add_rms_norm", "silu_and_mul", "rope", "cross_entropy", "moe_route", "moe_permute",
+              "moe_unpermute", "adamw"}
+
+
+def test_triton_interpret_backend_runs_every_op_natively():
+    backend = get_backend("triton-interpret")
+    assert backend.device.type == "cpu"
+    assert set(backend.coverage().values()) == {"native"}
+    interpreted = kernel_loader.kernel_table(interpret=True)
+    for name in KERNEL_OPS:
+        assert backend.op(name) is interpreted[name]
+
+
+def test_interpreted_copy_leaves_compiled_kernels_alone():
+    """The cuda backend's kernels stay compiled-mode JITFunctions after the interpreter copy loads and runs."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    if kernel_loader.interpreter_enabled():
+        pytest.skip("the whole process runs under TRITON_INTERPRET=1: every kernel is interpreted")
+    interpreted = kernel_loader.load_kernels(interpret=True)
+    compiled = kernel_loader.load_kernels(interpret=False)
+    assert interpreted.__name__ == "openseek_hal.ops._kernels_interpreted"
+    assert isinstance(compiled.norm._rms_norm_fwd, JITFunction)
+    assert isinstance(interpreted.norm._rms_norm_fwd, kernel_loader._InterpretedKernel)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(interpreted.KERNELS["rms_norm"](x, torch.ones(8)), ops.get("rms_norm").reference(
+        x, torch.ones(8)))
+    assert isinstance(tl.sum, JITFunction)  # the launch swapped Triton's library back
+    assert "TRITON_INTERPRET" not in __import__("os").environ
+
+
+def test_cuda_and_flaggems_report_why_they_are_unavailable():
+    infos = {info.name: info for info in list_backends()}
+    for name in ("cuda", "flaggems", "triton-interpret"):
+        assert name in infos, f"{name} is not registered as an entry point"
+    if not torch.cuda.is_available():
+        assert not infos["flaggems"].available and "CUDA" in infos["flaggems"].reason
+
+
+def test_flaggems_unavailable_names_flag_gems(monkeypatch):
+    monkeypatch.setattr(CUDABackend, "is_available", classmethod(lambda cls: (True, "")))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flag_gems"
+                        else real_find_spec(name, *a))
+    ok, reason = FlagGemsBackend.is_available()
+    assert not ok and "flag-gems==5.0.2" in reason and "--no-deps" in reason
+    assert "flag_gems" not in sys.modules  # never imported just to list backends
+
+
+def test_cross_entropy_inplace_backward_writes_into_logits():
+    ce = kernel_loader.kernel_table(interpret=True)["cross_entropy"]
+    logits = torch.randn(5, 300, dtype=torch.float32)
+    target = torch.tensor([1, -100, 299, 0, 7])
+    expected = torch.func.grad(lambda x: ops.get("cross_entropy").reference(x, target, z_loss=1e-3))(logits)
+    leaf = logits.clone().requires_grad_()
+    loss = ce(leaf, target, z_loss=1e-3, inplace_backward=True)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    torch.testing.assert_close(grad, expected)
+    assert grad.data_ptr() == leaf.data_ptr()  # no second logits-sized buffer
+    torch.testing.assert_close(leaf.detach(), expected)
+
+
+def test_moe_route_deepseek_v3_grouping():
+    """256 experts in 8 groups, top-4 groups, top-8 experts with a selection bias (DeepSeek-V3's router)."""
+    route = kernel_loader.kernel_table(interpret=True)["moe_route"]
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 256, generator=gen)
+    bias = torch.randn(256, generator=gen) * 0.5
+    kwargs = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
+    idx, w, counts = route(logits, bias, **kwargs)
+    ref_idx, ref_w, ref_counts = ops.get("moe_route").reference(logits.double(), bias.double(), **kwargs)
+    assert torch.equal(idx, ref_idx) and torch.equal(counts, ref_counts)
+    torch.testing.assert_close(w.double(), ref_w, rtol=1e-6, atol=1e-6)
+    assert len({int(e) // 32 for e in idx[0]}) <= 4  # experts come from at most topk_group groups
+
+
+def test_check_op_fails_a_wrong_kernel():
+    def wrong_eps(x, weight, eps=1e-6):
+        return ops.get("rms_norm").reference(x, weight, eps=eps * 1e4)
+
+    with pytest.raises(AssertionError, match=r"rms_norm\[.*output 0"):
+        check_op("rms_norm", wrong_eps, torch.float32)
+
+    rope = kernel_loader.kernel_table(interpret=True)["rope"]
+    with pytest.raises(AssertionError, match="rope"):
+        check_op("rope", lambda x, cos, sin, interleaved=False: rope(x, cos, -sin, interleaved), torch.float32)
+
+
+def test_bench_cli_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--backend", "triton-interpret"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "CUDA events" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "comm"])
+    err = capsys.readouterr().err.strip()
+    if importlib.util.find_spec("openseek_hal.comm.bench") is None:
+        assert exit_info.value.code == 2 and "bench comm" in err and err.count("\n") == 0
+
+
+def test_bench_cases_cover_the_presets():
+    from openseek_hal.ops.bench_cases import cases
+
+    all_cases = cases()
+    assert {c.op for c in all_cases} == KERNEL_OPS
+    labels = " ".join(c.label for c in all_cases)
+    assert "8192x129280" in labels and "16384x4096" in labels and "openseek-small" in labels
+    assert all(c.fwd_bytes > 0 for c in all_cases)
+    with pytest.raises(KeyError):
+        cases("no_such_op")
+
+
+def test_moe_route_compiles_as_an_opaque_custom_op():
+    """torch.compile traces the router (forward and backward) as one custom op, without a graph break."""
+    route = kernel_loader.kernel_table(interpret=True)["moe_route"]
+    kwargs = dict(top_k=2, n_group=4, topk_group=2, routed_scaling_factor=1.5)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    compiled = torch.compile(lambda x: route(x, None, **kwargs)[1].square().sum(), fullgraph=True, backend="aot_eager")
+    (grad,) = torch.autograd.grad(compiled(x), x)
+    x64 = x.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(ops.get("moe_route").reference(x64, None, **kwargs)[1].square().sum(), x64)
+    torch.testing.assert_close(grad.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_flaggems_adapters_map_our_signatures_onto_flag_gems(monkeypatch):
+    """With a stand-in ``flag_gems`` (torch code with FlagGems' signatures) the adapters must conform."""
+    import types
+
+    import torch.nn.functional as F
+
+    from openseek_hal.backends import flaggems
+
+    fake = types.ModuleType("flag_gems")
+    fake.rms_norm = lambda x, shape, w, eps: ops.get("rms_norm").reference(x, w, eps)
+    fake.silu_and_mul = lambda gate, up: F.silu(gate) * up
+    monkeypatch.setitem(sys.modules, "flag_gems", fake)
+    monkeypatch.setattr(flaggems, "_import_flag_gems", lambda: (fake, ""))
+    backend = FlagGemsBackend()
+    origins = backend.op_origins()
+    assert {op for op, o in origins.items() if o == "flaggems"} == {"rms_norm", "silu_and_mul"}
+    assert origins["cross_entropy"] == "openseek-hal"  # FlagGems' reads out of bounds on ignored targets
+    for name in ("rms_norm", "silu_and_mul"):
+        assert check_op(name, backend.op(name), torch.float32) > 0
