@@ -297,8 +297,12 @@ class BaseCommunicator:
             self._run("recv", lambda: self._recv(header, src), False)
             if header.tolist() != _header(tensor).tolist():
                 sent = _DTYPES[int(header[0])] if 0 <= header[0] < len(_DTYPES) else "?"
-                raise self._bad("recv", f"rank {src} sent {sent}[{int(header[1])} elements] but this rank "
-                                        f"receives into {tensor.dtype}[{tensor.numel()} elements]")
+                if sent != "?":  # take the payload anyway, so that the sender is not left blocked
+                    scratch = torch.empty(int(header[1]), dtype=sent, device=tensor.device)
+                    self._run("recv", lambda: self._recv(scratch, src), False)
+                theirs, mine = (str(d).replace("torch.", "") for d in (sent, tensor.dtype))
+                raise self._bad("recv", f"rank {src} sent {theirs}[{int(header[1])} elements] but this rank "
+                                        f"receives into {mine}[{tensor.numel()} elements]")
         self._run("recv", lambda: self._recv(tensor, src), False)
 
     def barrier(self) -> None:
