@@ -17,9 +17,10 @@ def rank_and_sum(comm):
 
 
 def die_on_rank_one(comm):
+    comm.barrier()  # both ranks are set up
     if comm.rank == 1:
         os._exit(3)
-    time.sleep(0.5)  # let rank 1 go first
+    time.sleep(0.5)  # let rank 1 be gone
     comm.all_reduce(torch.ones(4))
 
 

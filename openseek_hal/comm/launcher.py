@@ -205,11 +205,16 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, adaptor: str
         be = get_backend(backend)
         if be.device_type != "cpu":  # one device per rank
             be = get_backend(backend, device_index=rank)
-        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
-                              timeout=timedelta(seconds=timeout))
-        init_distributed(be.device_type, be.dist_backend, rank=rank, world_size=world_size, store=store,
-                         timeout=timeout)
-        comm = create(adaptor, be, timeout=timeout, check=check, **options)
+        try:
+            store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
+                                  timeout=timedelta(seconds=timeout))
+            init_distributed(be.device_type, be.dist_backend, rank=rank, world_size=world_size, store=store,
+                             timeout=timeout)
+            comm = create(adaptor, be, timeout=timeout, check=check, **options)
+        except RuntimeError as e:  # a peer that failed early breaks the setup: secondary, not the cause
+            raise CollectiveError(f"setting up the '{adaptor}' communicator on rank {rank} of group 'world' "
+                                  f"failed: {str(e).splitlines()[0]}", op="create", rank=rank,
+                                  group="world") from e
         message: tuple = ("ok", fn(comm, *args))
         ok = True
     except BaseException as e:
