@@ -243,8 +243,11 @@ def bench_rank(world: Any, config: dict) -> dict | None:
 def _progress(show: bool, total: int) -> Callable[[str | None], None]:
     if not show:
         return lambda _: None
-    from rich.console import Console
-    from rich.progress import Progress
+    try:
+        from rich.console import Console
+        from rich.progress import Progress
+    except ImportError:  # a bare GPU image: plain lines
+        return lambda text: text and print(f"bench comm: {text}", file=sys.stderr, flush=True)
 
     bar = Progress(console=Console(stderr=True))
     task = bar.add_task("bench comm", total=total)
