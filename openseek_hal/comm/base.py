@@ -150,11 +150,8 @@ class BaseCommunicator:
             work = transport()
         except RuntimeError as e:
             raise self.error(op, e) from e
-        if async_op:
-            return Work(work, self, op)
-        if work is not None:
-            Work(work, self, op).wait()
-        return None
+        # transports complete synchronous calls before returning (what they return then is not a handle)
+        return Work(work, self, op) if async_op else None
 
     # -- local argument checks -----------------------------------------------------------------
     def _tensor(self, op: str, t: torch.Tensor, what: str = "tensor") -> None:
@@ -284,7 +281,10 @@ class BaseCommunicator:
         if dst == self.rank:
             raise self._bad("send", "cannot send to itself")
         if self.check:
-            self._run("send", lambda: self._send(_header(tensor), dst), False)
+            # the header goes over the check group (gloo, host memory), whatever the transport
+            header = _header(tensor)
+            peer = self.global_ranks[dst]
+            self._run("send", lambda: dist.send(header, peer, group=self._check_group), False)
         self._run("send", lambda: self._send(tensor, dst), False)
 
     def recv(self, tensor: torch.Tensor, src: int) -> None:
@@ -294,7 +294,8 @@ class BaseCommunicator:
             raise self._bad("recv", "cannot receive from itself")
         if self.check:
             header = torch.empty(2, dtype=torch.int64)
-            self._run("recv", lambda: self._recv(header, src), False)
+            peer = self.global_ranks[src]
+            self._run("recv", lambda: dist.recv(header, peer, group=self._check_group), False)
             if header.tolist() != _header(tensor).tolist():
                 sent = _DTYPES[int(header[0])] if 0 <= header[0] < len(_DTYPES) else "?"
                 if sent != "?":  # take the payload anyway, so that the sender is not left blocked
