@@ -60,6 +60,10 @@ def launch(fn: Callable[..., Any], world_size: int, *, backend: str = "cpu", ada
         raise UserError(f"world_size must be at least 1, got {world_size}")
     if kinds is not None and len(kinds) != world_size:
         raise UserError(f"kinds has {len(kinds)} labels for {world_size} ranks")
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file is not None and not os.path.exists(main_file):  # python - <<EOF, notebooks' odd mains
+        raise UserError(f"launch cannot start ranks from a main program read from {main_file}: ranks "
+                        "re-import it; put the code in a file or a module (python -c works too)")
     be = get_backend(backend)
     ok, reason = adaptor_available(adaptor)
     if not ok:
