@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from typing import Any, ClassVar
 
 import torch
@@ -368,7 +367,3 @@ def _disagreement(everyone: torch.Tensor, n: int) -> str:
                     return (f"rank {src} sends {sends} rows to rank {dst}, but rank {dst} expects "
                             f"{expects} rows from rank {src}")
     return ""
-
-
-def as_timedelta(timeout: float) -> timedelta:
-    return timedelta(seconds=float(timeout))
