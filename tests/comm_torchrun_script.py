@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from openseek_hal.comm import create
+from openseek_hal.comm import create, shutdown
 
 if __name__ == "__main__":
     for adaptor in sys.argv[1:]:
@@ -12,3 +12,4 @@ if __name__ == "__main__":
         t = torch.tensor([comm.rank + 1.0])
         comm.all_reduce(t)
         print(f"rank {comm.rank}/{comm.world_size} {adaptor} sum={t.item():g}", flush=True)
+    shutdown()

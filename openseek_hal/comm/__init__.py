@@ -125,6 +125,13 @@ def create(adaptor: str, backend: Backend | str, *, group: Any | None = None, ti
         check=check_default() if check is None else check, **options)
 
 
+def shutdown() -> None:
+    """Wait for every rank, then tear torch.distributed down; call it at the end of a job."""
+    from .rendezvous import shutdown as _shutdown
+
+    _shutdown()
+
+
 def launch(fn: Any, world_size: int, *, backend: str = "cpu", adaptor: str = "torch", timeout: float = 60.0,
            args: tuple = (), **kwargs: Any) -> list:
     """Run ``fn(comm, *args)`` on ``world_size`` local ranks; see `openseek_hal.comm.launcher.launch`."""
@@ -134,4 +141,4 @@ def launch(fn: Any, world_size: int, *, backend: str = "cpu", adaptor: str = "to
 
 
 __all__ = ["ADAPTORS", "CollectiveError", "CollectiveTimeoutError", "Communicator", "Work",
-           "adaptor_available", "create", "launch"]
+           "adaptor_available", "create", "launch", "shutdown"]

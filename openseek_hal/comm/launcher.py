@@ -202,7 +202,7 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, adaptor: str
 
     from ..backend import get_backend
     from . import create
-    from .rendezvous import init_distributed
+    from .rendezvous import init_distributed, shutdown
 
     ok = False
     try:
@@ -230,8 +230,8 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, adaptor: str
         err = CollectiveError(f"rank {rank} returned a value that cannot be sent to the parent: {e}")
         conn.send(("error", _pickle(err), "", str(err)))
     conn.close()
-    if ok and dist.is_initialized():
-        dist.destroy_process_group()
+    if ok:
+        shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip interpreter teardown: after a failure, communicator destructors may block on dead peers.

@@ -79,3 +79,14 @@ def gloo_group(pg: Any, pg_backend: str, global_ranks: list[int], timeout: float
     if "gloo" in pg_backend:
         return pg
     return dist.new_group(global_ranks, timeout=timedelta(seconds=timeout), backend="gloo")
+
+
+def shutdown() -> None:
+    """End the job's collectives: wait for every rank, then destroy torch.distributed's groups.
+
+    The barrier matters: a rank that tears its gloo connections down while a peer still finishes a
+    collective on them makes that peer's process abort.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
