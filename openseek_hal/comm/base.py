@@ -248,7 +248,7 @@ class BaseCommunicator:
         self._pair(op, output, input)
         in_splits = self._splits(op, input, input_split_sizes, "input")
         out_splits = self._splits(op, output, output_split_sizes, "output")
-        if input.dim() and output.dim() and input.shape[1:] != output.shape[1:]:
+        if (input.dim() > 1 or output.dim() > 1) and input.shape[1:] != output.shape[1:]:
             raise self._bad(op, f"input rows {tuple(input.shape[1:])} and output rows "
                                 f"{tuple(output.shape[1:])} differ")
         self._consistent(op, None, input, output, splits=(in_splits, out_splits))
@@ -256,17 +256,17 @@ class BaseCommunicator:
                          async_op)
 
     def _splits(self, op: str, t: torch.Tensor, splits: list[int] | None, what: str) -> list[int]:
-        rows = t.shape[0] if t.dim() else t.numel()
+        # on the latency path of every all-to-all: plain integer arithmetic only
+        n, rows = self._world_size, t.size(0) if t.dim() else t.numel()
         if splits is None:
-            if rows % self.world_size:
-                raise self._bad(op, f"{what} has {rows} rows, not divisible by world_size "
-                                    f"{self.world_size}; pass {what}_split_sizes")
-            return [rows // self.world_size] * self.world_size
-        splits = [int(s) for s in splits]
-        if len(splits) != self.world_size or min(splits, default=0) < 0 or sum(splits) != rows:
-            raise self._bad(op, f"{what}_split_sizes {splits} must be {self.world_size} non-negative "
+            if rows % n:
+                raise self._bad(op, f"{what} has {rows} rows, not divisible by world_size {n}; "
+                                    f"pass {what}_split_sizes")
+            return [rows // n] * n
+        if len(splits) != n or sum(splits) != rows or min(splits) < 0:
+            raise self._bad(op, f"{what}_split_sizes {list(splits)} must be {n} non-negative "
                                 f"sizes summing to the {rows} rows of {what}")
-        return splits
+        return list(splits)
 
     def broadcast(self, tensor: torch.Tensor, src: int, async_op: bool = False) -> Work | None:
         self._tensor("broadcast", tensor)
