@@ -270,7 +270,8 @@ def _meta(be: Any, n: int, config: dict) -> dict:
             "host": platform.node(),
             "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")}}
     if be.device_type == "cuda":
-        meta["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        version = torch.cuda.nccl.version()  # a tuple in recent torch, an int (2xxyy) in old ones
+        meta["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
         meta["cuda"] = torch.version.cuda
     if config["cupy"]:
         import cupy
