@@ -19,7 +19,8 @@ def test_bench_comm_runs_on_cpu_and_writes_reports(tmp_path):
     assert "skipping adaptor 'nccl'" in result.output  # no CuPy here
     assert "## all_reduce" in result.output and "torch.distributed" in result.output
     report = json.loads((tmp_path / "comm_bench.json").read_text())
-    rows = report["results"]
+    rows, problems = report["results"], report["problems"]
+    assert problems == {}
     impls = {"torch.distributed", "torch", "host", "hier"}
     assert {(r["op"], r["impl"], r["bytes"]) for r in rows} == {
         (op, impl, b) for op in bench.OPS for impl in impls for b in (1024, 2048, 4096)}

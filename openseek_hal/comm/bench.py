@@ -192,15 +192,24 @@ def bench_rank(world: Any, config: dict) -> dict | None:
     be = get_backend(config["backend"], device_index=None if config["backend"] == "cpu" else rank)
     device, dtype = world.device, DTYPES[config["dtype"]]
     impls: dict[str, tuple[Any, Any]] = {}
+    problems: dict[str, str] = {}  # implementation -> why it stopped being measured
     if config["baseline"]:
         impls[RAW_TORCH] = (None, None)
+    # An implementation that fails to start or to run is reported and dropped; the others go on.
+    # (Its failure is a Python error raised alike on every rank, so the ranks stay in step.)
     if config["cupy"]:
-        impls[RAW_CUPY] = (None, _connect(host_view(dist.group.WORLD, name="world", timeout=300),
-                                          "openseek_hal/bench/cupy", device.index or 0))
+        try:
+            impls[RAW_CUPY] = (None, _connect(host_view(dist.group.WORLD, name="world", timeout=300),
+                                              "openseek_hal/bench/cupy", device.index or 0))
+        except Exception as e:
+            problems[RAW_CUPY] = f"could not start: {type(e).__name__}: {e}"
     for adaptor in config["adaptors"]:
         kind = ("kind-a" if rank < n // 2 else "kind-b") if adaptor == "hier" and n > 1 else None
-        impls[adaptor] = (create(adaptor, be, timeout=config["timeout"], check=False,
-                                 **({"kind": kind} if kind else {})), None)
+        try:
+            impls[adaptor] = (create(adaptor, be, timeout=config["timeout"], check=False,
+                                     **({"kind": kind} if kind else {})), None)
+        except Exception as e:
+            problems[adaptor] = f"could not start: {type(e).__name__}: {e}"
     sync = be.device.synchronize
     results = []
     points = [(op, s) for op in config["ops"] for s in config["sizes"]]
@@ -209,20 +218,16 @@ def bench_rank(world: Any, config: dict) -> dict | None:
         bufs = _buffers(op, nbytes, n, dtype, device)
         for impl, (comm, cupy_comm) in impls.items():
             progress(f"{op} {human(nbytes)} {impl}")
-            if bufs is None or (impl in STAGED and nbytes > config["staged_max_bytes"]):
+            staged_skip = impl in STAGED and nbytes > config["staged_max_bytes"]
+            if bufs is None or impl in problems or staged_skip:
                 continue
             out, inp = bufs
-            call = functools.partial(_calls(impl, comm, cupy_comm)[op], out, inp)
-            expect = _fill_and_expect(op, out, inp, rank, n)
-            call()
-            sync()
-            ok = _slowest(0.0 if expect() else 1.0) == 0.0
-            out.zero_()  # zeros stay zeros however often they are summed
-            inp.zero_()
-            first = _slowest(_time(call, sync, 1))
-            iters = int(min(config["iters"], max(config["min_iters"], TARGET_TIME_S / max(first, 1e-7))))
-            _time(call, sync, min(config["warmup"], iters))
-            seconds = _slowest(_time(call, sync, iters))
+            try:
+                ok, iters, seconds = _measure(op, _calls(impl, comm, cupy_comm)[op], out, inp, rank, n, sync,
+                                              config)
+            except Exception as e:
+                problems[impl] = f"failed at {op} {human(nbytes)}: {type(e).__name__}: {e}"
+                continue
             algbw = nbytes / seconds / 1e9
             results.append({"op": op, "impl": impl, "bytes": nbytes, "count": max(out.numel(), inp.numel()),
                             "dtype": config["dtype"], "time_us": seconds * 1e6, "algbw_GBps": algbw,
@@ -237,7 +242,23 @@ def bench_rank(world: Any, config: dict) -> dict | None:
             cupy_comm.destroy()
     if rank:
         return None
-    return {"meta": _meta(be, n, config), "results": results}
+    return {"meta": _meta(be, n, config), "results": results, "problems": problems}
+
+
+def _measure(op: str, f: Callable, out: torch.Tensor, inp: torch.Tensor, rank: int, n: int,
+             sync: Callable[[], None], config: dict) -> tuple[bool, int, float]:
+    """(result check passed on every rank, iterations, slowest rank's seconds per call)."""
+    call = functools.partial(f, out, inp)
+    expect = _fill_and_expect(op, out, inp, rank, n)
+    call()
+    sync()
+    ok = _slowest(0.0 if expect() else 1.0) == 0.0
+    out.zero_()  # zeros stay zeros however often they are summed
+    inp.zero_()
+    first = _slowest(_time(call, sync, 1))
+    iters = int(min(config["iters"], max(config["min_iters"], TARGET_TIME_S / max(first, 1e-7))))
+    _time(call, sync, min(config["warmup"], iters))
+    return ok, iters, _slowest(_time(call, sync, iters))
 
 
 def _progress(show: bool, total: int) -> Callable[[str | None], None]:
@@ -361,6 +382,9 @@ def markdown(report: dict) -> str:
                     f"{r['algbw_GBps']:.2f}", f"{r['busbw_GBps']:.2f}"]
             out.append(f"| {human(nbytes)} | " + " | ".join(cells) + " |")
         out.append("")
+    if report.get("problems"):
+        out += ["## Not (fully) measured", ""]
+        out += [f"- `{impl}`: {why}" for impl, why in report["problems"].items()] + [""]
     if report.get("targets"):
         out += ["## Targets (issue #5)", "", "| target | value | limit | met |", "|---|---:|---|---|"]
         out += [f"| {t['target']} | {t['value']:.3g} | {t['limit']} | {'yes' if t['met'] else 'NO'} |"
@@ -444,6 +468,8 @@ def comm(backend: str | None, adaptors: str, ops: str, world_size: int | None, m
         for t in report["targets"]:
             click.echo(f"target: {t['target']}: {t['value']:.3g} ({t['limit']}) "
                        f"{'met' if t['met'] else 'NOT MET'}")
+    for impl, why in report["problems"].items():
+        click.echo(f"bench comm: {impl} not (fully) measured: {why}", err=True)
     failed = [r for r in report["results"] if r["check"] != "ok"]
     if out_dir:
         path = Path(out_dir)
@@ -451,6 +477,9 @@ def comm(backend: str | None, adaptors: str, ops: str, world_size: int | None, m
         (path / "comm_bench.json").write_text(json.dumps(report, indent=1))
         (path / "comm_bench.md").write_text(markdown(report))
         click.echo(f"wrote {path / 'comm_bench.json'} and {path / 'comm_bench.md'}", err=True)
+    if report["problems"]:
+        raise click.ClickException(f"{len(report['problems'])} implementation(s) failed: "
+                                   f"{', '.join(report['problems'])} (see above)")
     if failed:
         raise click.ClickException(f"{len(failed)} result check(s) failed, e.g. {failed[0]['impl']} "
                                    f"{failed[0]['op']} at {human(failed[0]['bytes'])}")
