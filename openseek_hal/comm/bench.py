@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 import re
 import sys
@@ -284,8 +285,6 @@ def _progress(show: bool, total: int) -> Callable[[str | None], None]:
 
 
 def _meta(be: Any, n: int, config: dict) -> dict:
-    import os
-
     meta = {"device": be.capabilities().device_name, "backend": be.name, "world_size": n,
             "dtype": config["dtype"], "torch": torch.__version__, "python": platform.python_version(),
             "host": platform.node(),

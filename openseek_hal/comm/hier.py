@@ -4,7 +4,7 @@ FlagCX's scheme. Ranks are grouped by chip kind (the backend name, or a ``kind``
 creation). A reduction runs with the chip's own collective inside each kind group, then between
 the kind leaders (each group's lowest rank) through the host over gloo, then is broadcast inside
 each group again. All-gather and broadcast follow the same three steps. ``reduce_scatter`` is an
-all-reduce followed by taking this rank's chunk (so it moves ``world_size`` times the bytes of a
+all-reduce followed by taking this rank's chunk (so it moves about twice the bytes of a
 native reduce-scatter), and all-to-all and send/recv, whose traffic is point to point anyway, go
 host-staged over the whole group. Every call completes before it returns (``async_op=True``
 gives a finished handle).
