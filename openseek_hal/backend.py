@@ -22,13 +22,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import import_module
 from importlib.metadata import entry_points
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from . import ops as _ops
 from .device import Device
 from .errors import BackendUnavailableError, MissingOpError, UnknownBackendError
+
+if TYPE_CHECKING:
+    from .comm import Communicator
 
 ENTRY_POINT_GROUP = "openseek_hal.backends"
 ENV_BACKEND = "OPENSEEK_HAL_BACKEND"
@@ -121,6 +124,15 @@ class Backend(ABC):
             warnings.warn(f"backend '{self.name}' has no native '{name}'; using the reference implementation",
                           OpFallbackWarning, stacklevel=2)
         return opdef.reference
+
+    def communicator(self, adaptor: str | None = None, group: Any = None, **kwargs: Any) -> Communicator:
+        """A `openseek_hal.comm.Communicator` on this backend's device (default adaptor: "torch").
+
+        Call it on every rank of an initialized job (torchrun, or `openseek_hal.comm.launch`).
+        """
+        from . import comm
+
+        return comm.create(adaptor or "torch", self, group=group, **kwargs)
 
     def coverage(self) -> dict[str, str]:
         """``{op name: "native" | "fallback"}`` over every registered op."""

@@ -1,26 +1,50 @@
 """Collectives: the `Communicator` contract that the trainer's data- and expert-parallel traffic uses.
 
-This module holds the contract only; the adaptors (torch.distributed, direct NCCL, host-staged,
-hierarchical) arrive with the collectives issue.
+One contract, four adaptors (FlagCX's idea: one collective API over every chip, including jobs
+that mix chips):
+
+- ``torch``: a torch.distributed process group (nccl on NVIDIA GPUs, gloo on the CPU, the chip's
+  own backend elsewhere);
+- ``nccl``: NCCL called directly through ``cupy.cuda.nccl`` on torch tensors (lower latency than
+  torch.distributed's NCCL path); needs CuPy;
+- ``host``: device -> host, gloo, host -> device; works for any chip;
+- ``hier``: ranks grouped by chip kind, the native collective inside a group, host-staged between
+  group leaders, then a broadcast inside each group.
+
+`create` builds one inside an initialized process (torchrun's ``env://`` or `launch`);
+`launch` starts local ranks for tests, conformance and benchmarks.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from importlib import import_module
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+from .errors import CollectiveError, CollectiveTimeoutError
+
+if TYPE_CHECKING:
+    from ..backend import Backend
 
 
 @runtime_checkable
 class Work(Protocol):
-    """Handle of an asynchronous collective."""
+    """Handle of an asynchronous collective; ``wait()`` raises what the call would have raised."""
 
     def wait(self) -> None: ...
 
 
 @runtime_checkable
 class Communicator(Protocol):
-    """A group of ranks and the collectives among them; every call may be async (``async_op=True``)."""
+    """A group of ranks and the collectives among them; every collective may be async (``async_op=True``).
+
+    Tensors are contiguous and on the communicator's device. ``all_gather`` and ``reduce_scatter``
+    concatenate along dim 0 (``output.numel() == world_size * input.numel()`` and the reverse);
+    ``all_to_all_single`` splits dim 0 by the given (possibly uneven) sizes. Reduce ops: "sum",
+    "avg", "max", "min". Ranks (``src``, ``dst``, ``new_group``'s) are ranks of this group.
+    Errors are `CollectiveError` / `CollectiveTimeoutError` naming the collective, rank and group.
+    """
 
     @property
     def rank(self) -> int: ...
@@ -30,7 +54,8 @@ class Communicator(Protocol):
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", async_op: bool = False) -> Work | None: ...
 
-    def all_gather(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False) -> Work | None: ...
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor,
+                   async_op: bool = False) -> Work | None: ...
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: str = "sum",
                        async_op: bool = False) -> Work | None: ...
@@ -48,5 +73,72 @@ class Communicator(Protocol):
 
     def barrier(self) -> None: ...
 
+    def new_group(self, ranks: list[int]) -> Communicator | None: ...
 
-__all__ = ["Communicator", "Work"]
+
+# adaptor name -> "module:factory"; a factory takes (backend, pg, *, name, timeout, check, **options)
+ADAPTORS: dict[str, str] = {
+    "torch": "openseek_hal.comm.torch_dist:create",
+    "nccl": "openseek_hal.comm.nccl:create",
+    "host": "openseek_hal.comm.host:create",
+    "hier": "openseek_hal.comm.hier:create",
+}
+
+
+def adaptor_available(adaptor: str) -> tuple[bool, str]:
+    """(True, "") when ``adaptor`` can run in this process's environment, else (False, why)."""
+    if adaptor not in ADAPTORS:
+        return False, f"unknown adaptor '{adaptor}' (choose from: {', '.join(ADAPTORS)})"
+    if adaptor == "nccl":
+        from .nccl import is_available
+
+        return is_available()
+    return True, ""
+
+
+def create(adaptor: str, backend: Backend | str, *, group: Any | None = None, timeout: float | None = None,
+           check: bool | None = None, **options: Any) -> Communicator:
+    """A communicator of ``adaptor`` on ``backend``'s device, over ``group`` (default: every rank).
+
+    Call it on every rank. Starts torch.distributed from ``env://`` (torchrun) if nothing has yet.
+    ``check`` turns on the cross-rank consistency check (default: ``$OPENSEEK_HAL_COMM_CHECK``).
+    ``options`` go to the adaptor (``hier``: ``kind``, the chip-kind label of this rank).
+    """
+    import torch.distributed as dist
+
+    from ..backend import get_backend
+    from .base import check_default
+    from .rendezvous import init_distributed, world_timeout
+
+    ok, reason = adaptor_available(adaptor)
+    if not ok:
+        raise CollectiveError(f"adaptor '{adaptor}' is not available: {reason}", op="create")
+    be = get_backend(backend) if isinstance(backend, str) else backend
+    if not dist.is_initialized():
+        init_distributed(be.device_type, be.dist_backend, timeout=timeout or world_timeout())
+    be.device.set_current()
+    module, _, factory = ADAPTORS[adaptor].partition(":")
+    pg = group if group is not None else dist.group.WORLD
+    name = "world" if group is None else f"group{dist.get_process_group_ranks(pg)}"
+    return getattr(import_module(module), factory)(
+        be, pg, name=name, timeout=timeout if timeout is not None else world_timeout(),
+        check=check_default() if check is None else check, **options)
+
+
+def shutdown() -> None:
+    """Wait for every rank, then tear torch.distributed down; call it at the end of a job."""
+    from .rendezvous import shutdown as _shutdown
+
+    _shutdown()
+
+
+def launch(fn: Any, world_size: int, *, backend: str = "cpu", adaptor: str = "torch", timeout: float = 60.0,
+           args: tuple = (), **kwargs: Any) -> list:
+    """Run ``fn(comm, *args)`` on ``world_size`` local ranks; see `openseek_hal.comm.launcher.launch`."""
+    from .launcher import launch as _launch
+
+    return _launch(fn, world_size, backend=backend, adaptor=adaptor, timeout=timeout, args=args, **kwargs)
+
+
+__all__ = ["ADAPTORS", "CollectiveError", "CollectiveTimeoutError", "Communicator", "Work",
+           "adaptor_available", "create", "launch", "shutdown"]
