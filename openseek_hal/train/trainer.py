@@ -28,6 +28,7 @@ from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, model_config, to_dict
 from .corpus import encode_documents, iter_windows, load_or_train_tokenizer, read_documents
 from .metrics import MetricsLogger
+from .optim import AdamW
 
 
 @dataclass
@@ -122,9 +123,8 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
     model = build_model(model_config(cfg, vocab_size=tok.get_vocab_size()), backend, seed=cfg.seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    optimizer = AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                       {"params": no_decay, "weight_decay": 0.0}], backend, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tok_path, out / "tokenizer.json")

@@ -343,7 +343,9 @@ class DeepseekV3(nn.Module):
         return ModelLoss(total=total, main=main, mtp=mtp, aux=aux)
 
     def _token_loss(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        return self._cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)
+        # the logits exist only for this loss, so a fast kernel may write their gradient in place
+        return self._cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
+                                   inplace_backward=True)
 
     def num_parameters(self) -> int:
         """Parameters of this module, MTP included (`DeepseekV3Config.num_parameters` gives the other counts)."""
