@@ -72,3 +72,23 @@ def filter_cmd(inputs, out_dir, text_key, shard_docs, compression, quiet, worker
                              default_flagged_words=False if no_default_flagged_words else None)
     run_doc_stage(FilterStage(config, text_key), list(inputs), _out(out_dir, shard_docs, compression, quiet),
                   text_key, workers, executor, config=asdict(config))
+
+
+@data.command("dedup-minhash")
+@_common
+@_parallel
+@click.option("--ngrams", default=5, show_default=True, help="Tokens per shingle (words; Han characters).")
+@click.option("--bands", default=14, show_default=True, help="LSH bands.")
+@click.option("--rows", default=8, show_default=True, help="Rows (hashes) per band.")
+@click.option("--seed", default=1, show_default=True)
+@click.option("--id-key", default=None, help="Field naming documents in clusters.jsonl (default file:line).")
+def dedup_minhash_cmd(inputs, out_dir, text_key, shard_docs, compression, quiet, workers, executor, ngrams,
+                      bands, rows, seed, id_key) -> None:
+    """Fuzzy deduplication: MinHash + LSH, keeping the first document of each near-duplicate cluster."""
+    from .dedup_minhash import dedup_minhash
+    from .minhash import MinHashConfig
+
+    if min(ngrams, bands, rows) < 1:
+        raise click.BadParameter("--ngrams, --bands and --rows must be at least 1")
+    dedup_minhash(list(inputs), _out(out_dir, shard_docs, compression, quiet),
+                  MinHashConfig(ngrams, bands, rows, seed), text_key, id_key, workers, executor)

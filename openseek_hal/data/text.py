@@ -32,31 +32,44 @@ def tokens(text: str) -> list[str]:
     return TOKEN.findall(text)
 
 
-_PUNCT_TABLE: dict[int, str] | None = None
+_NORM_TABLE = None
 
 
-def _punct_table() -> dict[int, str]:
-    # Every Unicode punctuation and symbol character maps to a space: one table, built once.
-    global _PUNCT_TABLE
-    if _PUNCT_TABLE is None:
+def _norm_table():
+    # code point -> normalized code point: punctuation, symbols and whitespace to space, digits to "0".
+    # Above U+2FFFF Unicode has no punctuation, symbol, digit or space, so those map to themselves.
+    global _NORM_TABLE
+    if _NORM_TABLE is None:
         import sys
 
-        _PUNCT_TABLE = {
-            cp: " " for cp in range(sys.maxunicode + 1)
-            if unicodedata.category(chr(cp))[0] in "PS"
-        }
-    return _PUNCT_TABLE
+        import numpy as np
+
+        table = np.arange(sys.maxunicode + 1, dtype=np.uint32)
+        for cp in range(0x30000):
+            ch = chr(cp)
+            cat = unicodedata.category(ch)
+            if cat[0] in "PS" or ch.isspace():
+                table[cp] = 0x20
+            elif cat == "Nd":
+                table[cp] = 0x30
+        _NORM_TABLE = table
+    return _NORM_TABLE
 
 
-_DIGITS = re.compile(r"\d")
-_SPACES = re.compile(r"\s+")
+def normalize_codes(text: str):
+    """``normalize`` as a uint32 array of code points, without the final strip (the fast path)."""
+    import numpy as np
+
+    text = unicodedata.normalize("NFKC", text).lower()
+    codes = _norm_table()[np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)]
+    space = codes == 0x20
+    return codes[~(space & np.concatenate(([False], space[:-1])))]
 
 
 def normalize(text: str) -> str:
-    """Lowercase, punctuation and symbols to spaces, every digit to 0, whitespace runs to one space.
+    """NFKC, lowercase, punctuation and symbols to spaces, every digit to 0, whitespace runs to one space.
 
     The same normalization as datatrove's ``simplify_text`` in spirit: formatting and numbers do not
     make two otherwise identical documents different.
     """
-    text = unicodedata.normalize("NFKC", text).lower().translate(_punct_table())
-    return _SPACES.sub(" ", _DIGITS.sub("0", text)).strip()
+    return normalize_codes(text).tobytes().decode("utf-32-le", "surrogatepass").strip(" ")
