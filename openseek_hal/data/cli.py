@@ -92,3 +92,16 @@ def dedup_minhash_cmd(inputs, out_dir, text_key, shard_docs, compression, quiet,
         raise click.BadParameter("--ngrams, --bands and --rows must be at least 1")
     dedup_minhash(list(inputs), _out(out_dir, shard_docs, compression, quiet),
                   MinHashConfig(ngrams, bands, rows, seed), text_key, id_key, workers, executor)
+
+
+@data.command("dedup-exact")
+@_common
+@click.option("--min-bytes", default=100, show_default=True,
+              help="Remove repeated spans of at least this many bytes (Lee et al. use 50 tokens ~ 100 bytes).")
+@click.option("--shard-bytes", default=1 << 30, show_default=True,
+              help="Text bytes per suffix-array shard; repeats are found within a shard.")
+def dedup_exact_cmd(inputs, out_dir, text_key, shard_docs, compression, quiet, min_bytes, shard_bytes) -> None:
+    """Exact substring deduplication with a suffix array: later copies of long repeated spans are cut."""
+    from .dedup_exact import dedup_exact
+
+    dedup_exact(list(inputs), _out(out_dir, shard_docs, compression, quiet), min_bytes, text_key, shard_bytes)

@@ -80,7 +80,7 @@ class MinHasher:
         self.b = rng.integers(0, 1 << 63, size=config.num_perm, dtype=np.uint64) * np.uint64(2)
 
     def shingle_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Hashes of every shingle of every raw text, the index of its text, and which texts are empty.
+        """Hashes of every shingle of every raw text, the index of its text, and each text's token count.
 
         A text with fewer tokens than ``n_grams`` has one shingle, all of it; an empty one has none.
         """
@@ -116,11 +116,12 @@ class MinHasher:
         prefix = np.cumsum(c.astype(np.uint64) * powers)
         before = np.where(s_char > 0, prefix[np.maximum(s_char - 1, 0)], np.uint64(0))
         h = splitmix64((prefix[e_char] - before) * inv_powers[s_char])
-        return h, tok_doc[s_tok], tok_count == 0
+        return h, tok_doc[s_tok], tok_count
 
     def signatures(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(len(texts), num_perm) uint64 signatures (all ones for empty texts), and the empty mask."""
-        h, doc, empty = self.shingle_hashes(texts)
+        h, doc, tok_count = self.shingle_hashes(texts)
+        empty = tok_count == 0
         sig = np.full((len(texts), self.config.num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
         for lo in range(0, len(h), _CHUNK):
             hc, dc = h[lo:lo + _CHUNK], doc[lo:lo + _CHUNK]
