@@ -105,3 +105,71 @@ def dedup_exact_cmd(inputs, out_dir, text_key, shard_docs, compression, quiet, m
     from .dedup_exact import dedup_exact
 
     dedup_exact(list(inputs), _out(out_dir, shard_docs, compression, quiet), min_bytes, text_key, shard_bytes)
+
+
+@data.command("decontaminate")
+@_common
+@_parallel
+@click.option("--benchmark", "benchmarks", multiple=True, required=True, type=click.Path(path_type=str),
+              help="Benchmark file (JSONL: all string fields; text: one item per line). Repeatable.")
+@click.option("--ngram", default=13, show_default=True, help="Shared n-gram length (tokens) that contaminates.")
+def decontaminate_cmd(inputs, out_dir, text_key, shard_docs, compression, quiet, workers, executor, benchmarks,
+                      ngram) -> None:
+    """Drop documents sharing an n-gram with any benchmark file."""
+    from .decontaminate import DecontaminateStage
+    from .runner import run_doc_stage
+
+    stage = DecontaminateStage(list(benchmarks), ngram, text_key)
+    stats = run_doc_stage(stage, list(inputs), _out(out_dir, shard_docs, compression, quiet), text_key, workers,
+                          executor, config={"benchmarks": list(benchmarks), "ngram": ngram,
+                                            "short_benchmark_items_skipped": stage.short_items})
+    if stage.short_items and not quiet:
+        click.echo(f"note: {stage.short_items} benchmark items shorter than {ngram} tokens were skipped "
+                   f"({stats.docs_out} docs kept)", err=True)
+
+
+@data.command("classify-train")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="Where to save the model (.npz).")
+@click.option("--text-key", default="text", show_default=True)
+@click.option("--label-key", default="label", show_default=True, help="Integer score (e.g. 0-5) or string label.")
+@click.option("--word-ngrams", default=2, show_default=True)
+@click.option("--buckets", default=1 << 18, show_default=True, help="Hashed feature rows.")
+@click.option("--epochs", default=5, show_default=True)
+@click.option("--lr", default=0.5, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--valid-fraction", default=0.1, show_default=True, help="Held out to report accuracy.")
+def classify_train_cmd(inputs, model_path, text_key, label_key, word_ngrams, buckets, epochs, lr, seed,
+                       valid_fraction) -> None:
+    """Train a fastText-style quality classifier on labelled JSONL and save it."""
+    import json
+
+    from .classifier import ClassifierConfig, train_from_files
+
+    if not 0 <= valid_fraction < 1:
+        raise click.BadParameter("--valid-fraction must be in [0, 1)")
+    config = ClassifierConfig(word_ngrams=word_ngrams, buckets=buckets, epochs=epochs, lr=lr, seed=seed)
+    metrics = train_from_files(list(inputs), model_path, config, text_key, label_key, valid_fraction)
+    click.echo(json.dumps({k: v for k, v in metrics.items() if k != "malformed_first"}, ensure_ascii=False))
+    for m in metrics["malformed_first"][:5]:
+        click.echo(f"warning: skipped malformed record {m['file']}:{m['line']}: {m['error']}", err=True)
+
+
+@data.command("classify")
+@_common
+@_parallel
+@click.option("-m", "--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--score-key", default="quality_score", show_default=True, help="Field the score is written to.")
+@click.option("--label-key", default="quality_label", show_default=True,
+              help="Field for the predicted label (string-label models only).")
+@click.option("--min-score", type=float, help="Drop documents scoring below this.")
+def classify_cmd(inputs, out_dir, text_key, shard_docs, compression, quiet, workers, executor, model_path,
+                 score_key, label_key, min_score) -> None:
+    """Score documents with a trained classifier (adds a score field); optionally filter by score."""
+    from .classifier import ClassifyStage
+    from .runner import run_doc_stage
+
+    stage = ClassifyStage(model_path, text_key, score_key, label_key, min_score)
+    run_doc_stage(stage, list(inputs), _out(out_dir, shard_docs, compression, quiet), text_key, workers, executor,
+                  config={"model": str(model_path), "score_key": score_key, "min_score": min_score})
