@@ -173,3 +173,24 @@ def classify_cmd(inputs, out_dir, text_key, shard_docs, compression, quiet, work
     stage = ClassifyStage(model_path, text_key, score_key, label_key, min_score)
     run_doc_stage(stage, list(inputs), _out(out_dir, shard_docs, compression, quiet), text_key, workers, executor,
                   config={"model": str(model_path), "score_key": score_key, "min_score": min_score})
+
+
+@data.command("tokenize")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Output folder: tokens-*.bin/.idx, index.json, tokenizer.json, stats.json.")
+@click.option("--text-key", default="text", show_default=True)
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True, dir_okay=False),
+              help="A tokenizers JSON file to use.")
+@click.option("--vocab-size", type=int, help="Instead of --tokenizer: train a byte-level BPE of this size here.")
+@click.option("--eos-token", help="Document separator token (default: the first of <|endoftext|>, </s>, ...).")
+@click.option("--shard-tokens", default=100_000_000, show_default=True, help="Tokens per .bin shard.")
+@click.option("-q", "--quiet", is_flag=True)
+@_parallel
+def tokenize_cmd(inputs, out_dir, text_key, tokenizer_path, vocab_size, eos_token, shard_tokens, quiet, workers,
+                 executor) -> None:
+    """Tokenize documents into memory-mappable training shards (read with openseek_hal.data.shards)."""
+    from .tokenize import tokenize
+
+    tokenize(list(inputs), OutputOptions(out_dir, quiet=quiet), tokenizer_path, vocab_size, eos_token, text_key,
+             shard_tokens, workers, executor)
