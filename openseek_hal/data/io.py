@@ -57,16 +57,19 @@ def discover(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return [f for f in found if not (f.resolve() in seen or seen.add(f.resolve()))]
 
 
-def open_text(path: Path, mode: str = "rt") -> IO[Any]:
-    """Open a possibly compressed file by its suffix, text or binary."""
-    name = path.name.lower()
+def open_text(path: Path, mode: str = "rt", format_name: str | None = None) -> IO[Any]:
+    """Open a possibly compressed file, text or binary; the compression follows the suffix of
+    ``format_name`` (default: the file's own name, so a temp file can be written as its final name)."""
+    name = (format_name or path.name).lower()
     if name.endswith(".gz"):
         return gzip.open(path, mode, encoding="utf-8" if "t" in mode else None)
     if name.endswith(".zst"):
         import zstandard
 
         if "r" in mode:
-            raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+            # The zstd reader does not iterate lines itself; a BufferedReader on top does.
+            raw = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(
+                open(path, "rb"), closefd=True, read_across_frames=True))
         else:
             raw = zstandard.ZstdCompressor(level=3).stream_writer(open(path, "wb"), closefd=True)
         return io.TextIOWrapper(raw, encoding="utf-8") if "t" in mode else raw
@@ -188,7 +191,7 @@ class ShardWriter:
         if self._fh is None:
             final = self.out_dir / f"{self.prefix}-{len(self.written):05d}{self.suffix}"
             self._tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-            self._fh = open_text(self._tmp, "wt")
+            self._fh = open_text(self._tmp, "wt", format_name=final.name)
             self.written.append(final)
         self._fh.write(line)
         self.docs += 1
