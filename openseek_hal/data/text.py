@@ -36,7 +36,8 @@ _NORM_TABLE = None
 
 
 def _norm_table():
-    # code point -> normalized code point: punctuation, symbols and whitespace to space, digits to "0".
+    # code point -> normalized code point: punctuation, symbols, controls and whitespace to space, digits
+    # to "0". U+0001 is kept: it separates documents in minhash's batches (``normalize`` maps it too).
     # Above U+2FFFF Unicode has no punctuation, symbol, digit or space, so those map to themselves.
     global _NORM_TABLE
     if _NORM_TABLE is None:
@@ -48,7 +49,7 @@ def _norm_table():
         for cp in range(0x30000):
             ch = chr(cp)
             cat = unicodedata.category(ch)
-            if cat[0] in "PS" or ch.isspace():
+            if cat[0] in "PS" or ch.isspace() or (cat == "Cc" and cp != 1):
                 table[cp] = 0x20
             elif cat == "Nd":
                 table[cp] = 0x30
@@ -67,9 +68,10 @@ def normalize_codes(text: str):
 
 
 def normalize(text: str) -> str:
-    """NFKC, lowercase, punctuation and symbols to spaces, every digit to 0, whitespace runs to one space.
+    """NFKC, lowercase, punctuation, symbols and controls to spaces, digits to 0, space runs to one space.
 
     The same normalization as datatrove's ``simplify_text`` in spirit: formatting and numbers do not
     make two otherwise identical documents different.
     """
-    return normalize_codes(text).tobytes().decode("utf-32-le", "surrogatepass").strip(" ")
+    text = normalize_codes(text.replace("\x01", " ")).tobytes().decode("utf-32-le", "surrogatepass")
+    return text.strip(" ")
