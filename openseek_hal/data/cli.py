@@ -194,3 +194,39 @@ def tokenize_cmd(inputs, out_dir, text_key, tokenizer_path, vocab_size, eos_toke
 
     tokenize(list(inputs), OutputOptions(out_dir, quiet=quiet), tokenizer_path, vocab_size, eos_token, text_key,
              shard_tokens, workers, executor)
+
+
+@data.command("synthesize")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Output folder: synth.jsonl (appended, resumable) + stats.json.")
+@click.option("--mode", type=click.Choice(["qa", "cot"]), default="qa", show_default=True,
+              help="qa: question/answer pairs; cot: Long-CoT backward synthesis (summaries -> CoT -> query).")
+@click.option("--endpoint", required=True, help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1.")
+@click.option("--model", required=True, help="Model name sent to the endpoint.")
+@click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True,
+              help="Environment variable holding the API key (unset: no Authorization header).")
+@click.option("--text-key", default="text", show_default=True)
+@click.option("--id-key", default=None, help="Field identifying documents for resuming (default file:line).")
+@click.option("--concurrency", default=4, show_default=True, help="Documents in flight at once.")
+@click.option("--retries", default=5, show_default=True)
+@click.option("--retry-wait", default=1.0, show_default=True, help="First backoff in seconds (doubles).")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds per HTTP request.")
+@click.option("--temperature", default=0.7, show_default=True)
+@click.option("--max-tokens", type=int, default=None)
+@click.option("--segment-chars", default=2000, show_default=True, help="cot mode: characters per segment.")
+@click.option("--prompts", "prompt_dir", type=click.Path(file_okay=False, exists=True),
+              help="Folder with replacement templates (qa.txt, cot_summary.txt, cot_chain.txt, cot_query.txt).")
+@click.option("--limit", type=int, default=None, help="Stop after this many new documents.")
+@click.option("-q", "--quiet", is_flag=True)
+def synthesize_cmd(inputs, out_dir, mode, endpoint, model, api_key_env, text_key, id_key, concurrency, retries,
+                   retry_wait, timeout, temperature, max_tokens, segment_chars, prompt_dir, limit, quiet) -> None:
+    """Generate QA pairs or Long-CoT samples from documents with an OpenAI-compatible chat endpoint."""
+    import os
+
+    from .synth import ChatClient, Synthesizer, load_prompts, synthesize
+
+    client = ChatClient(endpoint, model, os.environ.get(api_key_env) or None, timeout, retries, retry_wait,
+                        temperature, max_tokens)
+    synthesizer = Synthesizer(client, mode, load_prompts(mode, prompt_dir), segment_chars)
+    synthesize(list(inputs), out_dir, synthesizer, text_key, id_key, concurrency, limit, quiet)

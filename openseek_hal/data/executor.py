@@ -59,14 +59,15 @@ def ordered_map(worker: BatchWorker, batches: Iterable[Any], workers: int = 1,
             yield worker(batch)
         return
     with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(worker,)) as pool:
-        yield from _windowed(lambda b: pool.submit(_call_worker, b), lambda f: f.result(), batches, 2 * workers)
+        yield from windowed(lambda b: pool.submit(_call_worker, b), lambda f: f.result(), batches, 2 * workers)
 
 
-def _windowed(submit: Callable[[Any], Any], result: Callable[[Any], Any], batches: Iterable[Any],
-              window: int) -> Iterator[Any]:
+def windowed(submit: Callable[[Any], Any], result: Callable[[Any], Any], items: Iterable[Any],
+             window: int) -> Iterator[Any]:
+    """Submit items with at most ``window`` pending; yield ``result(handle)`` in submission order."""
     pending: deque[Any] = deque()
-    for batch in batches:
-        pending.append(submit(batch))
+    for item in items:
+        pending.append(submit(item))
         if len(pending) >= window:
             yield result(pending.popleft())
     while pending:
@@ -92,5 +93,5 @@ def _ray_map(worker: BatchWorker, batches: Iterable[Any], workers: int) -> Itera
 
     actors = [_Actor.remote(worker) for _ in range(workers)]
     counter = iter(range(1 << 62))
-    yield from _windowed(lambda b: actors[next(counter) % workers].run.remote(b), ray.get, batches,
+    yield from windowed(lambda b: actors[next(counter) % workers].run.remote(b), ray.get, batches,
                          2 * workers)
