@@ -230,3 +230,22 @@ def synthesize_cmd(inputs, out_dir, mode, endpoint, model, api_key_env, text_key
                         temperature, max_tokens)
     synthesizer = Synthesizer(client, mode, load_prompts(mode, prompt_dir), segment_chars)
     synthesize(list(inputs), out_dir, synthesizer, text_key, id_key, concurrency, limit, quiet)
+
+
+@data.command("run")
+@click.argument("pipeline_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--executor", type=click.Choice(EXECUTORS), default=None,
+              help="Override the executor of every stage that has one (default: local).")
+@click.option("--dry-run", is_flag=True, help="Print the stage commands without running them.")
+@click.option("-q", "--quiet", is_flag=True)
+def run_cmd(pipeline_file, executor, dry_run, quiet) -> None:
+    """Run a YAML pipeline of stages, each reading the previous stage's output."""
+    import shlex
+
+    from .pipeline import load, plan
+
+    runs = plan(load(pipeline_file), pipeline_file.parent, data, executor, quiet)
+    for argv in runs:
+        click.echo("openseek-hal data " + shlex.join(argv), err=True)
+        if not dry_run:
+            data.main(args=argv, prog_name="openseek-hal data", standalone_mode=False)

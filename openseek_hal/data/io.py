@@ -33,8 +33,9 @@ def _is_input(path: Path) -> bool:
 def discover(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """Expand files and folders into a sorted, de-duplicated list of readable input files.
 
-    Folders are searched recursively for JSONL/Parquet files (``stats.json`` excluded). A path that does
-    not exist, is unreadable, or a folder with no inputs is one ``UserError``.
+    Folders are searched recursively for JSONL/Parquet files, except a stage's output folder (it has a
+    ``stats.json``), of which only the shards are read. A path that does not exist, is unreadable, or a
+    folder with no inputs is one ``UserError``.
     """
     if not paths:
         raise UserError("no input given")
@@ -43,8 +44,14 @@ def discover(paths: Sequence[str | os.PathLike]) -> list[Path]:
         p = Path(raw)
         if not p.exists():
             raise UserError(f"input not found: {p}")
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and _is_input(f) and f.name != "stats.json")
+        if p.is_dir() and (p / "stats.json").is_file():
+            # Another stage's output: its shards only, not side files such as clusters.jsonl.
+            files = sorted(f for f in p.iterdir() if f.name.startswith("part-") or f.name == "synth.jsonl")
+            if not files:
+                raise UserError(f"stage output folder {p} holds no part-*.jsonl shards")
+            found.extend(files)
+        elif p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and _is_input(f))
             if not files:
                 raise UserError(f"no JSONL or Parquet files in folder: {p}")
             found.extend(files)
