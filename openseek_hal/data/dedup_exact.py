@@ -7,7 +7,8 @@ in UTF-8). For the shard, pydivsufsort gives the suffix array and its LCP array.
 marked windows is exactly the set of bytes inside a repeat of length >= ``min_bytes`` that also occurs
 earlier, so the first occurrence of every repeated span stays and later ones are cut. A cut never splits
 a UTF-8 character (a partly repeated character is kept). A document left with only whitespace is dropped. Corpora larger than ``shard_bytes`` are processed shard by shard: repeats are
-found within a shard.
+found within a shard. Memory: the shard's text bytes, its suffix array and LCP array, and the cut
+intervals; documents are not held, the input is read a second time to write them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 import numpy as np
 
 from ..errors import UserError
-from .io import ShardWriter, check_output_dir, discover, dumps, iter_raw, parse
+from .io import Malformed, ShardWriter, check_output_dir, discover, dumps, iter_raw, parse
 from .runner import OutputOptions, Stats, progress, report
 
 _SEP = 0xFF
@@ -73,8 +74,30 @@ def _whole_chars(buf: np.ndarray, removed: np.ndarray) -> np.ndarray:
     return ~np.repeat(keep_char, lengths)
 
 
+def _cut_intervals(removed: np.ndarray, doc_ends: np.ndarray, first_doc: int) -> dict[int, list[tuple[int, int]]]:
+    """Removed byte runs as ``{doc index: [(start, end) in the document's bytes]}``."""
+    edges = np.diff(np.concatenate(([False], removed, [False])).astype(np.int8))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    docs = np.searchsorted(doc_ends, starts)  # runs never cross a separator
+    doc_begin = np.concatenate(([0], doc_ends[:-1] + 1))
+    cuts: dict[int, list[tuple[int, int]]] = {}
+    for d, a, b in zip(docs.tolist(), starts.tolist(), ends.tolist()):
+        cuts.setdefault(first_doc + d, []).append((a - int(doc_begin[d]), b - int(doc_begin[d])))
+    return cuts
+
+
+def _apply_cuts(data: bytes, cuts: list[tuple[int, int]]) -> str:
+    pieces, at = [], 0
+    for a, b in cuts:
+        pieces.append(data[at:a])
+        at = b
+    pieces.append(data[at:])
+    return b"".join(pieces).decode("utf-8")
+
+
 def dedup_exact(inputs: list[str], out: OutputOptions, min_bytes: int = 100, text_key: str = "text",
                 shard_bytes: int = 1 << 30) -> Stats:
+    """Two passes: find the cuts shard by shard holding only text bytes, then stream and apply them."""
     if min_bytes < 1:
         raise UserError("--min-bytes must be at least 1")
     files = discover(inputs)
@@ -82,57 +105,66 @@ def dedup_exact(inputs: list[str], out: OutputOptions, min_bytes: int = 100, tex
     stats = Stats("dedup-exact", config={"min_bytes": min_bytes, "text_key": text_key,
                                          "shard_bytes": shard_bytes})
     start = time.perf_counter()
-    writer = ShardWriter(out.out_dir, out.shard_docs, out.compression)
-    pending: list[tuple[dict, bytes]] = []
-    size = 0
-    shards = 0
-    try:
-        with progress("exact dedup", out.quiet, unit="docs") as advance:
-            for raw in iter_raw(files):
-                doc = parse(raw, text_key, stats.malformed)
-                if doc is None:
-                    continue
-                data = doc[text_key].encode("utf-8")
-                pending.append((doc, data))
-                size += len(data) + 1
-                stats.docs_in += 1
-                stats.bytes_in += len(data)
-                if size >= shard_bytes:
-                    advance(_flush(pending, min_bytes, text_key, writer, stats))
-                    pending, size, shards = [], 0, shards + 1
-            if pending:
-                advance(_flush(pending, min_bytes, text_key, writer, stats))
-                shards += 1
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
-    stats.docs_out = writer.docs
+    cuts: dict[int, list[tuple[int, int]]] = {}
+    buf, lengths, first_doc, shards = bytearray(), [], 0, 0
+
+    def flush() -> None:
+        nonlocal buf, lengths, first_doc, shards
+        arr = np.frombuffer(buf, dtype=np.uint8)
+        doc_ends = np.cumsum(np.array(lengths, dtype=np.int64) + 1) - 1
+        cuts.update(_cut_intervals(repeated_mask(arr, doc_ends, min_bytes), doc_ends, first_doc))
+        del arr
+        first_doc += len(lengths)
+        buf, lengths, shards = bytearray(), [], shards + 1
+
+    with progress("exact dedup: suffix arrays", out.quiet) as advance:
+        for raw in iter_raw(files):
+            doc = parse(raw, text_key, stats.malformed)
+            if doc is None:
+                continue
+            data = doc[text_key].encode("utf-8")
+            buf += data
+            buf.append(_SEP)
+            lengths.append(len(data))
+            stats.docs_in += 1
+            stats.bytes_in += len(data)
+            if len(buf) >= shard_bytes:
+                advance(len(lengths))
+                flush()
+        if lengths:
+            advance(len(lengths))
+            flush()
+    _write(files, cuts, out, text_key, stats)
     stats.seconds = time.perf_counter() - start
     stats.extra.update(shards=shards, bytes_removed=stats.bytes_in - stats.bytes_out,
+                       docs_changed=len(cuts),
                        mb_per_second=round(stats.bytes_in / 1e6 / max(stats.seconds, 1e-9), 2))
     report(stats, out.out_dir, out.quiet)
     return stats
 
 
-def _flush(pending: list[tuple[dict, bytes]], min_bytes: int, text_key: str, writer: ShardWriter,
-           stats: Stats) -> int:
-    buf = np.frombuffer(bytearray(b"\xff".join(d for _, d in pending) + b"\xff"), dtype=np.uint8)
-    lengths = np.array([len(d) for _, d in pending], dtype=np.int64)
-    doc_ends = np.cumsum(lengths + 1) - 1
-    keep = ~repeated_mask(buf, doc_ends, min_bytes)
-    for (doc, data), end, length in zip(pending, doc_ends.tolist(), lengths.tolist()):
-        begin = end - length
-        kept_mask = keep[begin:end]
-        if kept_mask.all():
-            text = doc[text_key]
-        else:
-            text = buf[begin:end][kept_mask].tobytes().decode("utf-8")
-            stats.extra["docs_changed"] = stats.extra.get("docs_changed", 0) + 1
-        if not text.strip():
-            stats.removed["exact_duplicate_doc"] += 1
-            continue
-        stats.bytes_out += len(text.encode("utf-8"))
-        writer.write(dumps({**doc, text_key: text}))
-    return len(pending)
-
+def _write(files, cuts: dict[int, list[tuple[int, int]]], out: OutputOptions, text_key: str,
+           stats: Stats) -> None:
+    writer = ShardWriter(out.out_dir, out.shard_docs, out.compression)
+    i = 0
+    try:
+        with progress("exact dedup: writing", out.quiet, total=stats.docs_in) as advance:
+            for raw in iter_raw(files):
+                doc = parse(raw, text_key, Malformed())
+                if doc is None:
+                    continue
+                cut = cuts.get(i)
+                i += 1
+                advance()
+                if cut is not None:
+                    doc = {**doc, text_key: _apply_cuts(doc[text_key].encode("utf-8"), cut)}
+                    if not doc[text_key].strip():  # nothing but repeats: drop it rather than keep a husk
+                        stats.removed["exact_duplicate_doc"] += 1
+                        continue
+                stats.bytes_out += len(doc[text_key].encode("utf-8"))
+                writer.write(dumps(doc))
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    stats.docs_out = writer.docs
