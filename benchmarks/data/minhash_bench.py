@@ -85,7 +85,11 @@ def chinese_sentences() -> list[str]:
                     if _chinese_prose(s := s.strip()):
                         out.append(s)
     for f in sorted(glob.glob("/usr/share/man/zh_CN/*/*")):
-        raw = gzip.open(f, "rt", errors="ignore").read() if f.endswith(".gz") else open(f, errors="ignore").read()
+        raw = (
+            gzip.open(f, "rt", errors="ignore").read()
+            if f.endswith(".gz")
+            else open(f, errors="ignore").read()
+        )
         raw = re.sub(r"\\f[BIRP]|\\-|^\.\S+ ?", "", raw, flags=re.M)
         for s in re.split(r"(?<=[。！？；])", raw):
             if _chinese_prose(s := " ".join(s.split())):
@@ -116,8 +120,8 @@ def _edit(text: str, lang: str, rng: random.Random, strength: float) -> str:
                 units[rng.randrange(len(units))] = rng.choice(vocab)
         elif op == "swap":  # move one block of units elsewhere (sentence reordering)
             a = rng.randrange(len(units))
-            block = units[a:a + max(3, n)]
-            del units[a:a + len(block)]
+            block = units[a : a + max(3, n)]
+            del units[a : a + len(block)]
             b = rng.randrange(len(units) + 1)
             units[b:b] = block
         else:
@@ -146,18 +150,29 @@ def build_corpus(n_docs: int, path: Path, seed: int = 0) -> None:
     for i in range(n_base):
         lang = "en" if i % 2 == 0 else "zh"
         sents = deal(lang, rng.randint(6, 12) if lang == "en" else rng.randint(10, 20))
-        docs.append({"id": f"b{i}", "text": (" " if lang == "en" else "").join(sents), "lang": lang, "cluster": i})
+        docs.append(
+            {"id": f"b{i}", "text": (" " if lang == "en" else "").join(sents), "lang": lang, "cluster": i}
+        )
     for j in range(n_dups):
         base = docs[rng.randrange(n_base // 4)]  # a quarter of the bases get all copies: clusters of 1-9
         strength = rng.choice([0.02, 0.05, 0.1, 0.2])
-        docs.append({"id": f"d{j}", "text": _edit(base["text"], base["lang"], rng, strength),
-                     "lang": base["lang"], "cluster": base["cluster"]})
+        docs.append(
+            {
+                "id": f"d{j}",
+                "text": _edit(base["text"], base["lang"], rng, strength),
+                "lang": base["lang"],
+                "cluster": base["cluster"],
+            }
+        )
     rng.shuffle(docs)
     with open(path, "w", encoding="utf-8") as fh:
         for d in docs:
             fh.write(json.dumps(d, ensure_ascii=False) + "\n")
-    print(f"corpus: {len(docs)} docs ({len(pools['en'])} English / {len(pools['zh'])} Chinese source sentences) "
-          f"-> {path}", file=sys.stderr)
+    print(
+        f"corpus: {len(docs)} docs ({len(pools['en'])} English / {len(pools['zh'])} Chinese "
+        f"source sentences) -> {path}",
+        file=sys.stderr,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ tools
@@ -182,7 +197,7 @@ def run_datasketch(corpus: Path, work: Path) -> list[str]:
     for line in open(corpus, encoding="utf-8"):
         doc = json.loads(line)
         toks = token.findall(doc["text"].lower())
-        grams = {" ".join(toks[i:i + 5]).encode("utf-8") for i in range(max(1, len(toks) - 4))}
+        grams = {" ".join(toks[i : i + 5]).encode("utf-8") for i in range(max(1, len(toks) - 4))}
         m = MinHash(num_perm=112, seed=1)
         m.update_batch(list(grams))
         if not lsh.query(m):
@@ -217,13 +232,17 @@ def run_datatrove(corpus: Path, work: Path) -> list[str]:
         [reader(), MinhashDedupSignature(output_folder=str(d / "sigs"), config=cfg)],
         [MinhashDedupBuckets(input_folder=str(d / "sigs"), output_folder=str(d / "buckets"), config=cfg)],
         [MinhashDedupCluster(input_folder=str(d / "buckets"), output_folder=str(d / "remove"), config=cfg)],
-        [reader(), MinhashDedupFilter(input_folder=str(d / "remove")),
-         JsonlWriter(str(d / "out"), compression=None)],
+        [
+            reader(),
+            MinhashDedupFilter(input_folder=str(d / "remove")),
+            JsonlWriter(str(d / "out"), compression=None),
+        ],
     ]
     tasks = [1, cfg.num_buckets, 1, 1]
     for i, (pipeline, n_tasks) in enumerate(zip(stages, tasks)):
-        LocalPipelineExecutor(pipeline=pipeline, tasks=n_tasks, workers=1, logging_dir=str(d / f"logs{i}"),
-                              skip_completed=False).run()
+        LocalPipelineExecutor(
+            pipeline=pipeline, tasks=n_tasks, workers=1, logging_dir=str(d / f"logs{i}"), skip_completed=False
+        ).run()
     return [json.loads(line)["id"] for f in sorted((d / "out").rglob("*.jsonl")) for line in open(f)]
 
 
@@ -232,8 +251,11 @@ TOOLS = {"ours": run_ours, "datatrove": run_datatrove, "datasketch": run_dataske
 
 # Imported before the clock starts: the timing is the work, not the interpreter loading libraries
 # (importing openseek_hal loads torch, about 2-5 s on this machine).
-PRELOAD = {"ours": ["openseek_hal.data.dedup_minhash"], "datasketch": ["datasketch"],
-           "datatrove": ["datatrove.pipeline.dedup.minhash", "datatrove.executor", "spacy"]}
+PRELOAD = {
+    "ours": ["openseek_hal.data.dedup_minhash"],
+    "datasketch": ["datasketch"],
+    "datatrove": ["datatrove.pipeline.dedup.minhash", "datatrove.executor", "spacy"],
+}
 
 
 def child(tool: str, corpus: Path, work: Path) -> None:
@@ -241,17 +263,21 @@ def child(tool: str, corpus: Path, work: Path) -> None:
 
     for module in PRELOAD[tool]:
         importlib.import_module(module)
+
     def cpu() -> float:
-        return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                      resource.getrusage(resource.RUSAGE_CHILDREN)))
+        return sum(
+            r.ru_utime + r.ru_stime
+            for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+        )
 
     start, cpu_start = time.perf_counter(), cpu()
     kept = TOOLS[tool](corpus, work)
     seconds, cpu_seconds = time.perf_counter() - start, cpu() - cpu_start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (work / f"{tool}.kept.json").write_text(json.dumps(kept))
-    (work / f"{tool}.time.json").write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds,
-                                                         "peak_rss_mb": peak}))
+    (work / f"{tool}.time.json").write_text(
+        json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_mb": peak})
+    )
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -272,19 +298,23 @@ def score(corpus: Path, kept: set[str]) -> dict[str, float]:
         grams = []
         for m in members:
             t = tokens(normalize(m["text"]))
-            grams.append({tuple(t[i:i + 5]) for i in range(max(1, len(t) - 4))})
+            grams.append({tuple(t[i : i + 5]) for i in range(max(1, len(t) - 4))})
         for a in range(len(members)):
             for b in range(a + 1, len(members)):
                 jac = len(grams[a] & grams[b]) / max(1, len(grams[a] | grams[b]))
                 if jac >= 0.8:
-                    ideal += 1 - (1 - jac ** 8) ** 14
+                    ideal += 1 - (1 - jac**8) ** 14
                     hit = not (members[a]["id"] in kept and members[b]["id"] in kept)
                     for key in ("all", members[a]["lang"]):
                         pairs[key][0] += hit
                         pairs[key][1] += 1
-    return {"removed": len(removed), "precision": good / max(1, len(removed)),
-            **{f"recall_{k}": v[0] / max(1, v[1]) for k, v in pairs.items()},
-            **{f"pairs_{k}": v[1] for k, v in pairs.items()}, "ideal_lsh_recall": ideal / max(1, pairs["all"][1])}
+    return {
+        "removed": len(removed),
+        "precision": good / max(1, len(removed)),
+        **{f"recall_{k}": v[0] / max(1, v[1]) for k, v in pairs.items()},
+        **{f"pairs_{k}": v[1] for k, v in pairs.items()},
+        "ideal_lsh_recall": ideal / max(1, pairs["all"][1]),
+    }
 
 
 def main() -> None:
@@ -305,12 +335,28 @@ def main() -> None:
         return
     rows = {}
     for tool in args.tools.split(","):
-        subprocess.run([sys.executable, __file__, "child", "--tool", tool, "--docs", str(args.docs),
-                        "--work", str(args.work)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "child",
+                "--tool",
+                tool,
+                "--docs",
+                str(args.docs),
+                "--work",
+                str(args.work),
+            ],
+            check=True,
+        )
         timing = json.loads((args.work / f"{tool}.time.json").read_text())
         kept = set(json.loads((args.work / f"{tool}.kept.json").read_text()))
-        rows[tool] = {**timing, "docs_per_s": args.docs / timing["seconds"],
-                      "docs_per_cpu_s": args.docs / timing["cpu_seconds"], **score(corpus, kept)}
+        rows[tool] = {
+            **timing,
+            "docs_per_s": args.docs / timing["seconds"],
+            "docs_per_cpu_s": args.docs / timing["cpu_seconds"],
+            **score(corpus, kept),
+        }
         print(tool, json.dumps(rows[tool]), file=sys.stderr)
     (args.work / "results.json").write_text(json.dumps(rows, indent=2))
     print(json.dumps(rows, indent=2))

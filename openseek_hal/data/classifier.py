@@ -42,7 +42,7 @@ def features(text: str, config: ClassifierConfig) -> np.ndarray:
     toks = TOKEN.findall(text.lower())
     grams = list(toks)
     for n in range(2, config.word_ngrams + 1):
-        grams += [" ".join(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+        grams += [" ".join(toks[i : i + n]) for i in range(len(toks) - n + 1)]
     ids = [zlib.crc32(g.encode("utf-8")) % config.buckets for g in grams]
     return np.unique(np.array(ids, dtype=np.int64))
 
@@ -82,7 +82,7 @@ class QualityClassifier:
         for _ in range(c.epochs):
             order = rng.permutation(len(feats))
             for lo in range(0, len(order), c.batch_size):
-                idx = order[lo:lo + c.batch_size]
+                idx = order[lo : lo + c.batch_size]
                 batch = [feats[i] for i in idx]
                 grad = self.predict_proba(batch)
                 grad[np.arange(len(idx)), labels[idx]] -= 1.0
@@ -121,9 +121,20 @@ class ClassifyStage(DocStage):
 
     name = "classify"
 
-    def __init__(self, model_path: str, text_key: str = "text", score_key: str = "quality_score",
-                 label_key: str = "quality_label", min_score: float | None = None):
-        self.model_path, self.text_key, self.score_key, self.label_key = model_path, text_key, score_key, label_key
+    def __init__(
+        self,
+        model_path: str,
+        text_key: str = "text",
+        score_key: str = "quality_score",
+        label_key: str = "quality_label",
+        min_score: float | None = None,
+    ):
+        self.model_path, self.text_key, self.score_key, self.label_key = (
+            model_path,
+            text_key,
+            score_key,
+            label_key,
+        )
         self.min_score = min_score
         self.model = QualityClassifier.load(model_path)  # fail early, in the main process
 
@@ -138,8 +149,14 @@ class ClassifyStage(DocStage):
         return out, None
 
 
-def train_from_files(inputs: list[str], model_path: Path, config: ClassifierConfig, text_key: str = "text",
-                     label_key: str = "label", valid_fraction: float = 0.1) -> dict[str, Any]:
+def train_from_files(
+    inputs: list[str],
+    model_path: Path,
+    config: ClassifierConfig,
+    text_key: str = "text",
+    label_key: str = "label",
+    valid_fraction: float = 0.1,
+) -> dict[str, Any]:
     """Train on labelled JSONL/Parquet, hold out ``valid_fraction`` (seeded), save, return metrics."""
     from .io import Malformed, discover, iter_raw, parse
 
@@ -170,9 +187,14 @@ def train_from_files(inputs: list[str], model_path: Path, config: ClassifierConf
     valid, train = order[:n_valid], order[n_valid:]
     model = QualityClassifier(config, classes)
     model.fit([feats[i] for i in train], labels[train])
-    metrics: dict[str, Any] = {"documents": len(feats), "train": len(train), "valid": n_valid,
-                               "classes": classes, "malformed": malformed.count,
-                               "malformed_first": malformed.first}
+    metrics: dict[str, Any] = {
+        "documents": len(feats),
+        "train": len(train),
+        "valid": n_valid,
+        "classes": classes,
+        "malformed": malformed.count,
+        "malformed_first": malformed.first,
+    }
     for name, idx in (("train", train), ("valid", valid)):
         if len(idx):
             pred = model.predict_proba([feats[i] for i in idx]).argmax(axis=1)

@@ -6,7 +6,8 @@ in UTF-8). For the shard, pydivsufsort gives the suffix array and its LCP array.
 ``LCP >= min_bytes`` is one repeated window; every occurrence but the earliest is marked. The union of the
 marked windows is exactly the set of bytes inside a repeat of length >= ``min_bytes`` that also occurs
 earlier, so the first occurrence of every repeated span stays and later ones are cut. A cut never splits
-a UTF-8 character (a partly repeated character is kept). A document left with only whitespace is dropped. Corpora larger than ``shard_bytes`` are processed shard by shard: repeats are
+a UTF-8 character (a partly repeated character is kept). A document left with only whitespace by
+its cuts is dropped. Corpora larger than ``shard_bytes`` are processed shard by shard: repeats are
 found within a shard. Memory: the shard's text bytes, its suffix array and LCP array, and the cut
 intervals; documents are not held, the input is read a second time to write them.
 """
@@ -74,7 +75,9 @@ def _whole_chars(buf: np.ndarray, removed: np.ndarray) -> np.ndarray:
     return ~np.repeat(keep_char, lengths)
 
 
-def _cut_intervals(removed: np.ndarray, doc_ends: np.ndarray, first_doc: int) -> dict[int, list[tuple[int, int]]]:
+def _cut_intervals(
+    removed: np.ndarray, doc_ends: np.ndarray, first_doc: int
+) -> dict[int, list[tuple[int, int]]]:
     """Removed byte runs as ``{doc index: [(start, end) in the document's bytes]}``."""
     edges = np.diff(np.concatenate(([False], removed, [False])).astype(np.int8))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
@@ -95,15 +98,21 @@ def _apply_cuts(data: bytes, cuts: list[tuple[int, int]]) -> str:
     return b"".join(pieces).decode("utf-8")
 
 
-def dedup_exact(inputs: list[str], out: OutputOptions, min_bytes: int = 100, text_key: str = "text",
-                shard_bytes: int = 1 << 30) -> Stats:
+def dedup_exact(
+    inputs: list[str],
+    out: OutputOptions,
+    min_bytes: int = 100,
+    text_key: str = "text",
+    shard_bytes: int = 1 << 30,
+) -> Stats:
     """Two passes: find the cuts shard by shard holding only text bytes, then stream and apply them."""
     if min_bytes < 1:
         raise UserError("--min-bytes must be at least 1")
     files = discover(inputs)
     check_output_dir(out.out_dir, files)
-    stats = Stats("dedup-exact", config={"min_bytes": min_bytes, "text_key": text_key,
-                                         "shard_bytes": shard_bytes})
+    stats = Stats(
+        "dedup-exact", config={"min_bytes": min_bytes, "text_key": text_key, "shard_bytes": shard_bytes}
+    )
     start = time.perf_counter()
     cuts: dict[int, list[tuple[int, int]]] = {}
     buf, lengths, first_doc, shards = bytearray(), [], 0, 0
@@ -136,15 +145,19 @@ def dedup_exact(inputs: list[str], out: OutputOptions, min_bytes: int = 100, tex
             flush()
     _write(files, cuts, out, text_key, stats)
     stats.seconds = time.perf_counter() - start
-    stats.extra.update(shards=shards, bytes_removed=stats.bytes_in - stats.bytes_out,
-                       docs_changed=len(cuts),
-                       mb_per_second=round(stats.bytes_in / 1e6 / max(stats.seconds, 1e-9), 2))
+    stats.extra.update(
+        shards=shards,
+        bytes_removed=stats.bytes_in - stats.bytes_out,
+        docs_changed=len(cuts),
+        mb_per_second=round(stats.bytes_in / 1e6 / max(stats.seconds, 1e-9), 2),
+    )
     report(stats, out.out_dir, out.quiet)
     return stats
 
 
-def _write(files, cuts: dict[int, list[tuple[int, int]]], out: OutputOptions, text_key: str,
-           stats: Stats) -> None:
+def _write(
+    files, cuts: dict[int, list[tuple[int, int]]], out: OutputOptions, text_key: str, stats: Stats
+) -> None:
     writer = ShardWriter(out.out_dir, out.shard_docs, out.compression)
     i = 0
     try:

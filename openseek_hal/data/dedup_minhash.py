@@ -39,8 +39,11 @@ class _KeysBatch:
         assert self.hasher is not None
         malformed = Malformed()
         texts = [d[self.text_key] for raw in batch if (d := parse(raw, self.text_key, malformed)) is not None]
-        keys, empty = self.hasher.keys_for(texts) if texts else (np.zeros((0, self.config.num_bands),
-                                                                            np.uint64), np.zeros(0, bool))
+        keys, empty = (
+            self.hasher.keys_for(texts)
+            if texts
+            else (np.zeros((0, self.config.num_bands), np.uint64), np.zeros(0, bool))
+        )
         return keys, empty, malformed, sum(len(t.encode("utf-8")) for t in texts)
 
 
@@ -69,9 +72,17 @@ def _doc_id(doc: dict, raw: RawLine, id_key: str | None) -> object:
     return f"{raw.file}:{raw.line}"
 
 
-def dedup_minhash(inputs: list[str], out: OutputOptions, config: MinHashConfig = MinHashConfig(),
-                  text_key: str = "text", id_key: str | None = None, workers: int = 1,
-                  executor: str = "local", batch_size: int = 512) -> Stats:
+def dedup_minhash(
+    inputs: list[str],
+    out: OutputOptions,
+    config: MinHashConfig | None = None,
+    text_key: str = "text",
+    id_key: str | None = None,
+    workers: int = 1,
+    executor: str = "local",
+    batch_size: int = 512,
+) -> Stats:
+    config = config or MinHashConfig()
     files = discover(inputs)
     check_output_dir(out.out_dir, files)
     out.out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +94,8 @@ def dedup_minhash(inputs: list[str], out: OutputOptions, config: MinHashConfig =
         empties = []
         with open(keys_path, "wb") as fh, progress("minhash signatures", out.quiet) as advance:
             for keys, empty, malformed, nbytes in ordered_map(
-                    _KeysBatch(config, text_key), batched(iter_raw(files), batch_size), workers, executor):
+                _KeysBatch(config, text_key), batched(iter_raw(files), batch_size), workers, executor
+            ):
                 fh.write(keys.tobytes())
                 empties.append(empty)
                 stats.malformed.merge(malformed)
@@ -91,8 +103,11 @@ def dedup_minhash(inputs: list[str], out: OutputOptions, config: MinHashConfig =
                 stats.bytes_in += nbytes
                 advance(len(empty) + malformed.count)
         empty = np.concatenate(empties) if empties else np.zeros(0, bool)
-        keys = (np.memmap(keys_path, dtype=np.uint64, mode="r").reshape(-1, config.num_bands)
-                if stats.docs_in else np.zeros((0, config.num_bands), np.uint64))
+        keys = (
+            np.memmap(keys_path, dtype=np.uint64, mode="r").reshape(-1, config.num_bands)
+            if stats.docs_in
+            else np.zeros((0, config.num_bands), np.uint64)
+        )
         labels = cluster_labels(keys, empty)
         del keys
         stats.extra["clusters"] = int(len(np.unique(labels[labels != np.arange(len(labels))])))
@@ -105,8 +120,9 @@ def dedup_minhash(inputs: list[str], out: OutputOptions, config: MinHashConfig =
     return stats
 
 
-def _write_kept(files: list[Path], labels: np.ndarray, out: OutputOptions, text_key: str,
-                id_key: str | None, stats: Stats) -> None:
+def _write_kept(
+    files: list[Path], labels: np.ndarray, out: OutputOptions, text_key: str, id_key: str | None, stats: Stats
+) -> None:
     roots = set(np.unique(labels[labels != np.arange(len(labels))]).tolist())
     root_ids: dict[int, object] = {}
     writer = ShardWriter(out.out_dir, out.shard_docs, out.compression)
@@ -114,8 +130,10 @@ def _write_kept(files: list[Path], labels: np.ndarray, out: OutputOptions, text_
     report_tmp = report_path.with_name(f".clusters.jsonl.tmp{os.getpid()}")
     i = 0
     try:
-        with open(report_tmp, "w", encoding="utf-8") as rep, progress("writing kept", out.quiet,
-                                                                       total=len(labels)) as advance:
+        with (
+            open(report_tmp, "w", encoding="utf-8") as rep,
+            progress("writing kept", out.quiet, total=len(labels)) as advance,
+        ):
             for raw in iter_raw(files):
                 doc = parse(raw, text_key, Malformed())
                 if doc is None:
@@ -130,8 +148,14 @@ def _write_kept(files: list[Path], labels: np.ndarray, out: OutputOptions, text_
                     stats.bytes_out += len(doc[text_key].encode("utf-8"))
                 else:
                     stats.removed["minhash_duplicate"] += 1
-                    rep.write(json.dumps({"removed": _doc_id(doc, raw, id_key), "kept": root_ids[root]},
-                                         ensure_ascii=False, default=str) + "\n")
+                    rep.write(
+                        json.dumps(
+                            {"removed": _doc_id(doc, raw, id_key), "kept": root_ids[root]},
+                            ensure_ascii=False,
+                            default=str,
+                        )
+                        + "\n"
+                    )
                 i += 1
                 if i % 1024 == 0:
                     advance(1024)

@@ -43,8 +43,9 @@ def _call_worker(batch: Any) -> Any:
     return _WORKER(batch)
 
 
-def ordered_map(worker: BatchWorker, batches: Iterable[Any], workers: int = 1,
-                executor: str = "local") -> Iterator[Any]:
+def ordered_map(
+    worker: BatchWorker, batches: Iterable[Any], workers: int = 1, executor: str = "local"
+) -> Iterator[Any]:
     """Yield ``worker(batch)`` for every batch, in input order."""
     if workers < 1:
         raise UserError("--workers must be at least 1")
@@ -59,11 +60,14 @@ def ordered_map(worker: BatchWorker, batches: Iterable[Any], workers: int = 1,
             yield worker(batch)
         return
     with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(worker,)) as pool:
-        yield from windowed(lambda b: pool.submit(_call_worker, b), lambda f: f.result(), batches, 2 * workers)
+        yield from windowed(
+            lambda b: pool.submit(_call_worker, b), lambda f: f.result(), batches, 2 * workers
+        )
 
 
-def windowed(submit: Callable[[Any], Any], result: Callable[[Any], Any], items: Iterable[Any],
-             window: int) -> Iterator[Any]:
+def windowed(
+    submit: Callable[[Any], Any], result: Callable[[Any], Any], items: Iterable[Any], window: int
+) -> Iterator[Any]:
     """Submit items with at most ``window`` pending; yield ``result(handle)`` in submission order."""
     pending: deque[Any] = deque()
     for item in items:
@@ -78,7 +82,9 @@ def _ray_map(worker: BatchWorker, batches: Iterable[Any], workers: int) -> Itera
     try:
         import ray
     except ImportError as e:
-        raise UserError("--executor ray needs Ray: pip install 'ray[default]' (or use --executor local)") from e
+        raise UserError(
+            "--executor ray needs Ray: pip install 'ray[default]' (or use --executor local)"
+        ) from e
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False)
 
@@ -93,5 +99,6 @@ def _ray_map(worker: BatchWorker, batches: Iterable[Any], workers: int) -> Itera
 
     actors = [_Actor.remote(worker) for _ in range(workers)]
     counter = iter(range(1 << 62))
-    yield from windowed(lambda b: actors[next(counter) % workers].run.remote(b), ray.get, batches,
-                         2 * workers)
+    yield from windowed(
+        lambda b: actors[next(counter) % workers].run.remote(b), ray.get, batches, 2 * workers
+    )

@@ -46,8 +46,9 @@ class FilterConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown filter rule(s) in {path}: {', '.join(unknown)} "
-                              f"(known: {', '.join(sorted(known))})")
+            raise ConfigError(
+                f"unknown filter rule(s) in {path}: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
         return cls(**data)
 
     def override(self, **values: Any) -> FilterConfig:

@@ -75,8 +75,11 @@ def open_text(path: Path, mode: str = "rt", format_name: str | None = None) -> I
 
         if "r" in mode:
             # The zstd reader does not iterate lines itself; a BufferedReader on top does.
-            raw = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(
-                open(path, "rb"), closefd=True, read_across_frames=True))
+            raw = io.BufferedReader(
+                zstandard.ZstdDecompressor().stream_reader(
+                    open(path, "rb"), closefd=True, read_across_frames=True
+                )
+            )
         else:
             raw = zstandard.ZstdCompressor(level=3).stream_writer(open(path, "wb"), closefd=True)
         return io.TextIOWrapper(raw, encoding="utf-8") if "t" in mode else raw
@@ -179,8 +182,9 @@ class ShardWriter:
     shard. ``close()`` finishes the last shard and deletes shards left over from an earlier run.
     """
 
-    def __init__(self, out_dir: Path, shard_docs: int = 100_000, compression: str = "none",
-                 prefix: str = "part"):
+    def __init__(
+        self, out_dir: Path, shard_docs: int = 100_000, compression: str = "none", prefix: str = "part"
+    ):
         if compression not in COMPRESSIONS:
             raise UserError(f"unknown compression '{compression}' (choose from: {', '.join(COMPRESSIONS)})")
         if shard_docs < 1:

@@ -34,7 +34,7 @@ def _nospace_table() -> np.ndarray:
     i = 0
     while i < len(cps):  # the class string is "x-y" ranges and single characters
         if i + 2 < len(cps) and cps[i + 1] == ord("-"):
-            table[cps[i]:cps[i + 2] + 1] = True
+            table[cps[i] : cps[i + 2] + 1] = True
             i += 3
         else:
             table[cps[i]] = True
@@ -129,8 +129,8 @@ class MinHasher:
         block = np.empty((self.config.num_perm, min(_CHUNK, len(h))), dtype=np.uint64)
         a, b = self.a[:, None], self.b[:, None]
         for lo in range(0, len(h), _CHUNK):
-            hc, dc = h[lo:lo + _CHUNK], doc[lo:lo + _CHUNK]
-            m = block[:, :len(hc)]
+            hc, dc = h[lo : lo + _CHUNK], doc[lo : lo + _CHUNK]
+            m = block[:, : len(hc)]
             np.multiply(a, hc[None, :], out=m)
             np.add(m, b, out=m)
             seg = np.flatnonzero(np.concatenate(([True], dc[1:] != dc[:-1])))

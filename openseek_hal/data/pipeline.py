@@ -56,8 +56,9 @@ def _flags(options: dict[str, Any], base: Path) -> list[str]:
     return args
 
 
-def plan(spec: dict[str, Any], base: Path, group: click.Group, executor: str | None,
-         quiet: bool = False) -> list[list[str]]:
+def plan(
+    spec: dict[str, Any], base: Path, group: click.Group, executor: str | None, quiet: bool = False
+) -> list[list[str]]:
     """The argv of every stage, in order."""
     inputs = spec["input"] if isinstance(spec["input"], list) else [spec["input"]]
     current = [str(base / p) for p in inputs]
@@ -66,10 +67,14 @@ def plan(spec: dict[str, Any], base: Path, group: click.Group, executor: str | N
     for k, entry in enumerate(spec["stages"]):
         if not isinstance(entry, dict) or len(entry) != 1:
             raise ConfigError(f"stage {k + 1} must be a one-key mapping like '- filter: {{...}}'")
-        (name, options), = entry.items()
-        chainable = sorted(c for c, cmd in group.commands.items() if "out_dir" in {p.name for p in cmd.params})
+        ((name, options),) = entry.items()
+        chainable = sorted(
+            c for c, cmd in group.commands.items() if "out_dir" in {p.name for p in cmd.params}
+        )
         if name not in chainable:
-            raise ConfigError(f"stage {k + 1}: '{name}' is not a pipeline stage (choose from: {', '.join(chainable)})")
+            raise ConfigError(
+                f"stage {k + 1}: '{name}' is not a pipeline stage (choose from: {', '.join(chainable)})"
+            )
         params = {p.name for p in group.commands[name].params}
         out_dir = out_root / f"{k + 1}-{name}"
         argv = [name, *current, "-o", str(out_dir)]

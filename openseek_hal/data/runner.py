@@ -19,7 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from .executor import ordered_map
-from .io import Malformed, RawLine, ShardWriter, atomic_write_text, check_output_dir, discover, dumps, iter_raw, parse
+from .io import (
+    Malformed,
+    RawLine,
+    ShardWriter,
+    atomic_write_text,
+    check_output_dir,
+    discover,
+    dumps,
+    iter_raw,
+    parse,
+)
 
 
 @dataclass
@@ -39,17 +49,24 @@ class Stats:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "stage": self.stage, "docs_in": self.docs_in, "docs_out": self.docs_out,
-            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "stage": self.stage,
+            "docs_in": self.docs_in,
+            "docs_out": self.docs_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
             "removed": dict(sorted(self.removed.items())),
             "malformed": {"count": self.malformed.count, "first": self.malformed.first},
-            "seconds": round(self.seconds, 3), **self.extra, "config": self.config,
+            "seconds": round(self.seconds, 3),
+            **self.extra,
+            "config": self.config,
         }
 
     def write(self, out_dir: Path) -> None:
         import json
 
-        atomic_write_text(out_dir / "stats.json", json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(
+            out_dir / "stats.json", json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        )
 
 
 class DocStage(ABC):
@@ -57,7 +74,7 @@ class DocStage(ABC):
 
     name: str = "stage"
 
-    def setup(self) -> None:
+    def setup(self) -> None:  # noqa: B027 - optional hook, most stages need nothing
         """Load what the stage needs (models, converters) once per worker process."""
 
     @abstractmethod
@@ -110,10 +127,23 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 def progress(description: str, quiet: bool = False, total: int | None = None, unit: str = "docs"):
     """A rich progress bar on stderr; yields ``advance(n)``."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
-    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn(unit), TimeElapsedColumn()]
+    columns = [
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=Console(stderr=True), disable=quiet, transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
@@ -130,9 +160,11 @@ def report(stats: Stats, out_dir: Path, quiet: bool = False) -> None:
         click.echo(f"warning: {stats.malformed.count} malformed records in all (see stats.json)", err=True)
     if not quiet:
         removed = ", ".join(f"{k}={v}" for k, v in sorted(stats.removed.items())) or "none"
-        click.echo(f"{stats.stage}: {stats.docs_in} docs in, {stats.docs_out} out "
-                   f"(removed: {removed}; malformed: {stats.malformed.count}) in {stats.seconds:.1f}s -> {out_dir}",
-                   err=True)
+        click.echo(
+            f"{stats.stage}: {stats.docs_in} docs in, {stats.docs_out} out "
+            f"(removed: {removed}; malformed: {stats.malformed.count}) in {stats.seconds:.1f}s -> {out_dir}",
+            err=True,
+        )
 
 
 @dataclass
@@ -145,9 +177,16 @@ class OutputOptions:
     quiet: bool = False
 
 
-def run_doc_stage(stage: DocStage, inputs: list[str], out: OutputOptions, text_key: str = "text",
-                  workers: int = 1, executor: str = "local", batch_size: int = 256,
-                  config: dict[str, Any] | None = None) -> Stats:
+def run_doc_stage(
+    stage: DocStage,
+    inputs: list[str],
+    out: OutputOptions,
+    text_key: str = "text",
+    workers: int = 1,
+    executor: str = "local",
+    batch_size: int = 256,
+    config: dict[str, Any] | None = None,
+) -> Stats:
     """Stream every input document through ``stage`` and write the kept ones; returns the stats."""
     files = discover(inputs)
     check_output_dir(out.out_dir, files)
@@ -156,8 +195,9 @@ def run_doc_stage(stage: DocStage, inputs: list[str], out: OutputOptions, text_k
     writer = ShardWriter(out.out_dir, out.shard_docs, out.compression)
     try:
         with progress(stage.name, out.quiet) as advance:
-            for res in ordered_map(_DocBatch(stage, text_key), batched(iter_raw(files), batch_size), workers,
-                                   executor):
+            for res in ordered_map(
+                _DocBatch(stage, text_key), batched(iter_raw(files), batch_size), workers, executor
+            ):
                 for line in res.lines:
                     writer.write(line)
                 stats.docs_in += res.docs_in

@@ -54,8 +54,10 @@ class ConcatenatedTokens:
                 return np.zeros(0, dtype=self.dtype)
             first = int(np.searchsorted(self.offsets, start, side="right")) - 1
             last = int(np.searchsorted(self.offsets, stop - 1, side="right")) - 1
-            pieces = [self.parts[i][max(start - self.offsets[i], 0):stop - self.offsets[i]]
-                      for i in range(first, last + 1)]
+            pieces = [
+                self.parts[i][max(start - self.offsets[i], 0) : stop - self.offsets[i]]
+                for i in range(first, last + 1)
+            ]
             return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         index = int(key) + (n if key < 0 else 0)
         if not 0 <= index < n:
@@ -77,8 +79,10 @@ class TokenShards:
         try:
             self.index: dict[str, Any] = json.loads(index_path.read_text(encoding="utf-8"))
         except FileNotFoundError as e:
-            raise UserError(f"{self.path} is not a token-shard folder (no index.json; make one with "
-                            "`openseek-hal data tokenize`)") from e
+            raise UserError(
+                f"{self.path} is not a token-shard folder (no index.json; make one with "
+                "`openseek-hal data tokenize`)"
+            ) from e
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read {index_path}: {e}") from e
         if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
@@ -90,7 +94,9 @@ class TokenShards:
         for s in self.shards:
             f = self.path / s["file"]
             if not f.is_file() or f.stat().st_size != s["tokens"] * self.dtype.itemsize:
-                raise UserError(f"token shard {f} is missing or has the wrong size (expected {s['tokens']} tokens)")
+                raise UserError(
+                    f"token shard {f} is missing or has the wrong size (expected {s['tokens']} tokens)"
+                )
 
     @property
     def num_tokens(self) -> int:
@@ -115,7 +121,7 @@ class TokenShards:
         return np.fromfile(self.path / self.shards[i]["index"], dtype="<u8")
 
     def tokens(self) -> np.ndarray | ConcatenatedTokens:
-        """All tokens in shard order: a ``np.memmap`` for one shard, a ``ConcatenatedTokens`` view for more."""
+        """All tokens in shard order: a ``np.memmap`` (one shard) or a ``ConcatenatedTokens`` view."""
         parts = [self.shard(i) for i in range(len(self.shards)) if self.shards[i]["tokens"]]
         if not parts:
             return np.zeros(0, dtype=self.dtype)

@@ -57,8 +57,11 @@ class ChatClient:
         return base if base.endswith("/chat/completions") else base + "/chat/completions"
 
     def complete(self, prompt: str) -> str:
-        body: dict[str, Any] = {"model": self.model, "temperature": self.temperature,
-                                "messages": [{"role": "user", "content": prompt}]}
+        body: dict[str, Any] = {
+            "model": self.model,
+            "temperature": self.temperature,
+            "messages": [{"role": "user", "content": prompt}],
+        }
         if self.max_tokens:
             body["max_tokens"] = self.max_tokens
         headers = {"Content-Type": "application/json"}
@@ -70,8 +73,10 @@ class ChatClient:
                 reply = json.loads(resp.read().decode("utf-8"))
         except urllib.error.HTTPError as e:
             if e.code in (401, 403, 404):
-                raise UserError(f"{self.url} answered HTTP {e.code} ({e.reason}); check --endpoint, --model and "
-                                "the API key") from e
+                raise UserError(
+                    f"{self.url} answered HTTP {e.code} ({e.reason}); check --endpoint, --model and "
+                    "the API key"
+                ) from e
             raise TransientError(f"HTTP {e.code}") from e
         except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
             raise TransientError(str(e)) from e
@@ -92,7 +97,7 @@ def with_retries(client: ChatClient, fn, *args):
         except TransientError:
             if attempt == client.retries:
                 raise
-            time.sleep(client.retry_wait * 2 ** attempt)
+            time.sleep(client.retry_wait * 2**attempt)
     raise AssertionError("unreachable")
 
 
@@ -126,13 +131,16 @@ def segments(text: str, segment_chars: int) -> list[str]:
 def parse_qa(reply: str) -> list[dict[str, str]]:
     start, end = reply.find("["), reply.rfind("]")
     try:
-        items = json.loads(reply[start:end + 1]) if 0 <= start < end else None
+        items = json.loads(reply[start : end + 1]) if 0 <= start < end else None
     except json.JSONDecodeError:
         items = None
     if not isinstance(items, list):
         raise TransientError("QA reply holds no JSON array")
-    pairs = [{"question": str(i["question"]).strip(), "answer": str(i["answer"]).strip()}
-             for i in items if isinstance(i, dict) and "question" in i and "answer" in i]
+    pairs = [
+        {"question": str(i["question"]).strip(), "answer": str(i["answer"]).strip()}
+        for i in items
+        if isinstance(i, dict) and "question" in i and "answer" in i
+    ]
     if not pairs:
         raise TransientError("QA reply holds no question/answer pairs")
     return pairs
@@ -153,7 +161,9 @@ class Synthesizer:
 
     def run(self, text: str) -> dict[str, Any]:
         if self.mode == "qa":
-            return {"qa": with_retries(self.client, lambda: parse_qa(self._ask(self.prompts[0], document=text)))}
+            return {
+                "qa": with_retries(self.client, lambda: parse_qa(self._ask(self.prompts[0], document=text)))
+            }
         summary_t, chain_t, query_t = self.prompts
         summaries = [self._ask(summary_t, document=seg) for seg in segments(text, self.segment_chars)]
         numbered = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(summaries))
@@ -166,16 +176,23 @@ def _done_ids(path: Path) -> set[str]:
     if not path.exists():
         return set()
     data = path.read_bytes()
-    complete = data[:data.rfind(b"\n") + 1]
+    complete = data[: data.rfind(b"\n") + 1]
     if len(complete) != len(data):
         with open(path, "r+b") as fh:
             fh.truncate(len(complete))
     return {json.loads(line)["source_id"] for line in complete.decode("utf-8").splitlines() if line.strip()}
 
 
-def synthesize(inputs: list[str], out_dir: Path, synthesizer: Synthesizer, text_key: str = "text",
-               id_key: str | None = None, concurrency: int = 4, limit: int | None = None,
-               quiet: bool = False) -> Stats:
+def synthesize(
+    inputs: list[str],
+    out_dir: Path,
+    synthesizer: Synthesizer,
+    text_key: str = "text",
+    id_key: str | None = None,
+    concurrency: int = 4,
+    limit: int | None = None,
+    quiet: bool = False,
+) -> Stats:
     if concurrency < 1:
         raise UserError("--concurrency must be at least 1")
     files = discover(inputs)
@@ -183,8 +200,14 @@ def synthesize(inputs: list[str], out_dir: Path, synthesizer: Synthesizer, text_
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / OUTPUT
     done = _done_ids(out_path)
-    stats = Stats("synthesize", config={"mode": synthesizer.mode, "model": synthesizer.client.model,
-                                        "endpoint": synthesizer.client.endpoint})
+    stats = Stats(
+        "synthesize",
+        config={
+            "mode": synthesizer.mode,
+            "model": synthesizer.client.model,
+            "endpoint": synthesizer.client.endpoint,
+        },
+    )
     stats.extra["skipped_already_done"] = 0
     start = time.perf_counter()
 
@@ -211,10 +234,14 @@ def synthesize(inputs: list[str], out_dir: Path, synthesizer: Synthesizer, text_
         except TransientError as e:
             return source_id, text, str(e)
 
-    with ThreadPoolExecutor(concurrency) as pool, open(out_path, "a", encoding="utf-8") as fh, \
-            progress(f"synthesize ({synthesizer.mode})", quiet) as advance:
-        for source_id, text, result in windowed(lambda it: pool.submit(work, it), lambda f: f.result(),
-                                                  todo(), 2 * concurrency):
+    with (
+        ThreadPoolExecutor(concurrency) as pool,
+        open(out_path, "a", encoding="utf-8") as fh,
+        progress(f"synthesize ({synthesizer.mode})", quiet) as advance,
+    ):
+        for source_id, text, result in windowed(
+            lambda it: pool.submit(work, it), lambda f: f.result(), todo(), 2 * concurrency
+        ):
             if isinstance(result, str):
                 stats.removed["failed_after_retries"] += 1
                 stats.extra.setdefault("failures", []).append({"source_id": source_id, "error": result})
@@ -228,4 +255,3 @@ def synthesize(inputs: list[str], out_dir: Path, synthesizer: Synthesizer, text_
     stats.seconds = time.perf_counter() - start
     report(stats, out_dir, quiet)
     return stats
-

@@ -35,8 +35,12 @@ def train_bpe(texts: Iterator[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[TRAINED_EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[TRAINED_EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -59,7 +63,9 @@ def find_eos(tok, eos_token: str | None) -> int:
     for cand in EOS_CANDIDATES:
         if cand in vocab:
             return vocab[cand]
-    raise UserError(f"the tokenizer has none of {', '.join(EOS_CANDIDATES)}; name its EOS token with --eos-token")
+    raise UserError(
+        f"the tokenizer has none of {', '.join(EOS_CANDIDATES)}; name its EOS token with --eos-token"
+    )
 
 
 class _EncodeBatch:
@@ -77,8 +83,9 @@ class _EncodeBatch:
         texts = [d[self.text_key] for raw in batch if (d := parse(raw, self.text_key, malformed)) is not None]
         encs = self.tok.encode_batch(texts, add_special_tokens=False) if texts else []
         lengths = np.array([len(e.ids) + 1 for e in encs], dtype=np.int64)
-        ids = np.fromiter((i for e in encs for i in (*e.ids, self.eos_id)), dtype=self.dtype,
-                          count=int(lengths.sum()))
+        ids = np.fromiter(
+            (i for e in encs for i in (*e.ids, self.eos_id)), dtype=self.dtype, count=int(lengths.sum())
+        )
         return ids, lengths, malformed, sum(len(t.encode("utf-8")) for t in texts)
 
 
@@ -110,8 +117,8 @@ class _ShardSink:
             take = max(take, 1)
             chunk_len = int(ends[take - 1])
             tok_start = int(lengths[:start].sum())
-            self._fh.write(ids[tok_start:tok_start + chunk_len].tobytes())
-            self._offsets.extend((self._tokens + np.concatenate(([0], ends[:take - 1]))).tolist())
+            self._fh.write(ids[tok_start : tok_start + chunk_len].tobytes())
+            self._offsets.extend((self._tokens + np.concatenate(([0], ends[: take - 1]))).tolist())
             self._tokens += chunk_len
             start += take
             if self._tokens >= self.shard_tokens:
@@ -124,8 +131,9 @@ class _ShardSink:
         os.replace(self.out_dir / f".{bin_name}.tmp{os.getpid()}", self.out_dir / bin_name)
         np.array(self._offsets + [self._tokens], dtype="<u8").tofile(self.out_dir / f".{idx_name}.tmp")
         os.replace(self.out_dir / f".{idx_name}.tmp", self.out_dir / idx_name)
-        self.shards.append({"file": bin_name, "index": idx_name, "tokens": self._tokens,
-                            "documents": len(self._offsets)})
+        self.shards.append(
+            {"file": bin_name, "index": idx_name, "tokens": self._tokens, "documents": len(self._offsets)}
+        )
         self._fh, self._offsets, self._tokens = None, [], 0
 
     def close(self) -> None:
@@ -143,12 +151,22 @@ class _ShardSink:
             self._fh = None
 
 
-def tokenize(inputs: list[str], out: OutputOptions, tokenizer_path: str | None = None,
-             vocab_size: int | None = None, eos_token: str | None = None, text_key: str = "text",
-             shard_tokens: int = 100_000_000, workers: int = 1, executor: str = "local",
-             batch_size: int = 256) -> Stats:
+def tokenize(
+    inputs: list[str],
+    out: OutputOptions,
+    tokenizer_path: str | None = None,
+    vocab_size: int | None = None,
+    eos_token: str | None = None,
+    text_key: str = "text",
+    shard_tokens: int = 100_000_000,
+    workers: int = 1,
+    executor: str = "local",
+    batch_size: int = 256,
+) -> Stats:
     if (tokenizer_path is None) == (vocab_size is None):
-        raise UserError("give exactly one of --tokenizer FILE (use it) or --vocab-size N (train a BPE on the input)")
+        raise UserError(
+            "give exactly one of --tokenizer FILE (use it) or --vocab-size N (train a BPE on the input)"
+        )
     if shard_tokens < 1:
         raise UserError("--shard-tokens must be at least 1")
     files = discover(inputs)
@@ -161,7 +179,9 @@ def tokenize(inputs: list[str], out: OutputOptions, tokenizer_path: str | None =
     else:
         if vocab_size < 257:
             raise UserError("--vocab-size must be at least 257 (256 bytes + EOS)")
-        texts = (d[text_key] for raw in iter_raw(files) if (d := parse(raw, text_key, Malformed())) is not None)
+        texts = (
+            d[text_key] for raw in iter_raw(files) if (d := parse(raw, text_key, Malformed())) is not None
+        )
         tok, source = train_bpe(texts, vocab_size), f"trained on the input (vocab {vocab_size})"
     eos_id = find_eos(tok, eos_token)
     vocab = tok.get_vocab_size(with_added_tokens=True)
@@ -172,8 +192,11 @@ def tokenize(inputs: list[str], out: OutputOptions, tokenizer_path: str | None =
     try:
         with progress("tokenize", out.quiet) as advance:
             for ids, lengths, malformed, nbytes in ordered_map(
-                    _EncodeBatch(tokenizer_json, eos_id, dtype, text_key), batched(iter_raw(files), batch_size),
-                    workers, executor):
+                _EncodeBatch(tokenizer_json, eos_id, dtype, text_key),
+                batched(iter_raw(files), batch_size),
+                workers,
+                executor,
+            ):
                 sink.add(ids, lengths)
                 stats.docs_in += len(lengths)
                 stats.bytes_in += nbytes
@@ -184,17 +207,30 @@ def tokenize(inputs: list[str], out: OutputOptions, tokenizer_path: str | None =
         raise
     sink.close()
     index = {
-        "format": FORMAT, "version": VERSION, "dtype": dtype.name, "vocab_size": vocab, "eos_id": eos_id,
-        "tokenizer": {"file": "tokenizer.json", "source": source,
-                      "sha256": hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest()},
-        "text_key": text_key, "shards": sink.shards,
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype.name,
+        "vocab_size": vocab,
+        "eos_id": eos_id,
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "source": source,
+            "sha256": hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest(),
+        },
+        "text_key": text_key,
+        "shards": sink.shards,
     }
     atomic_write_text(out.out_dir / "index.json", json.dumps(index, indent=2, ensure_ascii=False) + "\n")
     stats.docs_out = stats.docs_in
     stats.seconds = time.perf_counter() - start
     total = sum(s["tokens"] for s in sink.shards)
-    stats.extra.update(tokens=total, shards=len(sink.shards), vocab_size=vocab, dtype=dtype.name,
-                       tokens_per_second=round(total / max(stats.seconds, 1e-9), 1))
+    stats.extra.update(
+        tokens=total,
+        shards=len(sink.shards),
+        vocab_size=vocab,
+        dtype=dtype.name,
+        tokens_per_second=round(total / max(stats.seconds, 1e-9), 1),
+    )
     stats.config = {"tokenizer": source, "eos_id": eos_id, "shard_tokens": shard_tokens, "text_key": text_key}
     report(stats, out.out_dir, out.quiet)
     return stats

@@ -23,11 +23,12 @@ def reply_for(prompt: str) -> str:
     body = prompt.rsplit(":\n", 1)[-1].strip()
     words = body.split()
     if "JSON array" in prompt:
-        return 'Sure:\n[{"question": "What comes first in %s?", "answer": "%s"}]' % (words[0], words[0])
+        pair = {"question": f"What comes first in {words[0]}?", "answer": words[0]}
+        return "Sure:\n" + json.dumps([pair])
     if prompt.startswith("Summarize"):
         return "SUMMARY[" + " ".join(words[:3]) + "]"
     if "Summaries:" in prompt:
-        return "COT[%d]" % len(body.splitlines())
+        return f"COT[{len(body.splitlines())}]"
     return "QUERY[" + body + "]"
 
 

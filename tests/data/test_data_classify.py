@@ -11,8 +11,10 @@ from conftest import read_output, write_jsonl
 
 from openseek_hal.data.classifier import ClassifierConfig, QualityClassifier, features
 
-GOOD = ("the theorem states that every bounded sequence of real numbers has a convergent subsequence "
-        "which follows from the completeness of the real line and the nested interval property").split()
+GOOD = (
+    "the theorem states that every bounded sequence of real numbers has a convergent subsequence "
+    "which follows from the completeness of the real line and the nested interval property"
+).split()
 SPAM = "buy cheap now click here free win casino pills discount best offer limited 点击 免费 优惠".split()
 
 
@@ -40,15 +42,17 @@ def test_train_score_filter(cli, tmp_path):
     metrics = json.loads(out)
     assert metrics["valid_accuracy"] == 1.0 and metrics["classes"] == [0, 1] and metrics["malformed"] == 1
     assert "missing or non-int/str label" in err
-    test = write_jsonl(tmp_path / "test.jsonl", [{k: v for k, v in r.items() if k != "label"}
-                                                  for r in _labelled(20, 1)])
+    test = write_jsonl(
+        tmp_path / "test.jsonl", [{k: v for k, v in r.items() if k != "label"} for r in _labelled(20, 1)]
+    )
     code, _, _ = cli("data", "classify", test, "-o", tmp_path / "scored", "-m", tmp_path / "m.npz", "-q")
     assert code == 0
     scored = read_output(tmp_path / "scored")
     assert [d["quality_score"] > 0.5 for d in scored] == [i % 2 == 1 for i in range(20)]
     assert all(set(d) == {"id", "text", "quality_score"} for d in scored)
-    code, _, _ = cli("data", "classify", test, "-o", tmp_path / "kept", "-m", tmp_path / "m.npz",
-                     "--min-score", 0.5, "-q")
+    code, _, _ = cli(
+        "data", "classify", test, "-o", tmp_path / "kept", "-m", tmp_path / "m.npz", "--min-score", 0.5, "-q"
+    )
     assert [d["id"] for d in read_output(tmp_path / "kept")] == list(range(1, 20, 2))
 
 

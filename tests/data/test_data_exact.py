@@ -16,17 +16,19 @@ def _brute_force(docs: list[bytes], n: int) -> np.ndarray:
     buf = b"\xff".join(docs) + b"\xff"
     removed = np.zeros(len(buf), dtype=bool)
     for p in range(len(buf) - n + 1):
-        w = buf[p:p + n]
+        w = buf[p : p + n]
         if b"\xff" not in w and buf.find(w) < p:
-            removed[p:p + n] = True
+            removed[p : p + n] = True
     return buf, removed
 
 
 def test_repeated_mask_matches_brute_force():
     rng = random.Random(0)
     for _ in range(300):
-        docs = ["".join(rng.choice("abé中") for _ in range(rng.randrange(0, 25))).encode()
-                for _ in range(rng.randrange(1, 5))]
+        docs = [
+            "".join(rng.choice("abé中") for _ in range(rng.randrange(0, 25))).encode()
+            for _ in range(rng.randrange(1, 5))
+        ]
         n = rng.randrange(1, 9)
         buf, want = _brute_force(docs, n)
         arr = np.frombuffer(bytearray(buf), dtype=np.uint8)
@@ -71,7 +73,11 @@ def test_dedup_exact_stage(cli, tmp_path):
 def test_dedup_exact_shards_find_repeats_within_a_shard(cli, tmp_path):
     docs = [{"text": BOILER + str(i)} for i in range(4)]
     inp = write_jsonl(tmp_path / "in.jsonl", docs)
-    assert cli("data", "dedup-exact", inp, "-o", tmp_path / "out", "--min-bytes", 20, "--shard-bytes", 130,
-               "-q")[0] == 0
+    assert (
+        cli(
+            "data", "dedup-exact", inp, "-o", tmp_path / "out", "--min-bytes", 20, "--shard-bytes", 130, "-q"
+        )[0]
+        == 0
+    )
     # Shards of two documents: the second of each pair loses the boilerplate.
     assert [d["text"] for d in read_output(tmp_path / "out")] == [BOILER + "0", "1", BOILER + "2", "3"]

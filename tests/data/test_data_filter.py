@@ -13,8 +13,19 @@ from openseek_hal.errors import ConfigError
 
 
 def test_sentence_splitter_english_and_chinese():
-    assert split_sentences("Pi is 3.14. Really? Yes!\nNew line") == ["Pi is 3.14.", "Really?", "Yes!", "New line"]
-    assert split_sentences("今天下雨了。你去吗？我不去！好；再见") == ["今天下雨了。", "你去吗？", "我不去！", "好；", "再见"]
+    assert split_sentences("Pi is 3.14. Really? Yes!\nNew line") == [
+        "Pi is 3.14.",
+        "Really?",
+        "Yes!",
+        "New line",
+    ]
+    assert split_sentences("今天下雨了。你去吗？我不去！好；再见") == [
+        "今天下雨了。",
+        "你去吗？",
+        "我不去！",
+        "好；",
+        "再见",
+    ]
     assert avg_sentence_chars("ab. cdef.") == pytest.approx((3 + 5) / 2)
 
 
@@ -38,14 +49,35 @@ DOCS = [
 
 def test_filter_rules_exact_output(cli, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", DOCS, ("not json",))
-    code, _, err = cli("data", "filter", inp, "-o", tmp_path / "out", "--min-chars", 10, "--max-chars", 200,
-                       "--min-avg-sentence-chars", 4, "--max-flagged-ratio", 0.3, "--t2s", "-q")
+    code, _, err = cli(
+        "data",
+        "filter",
+        inp,
+        "-o",
+        tmp_path / "out",
+        "--min-chars",
+        10,
+        "--max-chars",
+        200,
+        "--min-avg-sentence-chars",
+        4,
+        "--max-flagged-ratio",
+        0.3,
+        "--t2s",
+        "-q",
+    )
     assert code == 0
     assert read_output(tmp_path / "out") == [
-        DOCS[0], {"id": 5, "text": "这是一个繁体中文的句子。我们来测试转换。", "src": "zh"}]
+        DOCS[0],
+        {"id": 5, "text": "这是一个繁体中文的句子。我们来测试转换。", "src": "zh"},
+    ]
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert stats["removed"] == {"max_chars": 1, "max_flagged_ratio": 2, "min_avg_sentence_chars": 1,
-                                "min_chars": 1}
+    assert stats["removed"] == {
+        "max_chars": 1,
+        "max_flagged_ratio": 2,
+        "min_avg_sentence_chars": 1,
+        "min_chars": 1,
+    }
     assert (stats["docs_in"], stats["docs_out"], stats["malformed"]["count"]) == (7, 2, 1)
     assert stats["malformed"]["first"][0]["line"] == 8
     assert f"{inp}:8" in err  # the first malformed lines are also reported on stderr
@@ -54,9 +86,23 @@ def test_filter_rules_exact_output(cli, tmp_path):
 def test_yaml_config_with_cli_override_and_user_word_list(cli, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", DOCS)
     (tmp_path / "words.txt").write_text("# mine\ngood\n")
-    (tmp_path / "f.yaml").write_text("min_chars: 1000\nmax_flagged_ratio: 0.1\ndefault_flagged_words: false\n")
-    code, _, _ = cli("data", "filter", inp, "-o", tmp_path / "out", "--config", tmp_path / "f.yaml",
-                     "--min-chars", 5, "--flagged-words", tmp_path / "words.txt", "-q")
+    (tmp_path / "f.yaml").write_text(
+        "min_chars: 1000\nmax_flagged_ratio: 0.1\ndefault_flagged_words: false\n"
+    )
+    code, _, _ = cli(
+        "data",
+        "filter",
+        inp,
+        "-o",
+        tmp_path / "out",
+        "--config",
+        tmp_path / "f.yaml",
+        "--min-chars",
+        5,
+        "--flagged-words",
+        tmp_path / "words.txt",
+        "-q",
+    )
     assert code == 0
     # "good" is flagged now (2 of 8 words in doc 0); the default list is off, so doc 4 stays.
     assert [d["id"] for d in read_output(tmp_path / "out")] == [2, 3, 4, 5, 6]
@@ -74,8 +120,24 @@ def test_unknown_yaml_rule_is_a_clear_error(cli, tmp_path):
 def test_workers_give_identical_output(cli, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", DOCS * 50)
     for workers in (1, 2):
-        assert cli("data", "filter", inp, "-o", tmp_path / f"w{workers}", "--min-chars", 10, "--t2s",
-                   "--workers", workers, "--shard-docs", 60, "-q")[0] == 0
+        assert (
+            cli(
+                "data",
+                "filter",
+                inp,
+                "-o",
+                tmp_path / f"w{workers}",
+                "--min-chars",
+                10,
+                "--t2s",
+                "--workers",
+                workers,
+                "--shard-docs",
+                60,
+                "-q",
+            )[0]
+            == 0
+        )
     one, two = sorted((tmp_path / "w1").glob("part-*")), sorted((tmp_path / "w2").glob("part-*"))
     assert [p.name for p in one] == [p.name for p in two] and len(one) == 5  # 300 kept docs
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two))

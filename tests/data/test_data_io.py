@@ -25,12 +25,15 @@ def test_reads_parquet(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist([{"id": 1, "text": "a"}, {"id": 2, "text": None}]), tmp_path / "x.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"id": 1, "text": "a"}, {"id": 2, "text": None}]), tmp_path / "x.parquet"
+    )
     malformed = Malformed()
     docs = [parse(r, "text", malformed) for r in iter_raw(discover([tmp_path]))]
     assert docs == [{"id": 1, "text": "a"}, None]
-    assert malformed.first == [{"file": str(tmp_path / "x.parquet"), "line": 2,
-                                "error": "missing or non-string field 'text'"}]
+    assert malformed.first == [
+        {"file": str(tmp_path / "x.parquet"), "line": 2, "error": "missing or non-string field 'text'"}
+    ]
 
 
 def test_malformed_lines_are_counted_with_location(tmp_path):
@@ -39,8 +42,11 @@ def test_malformed_lines_are_counted_with_location(tmp_path):
     docs = [d for r in iter_raw([path]) if (d := parse(r, "text", malformed)) is not None]
     assert docs == ROWS[:1]
     assert [(m["line"], m["error"].split(":")[0]) for m in malformed.first] == [
-        (2, "invalid JSON"), (3, "not a JSON object"), (4, "missing or non-string field 'text'"),
-        (5, "missing or non-string field 'text'")]
+        (2, "invalid JSON"),
+        (3, "not a JSON object"),
+        (4, "missing or non-string field 'text'"),
+        (5, "missing or non-string field 'text'"),
+    ]
 
 
 def test_discover_folder_and_errors(tmp_path):
@@ -62,7 +68,9 @@ def test_shard_writer_is_atomic_and_replaces_a_previous_run(tmp_path):
     for r in ROWS:
         w.write(json.dumps(r) + "\n")
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "part-00000.jsonl.gz", "part-00001.jsonl.gz"]  # the third shard is still a hidden temp file
+        "part-00000.jsonl.gz",
+        "part-00001.jsonl.gz",
+    ]  # the third shard is still a hidden temp file
     w.close()
     assert read_output(out) == ROWS
     w = ShardWriter(out, shard_docs=10, compression="gz")
@@ -86,9 +94,12 @@ def test_cli_refuses_output_folder_holding_the_input(cli, tmp_path):
 def test_cli_ray_without_ray_says_how_to_install(cli, tmp_path):
     try:
         import ray  # noqa: F401
+
         pytest.skip("ray is installed")
     except ImportError:
         pass
     write_jsonl(tmp_path / "in.jsonl", ROWS)
-    code, _, err = cli("data", "filter", tmp_path / "in.jsonl", "-o", tmp_path / "o", "--executor", "ray", "-q")
+    code, _, err = cli(
+        "data", "filter", tmp_path / "in.jsonl", "-o", tmp_path / "o", "--executor", "ray", "-q"
+    )
     assert code == 2 and "pip install 'ray[default]'" in err

@@ -27,13 +27,24 @@ def _ref_shingles(text: str, n: int) -> list[int]:
     """Spec of the shingle hash, in Python integers: polynomial hash of the normalized span, mixed."""
     norm = normalize(text)
     spans = [(m.start(), m.end()) for m in TOKEN.finditer(norm)]
-    pieces = ([norm[spans[k][0]:spans[k + n - 1][1]] for k in range(len(spans) - n + 1)] if len(spans) >= n
-              else [norm[spans[0][0]:spans[-1][1]]] if spans else [])
+    pieces = (
+        [norm[spans[k][0] : spans[k + n - 1][1]] for k in range(len(spans) - n + 1)]
+        if len(spans) >= n
+        else [norm[spans[0][0] : spans[-1][1]]]
+        if spans
+        else []
+    )
     return [_ref_mix(sum(ord(ch) * pow(_P, i, 1 << 64) for i, ch in enumerate(p)) & MASK) for p in pieces]
 
 
-TEXTS = ["Hello, World!  This is   a test of 42 shingles; really.", "中文文本的测试，看看字符五元组。",
-         "mixed 中文 and English words together here", "", "short one", "ÉCOLE Ｆｕｌｌｗｉｄｔｈ ① text \x01 ctl"]
+TEXTS = [
+    "Hello, World!  This is   a test of 42 shingles; really.",
+    "中文文本的测试，看看字符五元组。",
+    "mixed 中文 and English words together here",
+    "",
+    "short one",
+    "ÉCOLE Ｆｕｌｌｗｉｄｔｈ ① text \x01 ctl",
+]
 
 
 def test_normalize():
@@ -67,7 +78,7 @@ def test_components_match_union_find():
         edges = [(rng.randrange(n), rng.randrange(n)) for _ in range(rng.randrange(0, 80))]
         parent = list(range(n))
 
-        def find(x):
+        def find(x, parent=parent):
             while parent[x] != x:
                 x = parent[x]
             return x
@@ -86,17 +97,24 @@ def test_splitmix64_is_the_reference_mixer():
     assert splitmix64(np.array(xs, dtype=np.uint64)).tolist() == [_ref_mix(x) for x in xs]
 
 
-EN = ("The quick brown fox jumps over the lazy dog while the farmer watches from the old wooden fence "
-      "and the sun sets slowly behind the hills of the quiet green valley far away from the city")
-ZH = "春天来了，山上的花都开了，孩子们在田野里奔跑，老人坐在门口晒太阳，河水缓缓流过村庄，远处传来鸟儿的歌声，人们开始新一年的耕种"
+EN = (
+    "The quick brown fox jumps over the lazy dog while the farmer watches from the old wooden fence "
+    "and the sun sets slowly behind the hills of the quiet green valley far away from the city"
+)
+ZH = ("春天来了，山上的花都开了，孩子们在田野里奔跑，老人坐在门口晒太阳，"
+      "河水缓缓流过村庄，远处传来鸟儿的歌声，人们开始新一年的耕种")
 
 
 def _corpus() -> list[dict]:
     docs = [
         {"id": "en", "text": EN, "lang": "en"},
         {"id": "zh", "text": ZH, "lang": "zh"},
-        {"id": "other", "text": "Completely different content about databases, indexes and query planners "
-                                "that shares nothing with the other documents at all in any way.", "lang": "en"},
+        {
+            "id": "other",
+            "text": "Completely different content about databases, indexes and query planners "
+            "that shares nothing with the other documents at all in any way.",
+            "lang": "en",
+        },
         {"id": "en-copy", "text": EN.upper() + "!!!", "lang": "en"},  # identical after normalization
         {"id": "zh-copy", "text": ZH.replace("，", "。"), "lang": "zh"},
         {"id": "en-edit", "text": EN.replace("lazy", "sleepy"), "lang": "en"},
@@ -117,11 +135,18 @@ def test_dedup_minhash_stage(cli, tmp_path):
     # least one band with probability 0.69 at 14x8, and does with these hashes. Empty texts are never
     # candidates.
     clusters = [json.loads(line) for line in (tmp_path / "out" / "clusters.jsonl").read_text().splitlines()]
-    assert clusters == [{"removed": "en-copy", "kept": "en"}, {"removed": "zh-copy", "kept": "zh"},
-                        {"removed": "en-edit", "kept": "en"}]
+    assert clusters == [
+        {"removed": "en-copy", "kept": "en"},
+        {"removed": "zh-copy", "kept": "zh"},
+        {"removed": "en-edit", "kept": "en"},
+    ]
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert (stats["docs_in"], stats["docs_out"], stats["removed"], stats["clusters"]) == (
-        8, 5, {"minhash_duplicate": 3}, 2)
+        8,
+        5,
+        {"minhash_duplicate": 3},
+        2,
+    )
     assert stats["malformed"]["count"] == 1
 
 
@@ -136,10 +161,12 @@ def test_dedup_minhash_same_output_any_workers(cli, tmp_path, workers):
     inp = write_jsonl(tmp_path / "in.jsonl", docs)
     for w in (1, workers):
         assert cli("data", "dedup-minhash", inp, "-o", tmp_path / f"o{w}", "--workers", w, "-q")[0] == 0
-    assert (tmp_path / "o1" / "part-00000.jsonl").read_bytes() == (tmp_path / f"o{workers}" /
-                                                                    "part-00000.jsonl").read_bytes()
-    assert (tmp_path / "o1" / "clusters.jsonl").read_bytes() == (tmp_path / f"o{workers}" /
-                                                                  "clusters.jsonl").read_bytes()
+    assert (tmp_path / "o1" / "part-00000.jsonl").read_bytes() == (
+        tmp_path / f"o{workers}" / "part-00000.jsonl"
+    ).read_bytes()
+    assert (tmp_path / "o1" / "clusters.jsonl").read_bytes() == (
+        tmp_path / f"o{workers}" / "clusters.jsonl"
+    ).read_bytes()
     # Every third document repeats the previous one; random 40-word texts are far apart.
     removed = [json.loads(line) for line in (tmp_path / "o1" / "clusters.jsonl").read_text().splitlines()]
     assert len(removed) == 100

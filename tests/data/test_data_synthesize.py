@@ -16,8 +16,11 @@ from openseek_hal.data.synth import segments
 
 @pytest.fixture(scope="module")
 def server():
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fake_llm_server.py"))],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("fake_llm_server.py"))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = int(proc.stdout.readline())
         yield f"http://127.0.0.1:{port}/v1"
@@ -36,8 +39,25 @@ DOCS = [{"id": f"d{i}", "text": f"Word{i} alpha beta gamma.\n\nSecond paragraph 
 
 def _run(cli, tmp_path, server, *extra):
     inp = tmp_path / "in.jsonl"
-    return cli("data", "synthesize", inp, "-o", tmp_path / "out", "--endpoint", server, "--model", "fake",
-               "--id-key", "id", "--retry-wait", 0.001, "--concurrency", 3, "-q", *extra)
+    return cli(
+        "data",
+        "synthesize",
+        inp,
+        "-o",
+        tmp_path / "out",
+        "--endpoint",
+        server,
+        "--model",
+        "fake",
+        "--id-key",
+        "id",
+        "--retry-wait",
+        0.001,
+        "--concurrency",
+        3,
+        "-q",
+        *extra,
+    )
 
 
 def test_segments_split_at_paragraphs():
@@ -60,8 +80,11 @@ def test_qa_resumes_without_repeating_work(cli, tmp_path, server, monkeypatch):
     assert _answered(server) - before == 5  # only the three missing documents were asked for
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["source_id"] for r in rows] == ["d0", "d1", "d2", "d3", "d4"]
-    assert rows[3] == {"source_id": "d3", "source": DOCS[3]["text"],
-                       "qa": [{"question": "What comes first in Word3?", "answer": "Word3"}]}
+    assert rows[3] == {
+        "source_id": "d3",
+        "source": DOCS[3]["text"],
+        "qa": [{"question": "What comes first in Word3?", "answer": "Word3"}],
+    }
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["skipped_already_done"] == 2 and stats["docs_out"] == 3 and stats["malformed"]["count"] == 1
 
@@ -71,9 +94,13 @@ def test_long_cot_backward(cli, tmp_path, server):
     code, _, _ = _run(cli, tmp_path, server, "--mode", "cot", "--segment-chars", 20)
     assert code == 0
     rows = [json.loads(line) for line in (tmp_path / "out" / "synth.jsonl").read_text().splitlines()]
-    assert rows[1] == {"source_id": "d1", "source": DOCS[1]["text"],
-                       "summaries": ["SUMMARY[Word1 alpha beta]", "SUMMARY[Second paragraph 1]"],
-                       "cot": "COT[2]", "query": "QUERY[COT[2]]"}
+    assert rows[1] == {
+        "source_id": "d1",
+        "source": DOCS[1]["text"],
+        "summaries": ["SUMMARY[Word1 alpha beta]", "SUMMARY[Second paragraph 1]"],
+        "cot": "COT[2]",
+        "query": "QUERY[COT[2]]",
+    }
 
 
 def test_failures_are_counted_not_fatal_and_bad_key_is_one_error(cli, tmp_path, server, monkeypatch):

@@ -12,8 +12,12 @@ from tokenizers import Tokenizer
 from openseek_hal.data.shards import ConcatenatedTokens, TokenShards, dtype_for
 from openseek_hal.errors import UserError
 
-TEXTS = ["The cat sat on the mat.", "机器学习是人工智能的一个分支。", "Numbers: 3.14159 and 2.71828!",
-         "Mixed 中英文 text, with ünïcödé."] * 30
+TEXTS = [
+    "The cat sat on the mat.",
+    "机器学习是人工智能的一个分支。",
+    "Numbers: 3.14159 and 2.71828!",
+    "Mixed 中英文 text, with ünïcödé.",
+] * 30
 
 
 def test_dtype_choice():
@@ -22,8 +26,9 @@ def test_dtype_choice():
 
 def test_tokenize_trained_bpe_roundtrip(cli, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"text": t, "n": i} for i, t in enumerate(TEXTS)], ("{bad",))
-    code, _, err = cli("data", "tokenize", inp, "-o", tmp_path / "tok", "--vocab-size", 400, "--shard-tokens",
-                       700, "-q")
+    code, _, err = cli(
+        "data", "tokenize", inp, "-o", tmp_path / "tok", "--vocab-size", 400, "--shard-tokens", 700, "-q"
+    )
     assert code == 0 and f"{inp}:121" in err
     shards = TokenShards(tmp_path / "tok")
     index = json.loads((tmp_path / "tok" / "index.json").read_text())
@@ -40,12 +45,14 @@ def test_tokenize_trained_bpe_roundtrip(cli, tmp_path):
         offsets = shards.document_offsets(i)
         ids = np.asarray(shards.shard(i))
         for a, b in zip(offsets[:-1], offsets[1:]):
-            assert ids[b - 1] == shards.eos_id and shards.eos_id not in ids[a:b - 1]
-            assert np.array_equal(all_tokens[base + a:base + b], ids[a:b])
-            decoded.append(tok.decode(ids[a:b - 1].tolist()))
+            assert ids[b - 1] == shards.eos_id and shards.eos_id not in ids[a : b - 1]
+            assert np.array_equal(all_tokens[base + a : base + b], ids[a:b])
+            decoded.append(tok.decode(ids[a : b - 1].tolist()))
         base += len(ids)
     assert decoded == TEXTS
-    assert np.array_equal(np.asarray(all_tokens), np.concatenate([shards.shard(i) for i in range(len(index["shards"]))]))
+    assert np.array_equal(
+        np.asarray(all_tokens), np.concatenate([shards.shard(i) for i in range(len(index["shards"]))])
+    )
     assert all_tokens[-1] == shards.eos_id
 
 
@@ -53,8 +60,21 @@ def test_tokenize_given_tokenizer_deterministic_across_workers(cli, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in TEXTS])
     assert cli("data", "tokenize", inp, "-o", tmp_path / "a", "--vocab-size", 300, "-q")[0] == 0
     for w in (1, 2):
-        assert cli("data", "tokenize", inp, "-o", tmp_path / f"w{w}", "--tokenizer", tmp_path / "a" / "tokenizer.json",
-                   "--workers", w, "-q")[0] == 0
+        assert (
+            cli(
+                "data",
+                "tokenize",
+                inp,
+                "-o",
+                tmp_path / f"w{w}",
+                "--tokenizer",
+                tmp_path / "a" / "tokenizer.json",
+                "--workers",
+                w,
+                "-q",
+            )[0]
+            == 0
+        )
     one, two = TokenShards(tmp_path / "w1"), TokenShards(tmp_path / "w2")
     assert isinstance(one.tokens(), np.memmap)
     assert np.array_equal(one.tokens(), TokenShards(tmp_path / "a").tokens())
