@@ -25,63 +25,55 @@ from .runner import OutputOptions, Stats, progress, report
 _SEP = 0xFF
 
 
-def repeated_mask(buf: np.ndarray, doc_ends: np.ndarray, min_bytes: int) -> np.ndarray:
-    """Bool mask of bytes of ``buf`` to remove: later occurrences of spans of >= ``min_bytes`` bytes.
+def repeated_spans(buf: np.ndarray, doc_ends: np.ndarray, min_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Byte ranges ``[starts[i], ends[i])`` of ``buf`` to cut: later copies of spans >= ``min_bytes``.
 
-    ``doc_ends`` are the separator positions (ascending); no marked window crosses one.
+    ``doc_ends`` are the separator positions (ascending); no range crosses one. Ranges are disjoint,
+    ascending, and shrunk to whole UTF-8 characters.
     """
     from pydivsufsort import divsufsort, kasai
 
-    n = len(buf)
-    removed = np.zeros(n, dtype=bool)
-    if n <= min_bytes:
-        return removed
+    empty = np.zeros(0, dtype=np.int64)
+    if len(buf) <= min_bytes:
+        return empty, empty
     sa = divsufsort(buf)
     lcp = kasai(buf, sa)  # lcp[i] = common prefix of suffixes sa[i] and sa[i + 1]
     link = lcp[:-1] >= min_bytes
     del lcp
     members = np.flatnonzero(np.concatenate((link, [False])) | np.concatenate(([False], link)))
     if len(members) == 0:
-        return removed
+        return empty, empty
     starts_group = np.ones(len(members), dtype=bool)
     inner = members > 0
     starts_group[inner] = ~link[members[inner] - 1]
-    pos = sa[members].astype(np.int64)
-    del sa, link
-    group_start = np.flatnonzero(starts_group)
-    first = np.minimum.reduceat(pos, group_start)[np.cumsum(starts_group) - 1]
-    later = pos[pos != first]
+    pos = sa[members]
+    del sa, link, members, inner
+    group = np.cumsum(starts_group, dtype=np.int64) - 1
+    first = np.minimum.reduceat(pos, np.flatnonzero(starts_group))[group]
+    later = pos[pos != first].astype(np.int64)
+    del pos, first, group, starts_group
     end_of_doc = doc_ends[np.searchsorted(doc_ends, later)]
     marked = np.sort(later[later + min_bytes <= end_of_doc])
     if len(marked) == 0:
-        return removed
-    # Merge the windows [s, s + min_bytes) into disjoint intervals, then paint them.
+        return empty, empty
+    # Merge the windows [s, s + min_bytes) into disjoint intervals.
     reach = np.maximum.accumulate(marked + min_bytes)
     new = np.concatenate(([True], marked[1:] > reach[:-1]))
-    iv_start = marked[new]
-    iv_end = reach[np.concatenate((np.flatnonzero(new)[1:] - 1, [len(marked) - 1]))]
-    paint = np.zeros(n + 1, dtype=np.int8)
-    paint[iv_start] += 1
-    paint[iv_end] -= 1
-    removed = np.cumsum(paint[:-1], dtype=np.int8) > 0
-    return _whole_chars(buf, removed)
-
-
-def _whole_chars(buf: np.ndarray, removed: np.ndarray) -> np.ndarray:
-    """Un-remove every byte of a UTF-8 character that is only partly removed."""
-    char_start = np.flatnonzero((buf & 0xC0) != 0x80)
-    keep_char = np.maximum.reduceat(~removed, char_start)
-    lengths = np.diff(np.concatenate((char_start, [len(buf)])))
-    return ~np.repeat(keep_char, lengths)
+    starts = marked[new]
+    ends = reach[np.concatenate((np.flatnonzero(new)[1:] - 1, [len(marked) - 1]))]
+    # A range edge inside a character moves inwards to a character boundary (<= 3 continuation bytes).
+    for _ in range(3):
+        starts = starts + ((buf[starts] & 0xC0) == 0x80)
+        ends = ends - ((ends < len(buf)) & ((buf[np.minimum(ends, len(buf) - 1)] & 0xC0) == 0x80))
+    keep = starts < ends
+    return starts[keep], ends[keep]
 
 
 def _cut_intervals(
-    removed: np.ndarray, doc_ends: np.ndarray, first_doc: int
+    starts: np.ndarray, ends: np.ndarray, doc_ends: np.ndarray, first_doc: int
 ) -> dict[int, list[tuple[int, int]]]:
-    """Removed byte runs as ``{doc index: [(start, end) in the document's bytes]}``."""
-    edges = np.diff(np.concatenate(([False], removed, [False])).astype(np.int8))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    docs = np.searchsorted(doc_ends, starts)  # runs never cross a separator
+    """Ranges as ``{doc index: [(start, end) in the document's bytes]}``."""
+    docs = np.searchsorted(doc_ends, starts)
     doc_begin = np.concatenate(([0], doc_ends[:-1] + 1))
     cuts: dict[int, list[tuple[int, int]]] = {}
     for d, a, b in zip(docs.tolist(), starts.tolist(), ends.tolist()):
@@ -121,7 +113,7 @@ def dedup_exact(
         nonlocal buf, lengths, first_doc, shards
         arr = np.frombuffer(buf, dtype=np.uint8)
         doc_ends = np.cumsum(np.array(lengths, dtype=np.int64) + 1) - 1
-        cuts.update(_cut_intervals(repeated_mask(arr, doc_ends, min_bytes), doc_ends, first_doc))
+        cuts.update(_cut_intervals(*repeated_spans(arr, doc_ends, min_bytes), doc_ends, first_doc))
         del arr
         first_doc += len(lengths)
         buf, lengths, shards = bytearray(), [], shards + 1

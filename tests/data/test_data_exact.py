@@ -8,7 +8,7 @@ import random
 import numpy as np
 from conftest import read_output, write_jsonl
 
-from openseek_hal.data.dedup_exact import repeated_mask
+from openseek_hal.data.dedup_exact import repeated_spans
 
 
 def _brute_force(docs: list[bytes], n: int) -> np.ndarray:
@@ -22,7 +22,7 @@ def _brute_force(docs: list[bytes], n: int) -> np.ndarray:
     return buf, removed
 
 
-def test_repeated_mask_matches_brute_force():
+def test_repeated_spans_match_brute_force():
     rng = random.Random(0)
     for _ in range(300):
         docs = [
@@ -33,7 +33,10 @@ def test_repeated_mask_matches_brute_force():
         buf, want = _brute_force(docs, n)
         arr = np.frombuffer(bytearray(buf), dtype=np.uint8)
         ends = np.cumsum([len(d) + 1 for d in docs]) - 1
-        got = repeated_mask(arr, ends, n)
+        starts, ends = repeated_spans(arr, ends, n)
+        got = np.zeros(len(buf), dtype=bool)
+        for a, b in zip(starts, ends):
+            got[a:b] = True
         # A character only partly inside a repeat is kept whole.
         starts = [i for i in range(len(buf)) if buf[i] & 0xC0 != 0x80]
         for s, e in zip(starts, starts[1:] + [len(buf)]):
