@@ -6,9 +6,12 @@ import json
 import random
 
 import numpy as np
+import pytest
 from conftest import read_output, write_jsonl
 
 from openseek_hal.data.dedup_exact import repeated_spans
+
+pytest.importorskip("pydivsufsort", reason="the data extra is not installed")
 
 
 def _brute_force(docs: list[bytes], n: int) -> np.ndarray:

@@ -48,6 +48,7 @@ DOCS = [
 
 
 def test_filter_rules_exact_output(cli, tmp_path):
+    pytest.importorskip("opencc", reason="the data extra is not installed")
     inp = write_jsonl(tmp_path / "in.jsonl", DOCS, ("not json",))
     code, _, err = cli(
         "data",
@@ -118,6 +119,7 @@ def test_unknown_yaml_rule_is_a_clear_error(cli, tmp_path):
 
 
 def test_workers_give_identical_output(cli, tmp_path):
+    pytest.importorskip("opencc", reason="the data extra is not installed")
     inp = write_jsonl(tmp_path / "in.jsonl", DOCS * 50)
     for workers in (1, 2):
         assert (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import read_output, write_jsonl
 
 from openseek_hal.data.shards import TokenShards
@@ -20,6 +21,7 @@ def _docs() -> list[dict]:
 
 
 def test_pipeline_matches_stages_run_by_hand(cli, tmp_path):
+    pytest.importorskip("opencc", reason="the data extra is not installed")
     write_jsonl(tmp_path / "in.jsonl", _docs())
     (tmp_path / "p.yaml").write_text(
         "input: [in.jsonl]\noutput: work\nworkers: 1\nstages:\n"
