@@ -4,7 +4,8 @@ The corpus is built from the same real sentences as ``minhash_bench.py`` (Englis
 gettext catalogs and man pages on this machine); a quarter of the documents get one of 200 boilerplate
 blocks (real text too, 150-600 bytes) inserted at a random place, so the repeated bytes are known.
 The stage runs in a subprocess; peak RSS is reported in full and above the process's RSS just before
-the run (Python, numpy, torch via the package, pydivsufsort, rich), against the corpus size and the suffix array size.
+the run (Python, numpy, torch via the package, pydivsufsort, rich), against the corpus size and the
+suffix array size.
 
 Usage:  python benchmarks/data/exact_bench.py --mb 64 --work /tmp/exbench
 """
