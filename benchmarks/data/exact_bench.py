@@ -58,7 +58,7 @@ def rss_mb() -> float:
     return 0.0
 
 
-def child(corpus: Path, out: Path, min_bytes: int) -> None:
+def child(corpus: Path, out: Path, min_bytes: int, low_memory: bool) -> None:
     import pydivsufsort  # noqa: F401 - fixed-size imports happen before the baseline RSS
     import rich.progress  # noqa: F401
 
@@ -68,14 +68,26 @@ def child(corpus: Path, out: Path, min_bytes: int) -> None:
     base = rss_mb()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    stats = dedup_exact([str(corpus)], OutputOptions(out, quiet=True), min_bytes=min_bytes)
+    stats = dedup_exact(
+        [str(corpus)], OutputOptions(out, quiet=True), min_bytes=min_bytes, low_memory=low_memory
+    )
     wall = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     peak = cpu1.ru_maxrss / 1024
-    print(json.dumps({"wall_s": wall, "cpu_s": cpu, "rss_before_mb": base, "peak_rss_mb": peak,
-                      "bytes_in": stats.bytes_in, "bytes_removed": stats.extra["bytes_removed"],
-                      "docs_changed": stats.extra["docs_changed"]}))
+    print(
+        json.dumps(
+            {
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "rss_before_mb": base,
+                "peak_rss_mb": peak,
+                "bytes_in": stats.bytes_in,
+                "bytes_removed": stats.extra["bytes_removed"],
+                "docs_changed": stats.extra["docs_changed"],
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -84,23 +96,45 @@ def main() -> None:
     ap.add_argument("--min-bytes", type=int, default=100)
     ap.add_argument("--work", type=Path, default=Path("/tmp/exbench"))
     ap.add_argument("--child", action="store_true")
+    ap.add_argument("--low-memory", action="store_true")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     corpus = args.work / f"corpus_{args.mb}mb.jsonl"
     if args.child:
-        return child(corpus, args.work / "out", args.min_bytes)
-    info = build(corpus, args.mb << 20)
-    res = subprocess.run([sys.executable, __file__, "--child", "--mb", str(args.mb), "--min-bytes",
-                          str(args.min_bytes), "--work", str(args.work)], check=True, capture_output=True,
-                         text=True)
+        return child(corpus, args.work / "out", args.min_bytes, args.low_memory)
+    info_path = corpus.with_suffix(".info.json")
+    if not info_path.exists():
+        info_path.write_text(json.dumps(build(corpus, args.mb << 20)))
+    info = json.loads(info_path.read_text())
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--mb",
+        str(args.mb),
+        "--min-bytes",
+        str(args.min_bytes),
+        "--work",
+        str(args.work),
+    ] + (["--low-memory"] if args.low_memory else [])
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
     run = json.loads(res.stdout.strip().splitlines()[-1])
     corpus_mb = info["text_bytes"] / 2**20
     sa_mb = info["text_bytes"] * (4 if info["text_bytes"] < 2**31 else 8) / 2**20
-    result = {**info, **run, "corpus_mb": corpus_mb, "suffix_array_mb": sa_mb,
-              "mb_per_s_wall": corpus_mb / run["wall_s"], "mb_per_s_cpu": corpus_mb / run["cpu_s"],
-              "peak_above_start_mb": run["peak_rss_mb"] - run["rss_before_mb"]}
+    result = {
+        **info,
+        **run,
+        "corpus_mb": corpus_mb,
+        "suffix_array_mb": sa_mb,
+        "mb_per_s_wall": corpus_mb / run["wall_s"],
+        "mb_per_s_cpu": corpus_mb / run["cpu_s"],
+        "peak_above_start_mb": run["peak_rss_mb"] - run["rss_before_mb"],
+    }
     result["peak_above_start_over_corpus_plus_sa"] = result["peak_above_start_mb"] / (corpus_mb + sa_mb)
-    (args.work / "results.json").write_text(json.dumps(result, indent=2))
+    result["low_memory"] = args.low_memory
+    (args.work / f"results{'_low_memory' if args.low_memory else ''}.json").write_text(
+        json.dumps(result, indent=2)
+    )
     print(json.dumps(result, indent=2))
 
 

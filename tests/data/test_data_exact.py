@@ -25,18 +25,19 @@ def _brute_force(docs: list[bytes], n: int) -> np.ndarray:
     return buf, removed
 
 
-def test_repeated_spans_match_brute_force():
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_repeated_spans_match_brute_force(low_memory):
     rng = random.Random(0)
     for _ in range(300):
         docs = [
             "".join(rng.choice("abé中") for _ in range(rng.randrange(0, 25))).encode()
             for _ in range(rng.randrange(1, 5))
         ]
-        n = rng.randrange(1, 9)
+        n = rng.randrange(1, 20)
         buf, want = _brute_force(docs, n)
         arr = np.frombuffer(bytearray(buf), dtype=np.uint8)
         ends = np.cumsum([len(d) + 1 for d in docs]) - 1
-        starts, ends = repeated_spans(arr, ends, n)
+        starts, ends = repeated_spans(arr, ends, n, low_memory)
         got = np.zeros(len(buf), dtype=bool)
         for a, b in zip(starts, ends):
             got[a:b] = True

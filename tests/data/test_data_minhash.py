@@ -101,8 +101,10 @@ EN = (
     "The quick brown fox jumps over the lazy dog while the farmer watches from the old wooden fence "
     "and the sun sets slowly behind the hills of the quiet green valley far away from the city"
 )
-ZH = ("春天来了，山上的花都开了，孩子们在田野里奔跑，老人坐在门口晒太阳，"
-      "河水缓缓流过村庄，远处传来鸟儿的歌声，人们开始新一年的耕种")
+ZH = (
+    "春天来了，山上的花都开了，孩子们在田野里奔跑，老人坐在门口晒太阳，"
+    "河水缓缓流过村庄，远处传来鸟儿的歌声，人们开始新一年的耕种"
+)
 
 
 def _corpus() -> list[dict]:
