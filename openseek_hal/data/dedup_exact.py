@@ -58,6 +58,38 @@ def _links_by_words(buf: np.ndarray, sa: np.ndarray, min_bytes: int, chunk: int 
     return link
 
 
+_CHUNK = 1 << 22  # suffix-array entries / bytes per vectorized step: bounds the temporaries
+
+
+def _mark_later_copies(sa: np.ndarray, link: np.ndarray, doc_ends: np.ndarray, min_bytes: int) -> np.ndarray:
+    """Bool per byte: a window of ``min_bytes`` starts here that occurred earlier in the same shard.
+
+    Each run of linked suffix-array neighbours shares one window; all but its smallest position are
+    later copies. Windows crossing a document end are ignored. Runs never straddle a chunk: a chunk
+    ends where the link is off.
+    """
+    n = len(sa)
+    later = np.zeros(n, dtype=bool)
+    lo = 0
+    while lo < n - 1:
+        hi = min(lo + _CHUNK, n - 1)
+        while hi < n - 1 and link[hi - 1]:  # extend to the end of the current run
+            window = link[hi : hi + (1 << 16)]
+            hi += len(window) if window.all() else int(np.argmin(window)) + 1
+        chunk = link[lo:hi]
+        members = np.flatnonzero(np.concatenate((chunk, [False])) | np.concatenate(([False], chunk)))
+        if len(members):
+            starts_group = np.ones(len(members), dtype=bool)
+            starts_group[1:] = ~chunk[members[1:] - 1]
+            pos = sa[lo + members].astype(np.int64)
+            first = np.minimum.reduceat(pos, np.flatnonzero(starts_group))[np.cumsum(starts_group) - 1]
+            copies = pos[pos != first]
+            valid = copies + min_bytes <= doc_ends[np.searchsorted(doc_ends, copies)]
+            later[copies[valid]] = True
+        lo = hi
+    return later
+
+
 def repeated_spans(
     buf: np.ndarray, doc_ends: np.ndarray, min_bytes: int, low_memory: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -75,27 +107,22 @@ def repeated_spans(
         return empty, empty
     sa = divsufsort(buf)
     link = (_links_by_words if low_memory else _links_kasai)(buf, sa, min_bytes)
-    members = np.flatnonzero(np.concatenate((link, [False])) | np.concatenate(([False], link)))
-    if len(members) == 0:
-        return empty, empty
-    starts_group = np.ones(len(members), dtype=bool)
-    inner = members > 0
-    starts_group[inner] = ~link[members[inner] - 1]
-    pos = sa[members]
-    del sa, link, members, inner
-    group = np.cumsum(starts_group, dtype=np.int64) - 1
-    first = np.minimum.reduceat(pos, np.flatnonzero(starts_group))[group]
-    later = pos[pos != first].astype(np.int64)
-    del pos, first, group, starts_group
-    end_of_doc = doc_ends[np.searchsorted(doc_ends, later)]
-    marked = np.sort(later[later + min_bytes <= end_of_doc])
-    if len(marked) == 0:
-        return empty, empty
-    # Merge the windows [s, s + min_bytes) into disjoint intervals.
-    reach = np.maximum.accumulate(marked + min_bytes)
-    new = np.concatenate(([True], marked[1:] > reach[:-1]))
-    starts = marked[new]
-    ends = reach[np.concatenate((np.flatnonzero(new)[1:] - 1, [len(marked) - 1]))]
+    later = _mark_later_copies(sa, link, doc_ends, min_bytes)
+    del sa, link
+    # Byte p is removed when a marked window starts in (p - min_bytes, p]: a windowed count, in chunks.
+    count = np.cumsum(later, dtype=np.int32)
+    del later
+    removed = np.zeros(len(buf) + 1, dtype=np.int8)  # one spare zero so runs always end
+    for lo in range(0, len(buf), _CHUNK):
+        hi = min(lo + _CHUNK, len(buf))
+        behind = np.zeros(hi - lo, dtype=np.int32)
+        src = np.arange(lo, hi) - min_bytes
+        behind[src >= 0] = count[src[src >= 0]]
+        removed[lo:hi] = count[lo:hi] > behind
+    del count
+    edges = np.diff(removed, prepend=np.int8(0))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    del removed, edges
     # A range edge inside a character moves inwards to a character boundary (<= 3 continuation bytes).
     for _ in range(3):
         starts = starts + ((buf[starts] & 0xC0) == 0x80)

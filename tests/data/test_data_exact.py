@@ -25,8 +25,9 @@ def _brute_force(docs: list[bytes], n: int) -> np.ndarray:
     return buf, removed
 
 
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_repeated_spans_match_brute_force(low_memory):
+@pytest.mark.parametrize("low_memory,chunk", [(False, 1 << 22), (True, 1 << 22), (False, 3)])
+def test_repeated_spans_match_brute_force(low_memory, chunk, monkeypatch):
+    monkeypatch.setattr("openseek_hal.data.dedup_exact._CHUNK", chunk)  # 3: every step crosses chunks
     rng = random.Random(0)
     for _ in range(300):
         docs = [
