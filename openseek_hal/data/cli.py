@@ -176,16 +176,34 @@ def dedup_minhash_cmd(
 @click.option(
     "--low-memory",
     is_flag=True,
-    help="No LCP array: about 6 instead of 13 bytes of RAM per text byte, slower.",
+    help="No LCP array: about 10 instead of 13 bytes of RAM per text byte, slower (bytes only).",
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Work on token ids of this tokenizers JSON file instead of bytes.",
+)
+@click.option(
+    "--min-tokens", default=50, show_default=True, help="With --tokenizer: minimum repeated span in tokens."
 )
 def dedup_exact_cmd(
-    inputs, out_dir, text_key, shard_docs, compression, quiet, min_bytes, shard_bytes, low_memory
+    inputs,
+    out_dir,
+    text_key,
+    shard_docs,
+    compression,
+    quiet,
+    min_bytes,
+    shard_bytes,
+    low_memory,
+    tokenizer,
+    min_tokens,
 ) -> None:
     """Exact substring deduplication with a suffix array: later copies of long repeated spans are cut."""
     from .dedup_exact import dedup_exact
 
     out = _out(out_dir, shard_docs, compression, quiet)
-    dedup_exact(list(inputs), out, min_bytes, text_key, shard_bytes, low_memory)
+    dedup_exact(list(inputs), out, min_bytes, text_key, shard_bytes, low_memory, tokenizer, min_tokens)
 
 
 @data.command("decontaminate")

@@ -123,6 +123,8 @@ def repeated_spans(
     edges = np.diff(removed, prepend=np.int8(0))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     del removed, edges
+    if buf.dtype != np.uint8:  # token ids: every unit is whole
+        return starts, ends
     # A range edge inside a character moves inwards to a character boundary (<= 3 continuation bytes).
     for _ in range(3):
         starts = starts + ((buf[starts] & 0xC0) == 0x80)
@@ -143,13 +145,47 @@ def _cut_intervals(
     return cuts
 
 
-def _apply_cuts(data: bytes, cuts: list[tuple[int, int]]) -> str:
+def _apply_cuts(data, cuts: list[tuple[int, int]]):
     pieces, at = [], 0
     for a, b in cuts:
         pieces.append(data[at:a])
         at = b
     pieces.append(data[at:])
-    return b"".join(pieces).decode("utf-8")
+    return data[:0].join(pieces)
+
+
+class _Bytes:
+    """Units are UTF-8 bytes; 0xFF (never in UTF-8) separates documents."""
+
+    dtype, sep = np.uint8, _SEP
+
+    def encode(self, text: str) -> bytes:
+        return text.encode("utf-8")
+
+    def cut(self, text: str, cuts: list[tuple[int, int]]) -> str:
+        return _apply_cuts(text.encode("utf-8"), cuts).decode("utf-8")
+
+
+class _Tokens:
+    """Units are token ids of a ``tokenizers`` JSON file; the id ``vocab_size`` separates documents.
+
+    Cuts in tokens become cuts in characters through the tokenizer's offsets.
+    """
+
+    dtype = np.int32
+
+    def __init__(self, tokenizer_path: str):
+        from .tokenize import load_tokenizer
+
+        self.tok = load_tokenizer(tokenizer_path)
+        self.sep = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def cut(self, text: str, cuts: list[tuple[int, int]]) -> str:
+        offsets = self.tok.encode(text, add_special_tokens=False).offsets
+        return _apply_cuts(text, [(offsets[a][0], offsets[b - 1][1]) for a, b in cuts])
 
 
 def dedup_exact(
@@ -159,16 +195,27 @@ def dedup_exact(
     text_key: str = "text",
     shard_bytes: int = 1 << 30,
     low_memory: bool = False,
+    tokenizer: str | None = None,
+    min_tokens: int = 50,
 ) -> Stats:
-    """Two passes: find the cuts shard by shard holding only text bytes, then stream and apply them."""
-    if min_bytes < 1:
-        raise UserError("--min-bytes must be at least 1")
+    """Two passes: find the cuts shard by shard holding only the units, then stream and apply them.
+
+    Units are UTF-8 bytes (repeats of ``min_bytes``), or token ids of ``tokenizer`` (``min_tokens``).
+    """
+    min_units = min_tokens if tokenizer else min_bytes
+    if min_units < 1:
+        raise UserError("--min-bytes and --min-tokens must be at least 1")
+    if tokenizer and low_memory:
+        raise UserError("--low-memory works on bytes only; drop it or --tokenizer")
     files = discover(inputs)
     check_output_dir(out.out_dir, files)
+    units = _Tokens(tokenizer) if tokenizer else _Bytes()
     stats = Stats(
         "dedup-exact",
         config={
-            "min_bytes": min_bytes,
+            "unit": "tokens" if tokenizer else "bytes",
+            "min_units": min_units,
+            "tokenizer": tokenizer,
             "text_key": text_key,
             "shard_bytes": shard_bytes,
             "low_memory": low_memory,
@@ -176,37 +223,44 @@ def dedup_exact(
     )
     start = time.perf_counter()
     cuts: dict[int, list[tuple[int, int]]] = {}
-    buf, lengths, first_doc, shards = bytearray(), [], 0, 0
+    pieces: list = []
+    lengths: list[int] = []
+    size = first_doc = shards = 0
 
     def flush() -> None:
-        nonlocal buf, lengths, first_doc, shards
-        arr = np.frombuffer(buf, dtype=np.uint8)
+        nonlocal pieces, lengths, size, first_doc, shards
+        if units.dtype == np.uint8:
+            arr = np.frombuffer(bytearray().join(pieces), dtype=np.uint8)
+        else:
+            arr = np.concatenate(pieces)
+        pieces = []
         doc_ends = np.cumsum(np.array(lengths, dtype=np.int64) + 1) - 1
-        cuts.update(
-            _cut_intervals(*repeated_spans(arr, doc_ends, min_bytes, low_memory), doc_ends, first_doc)
-        )
+        spans = repeated_spans(arr, doc_ends, min_units, low_memory)
         del arr
+        cuts.update(_cut_intervals(*spans, doc_ends, first_doc))
         first_doc += len(lengths)
-        buf, lengths, shards = bytearray(), [], shards + 1
+        lengths, size, shards = [], 0, shards + 1
 
+    sep = bytes([_SEP]) if units.dtype == np.uint8 else np.array([units.sep], dtype=np.int32)
+    itemsize = np.dtype(units.dtype).itemsize
     with progress("exact dedup: suffix arrays", out.quiet) as advance:
         for raw in iter_raw(files):
             doc = parse(raw, text_key, stats.malformed)
             if doc is None:
                 continue
-            data = doc[text_key].encode("utf-8")
-            buf += data
-            buf.append(_SEP)
+            data = units.encode(doc[text_key])
+            pieces += [data, sep]
             lengths.append(len(data))
+            size += (len(data) + 1) * itemsize
             stats.docs_in += 1
-            stats.bytes_in += len(data)
-            if len(buf) >= shard_bytes:
+            stats.bytes_in += len(doc[text_key].encode("utf-8"))
+            if size >= shard_bytes:
                 advance(len(lengths))
                 flush()
         if lengths:
             advance(len(lengths))
             flush()
-    _write(files, cuts, out, text_key, stats)
+    _write(files, cuts, units, out, text_key, stats)
     stats.seconds = time.perf_counter() - start
     stats.extra.update(
         shards=shards,
@@ -219,7 +273,7 @@ def dedup_exact(
 
 
 def _write(
-    files, cuts: dict[int, list[tuple[int, int]]], out: OutputOptions, text_key: str, stats: Stats
+    files, cuts: dict[int, list[tuple[int, int]]], units, out: OutputOptions, text_key: str, stats: Stats
 ) -> None:
     writer = ShardWriter(out.out_dir, out.shard_docs, out.compression)
     i = 0
@@ -233,7 +287,7 @@ def _write(
                 i += 1
                 advance()
                 if cut is not None:
-                    doc = {**doc, text_key: _apply_cuts(doc[text_key].encode("utf-8"), cut)}
+                    doc = {**doc, text_key: units.cut(doc[text_key], cut)}
                     if not doc[text_key].strip():  # nothing but repeats: drop it rather than keep a husk
                         stats.removed["exact_duplicate_doc"] += 1
                         continue

@@ -89,3 +89,50 @@ def test_dedup_exact_shards_find_repeats_within_a_shard(cli, tmp_path):
     )
     # Shards of two documents: the second of each pair loses the boilerplate.
     assert [d["text"] for d in read_output(tmp_path / "out")] == [BOILER + "0", "1", BOILER + "2", "3"]
+
+
+def test_dedup_exact_over_token_ids(cli, tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    boiler = "all rights reserved by the site owner since the year"
+    docs = [
+        {"text": f"first page text {boiler}"},
+        {"text": f"second page {boiler} goodbye"},
+        {"text": "third page rights reserved by the site"},
+    ]  # only 5 tokens of it: kept
+    words = sorted({w for d in docs for w in d["text"].split()})
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(tmp_path / "tok.json"))
+    inp = write_jsonl(tmp_path / "in.jsonl", docs)
+    code, _, _ = cli(
+        "data",
+        "dedup-exact",
+        inp,
+        "-o",
+        tmp_path / "out",
+        "--tokenizer",
+        tmp_path / "tok.json",
+        "--min-tokens",
+        6,
+        "-q",
+    )
+    assert code == 0
+    assert [d["text"] for d in read_output(tmp_path / "out")] == [
+        docs[0]["text"],
+        "second page  goodbye",
+        docs[2]["text"],
+    ]
+    code, _, err = cli(
+        "data",
+        "dedup-exact",
+        inp,
+        "-o",
+        tmp_path / "o2",
+        "--tokenizer",
+        tmp_path / "tok.json",
+        "--low-memory",
+    )
+    assert code == 2 and "--low-memory works on bytes only" in err
