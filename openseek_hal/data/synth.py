@@ -10,9 +10,10 @@ Modes:
 
 Calls go to ``{endpoint}/chat/completions`` with the API key from an environment variable. Transient
 failures (connection errors, timeouts, HTTP 429 and 5xx, replies that cannot be parsed) are retried
-with exponential backoff; an HTTP 401/403/404 stops the run with one clear error. Up to ``concurrency``
-documents are in flight; lines are appended in input order, one complete line per document, and a
-rerun skips every ``source_id`` already in the output, so an interrupted run resumes where it stopped.
+with exponential backoff; an HTTP 401/403/404 stops the run with one clear error, and so do three
+failed documents before any succeeded. Up to ``concurrency`` documents are in flight; lines are
+appended in input order, one complete line per document, and a rerun skips every ``source_id``
+already in the output, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .runner import Stats, progress, report
 
 PROMPTS = {"qa": ("qa.txt",), "cot": ("cot_summary.txt", "cot_chain.txt", "cot_query.txt")}
 OUTPUT = "synth.jsonl"
+GIVE_UP_AFTER = 3  # failed documents, with none succeeded, that stop the run
 
 
 class TransientError(Exception):
@@ -245,6 +247,13 @@ def synthesize(
             if isinstance(result, str):
                 stats.removed["failed_after_retries"] += 1
                 stats.extra.setdefault("failures", []).append({"source_id": source_id, "error": result})
+                if stats.docs_out == 0 and stats.removed["failed_after_retries"] >= GIVE_UP_AFTER:
+                    # Nothing has worked yet: a wrong endpoint, not a bad document. Stop instead of
+                    # spending every document's retries.
+                    raise UserError(
+                        f"the first {GIVE_UP_AFTER} documents all failed ({result}); check --endpoint "
+                        f"{synthesizer.client.url} and --model"
+                    )
             else:
                 line = {"source_id": source_id, "source": text, **result}
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")

@@ -113,3 +113,15 @@ def test_failures_are_counted_not_fatal_and_bad_key_is_one_error(cli, tmp_path, 
     monkeypatch.setenv("OPENAI_API_KEY", "bad")
     code, _, err = _run(cli, tmp_path, server)  # "x" is retried, with a key the server refuses
     assert code == 2 and "HTTP 401" in err and "Traceback" not in err
+
+
+def test_unreachable_endpoint_stops_early(cli, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    write_jsonl(tmp_path / "in.jsonl", DOCS)
+    code, _, err = _run(cli, tmp_path, f"http://127.0.0.1:{port}/v1", "--retries", 0)
+    assert code == 2 and "the first 3 documents all failed" in err
+    assert (tmp_path / "out" / "synth.jsonl").read_text() == ""
