@@ -223,17 +223,15 @@ def dedup_exact(
     )
     start = time.perf_counter()
     cuts: dict[int, list[tuple[int, int]]] = {}
-    pieces: list = []
+    # Bytes grow one bytearray in place (no second copy at the end); token ids are concatenated.
+    pieces: bytearray | list = bytearray() if units.dtype == np.uint8 else []
     lengths: list[int] = []
     size = first_doc = shards = 0
 
     def flush() -> None:
         nonlocal pieces, lengths, size, first_doc, shards
-        if units.dtype == np.uint8:
-            arr = np.frombuffer(bytearray().join(pieces), dtype=np.uint8)
-        else:
-            arr = np.concatenate(pieces)
-        pieces = []
+        arr = np.frombuffer(pieces, dtype=np.uint8) if units.dtype == np.uint8 else np.concatenate(pieces)
+        pieces = bytearray() if units.dtype == np.uint8 else []
         doc_ends = np.cumsum(np.array(lengths, dtype=np.int64) + 1) - 1
         spans = repeated_spans(arr, doc_ends, min_units, low_memory)
         del arr
@@ -241,7 +239,7 @@ def dedup_exact(
         first_doc += len(lengths)
         lengths, size, shards = [], 0, shards + 1
 
-    sep = bytes([_SEP]) if units.dtype == np.uint8 else np.array([units.sep], dtype=np.int32)
+    sep = np.array([units.sep], dtype=np.int32)
     itemsize = np.dtype(units.dtype).itemsize
     with progress("exact dedup: suffix arrays", out.quiet) as advance:
         for raw in iter_raw(files):
@@ -249,7 +247,11 @@ def dedup_exact(
             if doc is None:
                 continue
             data = units.encode(doc[text_key])
-            pieces += [data, sep]
+            if isinstance(pieces, bytearray):
+                pieces += data
+                pieces.append(_SEP)
+            else:
+                pieces += [data, sep]
             lengths.append(len(data))
             size += (len(data) + 1) * itemsize
             stats.docs_in += 1
