@@ -32,8 +32,6 @@ _WORKER: BatchWorker | None = None
 
 def _init_worker(worker: BatchWorker) -> None:
     global _WORKER
-    # A worker process must not compete with the pool for cores through library thread pools.
-    os.environ.setdefault("RAYON_NUM_THREADS", "1")
     worker.setup()
     _WORKER = worker
 
@@ -59,6 +57,8 @@ def ordered_map(
         for batch in batches:
             yield worker(batch)
         return
+    # Worker processes replace library threads (tokenizers would otherwise warn in every forked worker).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(worker,)) as pool:
         yield from windowed(
             lambda b: pool.submit(_call_worker, b), lambda f: f.result(), batches, 2 * workers
