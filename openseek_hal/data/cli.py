@@ -1,5 +1,479 @@
-"""`openseek-hal data`: the data pipeline stages."""
+"""`openseek-hal data`: the data pipeline stages as click subcommands.
 
-from ..cli import not_yet
+Each subcommand only parses flags and calls its stage module; stage modules import their optional
+dependencies (OpenCC, pydivsufsort, Ray) when they run, so ``--help`` works without them.
+"""
 
-data = not_yet("data", "issue #7: data tools")
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .executor import EXECUTORS
+from .io import COMPRESSIONS
+from .runner import OutputOptions
+
+
+def _common(f):
+    """Options every stage that reads documents and writes shards shares."""
+    for deco in reversed(
+        [
+            click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str)),
+            click.option(
+                "-o",
+                "--output",
+                "out_dir",
+                required=True,
+                type=click.Path(path_type=Path),
+                help="Output folder (sharded JSONL + stats.json).",
+            ),
+            click.option(
+                "--text-key", default="text", show_default=True, help="Field holding the document text."
+            ),
+            click.option(
+                "--shard-docs", default=100_000, show_default=True, help="Documents per output shard."
+            ),
+            click.option("--compression", type=click.Choice(COMPRESSIONS), default="none", show_default=True),
+            click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary."),
+        ]
+    ):
+        f = deco(f)
+    return f
+
+
+def _parallel(f):
+    f = click.option(
+        "--executor",
+        type=click.Choice(EXECUTORS),
+        default="local",
+        show_default=True,
+        help="local: process pool on this machine; ray: Ray actors (needs ray installed).",
+    )(f)
+    return click.option("--workers", default=1, show_default=True, help="Worker processes.")(f)
+
+
+def _out(out_dir: Path, shard_docs: int, compression: str, quiet: bool) -> OutputOptions:
+    return OutputOptions(out_dir, shard_docs, compression, quiet)
+
+
+@click.group("data")
+def data() -> None:
+    """Data pipeline: filter, dedup, classify, decontaminate, tokenize, synthesize JSONL/Parquet corpora."""
+
+
+@data.command("filter")
+@_common
+@_parallel
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of thresholds.")
+@click.option("--min-chars", type=int)
+@click.option("--max-chars", type=int)
+@click.option("--min-avg-sentence-chars", type=float, help="Minimum mean characters per sentence.")
+@click.option("--max-avg-sentence-chars", type=float, help="Maximum mean characters per sentence.")
+@click.option("--max-flagged-ratio", type=float, help="Maximum share of tokens that are flagged words.")
+@click.option("--t2s/--no-t2s", default=None, help="Convert traditional to simplified Chinese (OpenCC t2s).")
+@click.option(
+    "--flagged-words",
+    "flagged_words_files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Extra flagged-word list (one per line); repeatable.",
+)
+@click.option(
+    "--no-default-flagged-words", is_flag=True, help="Do not use the shipped English/Chinese lists."
+)
+def filter_cmd(
+    inputs,
+    out_dir,
+    text_key,
+    shard_docs,
+    compression,
+    quiet,
+    workers,
+    executor,
+    config_path,
+    flagged_words_files,
+    no_default_flagged_words,
+    **thresholds,
+) -> None:
+    """Drop documents by length, sentence length and flagged words; optionally convert to simplified."""
+    from dataclasses import asdict
+
+    from .filters import FilterConfig, FilterStage
+    from .runner import run_doc_stage
+
+    config = FilterConfig.from_yaml(config_path) if config_path else FilterConfig()
+    config = config.override(
+        **thresholds,
+        flagged_words_files=list(flagged_words_files) or None,
+        default_flagged_words=False if no_default_flagged_words else None,
+    )
+    run_doc_stage(
+        FilterStage(config, text_key),
+        list(inputs),
+        _out(out_dir, shard_docs, compression, quiet),
+        text_key,
+        workers,
+        executor,
+        config=asdict(config),
+    )
+
+
+@data.command("dedup-minhash")
+@_common
+@_parallel
+@click.option("--ngrams", default=5, show_default=True, help="Tokens per shingle (words; Han characters).")
+@click.option("--bands", default=14, show_default=True, help="LSH bands.")
+@click.option("--rows", default=8, show_default=True, help="Rows (hashes) per band.")
+@click.option("--seed", default=1, show_default=True)
+@click.option("--id-key", default=None, help="Field naming documents in clusters.jsonl (default file:line).")
+def dedup_minhash_cmd(
+    inputs,
+    out_dir,
+    text_key,
+    shard_docs,
+    compression,
+    quiet,
+    workers,
+    executor,
+    ngrams,
+    bands,
+    rows,
+    seed,
+    id_key,
+) -> None:
+    """Fuzzy deduplication: MinHash + LSH, keeping the first document of each near-duplicate cluster."""
+    from .dedup_minhash import dedup_minhash
+    from .minhash import MinHashConfig
+
+    if min(ngrams, bands, rows) < 1:
+        raise click.BadParameter("--ngrams, --bands and --rows must be at least 1")
+    dedup_minhash(
+        list(inputs),
+        _out(out_dir, shard_docs, compression, quiet),
+        MinHashConfig(ngrams, bands, rows, seed),
+        text_key,
+        id_key,
+        workers,
+        executor,
+    )
+
+
+@data.command("dedup-exact")
+@_common
+@click.option(
+    "--min-bytes",
+    default=100,
+    show_default=True,
+    help="Remove repeated spans of at least this many bytes (Lee et al. use 50 tokens ~ 100 bytes).",
+)
+@click.option(
+    "--shard-bytes",
+    default=1 << 30,
+    show_default=True,
+    help="Text bytes per suffix-array shard; repeats are found within a shard.",
+)
+@click.option(
+    "--low-memory",
+    is_flag=True,
+    help="No LCP array: about 10 instead of 13 bytes of RAM per text byte, slower (bytes only).",
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Work on token ids of this tokenizers JSON file instead of bytes.",
+)
+@click.option(
+    "--min-tokens", default=50, show_default=True, help="With --tokenizer: minimum repeated span in tokens."
+)
+def dedup_exact_cmd(
+    inputs,
+    out_dir,
+    text_key,
+    shard_docs,
+    compression,
+    quiet,
+    min_bytes,
+    shard_bytes,
+    low_memory,
+    tokenizer,
+    min_tokens,
+) -> None:
+    """Exact substring deduplication with a suffix array: later copies of long repeated spans are cut."""
+    from .dedup_exact import dedup_exact
+
+    out = _out(out_dir, shard_docs, compression, quiet)
+    dedup_exact(list(inputs), out, min_bytes, text_key, shard_bytes, low_memory, tokenizer, min_tokens)
+
+
+@data.command("decontaminate")
+@_common
+@_parallel
+@click.option(
+    "--benchmark",
+    "benchmarks",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=str),
+    help="Benchmark file (JSONL: all string fields; text: one item per line). Repeatable.",
+)
+@click.option(
+    "--ngram", default=13, show_default=True, help="Shared n-gram length (tokens) that contaminates."
+)
+def decontaminate_cmd(
+    inputs, out_dir, text_key, shard_docs, compression, quiet, workers, executor, benchmarks, ngram
+) -> None:
+    """Drop documents sharing an n-gram with any benchmark file."""
+    from .decontaminate import DecontaminateStage
+    from .runner import run_doc_stage
+
+    stage = DecontaminateStage(list(benchmarks), ngram, text_key)
+    stats = run_doc_stage(
+        stage,
+        list(inputs),
+        _out(out_dir, shard_docs, compression, quiet),
+        text_key,
+        workers,
+        executor,
+        config={
+            "benchmarks": list(benchmarks),
+            "ngram": ngram,
+            "short_benchmark_items_skipped": stage.short_items,
+        },
+    )
+    if stage.short_items and not quiet:
+        click.echo(
+            f"note: {stage.short_items} benchmark items shorter than {ngram} tokens were skipped "
+            f"({stats.docs_out} docs kept)",
+            err=True,
+        )
+
+
+@data.command("classify-train")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option(
+    "-m",
+    "--model",
+    "model_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Where to save the model (.npz).",
+)
+@click.option("--text-key", default="text", show_default=True)
+@click.option(
+    "--label-key", default="label", show_default=True, help="Integer score (e.g. 0-5) or string label."
+)
+@click.option("--word-ngrams", default=2, show_default=True)
+@click.option("--buckets", default=1 << 18, show_default=True, help="Hashed feature rows.")
+@click.option("--epochs", default=5, show_default=True)
+@click.option("--lr", default=0.5, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--valid-fraction", default=0.1, show_default=True, help="Held out to report accuracy.")
+def classify_train_cmd(
+    inputs, model_path, text_key, label_key, word_ngrams, buckets, epochs, lr, seed, valid_fraction
+) -> None:
+    """Train a fastText-style quality classifier on labelled JSONL and save it."""
+    import json
+
+    from .classifier import ClassifierConfig, train_from_files
+
+    if not 0 <= valid_fraction < 1:
+        raise click.BadParameter("--valid-fraction must be in [0, 1)")
+    config = ClassifierConfig(word_ngrams=word_ngrams, buckets=buckets, epochs=epochs, lr=lr, seed=seed)
+    metrics = train_from_files(list(inputs), model_path, config, text_key, label_key, valid_fraction)
+    click.echo(json.dumps({k: v for k, v in metrics.items() if k != "malformed_first"}, ensure_ascii=False))
+    for m in metrics["malformed_first"][:5]:
+        click.echo(f"warning: skipped malformed record {m['file']}:{m['line']}: {m['error']}", err=True)
+
+
+@data.command("classify")
+@_common
+@_parallel
+@click.option("-m", "--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--score-key", default="quality_score", show_default=True, help="Field the score is written to."
+)
+@click.option(
+    "--label-key",
+    default="quality_label",
+    show_default=True,
+    help="Field for the predicted label (string-label models only).",
+)
+@click.option("--min-score", type=float, help="Drop documents scoring below this.")
+def classify_cmd(
+    inputs,
+    out_dir,
+    text_key,
+    shard_docs,
+    compression,
+    quiet,
+    workers,
+    executor,
+    model_path,
+    score_key,
+    label_key,
+    min_score,
+) -> None:
+    """Score documents with a trained classifier (adds a score field); optionally filter by score."""
+    from .classifier import ClassifyStage
+    from .runner import run_doc_stage
+
+    stage = ClassifyStage(model_path, text_key, score_key, label_key, min_score)
+    run_doc_stage(
+        stage,
+        list(inputs),
+        _out(out_dir, shard_docs, compression, quiet),
+        text_key,
+        workers,
+        executor,
+        config={"model": str(model_path), "score_key": score_key, "min_score": min_score},
+    )
+
+
+@data.command("tokenize")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output folder: tokens-*.bin/.idx, index.json, tokenizer.json, stats.json.",
+)
+@click.option("--text-key", default="text", show_default=True)
+@click.option(
+    "--tokenizer",
+    "tokenizer_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A tokenizers JSON file to use.",
+)
+@click.option(
+    "--vocab-size", type=int, help="Instead of --tokenizer: train a byte-level BPE of this size here."
+)
+@click.option(
+    "--eos-token", help="Document separator token (default: the first of <|endoftext|>, </s>, ...)."
+)
+@click.option("--shard-tokens", default=100_000_000, show_default=True, help="Tokens per .bin shard.")
+@click.option("-q", "--quiet", is_flag=True)
+@_parallel
+def tokenize_cmd(
+    inputs, out_dir, text_key, tokenizer_path, vocab_size, eos_token, shard_tokens, quiet, workers, executor
+) -> None:
+    """Tokenize documents into memory-mappable training shards (read with openseek_hal.data.shards)."""
+    from .tokenize import tokenize
+
+    tokenize(
+        list(inputs),
+        OutputOptions(out_dir, quiet=quiet),
+        tokenizer_path,
+        vocab_size,
+        eos_token,
+        text_key,
+        shard_tokens,
+        workers,
+        executor,
+    )
+
+
+@data.command("synthesize")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output folder: synth.jsonl (appended, resumable) + stats.json.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["qa", "cot"]),
+    default="qa",
+    show_default=True,
+    help="qa: question/answer pairs; cot: Long-CoT backward synthesis (summaries -> CoT -> query).",
+)
+@click.option("--endpoint", required=True, help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1.")
+@click.option("--model", required=True, help="Model name sent to the endpoint.")
+@click.option(
+    "--api-key-env",
+    default="OPENAI_API_KEY",
+    show_default=True,
+    help="Environment variable holding the API key (unset: no Authorization header).",
+)
+@click.option("--text-key", default="text", show_default=True)
+@click.option("--id-key", default=None, help="Field identifying documents for resuming (default file:line).")
+@click.option("--concurrency", default=4, show_default=True, help="Documents in flight at once.")
+@click.option("--retries", default=5, show_default=True)
+@click.option("--retry-wait", default=1.0, show_default=True, help="First backoff in seconds (doubles).")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds per HTTP request.")
+@click.option("--temperature", default=0.7, show_default=True)
+@click.option("--max-tokens", type=int, default=None)
+@click.option("--segment-chars", default=2000, show_default=True, help="cot mode: characters per segment.")
+@click.option(
+    "--prompts",
+    "prompt_dir",
+    type=click.Path(file_okay=False, exists=True),
+    help="Folder with replacement templates (qa.txt, cot_summary.txt, cot_chain.txt, cot_query.txt).",
+)
+@click.option("--limit", type=int, default=None, help="Stop after this many new documents.")
+@click.option("-q", "--quiet", is_flag=True)
+def synthesize_cmd(
+    inputs,
+    out_dir,
+    mode,
+    endpoint,
+    model,
+    api_key_env,
+    text_key,
+    id_key,
+    concurrency,
+    retries,
+    retry_wait,
+    timeout,
+    temperature,
+    max_tokens,
+    segment_chars,
+    prompt_dir,
+    limit,
+    quiet,
+) -> None:
+    """Generate QA pairs or Long-CoT samples from documents with an OpenAI-compatible chat endpoint."""
+    import os
+
+    from .synth import ChatClient, Synthesizer, load_prompts, synthesize
+
+    client = ChatClient(
+        endpoint,
+        model,
+        os.environ.get(api_key_env) or None,
+        timeout,
+        retries,
+        retry_wait,
+        temperature,
+        max_tokens,
+    )
+    synthesizer = Synthesizer(client, mode, load_prompts(mode, prompt_dir), segment_chars)
+    synthesize(list(inputs), out_dir, synthesizer, text_key, id_key, concurrency, limit, quiet)
+
+
+@data.command("run")
+@click.argument("pipeline_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--executor",
+    type=click.Choice(EXECUTORS),
+    default=None,
+    help="Override the executor of every stage that has one (default: local).",
+)
+@click.option("--dry-run", is_flag=True, help="Print the stage commands without running them.")
+@click.option("-q", "--quiet", is_flag=True)
+def run_cmd(pipeline_file, executor, dry_run, quiet) -> None:
+    """Run a YAML pipeline of stages, each reading the previous stage's output."""
+    import shlex
+
+    from .pipeline import load, plan
+
+    runs = plan(load(pipeline_file), pipeline_file.parent, data, executor, quiet)
+    for argv in runs:
+        click.echo("openseek-hal data " + shlex.join(argv), err=True)
+        if not dry_run:
+            data.main(args=argv, prog_name="openseek-hal data", standalone_mode=False)

@@ -1,0 +1,266 @@
+"""The `synthesize` stage: LLM-written QA pairs and Long-CoT samples through an OpenAI-compatible API.
+
+Modes:
+- ``qa``: one call per document with ``prompts/qa.txt``; the reply must hold a JSON array of
+  ``{"question", "answer"}``; the output line is ``{source_id, source, qa: [...]}``.
+- ``cot`` (Long-CoT backward synthesis): the document is cut into segments of about
+  ``segment_chars`` at paragraph breaks, each segment is summarized (``cot_summary.txt``), a chain of
+  thought is written from the summaries (``cot_chain.txt``), and a query from the chain
+  (``cot_query.txt``); the output line is ``{source_id, source, summaries, cot, query}``.
+
+Calls go to ``{endpoint}/chat/completions`` with the API key from an environment variable. Transient
+failures (connection errors, timeouts, HTTP 429 and 5xx, replies that cannot be parsed) are retried
+with exponential backoff; an HTTP 401/403/404 stops the run with one clear error, and so do three
+failed documents before any succeeded. Up to ``concurrency`` documents are in flight; lines are
+appended in input order, one complete line per document, and a rerun skips every ``source_id``
+already in the output, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from .executor import windowed
+from .io import check_output_dir, discover, iter_raw, parse
+from .runner import Stats, progress, report
+
+PROMPTS = {"qa": ("qa.txt",), "cot": ("cot_summary.txt", "cot_chain.txt", "cot_query.txt")}
+OUTPUT = "synth.jsonl"
+GIVE_UP_AFTER = 3  # failed documents, with none succeeded, that stop the run
+
+
+class TransientError(Exception):
+    """A failure worth retrying (network, rate limit, server error, unparseable reply)."""
+
+
+@dataclass
+class ChatClient:
+    endpoint: str
+    model: str
+    api_key: str | None = None
+    timeout: float = 120.0
+    retries: int = 5
+    retry_wait: float = 1.0
+    temperature: float = 0.7
+    max_tokens: int | None = None
+
+    @property
+    def url(self) -> str:
+        base = self.endpoint.rstrip("/")
+        return base if base.endswith("/chat/completions") else base + "/chat/completions"
+
+    def complete(self, prompt: str) -> str:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "temperature": self.temperature,
+            "messages": [{"role": "user", "content": prompt}],
+        }
+        if self.max_tokens:
+            body["max_tokens"] = self.max_tokens
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, json.dumps(body).encode("utf-8"), headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                reply = json.loads(resp.read().decode("utf-8"))
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403, 404):
+                raise UserError(
+                    f"{self.url} answered HTTP {e.code} ({e.reason}); check --endpoint, --model and "
+                    "the API key"
+                ) from e
+            raise TransientError(f"HTTP {e.code}") from e
+        except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
+            raise TransientError(str(e)) from e
+        try:
+            content = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError) as e:
+            raise TransientError(f"reply without choices[0].message.content: {str(reply)[:200]}") from e
+        if not isinstance(content, str):
+            raise TransientError("reply content is not text")
+        return content
+
+
+def with_retries(client: ChatClient, fn, *args):
+    """``fn(*args)`` retried on ``TransientError`` with exponential backoff; the last error is re-raised."""
+    for attempt in range(client.retries + 1):
+        try:
+            return fn(*args)
+        except TransientError:
+            if attempt == client.retries:
+                raise
+            time.sleep(client.retry_wait * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def load_prompts(mode: str, prompt_dir: str | None) -> list[str]:
+    out = []
+    for name in PROMPTS[mode]:
+        if prompt_dir is not None and (Path(prompt_dir) / name).is_file():
+            out.append((Path(prompt_dir) / name).read_text(encoding="utf-8"))
+        else:
+            out.append(resources.files("openseek_hal.data").joinpath("prompts", name).read_text("utf-8"))
+    return out
+
+
+def segments(text: str, segment_chars: int) -> list[str]:
+    """Paragraph-aligned pieces of about ``segment_chars`` characters (a longer paragraph stays whole)."""
+    pieces: list[str] = []
+    current = ""
+    for para in (p.strip() for p in text.split("\n\n")):
+        if not para:
+            continue
+        if current and len(current) + 2 + len(para) > segment_chars:
+            pieces.append(current)
+            current = para
+        else:
+            current = f"{current}\n\n{para}" if current else para
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def parse_qa(reply: str) -> list[dict[str, str]]:
+    start, end = reply.find("["), reply.rfind("]")
+    try:
+        items = json.loads(reply[start : end + 1]) if 0 <= start < end else None
+    except json.JSONDecodeError:
+        items = None
+    if not isinstance(items, list):
+        raise TransientError("QA reply holds no JSON array")
+    pairs = [
+        {"question": str(i["question"]).strip(), "answer": str(i["answer"]).strip()}
+        for i in items
+        if isinstance(i, dict) and "question" in i and "answer" in i
+    ]
+    if not pairs:
+        raise TransientError("QA reply holds no question/answer pairs")
+    return pairs
+
+
+@dataclass
+class Synthesizer:
+    client: ChatClient
+    mode: str
+    prompts: list[str]
+    segment_chars: int = 2000
+
+    def _ask(self, template: str, **fields: str) -> str:
+        prompt = template
+        for key, value in fields.items():
+            prompt = prompt.replace("{" + key + "}", value)
+        return with_retries(self.client, self.client.complete, prompt).strip()
+
+    def run(self, text: str) -> dict[str, Any]:
+        if self.mode == "qa":
+            return {
+                "qa": with_retries(self.client, lambda: parse_qa(self._ask(self.prompts[0], document=text)))
+            }
+        summary_t, chain_t, query_t = self.prompts
+        summaries = [self._ask(summary_t, document=seg) for seg in segments(text, self.segment_chars)]
+        numbered = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(summaries))
+        cot = self._ask(chain_t, summaries=numbered)
+        return {"summaries": summaries, "cot": cot, "query": self._ask(query_t, cot=cot)}
+
+
+def _done_ids(path: Path) -> set[str]:
+    """``source_id``s already written; a torn last line (from an interrupted run) is cut off first."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with open(path, "r+b") as fh:
+            fh.truncate(len(complete))
+    return {json.loads(line)["source_id"] for line in complete.decode("utf-8").splitlines() if line.strip()}
+
+
+def synthesize(
+    inputs: list[str],
+    out_dir: Path,
+    synthesizer: Synthesizer,
+    text_key: str = "text",
+    id_key: str | None = None,
+    concurrency: int = 4,
+    limit: int | None = None,
+    quiet: bool = False,
+) -> Stats:
+    if concurrency < 1:
+        raise UserError("--concurrency must be at least 1")
+    files = discover(inputs)
+    check_output_dir(out_dir, files)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / OUTPUT
+    done = _done_ids(out_path)
+    stats = Stats(
+        "synthesize",
+        config={
+            "mode": synthesizer.mode,
+            "model": synthesizer.client.model,
+            "endpoint": synthesizer.client.endpoint,
+        },
+    )
+    stats.extra["skipped_already_done"] = 0
+    start = time.perf_counter()
+
+    def todo():
+        submitted = 0
+        for raw in iter_raw(files):
+            doc = parse(raw, text_key, stats.malformed)
+            if doc is None:
+                continue
+            stats.docs_in += 1
+            source_id = str(doc[id_key]) if id_key and id_key in doc else f"{Path(raw.file).name}:{raw.line}"
+            if source_id in done:
+                stats.extra["skipped_already_done"] += 1
+                continue
+            if limit is not None and submitted >= limit:
+                return
+            submitted += 1
+            yield source_id, doc[text_key]
+
+    def work(item: tuple[str, str]) -> tuple[str, str, dict[str, Any] | str]:
+        source_id, text = item
+        try:
+            return source_id, text, synthesizer.run(text)
+        except TransientError as e:
+            return source_id, text, str(e)
+
+    with (
+        ThreadPoolExecutor(concurrency) as pool,
+        open(out_path, "a", encoding="utf-8") as fh,
+        progress(f"synthesize ({synthesizer.mode})", quiet) as advance,
+    ):
+        for source_id, text, result in windowed(
+            lambda it: pool.submit(work, it), lambda f: f.result(), todo(), 2 * concurrency
+        ):
+            if isinstance(result, str):
+                stats.removed["failed_after_retries"] += 1
+                stats.extra.setdefault("failures", []).append({"source_id": source_id, "error": result})
+                if stats.docs_out == 0 and stats.removed["failed_after_retries"] >= GIVE_UP_AFTER:
+                    # Nothing has worked yet: a wrong endpoint, not a bad document. Stop instead of
+                    # spending every document's retries.
+                    raise UserError(
+                        f"the first {GIVE_UP_AFTER} documents all failed ({result}); check --endpoint "
+                        f"{synthesizer.client.url} and --model"
+                    )
+            else:
+                line = {"source_id": source_id, "source": text, **result}
+                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+                fh.flush()
+                stats.docs_out += 1
+            advance()
+    stats.extra["failures"] = stats.extra.get("failures", [])[:20]
+    stats.seconds = time.perf_counter() - start
+    report(stats, out_dir, quiet)
+    return stats

@@ -1,0 +1,174 @@
+"""MinHash: hashes against a pure-Python reference, clustering against union-find, the stage end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from conftest import read_output, write_jsonl
+
+from openseek_hal.data.minhash import _P, MinHashConfig, MinHasher, components, splitmix64
+from openseek_hal.data.text import TOKEN, normalize
+
+MASK = (1 << 64) - 1
+
+
+def _ref_mix(x: int) -> int:
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & MASK
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & MASK
+    return x ^ (x >> 31)
+
+
+def _ref_shingles(text: str, n: int) -> list[int]:
+    """Spec of the shingle hash, in Python integers: polynomial hash of the normalized span, mixed."""
+    norm = normalize(text)
+    spans = [(m.start(), m.end()) for m in TOKEN.finditer(norm)]
+    pieces = (
+        [norm[spans[k][0] : spans[k + n - 1][1]] for k in range(len(spans) - n + 1)]
+        if len(spans) >= n
+        else [norm[spans[0][0] : spans[-1][1]]]
+        if spans
+        else []
+    )
+    return [_ref_mix(sum(ord(ch) * pow(_P, i, 1 << 64) for i, ch in enumerate(p)) & MASK) for p in pieces]
+
+
+TEXTS = [
+    "Hello, World!  This is   a test of 42 shingles; really.",
+    "中文文本的测试，看看字符五元组。",
+    "mixed 中文 and English words together here",
+    "",
+    "short one",
+    "ÉCOLE Ｆｕｌｌｗｉｄｔｈ ① text \x01 ctl",
+]
+
+
+def test_normalize():
+    assert normalize("Hello, World!  It's 2024.\n\tOK") == "hello world it s 0000 ok"
+    assert normalize("Ｆｕｌｌ，全角！１２") == "full 全角 00"
+
+
+def test_shingle_hashes_match_reference():
+    h, doc, count = MinHasher().shingle_hashes(TEXTS)
+    expected = [(i, v) for i, t in enumerate(TEXTS) for v in _ref_shingles(t, 5)]
+    assert list(zip(doc.tolist(), h.tolist())) == expected
+    assert count.tolist() == [len(TOKEN.findall(normalize(t))) for t in TEXTS]
+
+
+def test_signatures_match_reference():
+    hasher = MinHasher(MinHashConfig(num_bands=3, rows_per_band=2))
+    sig, empty = hasher.signatures(TEXTS)
+    for i, t in enumerate(TEXTS):
+        shingles = _ref_shingles(t, 5)
+        for j in range(6):
+            a, b = int(hasher.a[j]), int(hasher.b[j])
+            want = min(((a * s + b) & MASK for s in shingles), default=MASK)
+            assert int(sig[i, j]) == want
+    assert empty.tolist() == [False, False, False, True, False, False]
+
+
+def test_components_match_union_find():
+    rng = random.Random(0)
+    for _ in range(50):
+        n = rng.randrange(1, 60)
+        edges = [(rng.randrange(n), rng.randrange(n)) for _ in range(rng.randrange(0, 80))]
+        parent = list(range(n))
+
+        def find(x, parent=parent):
+            while parent[x] != x:
+                x = parent[x]
+            return x
+
+        for u, v in edges:
+            ru, rv = find(u), find(v)
+            parent[max(ru, rv)] = min(ru, rv)
+        want = [min(j for j in range(n) if find(j) == find(i)) for i in range(n)]
+        u = np.array([e[0] for e in edges], dtype=np.int64)
+        v = np.array([e[1] for e in edges], dtype=np.int64)
+        assert components(n, u, v).tolist() == want
+
+
+def test_splitmix64_is_the_reference_mixer():
+    xs = [0, 1, 12345, MASK]
+    assert splitmix64(np.array(xs, dtype=np.uint64)).tolist() == [_ref_mix(x) for x in xs]
+
+
+EN = (
+    "The quick brown fox jumps over the lazy dog while the farmer watches from the old wooden fence "
+    "and the sun sets slowly behind the hills of the quiet green valley far away from the city"
+)
+ZH = (
+    "春天来了，山上的花都开了，孩子们在田野里奔跑，老人坐在门口晒太阳，"
+    "河水缓缓流过村庄，远处传来鸟儿的歌声，人们开始新一年的耕种"
+)
+
+
+def _corpus() -> list[dict]:
+    docs = [
+        {"id": "en", "text": EN, "lang": "en"},
+        {"id": "zh", "text": ZH, "lang": "zh"},
+        {
+            "id": "other",
+            "text": "Completely different content about databases, indexes and query planners "
+            "that shares nothing with the other documents at all in any way.",
+            "lang": "en",
+        },
+        {"id": "en-copy", "text": EN.upper() + "!!!", "lang": "en"},  # identical after normalization
+        {"id": "zh-copy", "text": ZH.replace("，", "。"), "lang": "zh"},
+        {"id": "en-edit", "text": EN.replace("lazy", "sleepy"), "lang": "en"},
+        {"id": "empty", "text": "...", "lang": "en"},
+        {"id": "empty2", "text": "", "lang": "en"},
+    ]
+    return docs
+
+
+def test_dedup_minhash_stage(cli, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", _corpus(), ("{broken",))
+    code, _, _ = cli("data", "dedup-minhash", inp, "-o", tmp_path / "out", "--id-key", "id", "-q")
+    assert code == 0
+    kept = read_output(tmp_path / "out")
+    assert [d["id"] for d in kept] == ["en", "zh", "other", "empty", "empty2"]
+    assert kept[0] == _corpus()[0]
+    # Copies equal after normalization always collide; the one-word edit (Jaccard 27/37) collides in at
+    # least one band with probability 0.69 at 14x8, and does with these hashes. Empty texts are never
+    # candidates.
+    clusters = [json.loads(line) for line in (tmp_path / "out" / "clusters.jsonl").read_text().splitlines()]
+    assert clusters == [
+        {"removed": "en-copy", "kept": "en"},
+        {"removed": "zh-copy", "kept": "zh"},
+        {"removed": "en-edit", "kept": "en"},
+    ]
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert (stats["docs_in"], stats["docs_out"], stats["removed"], stats["clusters"]) == (
+        8,
+        5,
+        {"minhash_duplicate": 3},
+        2,
+    )
+    assert stats["malformed"]["count"] == 1
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_dedup_minhash_same_output_any_workers(cli, tmp_path, workers):
+    rng = random.Random(1)
+    words = EN.split()
+    docs = []
+    for i in range(300):
+        base = list(docs[-1]["w"]) if i % 3 == 2 else [rng.choice(words) for _ in range(40)]
+        docs.append({"id": i, "w": base, "text": " ".join(base)})
+    inp = write_jsonl(tmp_path / "in.jsonl", docs)
+    for w in (1, workers):
+        assert cli("data", "dedup-minhash", inp, "-o", tmp_path / f"o{w}", "--workers", w, "-q")[0] == 0
+    assert (tmp_path / "o1" / "part-00000.jsonl").read_bytes() == (
+        tmp_path / f"o{workers}" / "part-00000.jsonl"
+    ).read_bytes()
+    assert (tmp_path / "o1" / "clusters.jsonl").read_bytes() == (
+        tmp_path / f"o{workers}" / "clusters.jsonl"
+    ).read_bytes()
+    # Every third document repeats the previous one; random 40-word texts are far apart.
+    removed = [json.loads(line) for line in (tmp_path / "o1" / "clusters.jsonl").read_text().splitlines()]
+    assert len(removed) == 100
