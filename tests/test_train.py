@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import types
 
@@ -121,3 +122,22 @@ def test_diverged_loss_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(DeepseekV3, "loss", poisoned)
     with pytest.raises(RunError, match="loss became nan at step 1"):
         train(_cfg(tmp_path, steps=3), console=_quiet())
+
+
+def test_trains_on_token_shards_from_data_tokenize(tmp_path):
+    from openseek_hal.cli import main
+    from openseek_hal.data.shards import TokenShards
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Shard document {i}: the quick brown fox jumps over the lazy dog. "
+                                                * 12}) + "\n" for i in range(40)))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "tokenize", str(data), "-o", str(tmp_path / "tok"), "--vocab-size", "300",
+              "--shard-tokens", "2000", "-q"])
+    assert exit_info.value.code == 0
+    shards = TokenShards(tmp_path / "tok")
+    assert len(shards.shards) > 1  # several shards, read as one sequence
+    result = train(_cfg(tmp_path, steps=3, data=str(tmp_path / "tok")), console=_quiet())
+    assert len(result.losses) == 3 and result.losses[0] == pytest.approx(math.log(shards.vocab_size), abs=0.6)
+    # the run uses the shards' own tokenizer
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == shards.tokenizer_path.read_bytes()

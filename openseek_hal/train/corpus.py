@@ -1,9 +1,10 @@
-"""Training text and its tokenizer: the built-in corpus, user files, and a cached byte-level BPE.
+"""Training tokens and their tokenizer: the built-in corpus, user files, token shards, a cached BPE.
 
 The built-in corpus is the documentation that ships with Python itself (``pydoc_data.topics``), so
-``openseek-hal train`` works on a fresh machine with no download. The tokenizer is a byte-level BPE
-trained with the `tokenizers` library on first use and cached under the user's cache directory,
-keyed by a hash of the text and the vocabulary size.
+``openseek-hal train`` works on a fresh machine with no download. Text is tokenized by a byte-level
+BPE trained with the `tokenizers` library on first use and cached under the user's cache directory,
+keyed by a hash of the text and the vocabulary size. A folder written by ``openseek-hal data
+tokenize`` is used as it is: its memory-mapped shards and the tokenizer stored beside them.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+from rich.console import Console
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ..errors import UserError
@@ -142,3 +146,44 @@ def encode_documents(tok: Tokenizer, texts: list[str]) -> np.ndarray:
 def iter_windows(n_tokens: int, seq_len: int) -> Iterator[int]:
     """Start offsets of consecutive non-overlapping (input, label) windows."""
     yield from range(0, n_tokens - seq_len - 1, seq_len)
+
+
+class TokenSequence(Protocol):
+    """A 1-D run of token ids: a numpy array, a memory map, or several shards read as one."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: slice) -> np.ndarray: ...
+
+
+@dataclass
+class TrainingTokens:
+    tokens: TokenSequence
+    tokenizer: Tokenizer
+    tokenizer_path: Path
+
+
+def load_training_tokens(source: str | None, vocab_size: int, console: Console) -> TrainingTokens:
+    """The token stream of ``source`` (see `read_documents`, or a token-shard folder) and its tokenizer."""
+    t0 = time.perf_counter()
+    if source is not None and (Path(source) / "index.json").is_file():
+        from ..data.shards import TokenShards
+
+        shards = TokenShards(source)
+        path = shards.tokenizer_path
+        if not path.is_file():
+            raise UserError(f"token shards {source} have no tokenizer file ({path.name})")
+        tokens = shards.tokens()
+        console.print(f"data: token shards {source}: {shards.num_documents:,} documents, {len(tokens):,} tokens "
+                      f"(vocab {shards.vocab_size})")
+        return TrainingTokens(tokens, Tokenizer.from_file(str(path)), path)
+    docs = read_documents(source)
+    for path, lineno, why in docs.skipped[:5]:
+        console.print(f"[yellow]skipped[/] {path}:{lineno}: {why}")
+    if docs.skipped:
+        console.print(f"[yellow]{len(docs.skipped)} malformed line(s) skipped[/] in {docs.name}")
+    tok, tok_path = load_or_train_tokenizer(docs, vocab_size)
+    tokens = encode_documents(tok, docs.texts)
+    console.print(f"data: {docs.name}: {len(docs.texts)} documents, {len(tokens):,} tokens "
+                  f"(vocab {tok.get_vocab_size()}, tokenizer {tok_path}, {time.perf_counter() - t0:.1f}s)")
+    return TrainingTokens(tokens, tok, tok_path)

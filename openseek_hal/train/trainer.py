@@ -26,7 +26,7 @@ from ..errors import RunError, UserError
 from ..models import DeepseekV3, build_model
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, model_config, to_dict
-from .corpus import encode_documents, iter_windows, load_or_train_tokenizer, read_documents
+from .corpus import TokenSequence, iter_windows, load_training_tokens
 from .metrics import MetricsLogger
 from .optim import AdamW
 
@@ -53,13 +53,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def batch_at(tokens: torch.Tensor, step: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _windows(tokens: TokenSequence, starts: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    chunk = torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts]))
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def batch_at(tokens: TokenSequence, step: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch of ``step``: random windows drawn from a generator seeded by (seed, step)."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     starts = torch.randint(0, len(tokens) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
-    window = starts[:, None] + torch.arange(cfg.seq_len + 1)
-    chunk = tokens[window].long()
-    return chunk[:, :-1], chunk[:, 1:]
+    return _windows(tokens, starts.tolist(), cfg.seq_len)
 
 
 def _autocast(backend: Backend, cfg: TrainConfig) -> contextlib.AbstractContextManager:
@@ -82,7 +85,7 @@ def greedy_sample(model: DeepseekV3, tok: Tokenizer, prompt: str, n_tokens: int,
 
 
 @torch.no_grad()
-def evaluate(model: DeepseekV3, tokens: torch.Tensor, cfg: TrainConfig, device: torch.device,
+def evaluate(model: DeepseekV3, tokens: TokenSequence, cfg: TrainConfig, device: torch.device,
              autocast: contextlib.AbstractContextManager) -> float:
     """Mean loss over consecutive held-out windows (up to ``eval_batches`` batches)."""
     starts = list(iter_windows(len(tokens), cfg.seq_len))[: cfg.eval_batches * cfg.batch_size]
@@ -90,10 +93,9 @@ def evaluate(model: DeepseekV3, tokens: torch.Tensor, cfg: TrainConfig, device: 
         return float("nan")
     losses = []
     for i in range(0, len(starts), cfg.batch_size):
-        window = torch.tensor(starts[i:i + cfg.batch_size])[:, None] + torch.arange(cfg.seq_len + 1)
-        chunk = tokens[window].long().to(device)
+        x, y = _windows(tokens, starts[i:i + cfg.batch_size], cfg.seq_len)
         with autocast:
-            losses.append(float(model.loss(chunk[:, :-1], chunk[:, 1:]).main))
+            losses.append(float(model.loss(x.to(device), y.to(device)).main))
     return float(np.mean(losses))
 
 
@@ -105,20 +107,12 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
     backend.device.manual_seed(cfg.seed)
     console.print(f"[bold]openseek-hal train[/] backend={backend.name} device={backend.device.name()}")
 
-    docs = read_documents(cfg.data)
-    for path, lineno, why in docs.skipped[:5]:
-        console.print(f"[yellow]skipped[/] {path}:{lineno}: {why}")
-    if docs.skipped:
-        console.print(f"[yellow]{len(docs.skipped)} malformed line(s) skipped[/] in {docs.name}")
-    t0 = time.perf_counter()
-    tok, tok_path = load_or_train_tokenizer(docs, cfg.tokenizer_vocab_size)
-    stream = torch.from_numpy(encode_documents(tok, docs.texts))
-    split = int(len(stream) * 0.95)
-    train_tokens, val_tokens = stream[:split], stream[split:]
+    data = load_training_tokens(cfg.data, cfg.tokenizer_vocab_size, console)
+    tok, tok_path = data.tokenizer, data.tokenizer_path
+    split = int(len(data.tokens) * 0.95)
+    train_tokens, val_tokens = data.tokens[:split], data.tokens[split:]
     if len(train_tokens) <= cfg.seq_len + 1:
         raise UserError(f"data has {len(train_tokens)} training tokens; need more than seq_len + 1 = {cfg.seq_len + 1}")
-    console.print(f"data: {docs.name}: {len(docs.texts)} documents, {len(stream):,} tokens "
-                  f"(vocab {tok.get_vocab_size()}, tokenizer {tok_path}, {time.perf_counter() - t0:.1f}s)")
 
     model = build_model(model_config(cfg, vocab_size=tok.get_vocab_size()), backend, seed=cfg.seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]
