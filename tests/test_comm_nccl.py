@@ -231,3 +231,30 @@ def test_nccl_avg_code_reaches_nccl(monkeypatch):
     for r, c in enumerate(ranks):
         c.all_reduce(x[r], op="avg")
     assert all(t.tolist() == [0.5] * 4 for t in x)
+
+
+@pytest.mark.parametrize("id_type", [bytes, tuple])
+def test_connect_accepts_either_cupy_unique_id_type(monkeypatch, id_type):
+    """CuPy 13+ gives and takes the NCCL id as bytes, older CuPy as a tuple of signed chars."""
+    raw = bytes(range(200, 256)) + bytes(range(72))  # 128 bytes, some above 127
+    made = []
+
+    class FakeNcclCommunicator:
+        def __init__(self, ndev, comm_id, rank):
+            if not isinstance(comm_id, id_type):
+                raise TypeError(f"Argument 'commId' has incorrect type (expected {id_type.__name__})")
+            made.append((ndev, nccl.encode_unique_id(comm_id), rank))
+
+    fake_nccl = types.SimpleNamespace(
+        get_unique_id=lambda: raw if id_type is bytes else nccl.decode_unique_id(raw),
+        NcclCommunicator=FakeNcclCommunicator)
+    fake_cupy = types.ModuleType("cupy")
+    fake_cupy.cuda = types.SimpleNamespace(nccl=fake_nccl, Device=lambda i: __import__("contextlib").nullcontext())
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", fake_cupy.cuda)
+    store: dict[str, bytes] = {}
+    fake_store = types.SimpleNamespace(set=store.__setitem__, get=store.__getitem__)
+    monkeypatch.setattr(nccl.dist.distributed_c10d, "_get_default_store", lambda: fake_store)
+    host = types.SimpleNamespace(rank=0, world_size=2)
+    nccl._connect(host, "nccl-id", 0)
+    assert made == [(2, raw, 0)] and store["nccl-id"] == raw

@@ -61,8 +61,8 @@ def nccl_dtype(dtype: torch.dtype) -> int:
                               f"(supported: {', '.join(str(d) for d in NCCL_DTYPES)})") from None
 
 
-def encode_unique_id(uid: tuple[int, ...]) -> bytes:
-    """CuPy gives the id as 128 signed chars; the store holds bytes."""
+def encode_unique_id(uid: tuple[int, ...] | bytes) -> bytes:
+    """CuPy gives the id as bytes (CuPy 13+) or as 128 signed chars (older); the store holds bytes."""
     if len(uid) != UNIQUE_ID_BYTES:
         raise ValueError(f"an NCCL unique id has {UNIQUE_ID_BYTES} bytes, got {len(uid)}")
     return bytes(b & 0xFF for b in uid)
@@ -219,9 +219,12 @@ def _connect(host: TorchCommunicator, key: str, device_index: int) -> Any:
     store = dist.distributed_c10d._get_default_store()
     if host.rank == 0:
         store.set(key, encode_unique_id(nccl.get_unique_id()))
-    uid = decode_unique_id(store.get(key))
+    uid = store.get(key)
     with cupy.cuda.Device(device_index):
-        return nccl.NcclCommunicator(host.world_size, uid, host.rank)
+        try:
+            return nccl.NcclCommunicator(host.world_size, uid, host.rank)
+        except TypeError:  # CuPy before 13 takes the id as a tuple of signed chars (checked before NCCL starts)
+            return nccl.NcclCommunicator(host.world_size, decode_unique_id(uid), host.rank)
 
 
 def create(backend: Any, pg: Any, *, name: str, timeout: float, check: bool,
