@@ -168,3 +168,16 @@ def test_import_does_not_need_an_accelerator():
     assert dev.count() == 1 and dev.torch_device == torch.device("cpu")
     dev.synchronize()
     assert dev.memory_stats()["peak_allocated"] > 0
+
+
+def test_public_api_is_complete_and_lazy():
+    import subprocess
+    import sys
+
+    assert sorted(openseek_hal.__all__) == sorted([*openseek_hal._MODULE_OF, "__version__"])
+    for name in openseek_hal._MODULE_OF:
+        assert getattr(openseek_hal, name) is not None
+    # the data tools and `--help` must not pay for importing torch
+    code = "import sys, openseek_hal, openseek_hal.data.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
