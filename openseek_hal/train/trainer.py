@@ -171,7 +171,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
                 tps = timed_tokens / timed_seconds if timed_seconds else float("nan")
                 row = {"loss": loss_value, "lr": lr_at(step, cfg), "grad_norm": float(grad_norm),
                        "tokens_per_s": tps}
-                row.update({k: float(v) for k, v in (("mtp_loss", loss.mtp), ("aux_loss", loss.aux)) if v is not None})
+                row.update({k: v.item() for k, v in (("mtp_loss", loss.mtp), ("aux_loss", loss.aux)) if v is not None})
                 if peak:
                     row["mfu"] = tps * flops_per_token / peak
                 metrics.log(done, row)
