@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 
 from ..errors import UserError
-from .suite import LEVELS, Progress, SuiteConfig, run_suite
+from .suite import LEVELS, Progress, SuiteConfig, check_config, run_suite
 
 DTYPES = {"float64": torch.float64, "fp64": torch.float64, "float32": torch.float32, "fp32": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -83,6 +83,7 @@ def conform(ctx: click.Context, backend_name: str | None, levels: tuple[str, ...
                          levels_explicit=bool(chosen), ops=_split(op_names) or None, dtypes=_dtypes(dtype_names),
                          seed=seed, quick=quick, strict=strict, sample=sample, model_steps=model_steps,
                          adaptors=_split(adaptors) or None, world_sizes=list(world_sizes) or None)
+    check_config(config)  # before the progress bar, so a usage error prints as one clean line
     console = Console()
     columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with RichProgress(*columns, console=Console(stderr=True), transient=True) as bar:

@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 from .. import ops
-from ..backend import OpFallbackWarning, get_backend
+from ..backend import Backend, OpFallbackWarning, get_backend
 from ..errors import UserError
 from .comm_level import CollectiveChecks, CommUnavailable, run_comm_checks
 from .manifest import Manifest
@@ -64,12 +64,17 @@ def _environment() -> dict[str, str]:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-def run_suite(config: SuiteConfig, progress: Progress | None = None) -> SuiteResult:
-    progress = progress or Progress()
+def check_config(config: SuiteConfig) -> Backend:
+    """The backend to check, or a UserError naming what in ``config`` cannot be run."""
     unknown = [name for name in config.ops or [] if name not in ops.REGISTRY]
     if unknown:
         raise UserError(f"unknown op(s): {', '.join(unknown)} (known: {', '.join(ops.names())})")
-    backend = get_backend(config.backend, strict=config.strict)
+    return get_backend(config.backend, strict=config.strict)
+
+
+def run_suite(config: SuiteConfig, progress: Progress | None = None) -> SuiteResult:
+    progress = progress or Progress()
+    backend = check_config(config)
     manifest = Manifest(backend)
     seed = secrets.randbelow(2**31) if config.seed is None else config.seed
     result = SuiteResult(backend=backend.name, device_name=backend.capabilities().device_name,
@@ -100,7 +105,7 @@ def run_suite(config: SuiteConfig, progress: Progress | None = None) -> SuiteRes
     return result
 
 
-def _comm(config: SuiteConfig, backend, manifest: Manifest, seed: int, result: SuiteResult,
+def _comm(config: SuiteConfig, backend: Backend, manifest: Manifest, seed: int, result: SuiteResult,
           progress: Progress) -> list[CheckResult]:
     progress.start("comm", 1)
     try:
