@@ -27,6 +27,7 @@ from torch import nn
 
 from ..backend import Backend, get_backend
 from .manifest import Manifest, dtype_name
+from .op_level import error_text
 from .records import CheckResult
 
 # dtype -> (loss relative band, grad-norm relative band), per step
@@ -134,16 +135,21 @@ class ModelLevel:
 
     def run(self, dtypes: list[torch.dtype], advance: Callable[[str], None] = lambda _: None
             ) -> tuple[list[CheckResult], list[dict[str, Any]]]:
-        spec = self.spec or default_spec()
-        reference_backend = get_backend("cpu")
-        torch.manual_seed(self.seed)
-        initial = {k: v.detach().clone() for k, v in spec.factory(reference_backend).state_dict().items()}
-        gen = torch.Generator().manual_seed(self.seed)
-        # two batches in turn, so the loss has something to learn and the curves have a shape
-        distinct = [torch.randint(0, spec.vocab_size, (spec.batch, spec.seq + 1), generator=gen) for _ in range(2)]
-        batches = [distinct[i % 2] for i in range(self.steps)]
-        ref = train_steps(self._model(spec, reference_backend, initial, torch.float64), reference_backend,
-                          batches, spec.lr, advance)
+        try:
+            spec = self.spec or default_spec()
+            reference_backend = get_backend("cpu")
+            torch.manual_seed(self.seed)
+            initial = {k: v.detach().clone() for k, v in spec.factory(reference_backend).state_dict().items()}
+            gen = torch.Generator().manual_seed(self.seed)
+            # two batches in turn, so the loss has something to learn and the curves have a shape
+            distinct = [torch.randint(0, spec.vocab_size, (spec.batch, spec.seq + 1), generator=gen)
+                        for _ in range(2)]
+            batches = [distinct[i % 2] for i in range(self.steps)]
+            ref = train_steps(self._model(spec, reference_backend, initial, torch.float64), reference_backend,
+                              batches, spec.lr, advance)
+        except Exception as e:  # the reference run itself broke: report it, the other levels still count
+            return [CheckResult(level="model", op="model", check="loss_curve", status="error", seed=self.seed,
+                                message=f"the reference model run raised {error_text(e)}")], []
         results, curves = [], []
         for dtype in dtypes:
             dt = dtype_name(dtype)
@@ -160,8 +166,7 @@ class ModelLevel:
                 got = train_steps(self._model(spec, self.backend, initial, dtype), self.backend, batches, spec.lr,
                                   advance)
             except Exception as e:
-                msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                results.append(CheckResult(**base, check="loss_curve", status="error", message=msg))
+                results.append(CheckResult(**base, check="loss_curve", status="error", message=error_text(e)))
                 continue
             elapsed = round(time.perf_counter() - started, 3)
             loss_band, norm_band = BANDS.get(dtype, BANDS[torch.bfloat16])

@@ -49,7 +49,8 @@ def replay_command(backend: str, op: str, dtype: str, seed: int) -> str:
     return f"openseek-hal conform --backend {backend} --level ops --op {op} --dtype {dtype} --seed {seed}"
 
 
-def _error_text(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
+    """One line about an exception, for a report row."""
     text = f"{type(e).__name__}: {e}".strip().splitlines()
     return text[0][:300] if text else type(e).__name__
 
@@ -167,7 +168,7 @@ def run_once(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
         grads = torch.autograd.grad(targets, [leaves[i] for i in grad_pos],
                                     [upstream(i, o) for i, o in zip(diff_outputs, targets)], allow_unused=True)
     except Exception as e:  # a broken backward is a finding about the backend, reported per check
-        return Run([o.detach() if isinstance(o, torch.Tensor) else o for o in out], None, _error_text(e))
+        return Run([o.detach() if isinstance(o, torch.Tensor) else o for o in out], None, error_text(e))
     grads = [torch.zeros_like(leaves[i]) if g is None else g for i, g in zip(grad_pos, grads)]
     return Run([o.detach() if isinstance(o, torch.Tensor) else o for o in out], [g.detach() for g in grads])
 
@@ -218,7 +219,7 @@ class OpLevel:
             samples = list(opdef.samples(dtype, self.backend.device.torch_device, generator))
         except Exception as e:
             return [CheckResult(**base, check="forward", status="error",
-                                message=f"drawing the samples on the backend's device raised {_error_text(e)}")]
+                                message=f"drawing the samples on the backend's device raised {error_text(e)}")]
         results = []
         for index, variant in enumerate(variants(samples, self.quick)):
             if self.sample_filter and not variant.label.startswith(self.sample_filter):
@@ -271,7 +272,7 @@ class OpLevel:
             if variant.generic:
                 return []  # this shape does not apply to the op
             return [CheckResult(**info, check="forward", status="error",
-                                message=f"the reference raised {_error_text(e)}")]
+                                message=f"the reference raised {error_text(e)}")]
         diff_outputs = [i for i, o in enumerate(expected_fwd.outputs)
                         if isinstance(o, torch.Tensor) and o.is_floating_point() and o.requires_grad]
         do_backward = bool(grad_pos) and bool(diff_outputs)
@@ -280,7 +281,7 @@ class OpLevel:
         try:
             got = run_once(fn, sample.args, sample.kwargs, *backward_args)
         except Exception as e:
-            msg = _error_text(e)
+            msg = error_text(e)
             out = [CheckResult(**info, check="forward", status="error", message=msg)]
             if do_backward:
                 out.append(CheckResult(**info, check="backward", status="error", message=f"forward raised {msg}"))
@@ -300,7 +301,7 @@ class OpLevel:
                     bwd = compare_all(got.grads, expected_bwd.grads or [], bwd_rtol, bwd_atol, what="grad of input",
                                       floor=floor.grads if floor else None)
                 except Exception as e:
-                    bwd = Comparison(False, message=f"the reference backward raised {_error_text(e)}")
+                    bwd = Comparison(False, message=f"the reference backward raised {error_text(e)}")
                 results.append(self._result(info, "backward", bwd, started))
         if opdef.deterministic:
             started = time.perf_counter()
@@ -310,7 +311,7 @@ class OpLevel:
                                                                    again.outputs + (again.grads or [])))
                 det = Comparison(same, message="" if same else "two runs on the same inputs gave different bits")
             except Exception as e:
-                det = Comparison(False, message=f"second run raised {_error_text(e)}")
+                det = Comparison(False, message=f"second run raised {error_text(e)}")
             results.append(self._result(info, "determinism", det, started))
         return results
 
@@ -331,11 +332,11 @@ class OpLevel:
         try:
             expected = self._reference(opdef, sample, [], 0).outputs
         except Exception as e:
-            return CheckResult(**info, status="error", message=f"the reference raised {_error_text(e)}")
+            return CheckResult(**info, status="error", message=f"the reference raised {error_text(e)}")
         try:
             got = run_once(fn, sample.args, sample.kwargs, [], None, None).outputs
         except Exception as e:
-            return CheckResult(**info, status="error", message=_error_text(e))
+            return CheckResult(**info, status="error", message=error_text(e))
         # integer outputs computed from NaN (say, a top-k over NaN scores) are unspecified: floats only
         floating = [i for i, e in enumerate(expected) if isinstance(e, torch.Tensor) and e.is_floating_point()]
         comparison = compare_all([got[i] for i in floating if i < len(got)], [expected[i] for i in floating],

@@ -69,7 +69,12 @@ def check_config(config: SuiteConfig) -> Backend:
     unknown = [name for name in config.ops or [] if name not in ops.REGISTRY]
     if unknown:
         raise UserError(f"unknown op(s): {', '.join(unknown)} (known: {', '.join(ops.names())})")
-    return get_backend(config.backend, strict=config.strict)
+    backend = get_backend(config.backend, strict=config.strict)
+    try:
+        backend.capabilities()
+    except Exception as e:  # the manifest and the report need it; a plugin bug, named as such
+        raise UserError(f"backend '{backend.name}': capabilities() raised {type(e).__name__}: {e}") from None
+    return backend
 
 
 def run_suite(config: SuiteConfig, progress: Progress | None = None) -> SuiteResult:
