@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 
+from openseek_hal import ops
 from openseek_hal.backend import ExpectedFailure, register_backend, unregister_backend
 from openseek_hal.backends.cpu import CPUBackend
 from openseek_hal.conformance import SuiteConfig, run_suite
 from openseek_hal.conformance.compare import bitwise_equal, compare_all, compare_tensor
 from openseek_hal.conformance.op_level import derive_seed, variants
 from openseek_hal.ops import norm
-from openseek_hal.ops.opdef import Sample
+from openseek_hal.ops.opdef import OpDef, Sample, randn
 
 
 def test_compare_tolerance_nan_inf_and_integers():
@@ -133,3 +134,26 @@ def test_seeds_derive_per_op_and_dtype_and_replay_reproduces_a_failure(register)
                                    seed=42, sample=failure.sample))
     again = next(c for c in replay.checks if c.sample == failure.sample and c.check == "forward")
     assert again.status == "fail" and again.max_abs_err == failure.max_abs_err
+
+
+def _sgd_step(param, grad, lr=0.1):
+    """An optimizer-like op: updates ``param`` in place, returns it with an integer step count."""
+    param.sub_(lr * grad)
+    return param, torch.tensor(1)
+
+
+def _sgd_samples(dtype, device, gen):
+    for shape in [(4, 8), (0, 3), (1,)]:
+        p, g = (randn(*shape, dtype=dtype, device=device, generator=gen) for _ in range(2))
+        yield Sample((p, g), {"lr": 0.5}, "x".join(map(str, shape)))
+
+
+def test_op_level_is_generic_over_opdefs(monkeypatch):
+    """A non-differentiable op that updates its input in place and returns (float, int) outputs."""
+    monkeypatch.setitem(ops.REGISTRY, "test_sgd_step", OpDef(
+        name="test_sgd_step", signature="test_sgd_step(param, grad, lr) -> (param, steps)", reference=_sgd_step,
+        samples=_sgd_samples, differentiable=False))
+    result = run_suite(SuiteConfig(backend="cpu", levels=("ops",), ops=["test_sgd_step"], seed=0))
+    assert result.ok, [(c.check, c.sample, c.message) for c in result.failures()]
+    assert {c.check for c in result.checks} == {"forward", "determinism", "nan_inf"}
+    assert {c.dtype for c in result.checks} == {"float32", "bfloat16", "float64"}

@@ -39,9 +39,11 @@ def tree_map(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
 
 
 def to_reference(t: torch.Tensor) -> torch.Tensor:
-    """The reference's copy of an input: floating tensors become float64 on the CPU, others move as they are."""
-    t = t.detach().cpu()
-    return t.to(torch.float64) if t.is_floating_point() else t
+    """The reference's copy of an input: floating tensors become float64 on the CPU, others move as they are.
+
+    Always a copy, so an op that updates its inputs in place (an optimizer step) cannot change the sample.
+    """
+    return t.detach().to(device="cpu", dtype=torch.float64 if t.is_floating_point() else t.dtype, copy=True)
 
 
 def flatten(obj: Any) -> list[Any]:

@@ -105,7 +105,8 @@ def _leading_variants(sample: Sample) -> Iterator[Variant]:
 def variants(samples: list[Sample], quick: bool) -> list[Variant]:
     if quick and len(samples) > 3:
         samples = [*samples[:2], samples[-1]]  # the last sample is usually the declared strided one
-    out = [Variant(s, s.name or f"sample{i}", False) for i, s in enumerate(samples)]
+    samples = [s if s.name else replace(s, name=f"sample{i}") for i, s in enumerate(samples)]
+    out = [Variant(s, s.name, False) for s in samples]
     for i, s in enumerate(samples):
         if quick and i > 0:
             break
@@ -152,7 +153,7 @@ def run_once(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
     that are differentiable); None means: every floating output that requires grad.
     """
     leaves = tuple(_leaf(a, i in grad_pos) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
-    kw = tree_map(lambda t: t.detach(), kwargs)
+    kw = tree_map(lambda t: t.detach().clone(), kwargs)
     with torch.enable_grad():
         out = flatten(fn(*leaves, **kw))
     if upstream is None or not grad_pos:
@@ -253,8 +254,9 @@ class OpLevel:
         if upstream is not None:
             upstream = lambda i, out: _upstream(seed, i, got.outputs[i]).cpu().to(out.dtype)  # noqa: E731
         try:
-            return run_once(opdef.reference, tree_map(lambda t: t.detach().cpu(), sample.args),
-                            tree_map(lambda t: t.detach().cpu(), sample.kwargs), grad_pos, upstream, diff_outputs)
+            return run_once(opdef.reference, tree_map(lambda t: t.detach().to("cpu", copy=True), sample.args),
+                            tree_map(lambda t: t.detach().to("cpu", copy=True), sample.kwargs), grad_pos, upstream,
+                            diff_outputs)
         except Exception:  # no floor: the table's tolerance alone applies
             return None
 
@@ -319,7 +321,7 @@ class OpLevel:
                     base: dict[str, Any]) -> CheckResult:
         position = _poison_target(opdef, variant.sample)
         args = list(variant.sample.args)
-        poisoned = args[position].detach().clone()
+        poisoned = args[position].detach().clone(memory_format=torch.contiguous_format)
         flat = poisoned.view(-1)
         flat[0], flat[-1] = float("nan"), float("inf")
         args[position] = poisoned
