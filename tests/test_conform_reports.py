@@ -92,7 +92,11 @@ def test_html_markdown_and_junit(faulty_result):
     from openseek_hal.conformance.reports import render_html, render_junit, render_markdown
 
     html = render_html(faulty_result)
-    assert html.count("<svg") == 2 and "<polyline" in html and "http" not in html.replace("http://www.w3.org", "")
+    assert html.count("<svg") == 2 and "http" not in html.replace("http://www.w3.org", "")  # self-contained
+    for svg in html.split("<svg")[1:]:
+        chart = ET.fromstring("<svg" + svg.split("</svg>")[0] + "</svg>")  # well-formed
+        lines = chart.findall("{http://www.w3.org/2000/svg}polyline")
+        assert len(lines) == 2 and all(len(line.get("points").split()) == 2 for line in lines)  # 2 steps each
     assert "Op coverage" in html and "rms_norm" in html and "FAIL" in html
     md = render_markdown(faulty_result)
     assert "**FAIL**" in md and "| ops | rms_norm | native |" in md and "```sh" in md
