@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -142,6 +143,10 @@ def test_suite_fails_a_collective_that_adds_one_rank_twice(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(_DOUBLE_RANK0))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "openseek_hal.cli", "conform", "--backend", "cpu", "--level", "comm",
-                           "--quick", "--seed", "0"], capture_output=True, text=True, env=env, timeout=300)
+                           "--quick", "--seed", "0", "--report", str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "all_reduce" in proc.stdout
+    checks = json.loads((tmp_path / "conform-cpu.json").read_text())["checks"]
+    failed = {c["op"] for c in checks if c["status"] == "fail"}
+    passed = {c["op"] for c in checks if c["status"] == "pass"}
+    assert "all_reduce" in failed and {"all_gather", "broadcast", "all_to_all_single"} <= passed - failed

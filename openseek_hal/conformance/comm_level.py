@@ -16,7 +16,7 @@ from .records import CheckResult
 
 CollectiveChecks = Callable[..., list[dict[str, Any]]]
 
-# used when the collectives module does not name its own defaults
+# used when neither the collectives module nor the comm package names the adaptors
 FALLBACK_ADAPTORS = ("torch",)
 
 
@@ -24,13 +24,23 @@ class CommUnavailable(RuntimeError):
     """The collective checks are not installed in this build."""
 
 
-def load_collective_checks() -> tuple[CollectiveChecks, tuple[str, ...]]:
-    """``(run_collective_checks, default adaptor names)``, or CommUnavailable saying why not."""
+def load_collective_checks() -> CollectiveChecks:
+    """``run_collective_checks`` of the collectives module, or CommUnavailable saying why not."""
     try:
-        from . import collectives
+        from .collectives import run_collective_checks
     except ImportError as e:
         raise CommUnavailable(f"the collective checks are not available ({e})") from e
-    return collectives.run_collective_checks, tuple(getattr(collectives, "DEFAULT_ADAPTORS", FALLBACK_ADAPTORS))
+    return run_collective_checks
+
+
+def default_adaptors(quick: bool) -> tuple[str, ...]:
+    """Every communicator adaptor usable here (the first one only with --quick: each is a launch)."""
+    from .. import comm
+
+    available = getattr(comm, "adaptor_available", lambda name: (True, ""))
+    usable = tuple(name for name in getattr(comm, "ADAPTORS", FALLBACK_ADAPTORS) if available(name)[0])
+    usable = usable or FALLBACK_ADAPTORS
+    return usable[:1] if quick else usable
 
 
 def default_world_sizes(backend: Backend, quick: bool) -> list[int]:
@@ -55,7 +65,7 @@ def to_check_result(row: dict[str, Any], backend: str, seed: int) -> CheckResult
     return CheckResult(
         level="comm", op=str(row.get("op", row.get("name", "?"))), check="collective",
         dtype=str(row.get("dtype", "")).removeprefix("torch."),
-        sample=f"{row.get('name', '')} [{adaptor}, world {world}]", shape=_shape_text(row.get("shape", "")),
+        sample=str(row.get("name", "")), shape=_shape_text(row.get("shape", "")),
         status=status, max_abs_err=row.get("max_abs_err"), message=str(row.get("message", "")), seed=seed,
         impl=str(adaptor),
         replay=f"openseek-hal conform --backend {backend} --level comm --adaptor {adaptor} --world-size {world}")
@@ -65,12 +75,11 @@ def run_comm_checks(backend: Backend, manifest: Manifest, seed: int, *, adaptors
                     world_sizes: Sequence[int] | None, quick: bool,
                     checks: CollectiveChecks | None = None) -> list[CheckResult]:
     """Run the collective checks (``checks`` replaces the installed ones, for tests) and convert them."""
-    default_adaptors: tuple[str, ...] = FALLBACK_ADAPTORS
     if checks is None:
-        checks, default_adaptors = load_collective_checks()
+        checks = load_collective_checks()
     sizes = list(world_sizes) if world_sizes else default_world_sizes(backend, quick)
     if not sizes:
         return [CheckResult(level="comm", op="collectives", check="collective", status="skip", seed=seed,
                             message=f"backend {backend.name} has fewer than 2 devices here")]
-    rows = checks(backend.name, list(adaptors or default_adaptors), sizes, quick=quick)
+    rows = checks(backend.name, list(adaptors or default_adaptors(quick)), sizes, quick=quick)
     return [manifest.apply(to_check_result(row, backend.name, seed)) for row in rows]
