@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import import_module
 from importlib.metadata import entry_points
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -57,9 +58,10 @@ class Capabilities:
 class ExpectedFailure:
     """A check a backend declares it fails, with the reason (reported as xfail by conformance)."""
 
-    op: str
+    op: str  # an op name, a collective name ("all_reduce") or "model"
     reason: str
     dtype: torch.dtype | None = None  # None: every dtype
+    check: str | None = None  # one kind of check ("forward", "backward", "determinism", ...); None: all
 
 
 class Backend(ABC):
@@ -70,6 +72,8 @@ class Backend(ABC):
     priority: ClassVar[int] = 0  # the available backend with the highest priority is the default
     dist_backend: ClassVar[str] = "gloo"  # torch.distributed backend for this chip's native collectives
     expected_failures: ClassVar[tuple[ExpectedFailure, ...]] = ()
+    # dtypes this chip cannot run at all, with the reason; conformance reports their checks as xfail
+    unsupported_dtypes: ClassVar[Mapping[torch.dtype, str]] = MappingProxyType({})
 
     @classmethod
     @abstractmethod

@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "backends": "openseek_hal.cli:backends",
     "train": "openseek_hal.train.cli:train",
     "conform": "openseek_hal.conformance.cli:conform",
+    "new-backend": "openseek_hal.conformance.scaffold:new_backend",
     "bench": "openseek_hal.ops.bench:bench",
     "convert": "openseek_hal.models.convert:convert",
     "data": "openseek_hal.data.cli:data",

@@ -1,0 +1,127 @@
+"""Runs the conformance levels a user asked for against one backend and gathers one `SuiteResult`."""
+
+from __future__ import annotations
+
+import platform
+import secrets
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+from .. import ops
+from ..backend import Backend, OpFallbackWarning, get_backend
+from ..errors import UserError
+from .comm_level import CollectiveChecks, CommUnavailable, run_comm_checks
+from .manifest import Manifest
+from .model_level import ModelLevel, ModelSpec
+from .op_level import OpLevel
+from .records import CheckResult, SuiteResult
+
+LEVELS = ("ops", "comm", "model")
+MODEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@dataclass(kw_only=True)
+class SuiteConfig:
+    backend: str
+    levels: tuple[str, ...] = LEVELS
+    levels_explicit: bool = False  # a level the user named must run; a default one may be skipped
+    ops: list[str] | None = None
+    dtypes: list[torch.dtype] | None = None
+    seed: int | None = None
+    quick: bool = False
+    strict: bool = False
+    sample: str = ""
+    model_steps: int | None = None
+    adaptors: list[str] | None = None
+    world_sizes: list[int] | None = None
+    # injection points for tests: a model in place of the default one, collective checks in place of
+    # the installed ones
+    model_spec: ModelSpec | None = None
+    collective_checks: CollectiveChecks | None = None
+    extra_notes: list[str] = field(default_factory=list)
+
+
+class Progress:
+    """What the runner reports while it works; the CLI renders it with rich."""
+
+    def start(self, level: str, total: int) -> None: ...
+
+    def advance(self, description: str) -> None: ...
+
+
+def _environment() -> dict[str, str]:
+    def pkg(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "-"
+    return {"openseek_hal": pkg("openseek-hal"), "torch": torch.__version__, "triton": pkg("triton"),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def check_config(config: SuiteConfig) -> Backend:
+    """The backend to check, or a UserError naming what in ``config`` cannot be run."""
+    unknown = [name for name in config.ops or [] if name not in ops.REGISTRY]
+    if unknown:
+        raise UserError(f"unknown op(s): {', '.join(unknown)} (known: {', '.join(ops.names())})")
+    backend = get_backend(config.backend, strict=config.strict)
+    try:
+        backend.capabilities()
+    except Exception as e:  # the manifest and the report need it; a plugin bug, named as such
+        raise UserError(f"backend '{backend.name}': capabilities() raised {type(e).__name__}: {e}") from None
+    return backend
+
+
+def run_suite(config: SuiteConfig, progress: Progress | None = None) -> SuiteResult:
+    progress = progress or Progress()
+    backend = check_config(config)
+    manifest = Manifest(backend)
+    seed = secrets.randbelow(2**31) if config.seed is None else config.seed
+    result = SuiteResult(backend=backend.name, device_name=backend.capabilities().device_name,
+                         levels=list(config.levels), seed=seed, quick=config.quick, strict=config.strict,
+                         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                         environment=_environment(), coverage=backend.coverage(), notes=list(config.extra_notes))
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OpFallbackWarning)  # coverage is reported as a table instead
+        if "ops" in config.levels:
+            level = OpLevel(backend, manifest, seed, quick=config.quick, sample_filter=config.sample)
+            names = config.ops or ops.names()
+            progress.start("ops", sum(len(level.dtypes_for(ops.get(n), config.dtypes)) for n in names))
+            result.checks += level.run(names, config.dtypes, progress.advance)
+        if "comm" in config.levels:
+            result.checks += _comm(config, backend, manifest, seed, result, progress)
+        if "model" in config.levels:
+            steps = config.model_steps or (4 if config.quick else 8)
+            dtypes = [d for d in (config.dtypes or MODEL_DTYPES) if d in MODEL_DTYPES]
+            if config.quick and config.dtypes is None:
+                dtypes = [torch.float32]
+            progress.start("model", steps * (len(dtypes) + 1))
+            checks, curves = ModelLevel(backend, manifest, seed, steps=steps, spec=config.model_spec).run(
+                dtypes, progress.advance)
+            result.checks += checks
+            result.curves += curves
+    result.duration_s = time.perf_counter() - started
+    return result
+
+
+def _comm(config: SuiteConfig, backend: Backend, manifest: Manifest, seed: int, result: SuiteResult,
+          progress: Progress) -> list[CheckResult]:
+    progress.start("comm", 1)
+    try:
+        checks = run_comm_checks(backend, manifest, seed, adaptors=config.adaptors, world_sizes=config.world_sizes,
+                                 quick=config.quick, checks=config.collective_checks)
+    except CommUnavailable as e:
+        if config.levels_explicit:
+            raise UserError(f"--level comm: {e}") from None
+        result.notes.append(f"collective level skipped: {e}")
+        checks = [CheckResult(level="comm", op="collectives", check="collective", status="skip", seed=seed,
+                              message=str(e))]
+    progress.advance("collectives")
+    return checks
+
