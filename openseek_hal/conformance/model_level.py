@@ -11,8 +11,7 @@ The bands come from measurements of the reference backend itself in each dtype (
 ``docs/conformance/tolerances.md``): a backend that computes what the reference computes stays well
 inside them; a wrong op (a sign, an eps, a dropped term) leaves them at the first step or soon after.
 
-The model is the ``tiny`` DeepSeek-V3 preset when ``openseek_hal.models.build_model`` exists, else
-the conformance suite's own `TinyDecoder` (a two-layer decoder built from HAL ops).
+The model is the ``tiny`` DeepSeek-V3 preset (any model factory can be passed instead).
 """
 
 from __future__ import annotations
@@ -57,18 +56,11 @@ class ModelSpec:
 
 
 def default_spec() -> ModelSpec:
-    """The ``tiny`` DeepSeek-V3 preset when the models package provides it, else `TinyDecoder`."""
-    try:
-        from ..models import build_model  # type: ignore[attr-defined]
-    except ImportError:
-        build_model = None
-    if build_model is not None:
-        probe = build_model("tiny", get_backend("cpu"))
-        vocab = getattr(getattr(probe, "config", None), "vocab_size", None) or probe.vocab_size
-        return ModelSpec(name="deepseek-v3 tiny", factory=lambda be: build_model("tiny", be), vocab_size=vocab)
-    from .tiny_model import TinyDecoder
-    return ModelSpec(name="conformance TinyDecoder (models.build_model not available)",
-                     factory=lambda be: TinyDecoder(be), vocab_size=256)
+    """The ``tiny`` DeepSeek-V3 preset."""
+    from ..models import build_model, preset
+
+    return ModelSpec(name="deepseek-v3 tiny", factory=lambda be: build_model("tiny", be),
+                     vocab_size=preset("tiny").vocab_size)
 
 
 def _logits_of(output: Any) -> torch.Tensor:
