@@ -7,6 +7,7 @@ Also pins behaviours the OpDef samples do not reach: cross entropy's in-place ba
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
 import pytest
@@ -167,3 +168,15 @@ def test_flaggems_adapters_map_our_signatures_onto_flag_gems(monkeypatch):
     assert origins["cross_entropy"] == "openseek-hal"  # FlagGems' reads out of bounds on ignored targets
     for name in ("rms_norm", "silu_and_mul"):
         assert check_op(name, backend.op(name), torch.float32) > 0
+
+
+def test_triton_kernels_conform_through_the_interpreter(tmp_path):
+    """The conformance op level (quick) on `triton-interpret`: strided 1-D arguments (weights, targets,
+    biases), NaN/Inf rows and in-place list arguments, which once crashed the GPU with illegal accesses."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["conform", "--backend", "triton-interpret", "--level", "ops", "--quick", "--seed", "0",
+              "--report", str(tmp_path)])
+    assert exit_info.value.code == 0
+    report = json.loads((tmp_path / "conform-triton-interpret.json").read_text())
+    assert report["ok"] and report["counts"].get("pass", 0) > 300
+    assert {c["op"] for c in report["checks"]} >= {"rms_norm", "cross_entropy", "moe_route", "adamw"}

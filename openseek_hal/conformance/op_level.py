@@ -152,7 +152,9 @@ def run_once(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
     ``diff_outputs`` lists the output leaves that get an upstream gradient (those of the reference
     that are differentiable); None means: every floating output that requires grad.
     """
-    leaves = tuple(_leaf(a, i in grad_pos) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
+    # every tensor is copied, also inside lists (adamw's), so an op that updates in place cannot change the sample
+    leaves = tuple(_leaf(a, i in grad_pos) if isinstance(a, torch.Tensor) else tree_map(lambda t: t.detach().clone(), a)
+                   for i, a in enumerate(args))
     kw = tree_map(lambda t: t.detach().clone(), kwargs)
     with torch.enable_grad():
         out = flatten(fn(*leaves, **kw))

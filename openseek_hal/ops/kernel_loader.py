@@ -124,6 +124,10 @@ def _load_interpreted_copy() -> ModuleType:
     spec = importlib.util.spec_from_file_location(_INTERPRETED, package_dir / "__init__.py",
                                                   submodule_search_locations=[str(package_dir)])
     module = importlib.util.module_from_spec(spec)
+    # Triton itself (and gluon, which checks its library functions at import) must be imported in
+    # compiled mode before the copy's context: a process whose first Triton import happened inside
+    # it would get an interpreted standard library, and a later gluon import fails an assertion.
+    _stdlib_twins()
     sys.modules[_INTERPRETED] = module
     try:
         with _interpret_env():

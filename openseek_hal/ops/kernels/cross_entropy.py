@@ -29,11 +29,12 @@ def _ce_fwd(X, T, LOSS, LSE, stride_x, n_cols, ignore_index, z_loss, ACC: tl.con
         m_new = tl.maximum(m, tl.max(x, axis=0))
         total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
-    lse = m + tl.log(total)
+    # a +inf logit makes logsumexp +inf (as torch's); the online sum itself would be inf - inf = NaN
+    lse = tl.where(m == float("inf"), m, m + tl.log(total))
     target = tl.load(T + row)
     keep = target != ignore_index
     x_t = tl.load(x_row + tl.where(keep, target, 0)).to(ACC)
-    loss = lse - x_t + z_loss * lse * lse
+    loss = lse - x_t + tl.where(z_loss != 0, z_loss * lse * lse, 0.0)  # 0 * inf would be NaN
     tl.store(LOSS + row, tl.where(keep, loss, 0.0))
     tl.store(LSE + row, lse)
 
@@ -47,7 +48,7 @@ def _ce_bwd(X, T, LSE, SCALE, DX, stride_x, stride_dx, n_cols, ignore_index, z_l
     keep = target != ignore_index
     scale = tl.where(keep, tl.load(SCALE).to(ACC), 0.0)
     lse = tl.load(LSE + row)
-    p_scale = scale * (1.0 + 2.0 * z_loss * lse)
+    p_scale = scale * (1.0 + tl.where(z_loss != 0, 2.0 * z_loss * lse, 0.0))
     for start in range(0, n_cols, BLOCK):
         offs = start + cols
         mask = offs < n_cols
@@ -71,7 +72,7 @@ class CrossEntropy(torch.autograd.Function):
         acc = acc_dtype(logits.dtype)
         losses = torch.empty(rows, dtype=acc, device=logits.device)
         lse = torch.empty(rows, dtype=acc, device=logits.device)
-        target = target.reshape(-1)
+        target = target.reshape(-1).contiguous()  # read as a dense vector by the kernels
         if rows:
             block, warps = _block(n_cols)
             _ce_fwd[(rows,)](x2, target, losses, lse, x2.stride(0), n_cols, ignore_index, z_loss,

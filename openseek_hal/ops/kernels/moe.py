@@ -48,6 +48,9 @@ def _route_fwd(X, BIAS, IDX, W, n_experts, group_size, scale, HAS_BIAS: tl.const
     if HAS_BIAS:
         choice += tl.load(BIAS + expert, mask=valid, other=0.0).to(ACC)
     choice = tl.where(valid, choice, float("-inf"))
+    # NaN ranks above every number, as in torch.topk; otherwise no expert would match the maximum
+    # and the row would get an out-of-range index (a crash on the GPU, not a NaN loss)
+    choice = tl.where(choice != choice, float("inf"), choice)
     if N_GROUP > 1:
         best = tl.max(choice, axis=1)
         if HAS_BIAS and BLOCK_C > 1:  # group score: sum of the best two (DeepSeek-V3's noaux_tc)
@@ -203,6 +206,7 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor | None = None, *, top_k: 
         raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
     if logits.shape[-1] % n_group:
         raise ValueError(f"{logits.shape[-1]} experts do not split into {n_group} groups")
+    bias = bias.contiguous() if bias is not None else None  # read as a dense vector by the kernel
     return _moe_route_op(logits.contiguous(), bias, top_k, n_group, topk_group, score_func, norm_topk_prob,
                          float(routed_scaling_factor))
 

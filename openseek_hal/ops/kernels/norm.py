@@ -59,6 +59,8 @@ def _rms_norm_bwd(DY, DS, X, W, RSTD, DX, DW_PART, stride_dy, stride_ds, stride_
 
 
 def _forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    # the kernels index the weight as a dense vector (a strided one would be read out of bounds)
+    weight = weight.contiguous()
     x2 = as_rows(x)
     rows, n = x2.shape
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
@@ -73,7 +75,7 @@ def _forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
         _rms_norm_fwd[(rows,)](x2, r2, weight, y, s, rstd, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0),
                                n, eps, HAS_RESIDUAL=residual is not None, ACC=acc_type(x.dtype), BLOCK=block,
                                num_warps=warps_for(block))
-    return y, (s if residual is not None else x2), rstd
+    return y, (s if residual is not None else x2), rstd, weight
 
 
 def _backward(dy: torch.Tensor, ds: torch.Tensor | None, x2: torch.Tensor, weight: torch.Tensor,
@@ -96,7 +98,7 @@ def _backward(dy: torch.Tensor, ds: torch.Tensor | None, x2: torch.Tensor, weigh
 class RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        y, x2, rstd = _forward(x, None, weight, eps)
+        y, x2, rstd, weight = _forward(x, None, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
         return y.view(x.shape)
@@ -111,7 +113,7 @@ class RMSNorm(torch.autograd.Function):
 class AddRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps):
-        y, total, rstd = _forward(x, residual, weight, eps)
+        y, total, rstd, weight = _forward(x, residual, weight, eps)
         ctx.save_for_backward(total, weight, rstd)
         ctx.x_shape = x.shape
         ctx.set_materialize_grads(False)
