@@ -27,7 +27,7 @@ class TrainConfig:
     backend: str | None = None  # None: the best available backend
     data: str | None = None  # None: the built-in corpus (Python's own documentation)
     out: str = "runs/default"
-    steps: int = 150
+    steps: int = 200
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 3e-3
