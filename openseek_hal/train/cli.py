@@ -23,13 +23,14 @@ def _parse_value(text: str) -> object:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="YAML file of TrainConfig fields (see docs/train.md); options given here override it.")
 @click.option("--data", type=click.Path(), default=None,
-              help="A .txt/.jsonl(.gz) file or a folder of them (default: Python's bundled documentation).")
+              help="A .txt/.md/.jsonl(.gz) file, a folder of them, or a token-shard folder from "
+                   "`openseek-hal data tokenize` (default: Python's bundled documentation).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default: runs/default).")
 @click.option("--resume", type=click.Path(), default=None, help="Continue from a checkpoint or run folder.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--seq-len", type=click.IntRange(min=2), default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Sequences per step (default 16).")
+@click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Tokens per sequence (default 128).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default 3e-3).")
+@click.option("--seed", type=int, default=None, help="Seed of the weights and the batches (default 0).")
 @click.option("--model", "model_preset", default=None,
               help="DeepSeek-V3 preset (tiny, openseek-small, deepseek-v3) or a YAML file of config fields.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
