@@ -34,6 +34,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 _COMPILED = "openseek_hal.ops.kernels"
 _INTERPRETED = "openseek_hal.ops._kernels_interpreted"
 
@@ -100,7 +102,8 @@ class _InterpretedKernel:
         launch = self.fn[grid]
 
         def run(*args: Any, **kwargs: Any) -> Any:
-            with _interpreted_stdlib():
+            # NaN/Inf arithmetic is silent on a GPU; numpy (the interpreter) would warn on every launch
+            with _interpreted_stdlib(), np.errstate(all="ignore"):
                 return launch(*args, **kwargs)
 
         return run
