@@ -94,18 +94,6 @@ def backends(show_ops: bool) -> None:
                 console.print(f"[bold]{name}[/] {origin}-native: {', '.join(ops_from)}")
 
 
-def not_yet(command: str, issue: str) -> click.Command:
-    """A command that exists in the CLI's shape but whose implementation has not landed."""
-
-    @click.command(command, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-                   help=f"Not implemented yet ({issue}).")
-    def _cmd() -> None:
-        click.echo(f"openseek-hal {command}: not implemented yet ({issue})", err=True)
-        sys.exit(1)
-
-    return _cmd
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings meant for users (op fallbacks, ...) as one line, without source context."""
     click.echo(f"openseek-hal: warning: {message}", err=True)
