@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..backend import Backend, Capabilities
 from ..ops.attention import sdpa_causal_attention
+from ..ops.grouped import grouped_mm_linear
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s and HBM bandwidth in bytes/s, from NVIDIA's
 # datasheets, keyed by a substring of the device name. The SXM parts are listed first.
@@ -43,6 +44,9 @@ class CUDABackend(Backend):
         from ..ops.kernel_loader import kernel_table
 
         ops: dict[str, Callable[..., Any]] = {"causal_attention": sdpa_causal_attention, "embedding": F.embedding}
+        if (hasattr(torch, "_grouped_mm") and torch.cuda.is_available()
+                and torch.cuda.get_device_capability(self.device.index) >= (9, 0)):
+            ops["grouped_linear"] = grouped_mm_linear
         if importlib.util.find_spec("triton") is not None:
             ops.update(kernel_table(interpret=False))
         return ops

@@ -185,14 +185,12 @@ class Experts(nn.Module):
         self._permute = backend.op("moe_permute")
         self._unpermute = backend.op("moe_unpermute")
         self._silu_and_mul = backend.op("silu_and_mul")
+        self._grouped_linear = backend.op("grouped_linear")
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         x_sorted, order, counts = self._permute(x, indices, self.gate_up_proj.shape[0])
-        # One host sync per layer for the group sizes; each expert is then one matmul over its rows.
-        # unbind, not indexing: one backward node for all experts instead of one full-size zeros per expert
-        outs = [F.linear(self._silu_and_mul(F.linear(rows, gate_up)), down) for rows, gate_up, down in
-                zip(x_sorted.split(counts.tolist()), self.gate_up_proj.unbind(0), self.down_proj.unbind(0))]
-        return self._unpermute(torch.cat(outs), order, weights)
+        hidden = self._silu_and_mul(self._grouped_linear(x_sorted, self.gate_up_proj, counts))
+        return self._unpermute(self._grouped_linear(hidden, self.down_proj, counts), order, weights)
 
 
 class Block(nn.Module):
