@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 from rich.console import Console
+from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from openseek_hal.errors import RunError
@@ -141,3 +142,23 @@ def test_trains_on_token_shards_from_data_tokenize(tmp_path):
     assert len(result.losses) == 3 and result.losses[0] == pytest.approx(math.log(shards.vocab_size), abs=0.6)
     # the run uses the shards' own tokenizer
     assert (tmp_path / "run" / "tokenizer.json").read_bytes() == shards.tokenizer_path.read_bytes()
+
+
+def test_data_parallel_matches_one_rank_with_the_whole_batch(tmp_path):
+    """Two gloo ranks, each on half of every batch, train the same model as one rank on all of it."""
+    single = train(_cfg(tmp_path / "one", steps=4), console=_quiet())
+    parallel = train(_cfg(tmp_path / "two", steps=4, data_parallel=2))
+    assert parallel.losses == pytest.approx(single.losses, rel=1e-5)
+    metrics = [(tmp_path / d / "run" / "metrics.jsonl").read_text().splitlines() for d in ("one", "two")]
+    grad_norms = [[json.loads(line)["grad_norm"] for line in lines if "grad_norm" in line] for lines in metrics]
+    assert grad_norms[1] == pytest.approx(grad_norms[0], rel=1e-4)  # averaged, not summed, over the ranks
+    saved = [load_file(str(resolve_checkpoint(tmp_path / d / "run") / "model.safetensors")) for d in ("one", "two")]
+    for name, tensor in saved[0].items():
+        torch.testing.assert_close(saved[1][name], tensor, rtol=1e-3, atol=1e-5)  # Adam amplifies rounding
+
+
+def test_data_parallel_needs_an_even_split(tmp_path):
+    from openseek_hal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not split over data_parallel=3"):
+        _cfg(tmp_path, batch_size=8, data_parallel=3)

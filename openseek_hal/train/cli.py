@@ -31,16 +31,20 @@ def _parse_value(text: str) -> object:
 @click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Tokens per sequence (default 128).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default 3e-3).")
 @click.option("--seed", type=int, default=None, help="Seed of the weights and the batches (default 0).")
+@click.option("--data-parallel", "-n", type=click.IntRange(min=1), default=None,
+              help="Local data-parallel ranks, one model replica (and device) each (default 1).")
 @click.option("--model", "model_preset", default=None,
               help="DeepSeek-V3 preset (tiny, openseek-small, deepseek-v3) or a YAML file of config fields.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override any config field; model fields are dotted (e.g. --set model.num_hidden_layers=2).")
-def train(backend, steps, config_path, data, out, resume, batch_size, seq_len, lr, seed, model_preset, sets) -> None:
+def train(backend, steps, config_path, data, out, resume, batch_size, seq_len, lr, seed, data_parallel, model_preset,
+          sets) -> None:
     """Train a model through the HAL and save a checkpoint; prints loss, tokens/s and a greedy sample."""
     from .trainer import train as run_training
 
     overrides = {k: v for k, v in dict(backend=backend, steps=steps, data=data, out=out, batch_size=batch_size,
-                                       seq_len=seq_len, lr=lr, seed=seed, model_preset=model_preset).items()
+                                       seq_len=seq_len, lr=lr, seed=seed, model_preset=model_preset,
+                                       data_parallel=data_parallel).items()
                  if v is not None}
     for item in sets:
         key, sep, value = item.partition("=")

@@ -45,6 +45,8 @@ class TrainConfig:
     sample_tokens: int = 48
     tokenizer_vocab_size: int = 4096
     wandb: bool = False  # also log to Weights & Biases, offline (needs the `wandb` extra)
+    data_parallel: int = 1  # local ranks, one model replica each (one device each on accelerators)
+    comm_adaptor: str = "torch"  # the Communicator adaptor the ranks average gradients through
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -141,10 +143,13 @@ def model_config(cfg: TrainConfig, **overrides: Any) -> DeepseekV3Config:
 
 
 def validate(cfg: TrainConfig) -> None:
-    positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "log_every": cfg.log_every}
+    positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "log_every": cfg.log_every,
+                "data_parallel": cfg.data_parallel}
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}")
+    if cfg.batch_size % cfg.data_parallel:
+        raise ConfigError(f"batch_size {cfg.batch_size} does not split over data_parallel={cfg.data_parallel} ranks")
     model_config(cfg)  # a bad model field fails here, before any data is read
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
         raise ConfigError(f"lr must be positive, got {cfg.lr}")

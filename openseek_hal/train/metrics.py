@@ -15,10 +15,11 @@ from ..errors import UserError
 
 class MetricsLogger:
     def __init__(self, out: Path, *, use_wandb: bool = False, run_name: str | None = None,
-                 config: dict[str, Any] | None = None, append: bool = False):
-        self._file = (out / "metrics.jsonl").open("a" if append else "w")
+                 config: dict[str, Any] | None = None, append: bool = False, enabled: bool = True):
+        """``enabled=False`` (data-parallel ranks other than 0) logs nothing."""
+        self._file = (out / "metrics.jsonl").open("a" if append else "w") if enabled else None
         self._wandb = None
-        if use_wandb:
+        if use_wandb and enabled:
             try:
                 import wandb
             except ImportError:
@@ -28,13 +29,16 @@ class MetricsLogger:
                                      config=config)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self._file is None:
+            return
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
         self._file.flush()
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
 

@@ -7,6 +7,7 @@ batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import shutil
 import time
@@ -21,7 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from tokenizers import Tokenizer
 
-from ..backend import Backend, get_backend
+from ..backend import Backend, default_backend_name, get_backend
+from ..comm import Communicator
 from ..errors import RunError, UserError
 from ..models import DeepseekV3, build_model
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -29,6 +31,7 @@ from .config import TrainConfig, model_config, to_dict
 from .corpus import TokenSequence, iter_windows, load_training_tokens
 from .metrics import MetricsLogger
 from .optim import AdamW
+from .parallel import DataParallel
 
 
 @dataclass
@@ -100,9 +103,29 @@ def evaluate(model: DeepseekV3, tokens: TokenSequence, cfg: TrainConfig, device:
 
 
 def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Console | None = None) -> TrainResult:
-    """Run a training job as configured; returns the losses, throughput, checkpoint and sample."""
-    console = console or Console()
+    """Run a training job as configured; returns the losses, throughput, checkpoint and sample.
+
+    With ``cfg.data_parallel`` > 1, that many local ranks train one replica each (`parallel.DataParallel`)
+    through ``cfg.comm_adaptor``; rank 0 reports, saves and returns.
+    """
+    if cfg.data_parallel == 1:
+        return _train(cfg, resume, console or Console(), DataParallel(None))
+    from ..comm import launch
+
+    backend = cfg.backend or default_backend_name()
+    return launch(_train_rank, cfg.data_parallel, backend=backend, adaptor=cfg.comm_adaptor, check=False,
+                  timeout=600.0, args=(cfg, resume))[0]
+
+
+def _train_rank(comm: Communicator, cfg: TrainConfig, resume: str | Path | None) -> TrainResult:
+    console = Console() if comm.rank == 0 else Console(file=io.StringIO())
+    return _train(cfg, resume, console, DataParallel(comm))
+
+
+def _train(cfg: TrainConfig, resume: str | Path | None, console: Console, dp: DataParallel) -> TrainResult:
     backend = get_backend(cfg.backend)
+    if dp.comm is not None and backend.device_type != "cpu":  # one device per rank
+        backend = get_backend(cfg.backend, device_index=dp.rank)
     device = backend.device.torch_device
     backend.device.manual_seed(cfg.seed)
     console.print(f"[bold]openseek-hal train[/] backend={backend.name} device={backend.device.name()}")
@@ -120,9 +143,10 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
     optimizer = AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                        {"params": no_decay, "weight_decay": 0.0}], backend, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tok_path, out / "tokenizer.json")
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if dp.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tok_path, out / "tokenizer.json")
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     start_step, losses = 0, []
     if resume is not None:
@@ -134,7 +158,8 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
     flops_per_token = model.flops_per_token(cfg.seq_len)
     peak = backend.capabilities().peak_flops.get(torch.bfloat16 if backend.device_type != "cpu" else torch.float32)
     console.print(f"model: {n_params / 1e6:.2f}M parameters, "
-                  f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens")
+                  f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens"
+                  + (f" over {dp.world_size} data-parallel ranks" if dp.world_size > 1 else ""))
 
     autocast = _autocast(backend, cfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -143,22 +168,23 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     metrics = MetricsLogger(out, use_wandb=cfg.wandb, run_name=out.name, config=to_dict(cfg),
-                            append=resume is not None)
+                            append=resume is not None, enabled=dp.is_main)
     with metrics, Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("training", total=cfg.steps, completed=start_step)
         for step in range(start_step, cfg.steps):
             t_step = time.perf_counter()
-            x, y = (t.to(device, non_blocking=True) for t in batch_at(train_tokens, step, cfg))
+            x, y = (dp.shard(t).to(device, non_blocking=True) for t in batch_at(train_tokens, step, cfg))
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             with autocast:
                 loss = model.loss(x, y)
             loss.total.backward()
+            dp.average_gradients(model)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            model.update_expert_bias()  # aux-loss-free balancing, once per optimizer step
-            loss_value = loss.main.item()  # synchronizes, so the step time below is real
+            model.update_expert_bias(dp.comm)  # aux-loss-free balancing, loads summed over the ranks
+            loss_value = dp.mean(loss.main)  # synchronizes, so the step time below is real
             if not math.isfinite(loss_value):
                 raise RunError(f"loss became {loss_value} at step {step + 1}; lower lr or check the data")
             losses.append(loss_value)
@@ -171,16 +197,19 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
                 tps = timed_tokens / timed_seconds if timed_seconds else float("nan")
                 row = {"loss": loss_value, "lr": lr_at(step, cfg), "grad_norm": float(grad_norm),
                        "tokens_per_s": tps}
-                row.update({k: v.item() for k, v in (("mtp_loss", loss.mtp), ("aux_loss", loss.aux)) if v is not None})
+                extra = (("mtp_loss", loss.mtp), ("aux_loss", loss.aux))
+                row.update({k: dp.mean(v) for k, v in extra if v is not None})
                 if peak:
                     row["mfu"] = tps * flops_per_token / peak
                 metrics.log(done, row)
                 mfu = f"  mfu {100 * row['mfu']:.1f}%" if peak else ""
                 progress.console.print(f"step {done:>5}/{cfg.steps}  loss {loss_value:.4f}  lr {row['lr']:.2e}  "
                                        f"grad {row['grad_norm']:.3f}  tok/s {tps:,.0f}{mfu}")
-            if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
+            if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps and dp.is_main:
                 save_checkpoint(out, done, model, optimizer, _state(cfg, losses, tok_path))
-        ckpt_path = save_checkpoint(out, cfg.steps, model, optimizer, _state(cfg, losses, tok_path))
+        ckpt_path = out / "checkpoints" / f"step_{cfg.steps:06d}"  # the replicas are identical: rank 0 saves
+        if dp.is_main:
+            ckpt_path = save_checkpoint(out, cfg.steps, model, optimizer, _state(cfg, losses, tok_path))
         model.eval()
         val_loss = evaluate(model, val_tokens, cfg, device, autocast)
         metrics.log(cfg.steps, {"val_loss": val_loss})
