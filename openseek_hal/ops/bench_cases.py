@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import get
-from .rope import rope_frequencies
+from .rope_scaling import rope_tables
 
 # name: (hidden, vocab, tokens, experts, top_k, n_group, topk_group, moe_intermediate)
 PRESETS: dict[str, dict[str, int]] = {
@@ -121,7 +121,7 @@ def _cases_for(preset: str, p: dict[str, int]) -> list[Case]:
         numel = 4 * heads * seq * 64
         cases.append(Case("rope", f"{preset} 4x{heads}x{seq}x64 {'interleaved' if interleaved else 'half'}",
                           functools.partial(lambda dev, hh, s, il: (
-                              (_randn(4, hh, s, 64, device=dev), *rope_frequencies(64, s, device=dev)),
+                              (_randn(4, hh, s, 64, device=dev), *rope_tables(64, s, device=dev)),
                               {"interleaved": il}), hh=heads, s=seq, il=interleaved),
                           (0,), 2 * numel * bf, 2 * numel * bf))
     rows = 8192 if preset == "deepseek-v3" else 4096

@@ -1,4 +1,4 @@
-"""Rotary position embedding for MLA's decoupled rope part (reference, tables and OpDef).
+"""Rotary position embedding for MLA's decoupled rope part (reference and OpDef; tables in rope_scaling).
 
 Two layouts: ``interleaved`` rotates pairs ``(x[2i], x[2i+1])`` (DeepSeek's ``rope_interleave``
 checkpoints); the half layout rotates ``(x[i], x[i + d/2])`` (Llama style). Attention scores are
@@ -10,15 +10,7 @@ from __future__ import annotations
 import torch
 
 from .opdef import OpDef, Sample, randn
-
-
-def rope_frequencies(dim: int, seq_len: int, theta: float = 10000.0, *,
-                     dtype: torch.dtype = torch.float32,
-                     device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, sin)`` tables of shape ``(seq_len, dim // 2)`` for plain rope."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+from .rope_scaling import rope_tables
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
@@ -37,14 +29,14 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
 def _samples(dtype, device, gen):
     for shape in [(2, 4, 16, 64), (1, 1, 1, 2), (3, 7, 32), (2, 0, 8)]:
         seq, dim = shape[-2], shape[-1]
-        cos, sin = rope_frequencies(dim, seq, device=device)
+        cos, sin = rope_tables(dim, seq, device=device)
         for interleaved in (False, True):
             x = randn(*shape, dtype=dtype, device=device, generator=gen)
             label = "x".join(map(str, shape)) + (":interleaved" if interleaved else ":half")
             yield Sample((x, cos, sin), {"interleaved": interleaved}, label)
     # non-contiguous: the rope slice of a wider per-head vector, as MLA produces it
     full = randn(2, 4, 8, 96, dtype=dtype, device=device, generator=gen)
-    cos, sin = rope_frequencies(64, 8, device=device)
+    cos, sin = rope_tables(64, 8, device=device)
     yield Sample((full[..., 32:], cos, sin), {"interleaved": True}, "2x4x8x64-strided:interleaved")
 
 
