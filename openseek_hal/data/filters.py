@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..yaml_config import read_yaml_mapping
 from .runner import DocStage
 from .text import NOSPACE_CHAR, TOKEN, split_sentences
 
@@ -35,14 +36,7 @@ class FilterConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> FilterConfig:
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read filter config {path}: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"filter config {path} must be a mapping of rule: threshold")
+        data = read_yaml_mapping(path, "filter config")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -21,19 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from ..errors import ConfigError
+from ..yaml_config import read_yaml_mapping
 
 PATH_OPTIONS = {"config", "benchmark", "model", "tokenizer", "flagged_words", "prompts"}
 
 
 def load(path: Path) -> dict[str, Any]:
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read pipeline {path}: {e}") from e
-    if not isinstance(spec, dict) or not isinstance(spec.get("stages"), list) or not spec["stages"]:
+    spec = read_yaml_mapping(path, "pipeline")
+    if not isinstance(spec.get("stages"), list) or not spec["stages"]:
         raise ConfigError(f"pipeline {path} needs a non-empty 'stages' list")
     for key in ("input", "output"):
         if key not in spec:

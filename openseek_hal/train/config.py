@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import ConfigError
+from ..yaml_config import read_yaml_mapping
 
 if typing.TYPE_CHECKING:
     from ..models.deepseek_v3.config import DeepseekV3Config
@@ -103,18 +102,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A `TrainConfig` from a YAML file (optional) with ``overrides`` (dotted keys allowed) applied."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        data = loaded or {}
+    data = read_yaml_mapping(path, "config file") if path is not None else {}
     for key, value in (overrides or {}).items():
         node = data
         *parents, leaf = key.split(".")

@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ...errors import ConfigError
+from ...yaml_config import read_yaml_mapping
 
 # Keys a HF config.json carries that say nothing about the architecture we build.
 _HF_IGNORED = {
@@ -130,15 +129,7 @@ class DeepseekV3Config:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> DeepseekV3Config:
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of config fields")
-        return cls.from_dict(values, **overrides)
+        return cls.from_dict(read_yaml_mapping(path, "model config file"), **overrides)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> DeepseekV3Config:
