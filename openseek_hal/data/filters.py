@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..yaml_config import read_yaml_mapping
+from ..fileio import read_yaml_mapping
 from .runner import DocStage
 from .text import NOSPACE_CHAR, TOKEN, split_sentences
 

@@ -169,12 +169,6 @@ def dumps(doc: dict[str, Any]) -> str:
     return json.dumps(doc, ensure_ascii=False, default=str) + "\n"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class ShardWriter:
     """Writes JSONL lines into ``part-NNNNN.jsonl[.gz|.zst]`` shards of at most ``shard_docs`` documents.
 

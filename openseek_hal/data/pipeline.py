@@ -23,7 +23,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError
-from ..yaml_config import read_yaml_mapping
+from ..fileio import read_yaml_mapping
 
 PATH_OPTIONS = {"config", "benchmark", "model", "tokenizer", "flagged_words", "prompts"}
 

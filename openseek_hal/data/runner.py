@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_write_text
 from .executor import ordered_map
 from .io import (
     Malformed,
     RawLine,
     ShardWriter,
-    atomic_write_text,
     check_output_dir,
     discover,
     dumps,

@@ -19,8 +19,9 @@ from typing import IO
 import numpy as np
 
 from ..errors import UserError
+from ..fileio import atomic_write_text
 from .executor import ordered_map
-from .io import Malformed, RawLine, atomic_write_text, check_output_dir, discover, iter_raw, parse
+from .io import Malformed, RawLine, check_output_dir, discover, iter_raw, parse
 from .runner import OutputOptions, Stats, batched, progress, report
 from .shards import FORMAT, VERSION, dtype_for
 

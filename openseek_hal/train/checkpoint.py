@@ -24,15 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from ..fileio import atomic_write_text
 
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -61,7 +53,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(ckpt_root / "latest", final.name + "\n")
+    atomic_write_text(ckpt_root / "latest", final.name + "\n")
     return final
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..yaml_config import read_yaml_mapping
+from ..fileio import read_yaml_mapping
 
 if typing.TYPE_CHECKING:
     from ..models.deepseek_v3.config import DeepseekV3Config

@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from rich.console import Console
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ..errors import UserError
+from ..fileio import atomic_write_text
 
 EOS = "<|endoftext|>"
 
@@ -126,10 +126,7 @@ def load_or_train_tokenizer(docs: Documents, vocab_size: int) -> tuple[Tokenizer
             path.unlink(missing_ok=True)
     tok = train_tokenizer(docs.texts, vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    tok.save(tmp)
-    os.replace(tmp, path)
+    atomic_write_text(path, tok.to_str())
     return tok, path
 
 

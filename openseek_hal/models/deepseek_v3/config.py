@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError
-from ...yaml_config import read_yaml_mapping
+from ...fileio import read_yaml_mapping
 
 # Keys a HF config.json carries that say nothing about the architecture we build.
 _HF_IGNORED = {

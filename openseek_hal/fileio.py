@@ -1,7 +1,9 @@
-"""Reading a YAML config file into a mapping, with one clear `ConfigError` for each way it can fail."""
+"""Small file helpers shared by every part: atomic text writes, and YAML config files read into a mapping."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,3 +28,18 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError(f"{what} {p} must hold a mapping at the top level")
     return loaded
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a unique temporary file and a rename: readers see old or new, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
