@@ -37,7 +37,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     seed: int = 0
-    dtype: str = "auto"  # "auto": bf16 autocast on accelerators, fp32 on the CPU; or fp32 / bf16
+    dtype: str = "auto"  # "auto": bf16 autocast on accelerators, fp32 on the CPU; or fp32 / bf16 / fp64 (verification)
     log_every: int = 10
     save_every: int = 0  # 0: save only at the end
     eval_batches: int = 8
@@ -141,5 +141,5 @@ def validate(cfg: TrainConfig) -> None:
     model_config(cfg)  # a bad model field fails here, before any data is read
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
         raise ConfigError(f"lr must be positive, got {cfg.lr}")
-    if cfg.dtype not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
+    if cfg.dtype not in ("auto", "fp32", "bf16", "fp64"):
+        raise ConfigError(f"dtype must be auto, fp32, bf16 or fp64, got {cfg.dtype!r}")

@@ -49,6 +49,6 @@ class DataParallel:
         """The mean of a scalar over the ranks (the global batch's loss)."""
         if self.comm is None:
             return value.item()
-        t = value.detach().float().reshape(1).clone()
+        t = value.detach().double().reshape(1).clone()
         self.comm.all_reduce(t, op="avg")
         return t.item()

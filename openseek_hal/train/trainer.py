@@ -137,7 +137,8 @@ def _train(cfg: TrainConfig, resume: str | Path | None, console: Console, dp: Da
     if len(train_tokens) <= cfg.seq_len + 1:
         raise UserError(f"data has {len(train_tokens)} training tokens; need more than seq_len + 1 = {cfg.seq_len + 1}")
 
-    model = build_model(model_config(cfg, vocab_size=tok.get_vocab_size()), backend, seed=cfg.seed)
+    model = build_model(model_config(cfg, vocab_size=tok.get_vocab_size()), backend, seed=cfg.seed,
+                        dtype=torch.float64 if cfg.dtype == "fp64" else None)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
