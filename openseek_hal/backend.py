@@ -52,6 +52,7 @@ class Capabilities:
     fp8: bool = False
     peak_flops: Mapping[torch.dtype, float] = field(default_factory=dict)  # dense FLOP/s per dtype
     memory_bandwidth: float | None = None  # bytes/s
+    compile: bool = False  # torch.compile traces this backend's ops and generates code for its device
 
 
 @dataclass(frozen=True)

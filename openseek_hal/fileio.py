@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
@@ -43,3 +45,37 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class FolderLock:
+    """An exclusive lock on a folder that one job writes (``<folder>/.lock``), held while in the ``with`` block.
+
+    A second job asking for it fails at once with one line naming the holder (pid and host). The
+    lock is an ``flock`` on an open file, so the kernel releases it when the holder dies, however
+    it dies: a stale lock file never blocks the next run.
+    """
+
+    def __init__(self, folder: str | Path, *, what: str = "folder"):
+        self.folder, self.what = Path(folder), what
+        self._fd: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{self.what} {self.folder} is in use by {holder}; wait for it to finish or choose "
+                            "another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None

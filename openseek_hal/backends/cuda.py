@@ -61,4 +61,4 @@ class CUDABackend(Backend):
                 break
         dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
         return Capabilities(device_name=name, dtypes=dtypes, fp8=major >= 9, peak_flops=flops,
-                            memory_bandwidth=bandwidth)
+                            memory_bandwidth=bandwidth, compile=True)

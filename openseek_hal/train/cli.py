@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import yaml
 
-from .config import load_config
+from .config import load_config, resumed_config
 
 
 def _parse_value(text: str) -> object:
@@ -26,29 +26,39 @@ def _parse_value(text: str) -> object:
               help="A .txt/.md/.jsonl(.gz) file, a folder of them, or a token-shard folder from "
                    "`openseek-hal data tokenize` (default: Python's bundled documentation).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default: runs/default).")
-@click.option("--resume", type=click.Path(), default=None, help="Continue from a checkpoint or run folder.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Sequences per step (default 16).")
+@click.option("--resume", type=click.Path(), default=None,
+              help="Continue from a checkpoint or run folder, with its settings (options may change only those "
+                   "that keep the run exact: steps, out, logging, parallel layout).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Sequences per optimizer step over all ranks (global_batch_size, default 16).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Tokens per sequence (default 128).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default 3e-3).")
 @click.option("--seed", type=int, default=None, help="Seed of the weights and the batches (default 0).")
-@click.option("--data-parallel", "-n", type=click.IntRange(min=1), default=None,
-              help="Local data-parallel ranks, one model replica (and device) each (default 1).")
 @click.option("--model", "model_preset", default=None,
               help="DeepSeek-V3 preset (tiny, openseek-small, deepseek-v3) or a YAML file of config fields.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override any config field; model fields are dotted (e.g. --set model.num_hidden_layers=2).")
-def train(backend, steps, config_path, data, out, resume, batch_size, seq_len, lr, seed, data_parallel, model_preset,
+def train(backend, steps, config_path, data, out, resume, batch_size, seq_len, lr, seed, model_preset,
           sets) -> None:
     """Train a model through the HAL and save a checkpoint; prints loss, tokens/s and a greedy sample."""
     from .trainer import train as run_training
 
-    overrides = {k: v for k, v in dict(backend=backend, steps=steps, data=data, out=out, batch_size=batch_size,
-                                       seq_len=seq_len, lr=lr, seed=seed, model_preset=model_preset,
-                                       data_parallel=data_parallel).items()
+    overrides = {k: v for k, v in dict(backend=backend, steps=steps, data=data, out=out,
+                                       global_batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
+                                       model_preset=model_preset).items()
                  if v is not None}
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep:
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
         overrides[key] = _parse_value(value)
-    run_training(load_config(config_path, overrides), resume=resume)
+    if resume is None:
+        cfg = load_config(config_path, overrides)
+    else:  # the checkpoint's settings, with only the overrides that keep the run exact
+        from ..fileio import read_yaml_mapping
+        from .checkpoint import CheckpointReader
+
+        reader = CheckpointReader(resume)
+        given = {**(read_yaml_mapping(config_path, "config file") if config_path else {}), **overrides}
+        cfg = resumed_config(reader.state["config"], reader.step, given, str(reader.path))
+    run_training(cfg, resume=resume)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -27,25 +28,44 @@ class TrainConfig:
     data: str | None = None  # None: the built-in corpus (Python's own documentation)
     out: str = "runs/default"
     steps: int = 200
-    batch_size: int = 16
+    global_batch_size: int = 16  # sequences per optimizer step, over every rank and micro-batch
+    micro_batch_size: int = 0  # sequences per forward on one rank; 0: global_batch_size / data-parallel size
     seq_len: int = 128
     lr: float = 3e-3
+    lr_schedule: str = "cosine"  # cosine, wsd (warmup-stable-decay) or constant; all after a linear warmup
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
+    decay_fraction: float = 0.1  # wsd: the last fraction of the steps decays to lr * min_lr_ratio
+    decay_shape: str = "linear"  # wsd: linear, cosine or sqrt (1 - sqrt, MiniCPM)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0  # global gradient-norm clip; null: none
     seed: int = 0
-    dtype: str = "auto"  # "auto": bf16 autocast on accelerators, fp32 on the CPU; or fp32 / bf16 / fp64 (verification)
+    # "auto": bf16 weights + fp32 master on accelerators, fp32 on the CPU. "bf16": bf16 weights, fp32
+    # master and moments. "autocast": fp32 weights, bf16 autocast. "fp32". "fp64" (verification runs).
+    dtype: str = "auto"
     log_every: int = 10
     save_every: int = 0  # 0: save only at the end
     eval_batches: int = 8
     sample_tokens: int = 48
     tokenizer_vocab_size: int = 4096
     wandb: bool = False  # also log to Weights & Biases, offline (needs the `wandb` extra)
-    data_parallel: int = 1  # local ranks, one model replica each (one device each on accelerators)
-    comm_adaptor: str = "torch"  # the Communicator adaptor the ranks average gradients through
+    # parallelism: the world (torchrun / SLURM / --nproc-per-node) is data-parallel x expert-parallel
+    expert_parallel: int = 1  # ranks one MoE layer's routed experts are spread over
+    bucket_mb: float = 25.0  # gradient bucket size; a bucket is reduce-scattered as soon as it is ready
+    reduce_dtype: str = "fp32"  # the dtype gradients are reduced in: fp32 or bf16
+    comm_adaptor: str = "torch"  # the Communicator adaptor every collective goes through
+    comm_timeout: float = 300.0  # seconds any collective or the rendezvous may wait before failing
+    recompute: bool = False  # recompute each transformer block's activations in backward
+    compile: bool = False  # torch.compile each block (where the backend supports it)
+
+
+# Fields that a resumed run may change; any other change would break its exactness and is refused.
+RESUMABLE = frozenset({"steps", "out", "backend", "log_every", "save_every", "eval_batches", "sample_tokens", "wandb",
+                       "comm_adaptor", "comm_timeout", "bucket_mb", "micro_batch_size", "expert_parallel",
+                       "recompute", "compile", "reduce_dtype"})
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -131,15 +151,84 @@ def model_config(cfg: TrainConfig, **overrides: Any) -> DeepseekV3Config:
 
 
 def validate(cfg: TrainConfig) -> None:
-    positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "log_every": cfg.log_every,
-                "data_parallel": cfg.data_parallel}
+    """Refuse values that cannot be meant, with one line naming the field (`ConfigError`)."""
+    positive = {"steps": cfg.steps, "global_batch_size": cfg.global_batch_size, "seq_len": cfg.seq_len,
+                "log_every": cfg.log_every, "eval_batches": cfg.eval_batches, "expert_parallel": cfg.expert_parallel,
+                "comm_timeout": cfg.comm_timeout, "bucket_mb": cfg.bucket_mb}
     for name, value in positive.items():
-        if value <= 0:
+        if not value > 0:
             raise ConfigError(f"{name} must be positive, got {value}")
-    if cfg.batch_size % cfg.data_parallel:
-        raise ConfigError(f"batch_size {cfg.batch_size} does not split over data_parallel={cfg.data_parallel} ranks")
-    model_config(cfg)  # a bad model field fails here, before any data is read
+    non_negative = {"micro_batch_size": cfg.micro_batch_size, "save_every": cfg.save_every,
+                    "warmup_steps": cfg.warmup_steps, "sample_tokens": cfg.sample_tokens,
+                    "weight_decay": cfg.weight_decay, "min_lr_ratio": cfg.min_lr_ratio}
+    for name, value in non_negative.items():
+        if not value >= 0:
+            raise ConfigError(f"{name} must be zero or positive, got {value}")
+    if cfg.grad_clip is not None and not (cfg.grad_clip > 0 and math.isfinite(cfg.grad_clip)):
+        raise ConfigError(f"grad_clip must be a positive norm (or null for no clipping), got {cfg.grad_clip}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if not cfg.eps > 0:
+        raise ConfigError(f"eps must be positive, got {cfg.eps}")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
         raise ConfigError(f"lr must be positive, got {cfg.lr}")
-    if cfg.dtype not in ("auto", "fp32", "bf16", "fp64"):
-        raise ConfigError(f"dtype must be auto, fp32, bf16 or fp64, got {cfg.dtype!r}")
+    if not cfg.min_lr_ratio <= 1:
+        raise ConfigError(f"min_lr_ratio must be at most 1, got {cfg.min_lr_ratio}")
+    choices = {"dtype": ("auto", "bf16", "autocast", "fp32", "fp64"), "lr_schedule": ("cosine", "wsd", "constant"),
+               "decay_shape": ("linear", "cosine", "sqrt"), "reduce_dtype": ("fp32", "bf16")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    if not 0 < cfg.decay_fraction <= 1:
+        raise ConfigError(f"decay_fraction must be in (0, 1], got {cfg.decay_fraction}")
+    if cfg.tokenizer_vocab_size < MIN_VOCAB:
+        raise ConfigError(f"tokenizer_vocab_size must be at least {MIN_VOCAB} (256 bytes + end of text), "
+                          f"got {cfg.tokenizer_vocab_size}")
+    mc = model_config(cfg)  # a bad model field fails here, before any data is read
+    if mc.n_routed_experts and mc.n_routed_experts % cfg.expert_parallel:
+        raise ConfigError(f"expert_parallel={cfg.expert_parallel} does not divide the {mc.n_routed_experts} "
+                          "routed experts")
+
+
+MIN_VOCAB = 257
+
+
+def check_world(cfg: TrainConfig, world_size: int) -> tuple[int, int, int]:
+    """``(data_parallel, micro_batch_size, accumulation_steps)`` of ``cfg`` on ``world_size`` ranks."""
+    if world_size % cfg.expert_parallel:
+        raise ConfigError(f"expert_parallel={cfg.expert_parallel} does not divide the {world_size} ranks")
+    # every rank holds a replica of the dense weights and sees its own tokens: the data-parallel size is the world
+    dp = world_size
+    if cfg.global_batch_size % dp:
+        raise ConfigError(f"global_batch_size {cfg.global_batch_size} does not split over {dp} data-parallel ranks")
+    per_rank = cfg.global_batch_size // dp
+    micro = cfg.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ConfigError(f"micro_batch_size {micro} does not divide the {per_rank} sequences per rank "
+                          f"(global_batch_size {cfg.global_batch_size} over {dp} ranks)")
+    return dp, micro, per_rank // micro
+
+
+def exactness_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """Fields outside `RESUMABLE` whose value in ``cfg`` differs from the ``saved`` config of a checkpoint."""
+    base = from_dict(TrainConfig, saved, "checkpoint config")
+    return [f.name for f in dataclasses.fields(TrainConfig)
+            if f.name not in RESUMABLE and getattr(cfg, f.name) != getattr(base, f.name)]
+
+
+def resumed_config(saved: dict[str, Any], step: int, overrides: dict[str, Any], where: str) -> TrainConfig:
+    """The config of a resumed run: the checkpoint's, with ``overrides`` that keep the run exact.
+
+    Changing a field outside `RESUMABLE` (seed, batch, data, model, schedule, ...) would make the
+    resumed run differ from an uninterrupted one, so it is refused with the field named.
+    """
+    merged = load_config(None, {**copy.deepcopy(saved), **overrides})
+    changed = exactness_changes(saved, merged)
+    if changed:
+        name = changed[0]
+        raise ConfigError(f"--resume: {name} was {saved.get(name)!r} in {where}, now {getattr(merged, name)!r}; "
+                          "a resumed run keeps the settings that decide its numbers (start a new run to change it)")
+    if merged.steps < step:
+        raise ConfigError(f"--resume: steps={merged.steps} is below the checkpoint's step {step}")
+    return merged

@@ -1,54 +1,68 @@
-"""Data parallelism through the HAL's `Communicator`: one replica per rank, gradients averaged.
+"""The parallel layout of a job: data-parallel ranks x expert-parallel groups, and their communicators.
 
-Every rank builds the same model from the same seed and takes its slice of each global batch, so a
-run on N ranks computes what one rank computes with the whole batch (up to the order of float
-additions). Gradients are averaged in one flat all-reduce per step; the aux-loss-free expert loads
-are summed across ranks by the model's own ``update_expert_bias(comm)``.
+Every rank holds the dense weights and the shared experts, sees its own slice of every global
+batch, and reduces the dense gradients over the whole world. With ``expert_parallel = E`` the
+ranks form groups of E consecutive ranks (on one node when E <= GPUs per node, so the token
+all-to-all stays on the fast links): rank ``g * E + i`` holds expert shard ``i`` of every MoE layer,
+its tokens travel within group ``g``, and the shard's gradients are reduced over the ranks with
+the same ``i`` (its replicas). The model never sees ranks: `apply` changes it from outside.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..comm import Communicator
 
 
-class DataParallel:
-    """The rank's view of a data-parallel job; with ``comm=None`` a single process."""
+class ParallelLayout:
+    """The rank's view of the job; ``world=None`` is a single process."""
 
-    def __init__(self, comm: Communicator | None):
-        self.comm = comm
-        self.rank = comm.rank if comm is not None else 0
-        self.world_size = comm.world_size if comm is not None else 1
+    def __init__(self, world: Communicator | None, expert_parallel: int = 1):
+        self.world = world
+        self.rank = world.rank if world is not None else 0
+        self.world_size = world.world_size if world is not None else 1
+        if self.world_size % expert_parallel:
+            raise ValueError(f"expert_parallel={expert_parallel} does not divide the world of {self.world_size}")
+        self.expert_parallel = expert_parallel
+        self.ep_rank = self.rank % expert_parallel
+        self.expert_replica = self.rank // expert_parallel  # which copy of its expert shard this rank holds
+        self.ep_comm: Communicator | None = None
+        self.expert_dp_comm: Communicator | None = world
+        if world is not None and expert_parallel > 1:
+            # every rank takes part in creating every group, in the same order
+            for g in range(self.world_size // expert_parallel):
+                comm = world.new_group(list(range(g * expert_parallel, (g + 1) * expert_parallel)))
+                if comm is not None:
+                    self.ep_comm = comm
+            for i in range(expert_parallel):
+                comm = world.new_group(list(range(i, self.world_size, expert_parallel)))
+                if comm is not None:
+                    self.expert_dp_comm = comm
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, batch: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a global batch (`config.validate` checks that it splits evenly)."""
-        per_rank = batch.shape[0] // self.world_size
-        return batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size
 
-    def average_gradients(self, model: nn.Module) -> None:
-        """Average every parameter's gradient over the ranks in one flat all-reduce."""
-        if self.comm is None:
-            return
-        params = [p for p in model.parameters() if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        self.comm.all_reduce(flat, op="avg")
-        offset = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(g)
-            offset += n
+    def barrier(self) -> None:
+        if self.world is not None:
+            self.world.barrier()
 
     def mean(self, value: torch.Tensor) -> float:
-        """The mean of a scalar over the ranks (the global batch's loss)."""
-        if self.comm is None:
-            return value.item()
+        """The mean of a scalar over the ranks, reduced in float64 (the global batch's loss)."""
+        if self.world is None:
+            return float(value)
         t = value.detach().double().reshape(1).clone()
-        self.comm.all_reduce(t, op="avg")
+        self.world.all_reduce(t, op="avg")
+        return t.item()
+
+    def max(self, value: float) -> float:
+        if self.world is None:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.world.device)
+        self.world.all_reduce(t, op="max")
         return t.item()

@@ -1,7 +1,11 @@
-"""The training loop: data windows, AdamW with warmup + cosine decay, logging, checkpoints, a sample.
+"""The training loop, one code path for one rank and for many.
 
-Batches are a pure function of ``(seed, step)``, so resuming from a checkpoint replays exactly the
-batches an uninterrupted run would have seen.
+Under torchrun, SLURM or ``openseek-hal train --nproc-per-node G`` every rank runs `train`: it
+joins the job's communicator, builds the same model from the same seed, applies expert
+parallelism, and trains with the ZeRO-1 `DistributedOptimizer` (bf16 weights, fp32 master and
+moments sharded over the replicas, gradients reduce-scattered in buckets during backward).
+Batches are a pure function of ``(seed, step)`` and a rank reads only its own rows of each, so a
+resumed run replays exactly the batches an uninterrupted run would have seen, at any world size.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import shutil
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +26,28 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from tokenizers import Tokenizer
 
-from ..backend import Backend, default_backend_name, get_backend
+from ..backend import Backend, get_backend
 from ..comm import Communicator
-from ..errors import RunError, UserError
+from ..errors import ConfigError, RunError, UserError
+from ..fileio import FolderLock, atomic_write_text
 from ..models import DeepseekV3, build_model
-from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from .config import TrainConfig, model_config, to_dict
+from .checkpoint import (
+    CheckpointReader,
+    ExpertSlice,
+    list_checkpoints,
+    load_optimizer,
+    load_weights,
+    remove_partials,
+    save_checkpoint,
+)
+from .config import TrainConfig, check_world, exactness_changes, model_config, to_dict
 from .corpus import TokenSequence, iter_windows, load_training_tokens
 from .metrics import MetricsLogger
-from .optim import AdamW
-from .parallel import DataParallel
+from .parallel import ParallelLayout
+from .schedule import lr_at
+from .zero import DistributedOptimizer, named_spaces
+
+__all__ = ["TrainResult", "batch_at", "lr_at", "train"]
 
 
 @dataclass
@@ -43,17 +59,8 @@ class TrainResult:
     sample: str
     backend: str
     parameters: int
-    mfu: float | None = None
+    mfu: float | None = None  # per device
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
 def _windows(tokens: TokenSequence, starts: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,16 +68,25 @@ def _windows(tokens: TokenSequence, starts: list[int], seq_len: int) -> tuple[to
     return chunk[:, :-1], chunk[:, 1:]
 
 
-def batch_at(tokens: TokenSequence, step: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch of ``step``: random windows drawn from a generator seeded by (seed, step)."""
+def batch_starts(n_tokens: int, step: int, cfg: TrainConfig) -> list[int]:
+    """Where the ``global_batch_size`` windows of ``step`` start: drawn from a generator seeded by (seed, step)."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    starts = torch.randint(0, len(tokens) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
-    return _windows(tokens, starts.tolist(), cfg.seq_len)
+    return torch.randint(0, n_tokens - cfg.seq_len - 1, (cfg.global_batch_size,), generator=gen).tolist()
+
+
+def batch_at(tokens: TokenSequence, step: int, cfg: TrainConfig,
+             rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and labels of ``rows`` of the global batch of ``step`` (only those windows are read)."""
+    return _windows(tokens, batch_starts(len(tokens), step, cfg)[rows], cfg.seq_len)
+
+
+def weight_dtype(cfg: TrainConfig, backend: Backend) -> torch.dtype:
+    mode = cfg.dtype if cfg.dtype != "auto" else ("fp32" if backend.device_type == "cpu" else "bf16")
+    return {"bf16": torch.bfloat16, "fp64": torch.float64}.get(mode, torch.float32)
 
 
 def _autocast(backend: Backend, cfg: TrainConfig) -> contextlib.AbstractContextManager:
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and backend.device_type != "cpu")
-    if not use_bf16:
+    if cfg.dtype != "autocast":
         return contextlib.nullcontext()
     return torch.autocast(device_type=backend.device_type, dtype=torch.bfloat16)
 
@@ -88,145 +104,313 @@ def greedy_sample(model: DeepseekV3, tok: Tokenizer, prompt: str, n_tokens: int,
 
 
 @torch.no_grad()
-def evaluate(model: DeepseekV3, tokens: TokenSequence, cfg: TrainConfig, device: torch.device,
+def evaluate(model: DeepseekV3, tokens: TokenSequence, cfg: TrainConfig, batch: int, device: torch.device,
              autocast: contextlib.AbstractContextManager) -> float:
-    """Mean loss over consecutive held-out windows (up to ``eval_batches`` batches)."""
-    starts = list(iter_windows(len(tokens), cfg.seq_len))[: cfg.eval_batches * cfg.batch_size]
+    """Mean loss over consecutive held-out windows (up to ``eval_batches`` batches of ``batch``)."""
+    starts = list(iter_windows(len(tokens), cfg.seq_len))[: cfg.eval_batches * batch]
     if not starts:
         return float("nan")
     losses = []
-    for i in range(0, len(starts), cfg.batch_size):
-        x, y = _windows(tokens, starts[i:i + cfg.batch_size], cfg.seq_len)
+    for i in range(0, len(starts), batch):
+        x, y = _windows(tokens, starts[i:i + batch], cfg.seq_len)
         with autocast:
             losses.append(float(model.loss(x.to(device), y.to(device)).main))
     return float(np.mean(losses))
 
 
-def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Console | None = None) -> TrainResult:
-    """Run a training job as configured; returns the losses, throughput, checkpoint and sample.
+def join_world(cfg: TrainConfig) -> Communicator | None:
+    """The job's world communicator when this process is one rank of several (torchrun, SLURM), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from ..comm import create
 
-    With ``cfg.data_parallel`` > 1, that many local ranks train one replica each (`parallel.DataParallel`)
-    through ``cfg.comm_adaptor``; rank 0 reports, saves and returns.
-    """
-    if cfg.data_parallel == 1:
-        return _train(cfg, resume, console or Console(), DataParallel(None))
-    from ..comm import launch
-
-    backend = cfg.backend or default_backend_name()
-    return launch(_train_rank, cfg.data_parallel, backend=backend, adaptor=cfg.comm_adaptor, check=False,
-                  timeout=600.0, args=(cfg, resume))[0]
-
-
-def _train_rank(comm: Communicator, cfg: TrainConfig, resume: str | Path | None) -> TrainResult:
-    console = Console() if comm.rank == 0 else Console(file=io.StringIO())
-    return _train(cfg, resume, console, DataParallel(comm))
-
-
-def _train(cfg: TrainConfig, resume: str | Path | None, console: Console, dp: DataParallel) -> TrainResult:
     backend = get_backend(cfg.backend)
-    if dp.comm is not None and backend.device_type != "cpu":  # one device per rank
-        backend = get_backend(cfg.backend, device_index=dp.rank)
-    device = backend.device.torch_device
-    backend.device.manual_seed(cfg.seed)
-    console.print(f"[bold]openseek-hal train[/] backend={backend.name} device={backend.device.name()}")
-
-    data = load_training_tokens(cfg.data, cfg.tokenizer_vocab_size, console)
-    tok, tok_path = data.tokenizer, data.tokenizer_path
-    split = int(len(data.tokens) * 0.95)
-    train_tokens, val_tokens = data.tokens[:split], data.tokens[split:]
-    if len(train_tokens) <= cfg.seq_len + 1:
-        raise UserError(f"data has {len(train_tokens)} training tokens; need more than seq_len + 1 = {cfg.seq_len + 1}")
-
-    model = build_model(model_config(cfg, vocab_size=tok.get_vocab_size()), backend, seed=cfg.seed,
-                        dtype=torch.float64 if cfg.dtype == "fp64" else None)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                       {"params": no_decay, "weight_decay": 0.0}], backend, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    out = Path(cfg.out)
-    if dp.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tok_path, out / "tokenizer.json")
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-    start_step, losses = 0, []
-    if resume is not None:
-        state = load_checkpoint(resume, model, optimizer)
-        start_step, losses = int(state["step"]), list(state.get("losses", []))
-        console.print(f"resumed from {resolve_checkpoint(resume)} at step {start_step}")
-
-    n_params = model.num_parameters()
-    flops_per_token = model.flops_per_token(cfg.seq_len)
-    peak = backend.capabilities().peak_flops.get(torch.bfloat16 if backend.device_type != "cpu" else torch.float32)
-    console.print(f"model: {n_params / 1e6:.2f}M parameters, "
-                  f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens"
-                  + (f" over {dp.world_size} data-parallel ranks" if dp.world_size > 1 else ""))
-
-    autocast = _autocast(backend, cfg)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    timed_tokens, timed_seconds = 0, 0.0
-    model.train()
-    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
-    metrics = MetricsLogger(out, use_wandb=cfg.wandb, run_name=out.name, config=to_dict(cfg),
-                            append=resume is not None, enabled=dp.is_main)
-    with metrics, Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("training", total=cfg.steps, completed=start_step)
-        for step in range(start_step, cfg.steps):
-            t_step = time.perf_counter()
-            x, y = (dp.shard(t).to(device, non_blocking=True) for t in batch_at(train_tokens, step, cfg))
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            with autocast:
-                loss = model.loss(x, y)
-            loss.total.backward()
-            dp.average_gradients(model)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            model.update_expert_bias(dp.comm)  # aux-loss-free balancing, loads summed over the ranks
-            loss_value = dp.mean(loss.main)  # synchronizes, so the step time below is real
-            if not math.isfinite(loss_value):
-                raise RunError(f"loss became {loss_value} at step {step + 1}; lower lr or check the data")
-            losses.append(loss_value)
-            if step > start_step:  # the first step pays for warm-up (allocator, kernel compilation)
-                timed_seconds += time.perf_counter() - t_step
-                timed_tokens += tokens_per_step
-            done = step + 1
-            progress.update(task, completed=done)
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                tps = timed_tokens / timed_seconds if timed_seconds else float("nan")
-                row = {"loss": loss_value, "lr": lr_at(step, cfg), "grad_norm": float(grad_norm),
-                       "tokens_per_s": tps}
-                extra = (("mtp_loss", loss.mtp), ("aux_loss", loss.aux))
-                row.update({k: dp.mean(v) for k, v in extra if v is not None})
-                if peak:
-                    row["mfu"] = tps * flops_per_token / peak
-                metrics.log(done, row)
-                mfu = f"  mfu {100 * row['mfu']:.1f}%" if peak else ""
-                progress.console.print(f"step {done:>5}/{cfg.steps}  loss {loss_value:.4f}  lr {row['lr']:.2e}  "
-                                       f"grad {row['grad_norm']:.3f}  tok/s {tps:,.0f}{mfu}")
-            if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps and dp.is_main:
-                save_checkpoint(out, done, model, optimizer, _state(cfg, losses, tok_path))
-        ckpt_path = out / "checkpoints" / f"step_{cfg.steps:06d}"  # the replicas are identical: rank 0 saves
-        if dp.is_main:
-            ckpt_path = save_checkpoint(out, cfg.steps, model, optimizer, _state(cfg, losses, tok_path))
-        model.eval()
-        val_loss = evaluate(model, val_tokens, cfg, device, autocast)
-        metrics.log(cfg.steps, {"val_loss": val_loss})
-    sample = greedy_sample(model, tok, "The ", cfg.sample_tokens, cfg.seq_len, device, autocast)
-    tps = timed_tokens / timed_seconds if timed_seconds else float("nan")
-    mfu = tps * flops_per_token / peak if peak and timed_seconds else None
-    mem = backend.device.memory_stats()["peak_allocated"]
-    console.print(f"done: loss {losses[0]:.3f} -> {losses[-1]:.3f}, val loss {val_loss:.3f}, {tps:,.0f} tokens/s"
-                  + (f", MFU {100 * mfu:.1f}%" if mfu is not None else "")
-                  + f", peak memory {mem / 2**20:,.0f} MiB")
-    console.print(f"checkpoint: {ckpt_path}")
-    console.rule("greedy sample")
-    console.print(sample, markup=False, highlight=False)
-    return TrainResult(losses=losses, val_loss=val_loss, tokens_per_second=tps, checkpoint=ckpt_path,
-                       sample=sample, backend=backend.name, parameters=n_params, mfu=mfu)
+    if backend.device_type != "cpu":
+        backend = get_backend(cfg.backend, device_index=int(os.environ.get("LOCAL_RANK", "0")))
+    return create(cfg.comm_adaptor, backend, timeout=cfg.comm_timeout)
 
 
-def _state(cfg: TrainConfig, losses: list[float], tok_path: Path) -> dict[str, Any]:
-    return {"config": to_dict(cfg), "losses": losses, "tokenizer": str(tok_path)}
+def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Console | None = None,
+          comm: Communicator | None = None) -> TrainResult:
+    """Run a training job as configured; every rank of a job calls it. Rank 0 reports and returns the results.
+
+    ``comm``: the world communicator (from `openseek_hal.comm.launch` in tests); by default the
+    job's own when started by torchrun / SLURM / ``--nproc-per-node``, else one process.
+    """
+    if comm is None:
+        comm = join_world(cfg)
+    layout = ParallelLayout(comm, cfg.expert_parallel) if comm is not None else ParallelLayout(None)
+    if layout.world_size > 1 and layout.expert_parallel != cfg.expert_parallel:
+        raise ConfigError(f"expert_parallel={cfg.expert_parallel} does not divide the {layout.world_size} ranks")
+    if not layout.is_main:
+        console = Console(file=io.StringIO())
+    elif console is None:
+        console = Console()
+    lock = FolderLock(Path(cfg.out), what="run folder") if layout.is_main else contextlib.nullcontext()
+    with lock:
+        return _Run(cfg, layout, console, resume).train()
+
+
+class _Run:
+    """One rank's training job."""
+
+    def __init__(self, cfg: TrainConfig, layout: ParallelLayout, console: Console, resume: str | Path | None):
+        self.cfg, self.layout, self.console = cfg, layout, console
+        self.dp, self.micro, self.accum = check_world(cfg, layout.world_size)
+        backend = get_backend(cfg.backend)
+        if layout.world is not None and backend.device_type != "cpu":
+            backend = get_backend(cfg.backend, device_index=int(os.environ.get("LOCAL_RANK", layout.rank)))
+        self.backend = backend
+        self.device = backend.device.torch_device
+        self.out = Path(cfg.out)
+        self.reader = CheckpointReader(resume) if resume is not None else None
+        if self.reader is not None:
+            saved = self.reader.state["config"]
+            changed = exactness_changes(saved, cfg)
+            if changed:
+                raise ConfigError(f"--resume: {changed[0]} differs from the checkpoint's; a resumed run keeps the "
+                                  "settings that decide its numbers (start a new run to change it)")
+            if cfg.steps < self.reader.step:
+                raise ConfigError(f"--resume: steps={cfg.steps} is below the checkpoint's step {self.reader.step}")
+        self.start_step = self.reader.step if self.reader is not None else 0
+
+    # -- setup -----------------------------------------------------------------------------------
+    def _prepare_folder(self) -> None:
+        """Rank 0: refuse to clobber another run's checkpoints; remove leftovers of an interrupted save."""
+        existing = [s for s in list_checkpoints(self.out) if s > self.start_step]
+        if existing:
+            what = "resuming from step " + str(self.start_step) if self.reader is not None else "a new run"
+            raise UserError(f"{self.out} already holds checkpoint step_{existing[0]:06d}; {what} would replace it "
+                            "(resume from the latest checkpoint, or choose another --out)")
+        self.out.mkdir(parents=True, exist_ok=True)
+        remove_partials(self.out)
+
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        # rank 0 trains (and caches) the tokenizer first; the others then read it from the cache
+        if not self.layout.is_main:
+            self.layout.barrier()
+        data = load_training_tokens(cfg.data, cfg.tokenizer_vocab_size, self.console)
+        if self.layout.is_main:
+            self.layout.barrier()
+        self.tok, self.tok_path = data.tokenizer, data.tokenizer_path
+        split = int(len(data.tokens) * 0.95)
+        self.train_tokens, self.val_tokens = data.tokens[:split], data.tokens[split:]
+        if len(self.train_tokens) <= cfg.seq_len + 1:
+            raise UserError(f"data has {len(self.train_tokens)} training tokens; "
+                            f"need more than seq_len + 1 = {cfg.seq_len + 1}")
+
+    def _build(self) -> None:
+        cfg, layout = self.cfg, self.layout
+        self.dtype = weight_dtype(cfg, self.backend)
+        model = build_model(model_config(cfg, vocab_size=self.tok.get_vocab_size()), self.backend, seed=cfg.seed,
+                            dtype=self.dtype)
+        self.n_params = model.num_parameters()  # before expert parallelism: the model's whole size
+        self.flops_per_token = model.flops_per_token(cfg.seq_len)
+        self.expert_of = lambda p: None
+        if cfg.expert_parallel > 1:
+            from .expert_parallel import apply_expert_parallel, expert_slice
+
+            apply_expert_parallel(model, layout.ep_comm)
+            self.expert_of = lambda p: (lambda s: ExpertSlice(*s) if s is not None else None)(expert_slice(p))
+        if cfg.recompute or cfg.compile:
+            from .recompute import wrap_blocks
+
+            wrap_blocks(model, recompute=cfg.recompute, compile=cfg.compile, backend=self.backend,
+                        console=self.console)
+        self.model = model
+        master = torch.float64 if self.dtype == torch.float64 else torch.float32
+        reduce = torch.bfloat16 if cfg.reduce_dtype == "bf16" else master
+        spaces = named_spaces(model, layout.world, layout.expert_dp_comm, lambda p: self.expert_of(p) is not None)
+        self.optimizer = DistributedOptimizer(spaces, self.backend, world=layout.world, lr=cfg.lr,
+                                              betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                              weight_decay=cfg.weight_decay, bucket_mb=cfg.bucket_mb,
+                                              master_dtype=master, reduce_dtype=reduce)
+        if self.reader is not None:
+            load_weights(self.reader, model, self.expert_of)
+            self.optimizer.refresh_master()
+            load_optimizer(self.reader, self.optimizer, self.expert_of)
+        peak = self.backend.capabilities().peak_flops
+        self.peak = peak.get(torch.float32 if self.backend.device_type == "cpu" else torch.bfloat16)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg, layout, console = self.cfg, self.layout, self.console
+        if layout.is_main:
+            self._prepare_folder()
+        layout.barrier()
+        self.backend.device.manual_seed(cfg.seed)
+        console.print(f"[bold]openseek-hal train[/] backend={self.backend.name} device={self.backend.device.name()}"
+                      + (f" ranks={layout.world_size} (expert parallel {cfg.expert_parallel})"
+                         if layout.world_size > 1 else ""))
+        self._load_data()
+        self._build()
+        losses = list(self.reader.state.get("losses", []))[:self.start_step] if self.reader is not None else []
+        if self.reader is not None:
+            console.print(f"resumed from {self.reader.path} at step {self.start_step}")
+        if layout.is_main:
+            atomic_write_text(self.out / "tokenizer.json", Path(self.tok_path).read_text(encoding="utf-8"))
+            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        mem = self.optimizer.memory_bytes()
+        console.print(f"model: {self.n_params / 1e6:.2f}M parameters, {cfg.steps} steps of "
+                      f"{cfg.global_batch_size}x{cfg.seq_len} tokens; {self.dp} data-parallel ranks x "
+                      f"{self.accum} micro-batch(es) of {self.micro}; weights {str(self.dtype)[6:]}, "
+                      f"optimizer state {mem['optimizer'] / 2**20:,.1f} MiB per rank")
+        self.backend.device.reset_peak_memory()
+        autocast = _autocast(self.backend, cfg)
+        tokens_per_step = cfg.global_batch_size * cfg.seq_len
+        timed_tokens, timed_seconds = 0, 0.0
+        phases = _PhaseTimer(self.backend)
+        self.model.train()
+        columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn())
+        metrics = MetricsLogger(self.out, use_wandb=cfg.wandb, run_name=self.out.name, config=to_dict(cfg),
+                                resume_step=self.start_step if self.reader is not None else None,
+                                enabled=layout.is_main)
+        per_rank = cfg.global_batch_size // self.dp
+        first = layout.rank * per_rank
+        ckpt_path = self.out / "checkpoints" / f"step_{cfg.steps:06d}"
+        with metrics, Progress(*columns, console=console, transient=True, disable=not layout.is_main) as progress:
+            task = progress.add_task("training", total=cfg.steps, completed=self.start_step)
+            for step in range(self.start_step, cfg.steps):
+                t_step = time.perf_counter()
+                lr = lr_at(step, cfg)
+                phases.mark("start")
+                self.optimizer.start_step(self.accum)
+                loss_sum = aux_sum = mtp_sum = None
+                for m in range(self.accum):
+                    rows = slice(first + m * self.micro, first + (m + 1) * self.micro)
+                    x, y = (t.to(self.device, non_blocking=True) for t in batch_at(self.train_tokens, step, cfg, rows))
+                    with autocast:
+                        loss = self.model.loss(x, y)
+                    phases.mark("forward")
+                    loss.total.backward()
+                    phases.mark("backward")
+                    self.optimizer.next_micro_batch()
+                    loss_sum = _add(loss_sum, loss.main.detach())
+                    aux_sum, mtp_sum = _add(aux_sum, loss.aux), _add(mtp_sum, loss.mtp)
+                self.optimizer.finish_gradients()
+                phases.mark("grad_sync")
+                stats = self.optimizer.update(lr, cfg.grad_clip)
+                phases.mark("optimizer")
+                self.optimizer.wait_weights()
+                phases.mark("weight_sync")
+                self.model.update_expert_bias(layout.world)  # aux-loss-free balancing, loads summed over all ranks
+                loss_value = layout.mean(loss_sum / self.accum)  # synchronizes, so the step time below is real
+                phases.end_step()
+                if not math.isfinite(loss_value):
+                    raise RunError(f"loss became {loss_value} at step {step + 1}; lower lr or check the data")
+                losses.append(loss_value)
+                if step > self.start_step:  # the first step pays for warm-up (allocator, kernel compilation)
+                    timed_seconds += time.perf_counter() - t_step
+                    timed_tokens += tokens_per_step
+                done = step + 1
+                progress.update(task, completed=done)
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    row = self._log_row(loss_value, lr, stats.grad_norm, timed_tokens, timed_seconds, phases)
+                    extra = (("mtp_loss", mtp_sum), ("aux_loss", aux_sum))
+                    row.update({k: layout.mean(v.detach() / self.accum) for k, v in extra if v is not None})
+                    metrics.log(done, row)
+                    progress.console.print(_log_line(done, cfg.steps, row))
+                if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
+                    self._save(done, losses)
+            ckpt_path = self._save(cfg.steps, losses) if self.start_step < cfg.steps or self.reader is None \
+                else self.reader.path
+            self.model.eval()
+            eval_batch = max(1, min(self.micro, cfg.global_batch_size))
+            val_loss = evaluate(self.model, self.val_tokens, cfg, eval_batch, self.device, autocast)
+            metrics.log(cfg.steps, {"val_loss": val_loss})
+        sample = greedy_sample(self.model, self.tok, "The ", cfg.sample_tokens, cfg.seq_len, self.device, autocast)
+        tps = timed_tokens / timed_seconds if timed_seconds else float("nan")
+        mfu = tps / layout.world_size * self.flops_per_token / self.peak if self.peak and timed_seconds else None
+        peak_mem = layout.max(float(self.backend.device.memory_stats()["peak_allocated"]))
+        console.print(f"done: loss {losses[0]:.3f} -> {losses[-1]:.3f}, val loss {val_loss:.3f}, {tps:,.0f} tokens/s"
+                      + (f" ({tps / layout.world_size:,.0f} per device)" if layout.world_size > 1 else "")
+                      + (f", MFU {100 * mfu:.1f}% per device" if mfu is not None else "")
+                      + f", peak memory {peak_mem / 2**20:,.0f} MiB per rank (max)")
+        console.print(f"checkpoint: {ckpt_path}")
+        console.rule("greedy sample")
+        console.print(sample, markup=False, highlight=False)
+        self.optimizer.close()
+        extra = {"peak_memory_bytes": peak_mem, "optimizer_bytes": mem["optimizer"], "world_size": layout.world_size,
+                 "phases_ms": phases.totals_ms(), "accumulation": self.accum}
+        return TrainResult(losses=losses, val_loss=val_loss, tokens_per_second=tps, checkpoint=ckpt_path,
+                           sample=sample, backend=self.backend.name, parameters=self.n_params, mfu=mfu, extra=extra)
+
+    def _log_row(self, loss: float, lr: float, grad_norm: float, tokens: int, seconds: float,
+                 phases: _PhaseTimer) -> dict[str, float]:
+        tps = tokens / seconds if seconds else float("nan")
+        world = self.layout.world_size
+        row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+               "tokens_per_s_per_device": tps / world}
+        if self.peak:
+            row["mfu"] = tps / world * self.flops_per_token / self.peak
+        row["peak_memory_mib"] = self.backend.device.memory_stats()["peak_allocated"] / 2**20
+        row.update({f"{k}_ms": v for k, v in phases.mean_ms().items()})
+        return row
+
+    def _save(self, step: int, losses: list[float]) -> Path:
+        layout = self.layout
+        state = {"config": to_dict(self.cfg), "losses": losses, "tokenizer": str(self.tok_path)}
+        return save_checkpoint(self.out, step, self.model, self.optimizer, state, rank=layout.rank,
+                               world_size=layout.world_size, barrier=layout.barrier, expert_of=self.expert_of,
+                               expert_parallel=self.cfg.expert_parallel, writes_dense=layout.is_main,
+                               writes_experts=layout.expert_replica == 0)
+
+
+def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
+    if value is None:
+        return total
+    value = value.detach()
+    return value if total is None else total + value
+
+
+def _log_line(done: int, steps: int, row: dict[str, float]) -> str:
+    mfu = f"  mfu {100 * row['mfu']:.1f}%" if "mfu" in row else ""
+    comm = row.get("grad_sync_ms", 0.0) + row.get("weight_sync_ms", 0.0)
+    return (f"step {done:>5}/{steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  grad {row['grad_norm']:.3f}  "
+            f"tok/s {row['tokens_per_s']:,.0f}{mfu}  fwd {row.get('forward_ms', 0):.0f} bwd "
+            f"{row.get('backward_ms', 0):.0f} opt {row.get('optimizer_ms', 0):.0f} comm {comm:.0f} ms")
+
+
+class _PhaseTimer:
+    """Device-side time of each phase of a step (forward, backward, exposed communication, optimizer).
+
+    Events are recorded on the compute stream without synchronizing and read when the step's loss
+    has been synchronized, so timing costs no extra host-device round trip.
+    """
+
+    PHASES = ("forward", "backward", "grad_sync", "optimizer", "weight_sync")
+
+    def __init__(self, backend: Backend):
+        self._device = backend.device
+        self._marks: list[tuple[str, Any]] = []
+        self._sums = dict.fromkeys(self.PHASES, 0.0)
+        self._steps = 0
+        self._window = dict.fromkeys(self.PHASES, 0.0)
+        self._window_steps = 0
+
+    def mark(self, phase: str) -> None:
+        event = self._device.event(enable_timing=True)
+        event.record()
+        self._marks.append((phase, event))
+
+    def end_step(self) -> None:
+        self._marks[-1][1].synchronize()
+        for (_, start), (phase, end) in zip(self._marks, self._marks[1:]):
+            ms = start.elapsed_time(end)
+            self._sums[phase] += ms
+            self._window[phase] += ms
+        self._marks.clear()
+        self._steps += 1
+        self._window_steps += 1
+
+    def mean_ms(self) -> dict[str, float]:
+        """Mean per step since the last call."""
+        out = {k: v / max(1, self._window_steps) for k, v in self._window.items()}
+        self._window = dict.fromkeys(self.PHASES, 0.0)
+        self._window_steps = 0
+        return out
+
+    def totals_ms(self) -> dict[str, float]:
+        return {k: v / max(1, self._steps) for k, v in self._sums.items()}

@@ -28,6 +28,12 @@ _HF_IGNORED = {
 }
 
 
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "n_routed_experts", "kv_lora_rank", "qk_rope_head_dim",
+                  "v_head_dim", "qk_nope_head_dim", "n_group", "topk_group", "num_experts_per_tok",
+                  "max_position_embeddings")
+
+
 @dataclass(kw_only=True)
 class DeepseekV3Config:
     vocab_size: int = 129280
@@ -71,6 +77,10 @@ class DeepseekV3Config:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown HF keys, kept for save_hf
 
     def __post_init__(self) -> None:
+        for name in _POSITIVE_INTS:  # sizes: checked first, so the checks below compare numbers
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         problems = []
         if self.num_key_value_heads != self.num_attention_heads:
             problems.append(f"num_key_value_heads ({self.num_key_value_heads}) must equal num_attention_heads "

@@ -26,6 +26,15 @@ from ...ops.rope_scaling import rope_tables, softmax_scale
 from .config import DeepseekV3Config
 
 
+class _RecomputeState:
+    """``active`` while activation recomputation re-runs a forward (see `openseek_hal.train.recompute`)."""
+
+    active = False
+
+
+RECOMPUTE = _RecomputeState()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, backend: Backend):
         super().__init__()
@@ -155,7 +164,8 @@ class MoE(nn.Module):
             out = out + self.shared_experts(x)
         aux = None
         if self.training:
-            self.expert_load += counts.detach().float()
+            if not RECOMPUTE.active:  # a recomputed forward must not count its tokens twice
+                self.expert_load += counts.detach().float()
             if self.aux_coef > 0:
                 aux = self._sequence_aux_loss(logits.view(b, s, -1), indices.view(b, s, -1))
         return out, aux

@@ -1,0 +1,349 @@
+"""ZeRO-1 data parallelism over the HAL's `Communicator` (Megatron's distributed optimizer).
+
+Parameters live in flat, contiguous per-bucket buffers (each parameter is a view), in the run's
+weight dtype (bf16 on accelerators). Each bucket has a gradient buffer in the accumulation dtype
+(fp32): a post-accumulate-grad hook adds a parameter's ``.grad`` into it and frees ``.grad``. On
+the last micro-batch of a step, a bucket whose parameters all have their gradient is
+reduce-scattered at once, asynchronously, so communication overlaps the rest of backward; buckets
+are launched strictly in their fixed order, so every rank issues the same collectives in the same
+order whatever order its autograd finishes them in.
+
+Every replica rank owns ``1/N`` of each bucket (padded to a multiple of N): the fp32 master copy
+of those elements and their AdamW moments. After the step a rank writes its updated slice into
+the parameter buffer (rounded to the weight dtype) and the buckets are all-gathered. With one rank
+the same code runs with no communication and the shard is the whole bucket.
+
+Parameters fall in *spaces*: the dense parameters (and shared experts) are replicated on every
+rank and reduced over all of them; the routed experts of an expert-parallel run are replicated
+only over the ranks that hold the same expert shard. Each space has its own communicator; both
+average over the whole world (an expert shard's gradient already sums the tokens of its EP group).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..backend import Backend
+from ..comm import Communicator, Work
+
+ALIGN = 64  # elements: every parameter starts on a 128-byte boundary in bf16
+
+
+@dataclass
+class Segment:
+    """The part of one parameter that a rank's shard of a bucket covers."""
+
+    name: str
+    param: nn.Parameter
+    bucket_offset: int  # where this part starts in the bucket
+    shard_offset: int  # where it starts in the rank's shard
+    param_offset: int  # where it starts in the parameter's flattened elements
+    numel: int
+    decay: bool
+
+
+@dataclass
+class Bucket:
+    index: int
+    space: str
+    comm: Communicator | None
+    params: list[tuple[str, nn.Parameter, int]]  # (name, param, offset in the bucket)
+    numel: int  # padded to a multiple of the space's world size
+    param_buffer: torch.Tensor = field(repr=False)
+    grad_buffer: torch.Tensor = field(repr=False)
+    shard_start: int = 0
+    shard_numel: int = 0
+    segments: list[Segment] = field(default_factory=list)
+    pending: int = 0
+    aliased: bool = False  # the master is the weight itself (weights already in the master dtype)
+    work: Work | None = None
+    reduced: torch.Tensor | None = field(default=None, repr=False)  # reduce-scatter output (reduce dtype)
+    master: torch.Tensor | None = field(default=None, repr=False)
+    exp_avg: torch.Tensor | None = field(default=None, repr=False)
+    exp_avg_sq: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def grad_shard(self) -> torch.Tensor:
+        return self.grad_buffer[self.shard_start:self.shard_start + self.shard_numel]
+
+    @property
+    def param_shard(self) -> torch.Tensor:
+        return self.param_buffer[self.shard_start:self.shard_start + self.shard_numel]
+
+
+@dataclass
+class StepStats:
+    grad_norm: float
+    clip_coef: float
+
+
+class DistributedOptimizer:
+    """AdamW with ZeRO-1 sharding and bucketed, overlapped gradient reduce-scatter.
+
+    ``spaces`` maps a space name to ``(communicator or None, [(name, param), ...])``; ``world`` is
+    the communicator spanning every rank (the global gradient norm, the averaging factor), None
+    for one process. Call `start_step` before the first backward of a step with the number of
+    micro-batches, `finish_gradients` after the last backward, then `step`.
+    """
+
+    def __init__(self, spaces: dict[str, tuple[Communicator | None, list[tuple[str, nn.Parameter]]]],
+                 backend: Backend, *, world: Communicator | None, lr: float, betas: tuple[float, float],
+                 eps: float, weight_decay: float, bucket_mb: float = 25.0, master_dtype: torch.dtype = torch.float32,
+                 reduce_dtype: torch.dtype = torch.float32,
+                 no_decay: Callable[[str, nn.Parameter], bool] | None = None):
+        self.backend, self.world = backend, world
+        self.world_size = world.world_size if world is not None else 1
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.master_dtype, self.reduce_dtype = master_dtype, reduce_dtype
+        self.step_count = 0
+        self._adamw = backend.op("adamw")
+        self._no_decay = no_decay or (lambda name, p: p.dim() < 2)
+        self._micro_batches, self._micro = 1, 0
+        self._next_launch = 0
+        self._hooks: list[Any] = []
+        self.buckets: list[Bucket] = []
+        for space, (comm, named) in spaces.items():
+            self._build_buckets(space, comm, named, int(bucket_mb * 2**20))
+        self._param_bucket = {id(p): b for b in self.buckets for _, p, _ in b.params}
+        for b in self.buckets:
+            for _, p, offset in b.params:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b, p, offset)))
+
+    # -- layout --------------------------------------------------------------------------------
+    def _build_buckets(self, space: str, comm: Communicator | None, named: list[tuple[str, nn.Parameter]],
+                       cap_bytes: int) -> None:
+        """Group ``named`` (in reverse order: roughly the order backward produces gradients) into buckets."""
+        groups: list[list[tuple[str, nn.Parameter]]] = []
+        size = 0
+        for name, p in reversed(named):
+            if not groups or size >= cap_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, p))
+            size += p.numel() * 4
+        n = comm.world_size if comm is not None else 1
+        for members in groups:
+            offsets, total = [], 0
+            for _, p in members:
+                offsets.append(total)
+                total += -(-p.numel() // ALIGN) * ALIGN
+            total = -(-total // n) * n
+            p0 = members[0][1]
+            param_buffer = torch.zeros(total, dtype=p0.dtype, device=p0.device)
+            grad_dtype = torch.promote_types(self.master_dtype, p0.dtype)
+            grad_buffer = torch.zeros(total, dtype=grad_dtype, device=p0.device)
+            params = []
+            for (name, p), offset in zip(members, offsets):
+                if p.dtype != p0.dtype:
+                    raise ValueError(f"parameter {name} is {p.dtype}, the others {p0.dtype}")
+                view = param_buffer[offset:offset + p.numel()].view_as(p)
+                view.copy_(p.detach())
+                p.data = view
+                params.append((name, p, offset))
+            b = Bucket(index=len(self.buckets), space=space, comm=comm, params=params, numel=total,
+                       param_buffer=param_buffer, grad_buffer=grad_buffer)
+            rank = comm.rank if comm is not None else 0
+            b.shard_numel = total // n
+            b.shard_start = rank * b.shard_numel
+            self._segments(b)
+            self._init_state(b)
+            self.buckets.append(b)
+
+    def _segments(self, b: Bucket) -> None:
+        lo, hi = b.shard_start, b.shard_start + b.shard_numel
+        for name, p, offset in b.params:
+            start, end = max(lo, offset), min(hi, offset + p.numel())
+            if start < end:
+                b.segments.append(Segment(name=name, param=p, bucket_offset=start, shard_offset=start - lo,
+                                          param_offset=start - offset, numel=end - start,
+                                          decay=not self._no_decay(name, p)))
+
+    def _init_state(self, b: Bucket) -> None:
+        shard = b.param_shard
+        b.aliased = shard.dtype == self.master_dtype
+        b.master = shard if b.aliased else shard.to(self.master_dtype)
+        b.exp_avg = torch.zeros(b.shard_numel, dtype=self.master_dtype, device=shard.device)
+        b.exp_avg_sq = torch.zeros_like(b.exp_avg)
+
+    def _communicates(self, b: Bucket) -> bool:
+        return b.comm is not None and b.comm.world_size > 1
+
+    # -- gradients -----------------------------------------------------------------------------
+    def _make_hook(self, b: Bucket, p: nn.Parameter, offset: int) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            if param.grad is None:
+                return
+            with torch.no_grad():
+                b.grad_buffer[offset:offset + param.numel()].view_as(param).add_(param.grad)
+            param.grad = None
+            if self._micro == self._micro_batches - 1:
+                b.pending -= 1
+                self._launch_ready()
+        return hook
+
+    def start_step(self, micro_batches: int) -> None:
+        """Expect ``micro_batches`` backwards before `finish_gradients`."""
+        self._micro_batches = micro_batches
+        self._micro = 0
+        self._next_launch = 0
+        for b in self.buckets:
+            b.pending = len(b.params)
+            b.work = None
+
+    def next_micro_batch(self) -> None:
+        self._micro += 1
+
+    def _launch_ready(self) -> None:
+        while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].pending <= 0:
+            self._launch(self.buckets[self._next_launch])
+            self._next_launch += 1
+
+    def _launch(self, b: Bucket) -> None:
+        # every loss is a mean over its rank's micro-batch: the global mean divides by all of them
+        b.grad_buffer.mul_(1.0 / (self.world_size * self._micro_batches))
+        if not self._communicates(b):
+            return
+        send = b.grad_buffer if b.grad_buffer.dtype == self.reduce_dtype else b.grad_buffer.to(self.reduce_dtype)
+        b.reduced = torch.empty(b.shard_numel, dtype=send.dtype, device=send.device)
+        b.work = b.comm.reduce_scatter(b.reduced, send, op="sum", async_op=True)
+
+    def finish_gradients(self) -> None:
+        """Launch what is left (parameters that got no gradient this step) and wait for every reduction."""
+        for b in self.buckets[self._next_launch:]:
+            b.pending = 0
+        self._launch_ready()
+        for b in self.buckets:
+            if b.work is not None:
+                b.work.wait()
+                b.work = None
+            if b.reduced is not None:
+                b.grad_shard.copy_(b.reduced)
+                b.reduced = None
+
+    # -- the update ----------------------------------------------------------------------------
+    def grad_norm(self) -> float:
+        """The global L2 norm of the averaged gradient (each element counted once over all ranks)."""
+        acc = torch.promote_types(self.master_dtype, torch.float32)
+        total = torch.zeros((), dtype=acc, device=self.buckets[0].grad_buffer.device) if self.buckets else None
+        if total is None:
+            return 0.0
+        for b in self.buckets:
+            g = b.grad_shard.to(acc)
+            total += torch.dot(g, g)
+        if self.world is not None and self.world.world_size > 1:
+            total = total.reshape(1).to(torch.float64)
+            self.world.all_reduce(total, op="sum")
+        return math.sqrt(float(total))
+
+    @torch.no_grad()
+    def update(self, lr: float, grad_clip: float | None) -> StepStats:
+        """Clip by the global norm, update the owned shards (AdamW) and start all-gathering the new weights.
+
+        Each bucket's all-gather starts as soon as its shard is updated; `wait_weights` waits for them.
+        """
+        norm = self.grad_norm()
+        coef = 1.0
+        if grad_clip is not None and norm > grad_clip:
+            coef = grad_clip / (norm + 1e-6)
+        self.step_count += 1
+        beta1, beta2 = self.betas
+        for b in self.buckets:
+            grads = b.grad_shard
+            if coef != 1.0:
+                grads.mul_(coef)
+            for decay in (True, False):
+                segs = [s for s in b.segments if s.decay == decay]
+                if not segs:
+                    continue
+                masters, params, grads_, m, v = ([t[s.shard_offset:s.shard_offset + s.numel] for s in segs]
+                                                 for t in (b.master, b.param_shard, grads, b.exp_avg, b.exp_avg_sq))
+                aliased = b.aliased
+                new = self._adamw(masters if aliased else params, grads_, m, v, lr=lr, beta1=beta1,
+                                  beta2=beta2, eps=self.eps, weight_decay=self.weight_decay if decay else 0.0,
+                                  step=self.step_count, master_params=None if aliased else masters)
+                targets = [masters if aliased else params, m, v] + ([] if aliased else [masters])
+                for dst_list, src_list in zip(targets, new):
+                    for dst, src in zip(dst_list, src_list):
+                        if src is not dst:
+                            dst.copy_(src)
+            self._gather(b)
+        return StepStats(grad_norm=norm, clip_coef=coef)
+
+    def wait_weights(self) -> None:
+        """Wait for the weights' all-gathers and clear the gradient buffers for the next step."""
+        for b in self.buckets:
+            if b.work is not None:
+                b.work.wait()
+                b.work = None
+            b.grad_buffer.zero_()
+
+    def step(self, lr: float, grad_clip: float | None) -> StepStats:
+        """`update` then `wait_weights`."""
+        stats = self.update(lr, grad_clip)
+        self.wait_weights()
+        return stats
+
+    def _gather(self, b: Bucket) -> None:
+        if not self._communicates(b):
+            return
+        b.work = b.comm.all_gather(b.param_buffer, b.param_shard.clone(), async_op=True)
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_segments(self) -> list[tuple[Segment, dict[str, torch.Tensor]]]:
+        """Each owned segment with its master, exp_avg and exp_avg_sq (views into the shards)."""
+        out = []
+        for b in self.buckets:
+            for s in b.segments:
+                sl = slice(s.shard_offset, s.shard_offset + s.numel)
+                out.append((s, {"master": b.master[sl], "exp_avg": b.exp_avg[sl], "exp_avg_sq": b.exp_avg_sq[sl]}))
+        return out
+
+    @torch.no_grad()
+    def refresh_master(self) -> None:
+        """Take the masters from the weights (after the weights were loaded from elsewhere)."""
+        for b in self.buckets:
+            if not b.aliased:
+                b.master.copy_(b.param_shard)
+
+    @torch.no_grad()
+    def gather_weights(self) -> None:
+        """Round the masters into the weights and all-gather them (after loading optimizer state)."""
+        for b in self.buckets:
+            if not b.aliased:
+                b.param_shard.copy_(b.master)
+            self._gather(b)
+        for b in self.buckets:
+            if b.work is not None:
+                b.work.wait()
+                b.work = None
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for weights, gradients and optimizer state (master + moments)."""
+        opt = sum(b.exp_avg.numel() * b.exp_avg.element_size() * 2 for b in self.buckets)
+        opt += sum(b.master.numel() * b.master.element_size() for b in self.buckets if not b.aliased)
+        return {"weights": sum(b.param_buffer.numel() * b.param_buffer.element_size() for b in self.buckets),
+                "gradients": sum(b.grad_buffer.numel() * b.grad_buffer.element_size() for b in self.buckets),
+                "optimizer": opt}
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
+def named_spaces(model: nn.Module, dense: Communicator | None, expert: Communicator | None,
+                 is_expert: Callable[[nn.Parameter], bool]) -> dict[str, tuple[Communicator | None,
+                                                                                 list[tuple[str, nn.Parameter]]]]:
+    """Split the model's trainable parameters into the dense and expert spaces, in module order."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    spaces = {"dense": (dense, [(n, p) for n, p in params if not is_expert(p)])}
+    experts = [(n, p) for n, p in params if is_expert(p)]
+    if experts:
+        spaces["expert"] = (expert, experts)
+    return spaces

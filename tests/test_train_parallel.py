@@ -1,0 +1,181 @@
+"""The parallel trainer on gloo ranks: ZeRO-1, accumulation, schedules, sharded checkpoints and resharding.
+
+Runs that add gradient terms in different orders (ranks, micro-batches) are compared in float64.
+AdamW turns a gradient difference dg into an update difference of at most lr * dg / eps / (1 - beta1)
+for an element whose second moment is near eps, and dg <= n * u * |g| (n summed terms, u = 2**-53,
+|g| <= 1 after clipping); `weight_bound` is that, per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from rich.console import Console
+
+from openseek_hal.backend import get_backend
+from openseek_hal.comm import launch
+from openseek_hal.errors import ConfigError, UserError
+from openseek_hal.train.checkpoint import CheckpointReader
+from openseek_hal.train.config import TrainConfig, load_config
+from openseek_hal.train.schedule import lr_at
+from openseek_hal.train.trainer import train
+from openseek_hal.train.zero import DistributedOptimizer, named_spaces
+
+TINY = {"global_batch_size": 8, "seq_len": 32, "lr": 1e-2, "warmup_steps": 2, "tokenizer_vocab_size": 512,
+        "sample_tokens": 4, "eval_batches": 1, "log_every": 2, "model.num_hidden_layers": 2,
+        "dtype": "fp64", "bucket_mb": 0.05}  # small buckets: several per space, launched during backward
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENSEEK_HAL_CACHE", str(tmp_path / "cache"))
+
+
+def _cfg(out, **kw) -> TrainConfig:
+    return load_config(None, {**TINY, "out": str(out), **kw})
+
+
+def _quiet() -> Console:
+    return Console(file=open("/dev/null", "w"))  # noqa: SIM115
+
+
+def _train_rank(comm, cfg, resume):
+    return train(cfg, comm=comm, resume=resume, console=_quiet())
+
+
+def _train(cfg: TrainConfig, ranks: int = 1, resume=None):
+    if ranks == 1:
+        return train(cfg, resume=resume, console=_quiet())
+    return launch(_train_rank, ranks, args=(cfg, resume), timeout=120)[0]
+
+
+def weight_bound(cfg: TrainConfig, steps: int) -> float:
+    n_terms = cfg.global_batch_size * cfg.seq_len
+    return steps * cfg.lr * n_terms * 2.0**-53 / cfg.eps / (1 - cfg.beta1)
+
+
+def _assert_same_weights(a, b, bound):
+    wa, wb = CheckpointReader(a).full_state_dict(), CheckpointReader(b).full_state_dict()
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=bound, msg=name)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_zero1_ranks_match_one_rank_with_the_whole_batch(tmp_path, ranks):
+    steps = 3
+    one = _train(_cfg(tmp_path / "one", steps=steps))
+    many = _train(_cfg(tmp_path / "many", steps=steps), ranks)
+    bound = weight_bound(_cfg(tmp_path), steps)
+    assert bound < 1e-5  # far below one update (lr = 1e-2): the comparison means something
+    assert many.losses == pytest.approx(one.losses, rel=1e-9)
+    _assert_same_weights(tmp_path / "one", tmp_path / "many", bound)
+    # ZeRO-1: each rank holds 1/ranks of the optimizer state (the buckets are padded to a multiple of ranks)
+    assert many.extra["optimizer_bytes"] <= one.extra["optimizer_bytes"] / ranks + 64 * 16 * 16 * ranks
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    steps = 3
+    big = _train(_cfg(tmp_path / "big", steps=steps))
+    accumulated = _train(_cfg(tmp_path / "acc", steps=steps, micro_batch_size=2))
+    assert accumulated.extra["accumulation"] == 4
+    assert accumulated.losses == pytest.approx(big.losses, rel=1e-9)
+    _assert_same_weights(tmp_path / "big", tmp_path / "acc", weight_bound(_cfg(tmp_path), steps))
+
+
+def test_distributed_optimizer_matches_torch_adamw():
+    """One step of the sharded optimizer on 2 ranks equals torch.optim.AdamW on the averaged gradient."""
+    results = launch(_zero_step, 2, timeout=60)
+    ref_params, grads = _reference_model()
+    decay = [p for p in ref_params if p.dim() >= 2]
+    no_decay = [p for p in ref_params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    for step in range(2):
+        for p, g in zip(ref_params, grads[step]):
+            p.grad = g.clone()
+        opt.step()
+    for got in results:
+        for p, q in zip(got, ref_params):
+            torch.testing.assert_close(torch.from_numpy(p), q.detach(), rtol=1e-12, atol=1e-14)
+
+
+def _reference_model():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in ((7, 5), (3,), (130, 3), (1,))]
+    grads = [[torch.randn_like(p) * 0.1 for p in params] for _ in range(2)]
+    return params, grads
+
+
+def _zero_step(comm):
+    params, grads = _reference_model()
+    model = torch.nn.Module()
+    for i, p in enumerate(params):
+        model.register_parameter(f"p{i}", p)
+    opt = DistributedOptimizer(named_spaces(model, comm, comm, lambda p: False), get_backend("cpu"), world=comm,
+                               lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, bucket_mb=0.0005,
+                               master_dtype=torch.float64, reduce_dtype=torch.float64)
+    assert len(opt.buckets) > 1
+    for step in range(2):
+        opt.start_step(1)
+        # each rank's loss gradient is half of the sum, so the average over 2 ranks is the reference gradient
+        loss = sum((p * (g * (1 + comm.rank) / 1.5)).sum() for p, g in zip(model.parameters(), grads[step]))
+        loss.backward()
+        opt.finish_gradients()
+        opt.step(1e-2, None)
+    return [p.detach().numpy().copy() for p in model.parameters()]  # tensors do not survive the rank's exit
+
+
+def test_schedules():
+    cfg = load_config(None, {"steps": 100, "warmup_steps": 10, "lr": 1.0, "min_lr_ratio": 0.1})
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3)
+    wsd_fields = {"steps": 100, "warmup_steps": 10, "lr": 1.0, "min_lr_ratio": 0.1, "lr_schedule": "wsd",
+                  "decay_fraction": 0.2}
+    wsd = load_config(None, wsd_fields)
+    assert [lr_at(s, wsd) for s in (10, 50, 79)] == [1.0, 1.0, 1.0]  # stable until the last 20 steps
+    assert lr_at(80, wsd) == pytest.approx(1.0 - 0.9 * 1 / 20)  # linear decay to 0.1 at the last step
+    assert lr_at(89, wsd) == pytest.approx(1.0 - 0.9 * 10 / 20)
+    assert lr_at(99, wsd) == pytest.approx(0.1)
+    sqrt = load_config(None, {**wsd_fields, "decay_shape": "sqrt"})
+    assert lr_at(84, sqrt) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(5 / 20)))
+    const = load_config(None, {"steps": 10, "warmup_steps": 2, "lr": 0.5, "lr_schedule": "constant"})
+    assert [lr_at(s, const) for s in range(4)] == [0.25, 0.5, 0.5, 0.5]
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    straight = _train(_cfg(tmp_path / "a", steps=6, save_every=3, dtype="fp32"))
+    resumed = _train(_cfg(tmp_path / "b", steps=6, dtype="fp32"), resume=tmp_path / "a" / "checkpoints" / "step_000003")
+    assert resumed.losses == straight.losses
+
+
+def test_reshard_4_to_2_to_1(tmp_path):
+    """A checkpoint written by 4 ranks resumes on 2 and on 1; the next steps match the 4-rank run."""
+    four = _train(_cfg(tmp_path / "four", steps=4, save_every=2), 4)
+    ckpt = tmp_path / "four" / "checkpoints" / "step_000002"
+    assert len(list(ckpt.glob("rank_*.safetensors"))) == 4
+    two = _train(_cfg(tmp_path / "two", steps=3, save_every=0), 2, resume=ckpt)
+    assert two.losses[:2] == four.losses[:2]  # the history comes from the checkpoint
+    assert two.losses[2] == pytest.approx(four.losses[2], rel=1e-9)
+    one = _train(_cfg(tmp_path / "one", steps=4), 1, resume=tmp_path / "two")
+    assert one.losses[3] == pytest.approx(four.losses[3], rel=1e-9)
+    _assert_same_weights(tmp_path / "four", tmp_path / "one", weight_bound(_cfg(tmp_path), 4))
+
+
+def test_resume_refuses_changes_that_break_exactness(tmp_path):
+    _train(_cfg(tmp_path / "a", steps=4, save_every=2))
+    ckpt = tmp_path / "a" / "checkpoints" / "step_000002"
+    with pytest.raises(ConfigError, match="seed differs"):
+        _train(_cfg(tmp_path / "b", steps=4, seed=1), resume=ckpt)
+    with pytest.raises(ConfigError, match="steps=1 is below the checkpoint's step 2"):
+        _train(_cfg(tmp_path / "b", steps=1), resume=ckpt)
+    # resuming an older checkpoint into its own run folder would replace step_000004
+    with pytest.raises(UserError, match="already holds checkpoint step_000004"):
+        _train(_cfg(tmp_path / "a", steps=4), resume=ckpt)
+    # so would a fresh run into it
+    with pytest.raises(UserError, match="already holds checkpoint"):
+        _train(_cfg(tmp_path / "a", steps=4))
+    assert CheckpointReader(tmp_path / "a").step == 4  # untouched
