@@ -31,7 +31,7 @@ def _check(case: epc.Case, adaptor: str = "torch") -> list[epc.StepResult]:
     bad = [r for r in rows if not r["ok"]]
     assert not bad, bad[:5]
     # every quantity was compared on every rank
-    assert len(rows) == case.world_size * (2 + len(results[0].grads))
+    assert len(rows) == case.world_size * (3 + len(results[0].grads))  # loss, grads, grad norm, loads
     return results
 
 

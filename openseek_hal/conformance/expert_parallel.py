@@ -86,17 +86,18 @@ class StepResult:
     grads: dict[str, torch.Tensor]  # full-size (expert gradients gathered), on the CPU
     loads: torch.Tensor  # [MoE layers, E], summed over every rank
     ep_ranks_receiving: list[int] | None = None  # tokens each EP rank got in the first MoE layer
+    grad_norm: float | None = None  # of the whole model (each expert shard once)
 
     # tensors cross the launcher's pipe by value (numpy), not as shared-memory handles of a rank
     # process that exits right after sending
     def portable(self) -> dict[str, Any]:
         return dict(loss=self.loss, grads={n: g.numpy() for n, g in self.grads.items()}, loads=self.loads.numpy(),
-                    ep_ranks_receiving=self.ep_ranks_receiving)
+                    ep_ranks_receiving=self.ep_ranks_receiving, grad_norm=self.grad_norm)
 
     @classmethod
     def from_portable(cls, d: dict[str, Any]) -> StepResult:
         return cls(d["loss"], {n: torch.from_numpy(g) for n, g in d["grads"].items()},
-                   torch.from_numpy(d["loads"]), d["ep_ranks_receiving"])
+                   torch.from_numpy(d["loads"]), d["ep_ranks_receiving"], d["grad_norm"])
 
 
 def reference_step(case: Case, backend: str = "cpu", dtype: torch.dtype = torch.float64) -> StepResult:
@@ -108,7 +109,8 @@ def reference_step(case: Case, backend: str = "cpu", dtype: torch.dtype = torch.
     loss.backward()
     grads = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters()}
     loads = model.update_expert_bias(None).cpu()
-    return StepResult(float(loss.detach()), grads, loads)
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads.values()])))
+    return StepResult(float(loss.detach()), grads, loads, grad_norm=norm)
 
 
 def rank_step(comm, case: Case, backend: str, dtype_name: str) -> dict[str, Any]:
@@ -120,6 +122,7 @@ def rank_step(comm, case: Case, backend: str, dtype_name: str) -> dict[str, Any]
         expert_parallel_groups,
         expert_shard,
         gather_experts,
+        grad_norm,
     )
 
     if comm.world_size != case.world_size:
@@ -136,6 +139,7 @@ def rank_step(comm, case: Case, backend: str, dtype_name: str) -> dict[str, Any]
     loss = model.loss(ids[rows].to(device), labels[rows].to(device)).total
     loss.backward()
     average_gradients(model, comm, groups.expert_dp)
+    norm = float(grad_norm(model, groups.ep))
 
     mean = loss.detach().to(torch.float64).reshape(1).clone()
     comm.all_reduce(mean, op="avg")
@@ -151,7 +155,7 @@ def rank_step(comm, case: Case, backend: str, dtype_name: str) -> dict[str, Any]
     if isinstance(experts, ExpertParallelExperts):  # what each EP rank received: proves the skew reached it
         per_rank = loads[0].view(groups.ep_size, -1).sum(dim=1)
         receiving = [int(n) for n in per_rank]
-    return StepResult(float(mean), grads, loads, receiving).portable()
+    return StepResult(float(mean), grads, loads, receiving, norm).portable()
 
 
 def compare(got: StepResult, ref: StepResult) -> list[dict[str, Any]]:
@@ -167,6 +171,8 @@ def compare(got: StepResult, ref: StepResult) -> list[dict[str, Any]]:
         diff = float((g.double() - r.double()).abs().max())
         # a gradient that is exactly zero (an expert no token picked) must stay exactly zero
         rows.append(_row(f"grad {name}", diff / scale if scale > 0 else diff, RTOL if scale > 0 else 0.0))
+    if got.grad_norm is not None and ref.grad_norm is not None:
+        rows.append(_row("grad norm", abs(got.grad_norm - ref.grad_norm) / ref.grad_norm, RTOL))
     rows.append(_row("expert loads", float((got.loads - ref.loads).abs().max()), 0.0))
     return rows
 

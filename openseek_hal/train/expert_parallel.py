@@ -366,6 +366,30 @@ def average_gradients(model: nn.Module, comm: Communicator | None, expert_dp_com
                 p.grad.div_(world)
 
 
+def grad_norm(model: nn.Module, ep_comm: Communicator | None) -> torch.Tensor:
+    """The L2 norm of the whole model's gradient (after `average_gradients`), the same on every rank.
+
+    Replicated gradients count once; each expert shard counts once, its squared norm summed over the
+    EP group (its replicas in other EP groups hold the same values). A float64 scalar tensor.
+    """
+    dense = torch.zeros((), dtype=torch.float64)
+    experts = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().to(torch.float64).square().sum().cpu()
+        if is_expert_param(p):
+            experts += sq
+        else:
+            dense += sq
+    if ep_comm is not None and ep_comm.world_size > 1:
+        device = getattr(ep_comm, "device", None) or next(model.parameters()).device
+        t = experts.reshape(1).to(device)
+        ep_comm.all_reduce(t)
+        experts = t.cpu()[0]
+    return (dense + experts).sqrt()
+
+
 def _flat_all_reduce(params: list[nn.Parameter], comm: Communicator, op: str) -> None:
     if not params:
         return
