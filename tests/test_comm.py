@@ -21,7 +21,9 @@ def test_every_collective_matches_expected_values(adaptor):
     # the checks cover what the issue asks for
     names = " ".join(r["name"] for r in rows)
     for needle in ("all_reduce/avg/bfloat16/7", "all_reduce/sum/int64/0", "all_to_all_single/uneven1/int64",
-                   "reduce_scatter/avg/float32/7", "send_recv/bfloat16", "new_group", "barrier"):
+                   "reduce_scatter/avg/float32/7", "send_recv/bfloat16", "new_group", "barrier",
+                   "all_to_all_single/sender_empty/int64", "all_to_all_single/receiver_empty/bfloat16",
+                   "all_to_all_single/one_hot/float32", "all_to_all_single/all_empty/int64"):
         assert needle in names
     keys = {"level", "name", "op", "adaptor", "world_size", "dtype", "shape", "status", "max_abs_err",
             "message"}

@@ -5,7 +5,9 @@ expected result of every collective on its own, in float64 or int64, with no ref
 Inputs are multiples of 1/4 in [-2, 2] for floats (exact in bf16, so sums, max and min must match
 bitwise; only averages get the dtype's tolerance) and values near 2**40 for int64 (so a transport
 that goes through floats is caught). Sizes include 0, 1 and counts not divisible by the world
-size; all-to-all splits are uneven and include empty ones. One `launch` per (adaptor, world size)
+size; all-to-all splits are uneven and include empty ones, and the patterns of an expert-parallel
+dispatch (`A2A_PATTERNS`): a rank that sends nothing, one that receives nothing, all rows to one
+rank, nothing at all. One `launch` per (adaptor, world size)
 runs every check, because starting processes is the slow part on a small CI machine.
 """
 
@@ -90,10 +92,28 @@ def splits_of(src: int, world_size: int, salt: int) -> list[int]:
     return [(src + 2 * dst + salt) % 4 for dst in range(world_size)]
 
 
-def _all_to_all(width: int, dtype: torch.dtype, salt: int, even: bool, async_op: bool = False):
+# Split patterns of the expert-parallel token dispatch (rows rank src sends to each rank), where
+# empty splits are the rule: a rank whose tokens all go elsewhere, an expert shard nobody picked.
+A2A_PATTERNS: dict[str, Callable[[int, int, int], list[int]]] = {
+    # rank 0 sends nothing at all; every other rank sends to everyone
+    "sender_empty": lambda src, n, salt: [0] * n if src == 0 else [(src + dst + salt) % 3 + 1 for dst in range(n)],
+    # the last rank receives nothing (it sends to the others)
+    "receiver_empty": lambda src, n, salt: [0 if dst == n - 1 else (src + dst + salt) % 3 + 1 for dst in range(n)],
+    # every rank sends everything to rank 0 (one hot expert); rank 0 receives from itself too
+    "one_hot": lambda src, n, salt: [src + 2 + salt if dst == 0 else 0 for dst in range(n)],
+    # nothing moves: zero rows in and out on every rank
+    "all_empty": lambda src, n, salt: [0] * n,
+}
+
+
+def _all_to_all(width: int, dtype: torch.dtype, salt: int, even: bool, async_op: bool = False,
+                pattern: str | None = None):
     def run(comm):
         n, me = comm.world_size, comm.rank
-        split = (lambda src: [2] * n) if even else (lambda src: splits_of(src, n, salt))
+        if pattern is not None:
+            split = lambda src: A2A_PATTERNS[pattern](src, n, salt)
+        else:
+            split = (lambda src: [2] * n) if even else (lambda src: splits_of(src, n, salt))
         sends = split(me)
         inputs = [values(src, (sum(split(src)), width), dtype, salt) for src in range(n)]
         recv_sizes = [split(src)[me] for src in range(n)]
@@ -176,6 +196,9 @@ def cases(world_size: int, quick: bool = False) -> list[Case]:
                             (-1, 3), _all_to_all(3, dtype, salt, even=False)))
         out.append(Case(f"all_to_all_single/even/{dname}", "all_to_all_single", dtype, (2 * world_size, 4),
                         _all_to_all(4, dtype, 0, even=True)))
+        for pattern in A2A_PATTERNS:
+            out.append(Case(f"all_to_all_single/{pattern}/{dname}", "all_to_all_single", dtype, (-1, 3),
+                            _all_to_all(3, dtype, 2, even=False, pattern=pattern)))
         out.append(Case(f"broadcast/src0/{dname}", "broadcast", dtype, (9,),
                         _broadcast(lambda ws: 0, (9,), dtype, 4)))
         out.append(Case(f"send_recv/{dname}", "send_recv", dtype, (11,), _send_recv((11,), dtype, 5)))
@@ -183,6 +206,8 @@ def cases(world_size: int, quick: bool = False) -> list[Case]:
                     _all_reduce("sum", (33,), torch.float32, 6, async_op=True)))
     out.append(Case("all_to_all_single/async/bfloat16", "all_to_all_single", torch.bfloat16, (-1, 2),
                     _all_to_all(2, torch.bfloat16, 1, even=False, async_op=True)))
+    out.append(Case("all_to_all_single/async/one_hot/float32", "all_to_all_single", torch.float32, (-1, 2),
+                    _all_to_all(2, torch.float32, 1, even=False, async_op=True, pattern="one_hot")))
     out.append(Case("barrier", "barrier", torch.float32, (), _barrier))
     out.append(Case("new_group/all_reduce/float32", "new_group", torch.float32, (5,),
                     _sub_group(torch.float32)))

@@ -14,7 +14,7 @@ MTP modules live under ``mtp.{d}`` and share the embedding and output head of th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -159,9 +159,10 @@ class MoE(nn.Module):
         flat = x.reshape(-1, h)
         logits = self.gate(flat)
         indices, weights, counts = self._route(logits, self.gate.e_score_correction_bias, **self.route_kwargs)
-        out = self.experts(flat, indices, weights).view(b, s, h)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        # The experts module adds the shared experts' output; an expert-parallel one computes it while
+        # the tokens travel (`openseek_hal.train.expert_parallel`).
+        shared = None if self.shared_experts is None else (lambda: self.shared_experts(x).view(-1, h))
+        out = self.experts(flat, indices, weights, shared).view(b, s, h)
         aux = None
         if self.training:
             if not RECOMPUTE.active:  # a recomputed forward must not count its tokens twice
@@ -185,7 +186,12 @@ class MoE(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts' weights, stacked, and their grouped computation on permuted tokens."""
+    """The routed experts' weights, stacked, and their grouped computation on permuted tokens.
+
+    ``forward(x, indices, weights, shared)`` returns the routed output plus ``shared()`` when given
+    (the shared experts, passed as a callable so that an expert-parallel replacement can run them
+    while its tokens are in flight).
+    """
 
     def __init__(self, config: DeepseekV3Config, backend: Backend):
         super().__init__()
@@ -197,10 +203,12 @@ class Experts(nn.Module):
         self._silu_and_mul = backend.op("silu_and_mul")
         self._grouped_linear = backend.op("grouped_linear")
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                shared: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         x_sorted, order, counts = self._permute(x, indices, self.gate_up_proj.shape[0])
         hidden = self._silu_and_mul(self._grouped_linear(x_sorted, self.gate_up_proj, counts))
-        return self._unpermute(self._grouped_linear(hidden, self.down_proj, counts), order, weights)
+        out = self._unpermute(self._grouped_linear(hidden, self.down_proj, counts), order, weights)
+        return out if shared is None else out + shared()
 
 
 class Block(nn.Module):

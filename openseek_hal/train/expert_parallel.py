@@ -1,0 +1,418 @@
+"""Expert parallelism (EP) for the DeepSeek-V3 MoE layers, applied from outside the model.
+
+The world of ``N`` ranks is ``D`` data-parallel replicas x expert-parallel groups of ``P`` ranks
+(``N = D * P``; DeepSeek-V3 and Megatron-Core's layout). EP groups are contiguous blocks of ranks
+(``[k*P, (k+1)*P)``, so on one node when ``P`` fits in it); rank ``r`` of an EP group owns the
+global experts ``[r*E/P, (r+1)*E/P)`` of every MoE layer. Attention, dense MLPs, routers and shared
+experts are replicated on every rank; the ranks ``q, q+P, q+2P, ...`` hold the same expert shard
+(the expert-data-parallel group).
+
+Forward of one MoE layer on one rank (the model is unchanged but for `ExpertParallelExperts`
+replacing ``moe.experts``):
+
+1. the router picks experts for the rank's own tokens (so ``expert_load`` counts all E experts);
+2. ``moe_permute`` groups the token copies by global expert, hence by destination rank;
+3. the per-expert counts go through one even ``all_to_all_single`` (E/P counts to each peer) and,
+   with the counts of this rank's own tokens, reach the host in one copy: the only host sync;
+4. the tokens go through an uneven ``all_to_all_single`` (async: the shared experts run meanwhile);
+5. received rows, ordered (source rank, local expert), are regrouped by local expert with
+   ``moe_permute``; ``grouped_linear`` -> ``silu_and_mul`` -> ``grouped_linear`` run the experts;
+   ``moe_unpermute`` with unit weights restores the (source rank, local expert) order;
+6. the reverse ``all_to_all_single`` brings each token copy home, and ``moe_unpermute`` combines
+   them with the routing weights.
+
+Backward mirrors it: each all-to-all's gradient is the all-to-all with the splits swapped. All
+traffic goes through the `Communicator`, so every adaptor (torch, nccl, host, hier) runs it.
+
+Gradients: each rank's loss is the mean over its own tokens, and the global loss is the mean of
+the N ranks' losses. An expert's gradient after backward already sums the contributions of its
+whole EP group (the all-to-all carries them home), so the trainer sums expert gradients over the
+expert-data-parallel group and divides by N, while dense gradients are averaged over all N ranks:
+`average_gradients` does both. `expert_parallel_groups` builds the two groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..comm import Communicator
+from ..device import Device
+from ..models.deepseek_v3.config import DeepseekV3Config
+from ..models.deepseek_v3.model import DeepseekV3, Experts
+
+EXPERT_SHARD_ATTR = "_expert_shard"  # on each sharded parameter: (expert_offset, num_global_experts)
+
+
+# -- timing --------------------------------------------------------------------------------------
+@dataclass
+class AllToAllTimes:
+    """Seconds one MoE layer spent in its all-to-alls since the last `ExpertParallelExperts.timings`.
+
+    Times are between device events on the compute stream (wall clock on the CPU), so a span that
+    overlaps computation counts only where the stream had to wait. ``dispatch_s`` runs from issuing
+    the token all-to-all to the tokens being usable; ``dispatch_exposed_s`` is the part of it after
+    the shared experts were done (the stream stalled on the transfer). The count exchange and the
+    combine are synchronous: fully exposed.
+    """
+
+    forwards: int = 0
+    counts_s: float = 0.0  # per-expert count exchange + the host sync for the split sizes
+    dispatch_s: float = 0.0
+    dispatch_exposed_s: float = 0.0
+    combine_s: float = 0.0
+    backward_s: float = 0.0  # the two gradient all-to-alls of backward (synchronous)
+
+    @property
+    def total_s(self) -> float:
+        """Forward dispatch + combine, count exchange included."""
+        return self.counts_s + self.dispatch_s + self.combine_s
+
+    @property
+    def exposed_s(self) -> float:
+        return self.counts_s + self.dispatch_exposed_s + self.combine_s
+
+    @property
+    def hidden_fraction(self) -> float:
+        """Share of the forward all-to-all time hidden behind the shared experts (0 when none ran)."""
+        return 1.0 - self.exposed_s / self.total_s if self.total_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"forwards": self.forwards, "counts_s": self.counts_s, "dispatch_s": self.dispatch_s,
+                "dispatch_exposed_s": self.dispatch_exposed_s, "combine_s": self.combine_s,
+                "backward_s": self.backward_s, "total_s": self.total_s, "exposed_s": self.exposed_s,
+                "hidden_fraction": self.hidden_fraction}
+
+
+@dataclass
+class _Timer:
+    """Event pairs recorded on the compute stream, turned into seconds (one device sync) on demand."""
+
+    device: Device
+    pending: list[tuple[str, Any, Any]] = field(default_factory=list)
+    times: AllToAllTimes = field(default_factory=AllToAllTimes)
+
+    def mark(self) -> Any:
+        event = self.device.event(enable_timing=True)
+        event.record()
+        return event
+
+    def add(self, name: str, start: Any, end: Any) -> None:
+        self.pending.append((name, start, end))
+
+    def collect(self) -> AllToAllTimes:
+        if self.pending:
+            self.device.synchronize()
+        for name, start, end in self.pending:
+            setattr(self.times, name, getattr(self.times, name) + start.elapsed_time(end) / 1e3)
+        self.pending.clear()
+        out, self.times = self.times, AllToAllTimes()
+        return out
+
+
+# -- the all-to-all with autograd ----------------------------------------------------------------
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` of rows; backward sends the gradients back with the splits swapped.
+
+    With ``handle`` (a list) the forward is asynchronous: the `Work` is appended to it and the
+    returned tensor must not be read before ``wait()`` (run it under ``torch.no_grad()``: an adaptor
+    that stages through the host copies into the tensor then).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Communicator, out_splits: list[int], in_splits: list[int],
+                handle: list | None, timer: _Timer | None) -> torch.Tensor:
+        ctx.comm, ctx.out_splits, ctx.in_splits, ctx.timer = comm, out_splits, in_splits, timer
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        work = comm.all_to_all_single(out, x.contiguous(), out_splits, in_splits, async_op=handle is not None)
+        if handle is not None:
+            handle.append(work)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        start = ctx.timer.mark() if ctx.timer is not None else None
+        out = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
+        ctx.comm.all_to_all_single(out, grad.contiguous(), ctx.in_splits, ctx.out_splits)
+        if start is not None:
+            ctx.timer.add("backward_s", start, ctx.timer.mark())
+        return out, None, None, None, None, None
+
+
+def all_to_all(x: torch.Tensor, comm: Communicator, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+    """Differentiable uneven ``all_to_all_single`` of the rows of ``x`` (synchronous)."""
+    return _AllToAll.apply(x, comm, out_splits, in_splits, None, None)
+
+
+# -- the expert-parallel experts -----------------------------------------------------------------
+class ExpertParallelExperts(nn.Module):
+    """This rank's slice of a MoE layer's routed experts, with token dispatch and combine over ``ep_comm``.
+
+    Parameters keep the names and layout of `Experts` (``gate_up_proj[E/P, 2I, h]``,
+    ``down_proj[E/P, h, I]``) and carry ``_expert_shard = (expert_offset, num_global_experts)``.
+    ``overlap`` (default True) runs the shared experts while the dispatch all-to-all is in flight;
+    ``timing`` (default False) records device events around the all-to-alls for `timings`.
+    """
+
+    def __init__(self, experts: Experts, ep_comm: Communicator, *, overlap: bool = True, timing: bool = False):
+        super().__init__()
+        num_global = experts.gate_up_proj.shape[0]
+        size = ep_comm.world_size
+        if num_global % size:
+            raise ValueError(f"{num_global} routed experts do not split over an expert-parallel group of {size}")
+        self.ep_comm = ep_comm
+        self.num_global_experts = num_global
+        self.num_local_experts = num_global // size
+        self.expert_offset = ep_comm.rank * self.num_local_experts
+        local = slice(self.expert_offset, self.expert_offset + self.num_local_experts)
+        self.gate_up_proj = _shard(experts.gate_up_proj, local, num_global)
+        self.down_proj = _shard(experts.down_proj, local, num_global)
+        # the same HAL ops the full module resolved
+        self._permute, self._unpermute = experts._permute, experts._unpermute
+        self._silu_and_mul, self._grouped_linear = experts._silu_and_mul, experts._grouped_linear
+        self.overlap = overlap
+        self.timing = timing
+        self._timer: _Timer | None = None
+
+    def extra_repr(self) -> str:
+        return (f"experts [{self.expert_offset}, {self.expert_offset + self.num_local_experts}) of "
+                f"{self.num_global_experts}, ep rank {self.ep_comm.rank}/{self.ep_comm.world_size}, "
+                f"overlap={self.overlap}")
+
+    def timings(self) -> AllToAllTimes:
+        """The all-to-all times since the last call (needs ``timing=True``); syncs the device once."""
+        return self._timer.collect() if self._timer is not None else AllToAllTimes()
+
+    def _get_timer(self) -> _Timer | None:
+        if not self.timing:
+            return None
+        if self._timer is None:
+            d = self.gate_up_proj.device
+            self._timer = _Timer(Device(d.type, d.index))
+        return self._timer
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                shared: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        comm, size = self.ep_comm, self.ep_comm.world_size
+        local_e = self.num_local_experts
+        timer = self._get_timer()
+
+        x_sorted, order, counts = self._permute(x, indices, self.num_global_experts)
+        t0 = timer.mark() if timer else None
+        # counts[e] rows for global expert e; peer j gets experts [j*L, (j+1)*L), L each: an even split
+        counts = counts.to(torch.int64).contiguous()
+        recv_counts = torch.empty_like(counts)  # [src rank, local expert] rows this rank will receive
+        comm.all_to_all_single(recv_counts, counts)
+        both = torch.cat([counts, recv_counts]).tolist()  # the one host sync: buffers need their sizes
+        send = [sum(both[j * local_e:(j + 1) * local_e]) for j in range(size)]
+        recv_per = both[len(both) // 2:]
+        recv = [sum(recv_per[j * local_e:(j + 1) * local_e]) for j in range(size)]
+        if timer:
+            t1 = timer.mark()
+            timer.add("counts_s", t0, t1)
+
+        handle: list = []
+        received = _AllToAll.apply(x_sorted, comm, recv, send, handle, timer)
+        shared_out = shared() if shared is not None and self.overlap else None
+        t2 = timer.mark() if timer else None
+        with torch.no_grad():  # the transfer fills `received` in place; not an autograd operation
+            handle[0].wait()
+        if timer:
+            t3 = timer.mark()
+            timer.add("dispatch_s", t1, t3)
+            timer.add("dispatch_exposed_s", t2, t3)
+
+        # received rows are ordered (source rank, local expert): regroup them by local expert
+        # (stable, so each expert's rows stay in source-rank order) with the HAL's permute
+        local_ids = torch.repeat_interleave(torch.arange(local_e, device=x.device).repeat(size), recv_counts,
+                                            output_size=sum(recv))
+        grouped, regroup, local_counts = self._permute(received, local_ids.unsqueeze(1), local_e)
+        hidden = self._silu_and_mul(self._grouped_linear(grouped, self.gate_up_proj, local_counts))
+        y = self._grouped_linear(hidden, self.down_proj, local_counts)
+        # back to (source rank, local expert) order: unpermute with unit weights is the inverse permutation
+        y = self._unpermute(y, regroup, torch.ones(y.shape[0], 1, dtype=y.dtype, device=y.device))
+
+        t4 = timer.mark() if timer else None
+        y = _AllToAll.apply(y, comm, send, recv, None, timer)
+        if timer:
+            timer.add("combine_s", t4, timer.mark())
+            timer.times.forwards += 1
+        out = self._unpermute(y, order, weights)
+        if shared is not None:
+            out = out + (shared_out if shared_out is not None else shared())
+        return out
+
+
+def _shard(full: nn.Parameter, local: slice, num_global: int) -> nn.Parameter:
+    p = nn.Parameter(full.detach()[local].clone(), requires_grad=full.requires_grad)
+    setattr(p, EXPERT_SHARD_ATTR, (local.start, num_global))
+    return p
+
+
+# -- applying it -----------------------------------------------------------------------------------
+def apply_expert_parallel(model: DeepseekV3, ep_comm: Communicator, *, overlap: bool = True,
+                          timing: bool = False) -> None:
+    """Shard every MoE layer's routed experts over ``ep_comm`` (this rank's EP group), in place.
+
+    Call it after the weights are initialized or loaded (each rank keeps its slice of the full
+    weights, so EP P starts from the same model as EP 1) and before the optimizer is built (the
+    expert parameters are new objects). With a group of one rank it changes nothing.
+    """
+    if ep_comm.world_size == 1:
+        return
+    for moe in model.moe_layers():
+        if isinstance(moe.experts, ExpertParallelExperts):
+            raise ValueError("expert parallelism is already applied to this model")
+        moe.experts = ExpertParallelExperts(moe.experts, ep_comm, overlap=overlap, timing=timing)
+
+
+def expert_parallel_modules(model: nn.Module) -> Iterator[tuple[str, ExpertParallelExperts]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ExpertParallelExperts):
+            yield name, module
+
+
+def is_expert_param(param: torch.Tensor) -> bool:
+    """True for a parameter sharded by `apply_expert_parallel` (reduce over the expert-DP group only)."""
+    return getattr(param, EXPERT_SHARD_ATTR, None) is not None
+
+
+def expert_shard(param: torch.Tensor) -> tuple[int, int] | None:
+    """``(expert_offset, num_global_experts)`` of a sharded expert parameter: its rows are the global
+    experts ``[offset, offset + param.shape[0])``; None for a replicated parameter."""
+    return getattr(param, EXPERT_SHARD_ATTR, None)
+
+
+def expert_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The sharded expert parameters with their names (the same names as without EP)."""
+    for name, p in model.named_parameters():
+        if is_expert_param(p):
+            yield name, p
+
+
+def gather_experts(local: torch.Tensor, ep_comm: Communicator) -> torch.Tensor:
+    """The full ``[E, ...]`` tensor from each EP rank's ``[E/P, ...]`` slice (for checkpoints, tests)."""
+    out = local.new_empty((ep_comm.world_size * local.shape[0], *local.shape[1:]))
+    ep_comm.all_gather(out, local.contiguous())
+    return out
+
+
+def layer_timings(model: nn.Module) -> dict[str, AllToAllTimes]:
+    """Per MoE layer (by module name), the all-to-all times since the last call (``timing=True``)."""
+    return {name: m.timings() for name, m in expert_parallel_modules(model)}
+
+
+def set_timing(model: nn.Module, enabled: bool) -> None:
+    for _, m in expert_parallel_modules(model):
+        m.timing = enabled
+
+
+# -- groups and gradients ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExpertParallelGroups:
+    """This rank's expert-parallel group and expert-data-parallel group (None when it has one rank)."""
+
+    ep: Communicator | None
+    expert_dp: Communicator | None
+    ep_size: int
+    dp_size: int
+
+
+def expert_parallel_groups(comm: Communicator, ep_size: int) -> ExpertParallelGroups:
+    """Split ``comm`` (every rank) into EP groups ``[k*P, (k+1)*P)`` and expert-DP groups ``{q, q+P, ...}``.
+
+    Call it on every rank. One-rank groups are not created (None).
+    """
+    world = comm.world_size
+    if ep_size < 1 or world % ep_size:
+        raise ValueError(f"expert_parallel={ep_size} does not divide the world size {world}")
+    dp_size = world // ep_size
+    ep = comm if ep_size == world else None
+    if 1 < ep_size < world:
+        for k in range(dp_size):
+            group = comm.new_group(list(range(k * ep_size, (k + 1) * ep_size)))
+            ep = group if group is not None else ep
+    expert_dp = comm if dp_size == world else None
+    if 1 < dp_size < world:
+        for q in range(ep_size):
+            group = comm.new_group(list(range(q, world, ep_size)))
+            expert_dp = group if group is not None else expert_dp
+    return ExpertParallelGroups(ep=ep, expert_dp=expert_dp, ep_size=ep_size, dp_size=dp_size)
+
+
+def average_gradients(model: nn.Module, comm: Communicator | None, expert_dp_comm: Communicator | None) -> None:
+    """Make every gradient the gradient of the mean loss over all ranks of ``comm`` (the world).
+
+    Replicated parameters: averaged over ``comm`` (one flat all-reduce). Expert shards: their
+    gradient already sums the loss gradients of the whole EP group, so it is summed over
+    ``expert_dp_comm`` (the replicas of the shard; None when there are none) and divided by the
+    world size (one flat all-reduce).
+    """
+    world = comm.world_size if comm is not None else 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    dense = [p for p in params if not is_expert_param(p)]
+    experts = [p for p in params if is_expert_param(p)]
+    if comm is not None and world > 1:
+        _flat_all_reduce(dense, comm, "avg")
+    if experts:
+        if expert_dp_comm is not None and expert_dp_comm.world_size > 1:
+            _flat_all_reduce(experts, expert_dp_comm, "sum")
+        for p in experts:
+            if p.grad is not None:
+                p.grad.div_(world)
+
+
+def grad_norm(model: nn.Module, ep_comm: Communicator | None) -> torch.Tensor:
+    """The L2 norm of the whole model's gradient (after `average_gradients`), the same on every rank.
+
+    Replicated gradients count once; each expert shard counts once, its squared norm summed over the
+    EP group (its replicas in other EP groups hold the same values). A float64 scalar tensor.
+    """
+    dense = torch.zeros((), dtype=torch.float64)
+    experts = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().to(torch.float64).square().sum().cpu()
+        if is_expert_param(p):
+            experts += sq
+        else:
+            dense += sq
+    if ep_comm is not None and ep_comm.world_size > 1:
+        device = getattr(ep_comm, "device", None) or next(model.parameters()).device
+        t = experts.reshape(1).to(device)
+        ep_comm.all_reduce(t)
+        experts = t.cpu()[0]
+    return (dense + experts).sqrt()
+
+
+def _flat_all_reduce(params: list[nn.Parameter], comm: Communicator, op: str) -> None:
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    comm.all_reduce(flat, op=op)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g)
+        offset += g.numel()
+
+
+# -- node-limited routing ------------------------------------------------------------------------------
+def max_ranks_per_token(config: DeepseekV3Config, ep_size: int) -> int:
+    """An upper bound on the EP ranks one token's copies go to (its all-to-all fan-out).
+
+    Expert groups are contiguous (``E/n_group`` experts each), as are EP shards (``E/P``). When
+    the groups nest in the shards or the shards in the groups, a token that keeps ``topk_group``
+    groups reaches at most ``topk_group * max(1, P / n_group)`` ranks; otherwise only ``top_k``
+    and ``P`` bound it.
+    """
+    c = config
+    bound = min(c.num_experts_per_tok, ep_size)
+    if c.n_group > 1 and (c.n_group % ep_size == 0 or ep_size % c.n_group == 0):
+        bound = min(bound, c.topk_group * max(1, ep_size // c.n_group))
+    return bound

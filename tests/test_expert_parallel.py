@@ -1,0 +1,111 @@
+"""Expert parallelism on CPU ranks (gloo): EP x DP equals one rank with the whole batch.
+
+Each case launches its ranks once (`openseek_hal.conformance.expert_parallel.run_case`): every rank
+takes its slice of one global batch, runs forward, backward and `average_gradients`, and the loss
+(averaged), every gradient (expert gradients gathered by global index) and the expert loads
+(summed over the world by ``update_expert_bias``) are compared with one rank. The tolerance
+(`expert_parallel.RTOL`) is derived in that module from float32 routing and float64 elsewhere.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from openseek_hal.comm import launch
+from openseek_hal.conformance import expert_parallel as epc
+from openseek_hal.models import preset
+from openseek_hal.train.expert_parallel import (
+    ExpertParallelExperts,
+    apply_expert_parallel,
+    expert_params,
+    layer_timings,
+    max_ranks_per_token,
+)
+
+
+def _check(case: epc.Case, adaptor: str = "torch") -> list[epc.StepResult]:
+    rows, results = epc.run_case(case, adaptor=adaptor)
+    bad = [r for r in rows if not r["ok"]]
+    assert not bad, bad[:5]
+    # every quantity was compared on every rank
+    assert len(rows) == case.world_size * (3 + len(results[0].grads))  # loss, grads, grad norm, loads
+    return results
+
+
+@pytest.mark.parametrize("world_size,ep_size", [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "ep2xdp2"])
+def test_expert_parallel_matches_one_rank(world_size, ep_size):
+    results = _check(epc.Case(ep_size=ep_size, world_size=world_size))
+    # the experts really were split: each EP rank received tokens from the group
+    assert all(n > 0 for n in results[0].ep_ranks_receiving)
+
+
+@pytest.mark.parametrize("world_size,ep_size", [(2, 2), (4, 4)], ids=["ep2", "ep4"])
+def test_expert_parallel_with_skewed_routing(world_size, ep_size):
+    results = _check(epc.Case(ep_size=ep_size, world_size=world_size, skewed=True))
+    loads = results[0].loads
+    tokens = epc.Case(ep_size, world_size).batch * epc.Case(ep_size, world_size).seq
+    assert (loads[:, 0] == tokens).all()  # every token picked expert 0
+    assert (loads[:, 6:] == 0).all()  # nobody picked experts 6 and 7
+    if ep_size == 4:  # the last EP rank owns experts 6 and 7: every split to it was empty
+        assert results[0].ep_ranks_receiving[-1] == 0
+
+
+def test_expert_parallel_on_the_host_adaptor():
+    _check(epc.Case(ep_size=2, world_size=2), adaptor="host")
+
+
+def _overlap_and_timings(comm):
+    case = epc.Case(ep_size=2, world_size=2)
+    model = epc.build(case, "cpu", torch.float64)
+    apply_expert_parallel(model, comm, timing=True)
+    ids, labels = epc.batch(case, model.config.vocab_size)
+    ids, labels = ids[comm.rank::2], labels[comm.rank::2]
+    overlapped = model.loss(ids, labels).total
+    for moe in model.moe_layers():
+        moe.experts.overlap = False
+    serial = model.loss(ids, labels).total
+    serial.backward()
+    times = {name: t.as_dict() for name, t in layer_timings(model).items()}
+    names = {name: (tuple(p.shape), p._expert_shard) for name, p in expert_params(model)}
+    return float(overlapped.detach()), float(serial.detach()), times, names, layer_timings(model)[
+        next(iter(times))].forwards
+
+
+def test_overlap_changes_nothing_and_timings_are_reported():
+    out = launch(_overlap_and_timings, 2)
+    for rank, (overlapped, serial, times, names, after_reset) in enumerate(out):
+        assert overlapped == serial  # the shared experts' place in the schedule changes no bit
+        assert set(times) == {"layers.1.mlp.experts", "mtp.0.block.mlp.experts"}
+        for t in times.values():
+            assert t["forwards"] == 2
+            assert t["counts_s"] > 0 and t["combine_s"] > 0 and t["backward_s"] > 0
+            assert 0 <= t["dispatch_exposed_s"] <= t["dispatch_s"]
+            assert 0 <= t["hidden_fraction"] <= 1
+        assert after_reset == 0  # timings() hands the counters over and starts again
+        # same names as without EP, first dim E/P, marked with (offset, global E)
+        assert names["layers.1.mlp.experts.gate_up_proj"] == ((4, 32, 32), (4 * rank, 8))
+        assert names["mtp.0.block.mlp.experts.down_proj"] == ((4, 32, 16), (4 * rank, 8))
+
+
+def test_one_rank_group_is_a_no_op_and_uneven_split_is_refused():
+    model = epc.build(epc.Case(1, 1), "cpu", torch.float64)
+    before = {n: p for n, p in model.named_parameters()}
+    apply_expert_parallel(model, SimpleNamespace(rank=0, world_size=1))
+    assert {n: p for n, p in model.named_parameters()} == before
+    assert not any(isinstance(m.experts, ExpertParallelExperts) for m in model.moe_layers())
+    with pytest.raises(ValueError, match="do not split"):
+        apply_expert_parallel(model, SimpleNamespace(rank=0, world_size=3))
+
+
+def test_node_limited_routing_bounds_the_fan_out():
+    v3 = preset("deepseek-v3")  # 256 experts top-8, 8 groups top-4
+    assert max_ranks_per_token(v3, 8) == 4  # one group per rank: at most topk_group ranks
+    assert max_ranks_per_token(v3, 64) == 8  # 8 ranks per group: bounded by top_k only
+    assert max_ranks_per_token(v3, 4) == 4  # two groups per rank
+    assert max_ranks_per_token(v3, 16) == 8  # 2 ranks per group: 4 groups x 2 ranks, and top_k
+    small = preset("tiny", n_group=4, topk_group=1)
+    assert max_ranks_per_token(small, 4) == 1 and max_ranks_per_token(small, 2) == 1
+    assert max_ranks_per_token(preset("tiny", n_group=1, topk_group=1), 4) == 2  # top_k
