@@ -179,3 +179,32 @@ def test_resume_refuses_changes_that_break_exactness(tmp_path):
     with pytest.raises(UserError, match="already holds checkpoint"):
         _train(_cfg(tmp_path / "a", steps=4))
     assert CheckpointReader(tmp_path / "a").step == 4  # untouched
+
+
+@pytest.mark.parametrize("ranks,ep", [(2, 2), (4, 2)])
+def test_expert_parallel_training_matches_one_rank(tmp_path, ranks, ep):
+    """EP 2 (and EP 2 x DP 2) trains the same model as one rank with the whole batch, and its
+    checkpoint (expert shards written by their owners) holds the same full weights."""
+    steps = 3
+    one = _train(_cfg(tmp_path / "one", steps=steps))
+    ep_run = _train(_cfg(tmp_path / "ep", steps=steps, expert_parallel=ep), ranks)
+    # the router runs in float32 whatever the weights' dtype: losses agree to float32 rounding of the
+    # routing weights (relative 2**-24 per term, a few terms per token), far below one step's change
+    assert ep_run.losses == pytest.approx(one.losses, rel=1e-6)
+    assert ep_run.extra["world_size"] == ranks
+    ckpt = CheckpointReader(tmp_path / "ep")
+    assert ckpt.manifest["expert_parallel"] == ep
+    wa, wb = CheckpointReader(tmp_path / "one").full_state_dict(), ckpt.full_state_dict()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_expert_parallel_checkpoint_reshards_between_ep_sizes(tmp_path):
+    """EP 2 -> EP 1 and EP 1 -> EP 2 on resume: the next step matches the uninterrupted run."""
+    ep2 = _train(_cfg(tmp_path / "ep2", steps=3, save_every=2, expert_parallel=2), 2)
+    to_one = _train(_cfg(tmp_path / "to1", steps=3), 1, resume=tmp_path / "ep2" / "checkpoints" / "step_000002")
+    assert to_one.losses[2] == pytest.approx(ep2.losses[2], rel=1e-6)
+    one = _train(_cfg(tmp_path / "one", steps=3, save_every=2))
+    to_two = _train(_cfg(tmp_path / "to2", steps=3, expert_parallel=2), 2,
+                    resume=tmp_path / "one" / "checkpoints" / "step_000002")
+    assert to_two.losses[2] == pytest.approx(one.losses[2], rel=1e-6)

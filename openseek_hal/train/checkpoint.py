@@ -205,9 +205,11 @@ class CheckpointReader:
             raise UserError(f"checkpoint {self.path} has no parameter {name}")
         meta = self.params[name]
         shape = meta["shape"]
-        if not meta["expert"]:
+        if not meta["expert"]:  # written whole (by a run without expert parallelism)
             f, _ = self._model[name][0]
-            return self._files[f].get_tensor(f"model/{name}")
+            if experts is None:
+                return self._files[f].get_tensor(f"model/{name}")
+            return self._files[f].get_slice(f"model/{name}")[expert_offset:expert_offset + experts]
         n = shape[0] if experts is None else experts
         out = None
         for f, offset in self._model[name]:

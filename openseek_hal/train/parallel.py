@@ -27,18 +27,14 @@ class ParallelLayout:
         self.expert_parallel = expert_parallel
         self.ep_rank = self.rank % expert_parallel
         self.expert_replica = self.rank // expert_parallel  # which copy of its expert shard this rank holds
+        # this rank's EP group (None: experts not sharded) and the replicas of its expert shard (None: no replicas)
         self.ep_comm: Communicator | None = None
         self.expert_dp_comm: Communicator | None = world
         if world is not None and expert_parallel > 1:
-            # every rank takes part in creating every group, in the same order
-            for g in range(self.world_size // expert_parallel):
-                comm = world.new_group(list(range(g * expert_parallel, (g + 1) * expert_parallel)))
-                if comm is not None:
-                    self.ep_comm = comm
-            for i in range(expert_parallel):
-                comm = world.new_group(list(range(i, self.world_size, expert_parallel)))
-                if comm is not None:
-                    self.expert_dp_comm = comm
+            from .expert_parallel import expert_parallel_groups
+
+            groups = expert_parallel_groups(world, expert_parallel)
+            self.ep_comm, self.expert_dp_comm = groups.ep, groups.expert_dp
 
     @property
     def is_main(self) -> bool:

@@ -208,11 +208,11 @@ class _Run:
         self.n_params = model.num_parameters()  # before expert parallelism: the model's whole size
         self.flops_per_token = model.flops_per_token(cfg.seq_len)
         self.expert_of = lambda p: None
-        if cfg.expert_parallel > 1:
-            from .expert_parallel import apply_expert_parallel, expert_slice
+        if layout.ep_comm is not None:
+            from .expert_parallel import apply_expert_parallel, expert_shard
 
-            apply_expert_parallel(model, layout.ep_comm)
-            self.expert_of = lambda p: (lambda s: ExpertSlice(*s) if s is not None else None)(expert_slice(p))
+            apply_expert_parallel(model, layout.ep_comm, timing=True)
+            self.expert_of = lambda p: ExpertSlice(*expert_shard(p)) if expert_shard(p) is not None else None
         if cfg.recompute or cfg.compile:
             from .recompute import wrap_blocks
 
@@ -347,7 +347,23 @@ class _Run:
             row["mfu"] = tps / world * self.flops_per_token / self.peak
         row["peak_memory_mib"] = self.backend.device.memory_stats()["peak_allocated"] / 2**20
         row.update({f"{k}_ms": v for k, v in phases.mean_ms().items()})
+        row.update(self._all_to_all_row())
         return row
+
+    def _all_to_all_row(self) -> dict[str, float]:
+        """Expert parallelism: dispatch + combine time per MoE layer and micro-batch, and the share hidden."""
+        if self.layout.ep_comm is None:
+            return {}
+        from .expert_parallel import layer_timings
+
+        times = list(layer_timings(self.model).values())
+        forwards = sum(t.forwards for t in times)
+        if not forwards:
+            return {}
+        total = sum(t.total_s + t.backward_s for t in times)
+        exposed = sum(t.exposed_s + t.backward_s for t in times)
+        return {"a2a_ms_per_layer": 1e3 * total / forwards, "a2a_exposed_ms_per_layer": 1e3 * exposed / forwards,
+                "a2a_hidden_fraction": 1.0 - exposed / total if total else 0.0}
 
     def _save(self, step: int, losses: list[float]) -> Path:
         layout = self.layout
