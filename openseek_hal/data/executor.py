@@ -47,7 +47,7 @@ def stop_on_sigterm() -> None:
     """Make SIGTERM raise ``Terminated`` in the main thread, so a job unwinds and cleans up when stopped."""
 
     def handler(signum: int, frame: Any) -> None:
-        raise Terminated("terminated by SIGTERM; the output folder holds what it held before")
+        raise Terminated("terminated by SIGTERM before the run finished; its output was not committed")
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)

@@ -127,7 +127,7 @@ class StageOutput:
                 self.remove_stale()
         finally:
             self._release()
-        if isinstance(exc, OSError) and (err := _user_error(exc, self.root)) is not None:
+        if isinstance(exc, OSError) and (err := _user_error(exc, self.root, self.staged)) is not None:
             raise err from None
         return False
 
@@ -205,13 +205,15 @@ class StageOutput:
         self.committed = True
 
 
-def _user_error(e: OSError, where: Path) -> UserError | None:
+def _user_error(e: OSError, where: Path, staged: bool = True) -> UserError | None:
     """A full disk or an unwritable folder as one line; None for other errors."""
     if e.errno in DISK_ERRORS:
-        return UserError(
-            f"{DISK_ERRORS[e.errno]} while writing {where}; the partial output was removed (the folder holds "
-            "what it held before), free some space and rerun"
+        kept = (
+            "the partial output was removed (the folder holds what it held before)"
+            if staged
+            else "the folder is marked incomplete and a rerun resumes it"
         )
+        return UserError(f"{DISK_ERRORS[e.errno]} while writing {where}; {kept}, free some space and rerun")
     if e.errno in WRITE_ERRORS:
         return UserError(f"cannot write {where}: {WRITE_ERRORS[e.errno]} ({e.filename or where})")
     return None

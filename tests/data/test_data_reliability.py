@@ -393,7 +393,7 @@ def test_sigterm_stops_a_job_cleanly(cli, tmp_path):
     assert cli("data", "filter", inp, "-o", out, "--shard-docs", 100, "--min-chars", 1, "-q")[0] == 0
     before = _listing(out)
     job = _run("data", "filter", inp, "-o", out, "--workers", 2, "--shard-docs", 3, "--min-chars", 1, "-q",
-               fault="sleep:openseek_hal.data.runner:_DocBatch.__call__:2", wait=False)
+               fault="sleep:openseek_hal.data.runner:_DocBatch.__call__:1", wait=False)
     workers: list[int] = []
     try:
         assert _wait_for(lambda: len(_children(job.pid)) == 2), "workers did not start"
@@ -404,7 +404,7 @@ def test_sigterm_stops_a_job_cleanly(cli, tmp_path):
         _kill_all([job.pid, *workers])
     assert job.returncode == 128 + signal.SIGTERM
     assert err.splitlines() == [
-        "openseek-hal: error: terminated by SIGTERM; the output folder holds what it held before"
+        "openseek-hal: error: terminated by SIGTERM before the run finished; its output was not committed"
     ]
     assert not any(_alive(w) for w in workers)
     assert _listing(out) == before and not (out / ".staging").exists()
