@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .executor import EXECUTORS
+from .executor import EXECUTORS, stop_on_sigterm
 from .io import COMPRESSIONS
 from .runner import OutputOptions
 
@@ -60,6 +60,7 @@ def _out(out_dir: Path, shard_docs: int, compression: str, quiet: bool) -> Outpu
 @click.group("data")
 def data() -> None:
     """Data pipeline: filter, dedup, classify, decontaminate, tokenize, synthesize JSONL/Parquet corpora."""
+    stop_on_sigterm()
 
 
 @data.command("filter")

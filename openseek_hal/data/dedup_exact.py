@@ -19,7 +19,8 @@ import time
 import numpy as np
 
 from ..errors import UserError
-from .io import Malformed, ShardWriter, check_output_dir, discover, dumps, iter_raw, parse
+from .io import Malformed, ShardWriter, check_output_dir, check_shard_options, discover, dumps, iter_raw, parse
+from .outdir import StageOutput
 from .runner import OutputOptions, Stats, progress, report
 
 _SEP = 0xFF
@@ -207,6 +208,7 @@ def dedup_exact(
         raise UserError("--min-bytes and --min-tokens must be at least 1")
     if tokenizer and low_memory:
         raise UserError("--low-memory works on bytes only; drop it or --tokenizer")
+    check_shard_options(out.shard_docs, out.compression)
     files = discover(inputs)
     check_output_dir(out.out_dir, files)
     units = _Tokens(tokenizer) if tokenizer else _Bytes()
@@ -262,22 +264,30 @@ def dedup_exact(
         if lengths:
             advance(len(lengths))
             flush()
-    _write(files, cuts, units, out, text_key, stats)
-    stats.seconds = time.perf_counter() - start
-    stats.extra.update(
-        shards=shards,
-        bytes_removed=stats.bytes_in - stats.bytes_out,
-        docs_changed=len(cuts),
-        mb_per_second=round(stats.bytes_in / 1e6 / max(stats.seconds, 1e-9), 2),
-    )
+    with StageOutput(out.out_dir, stats.stage) as output:
+        documents = _write(files, cuts, units, output.dir, out, text_key, stats)
+        stats.seconds = time.perf_counter() - start
+        stats.extra.update(
+            shards=shards,
+            bytes_removed=stats.bytes_in - stats.bytes_out,
+            docs_changed=len(cuts),
+            mb_per_second=round(stats.bytes_in / 1e6 / max(stats.seconds, 1e-9), 2),
+        )
+        output.commit(stats.to_dict(), documents)
     report(stats, out.out_dir, out.quiet)
     return stats
 
 
 def _write(
-    files, cuts: dict[int, list[tuple[int, int]]], units, out: OutputOptions, text_key: str, stats: Stats
-) -> None:
-    writer = ShardWriter(out.out_dir, out.shard_docs, out.compression)
+    files,
+    cuts: dict[int, list[tuple[int, int]]],
+    units,
+    out_dir,
+    out: OutputOptions,
+    text_key: str,
+    stats: Stats,
+) -> dict[str, int]:
+    writer = ShardWriter(out_dir, out.shard_docs, out.compression)
     i = 0
     try:
         with progress("exact dedup: writing", out.quiet, total=stats.docs_in) as advance:
@@ -300,3 +310,4 @@ def _write(
         raise
     writer.close()
     stats.docs_out = writer.docs
+    return writer.documents

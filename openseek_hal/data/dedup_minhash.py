@@ -1,7 +1,8 @@
 """The `dedup-minhash` stage: MinHash LSH fuzzy deduplication over the whole input.
 
 Three passes with memory bounded by the document count, not the text size:
-1. signatures -> band keys (workers), appended to a temp file of 14 uint64 per document;
+1. signatures -> band keys (workers), appended to a temp file of 14 uint64 per document (in the output's
+   staging folder, so a crash leaves nothing the next run does not remove);
 2. per band, documents with equal keys are linked to the first of them; the connected components of all
    links (``minhash.components``) are the duplicate clusters;
 3. the input is streamed again and the first document of each cluster (in input order) is kept, its
@@ -12,9 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
+from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,8 +22,19 @@ import numpy as np
 
 from ..errors import UserError
 from .executor import ordered_map
-from .io import Malformed, RawLine, ShardWriter, check_output_dir, discover, dumps, iter_raw, parse
+from .io import (
+    Malformed,
+    RawLine,
+    ShardWriter,
+    check_output_dir,
+    check_shard_options,
+    discover,
+    dumps,
+    iter_raw,
+    parse,
+)
 from .minhash import MinHashConfig, MinHasher, components
+from .outdir import StageOutput
 from .runner import OutputOptions, Stats, batched, progress, report
 
 
@@ -56,7 +67,8 @@ def cluster_labels(keys: np.ndarray, empty: np.ndarray) -> np.ndarray:
         col = np.ascontiguousarray(keys[candidates, band])
         order = np.argsort(col, kind="stable")
         sk = col[order]
-        is_start = np.concatenate(([True], sk[1:] != sk[:-1]))
+        is_start = np.ones(len(sk), dtype=bool)  # no candidate at all: no links (and no IndexError)
+        is_start[1:] = sk[1:] != sk[:-1]
         run_first = order[np.flatnonzero(is_start)][np.cumsum(is_start) - 1]
         dup = ~is_start
         us.append(candidates[run_first[dup]])
@@ -83,19 +95,22 @@ def dedup_minhash(
     batch_size: int = 512,
 ) -> Stats:
     config = config or MinHashConfig()
+    check_shard_options(out.shard_docs, out.compression)
     files = discover(inputs)
     check_output_dir(out.out_dir, files)
-    out.out_dir.mkdir(parents=True, exist_ok=True)
     stats = Stats("dedup-minhash", config={**asdict(config), "text_key": text_key, "id_key": id_key})
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=".minhash-", dir=out.out_dir))
-    try:
-        keys_path = tmp / "keys.bin"
+    with StageOutput(out.out_dir, stats.stage) as output:
+        keys_path = output.dir / ".minhash-keys.bin"  # 14 uint64 per document, removed with the staging folder
         empties = []
-        with open(keys_path, "wb") as fh, progress("minhash signatures", out.quiet) as advance:
-            for keys, empty, malformed, nbytes in ordered_map(
-                _KeysBatch(config, text_key), batched(iter_raw(files), batch_size), workers, executor
-            ):
+        with (
+            open(keys_path, "wb") as fh,
+            progress("minhash signatures", out.quiet) as advance,
+            closing(
+                ordered_map(_KeysBatch(config, text_key), batched(iter_raw(files), batch_size), workers, executor)
+            ) as results,
+        ):
+            for keys, empty, malformed, nbytes in results:
                 fh.write(keys.tobytes())
                 empties.append(empty)
                 stats.malformed.merge(malformed)
@@ -110,23 +125,30 @@ def dedup_minhash(
         )
         labels = cluster_labels(keys, empty)
         del keys
+        keys_path.unlink()
         stats.extra["clusters"] = int(len(np.unique(labels[labels != np.arange(len(labels))])))
-        _write_kept(files, labels, out, text_key, id_key, stats)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    stats.seconds = time.perf_counter() - start
-    stats.extra["docs_per_second"] = round(stats.docs_in / max(stats.seconds, 1e-9), 1)
+        documents = _write_kept(files, labels, output.dir, out, text_key, id_key, stats)
+        stats.seconds = time.perf_counter() - start
+        stats.extra["docs_per_second"] = round(stats.docs_in / max(stats.seconds, 1e-9), 1)
+        output.commit(stats.to_dict(), documents)
     report(stats, out.out_dir, out.quiet)
     return stats
 
 
 def _write_kept(
-    files: list[Path], labels: np.ndarray, out: OutputOptions, text_key: str, id_key: str | None, stats: Stats
-) -> None:
+    files: list[Path],
+    labels: np.ndarray,
+    out_dir: Path,
+    out: OutputOptions,
+    text_key: str,
+    id_key: str | None,
+    stats: Stats,
+) -> dict[str, int]:
+    """The third pass: write the first document of each cluster and ``clusters.jsonl``; documents per shard."""
     roots = set(np.unique(labels[labels != np.arange(len(labels))]).tolist())
     root_ids: dict[int, object] = {}
-    writer = ShardWriter(out.out_dir, out.shard_docs, out.compression)
-    report_path = out.out_dir / "clusters.jsonl"
+    writer = ShardWriter(out_dir, out.shard_docs, out.compression)
+    report_path = out_dir / "clusters.jsonl"
     report_tmp = report_path.with_name(f".clusters.jsonl.tmp{os.getpid()}")
     i = 0
     try:
@@ -167,3 +189,4 @@ def _write_kept(
     writer.close()
     os.replace(report_tmp, report_path)
     stats.docs_out = writer.docs
+    return writer.documents

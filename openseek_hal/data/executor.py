@@ -3,12 +3,18 @@
 ``local`` (the default) is a process pool; ``workers=1`` runs in-process. ``ray`` sends the same batches
 to Ray actors and is imported only when asked for. Each worker builds its state once (``setup``), then
 handles batches. At most ``2 * workers`` batches are in flight and results come back in submission order,
-so output does not depend on the number of workers or on timing.
+so output does not depend on the number of workers or on timing. Local workers die with the process that
+started them (``die_with_parent``), even when it is killed with SIGKILL.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -28,10 +34,51 @@ class BatchWorker(Protocol):
 
 
 _WORKER: BatchWorker | None = None
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _init_worker(worker: BatchWorker) -> None:
+class Terminated(UserError):
+    """SIGTERM: the job stops as after Ctrl-C (partial output removed, workers stopped); exit 143."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM raise ``Terminated`` in the main thread, so a job unwinds and cleans up when stopped."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated("terminated by SIGTERM before the run finished; its output was not committed")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def die_with_parent(parent: int) -> None:
+    """In a worker process: end when ``parent`` ends, however it ends (even SIGKILL).
+
+    The kernel's parent-death signal (Linux ``prctl``) does it at once; a watchdog thread that polls the
+    parent pid is the fallback elsewhere and covers a parent that died before the ``prctl``. SIGINT and
+    SIGTERM are ignored: the parent receives them and shuts its workers down.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+
+    def watchdog() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="parent-watchdog", daemon=True).start()
+
+
+def _init_worker(worker: BatchWorker, parent: int) -> None:
     global _WORKER
+    die_with_parent(parent)
     worker.setup()
     _WORKER = worker
 
@@ -59,10 +106,14 @@ def ordered_map(
         return
     # Worker processes replace library threads (tokenizers would otherwise warn in every forked worker).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(worker,)) as pool:
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(worker, os.getpid()))
+    try:
         yield from windowed(
             lambda b: pool.submit(_call_worker, b), lambda f: f.result(), batches, 2 * workers
         )
+    finally:
+        # On an error or an interrupt, batches not started are dropped; running ones (bounded) finish.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def windowed(

@@ -1,10 +1,10 @@
 """Reading and writing documents: input discovery, streaming readers, atomic sharded JSONL output.
 
 Inputs are JSONL files (plain, ``.gz`` or ``.zst``), Parquet files, or folders of them. Readers stream
-one document at a time and never hold a whole file. A line that is not a JSON object is recorded in
-``Malformed`` (file, line number, reason) and skipped, so a bad line never stops a run and is never
-dropped silently. Output goes to ``part-NNNNN.jsonl[.gz|.zst]`` shards written as temp files and renamed
-into place; a rerun removes shards it did not write, so the folder always holds exactly one run's output.
+one document at a time and never hold a whole file. A line that is not valid UTF-8 or not a JSON object
+is recorded in ``Malformed`` (file, line number, reason) and skipped, so a bad line never stops a run and
+is never dropped silently. Output goes to ``part-NNNNN.jsonl[.gz|.zst]`` shards written as temp files and
+renamed into place, inside a ``StageOutput`` (``outdir.py``) that makes the folder valid only as a whole.
 """
 
 from __future__ import annotations
@@ -19,23 +19,41 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import UserError
+from .outdir import data_files, is_stage_output
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
 COMPRESSIONS = ("none", "gz", "zst")
 
 
-def _is_input(path: Path) -> bool:
+def is_input(path: Path, also: tuple[str, ...] = ()) -> bool:
     name = path.name.lower()
-    return name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES) and not name.startswith(".")
+    return name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + also) and not name.startswith(".")
 
 
-def discover(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders into a sorted, de-duplicated list of readable input files.
+def _walk(folder: Path, also: tuple[str, ...]) -> list[Path]:
+    """Input files under ``folder``, sorted; a stage output inside is read as its verified data files only,
+    and hidden files and folders (a stage's temporaries) are never read."""
+    if is_stage_output(folder):
+        return data_files(folder)
+    found: list[Path] = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir():
+            found.extend(_walk(p, also))
+        elif p.is_file() and is_input(p, also):
+            found.append(p)
+    return found
 
-    Folders are searched recursively for JSONL/Parquet files, except a stage's output folder (it has a
-    ``stats.json``), of which only the shards are read. A path that does not exist, is unreadable, or a
-    folder with no inputs is one ``UserError``.
+
+def discover(paths: Sequence[str | os.PathLike], also: tuple[str, ...] = ()) -> list[Path]:
+    """Expand files and folders into a de-duplicated list of readable input files.
+
+    Folders are searched recursively for JSONL/Parquet files (and files ending in one of ``also``), except
+    a stage's output folder (``outdir.is_stage_output``), which must be whole (``outdir.verify``) and of
+    which only the data files its ``stats.json`` lists are read. A path that does not exist, is
+    unreadable, or a folder with no inputs is one ``UserError``.
     """
     if not paths:
         raise UserError("no input given")
@@ -44,15 +62,11 @@ def discover(paths: Sequence[str | os.PathLike]) -> list[Path]:
         p = Path(raw)
         if not p.exists():
             raise UserError(f"input not found: {p}")
-        if p.is_dir() and (p / "stats.json").is_file():
-            # Another stage's output: its shards only, not side files such as clusters.jsonl.
-            files = sorted(f for f in p.iterdir() if f.name.startswith("part-") or f.name == "synth.jsonl")
+        if p.is_dir():
+            files = _walk(p, also)
             if not files:
-                raise UserError(f"stage output folder {p} holds no part-*.jsonl shards")
-            found.extend(files)
-        elif p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and _is_input(f))
-            if not files:
+                if is_stage_output(p):
+                    raise UserError(f"stage output folder {p} holds no documents")
                 raise UserError(f"no JSONL or Parquet files in folder: {p}")
             found.extend(files)
         else:
@@ -112,6 +126,7 @@ class RawLine:
     line: int
     text: str | None = None
     row: dict[str, Any] | None = None
+    error: str | None = None  # why the record cannot be read at all (invalid UTF-8)
 
 
 def iter_raw(files: Sequence[Path]) -> Iterator[RawLine]:
@@ -124,9 +139,18 @@ def iter_raw(files: Sequence[Path]) -> Iterator[RawLine]:
             with open_text(path, "rb") as fh:
                 for lineno, line in enumerate(fh, 1):
                     if line.strip():
-                        yield RawLine(str(path), lineno, text=line.decode("utf-8", errors="replace"))
+                        yield decode_line(str(path), lineno, line)
         except (OSError, EOFError) as e:  # truncated gzip/zstd stream, permission change mid-run
             raise UserError(f"cannot read {path}: {e}") from e
+
+
+def decode_line(file: str, lineno: int, line: bytes) -> RawLine:
+    """One input line as a ``RawLine``; a line that is not valid UTF-8 carries the reason instead of text
+    (it is counted as malformed, never read with replacement characters)."""
+    try:
+        return RawLine(file, lineno, text=line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return RawLine(file, lineno, error=f"invalid UTF-8 at byte {e.start} of the line")
 
 
 def _iter_parquet(path: Path) -> Iterator[RawLine]:
@@ -147,13 +171,16 @@ def _iter_parquet(path: Path) -> Iterator[RawLine]:
 
 def parse(raw: RawLine, text_key: str, malformed: Malformed) -> dict[str, Any] | None:
     """Decode one record into a document dict with a string ``text_key``; record and skip otherwise."""
+    if raw.error is not None:
+        malformed.add(raw.file, raw.line, raw.error)
+        return None
     if raw.row is not None:
         doc = raw.row
     else:
         try:
             doc = json.loads(raw.text)
         except json.JSONDecodeError as e:
-            malformed.add(raw.file, raw.line, f"invalid JSON: {e.msg}")
+            malformed.add(raw.file, raw.line, f"{e.msg} at column {e.colno} (invalid JSON)")
             return None
     if not isinstance(doc, dict):
         malformed.add(raw.file, raw.line, "not a JSON object")
@@ -169,6 +196,14 @@ def dumps(doc: dict[str, Any]) -> str:
     return json.dumps(doc, ensure_ascii=False, default=str) + "\n"
 
 
+def check_shard_options(shard_docs: int, compression: str) -> None:
+    """``UserError`` for an unknown compression or a shard size below 1 (checked before any folder changes)."""
+    if compression not in COMPRESSIONS:
+        raise UserError(f"unknown compression '{compression}' (choose from: {', '.join(COMPRESSIONS)})")
+    if shard_docs < 1:
+        raise UserError("--shard-docs must be at least 1")
+
+
 class ShardWriter:
     """Writes JSONL lines into ``part-NNNNN.jsonl[.gz|.zst]`` shards of at most ``shard_docs`` documents.
 
@@ -179,14 +214,12 @@ class ShardWriter:
     def __init__(
         self, out_dir: Path, shard_docs: int = 100_000, compression: str = "none", prefix: str = "part"
     ):
-        if compression not in COMPRESSIONS:
-            raise UserError(f"unknown compression '{compression}' (choose from: {', '.join(COMPRESSIONS)})")
-        if shard_docs < 1:
-            raise UserError("--shard-docs must be at least 1")
+        check_shard_options(shard_docs, compression)
         self.out_dir, self.shard_docs, self.prefix = out_dir, shard_docs, prefix
         self.suffix = ".jsonl" + ("" if compression == "none" else "." + compression)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.written: list[Path] = []
+        self.documents: dict[str, int] = {}  # documents per finished shard, by file name
         self.docs = self.bytes = 0
         self._fh: IO[Any] | None = None
         self._tmp: Path | None = None
@@ -209,6 +242,7 @@ class ShardWriter:
         assert self._fh is not None and self._tmp is not None
         self._fh.close()
         os.replace(self._tmp, self.written[-1])
+        self.documents[self.written[-1].name] = self._in_shard
         self._fh, self._tmp, self._in_shard = None, None, 0
 
     def close(self) -> None:
@@ -220,12 +254,19 @@ class ShardWriter:
                 old.unlink()
 
     def abort(self) -> None:
-        """Drop the shard being written (after an error) so no partial file is left behind."""
+        """Drop the shard being written (after an error) so no partial file is left behind.
+
+        Closing flushes, which fails again on a full disk; the temp file is removed all the same.
+        """
         if self._fh is not None:
-            self._fh.close()
-            assert self._tmp is not None
-            self._tmp.unlink(missing_ok=True)
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError:
+                pass
+            finally:
+                assert self._tmp is not None
+                self._tmp.unlink(missing_ok=True)
 
 
 def check_output_dir(out_dir: Path, inputs: Sequence[Path]) -> None:

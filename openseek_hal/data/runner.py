@@ -13,23 +13,24 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..fileio import atomic_write_text
 from .executor import ordered_map
 from .io import (
     Malformed,
     RawLine,
     ShardWriter,
     check_output_dir,
+    check_shard_options,
     discover,
     dumps,
     iter_raw,
     parse,
 )
+from .outdir import StageOutput
 
 
 @dataclass
@@ -60,13 +61,6 @@ class Stats:
             **self.extra,
             "config": self.config,
         }
-
-    def write(self, out_dir: Path) -> None:
-        import json
-
-        atomic_write_text(
-            out_dir / "stats.json", json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
-        )
 
 
 class DocStage(ABC):
@@ -150,10 +144,9 @@ def progress(description: str, quiet: bool = False, total: int | None = None, un
 
 
 def report(stats: Stats, out_dir: Path, quiet: bool = False) -> None:
-    """Write stats.json and print a one-line summary plus the first malformed lines."""
+    """Print a one-line summary plus the first malformed lines (``StageOutput.commit`` wrote stats.json)."""
     import click
 
-    stats.write(out_dir)
     for m in stats.malformed.first[:5]:
         click.echo(f"warning: skipped malformed record {m['file']}:{m['line']}: {m['error']}", err=True)
     if stats.malformed.count > 5:
@@ -188,29 +181,35 @@ def run_doc_stage(
     config: dict[str, Any] | None = None,
 ) -> Stats:
     """Stream every input document through ``stage`` and write the kept ones; returns the stats."""
+    check_shard_options(out.shard_docs, out.compression)
     files = discover(inputs)
     check_output_dir(out.out_dir, files)
     stats = Stats(stage.name, config=config or {})
     start = time.perf_counter()
-    writer = ShardWriter(out.out_dir, out.shard_docs, out.compression)
-    try:
-        with progress(stage.name, out.quiet) as advance:
-            for res in ordered_map(
-                _DocBatch(stage, text_key), batched(iter_raw(files), batch_size), workers, executor
+    with StageOutput(out.out_dir, stage.name) as output:
+        writer = ShardWriter(output.dir, out.shard_docs, out.compression)
+        try:
+            with (
+                progress(stage.name, out.quiet) as advance,
+                closing(
+                    ordered_map(_DocBatch(stage, text_key), batched(iter_raw(files), batch_size), workers, executor)
+                ) as results,
             ):
-                for line in res.lines:
-                    writer.write(line)
-                stats.docs_in += res.docs_in
-                stats.bytes_in += res.bytes_in
-                stats.bytes_out += res.bytes_out
-                stats.removed.update(res.removed)
-                stats.malformed.merge(res.malformed)
-                advance(res.docs_in + res.malformed.count)
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
-    stats.docs_out = writer.docs
-    stats.seconds = time.perf_counter() - start
+                for res in results:
+                    for line in res.lines:
+                        writer.write(line)
+                    stats.docs_in += res.docs_in
+                    stats.bytes_in += res.bytes_in
+                    stats.bytes_out += res.bytes_out
+                    stats.removed.update(res.removed)
+                    stats.malformed.merge(res.malformed)
+                    advance(res.docs_in + res.malformed.count)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        stats.docs_out = writer.docs
+        stats.seconds = time.perf_counter() - start
+        output.commit(stats.to_dict(), writer.documents)
     report(stats, out.out_dir, out.quiet)
     return stats

@@ -11,11 +11,13 @@ A folder holding
   a list of ``{"file", "index", "tokens", "documents"}``;
 - ``tokenizer.json``: the tokenizer that produced the ids.
 
-``TokenShards(path).tokens()`` maps the shards into memory without reading them.
+``TokenShards(path)`` refuses a folder that is not whole (see ``outdir.py``) or whose ``tokenizer.json``
+does not have the recorded sha256; ``.tokens()`` maps the shards into memory without reading them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from .outdir import is_stage_output, verify
 
 FORMAT = "openseek-hal-tokens"
 VERSION = 1
@@ -74,16 +77,21 @@ class TokenShards:
     """Reader of a `tokenize` output folder."""
 
     def __init__(self, path: str | Path):
+        """Open and check a folder: whole (``outdir.verify``), its shards the sizes ``index.json`` records,
+        and ``tokenizer.json`` the one the ids were made with (its sha256); ``UserError`` otherwise."""
         self.path = Path(path)
         index_path = self.path / "index.json"
-        try:
-            self.index: dict[str, Any] = json.loads(index_path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
+        if not index_path.is_file() and not is_stage_output(self.path):
             raise UserError(
                 f"{self.path} is not a token-shard folder (no index.json; make one with "
                 "`openseek-hal data tokenize`)"
-            ) from e
-        except (OSError, json.JSONDecodeError) as e:
+            )
+        verify(self.path)  # not marked incomplete, every file as stats.json records it
+        try:
+            self.index: dict[str, Any] = json.loads(index_path.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise UserError(f"{self.path} is a stage output but not a token-shard folder (no index.json)") from e
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read {index_path}: {e}") from e
         if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
             raise UserError(f"{index_path} is not {FORMAT} version {VERSION}")
@@ -92,12 +100,26 @@ class TokenShards:
         self.eos_id: int = int(self.index["eos_id"])
         self.shards: list[dict[str, Any]] = self.index["shards"]
         for s in self.shards:
-            f = self.path / s["file"]
+            f, idx = self.path / s["file"], self.path / s["index"]
             if not f.is_file() or f.stat().st_size != s["tokens"] * self.dtype.itemsize:
                 raise UserError(
                     f"token shard {f} is missing or has the wrong size (expected {s['tokens']} tokens)"
                 )
-
+            if not idx.is_file() or idx.stat().st_size != (s["documents"] + 1) * 8:
+                raise UserError(
+                    f"token index {idx} is missing or has the wrong size (expected {s['documents']} documents)"
+                )
+        tok = self.tokenizer_path
+        want = self.index["tokenizer"].get("sha256")
+        try:
+            have = hashlib.sha256(tok.read_bytes()).hexdigest()
+        except OSError as e:
+            raise UserError(f"token shards {self.path} have no readable tokenizer file ({tok.name}): {e}") from None
+        if have != want:
+            raise UserError(
+                f"{tok} is not the tokenizer these shards were made with (sha256 {have[:12]}..., index.json "
+                f"records {str(want)[:12]}...); rerun `openseek-hal data tokenize`"
+            )
     @property
     def num_tokens(self) -> int:
         return sum(s["tokens"] for s in self.shards)

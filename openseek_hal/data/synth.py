@@ -31,6 +31,7 @@ from typing import Any
 from ..errors import UserError
 from .executor import windowed
 from .io import check_output_dir, discover, iter_raw, parse
+from .outdir import StageOutput
 from .runner import Stats, progress, report
 
 PROMPTS = {"qa": ("qa.txt",), "cot": ("cot_summary.txt", "cot_chain.txt", "cot_query.txt")}
@@ -199,9 +200,27 @@ def synthesize(
         raise UserError("--concurrency must be at least 1")
     files = discover(inputs)
     check_output_dir(out_dir, files)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_path = out_dir / OUTPUT
-    done = _done_ids(out_path)
+    # In place: an interrupted run is resumed, so the folder is marked incomplete instead of staged.
+    with StageOutput(out_dir, "synthesize", staged=False) as output:
+        stats = _synthesize(files, out_dir / OUTPUT, synthesizer, text_key, id_key, concurrency, limit, quiet)
+        with open(out_dir / OUTPUT, "rb") as fh:
+            lines = sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+        output.commit(stats.to_dict(), {OUTPUT: lines})
+    report(stats, out_dir, quiet)
+    return stats
+
+
+def _synthesize(
+    files: list[Path],
+    out_path: Path,
+    synthesizer: Synthesizer,
+    text_key: str,
+    id_key: str | None,
+    concurrency: int,
+    limit: int | None,
+    quiet: bool,
+) -> Stats:
+    done = _done_ids(out_path) if out_path.exists() else set()
     stats = Stats(
         "synthesize",
         config={
@@ -262,5 +281,4 @@ def synthesize(
             advance()
     stats.extra["failures"] = stats.extra.get("failures", [])[:20]
     stats.seconds = time.perf_counter() - start
-    report(stats, out_dir, quiet)
     return stats

@@ -3,7 +3,8 @@
 The tokenizer is a Hugging Face ``tokenizers`` JSON file the user gives, or a byte-level BPE trained
 here on the input itself (``--vocab-size``; EOS token ``<|endoftext|>``). Nothing is downloaded.
 Workers encode batches; the main process appends them in input order, so shards do not depend on the
-number of workers. Shards are written under temp names and renamed; ``index.json`` is written last.
+number of workers. Everything is written in the output's staging folder (``outdir.StageOutput``) and
+moved in as a whole, so ``index.json`` and ``tokenizer.json`` always belong to the shards beside them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import IO
 
@@ -22,6 +24,7 @@ from ..errors import UserError
 from ..fileio import atomic_write_text
 from .executor import ordered_map
 from .io import Malformed, RawLine, check_output_dir, discover, iter_raw, parse
+from .outdir import StageOutput
 from .runner import OutputOptions, Stats, batched, progress, report
 from .shards import FORMAT, VERSION, dtype_for
 
@@ -147,9 +150,13 @@ class _ShardSink:
 
     def abort(self) -> None:
         if self._fh is not None:
-            self._fh.close()
-            (self.out_dir / f".{self._name('bin')}.tmp{os.getpid()}").unlink(missing_ok=True)
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError:  # a full disk fails the flush too; the temp file goes all the same
+                pass
+            finally:
+                (self.out_dir / f".{self._name('bin')}.tmp{os.getpid()}").unlink(missing_ok=True)
 
 
 def tokenize(
@@ -172,7 +179,6 @@ def tokenize(
         raise UserError("--shard-tokens must be at least 1")
     files = discover(inputs)
     check_output_dir(out.out_dir, files)
-    out.out_dir.mkdir(parents=True, exist_ok=True)
     stats = Stats("tokenize")
     start = time.perf_counter()
     if tokenizer_path is not None:
@@ -188,50 +194,59 @@ def tokenize(
     vocab = tok.get_vocab_size(with_added_tokens=True)
     dtype = dtype_for(vocab)
     tokenizer_json = tok.to_str()
-    atomic_write_text(out.out_dir / "tokenizer.json", tokenizer_json)
-    sink = _ShardSink(out.out_dir, shard_tokens)
-    try:
-        with progress("tokenize", out.quiet) as advance:
-            for ids, lengths, malformed, nbytes in ordered_map(
-                _EncodeBatch(tokenizer_json, eos_id, dtype, text_key),
-                batched(iter_raw(files), batch_size),
-                workers,
-                executor,
+    with StageOutput(out.out_dir, stats.stage) as output:
+        atomic_write_text(output.dir / "tokenizer.json", tokenizer_json)
+        sink = _ShardSink(output.dir, shard_tokens)
+        try:
+            with (
+                progress("tokenize", out.quiet) as advance,
+                closing(
+                    ordered_map(
+                        _EncodeBatch(tokenizer_json, eos_id, dtype, text_key),
+                        batched(iter_raw(files), batch_size),
+                        workers,
+                        executor,
+                    )
+                ) as results,
             ):
-                sink.add(ids, lengths)
-                stats.docs_in += len(lengths)
-                stats.bytes_in += nbytes
-                stats.malformed.merge(malformed)
-                advance(len(lengths) + malformed.count)
-    except BaseException:
-        sink.abort()
-        raise
-    sink.close()
-    index = {
-        "format": FORMAT,
-        "version": VERSION,
-        "dtype": dtype.name,
-        "vocab_size": vocab,
-        "eos_id": eos_id,
-        "tokenizer": {
-            "file": "tokenizer.json",
-            "source": source,
-            "sha256": hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest(),
-        },
-        "text_key": text_key,
-        "shards": sink.shards,
-    }
-    atomic_write_text(out.out_dir / "index.json", json.dumps(index, indent=2, ensure_ascii=False) + "\n")
-    stats.docs_out = stats.docs_in
-    stats.seconds = time.perf_counter() - start
-    total = sum(s["tokens"] for s in sink.shards)
-    stats.extra.update(
-        tokens=total,
-        shards=len(sink.shards),
-        vocab_size=vocab,
-        dtype=dtype.name,
-        tokens_per_second=round(total / max(stats.seconds, 1e-9), 1),
-    )
-    stats.config = {"tokenizer": source, "eos_id": eos_id, "shard_tokens": shard_tokens, "text_key": text_key}
+                for ids, lengths, malformed, nbytes in results:
+                    sink.add(ids, lengths)
+                    stats.docs_in += len(lengths)
+                    stats.bytes_in += nbytes
+                    stats.malformed.merge(malformed)
+                    advance(len(lengths) + malformed.count)
+        except BaseException:
+            sink.abort()
+            raise
+        sink.close()
+        index = {
+            "format": FORMAT,
+            "version": VERSION,
+            "dtype": dtype.name,
+            "vocab_size": vocab,
+            "eos_id": eos_id,
+            "tokenizer": {
+                "file": "tokenizer.json",
+                "source": source,
+                "sha256": hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest(),
+            },
+            "text_key": text_key,
+            "shards": sink.shards,
+        }
+        atomic_write_text(output.dir / "index.json", json.dumps(index, indent=2, ensure_ascii=False) + "\n")
+        stats.docs_out = stats.docs_in
+        stats.seconds = time.perf_counter() - start
+        total = sum(s["tokens"] for s in sink.shards)
+        stats.extra.update(
+            tokens=total,
+            shards=len(sink.shards),
+            vocab_size=vocab,
+            dtype=dtype.name,
+            tokens_per_second=round(total / max(stats.seconds, 1e-9), 1),
+        )
+        stats.config = {
+            "tokenizer": source, "eos_id": eos_id, "shard_tokens": shard_tokens, "text_key": text_key
+        }
+        output.commit(stats.to_dict())
     report(stats, out.out_dir, out.quiet)
     return stats

@@ -4,14 +4,13 @@ The built-in corpus is the documentation that ships with Python itself (``pydoc_
 ``openseek-hal train`` works on a fresh machine with no download. Text is tokenized by a byte-level
 BPE trained with the `tokenizers` library on first use and cached under the user's cache directory,
 keyed by a hash of the text and the vocabulary size. A folder written by ``openseek-hal data
-tokenize`` is used as it is: its memory-mapped shards and the tokenizer stored beside them.
+tokenize`` is used as it is: its memory-mapped shards and the tokenizer stored beside them, after checking
+that the folder is whole and the tokenizer is the one recorded in ``index.json`` (``data.shards``).
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import numpy as np
 from rich.console import Console
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ..data.io import Malformed, discover, is_input, iter_raw, open_text, parse
 from ..errors import UserError
 from ..fileio import atomic_write_text
 
@@ -39,11 +39,16 @@ def cache_dir() -> Path:
 
 @dataclass
 class Documents:
-    """Documents read from a source, and the lines that could not be read (file, line number, why)."""
+    """Documents read from a source, and the records that could not be read (count, first locations)."""
 
     name: str
     texts: list[str]
-    skipped: list[tuple[str, int, str]] = field(default_factory=list)
+    malformed: Malformed = field(default_factory=Malformed)
+
+    @property
+    def skipped(self) -> list[tuple[str, int, str]]:
+        """The first unreadable records as (file, line number, why)."""
+        return [(m["file"], m["line"], m["error"]) for m in self.malformed.first]
 
 
 def builtin_documents() -> Documents:
@@ -52,48 +57,50 @@ def builtin_documents() -> Documents:
     return Documents("pydoc_data.topics", [topics[key] for key in sorted(topics)])
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+TEXT_SUFFIXES = tuple(s + c for s in (".txt", ".md") for c in ("", ".gz", ".zst"))
 
 
-def _read_jsonl(path: Path, text_key: str, docs: Documents) -> None:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                text = record[text_key]
-                if not isinstance(text, str):
-                    raise TypeError(f"field '{text_key}' is not a string")
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                why = f"missing field '{text_key}'" if isinstance(e, KeyError) else str(e).splitlines()[0]
-                docs.skipped.append((str(path), lineno, why))
-                continue
-            docs.texts.append(text)
+def _read_text_file(path: Path, docs: Documents) -> None:
+    """A whole text file as one document; one that is not valid UTF-8 is counted as malformed, with the line."""
+    try:
+        with open_text(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    try:
+        docs.texts.append(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        docs.malformed.add(
+            str(path), data.count(b"\n", 0, e.start) + 1, f"invalid UTF-8 at byte {e.start - line_start} of the line"
+        )
 
 
 def read_documents(source: str | None, text_key: str = "text") -> Documents:
-    """Documents from ``source``: None (built-in), a .txt file, a .jsonl(.gz) file, or a folder of them."""
+    """Documents from ``source``: None (built-in), a text file (.txt, .md), a JSONL (.jsonl, .json, plain,
+    .gz or .zst) or Parquet file, or a folder of them.
+
+    Files are found and read by the data tools' own reader (``openseek_hal.data.io``): a stage's output
+    folder must be whole and only its data files are read (not ``stats.json`` or ``clusters.jsonl``), and a
+    malformed record (invalid UTF-8, not JSON, no string text field) is counted and skipped with its line.
+    """
     if source is None:
         return builtin_documents()
     path = Path(source)
     if not path.exists():
         raise UserError(f"data not found: {path}")
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if path.is_file() and not is_input(path, TEXT_SUFFIXES):
+        raise UserError(
+            f"unsupported data file {path} (expected .txt, .md, .jsonl or .json, plain, .gz or .zst, or .parquet)"
+        )
     docs = Documents(str(path), [])
-    for f in files:
-        name = f.name[:-3] if f.name.endswith(".gz") else f.name
-        try:
-            if name.endswith((".jsonl", ".json")):
-                _read_jsonl(f, text_key, docs)
-            elif name.endswith((".txt", ".md")):
-                with _open_text(f) as fh:
-                    docs.texts.append(fh.read())
-            elif not path.is_dir():
-                raise UserError(f"unsupported data file {f} (expected .txt, .md, .jsonl or .jsonl.gz)")
-        except (UnicodeDecodeError, OSError, EOFError) as e:
-            raise UserError(f"cannot read {f}: {e}") from None
+    for f in discover([path], also=TEXT_SUFFIXES):
+        if f.name.lower().endswith(TEXT_SUFFIXES):
+            _read_text_file(f, docs)
+            continue
+        for raw in iter_raw([f]):
+            if (record := parse(raw, text_key, docs.malformed)) is not None:
+                docs.texts.append(record[text_key])
     if not any(t.strip() for t in docs.texts):
         raise UserError(f"no text found in {path}")
     return docs
@@ -177,8 +184,8 @@ def load_training_tokens(source: str | None, vocab_size: int, console: Console) 
     docs = read_documents(source)
     for path, lineno, why in docs.skipped[:5]:
         console.print(f"[yellow]skipped[/] {path}:{lineno}: {why}")
-    if docs.skipped:
-        console.print(f"[yellow]{len(docs.skipped)} malformed line(s) skipped[/] in {docs.name}")
+    if docs.malformed.count:
+        console.print(f"[yellow]{docs.malformed.count} malformed line(s) skipped[/] in {docs.name}")
     tok, tok_path = load_or_train_tokenizer(docs, vocab_size)
     tokens = encode_documents(tok, docs.texts)
     console.print(f"data: {docs.name}: {len(docs.texts)} documents, {len(tokens):,} tokens "

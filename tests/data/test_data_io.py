@@ -44,7 +44,7 @@ def test_malformed_lines_are_counted_with_location(tmp_path):
     docs = [d for r in iter_raw([path]) if (d := parse(r, "text", malformed)) is not None]
     assert docs == ROWS[:1]
     assert [(m["line"], m["error"].split(":")[0]) for m in malformed.first] == [
-        (2, "invalid JSON"),
+        (2, "Expecting property name enclosed in double quotes at column 2 (invalid JSON)"),
         (3, "not a JSON object"),
         (4, "missing or non-string field 'text'"),
         (5, "missing or non-string field 'text'"),
