@@ -55,8 +55,10 @@ class FolderLock:
     it dies: a stale lock file never blocks the next run.
     """
 
-    def __init__(self, folder: str | Path, *, what: str = "folder"):
-        self.folder, self.what = Path(folder), what
+    def __init__(self, folder: str | Path, *, what: str = "folder", holder: str = "",
+                 hint: str = "choose another folder"):
+        """``what`` names the folder in the error, ``holder`` prefixes the holder's pid (a stage name)."""
+        self.folder, self.what, self.holder, self.hint = Path(folder), what, holder, hint
         self._fd: int | None = None
 
     def __enter__(self) -> FolderLock:
@@ -68,10 +70,11 @@ class FolderLock:
         except BlockingIOError:
             holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
-            raise UserError(f"{self.what} {self.folder} is in use by {holder}; wait for it to finish or choose "
-                            "another folder") from None
+            raise UserError(f"{self.what} {self.folder} is in use by {holder} (lock {path}); wait for it to end or "
+                            f"stop it, or {self.hint}") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        os.pwrite(fd, f"{self.holder + ' ' if self.holder else ''}pid {os.getpid()} on {socket.gethostname()}\n"
+                  .encode(), 0)
         self._fd = fd
         return self
 

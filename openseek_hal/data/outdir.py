@@ -21,7 +21,6 @@ reader): a marked folder, a missing or changed file, or an unlisted output file 
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -30,10 +29,10 @@ import time
 from fnmatch import fnmatch
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 from ..errors import UserError
-from ..fileio import atomic_write_text
+from ..fileio import FolderLock, atomic_write_text
 
 LOCK = ".lock"
 MARK = ".incomplete"
@@ -92,7 +91,7 @@ class StageOutput:
         self.root = Path(out_dir)
         self.stage, self.staged = stage, staged
         self.dir = self.root / STAGING if staged else self.root
-        self._lock: IO[str] | None = None
+        self._lock: FolderLock | None = None
         self.committed = False
 
     # -- lifetime -------------------------------------------------------------------------------------
@@ -132,30 +131,12 @@ class StageOutput:
         return False
 
     def _acquire(self) -> None:
-        path = self.root / LOCK
-        fh = open(path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise UserError(
-                f"output folder {self.root} is in use by {holder} (lock {path}); wait for that run to end or "
-                "stop it, or choose another -o"
-            ) from None
-        except BaseException:
-            fh.close()
-            raise
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{self.stage} pid {os.getpid()} on {socket.gethostname()}\n")
-        fh.flush()
-        self._lock = fh
+        lock = FolderLock(self.root, what="output folder", holder=self.stage, hint="choose another -o")
+        self._lock = lock.__enter__()
 
     def _release(self) -> None:
         if self._lock is not None:
-            self._lock.close()  # closing the descriptor drops the flock
+            self._lock.__exit__(None, None, None)  # closing the descriptor drops the flock
             self._lock = None
 
     def remove_stale(self) -> None:

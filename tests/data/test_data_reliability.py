@@ -346,7 +346,7 @@ def test_second_run_into_a_locked_folder_fails_at_once(cli, tmp_path):
     assert code == 2
     assert err.splitlines() == [
         f"openseek-hal: error: output folder {out} is in use by dedup-exact pid {os.getpid()} on "
-        f"{socket.gethostname()} (lock {out / '.lock'}); wait for that run to end or stop it, or choose another -o"
+        f"{socket.gethostname()} (lock {out / '.lock'}); wait for it to end or stop it, or choose another -o"
     ]
     assert cli("data", "filter", inp, "-o", out, "-q")[0] == 0  # released when the holder left
 
