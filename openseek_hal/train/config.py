@@ -48,6 +48,7 @@ class TrainConfig:
     dtype: str = "auto"
     log_every: int = 10
     save_every: int = 0  # 0: save only at the end
+    save: bool = True  # false: write no checkpoint at all (benchmarks)
     eval_batches: int = 8
     sample_tokens: int = 48
     tokenizer_vocab_size: int = 4096
@@ -63,7 +64,7 @@ class TrainConfig:
 
 
 # Fields that a resumed run may change; any other change would break its exactness and is refused.
-RESUMABLE = frozenset({"steps", "out", "backend", "log_every", "save_every", "eval_batches", "sample_tokens", "wandb",
+RESUMABLE = frozenset({"steps", "out", "backend", "log_every", "save_every", "save", "eval_batches", "sample_tokens", "wandb",
                        "comm_adaptor", "comm_timeout", "bucket_mb", "micro_batch_size", "expert_parallel",
                        "recompute", "compile", "reduce_dtype"})
 

@@ -55,7 +55,7 @@ class TrainResult:
     losses: list[float]
     val_loss: float
     tokens_per_second: float
-    checkpoint: Path
+    checkpoint: Path | None
     sample: str
     backend: str
     parameters: int
@@ -312,10 +312,14 @@ class _Run:
                     row.update({k: layout.mean(v.detach() / self.accum) for k, v in extra if v is not None})
                     metrics.log(done, row)
                     progress.console.print(_log_line(done, cfg.steps, row))
-                if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
+                if cfg.save and cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
                     self._save(done, losses)
-            ckpt_path = self._save(cfg.steps, losses) if self.start_step < cfg.steps or self.reader is None \
-                else self.reader.path
+            if not cfg.save:
+                ckpt_path = None
+            elif self.start_step < cfg.steps or self.reader is None:
+                ckpt_path = self._save(cfg.steps, losses)
+            else:  # resumed at its last step: nothing new to save
+                ckpt_path = self.reader.path
             self.model.eval()
             eval_batch = max(1, min(self.micro, cfg.global_batch_size))
             val_loss = evaluate(self.model, self.val_tokens, cfg, eval_batch, self.device, autocast)
@@ -328,7 +332,7 @@ class _Run:
                       + (f" ({tps / layout.world_size:,.0f} per device)" if layout.world_size > 1 else "")
                       + (f", MFU {100 * mfu:.1f}% per device" if mfu is not None else "")
                       + f", peak memory {peak_mem / 2**20:,.0f} MiB per rank (max)")
-        console.print(f"checkpoint: {ckpt_path}")
+        console.print(f"checkpoint: {ckpt_path}" if ckpt_path is not None else "checkpoint: none (save: false)")
         console.rule("greedy sample")
         console.print(sample, markup=False, highlight=False)
         self.optimizer.close()
