@@ -271,6 +271,24 @@ def test_kill_9_of_the_parent_takes_the_ranks_along(tmp_path):
         _reap(pids)
 
 
+def test_kill_9_of_a_launch_caller_takes_its_ranks_along(tmp_path):
+    code = (f"import comm_workers as w; from openseek_hal.comm import launch; "
+            f"launch(w.rank_one_never_joins, 2, timeout=60, args=({str(tmp_path)!r},))")
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env["PYTHONPATH"]])
+    caller = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    pids: list[int] = []
+    try:
+        pids = _pids(tmp_path, 2)
+        caller.kill()
+        caller.wait(10)
+        assert _wait_for(lambda: not any(_alive(pid) for pid in pids), 5), [p for p in pids if _alive(p)]
+    finally:
+        caller.kill()
+        _reap(pids)
+
+
 # --- the CLI ---------------------------------------------------------------------------------------
 
 def test_cli_forwards_every_option_but_nproc_per_node():

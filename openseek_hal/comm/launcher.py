@@ -203,10 +203,27 @@ def _unpickle(payload: bytes | None, text: str) -> BaseException:
     return CollectiveError(text)
 
 
+def _release_fork_server() -> None:
+    """Close this rank's inherited copy of the fork server's keep-alive pipe (a rank that starts
+    processes of its own through a fork server gets a new one)."""
+    try:
+        from multiprocessing import forkserver
+
+        server = forkserver._forkserver  # type: ignore[attr-defined]
+        fd = server._forkserver_alive_fd
+        if fd is not None and server._forkserver_pid is None:  # inherited, not a server this process started
+            os.close(fd)
+            server._forkserver_alive_fd = None
+    except (AttributeError, OSError):  # another Python's internals, or already closed: nothing to release
+        pass
+
+
 def _rank_main(rank: int, world_size: int, port: int, backend: str, adaptor: str, timeout: float,
                check: bool, options: dict[str, Any], fn: Callable[..., Any], args: tuple, conn: Any) -> None:
-    # The parent here is the fork server (or launch's process under spawn); the fork server exits
-    # when launch's process dies, so the signal follows a kill -9 of launch's process too.
+    # The parent here is the fork server (or launch's process under spawn). The fork server exits
+    # once launch's process and every rank have closed its keep-alive pipe, so each rank closes its
+    # copy: then a kill -9 of launch's process ends the fork server, and the signal ends the ranks.
+    _release_fork_server()
     parent = os.getppid()
     if set_parent_death_signal() and os.getppid() != parent:
         os._exit(1)
