@@ -2,7 +2,8 @@
 
 Each command lives beside the part of the system it drives and is imported only when it runs
 (`LazyGroup`), so ``openseek-hal --help`` stays fast and a broken optional part cannot break the
-others. Errors a user can cause print one line on stderr and exit 2; nothing prints a traceback.
+others. Errors a user can cause print one line on stderr and exit 2, failures of a run (a
+`RunError`, a collective that failed) one line and exit 1; nothing prints a traceback.
 """
 
 from __future__ import annotations
@@ -116,6 +117,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("openseek-hal: interrupted", err=True)
         sys.exit(130)
+    except Exception as e:  # torch.distributed's own errors (a store or a peer gone): one line, exit 1
+        dist = sys.modules.get("torch.distributed")
+        if dist is None or not isinstance(e, getattr(dist, "DistError", ())):
+            raise
+        lines = str(e).strip().splitlines()
+        click.echo(f"openseek-hal: error: torch.distributed: {type(e).__name__}: {lines[0] if lines else ''}",
+                   err=True)
+        sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -32,6 +32,15 @@ def rank_one_never_joins(comm, pid_dir):
     comm.all_reduce(torch.ones(4))
 
 
+def hang_on_rank_one(comm, stamp_dir):
+    """Rank 1 hangs (says when it started to); rank 0 waits for it in an all_reduce that times out."""
+    if comm.rank == 1:
+        with open(os.path.join(stamp_dir, "hang"), "w") as f:
+            f.write(repr(time.time()))
+        time.sleep(120)
+    comm.all_reduce(torch.ones(4))
+
+
 def raise_on_rank_one(comm):
     if comm.rank == 1:
         raise ValueError("bad value on purpose")

@@ -9,8 +9,12 @@ class CollectiveError(UserError):
     """A collective failed (a peer died, ranks disagree on shapes, bad arguments).
 
     ``op``, ``rank`` and ``group`` say which collective, on which rank, in which group; the message
-    names all three so that one line in a log from any rank is enough to find the fault.
+    names all three so that one line in a log from any rank is enough to find the fault. The
+    command line exits with status 1 for it: a failed collective is a fault of the run, not of what
+    the user typed.
     """
+
+    exit_code = 1
 
     def __init__(self, message: str, *, op: str | None = None, rank: int | None = None,
                  group: str | None = None):

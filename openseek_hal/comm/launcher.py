@@ -3,9 +3,12 @@
 For tests, ``conform --level comm`` and ``bench comm`` (torchrun is for real jobs). The parent
 hosts the TCP store (so no port is guessed), spawns one process per rank, and watches both each
 rank's result pipe and its process sentinel: a rank that raises, dies or hangs is noticed without
-polling the others' collectives. Once one rank fails, the others get the communicator timeout
-plus a grace period to report (their collectives fail with timeouts naming the peer group), then
-are killed; no process outlives `launch`.
+polling the others' collectives. Once one rank fails, the others get a short grace period
+(`GRACE_S`) to report, then are killed: ranks blocked in a collective with the failed rank are not
+waited for (that would add a second timeout), so a hung rank makes `launch` return within one
+timeout plus `GRACE_S`. No process outlives `launch`: ranks are killed when they outlive it, and
+each rank asks the kernel for SIGKILL when its parent dies (so ``kill -9`` of the parent takes its
+ranks along).
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from ..errors import UserError
+from ..procs import set_parent_death_signal
 from .errors import CollectiveError, CollectiveTimeoutError
 
 # Set in every rank we start: NVLink SHARP multicast off (it needs fabric-manager support that
 # shared GPU machines do not give), for NCCL and for torch's symmetric memory.
 CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
-GRACE_S = 3.0  # after the timeout, for a rank whose own collective is failing to report it
+GRACE_S = 3.0  # after a rank fails, for the others to report before they are killed
 _PRELOAD = ["torch", "torch.distributed", "openseek_hal.backend", "openseek_hal.comm.launcher",
             "openseek_hal.comm.torch_dist", "openseek_hal.comm.host", "openseek_hal.comm.hier"]
 
@@ -44,12 +48,12 @@ def launch(fn: Callable[..., Any], world_size: int, *, backend: str = "cpu", ada
            kinds: Sequence[str] | None = None, options: dict[str, Any] | None = None) -> list:
     """Call ``fn(comm, *args)`` on ``world_size`` spawned local ranks; return their results in rank order.
 
-    ``fn`` must be picklable (a module-level function). ``timeout`` bounds each collective and the
-    rendezvous. ``check`` turns on the cross-rank consistency check. ``kinds`` gives each rank a
-    chip-kind label (``hier`` adaptor: simulate a mixed-chip job on one kind of device);
-    ``options`` go to the adaptor. A rank's exception is re-raised here with the rank named (its
-    traceback as the cause, the other ranks' failures as notes); a rank that dies raises
-    `CollectiveError`.
+    ``fn`` must be picklable (a module-level function). ``timeout`` bounds the rendezvous and each
+    collective; once a rank fails, the others are killed after `GRACE_S`. ``check`` turns on the
+    cross-rank consistency check. ``kinds`` gives each rank a chip-kind label (``hier`` adaptor:
+    simulate a mixed-chip job on one kind of device); ``options`` go to the adaptor. A rank's
+    exception is re-raised here with the rank named (its traceback as the cause, the other ranks'
+    failures as notes); a rank that dies raises `CollectiveError`.
     """
     from torch.distributed import TCPStore
 
@@ -119,7 +123,11 @@ def _context() -> Any:
 
 
 def _collect(procs: list, conns: list, timeout: float) -> tuple[dict[int, Any], dict[int, tuple]]:
-    """Wait for every rank; failures[rank] = (exception or None, traceback text, summary)."""
+    """Wait for every rank; failures[rank] = (exception or None, traceback text, summary).
+
+    No wait here adds to ``timeout``: the ranks' own rendezvous and collectives are bounded by it, and
+    once one rank has failed the others get only `GRACE_S` more.
+    """
     results: dict[int, Any] = {}
     failures: dict[int, tuple] = {}
     pending = set(range(len(procs)))
@@ -146,10 +154,10 @@ def _collect(procs: list, conns: list, timeout: float) -> tuple[dict[int, Any], 
                 failures[r] = _died(r, procs[r])
                 pending.discard(r)
         if failures and deadline is None:
-            deadline = time.monotonic() + timeout + GRACE_S
+            deadline = time.monotonic() + GRACE_S
         if deadline is not None and time.monotonic() >= deadline:
             for r in sorted(pending):
-                failures[r] = (None, "", f"rank {r} was still running {timeout + GRACE_S:g} s after another "
+                failures[r] = (None, "", f"rank {r} was still running {GRACE_S:g} s after another "
                                          "rank failed; killed")
             pending.clear()
     return results, failures
@@ -195,8 +203,30 @@ def _unpickle(payload: bytes | None, text: str) -> BaseException:
     return CollectiveError(text)
 
 
+def _release_fork_server() -> None:
+    """Close this rank's inherited copy of the fork server's keep-alive pipe (a rank that starts
+    processes of its own through a fork server gets a new one)."""
+    try:
+        from multiprocessing import forkserver
+
+        server = forkserver._forkserver  # type: ignore[attr-defined]
+        fd = server._forkserver_alive_fd
+        if fd is not None and server._forkserver_pid is None:  # inherited, not a server this process started
+            os.close(fd)
+            server._forkserver_alive_fd = None
+    except (AttributeError, OSError):  # another Python's internals, or already closed: nothing to release
+        pass
+
+
 def _rank_main(rank: int, world_size: int, port: int, backend: str, adaptor: str, timeout: float,
                check: bool, options: dict[str, Any], fn: Callable[..., Any], args: tuple, conn: Any) -> None:
+    # The parent here is the fork server (or launch's process under spawn). The fork server exits
+    # once launch's process and every rank have closed its keep-alive pipe, so each rank closes its
+    # copy: then a kill -9 of launch's process ends the fork server, and the signal ends the ranks.
+    _release_fork_server()
+    parent = os.getppid()
+    if set_parent_death_signal() and os.getppid() != parent:
+        os._exit(1)
     os.environ.update(CHILD_ENV)
     import torch.distributed as dist
 

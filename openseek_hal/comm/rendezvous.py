@@ -1,15 +1,25 @@
 """Joining a job: initialize torch.distributed with a rendezvous that names the ranks that never came.
 
 Every adaptor rides on a torch.distributed default group (it carries the store, and gloo for the
-host-staged paths). `init_distributed` starts it from ``env://`` (torchrun) or from a given
-store (`launch`). Before ``init_process_group`` every rank checks in under its own key in the store
-and waits for the others; a rank that never joins then gives, on every rank that did, a
-`CollectiveTimeoutError` that lists the missing ranks, within the timeout.
+host-staged paths). `init_distributed` starts it from ``env://`` (torchrun, SLURM through
+`openseek_hal.train.launch`, ``openseek-hal train -n``) or from a given store (`launch`).
+
+One timeout bounds everything: connecting to the store, the check-in, and every collective of the
+default group. The check-in: each rank writes its own key and bumps a counter, then polls the
+counter. The first rank whose deadline passes with ranks still missing writes a verdict (the exact
+ranks whose keys are absent) that every other waiting rank adopts, so all of them raise the same
+`CollectiveTimeoutError` naming the same missing ranks. A rank that hosts the store (rank 0 under
+plain ``env://``) lingers a moment after its verdict so the others can read it before the store
+goes away. No store or network error escapes raw: each becomes a one-line `CollectiveError` that
+names the store's address.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -19,7 +29,8 @@ from .base import describe_group
 from .errors import CollectiveError, CollectiveTimeoutError
 
 DEFAULT_TIMEOUT = 600.0
-_JOIN_PREFIX = "openseek_hal/joined/"
+LINGER_S = 2.0  # how long a store host waits, after a failed check-in, for the others to read the verdict
+_JOIN_PREFIX = "openseek_hal/rendezvous/"
 _timeout_of_world: float | None = None
 
 
@@ -35,39 +46,179 @@ def world_timeout() -> float:
     return _timeout_of_world if _timeout_of_world is not None else DEFAULT_TIMEOUT
 
 
+def ranks_text(ranks: list[int]) -> str:
+    """``rank 2``, ``ranks 1, 2`` or ``ranks 0-3, 7``: which ranks, in one short phrase."""
+    spans: list[str] = []
+    i = 0
+    while i < len(ranks):
+        j = i
+        while j + 1 < len(ranks) and ranks[j + 1] == ranks[j] + 1:
+            j += 1
+        if j - i >= 2:  # three or more in a row
+            spans.append(f"{ranks[i]}-{ranks[j]}")
+            i = j + 1
+        else:
+            spans.append(str(ranks[i]))
+            i += 1
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(spans)
+
+
 def init_distributed(device_type: str, dist_backend: str, *, rank: int | None = None,
                      world_size: int | None = None, store: Any | None = None,
                      timeout: float = DEFAULT_TIMEOUT) -> None:
-    """Start the default group unless it is running. Without ``store``, rendezvous through ``env://``."""
+    """Start the default group unless it is running. Without ``store``, rendezvous through ``env://``.
+
+    ``timeout`` (seconds) bounds the whole rendezvous (reaching the store and waiting for every rank,
+    plus at most `LINGER_S` on the rank that hosts the store) and then each collective of the group.
+    A rank that never joins gives every rank that did a `CollectiveTimeoutError` naming exactly the
+    ranks that did not check in; an unreachable store gives one naming its address.
+    """
     global _timeout_of_world
     if dist.is_initialized():
         return
-    td = timedelta(seconds=timeout)
+    if timeout <= 0:
+        raise CollectiveError(f"the communication timeout must be positive, got {timeout:g} s", op="init")
+    deadline = time.monotonic() + timeout
+    hosts_store = False
     if store is None:
-        for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
-            if var not in os.environ:
-                raise CollectiveError(f"torch.distributed is not initialized and ${var} is not set: start "
-                                      "the job with torchrun, or use openseek_hal.comm.launch",
-                                      op="init", rank=rank, group="world")
-        store, rank, world_size = next(dist.rendezvous("env://", timeout=td))
-    assert rank is not None and world_size is not None
-    _wait_for_everyone(store, rank, world_size, timeout)
-    dist.init_process_group(process_group_backend(device_type, dist_backend), store=store, rank=rank,
-                            world_size=world_size, timeout=td)
+        store, rank, world_size, hosts_store = _env_store(timeout)
+    if rank is None or world_size is None:
+        raise CollectiveError("init_distributed with a store needs rank and world_size", op="init")
+    where = store_address(store)
+    _wait_for_everyone(store, rank, world_size, timeout, deadline=deadline, hosts_store=hosts_store)
+    try:
+        dist.init_process_group(process_group_backend(device_type, dist_backend), store=store, rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=timeout))
+    except RuntimeError as e:
+        raise CollectiveError(f"starting the process group on rank {rank} of "
+                              f"{describe_group('world', range(world_size))} (store {where}) failed: "
+                              f"{_first_line(e)}", op="init", rank=rank, group="world") from e
     _timeout_of_world = timeout
 
 
-def _wait_for_everyone(store: Any, rank: int, world_size: int, timeout: float) -> None:
-    store.set(f"{_JOIN_PREFIX}{rank}", "1")
-    keys = [f"{_JOIN_PREFIX}{r}" for r in range(world_size)]
+def store_address(store: Any) -> str:
+    """``host:port`` of a (possibly prefixed) TCPStore, else the store's type."""
+    while hasattr(store, "underlying_store"):
+        store = store.underlying_store
+    host, port = getattr(store, "host", None), getattr(store, "port", None)
+    return f"{host}:{port}" if host is not None else type(store).__name__
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _env_int(var: str) -> int:
+    text = os.environ.get(var, "")
     try:
-        store.wait(keys, timedelta(seconds=timeout))
-    except RuntimeError as e:  # DistStoreError on timeout
-        missing = [r for r, key in enumerate(keys) if not store.check([key])]
+        return int(text)
+    except ValueError:
+        raise CollectiveError(f"${var} must be an integer, got {text!r}", op="init", group="world") from None
+
+
+def _env_store(timeout: float) -> tuple[Any, int, int, bool]:
+    """The store, rank and world size that ``env://`` names, and whether this process hosts the store.
+
+    As torch's own ``env://`` handler: with ``TORCHELASTIC_USE_AGENT_STORE=True`` the launcher (torchrun's
+    agent, ``openseek-hal train -n``) hosts the store and every rank is a client; otherwise rank 0
+    hosts it. Unlike torch's handler, rank 0 does not block until every rank has connected (that
+    gave a raw ``DistStoreError`` that blamed nobody); the check-in below names who is missing.
+    """
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        if not os.environ.get(var):
+            raise CollectiveError(f"torch.distributed is not initialized and ${var} is not set: start the job "
+                                  "with torchrun, srun or `openseek-hal train -n`, or use openseek_hal.comm.launch",
+                                  op="init", group="world")
+    rank, world_size, port = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("MASTER_PORT")
+    addr = os.environ["MASTER_ADDR"]
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise CollectiveError(f"$RANK={rank} is not a rank of $WORLD_SIZE={world_size}", op="init", group="world")
+    if not 0 < port < 65536:
+        raise CollectiveError(f"$MASTER_PORT={port} is not a TCP port", op="init", group="world")
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    hosts = rank == 0 and not agent
+    td = timedelta(seconds=timeout)
+    try:
+        if not hosts:
+            _reach(addr, port, time.monotonic() + timeout)
+        if hosts:
+            store = dist.TCPStore(addr, port, world_size, is_master=True, wait_for_workers=False, timeout=td,
+                                  multi_tenant=True)
+        else:
+            store = dist.TCPStore(addr, port, world_size, is_master=False, timeout=td)
+    except (RuntimeError, OSError) as e:
         group = describe_group("world", range(world_size))
+        if hosts:
+            raise CollectiveError(f"rank 0 of group {group} could not host the rendezvous store at {addr}:{port}: "
+                                  f"{_first_line(e)}", op="rendezvous", rank=rank, group="world") from e
+        host = "the launcher's agent" if agent else "rank 0"
         raise CollectiveTimeoutError(
-            f"rendezvous on rank {rank} of group {group} timed out after {timeout:g} s: "
-            f"rank(s) {missing or '?'} never joined", op="rendezvous", rank=rank, group="world") from e
+            f"rendezvous on rank {rank} of group {group} failed: the store at {addr}:{port}, hosted by {host}, "
+            f"did not answer within {timeout:g} s ({_first_line(e)}); {host} never started or is unreachable",
+            op="rendezvous", rank=rank, group="world") from e
+    return store, rank, world_size, hosts
+
+
+def _reach(addr: str, port: int, deadline: float) -> None:
+    """Wait until something listens at ``addr:port``, retrying until ``deadline``; raise the last error.
+
+    TCPStore's client would retry on its own, but with back-off past its timeout and a C++ stack
+    trace on stderr for each attempt; probing first keeps the wait within the deadline and quiet.
+    """
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((addr, port), timeout=max(0.05, min(left, 2.0))):
+                return
+        except OSError as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{type(e).__name__}: {e}") from e
+            time.sleep(min(0.2, left))
+
+
+def _wait_for_everyone(store: Any, rank: int, world_size: int, timeout: float, *,
+                       deadline: float | None = None, hosts_store: bool = False) -> None:
+    """Check in under this rank's own key; wait until every rank has, or raise naming those that have not."""
+    if deadline is None:
+        deadline = time.monotonic() + timeout
+    prefix = f"{_JOIN_PREFIX}{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    count_key, verdict_key, ack_key = prefix + "count", prefix + "verdict", prefix + "ack"
+    group = describe_group("world", range(world_size))
+    where = store_address(store)
+    interval = min(1.0, 0.1 + world_size / 2000)  # polls of one counter; fewer where thousands poll one store
+    try:
+        store.set(f"{prefix}joined/{rank}", "1")
+        count = store.add(count_key, 1)
+        while True:
+            if store.check([verdict_key]):  # another rank gave up first: adopt its verdict
+                missing = json.loads(store.get(verdict_key))
+                store.add(ack_key, 1)
+                break
+            if count >= world_size:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = [r for r in range(world_size) if not store.check([f"{prefix}joined/{r}"])]
+                if not missing:
+                    return
+                missing = json.loads(store.compare_set(verdict_key, "", json.dumps(missing)))
+                store.add(ack_key, 1)
+                break
+            time.sleep(min(interval, left))
+            count = store.add(count_key, 0)
+        if hosts_store:  # keep the store up until the ranks that joined have read the verdict
+            linger_end = time.monotonic() + LINGER_S
+            while time.monotonic() < linger_end and store.add(ack_key, 0) < store.add(count_key, 0):
+                time.sleep(0.05)
+    except RuntimeError as e:  # the store went away (its host died) or stopped answering
+        raise CollectiveError(f"rendezvous on rank {rank} of group {group} failed: lost the store at {where} "
+                              f"({_first_line(e)})", op="rendezvous", rank=rank, group="world") from e
+    late = " (this rank joined after the others gave up)" if rank in missing else ""
+    raise CollectiveTimeoutError(f"rendezvous on rank {rank} of group {group} timed out after {timeout:g} s: "
+                                 f"{ranks_text(missing)} never joined{late} (store {where})",
+                                 op="rendezvous", rank=rank, group="world")
 
 
 def gloo_group(pg: Any, pg_backend: str, global_ranks: list[int], timeout: float) -> Any:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 import yaml
 
-from .config import load_config, resumed_config
+from .config import check_world, load_config, resumed_config
 
 
 def _parse_value(text: str) -> object:
@@ -34,15 +36,19 @@ def _parse_value(text: str) -> object:
 @click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Tokens per sequence (default 128).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default 3e-3).")
 @click.option("--seed", type=int, default=None, help="Seed of the weights and the batches (default 0).")
+@click.option("--nproc-per-node", "-n", "nproc_per_node", type=click.IntRange(min=1), default=None,
+              help="Ranks to start on this host, one device each, as torchrun does (default 1). Under torchrun "
+                   "or srun the launcher has started the ranks already.")
 @click.option("--model", "model_preset", default=None,
               help="DeepSeek-V3 preset (tiny, openseek-small, deepseek-v3) or a YAML file of config fields.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override any config field; model fields are dotted (e.g. --set model.num_hidden_layers=2).")
-def train(backend, steps, config_path, data, out, resume, batch_size, seq_len, lr, seed, model_preset,
-          sets) -> None:
+def train(backend, steps, config_path, data, out, resume, batch_size, seq_len, lr, seed, nproc_per_node,
+          model_preset, sets) -> None:
     """Train a model through the HAL and save a checkpoint; prints loss, tokens/s and a greedy sample."""
-    from .trainer import train as run_training
+    from .launch import die_with_parent, spawn_local, world_from_env
 
+    die_with_parent()  # a rank of `train -n G` or torchrun: go when the launcher goes
     overrides = {k: v for k, v in dict(backend=backend, steps=steps, data=data, out=out,
                                        global_batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
                                        model_preset=model_preset).items()
@@ -53,7 +59,7 @@ def train(backend, steps, config_path, data, out, resume, batch_size, seq_len, l
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
         overrides[key] = _parse_value(value)
     if resume is None:
-        cfg = load_config(config_path, overrides)
+        cfg = load_config(config_path, overrides)  # here too under -n: a bad config is one error, not one per rank
     else:  # the checkpoint's settings, with only the overrides that keep the run exact
         from ..fileio import read_yaml_mapping
         from .checkpoint import CheckpointReader
@@ -61,4 +67,32 @@ def train(backend, steps, config_path, data, out, resume, batch_size, seq_len, l
         reader = CheckpointReader(resume)
         given = {**(read_yaml_mapping(config_path, "config file") if config_path else {}), **overrides}
         cfg = resumed_config(reader.state["config"], reader.step, given, str(reader.path))
+    world = world_from_env()
+    if nproc_per_node is not None and world.world_size > 1 and nproc_per_node != world.local_world_size:
+        raise click.BadParameter(f"{nproc_per_node} ranks asked for, but this process is rank {world.rank} of a "
+                                 f"{world.source} job with {world.local_world_size} rank(s) per node",
+                                 param_hint="--nproc-per-node")
+    if nproc_per_node is not None and nproc_per_node > 1 and world.world_size == 1:
+        check_world(cfg, nproc_per_node)  # a batch or expert layout that does not fit: one error, before any rank
+        argv = _forward_args(click.get_current_context().params)
+        sys.exit(spawn_local(argv, nproc_per_node, timeout=cfg.comm_timeout))
+
+    from .trainer import train as run_training
+
     run_training(cfg, resume=resume)
+
+
+def _forward_args(params: dict) -> list[str]:
+    """This command's options, as given, for the ranks: everything but ``--nproc-per-node``."""
+    args: list[str] = []
+    for name, value in params.items():
+        if name == "nproc_per_node" or value is None:
+            continue
+        flag = "--config" if name == "config_path" else "--model" if name == "model_preset" else \
+            "--" + name.replace("_", "-")
+        if name == "sets":
+            for item in value:
+                args += ["--set", item]
+        else:
+            args += [flag, str(value)]
+    return args

@@ -64,8 +64,8 @@ class TrainConfig:
 
 
 # Fields that a resumed run may change; any other change would break its exactness and is refused.
-RESUMABLE = frozenset({"steps", "out", "backend", "log_every", "save_every", "save", "eval_batches", "sample_tokens", "wandb",
-                       "comm_adaptor", "comm_timeout", "bucket_mb", "micro_batch_size", "expert_parallel",
+RESUMABLE = frozenset({"steps", "out", "backend", "log_every", "save_every", "save", "eval_batches", "sample_tokens",
+                       "wandb", "comm_adaptor", "comm_timeout", "bucket_mb", "micro_batch_size", "expert_parallel",
                        "recompute", "compile", "reduce_dtype"})
 
 

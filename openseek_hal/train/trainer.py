@@ -119,14 +119,20 @@ def evaluate(model: DeepseekV3, tokens: TokenSequence, cfg: TrainConfig, batch: 
 
 
 def join_world(cfg: TrainConfig) -> Communicator | None:
-    """The job's world communicator when this process is one rank of several (torchrun, SLURM), else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """The job's world communicator when this process is one rank of several (torchrun, SLURM,
+    ``--nproc-per-node``), else None. Each rank takes the device of its local rank."""
+    from .launch import world_from_env
+
+    world = world_from_env()
+    if world.world_size == 1:
         return None
     from ..comm import create
+    from ..comm.rendezvous import init_distributed
 
     backend = get_backend(cfg.backend)
     if backend.device_type != "cpu":
-        backend = get_backend(cfg.backend, device_index=int(os.environ.get("LOCAL_RANK", "0")))
+        backend = get_backend(cfg.backend, device_index=world.local_rank)
+    init_distributed(backend.device_type, backend.dist_backend, timeout=cfg.comm_timeout)
     return create(cfg.comm_adaptor, backend, timeout=cfg.comm_timeout)
 
 
@@ -137,7 +143,8 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
     ``comm``: the world communicator (from `openseek_hal.comm.launch` in tests); by default the
     job's own when started by torchrun / SLURM / ``--nproc-per-node``, else one process.
     """
-    if comm is None:
+    joined = comm is None
+    if joined:
         comm = join_world(cfg)
     layout = ParallelLayout(comm, cfg.expert_parallel) if comm is not None else ParallelLayout(None)
     if layout.world_size > 1 and layout.expert_parallel != cfg.expert_parallel:
@@ -148,7 +155,12 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
         console = Console()
     lock = FolderLock(Path(cfg.out), what="run folder") if layout.is_main else contextlib.nullcontext()
     with lock:
-        return _Run(cfg, layout, console, resume).train()
+        result = _Run(cfg, layout, console, resume).train()
+    if joined and comm is not None:  # on an error the process exits, and the launcher ends the others
+        from ..comm import shutdown
+
+        shutdown()
+    return result
 
 
 class _Run:
@@ -159,7 +171,7 @@ class _Run:
         self.dp, self.micro, self.accum = check_world(cfg, layout.world_size)
         backend = get_backend(cfg.backend)
         if layout.world is not None and backend.device_type != "cpu":
-            backend = get_backend(cfg.backend, device_index=int(os.environ.get("LOCAL_RANK", layout.rank)))
+            backend = get_backend(cfg.backend, device_index=int(os.environ.get("LOCAL_RANK", "0")))
         self.backend = backend
         self.device = backend.device.torch_device
         self.out = Path(cfg.out)
