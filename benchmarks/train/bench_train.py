@@ -1,0 +1,152 @@
+"""Trainer throughput on GPUs, every row in one run: one GPU (the baseline), data parallel (ZeRO-1), expert parallel.
+
+    python benchmarks/train/bench_train.py --gpus 2 --out $OUT [--rows 1gpu,1gpu-mtp,dp2,ep2] [--steps 20]
+
+Data: a token-shard folder with the real openseek-small vocabulary (151,872 ids), written by
+``openseek-hal data tokenize`` from generated documents with a word-level tokenizer of that size (no
+download). Each row is one ``openseek-hal train`` (``--nproc-per-node G`` for several GPUs) on the
+``openseek-small`` preset, seq 4096, micro-batch 2 per GPU, no checkpoint; its numbers come from the
+last row of the run's ``metrics.jsonl`` (tokens/s over every step after the first, per-device MFU,
+peak memory per rank, step-time breakdown, all-to-all time per MoE layer). Writes ``train_bench.json``
+(card, versions, commit, command, every row) and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VOCAB = 151_872
+
+
+def make_data(folder: Path, n_tokens: int, seed: int = 0) -> Path:
+    """A token-shard folder of about ``n_tokens`` tokens over the whole vocabulary (Zipf-like ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    shards = folder / "shards"
+    if (shards / "index.json").is_file():
+        return shards
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(1, VOCAB)]
+    cum, total = [], 0.0
+    for i in range(len(words)):
+        total += 1.0 / (i + 10)
+        cum.append(total)
+    with (folder / "docs.jsonl").open("w") as f:
+        written = 0
+        while written < n_tokens:
+            n = rng.randint(500, 3000)
+            f.write(json.dumps({"text": " ".join(rng.choices(words, cum_weights=cum, k=n))}) + "\n")
+            written += n + 1
+    subprocess.run([sys.executable, "-m", "openseek_hal", "data", "tokenize", str(folder / "docs.jsonl"), "-o",
+                    str(shards), "--tokenizer", str(folder / "tokenizer.json"), "--workers", "8", "-q"], check=True)
+    return shards
+
+
+ROWS = {
+    # name: (GPUs, extra --set options)
+    "1gpu": (1, ["model.num_nextn_predict_layers=0"]),
+    "1gpu-mtp": (1, []),
+    "1gpu-autocast-mtp": (1, ["dtype=autocast"]),
+    "dp2": (2, ["model.num_nextn_predict_layers=0"]),
+    "dp2-bf16reduce": (2, ["model.num_nextn_predict_layers=0", "reduce_dtype=bf16"]),
+    "ep2": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2"]),
+}
+
+
+def run_row(name: str, data: Path, out: Path, steps: int, micro: int, seq: int) -> dict:
+    gpus, sets = ROWS[name]
+    run_dir = out / f"run-{name}"
+    cmd = [sys.executable, "-m", "openseek_hal", "train", "--backend", "cuda", "--model", "openseek-small",
+           "--data", str(data), "--steps", str(steps), "--batch-size", str(micro * gpus), "--seq-len", str(seq),
+           "--out", str(run_dir), "--nproc-per-node", str(gpus)]
+    for s in ["save=false", "log_every=" + str(steps), "eval_batches=1", "sample_tokens=1", "warmup_steps=2",
+              "lr=3e-4", *sets]:
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    row = {"row": name, "gpus": gpus, "command": " ".join(cmd[1:]), "rc": proc.returncode,
+           "wall_s": time.perf_counter() - t0}
+    if proc.returncode != 0:
+        row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        return row
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    row.update(next(m for m in reversed(metrics) if "tokens_per_s" in m))
+    return row
+
+
+def environment() -> dict:
+    import torch
+
+    env = {"torch": torch.__version__, "python": platform.python_version(), "argv": sys.argv}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        env["card"] = torch.cuda.get_device_name(0)
+        env["gpus_visible"] = torch.cuda.device_count()
+    root = Path(__file__).resolve().parents[2]
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                       text=True).stdout.strip()
+        env["dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
+                                           text=True).stdout.strip())
+    except OSError:
+        pass
+    if not env.get("commit"):
+        env["commit"] = os.environ.get("OPENSEEK_HAL_COMMIT", "unknown")
+    return env
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rows", default="1gpu,1gpu-mtp,dp2,ep2")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--data-tokens", type=int, default=6_000_000)
+    ap.add_argument("--data", type=Path, default=Path("/tmp/openseek-bench-data"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = make_data(args.data, args.data_tokens)
+    print(f"data ready in {time.perf_counter() - t0:.0f}s", flush=True)
+    rows = []
+    for name in args.rows.split(","):
+        rows.append(run_row(name, data, args.out, args.steps, args.micro_batch, args.seq_len))
+        print(json.dumps(rows[-1]), flush=True)
+        (args.out / "train_bench.json").write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
+    base = next((r.get("tokens_per_s") for r in rows if r["row"] == "1gpu"), None)
+    print(f"\n{'row':<20} {'GPUs':>4} {'tok/s':>10} {'x 1gpu':>7} {'MFU/dev':>8} {'peak MiB':>9} "
+          f"{'fwd':>6} {'bwd':>6} {'gsync':>6} {'opt':>6} {'wsync':>6} {'a2a/layer':>9} {'hidden':>6}")
+    for r in rows:
+        if r["rc"]:
+            print(f"{r['row']:<20} failed: {r.get('error')}")
+            continue
+        speedup = r["tokens_per_s"] / base if base else float("nan")
+        print(f"{r['row']:<20} {r['gpus']:>4} {r['tokens_per_s']:>10,.0f} {speedup:>7.2f} "
+              f"{100 * r.get('mfu', float('nan')):>7.1f}% {r.get('peak_memory_mib', 0):>9,.0f} "
+              f"{r.get('forward_ms', 0):>6.1f} {r.get('backward_ms', 0):>6.1f} {r.get('grad_sync_ms', 0):>6.1f} "
+              f"{r.get('optimizer_ms', 0):>6.1f} {r.get('weight_sync_ms', 0):>6.1f} "
+              f"{r.get('a2a_ms_per_layer', float('nan')):>9.2f} {r.get('a2a_hidden_fraction', float('nan')):>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
