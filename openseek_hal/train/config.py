@@ -55,6 +55,7 @@ class TrainConfig:
     wandb: bool = False  # also log to Weights & Biases, offline (needs the `wandb` extra)
     # parallelism: the world (torchrun / SLURM / --nproc-per-node) is data-parallel x expert-parallel
     expert_parallel: int = 1  # ranks one MoE layer's routed experts are spread over
+    expert_overlap: bool = True  # run the shared experts while the routed tokens travel (expert parallelism)
     bucket_mb: float = 25.0  # gradient bucket size; a bucket is reduce-scattered as soon as it is ready
     reduce_dtype: str = "fp32"  # the dtype gradients are reduced in: fp32 or bf16
     comm_adaptor: str = "torch"  # the Communicator adaptor every collective goes through
@@ -66,7 +67,7 @@ class TrainConfig:
 # Fields that a resumed run may change; any other change would break its exactness and is refused.
 RESUMABLE = frozenset({"steps", "out", "backend", "log_every", "save_every", "save", "eval_batches", "sample_tokens",
                        "wandb", "comm_adaptor", "comm_timeout", "bucket_mb", "micro_batch_size", "expert_parallel",
-                       "recompute", "compile", "reduce_dtype"})
+                       "expert_overlap", "recompute", "compile", "reduce_dtype"})
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -223,7 +223,7 @@ class _Run:
         if layout.ep_comm is not None:
             from .expert_parallel import apply_expert_parallel, expert_shard
 
-            apply_expert_parallel(model, layout.ep_comm, timing=True)
+            apply_expert_parallel(model, layout.ep_comm, overlap=cfg.expert_overlap, timing=True)
             self.expert_of = lambda p: ExpertSlice(*expert_shard(p)) if expert_shard(p) is not None else None
         if cfg.recompute or cfg.compile:
             from .recompute import wrap_blocks
@@ -309,7 +309,7 @@ class _Run:
                 phases.mark("weight_sync")
                 self.model.update_expert_bias(layout.world)  # aux-loss-free balancing, loads summed over all ranks
                 loss_value = layout.mean(loss_sum / self.accum)  # synchronizes, so the step time below is real
-                phases.end_step()
+                phases.end_step(count=step > self.start_step)
                 if not math.isfinite(loss_value):
                     raise RunError(f"loss became {loss_value} at step {step + 1}; lower lr or check the data")
                 losses.append(loss_value)
@@ -427,8 +427,12 @@ class _PhaseTimer:
         event.record()
         self._marks.append((phase, event))
 
-    def end_step(self) -> None:
+    def end_step(self, count: bool = True) -> None:
+        """Close the step; ``count=False`` drops it (the first step, which pays for warm-up)."""
         self._marks[-1][1].synchronize()
+        if not count:
+            self._marks.clear()
+            return
         for (_, start), (phase, end) in zip(self._marks, self._marks[1:]):
             ms = start.elapsed_time(end)
             self._sums[phase] += ms
