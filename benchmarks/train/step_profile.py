@@ -43,6 +43,50 @@ def _time(step, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def run_regime(regime: str, args: argparse.Namespace, be) -> dict:
+    dev = be.device.torch_device
+    model = build_model("openseek-small", be, dtype=torch.bfloat16, seed=0, num_nextn_predict_layers=args.mtp)
+    vocab = model.config.vocab_size
+    flops = model.flops_per_token(args.seq_len)
+    if regime == "plain":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+        def step():
+            x, y = _batch(vocab, args.micro_batch, args.seq_len, dev)
+            model.loss(x, y).total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            model.update_expert_bias()
+    else:
+        zero = DistributedOptimizer(named_spaces(model, None, None, lambda p: False), be, world=None, lr=1e-4,
+                                    betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+        def step():
+            x, y = _batch(vocab, args.micro_batch, args.seq_len, dev)
+            zero.start_step(1)
+            model.loss(x, y).total.backward()
+            zero.finish_gradients()
+            zero.step(1e-4, 1.0)
+            model.update_expert_bias()
+    for _ in range(3):
+        step()
+    seconds = _time(step, args.steps)
+    tps = args.micro_batch * args.seq_len / seconds
+    row = {"step_ms": 1e3 * seconds, "tokens_per_s": tps, "mfu": tps * flops / PEAK,
+           "peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
+    (args.out / f"profile-{regime}.txt").write_text(table)
+    print(f"== {regime}\n{table}", flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -52,51 +96,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
     be = get_backend("cuda")
-    dev = be.device.torch_device
     rows = {}
     for regime in ("plain", "zero1"):
-        model = build_model("openseek-small", be, dtype=torch.bfloat16, seed=0,
-                            num_nextn_predict_layers=args.mtp)
-        vocab = model.config.vocab_size
-        flops = model.flops_per_token(args.seq_len)
-        if regime == "plain":
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-            def step():
-                x, y = _batch(vocab, args.micro_batch, args.seq_len, dev)
-                model.loss(x, y).total.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                model.update_expert_bias()
-        else:
-            opt = DistributedOptimizer(named_spaces(model, None, None, lambda p: False), be, world=None, lr=1e-4,
-                                       betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-
-            def step():
-                x, y = _batch(vocab, args.micro_batch, args.seq_len, dev)
-                opt.start_step(1)
-                model.loss(x, y).total.backward()
-                opt.finish_gradients()
-                opt.step(1e-4, 1.0)
-                model.update_expert_bias()
-        for _ in range(3):
-            step()
-        seconds = _time(step, args.steps)
-        tps = args.micro_batch * args.seq_len / seconds
-        rows[regime] = {"step_ms": 1e3 * seconds, "tokens_per_s": tps, "mfu": tps * flops / PEAK,
-                        "peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20}
-        if regime == "zero1":
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(2):
-                    step()
-                torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60)
-            (args.out / "profile.txt").write_text(table)
-            print(table)
-        del model, opt
+        rows[regime] = run_regime(regime, args, be)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     import subprocess
