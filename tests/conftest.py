@@ -34,3 +34,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def backend(backend_name: str):
     """An instance of each selected backend in turn."""
     return get_backend(backend_name)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Undo what a test (or the code it calls, like `world_from_env` under SLURM) wrote to ``os.environ``:
+    a leaked WORLD_SIZE would make every later trainer test wait for ranks that never come."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    os.environ.update(saved)

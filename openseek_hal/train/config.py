@@ -56,7 +56,7 @@ class TrainConfig:
     # parallelism: the world (torchrun / SLURM / --nproc-per-node) is data-parallel x expert-parallel
     expert_parallel: int = 1  # ranks one MoE layer's routed experts are spread over
     expert_overlap: bool = True  # run the shared experts while the routed tokens travel (expert parallelism)
-    bucket_mb: float = 25.0  # gradient bucket size; a bucket is reduce-scattered as soon as it is ready
+    bucket_mb: float = 128.0  # gradient bucket size (fp32 bytes); reduce-scattered as soon as it is ready
     reduce_dtype: str = "fp32"  # the dtype gradients are reduced in: fp32 or bf16
     comm_adaptor: str = "torch"  # the Communicator adaptor every collective goes through
     comm_timeout: float = 300.0  # seconds any collective or the rendezvous may wait before failing

@@ -62,6 +62,7 @@ class Bucket:
     segments: list[Segment] = field(default_factory=list)
     pending: int = 0
     aliased: bool = False  # the master is the weight itself (weights already in the master dtype)
+    decay_end: int = 0  # bucket offset where the parameters without weight decay start
     work: Work | None = None
     reduced: torch.Tensor | None = field(default=None, repr=False)  # reduce-scatter output (reduce dtype)
     master: torch.Tensor | None = field(default=None, repr=False)
@@ -94,7 +95,7 @@ class DistributedOptimizer:
 
     def __init__(self, spaces: dict[str, tuple[Communicator | None, list[tuple[str, nn.Parameter]]]],
                  backend: Backend, *, world: Communicator | None, lr: float, betas: tuple[float, float],
-                 eps: float, weight_decay: float, bucket_mb: float = 25.0, master_dtype: torch.dtype = torch.float32,
+                 eps: float, weight_decay: float, bucket_mb: float = 128.0, master_dtype: torch.dtype = torch.float32,
                  reduce_dtype: torch.dtype = torch.float32,
                  no_decay: Callable[[str, nn.Parameter], bool] | None = None):
         self.backend, self.world = backend, world
@@ -127,6 +128,9 @@ class DistributedOptimizer:
                 size = 0
             groups[-1].append((name, p))
             size += p.numel() * 4
+        # inside a bucket the decayed parameters come first: a rank's shard is then at most two runs of
+        # elements (decayed, not decayed), each updated by one `adamw` call whatever the parameter count
+        groups = [sorted(g, key=lambda item: self._no_decay(*item)) for g in groups]
         n = comm.world_size if comm is not None else 1
         for members in groups:
             offsets, total = [], 0
@@ -146,8 +150,10 @@ class DistributedOptimizer:
                 view.copy_(p.detach())
                 p.data = view
                 params.append((name, p, offset))
+            decayed = [offset for (name, p), offset in zip(members, offsets) if not self._no_decay(name, p)]
+            split = offsets[len(decayed)] if len(decayed) < len(members) else total
             b = Bucket(index=len(self.buckets), space=space, comm=comm, params=params, numel=total,
-                       param_buffer=param_buffer, grad_buffer=grad_buffer)
+                       param_buffer=param_buffer, grad_buffer=grad_buffer, decay_end=split)
             rank = comm.rank if comm is not None else 0
             b.shard_numel = total // n
             b.shard_start = rank * b.shard_numel
@@ -257,21 +263,21 @@ class DistributedOptimizer:
             grads = b.grad_shard
             if coef != 1.0:
                 grads.mul_(coef)
-            for decay in (True, False):
-                segs = [s for s in b.segments if s.decay == decay]
-                if not segs:
+            lo, hi = b.shard_start, b.shard_start + b.shard_numel
+            split = min(max(b.decay_end, lo), hi) - lo  # shard offset where no-decay elements start
+            # alignment padding updates to zero: its weight, gradient and moments are all zero
+            for start, end, decay in ((0, split, True), (split, b.shard_numel, False)):
+                if start == end:
                     continue
-                masters, params, grads_, m, v = ([t[s.shard_offset:s.shard_offset + s.numel] for s in segs]
-                                                 for t in (b.master, b.param_shard, grads, b.exp_avg, b.exp_avg_sq))
-                aliased = b.aliased
-                new = self._adamw(masters if aliased else params, grads_, m, v, lr=lr, beta1=beta1,
+                master, param, grad, m, v = (t[start:end] for t in
+                                             (b.master, b.param_shard, grads, b.exp_avg, b.exp_avg_sq))
+                new = self._adamw([master if b.aliased else param], [grad], [m], [v], lr=lr, beta1=beta1,
                                   beta2=beta2, eps=self.eps, weight_decay=self.weight_decay if decay else 0.0,
-                                  step=self.step_count, master_params=None if aliased else masters)
-                targets = [masters if aliased else params, m, v] + ([] if aliased else [masters])
-                for dst_list, src_list in zip(targets, new):
-                    for dst, src in zip(dst_list, src_list):
-                        if src is not dst:
-                            dst.copy_(src)
+                                  step=self.step_count, master_params=None if b.aliased else [master])
+                targets = [master if b.aliased else param, m, v] + ([] if b.aliased else [master])
+                for dst, src in zip(targets, new):
+                    if src[0] is not dst:
+                        dst.copy_(src[0])
             self._gather(b)
         return StepStats(grad_norm=norm, clip_coef=coef)
 

@@ -64,8 +64,11 @@ def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avg
             continue
         master = masters[i] if masters else p
         if hyper is None:
-            hyper = torch.tensor([lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2_sqrt], dtype=torch.float64,
-                                 device=p.device)
+            hyper = torch.tensor([lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2_sqrt], dtype=torch.float64)
+            if p.device.type != "cpu":
+                # from pinned memory the copy is asynchronous; from pageable memory it would make the host
+                # wait for every kernel queued before it, leaving the device idle once per call
+                hyper = hyper.pin_memory().to(p.device, non_blocking=True)
         _adamw_kernel[(triton.cdiv(n, block),)](p, g, m, v, master, hyper, n, HAS_MASTER=bool(masters),
                                                 ACC=acc_type(master.dtype), BLOCK=block, num_warps=4)
     return list(params), list(exp_avgs), list(exp_avg_sqs), masters
