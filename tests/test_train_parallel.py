@@ -208,3 +208,15 @@ def test_expert_parallel_checkpoint_reshards_between_ep_sizes(tmp_path):
     to_two = _train(_cfg(tmp_path / "to2", steps=3, expert_parallel=2), 2,
                     resume=tmp_path / "one" / "checkpoints" / "step_000002")
     assert to_two.losses[2] == pytest.approx(one.losses[2], rel=1e-6)
+    # convert gathers the expert shards of the EP 2 run into one Hugging Face checkpoint
+    from openseek_hal.cli import main
+    from openseek_hal.models import load_hf
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "--from", "run", "--to", "hf", str(tmp_path / "ep2"), str(tmp_path / "hf")])
+    assert exit_info.value.code == 0
+    hf = load_hf(tmp_path / "hf", "cpu", dtype=torch.float64).state_dict()
+    full = CheckpointReader(tmp_path / "ep2").full_state_dict()
+    assert hf.keys() == full.keys()
+    for name, value in full.items():
+        assert torch.equal(hf[name], value.to(hf[name].dtype)), name

@@ -24,20 +24,21 @@ def _parse_size(text: str) -> int:
 
 
 @click.command("convert")
-@click.option("--from", "src_format", type=click.Choice(["hf", "native"]), required=True, help="Format of SRC.")
+@click.option("--from", "src_format", type=click.Choice(["hf", "native", "run"]), required=True,
+              help="Format of SRC; run: a training run or checkpoint folder (sharded; expert shards are gathered).")
 @click.option("--to", "dst_format", type=click.Choice(["hf", "native"]), required=True, help="Format to write.")
 @click.option("--dtype", type=click.Choice(list(_DTYPES)), default="keep", show_default=True,
               help="Floating dtype of the output ('keep': as stored; FP8 weights become bfloat16).")
 @click.option("--shard-size", default="4GB", show_default=True, help="Largest output shard.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
-@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 def convert(src_format: str, dst_format: str, dtype: str, shard_size: str, overwrite: bool, src: str, dst: str) -> None:
     """Convert the DeepSeek-V3 checkpoint directory SRC into DST, shard by shard.
 
     hf: a Hugging Face DeepseekV3ForCausalLM directory (config.json, safetensors, index; FP8 e4m3
     weights with weight_scale_inv block scales are dequantized). native: openseek-hal's format
-    (see docs/model.md).
+    (see docs/model.md). run: a checkpoint of `openseek-hal train` (any world size; --from only).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

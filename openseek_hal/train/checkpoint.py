@@ -293,3 +293,26 @@ def load_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
     reader = CheckpointReader(path)
     load_weights(reader, model)
     return reader.state
+
+
+class RunSource:
+    """A training checkpoint as a `convert` source: the full tensors by native name, expert shards gathered."""
+
+    def __init__(self, path: str | Path):
+        from .config import TrainConfig, from_dict, model_config
+
+        self.reader = CheckpointReader(path)
+        cfg = from_dict(TrainConfig, self.reader.state["config"], f"{self.reader.path}/state.json")
+        vocab = self.reader.params["embed_tokens.weight"]["shape"][0]
+        self.config = model_config(cfg, vocab_size=vocab)
+        dtypes = {meta["dtype"] for meta in self.reader.params.values()}
+        self.dtype = getattr(torch, dtypes.pop()) if len(dtypes) == 1 else None
+        self._buffers = self.reader.buffers()
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._buffers:
+            return self._buffers[name]
+        return self.reader.weight(name)
+
+    def unused_keys(self, names: list[str]) -> list[str]:
+        return sorted((set(self.reader.params) | set(self._buffers)) - set(names))

@@ -123,7 +123,12 @@ class NativeSource:
         return sorted(set(self.reader.keys()) - set(names))
 
 
-def open_source(fmt: str, path: str | Path) -> HFSource | NativeSource:
+def open_source(fmt: str, path: str | Path) -> Any:
+    """A reader of checkpoint ``path``: "hf", "native", or "run" (a training run or checkpoint folder)."""
+    if fmt == "run":
+        from ...train.checkpoint import RunSource
+
+        return RunSource(path)
     return HFSource(path) if fmt == "hf" else NativeSource(path)
 
 
