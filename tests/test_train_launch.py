@@ -81,15 +81,15 @@ def test_kill_9_of_a_rank_then_resume_is_bitwise_exact(tmp_path, env):
     assert len(ranks) == 2
     os.kill(ranks[1], signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and "exited" in err  # the launcher names the rank and stops the other
+    assert proc.returncode != 0 and "was killed by SIGKILL" in err  # the launcher names the rank, stops the other
     resumed = _train(["--resume", str(run), "-n", "2"], env)  # an interrupted save's partial folder is removed
     assert resumed.returncode == 0, resumed.stderr
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".step")]
     final = json.loads((run / "checkpoints" / "step_000012" / "state.json").read_text())["losses"]
     expected = json.loads((tmp_path / "straight" / "checkpoints" / "step_000012" / "state.json").read_text())["losses"]
     assert final == expected  # bitwise
-    steps_logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps_logged == sorted(set(steps_logged), key=steps_logged.index)  # no step twice after the resume
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))  # every step once, after the resume too
 
 
 def test_a_dead_rank_fails_the_others_within_the_timeout_naming_it(tmp_path, env):
@@ -97,7 +97,7 @@ def test_a_dead_rank_fails_the_others_within_the_timeout_naming_it(tmp_path, env
     port = _free_port()
     procs = []
     for rank in (0, 1):
-        e = dict(env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+        e = dict(env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", GROUP_RANK="0",
                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, "-m", "openseek_hal", "train", "--steps", "100000", "--out",
                                        str(tmp_path / "run"), *ARGS[:-2], "--set", "comm_timeout=10"],
@@ -105,6 +105,7 @@ def test_a_dead_rank_fails_the_others_within_the_timeout_naming_it(tmp_path, env
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-2000:]
         time.sleep(0.05)
     procs[1].kill()
     killed_at = time.monotonic()

@@ -135,11 +135,15 @@ class BaseCommunicator:
         if isinstance(cause, CollectiveError):
             return cause
         text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        from .rendezvous import silent_ranks
+
+        dead = silent_ranks() if not isinstance(cause, str) else ""
         if not isinstance(cause, str) and is_timeout(cause):
-            return CollectiveTimeoutError(f"{self.where(op)} timed out after {self.timeout:g} s: {text}",
+            return CollectiveTimeoutError(f"{self.where(op)} timed out after {self.timeout:g} s: "
+                                          + (f"{dead} (transport: {text})" if dead else text),
                                           op=op, rank=self.rank, group=self.group_name)
-        return CollectiveError(f"{self.where(op)} failed: {text}", op=op, rank=self.rank,
-                               group=self.group_name)
+        return CollectiveError(f"{self.where(op)} failed: " + (f"{dead} (transport: {text})" if dead else text),
+                               op=op, rank=self.rank, group=self.group_name)
 
     def _bad(self, op: str, why: str) -> CollectiveError:
         return CollectiveError(f"{self.where(op)}: {why}", op=op, rank=self.rank, group=self.group_name)

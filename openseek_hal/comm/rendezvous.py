@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -94,6 +95,7 @@ def init_distributed(device_type: str, dist_backend: str, *, rank: int | None = 
                               f"{describe_group('world', range(world_size))} (store {where}) failed: "
                               f"{_first_line(e)}", op="init", rank=rank, group="world") from e
     _timeout_of_world = timeout
+    _start_heartbeat(store, rank, world_size)
 
 
 def store_address(store: Any) -> str:
@@ -232,12 +234,88 @@ def gloo_group(pg: Any, pg_backend: str, global_ranks: list[int], timeout: float
     return dist.new_group(global_ranks, timeout=timedelta(seconds=timeout), backend="gloo")
 
 
+# -- liveness: naming the rank that died when a collective fails -----------------------------------
+HEARTBEAT_S = 0.5
+_HEARTBEAT_PREFIX = "openseek_hal/heartbeat/"
+_heartbeat: _Heartbeat | None = None
+
+
+class _Heartbeat:
+    """Every rank bumps its own counter in the job's store every `HEARTBEAT_S`, from a daemon thread.
+
+    When a collective fails, `silent_ranks` reads every counter twice, a few beats apart: a rank
+    whose counter did not move has died (or hangs with its process frozen). Counters, not clocks,
+    so hosts need not agree on the time. The thread has its own store connection where it can.
+    """
+
+    def __init__(self, store: Any, rank: int, world_size: int):
+        self.store, self.rank, self.world_size = self._own_client(store), rank, world_size
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="openseek-hal-heartbeat", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _own_client(store: Any) -> Any:
+        base = store
+        while hasattr(base, "underlying_store"):
+            base = base.underlying_store
+        host, port = getattr(base, "host", None), getattr(base, "port", None)
+        if host is None:
+            return store
+        try:
+            return dist.TCPStore(host, port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=10))
+        except (RuntimeError, ValueError):
+            return store
+
+    def _run(self) -> None:
+        key = f"{_HEARTBEAT_PREFIX}{self.rank}"
+        while not self._stop.is_set():
+            try:
+                self.store.add(key, 1)
+            except Exception:  # noqa: BLE001  (the store's host is gone: the collective reports it)
+                return
+            self._stop.wait(HEARTBEAT_S)
+
+    def counters(self) -> list[int]:
+        return [int(self.store.add(f"{_HEARTBEAT_PREFIX}{r}", 0)) for r in range(self.world_size)]
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _start_heartbeat(store: Any, rank: int, world_size: int) -> None:
+    global _heartbeat
+    if _heartbeat is not None:
+        _heartbeat.stop()
+    _heartbeat = _Heartbeat(store, rank, world_size) if world_size > 1 else None
+
+
+def silent_ranks(beats: float = 2.0) -> str:
+    """Why a collective may have failed: the ranks whose heartbeat stopped ("" when all beat, or unknown).
+
+    Takes ``beats`` heartbeat periods; call it only on an error path.
+    """
+    hb = _heartbeat
+    if hb is None:
+        return ""
+    try:
+        before = hb.counters()
+        time.sleep(beats * HEARTBEAT_S)
+        after = hb.counters()
+    except Exception:  # noqa: BLE001
+        return "the job's store is unreachable: the rank hosting it (rank 0, or the launcher) has died"
+    dead = [r for r, (a, b) in enumerate(zip(before, after)) if b <= a]
+    return f"{ranks_text(dead)} stopped responding (no heartbeat for {beats * HEARTBEAT_S:g} s)" if dead else ""
+
+
 def shutdown() -> None:
     """End the job's collectives: wait for every rank, then destroy torch.distributed's groups.
 
     The barrier matters: a rank that tears its gloo connections down while a peer still finishes a
     collective on them makes that peer's process abort.
     """
+    if _heartbeat is not None:
+        _heartbeat.stop()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

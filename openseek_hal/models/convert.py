@@ -31,7 +31,7 @@ def _parse_size(text: str) -> int:
               help="Floating dtype of the output ('keep': as stored; FP8 weights become bfloat16).")
 @click.option("--shard-size", default="4GB", show_default=True, help="Largest output shard.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("src", type=click.Path(file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 def convert(src_format: str, dst_format: str, dtype: str, shard_size: str, overwrite: bool, src: str, dst: str) -> None:
     """Convert the DeepSeek-V3 checkpoint directory SRC into DST, shard by shard.

@@ -48,13 +48,16 @@ class ParallelLayout:
         if self.world is not None:
             self.world.barrier()
 
+    def mean_tensor(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a scalar over the ranks, reduced in float64, left on the device (no host sync)."""
+        t = value.detach().double().reshape(1).clone()
+        if self.world is not None:
+            self.world.all_reduce(t, op="avg")
+        return t[0]
+
     def mean(self, value: torch.Tensor) -> float:
         """The mean of a scalar over the ranks, reduced in float64 (the global batch's loss)."""
-        if self.world is None:
-            return float(value)
-        t = value.detach().double().reshape(1).clone()
-        self.world.all_reduce(t, op="avg")
-        return t.item()
+        return float(self.mean_tensor(value))
 
     def max(self, value: float) -> float:
         if self.world is None:

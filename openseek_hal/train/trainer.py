@@ -279,13 +279,17 @@ class _Run:
         metrics = MetricsLogger(self.out, use_wandb=cfg.wandb, run_name=self.out.name, config=to_dict(cfg),
                                 resume_step=self.start_step if self.reader is not None else None,
                                 enabled=layout.is_main)
+        pending: list[torch.Tensor] = []  # this rank's reduced losses of the steps since the last read
         per_rank = cfg.global_batch_size // self.dp
         first = layout.rank * per_rank
         ckpt_path = self.out / "checkpoints" / f"step_{cfg.steps:06d}"
         with metrics, Progress(*columns, console=console, transient=True, disable=not layout.is_main) as progress:
             task = progress.add_task("training", total=cfg.steps, completed=self.start_step)
+            t_timed = None
             for step in range(self.start_step, cfg.steps):
-                t_step = time.perf_counter()
+                if step == self.start_step + 1:
+                    self.backend.device.synchronize()
+                    t_timed = time.perf_counter()
                 lr = lr_at(step, cfg)
                 phases.mark("start")
                 self.optimizer.start_step(self.accum)
@@ -308,18 +312,29 @@ class _Run:
                 self.optimizer.wait_weights()
                 phases.mark("weight_sync")
                 self.model.update_expert_bias(layout.world)  # aux-loss-free balancing, loads summed over all ranks
-                loss_value = layout.mean(loss_sum / self.accum)  # synchronizes, so the step time below is real
+                # The loss stays on the device (read at log time), so the host queues the next step while
+                # the device finishes this one; the gradient norm (read by `update`) is the step's one sync.
+                pending.append(layout.mean_tensor(loss_sum / self.accum))
                 phases.end_step(count=step > self.start_step)
-                if not math.isfinite(loss_value):
-                    raise RunError(f"loss became {loss_value} at step {step + 1}; lower lr or check the data")
-                losses.append(loss_value)
-                if step > self.start_step:  # the first step pays for warm-up (allocator, kernel compilation)
-                    timed_seconds += time.perf_counter() - t_step
-                    timed_tokens += tokens_per_step
+                if not math.isfinite(stats.grad_norm):
+                    loss_value = float(pending[-1])
+                    what = f"loss became {loss_value}" if not math.isfinite(loss_value) else \
+                        f"the gradient norm became {stats.grad_norm}"
+                    raise RunError(f"{what} at step {step + 1}; lower lr or check the data")
                 done = step + 1
                 progress.update(task, completed=done)
+                if done % cfg.log_every == 0 or done == cfg.steps or (cfg.save and cfg.save_every
+                                                                        and done % cfg.save_every == 0):
+                    losses.extend(torch.stack(pending).tolist())  # waits for the device: the clock below is real
+                    pending.clear()
+                    bad = [v for v in losses[-cfg.log_every:] if not math.isfinite(v)]
+                    if bad:
+                        raise RunError(f"loss became {bad[0]} by step {done}; lower lr or check the data")
+                    if t_timed is not None:  # the first step pays for warm-up (allocator, kernel compilation)
+                        timed_seconds = time.perf_counter() - t_timed
+                        timed_tokens = (done - self.start_step - 1) * tokens_per_step
                 if done % cfg.log_every == 0 or done == cfg.steps:
-                    row = self._log_row(loss_value, lr, stats.grad_norm, timed_tokens, timed_seconds, phases)
+                    row = self._log_row(losses[-1], lr, stats.grad_norm, timed_tokens, timed_seconds, phases)
                     extra = (("mtp_loss", mtp_sum), ("aux_loss", aux_sum))
                     row.update({k: layout.mean(v.detach() / self.accum) for k, v in extra if v is not None})
                     metrics.log(done, row)
@@ -408,8 +423,8 @@ def _log_line(done: int, steps: int, row: dict[str, float]) -> str:
 class _PhaseTimer:
     """Device-side time of each phase of a step (forward, backward, exposed communication, optimizer).
 
-    Events are recorded on the compute stream without synchronizing and read when the step's loss
-    has been synchronized, so timing costs no extra host-device round trip.
+    Events are recorded on the compute stream without synchronizing and read at log time, so
+    timing costs no host-device round trip.
     """
 
     PHASES = ("forward", "backward", "grad_sync", "optimizer", "weight_sync")
@@ -417,6 +432,7 @@ class _PhaseTimer:
     def __init__(self, backend: Backend):
         self._device = backend.device
         self._marks: list[tuple[str, Any]] = []
+        self._steps_pending: list[list[tuple[str, Any]]] = []
         self._sums = dict.fromkeys(self.PHASES, 0.0)
         self._steps = 0
         self._window = dict.fromkeys(self.PHASES, 0.0)
@@ -429,24 +445,31 @@ class _PhaseTimer:
 
     def end_step(self, count: bool = True) -> None:
         """Close the step; ``count=False`` drops it (the first step, which pays for warm-up)."""
-        self._marks[-1][1].synchronize()
-        if not count:
-            self._marks.clear()
+        if count:
+            self._steps_pending.append(self._marks)
+        self._marks = []
+
+    def _flush(self) -> None:
+        if not self._steps_pending:
             return
-        for (_, start), (phase, end) in zip(self._marks, self._marks[1:]):
-            ms = start.elapsed_time(end)
-            self._sums[phase] += ms
-            self._window[phase] += ms
-        self._marks.clear()
-        self._steps += 1
-        self._window_steps += 1
+        self._steps_pending[-1][-1][1].synchronize()
+        for marks in self._steps_pending:
+            for (_, start), (phase, end) in zip(marks, marks[1:]):
+                ms = start.elapsed_time(end)
+                self._sums[phase] += ms
+                self._window[phase] += ms
+            self._steps += 1
+            self._window_steps += 1
+        self._steps_pending.clear()
 
     def mean_ms(self) -> dict[str, float]:
-        """Mean per step since the last call."""
+        """Mean per step since the last call (synchronizes with the device)."""
+        self._flush()
         out = {k: v / max(1, self._window_steps) for k, v in self._window.items()}
         self._window = dict.fromkeys(self.PHASES, 0.0)
         self._window_steps = 0
         return out
 
     def totals_ms(self) -> dict[str, float]:
+        self._flush()
         return {k: v / max(1, self._steps) for k, v in self._sums.items()}
