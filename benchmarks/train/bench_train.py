@@ -58,6 +58,7 @@ def make_data(folder: Path, n_tokens: int, seed: int = 0) -> Path:
 ROWS = {
     # name: (GPUs, extra --set options)
     "1gpu": (1, ["model.num_nextn_predict_layers=0"]),
+    "1gpu-again": (1, ["model.num_nextn_predict_layers=0"]),  # the baseline once more, last: drift shows
     "1gpu-mtp": (1, []),
     "1gpu-autocast-mtp": (1, ["dtype=autocast"]),
     "dp2": (2, ["model.num_nextn_predict_layers=0"]),
