@@ -238,6 +238,7 @@ class _Run:
                                               betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                               weight_decay=cfg.weight_decay, bucket_mb=cfg.bucket_mb,
                                               master_dtype=master, reduce_dtype=reduce)
+        self.optimizer.gather_before_blocks([*model.layers, *(m.block for m in model.mtp)])
         if self.reader is not None:
             load_weights(self.reader, model, self.expert_of)
             self.optimizer.refresh_master()
@@ -309,7 +310,7 @@ class _Run:
                 phases.mark("grad_sync")
                 stats = self.optimizer.update(lr, cfg.grad_clip)
                 phases.mark("optimizer")
-                self.optimizer.wait_weights()
+                self.optimizer.wait_weights(lazy=True)  # each block waits for its own weights on first use
                 phases.mark("weight_sync")
                 self.model.update_expert_bias(layout.world)  # aux-loss-free balancing, loads summed over all ranks
                 # The loss stays on the device (read at log time), so the host queues the next step while
@@ -398,6 +399,7 @@ class _Run:
 
     def _save(self, step: int, losses: list[float]) -> Path:
         layout = self.layout
+        self.optimizer.wait_weights()
         state = {"config": to_dict(self.cfg), "losses": losses, "tokenizer": str(self.tok_path)}
         return save_checkpoint(self.out, step, self.model, self.optimizer, state, rank=layout.rank,
                                world_size=layout.world_size, barrier=layout.barrier, expert_of=self.expert_of,

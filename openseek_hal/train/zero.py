@@ -108,6 +108,7 @@ class DistributedOptimizer:
         self._micro_batches, self._micro = 1, 0
         self._next_launch = 0
         self._hooks: list[Any] = []
+        self._lazy: set[int] = set()  # buckets whose all-gather a block waits for on first use
         self.buckets: list[Bucket] = []
         for space, (comm, named) in spaces.items():
             self._build_buckets(space, comm, named, int(bucket_mb * 2**20))
@@ -251,7 +252,9 @@ class DistributedOptimizer:
     def update(self, lr: float, grad_clip: float | None) -> StepStats:
         """Clip by the global norm, update the owned shards (AdamW) and start all-gathering the new weights.
 
-        Each bucket's all-gather starts as soon as its shard is updated; `wait_weights` waits for them.
+        Buckets are updated last to first, so the weights the next forward needs first (embedding,
+        first layers) start gathering first; each bucket's all-gather starts as soon as its shard is
+        updated, and `wait_weights` (or, with `gather_before_blocks`, each block's first use) waits.
         """
         norm = self.grad_norm()
         coef = 1.0
@@ -259,7 +262,7 @@ class DistributedOptimizer:
             coef = grad_clip / (norm + 1e-6)
         self.step_count += 1
         beta1, beta2 = self.betas
-        for b in self.buckets:
+        for b in reversed(self.buckets):
             grads = b.grad_shard
             if coef != 1.0:
                 grads.mul_(coef)
@@ -279,15 +282,38 @@ class DistributedOptimizer:
                     if src[0] is not dst:
                         dst.copy_(src[0])
             self._gather(b)
+            b.grad_buffer.zero_()  # consumed: ready for the next step's accumulation
         return StepStats(grad_norm=norm, clip_coef=coef)
 
-    def wait_weights(self) -> None:
-        """Wait for the weights' all-gathers and clear the gradient buffers for the next step."""
+    def wait_weights(self, lazy: bool = False) -> None:
+        """Wait for the weights' all-gathers; ``lazy``: only those no block's pre-hook will wait for."""
         for b in self.buckets:
-            if b.work is not None:
+            if b.work is not None and not (lazy and b.index in self._lazy):
                 b.work.wait()
                 b.work = None
-            b.grad_buffer.zero_()
+
+    def gather_before_blocks(self, blocks: list[nn.Module]) -> None:
+        """Let each of ``blocks`` wait for its own weights' all-gathers when it is first called.
+
+        The gathers then overlap the forward of the blocks before it; buckets holding weights used
+        outside these blocks (embedding, final norm, head) stay for `wait_weights(lazy=True)`.
+        """
+        inside: set[int] = set()
+        for block in blocks:
+            mine = sorted({self._param_bucket[id(p)].index for p in block.parameters() if id(p) in self._param_bucket})
+            inside.update(id(p) for p in block.parameters())
+            self._hooks.append(block.register_forward_pre_hook(self._make_wait(mine)))
+        outside = {b.index for b in self.buckets for _, p, _ in b.params if id(p) not in inside}
+        self._lazy = {b.index for b in self.buckets} - outside
+
+    def _make_wait(self, indices: list[int]) -> Callable[..., None]:
+        def wait(module: nn.Module, args: Any) -> None:
+            for i in indices:
+                b = self.buckets[i]
+                if b.work is not None:
+                    b.work.wait()
+                    b.work = None
+        return wait
 
     def step(self, lr: float, grad_clip: float | None) -> StepStats:
         """`update` then `wait_weights`."""
