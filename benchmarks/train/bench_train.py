@@ -64,7 +64,7 @@ ROWS = {
     "dp2": (2, ["model.num_nextn_predict_layers=0"]),
     "dp2-bf16reduce": (2, ["model.num_nextn_predict_layers=0", "reduce_dtype=bf16"]),
     "ep2": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2"]),
-    "ep2-no-overlap": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2", "expert_overlap=false"]),
+    "ep2-overlap": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2", "expert_overlap=true"]),
     "ep2-mtp": (2, ["expert_parallel=2"]),
     "1gpu-compile": (1, ["model.num_nextn_predict_layers=0", "compile=true"]),
     "ep2-compile": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2", "compile=true"]),

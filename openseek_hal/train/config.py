@@ -55,7 +55,7 @@ class TrainConfig:
     wandb: bool = False  # also log to Weights & Biases, offline (needs the `wandb` extra)
     # parallelism: the world (torchrun / SLURM / --nproc-per-node) is data-parallel x expert-parallel
     expert_parallel: int = 1  # ranks one MoE layer's routed experts are spread over
-    expert_overlap: bool = True  # run the shared experts while the routed tokens travel (expert parallelism)
+    expert_overlap: bool = False  # run the shared experts while the routed tokens travel (measured: no gain on NVLink)
     bucket_mb: float = 128.0  # gradient bucket size (fp32 bytes); reduce-scattered as soon as it is ready
     reduce_dtype: str = "fp32"  # the dtype gradients are reduced in: fp32 or bf16
     comm_adaptor: str = "torch"  # the Communicator adaptor every collective goes through

@@ -56,17 +56,14 @@ class AllToAllTimes:
     Times are between device events on the compute stream (wall clock on the CPU), so a span that
     overlaps computation counts only where the stream had to wait. ``dispatch_s`` runs from issuing
     the token all-to-all to the tokens being usable; ``dispatch_exposed_s`` is the part of it after
-    the shared experts were done (the stream stalled on the transfer). The combine is synchronous:
-    fully exposed. On an accelerator with ``overlap``, the shared experts run while the per-expert
-    counts travel to the peers and to the host (on a side stream) instead, the layer's one host
-    round trip; ``counts_s`` is then only the wait they did not hide, and the dispatch is exposed.
-    What overlap saves in all is measured by comparing runs with ``overlap`` on and off.
+    the shared experts were done (the stream stalled on the transfer). The count exchange and the
+    combine are synchronous: fully exposed.
     """
 
     forwards: int = 0
     counts_s: float = 0.0  # per-expert count exchange + the host sync for the split sizes
     dispatch_s: float = 0.0
-    dispatch_exposed_s: float = 0.0  # with overlap, the count exchange hides behind the shared experts instead
+    dispatch_exposed_s: float = 0.0
     combine_s: float = 0.0
     backward_s: float = 0.0  # the two gradient all-to-alls of backward (synchronous)
 
@@ -180,7 +177,6 @@ class ExpertParallelExperts(nn.Module):
         self.overlap = overlap
         self.timing = timing
         self._timer: _Timer | None = None
-        self._side: torch.Stream | None = None  # the stream the counts travel on (accelerators)
 
     def extra_repr(self) -> str:
         return (f"experts [{self.expert_offset}, {self.expert_offset + self.num_local_experts}) of "
@@ -210,17 +206,8 @@ class ExpertParallelExperts(nn.Module):
         # counts[e] rows for global expert e; peer j gets experts [j*L, (j+1)*L), L each: an even split
         counts = counts.to(torch.int64).contiguous()
         recv_counts = torch.empty_like(counts)  # [src rank, local expert] rows this rank will receive
-        shared_out = None
-        if self.overlap and shared is not None and x.device.type != "cpu":
-            # The host needs the counts (buffer sizes): bring them over on a side stream, so the host
-            # waits for the exchange only while the shared experts keep the device busy.
-            both_host = self._counts_to_host(comm, counts, recv_counts)
-            shared_out = shared()
-            t0 = timer.mark() if timer else None  # counted from here: the wait the shared experts did not hide
-            both = both_host()
-        else:
-            comm.all_to_all_single(recv_counts, counts)
-            both = torch.cat([counts, recv_counts]).tolist()  # the one host sync: buffers need their sizes
+        comm.all_to_all_single(recv_counts, counts)
+        both = torch.cat([counts, recv_counts]).tolist()  # the one host sync: buffers need their sizes
         send = [sum(both[j * local_e:(j + 1) * local_e]) for j in range(size)]
         recv_per = both[len(both) // 2:]
         recv = [sum(recv_per[j * local_e:(j + 1) * local_e]) for j in range(size)]
@@ -230,8 +217,7 @@ class ExpertParallelExperts(nn.Module):
 
         handle: list = []
         received = _AllToAll.apply(x_sorted, comm, recv, send, handle, timer)
-        if shared_out is None and shared is not None and self.overlap:
-            shared_out = shared()
+        shared_out = shared() if shared is not None and self.overlap else None
         t2 = timer.mark() if timer else None
         with torch.no_grad():  # the transfer fills `received` in place; not an autograd operation
             handle[0].wait()
@@ -259,36 +245,6 @@ class ExpertParallelExperts(nn.Module):
         if shared is not None:
             out = out + (shared_out if shared_out is not None else shared())
         return out
-
-
-    def _counts_to_host(self, comm: Communicator, counts: torch.Tensor,
-                        recv_counts: torch.Tensor) -> Callable[[], list[int]]:
-        """Start the count exchange and its copy to the host on a side stream; returns the waiter.
-
-        Both tensors stay referenced until the waiter has returned, so no other stream reuses them.
-        """
-        device = Device(counts.device.type, counts.device.index)
-        main = device.current_stream()
-        if self._side is None:
-            self._side = device.stream()
-        side = self._side
-        side.wait_stream(main)  # the counts are produced on the compute stream
-        torch.accelerator.set_stream(side)
-        try:
-            work = comm.all_to_all_single(recv_counts, counts, async_op=True)
-            work.wait()  # the side stream, not the compute stream, waits for the exchange
-            host = torch.empty(2 * counts.numel(), dtype=counts.dtype, pin_memory=True)
-            host[:counts.numel()].copy_(counts, non_blocking=True)
-            host[counts.numel():].copy_(recv_counts, non_blocking=True)
-            done = device.event()
-            done.record(side)
-        finally:
-            torch.accelerator.set_stream(main)
-
-        def wait() -> list[int]:
-            done.synchronize()
-            return host.tolist()
-        return wait
 
 
 def _shard(full: nn.Parameter, local: slice, num_global: int) -> nn.Parameter:
