@@ -39,6 +39,18 @@ def test_backends_table():
     (["train", "--data", "/nonexistent/corpus.txt"], "data not found"),
     (["train", "--set", "nokey"], "expected KEY=VALUE"),
     (["no-such-command"], "No such command"),
+    # values that cannot be meant (each ran before: no learning, gradient ascent, nan val loss, ...)
+    (["train", "--set", "grad_clip=0"], "grad_clip must be a positive norm"),
+    (["train", "--set", "grad_clip=-1"], "grad_clip must be a positive norm"),
+    (["train", "--set", "save_every=-1"], "save_every must be zero or positive"),
+    (["train", "--set", "warmup_steps=-5"], "warmup_steps must be zero or positive"),
+    (["train", "--set", "eval_batches=0"], "eval_batches must be positive"),
+    (["train", "--set", "tokenizer_vocab_size=10"], "tokenizer_vocab_size must be at least 257"),
+    (["train", "--set", "model.num_hidden_layers=0"], "num_hidden_layers must be a positive integer"),
+    (["train", "--set", "model.hidden_size=abc"], "hidden_size must be a positive integer, got 'abc'"),
+    (["train", "--set", "expert_parallel=3"], "expert_parallel=3 does not divide the 8 routed experts"),
+    (["train", "-n", "3", "--batch-size", "16"], "global_batch_size 16 does not split over 3"),
+    (["train", "--resume", "/nonexistent/run"], "no checkpoint found"),
 ])
 def test_user_errors_are_one_line_exit_2(args, fragment):
     r = run(*args)

@@ -220,3 +220,40 @@ def test_expert_parallel_checkpoint_reshards_between_ep_sizes(tmp_path):
     assert hf.keys() == full.keys()
     for name, value in full.items():
         assert torch.equal(hf[name], value.to(hf[name].dtype)), name
+
+
+def test_a_locked_run_folder_is_refused_naming_the_holder(tmp_path):
+    from openseek_hal.fileio import FolderLock
+
+    with FolderLock(tmp_path / "run", what="run folder"):
+        with pytest.raises(UserError, match=r"run folder .* is in use by pid \d+ on "):
+            _train(_cfg(tmp_path / "run", steps=1))
+    _train(_cfg(tmp_path / "run", steps=1, save=False))  # released with the holder
+
+
+def test_resume_onto_another_model_shape_names_the_tensor(tmp_path):
+    from openseek_hal.models import build_model
+    from openseek_hal.train.checkpoint import load_checkpoint
+
+    _train(_cfg(tmp_path / "a", steps=1))
+    vocab = CheckpointReader(tmp_path / "a").params["embed_tokens.weight"]["shape"][0]
+    other = build_model("tiny", "cpu", vocab_size=vocab, num_hidden_layers=2, hidden_size=64, init=False)
+    with pytest.raises(UserError, match=r"does not match the model: embed_tokens.weight is \[\d+, 128\] there"):
+        load_checkpoint(tmp_path / "a", other)
+
+
+def test_metrics_are_strict_json_and_a_resume_drops_replayed_rows(tmp_path):
+    import json
+
+    from openseek_hal.train.metrics import MetricsLogger
+
+    with MetricsLogger(tmp_path) as m:
+        for step in (1, 2, 3):
+            m.log(step, {"loss": float("nan") if step == 2 else 1.0})
+    with MetricsLogger(tmp_path, resume_step=1) as m:  # resumed from step 1: steps 2 and 3 are replayed
+        m.log(2, {"loss": 0.5})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+    with MetricsLogger(tmp_path) as m:
+        m.log(1, {"loss": float("inf")})
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": None}

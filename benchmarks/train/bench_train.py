@@ -1,6 +1,6 @@
 """Trainer throughput on GPUs, every row in one run: one GPU (the baseline), data parallel (ZeRO-1), expert parallel.
 
-    python benchmarks/train/bench_train.py --gpus 2 --out $OUT [--rows 1gpu,1gpu-mtp,dp2,ep2] [--steps 20]
+    OPENSEEK_HAL_COMMIT=<sha> python benchmarks/train/bench_train.py --out DIR [--rows 1gpu,dp2,ep2] [--steps 30]
 
 Data: a token-shard folder with the real openseek-small vocabulary (151,872 ids), written by
 ``openseek-hal data tokenize`` from generated documents with a word-level tokenizer of that size (no
@@ -107,6 +107,9 @@ def environment() -> dict:
         env["card"] = torch.cuda.get_device_name(0)
         env["gpus_visible"] = torch.cuda.device_count()
     root = Path(__file__).resolve().parents[2]
+    if os.environ.get("OPENSEEK_HAL_COMMIT"):  # a copied tree (a device machine) may carry stale git metadata
+        env["commit"], env["commit_source"] = os.environ["OPENSEEK_HAL_COMMIT"], "OPENSEEK_HAL_COMMIT"
+        return env
     try:
         env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                        text=True).stdout.strip()
@@ -114,8 +117,6 @@ def environment() -> dict:
                                            text=True).stdout.strip())
     except OSError:
         pass
-    if not env.get("commit"):
-        env["commit"] = os.environ.get("OPENSEEK_HAL_COMMIT", "unknown")
     return env
 
 
