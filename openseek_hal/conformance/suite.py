@@ -18,7 +18,7 @@ from ..errors import UserError
 from .comm_level import CollectiveChecks, CommUnavailable, run_comm_checks
 from .manifest import Manifest
 from .model_level import ModelLevel, ModelSpec
-from .op_level import OpLevel
+from .op_level import OpLevel, error_text
 from .records import CheckResult, SuiteResult
 
 LEVELS = ("ops", "comm", "model")
@@ -106,8 +106,38 @@ def run_suite(config: SuiteConfig, progress: Progress | None = None) -> SuiteRes
                 dtypes, progress.advance)
             result.checks += checks
             result.curves += curves
+            if config.model_spec is None:  # the DeepSeek-V3 model: its experts shard over 2 ranks too
+                result.checks += _expert_parallel(backend, seed, config.adaptors)
     result.duration_s = time.perf_counter() - started
     return result
+
+
+def _expert_parallel(backend: Backend, seed: int, adaptors: list[str] | None) -> list[CheckResult]:
+    """One training step with the routed experts split over 2 ranks (EP 2) equals one rank (EP 1)."""
+    from .expert_parallel import RTOL, Case, run_case
+
+    base = dict(level="model", op="expert_parallel", check="ep2_vs_ep1", dtype="float64", seed=seed, rtol=RTOL,
+                replay=f"openseek-hal conform --backend {backend.name} --level model --seed {seed}")
+    if torch.float64 not in backend.capabilities().dtypes:
+        return [CheckResult(**base, sample="ep2xdp1", status="skip", message="the check runs in float64")]
+    if backend.device_type != "cpu" and backend.device.count() < 2:
+        return [CheckResult(**base, sample="ep2xdp1", status="skip", message="needs 2 devices")]
+    out = []
+    for adaptor in adaptors or ["torch"]:
+        started = time.perf_counter()
+        try:
+            rows, _ = run_case(Case(ep_size=2, world_size=2, seed=seed), backend=backend.name, adaptor=adaptor)
+        except Exception as e:  # a rank raised: report it, the other checks still count
+            out.append(CheckResult(**base, sample=f"ep2xdp1:{adaptor}", status="error", message=error_text(e)))
+            continue
+        bad = [r for r in rows if not r["ok"]]
+        worst = max((r["error"] for r in rows), default=0.0)
+        message = "" if not bad else f"{len(bad)} quantities differ, e.g. {bad[0]['what']} on rank " \
+                                     f"{bad[0]['rank']}: {bad[0]['error']:.3g} > {bad[0]['bound']:.3g}"
+        out.append(CheckResult(**base, sample=f"ep2xdp1:{adaptor}", status="fail" if bad else "pass",
+                               max_rel_err=worst, err_ratio=worst / RTOL, message=message,
+                               duration_s=time.perf_counter() - started))
+    return out
 
 
 def _comm(config: SuiteConfig, backend: Backend, manifest: Manifest, seed: int, result: SuiteResult,
