@@ -32,6 +32,15 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     return loaded
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a unique temporary file and a rename: readers see old or new, never half."""
     path = Path(path)

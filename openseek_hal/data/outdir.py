@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import Any
 
 from ..errors import UserError
-from ..fileio import FolderLock, atomic_write_text
+from ..fileio import FolderLock, atomic_write_text, fsync_path
 
 LOCK = ".lock"
 MARK = ".incomplete"
@@ -67,14 +67,6 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 def is_stage_output(path: Path) -> bool:
     """Whether ``path`` is (or was meant to become) a stage's output folder."""
     return (path / STATS).is_file() or (path / MARK).exists()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -151,7 +143,7 @@ class StageOutput:
             json.dumps({"stage": self.stage, "pid": os.getpid(), "host": socket.gethostname(),
                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n",
         )
-        _fsync_dir(self.root)
+        fsync_path(self.root)
 
     # -- commit ---------------------------------------------------------------------------------------
 
@@ -180,9 +172,9 @@ class StageOutput:
         atomic_write_text(
             self.root / STATS, json.dumps({**stats, "files": files}, indent=2, ensure_ascii=False) + "\n"
         )
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         (self.root / MARK).unlink()
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         self.committed = True
 
 

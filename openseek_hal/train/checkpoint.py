@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import RunError, UserError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, fsync_path
 from .zero import DistributedOptimizer
 
 FORMAT = "openseek-hal/sharded-v1"
@@ -129,7 +129,7 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: Di
                 tensors[f"optim/{seg.name}/{key}@{start}"] = values[key].detach().cpu().clone()
             index["segments"].append([seg.name, start, seg.numel])
         save_file(tensors, str(tmp / rank_file(rank)), metadata={"index": json.dumps(index)})
-        _fsync(tmp / rank_file(rank))
+        fsync_path(tmp / rank_file(rank))
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -144,21 +144,16 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: Di
                         "params": params}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, allow_nan=False))
+            for name in ("manifest.json", "state.json", "."):
+                fsync_path(tmp / name)
             os.replace(tmp, final)
+            fsync_path(ckpt_root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         atomic_write_text(ckpt_root / "latest", final.name + "\n")
     barrier()
     return final
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
