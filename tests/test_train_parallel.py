@@ -257,3 +257,21 @@ def test_metrics_are_strict_json_and_a_resume_drops_replayed_rows(tmp_path):
     with MetricsLogger(tmp_path) as m:
         m.log(1, {"loss": float("inf")})
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": None}
+
+
+def test_a_parameter_without_gradient_this_step_reduces_as_zero():
+    """Gradient buffers are overwritten by each step's first gradient, not cleared: one that gets no
+    gradient in a step must count as zero, not as last step's value."""
+    used, unused = torch.nn.Parameter(torch.ones(3, 4)), torch.nn.Parameter(torch.ones(5))
+    model = torch.nn.Module()
+    model.register_parameter("used", used)
+    model.register_parameter("unused", unused)
+    opt = DistributedOptimizer(named_spaces(model, None, None, lambda p: False), get_backend("cpu"), world=None,
+                               lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    for step, params in enumerate(([used, unused], [used])):
+        opt.start_step(1)
+        sum((p * (step + 2)).sum() for p in params).backward()
+        opt.finish_gradients()
+        grads = {name: opt.buckets[0].grad_buffer[o:o + p.numel()].clone() for name, p, o in opt.buckets[0].params}
+        opt.step(0.1, None)
+    assert torch.equal(grads["used"], torch.full((12,), 3.0)) and torch.equal(grads["unused"], torch.zeros(5))

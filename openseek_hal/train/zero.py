@@ -2,7 +2,8 @@
 
 Parameters live in flat, contiguous per-bucket buffers (each parameter is a view), in the run's
 weight dtype (bf16 on accelerators). Each bucket has a gradient buffer in the accumulation dtype
-(fp32): a post-accumulate-grad hook adds a parameter's ``.grad`` into it and frees ``.grad``. On
+(fp32): a post-accumulate-grad hook copies (first micro-batch) or adds (later ones) a parameter's
+``.grad`` into it and frees ``.grad``. On
 the last micro-batch of a step, a bucket whose parameters all have their gradient is
 reduce-scattered at once, asynchronously, so communication overlaps the rest of backward; buckets
 are launched strictly in their fixed order, so every rank issues the same collectives in the same
@@ -109,6 +110,7 @@ class DistributedOptimizer:
         self._next_launch = 0
         self._hooks: list[Any] = []
         self._lazy: set[int] = set()  # buckets whose all-gather a block waits for on first use
+        self._seen: set[int] = set()  # parameters whose gradient this step has written
         self.buckets: list[Bucket] = []
         for space, (comm, named) in spaces.items():
             self._build_buckets(space, comm, named, int(bucket_mb * 2**20))
@@ -187,7 +189,12 @@ class DistributedOptimizer:
             if param.grad is None:
                 return
             with torch.no_grad():
-                b.grad_buffer[offset:offset + param.numel()].view_as(param).add_(param.grad)
+                view = b.grad_buffer[offset:offset + param.numel()].view_as(param)
+                if id(param) in self._seen:
+                    view.add_(param.grad)
+                else:  # the step's first gradient overwrites: the buffer needs no clearing between steps
+                    view.copy_(param.grad)
+                    self._seen.add(id(param))
             param.grad = None
             if self._micro == self._micro_batches - 1:
                 b.pending -= 1
@@ -199,6 +206,7 @@ class DistributedOptimizer:
         self._micro_batches = micro_batches
         self._micro = 0
         self._next_launch = 0
+        self._seen.clear()
         for b in self.buckets:
             b.pending = len(b.params)
             b.work = None
@@ -224,6 +232,9 @@ class DistributedOptimizer:
         """Launch what is left (parameters that got no gradient this step) and wait for every reduction."""
         for b in self.buckets[self._next_launch:]:
             b.pending = 0
+            for _, p, offset in b.params:
+                if id(p) not in self._seen:  # no gradient this step: zero, not last step's
+                    b.grad_buffer[offset:offset + p.numel()].zero_()
         self._launch_ready()
         for b in self.buckets:
             if b.work is not None:
@@ -282,7 +293,6 @@ class DistributedOptimizer:
                     if src[0] is not dst:
                         dst.copy_(src[0])
             self._gather(b)
-            b.grad_buffer.zero_()  # consumed: ready for the next step's accumulation
         return StepStats(grad_norm=norm, clip_coef=coef)
 
     def wait_weights(self, lazy: bool = False) -> None:
