@@ -146,9 +146,8 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
     joined = comm is None
     if joined:
         comm = join_world(cfg)
+    check_world(cfg, comm.world_size if comm is not None else 1)  # one clear error before any group is made
     layout = ParallelLayout(comm, cfg.expert_parallel) if comm is not None else ParallelLayout(None)
-    if layout.world_size > 1 and layout.expert_parallel != cfg.expert_parallel:
-        raise ConfigError(f"expert_parallel={cfg.expert_parallel} does not divide the {layout.world_size} ranks")
     if not layout.is_main:
         console = Console(file=io.StringIO())
     elif console is None:
