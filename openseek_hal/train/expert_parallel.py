@@ -97,12 +97,15 @@ class _Timer:
     times: AllToAllTimes = field(default_factory=AllToAllTimes)
 
     def mark(self) -> Any:
+        if torch.compiler.is_compiling():  # inside a compiled graph an event is not recorded when it runs
+            return None
         event = self.device.event(enable_timing=True)
         event.record()
         return event
 
     def add(self, name: str, start: Any, end: Any) -> None:
-        self.pending.append((name, start, end))
+        if start is not None and end is not None:  # spans that touch compiled code are not timed
+            self.pending.append((name, start, end))
 
     def collect(self) -> AllToAllTimes:
         if self.pending:
