@@ -1,6 +1,7 @@
 """Trainer throughput on GPUs, every row in one run: one GPU (the baseline), data parallel (ZeRO-1), expert parallel.
 
     OPENSEEK_HAL_COMMIT=<sha> python benchmarks/train/bench_train.py --out DIR [--rows 1gpu,dp2,ep2] [--steps 30]
+    ... --rows 1gpu,dp8,ep8x8,ep4x8,dp4,ep4x4,1gpu-again      (on an 8-GPU host)
 
 Data: a token-shard folder with the real openseek-small vocabulary (151,872 ids), written by
 ``openseek-hal data tokenize`` from generated documents with a word-level tokenizer of that size (no
@@ -18,6 +19,7 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import time
@@ -71,8 +73,20 @@ ROWS = {
 }
 
 
+def row_spec(name: str) -> tuple[int, list[str]]:
+    """A named row, or ``dpN`` (N GPUs, ZeRO-1) / ``epExN`` (N GPUs, expert parallel E), MTP off."""
+    if name in ROWS:
+        return ROWS[name]
+    m = re.fullmatch(r"dp(\d+)|ep(\d+)x(\d+)", name)
+    if not m:
+        raise SystemExit(f"unknown row {name!r}: one of {', '.join(ROWS)}, dpN or epExN")
+    if m.group(1):
+        return int(m.group(1)), ["model.num_nextn_predict_layers=0"]
+    return int(m.group(3)), ["model.num_nextn_predict_layers=0", f"expert_parallel={m.group(2)}"]
+
+
 def run_row(name: str, data: Path, out: Path, steps: int, micro: int, seq: int) -> dict:
-    gpus, sets = ROWS[name]
+    gpus, sets = row_spec(name)
     run_dir = out / f"run-{name}"
     cmd = [sys.executable, "-m", "openseek_hal", "train", "--backend", "cuda", "--model", "openseek-small",
            "--data", str(data), "--steps", str(steps), "--batch-size", str(micro * gpus), "--seq-len", str(seq),
