@@ -275,3 +275,14 @@ def test_a_parameter_without_gradient_this_step_reduces_as_zero():
         grads = {name: opt.buckets[0].grad_buffer[o:o + p.numel()].clone() for name, p, o in opt.buckets[0].params}
         opt.step(0.1, None)
     assert torch.equal(grads["used"], torch.full((12,), 3.0)) and torch.equal(grads["unused"], torch.zeros(5))
+
+
+def _train_rank_with_own_seed(comm, cfg):
+    import dataclasses
+
+    return train(dataclasses.replace(cfg, seed=comm.rank), comm=comm, console=_quiet())
+
+
+def test_ranks_started_with_different_configs_fail_at_start(tmp_path):
+    with pytest.raises(ConfigError, match="rank 1 started with another configuration than rank 0"):
+        launch(_train_rank_with_own_seed, 2, args=(_cfg(tmp_path / "run", steps=1),), timeout=60)

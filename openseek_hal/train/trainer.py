@@ -11,7 +11,9 @@ resumed run replays exactly the batches an uninterrupted run would have seen, at
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import math
 import os
 import time
@@ -147,6 +149,8 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
     if joined:
         comm = join_world(cfg)
     check_world(cfg, comm.world_size if comm is not None else 1)  # one clear error before any group is made
+    if comm is not None:
+        _check_same_config(cfg, comm)
     layout = ParallelLayout(comm, cfg.expert_parallel) if comm is not None else ParallelLayout(None)
     if not layout.is_main:
         console = Console(file=io.StringIO())
@@ -160,6 +164,24 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
 
         shutdown()
     return result
+
+
+def _check_same_config(cfg: TrainConfig, comm: Communicator) -> None:
+    """Every rank must run the same configuration (ranks started with other flags would train other
+    models, or deadlock): compare a digest of it across the ranks, at start."""
+    text = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    digest = int.from_bytes(hashlib.sha256(text).digest()[:7], "big")
+    device = getattr(comm, "device", torch.device("cpu"))
+    mine = torch.tensor([digest], dtype=torch.int64, device=device)
+    every = torch.empty(comm.world_size, dtype=torch.int64, device=device)
+    comm.all_gather(every, mine)
+    digests = every.tolist()
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        from ..comm.rendezvous import ranks_text
+
+        raise ConfigError(f"{ranks_text(differ)} started with another configuration than rank 0; every rank of a "
+                          "job must get the same options")
 
 
 class _Run:
