@@ -25,8 +25,8 @@ def _parse_value(text: str) -> object:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="YAML file of TrainConfig fields (see docs/train.md); options given here override it.")
 @click.option("--data", type=click.Path(), default=None,
-              help="A .txt/.md/.jsonl(.gz) file, a folder of them, or a token-shard folder from "
-                   "`openseek-hal data tokenize` (default: Python's bundled documentation).")
+              help="A .txt/.md/.jsonl(.gz/.zst) file, a folder of them, a data-stage output, or a token-shard "
+                   "folder from `openseek-hal data tokenize` (default: Python's bundled documentation).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default: runs/default).")
 @click.option("--resume", type=click.Path(), default=None,
               help="Continue from a checkpoint or run folder, with its settings (options may change only those "
@@ -45,7 +45,12 @@ def _parse_value(text: str) -> object:
               help="Override any config field; model fields are dotted (e.g. --set model.num_hidden_layers=2).")
 def train(backend, steps, config_path, data, out, resume, batch_size, seq_len, lr, seed, nproc_per_node,
           model_preset, sets) -> None:
-    """Train a model through the HAL and save a checkpoint; prints loss, tokens/s and a greedy sample."""
+    """Train a model through the HAL on one device or many; saves sharded checkpoints and prints a greedy sample.
+
+    Many devices: -n G on one host, or run this command under torchrun or srun. Data parallelism is
+    ZeRO-1; --set expert_parallel=E spreads the routed experts over E ranks; --set micro_batch_size=M
+    accumulates gradients. Every config field is in docs/train.md.
+    """
     from .launch import die_with_parent, spawn_local, world_from_env
 
     die_with_parent()  # a rank of `train -n G` or torchrun: go when the launcher goes
