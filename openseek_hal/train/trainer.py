@@ -261,8 +261,7 @@ class _Run:
                                               master_dtype=master, reduce_dtype=reduce)
         self.optimizer.gather_before_blocks([*model.layers, *(m.block for m in model.mtp)])
         if self.reader is not None:
-            load_weights(self.reader, model, self.expert_of)
-            self.optimizer.refresh_master()
+            load_weights(self.reader, model, self.expert_of)  # the buffers too (the routing bias)
             load_optimizer(self.reader, self.optimizer, self.expert_of)
         peak = self.backend.capabilities().peak_flops
         self.peak = peak.get(torch.float32 if self.backend.device_type == "cpu" else torch.bfloat16)

@@ -347,13 +347,6 @@ class DistributedOptimizer:
         return out
 
     @torch.no_grad()
-    def refresh_master(self) -> None:
-        """Take the masters from the weights (after the weights were loaded from elsewhere)."""
-        for b in self.buckets:
-            if not b.aliased:
-                b.master.copy_(b.param_shard)
-
-    @torch.no_grad()
     def gather_weights(self) -> None:
         """Round the masters into the weights and all-gather them (after loading optimizer state)."""
         for b in self.buckets:
