@@ -5,7 +5,8 @@ batch, and reduces the dense gradients over the whole world. With ``expert_paral
 ranks form groups of E consecutive ranks (on one node when E <= GPUs per node, so the token
 all-to-all stays on the fast links): rank ``g * E + i`` holds expert shard ``i`` of every MoE layer,
 its tokens travel within group ``g``, and the shard's gradients are reduced over the ranks with
-the same ``i`` (its replicas). The model never sees ranks: `apply` changes it from outside.
+the same ``i`` (its replicas). The model never sees ranks: `expert_parallel.apply_expert_parallel`
+changes it from outside.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ class ParallelLayout:
         if self.world_size % expert_parallel:
             raise ValueError(f"expert_parallel={expert_parallel} does not divide the world of {self.world_size}")
         self.expert_parallel = expert_parallel
-        self.ep_rank = self.rank % expert_parallel
         self.expert_replica = self.rank // expert_parallel  # which copy of its expert shard this rank holds
         # this rank's EP group (None: experts not sharded) and the replicas of its expert shard (None: no replicas)
         self.ep_comm: Communicator | None = None
@@ -39,10 +39,6 @@ class ParallelLayout:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def data_parallel(self) -> int:
-        return self.world_size
 
     def barrier(self) -> None:
         if self.world is not None:
