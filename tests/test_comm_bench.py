@@ -6,6 +6,7 @@ import json
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 
 from openseek_hal.comm import bench
@@ -30,6 +31,7 @@ def test_bench_comm_runs_on_cpu_and_writes_reports(tmp_path):
         assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"] * (1.0 if r["op"] == "all_reduce" else 0.5))
         assert r["count"] == r["bytes"] // 2  # bf16
     assert report["meta"]["world_size"] == 2 and report["meta"]["env"]["NCCL_NVLS_ENABLE"] == "0"
+    assert report["meta"]["provenance"]["commit"] and report["meta"]["provenance"]["torch"] == torch.__version__
     md = (tmp_path / "comm_bench.md").read_text()
     assert "| size | torch.distributed time |" in md and "| 4 KiB |" in md
 

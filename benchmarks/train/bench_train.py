@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import re
 import subprocess
@@ -110,27 +108,12 @@ def run_row(name: str, data: Path, out: Path, steps: int, micro: int, seq: int) 
 def environment() -> dict:
     import torch
 
-    env = {"torch": torch.__version__, "python": platform.python_version(), "argv": sys.argv}
-    try:
-        import triton
+    from openseek_hal.provenance import provenance
 
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
+    env = provenance()
     if torch.cuda.is_available():
         env["card"] = torch.cuda.get_device_name(0)
         env["gpus_visible"] = torch.cuda.device_count()
-    root = Path(__file__).resolve().parents[2]
-    if os.environ.get("OPENSEEK_HAL_COMMIT"):  # a copied tree (a device machine) may carry stale git metadata
-        env["commit"], env["commit_source"] = os.environ["OPENSEEK_HAL_COMMIT"], "OPENSEEK_HAL_COMMIT"
-        return env
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                       text=True).stdout.strip()
-        env["dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
-                                           text=True).stdout.strip())
-    except OSError:
-        pass
     return env
 
 

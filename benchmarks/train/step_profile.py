@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -101,12 +100,10 @@ def main() -> None:
         rows[regime] = run_regime(regime, args, be)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    import subprocess
+    from openseek_hal.provenance import provenance
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     (args.out / "step_profile.json").write_text(json.dumps(
-        {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "commit": commit, "argv": sys.argv,
-         "rows": rows}, indent=1))
+        {"card": torch.cuda.get_device_name(0), **provenance(), "rows": rows}, indent=1))
     print(f"{'regime':<8} {'step ms':>8} {'tok/s':>9} {'MFU':>6} {'peak MiB':>9}")
     for name, r in rows.items():
         print(f"{name:<8} {r['step_ms']:>8.1f} {r['tokens_per_s']:>9,.0f} {100 * r['mfu']:>5.1f}% "

@@ -44,7 +44,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 import traceback
@@ -142,16 +141,9 @@ def environment(torch, tt) -> dict:
         env["gpus_visible"] = torch.cuda.device_count()
     else:
         env["card"] = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                       timeout=30).stdout.strip() or None
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
-                                timeout=30)
-        env["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        env["commit"], env["dirty"] = None, None
-    if not env["commit"]:
-        env["commit"] = os.environ.get("OPENSEEK_HAL_COMMIT", "unknown")
+    from openseek_hal.provenance import git_state
+
+    env.update(git_state(REPO))
     return env
 
 

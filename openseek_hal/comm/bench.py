@@ -32,6 +32,8 @@ from typing import Any
 import click
 import torch
 
+from ..provenance import provenance
+
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all_single")
 BUS_FACTOR: dict[str, Callable[[int], float]] = {
     "all_reduce": lambda n: 2 * (n - 1) / n,
@@ -288,7 +290,8 @@ def _meta(be: Any, n: int, config: dict) -> dict:
     meta = {"device": be.capabilities().device_name, "backend": be.name, "world_size": n,
             "dtype": config["dtype"], "torch": torch.__version__, "python": platform.python_version(),
             "host": platform.node(),
-            "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")}}
+            "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
+            "provenance": provenance()}
     if be.device_type == "cuda":
         version = torch.cuda.nccl.version()  # a tuple in recent torch, an int (2xxyy) in old ones
         meta["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)

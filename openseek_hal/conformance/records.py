@@ -52,7 +52,7 @@ class SuiteResult:
     strict: bool
     started: str  # ISO 8601, UTC
     duration_s: float = 0.0
-    environment: dict[str, str] = field(default_factory=dict)  # versions, platform
+    environment: dict[str, Any] = field(default_factory=dict)  # versions, platform, git commit, command
     coverage: dict[str, str] = field(default_factory=dict)  # op -> "native" | "fallback"
     checks: list[CheckResult] = field(default_factory=list)
     # model level: one entry per dtype, each {"dtype", "band", "steps", "loss", "loss_ref", "grad_norm",

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import platform
 import secrets
 import time
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import torch
 
@@ -54,14 +53,10 @@ class Progress:
     def advance(self, description: str) -> None: ...
 
 
-def _environment() -> dict[str, str]:
-    def pkg(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "-"
-    return {"openseek_hal": pkg("openseek-hal"), "torch": torch.__version__, "triton": pkg("triton"),
-            "python": platform.python_version(), "platform": platform.platform()}
+def _environment() -> dict[str, Any]:
+    from ..provenance import provenance
+
+    return provenance()
 
 
 def check_config(config: SuiteConfig) -> Backend:

@@ -22,6 +22,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import UserError
+from ..provenance import provenance
 
 WARMUP_MS, REP_MS = 25, 200
 
@@ -102,7 +103,7 @@ def run_bench(backend_name: str, op: str | None, progress: Callable[[str], None]
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
         "triton": import_module("triton").__version__, "backend": backend_name,
-        "copy_bandwidth_GBps": copy_bw / 1e9, "rows": [],
+        "copy_bandwidth_GBps": copy_bw / 1e9, "provenance": provenance(), "rows": [],
     }
     for case in cases:
         progress(f"{case.op} {case.label}")
