@@ -157,3 +157,38 @@ def test_op_level_is_generic_over_opdefs(monkeypatch):
     assert result.ok, [(c.check, c.sample, c.message) for c in result.failures()]
     assert {c.check for c in result.checks} == {"forward", "determinism", "nan_inf"}
     assert {c.dtype for c in result.checks} == {"float32", "bfloat16", "float64"}
+
+
+def test_the_default_verdict_is_deterministic():
+    """No --seed: the same seed (0) every run, so the same verdict and the same numbers."""
+    from openseek_hal.conformance.suite import DEFAULT_SEED
+
+    runs = [run_suite(SuiteConfig(backend="cpu", levels=("ops",), ops=["rms_norm", "cross_entropy"],
+                                  dtypes=[torch.bfloat16], quick=True)) for _ in range(2)]
+    assert runs[0].seed == runs[1].seed == DEFAULT_SEED
+    assert [(c.sample, c.status, c.max_abs_err) for c in runs[0].checks] == \
+        [(c.sample, c.status, c.max_abs_err) for c in runs[1].checks]
+
+
+def test_fuzz_reports_seed_dependent_failures_apart(monkeypatch):
+    from openseek_hal.conformance import op_level
+    from openseek_hal.conformance.records import CheckResult
+    from openseek_hal.conformance.suite import DEFAULT_SEED
+
+    real = op_level.OpLevel.run
+
+    def flaky(self, names, dtypes, advance=lambda _: None):  # a bug only some inputs reach
+        checks = real(self, names, dtypes, advance)
+        if self.seed != DEFAULT_SEED:
+            checks.append(CheckResult(level="ops", op="rms_norm", check="forward", dtype="float32", status="fail",
+                                      seed=self.seed, message="3 of 64 elements differ",
+                                      replay=op_level.replay_command("cpu", "rms_norm", "float32", self.seed)))
+        return checks
+
+    monkeypatch.setattr(op_level.OpLevel, "run", flaky)
+    result = run_suite(SuiteConfig(backend="cpu", levels=("ops",), ops=["rms_norm"], dtypes=[torch.float32],
+                                   quick=True, fuzz=2))
+    failed = result.failures()
+    assert len(failed) == 2 and all(c.message.startswith(f"seed-dependent (seed {c.seed}): ") for c in failed)
+    assert all(f"--seed {c.seed}" in c.replay and c.seed != DEFAULT_SEED for c in failed)
+    assert not result.ok and any(n.startswith("fuzz: the op level with 2 fresh seeds") for n in result.notes)

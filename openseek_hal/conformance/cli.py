@@ -54,7 +54,11 @@ class _RichProgress(Progress):
 @click.option("--dtype", "dtype_names", multiple=True, metavar="DTYPE",
               help="Only these dtypes: float32, bfloat16, float64, float16 (or fp32, bf16, ...).")
 @click.option("--sample", default="", metavar="LABEL", help="Only op samples whose label starts with LABEL (replay).")
-@click.option("--seed", type=int, default=None, help="Seed of the random inputs (default: fresh, and reported).")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the random inputs (default 0: every run gives the same verdict and numbers).")
+@click.option("--fuzz", type=click.IntRange(0, 10_000), default=0, metavar="N",
+              help="Also run the op level with N fresh seeds; failures only they find are listed as "
+                   "seed-dependent, with their seed in the replay command.")
 @click.option("--quick", is_flag=True, help="Fewer samples and dtypes, fewer model steps, 2 ranks only.")
 @click.option("--strict", is_flag=True,
               help="Every op must be native (a fallback is an error), and an expected failure that passes fails.")
@@ -67,7 +71,7 @@ class _RichProgress(Progress):
               help="Collective level: numbers of local ranks (default 2 and 4).")
 @click.pass_context
 def conform(ctx: click.Context, backend_name: str | None, levels: tuple[str, ...], op_names: tuple[str, ...],
-            dtype_names: tuple[str, ...], sample: str, seed: int | None, quick: bool, strict: bool,
+            dtype_names: tuple[str, ...], sample: str, seed: int | None, fuzz: int, quick: bool, strict: bool,
             report_dir: str | None, model_steps: int | None, adaptors: tuple[str, ...],
             world_sizes: tuple[int, ...]) -> None:
     """Check that a backend computes what the reference computes: ops, collectives, a model's training."""
@@ -81,7 +85,7 @@ def conform(ctx: click.Context, backend_name: str | None, levels: tuple[str, ...
     config = SuiteConfig(backend=backend_name or default_backend_name(),
                          levels=tuple(lv for lv in LEVELS if lv in chosen) if chosen else LEVELS,
                          levels_explicit=bool(chosen), ops=_split(op_names) or None, dtypes=_dtypes(dtype_names),
-                         seed=seed, quick=quick, strict=strict, sample=sample, model_steps=model_steps,
+                         seed=seed, fuzz=fuzz, quick=quick, strict=strict, sample=sample, model_steps=model_steps,
                          adaptors=_split(adaptors) or None, world_sizes=list(world_sizes) or None)
     check_config(config)  # before the progress bar, so a usage error prints as one clean line
     console = Console()
