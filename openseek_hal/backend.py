@@ -200,14 +200,25 @@ def discover(refresh: bool = False) -> tuple[dict[str, type[Backend]], dict[str,
     if _discovered is None or refresh:
         found: dict[str, type[Backend]] = {}
         errors: dict[str, str] = {}
+        owners: dict[str, str] = {}  # backend name -> the package that registered it
+        clashes: dict[str, list[str]] = {}
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             try:
                 cls = _load_entry_point(ep)
             except Exception as e:  # a broken plugin is reported, never fatal
                 errors[ep.name] = f"{type(e).__name__}: {e}"
                 continue
-            if cls is not None:
-                found.setdefault(cls.name, cls)
+            if cls is None:
+                continue
+            package = getattr(getattr(ep, "dist", None), "name", None) or "an unknown package"
+            if cls.name in found and found[cls.name] is not cls:
+                clashes.setdefault(cls.name, [owners[cls.name]]).append(package)
+                continue
+            found[cls.name], owners[cls.name] = cls, package
+        for name, packages in clashes.items():  # which one wins must never depend on install order
+            found.pop(name, None)
+            errors[name] = (f"the backend name '{name}' is registered by more than one package "
+                            f"({', '.join(repr(p) for p in packages)}); uninstall all but one")
         _discovered = (found, errors)
     found, errors = _discovered
     return {**found, **_registered}, dict(errors)
@@ -234,7 +245,8 @@ def list_backends() -> list[BackendInfo]:
 
 
 def default_backend_name() -> str:
-    """``$OPENSEEK_HAL_BACKEND`` if set, else the available backend with the highest priority."""
+    """``$OPENSEEK_HAL_BACKEND`` if set, else the available backend with the highest priority (in-tree first
+    on a tie)."""
     env = os.environ.get(ENV_BACKEND)
     if env:
         return env
@@ -242,7 +254,8 @@ def default_backend_name() -> str:
     usable = [cls for cls in found.values() if _availability(cls)[0]]
     if not usable:
         raise BackendUnavailableError("(default)", "no backend is available; run `openseek-hal backends`")
-    return max(usable, key=lambda c: (c.priority, c.name)).name
+    # on a tie an in-tree backend wins: installing a plugin of equal priority never changes the default
+    return max(usable, key=lambda c: (c.priority, c.__module__.startswith("openseek_hal."), c.name)).name
 
 
 def get_backend(name: str | None = None, *, device_index: int | None = None,

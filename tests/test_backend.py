@@ -181,3 +181,54 @@ def test_public_api_is_complete_and_lazy():
     code = "import sys, openseek_hal, openseek_hal.data.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+_PLUGIN = """
+    import torch
+    from openseek_hal.backend import Backend, Capabilities
+
+    class ChipBackend(Backend):
+        name = {name!r}
+        device_type = "cpu"
+        priority = {priority}
+        @classmethod
+        def is_available(cls):
+            return True, ""
+        def native_ops(self):
+            return {{}}
+        def capabilities(self):
+            return Capabilities(device_name="chip", dtypes=(torch.float32,))
+    """
+
+
+def test_a_plugin_never_silently_takes_the_default_or_a_name(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENSEEK_HAL_BACKEND", raising=False)
+    _write_plugin(tmp_path, "zchip_plugin", "zchip = zchip_mod:ChipBackend",
+                  {"zchip_mod": _PLUGIN.format(name="zchip", priority=0)})  # ties with cpu, sorts after it
+    _write_plugin(tmp_path, "a_plugin", "dup = dup_a:ChipBackend", {"dup_a": _PLUGIN.format(name="dup", priority=0)})
+    _write_plugin(tmp_path, "b_plugin", "dup = dup_b:ChipBackend", {"dup_b": _PLUGIN.format(name="dup", priority=0)})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        found, errors = discover(refresh=True)
+        assert "zchip" in found
+        if not torch.cuda.is_available():
+            assert default_backend_name() == "cpu"  # equal priority: the in-tree backend stays the default
+        assert "dup" not in found
+        assert "'a_plugin'" in errors["dup"] and "'b_plugin'" in errors["dup"]
+        with pytest.raises(BackendUnavailableError, match="registered by more than one package"):
+            get_backend("dup")
+    finally:
+        monkeypatch.undo()
+        discover(refresh=True)
+
+
+def test_a_plugin_reusing_an_in_tree_name_is_a_loud_error(tmp_path, monkeypatch):
+    _write_plugin(tmp_path, "fake_cpu_plugin", "cpu = fake_cpu:ChipBackend",
+                  {"fake_cpu": _PLUGIN.format(name="cpu", priority=0)})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        found, errors = discover(refresh=True)
+        assert "cpu" not in found and "'openseek-hal'" in errors["cpu"] and "'fake_cpu_plugin'" in errors["cpu"]
+    finally:
+        monkeypatch.undo()
+        discover(refresh=True)
