@@ -38,7 +38,10 @@ def main(mode: str, arg: str | None) -> int:
                 f"node={world.node_rank} source={world.source} armed={armed} sum={t.item():g} "
                 f"nccl_nvls={os.environ.get('NCCL_NVLS_ENABLE')} "
                 f"agent_store={os.environ.get('TORCHELASTIC_USE_AGENT_STORE')}")
-        print(line, flush=True)
+        # one write of the whole line (under PIPE_BUF, so atomic): ranks share the pipe, and print's
+        # separate writes of text and newline interleaved between ranks on a busy machine
+        sys.stdout.flush()
+        os.write(1, (line + "\n").encode())
         print(f"stderr of rank {world.rank}", file=sys.stderr, flush=True)
         shutdown()
         return 0
