@@ -138,3 +138,21 @@ def test_conform_user_errors_are_one_line(argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_narrow_terminal_lists_each_failure_on_one_line(faulty_result):
+    import io
+
+    from rich.console import Console
+
+    from openseek_hal.conformance.reports import print_report
+    from openseek_hal.conformance.reports.summary import failing_checks
+
+    out = io.StringIO()
+    print_report(faulty_result, Console(file=out, width=80, color_system=None))
+    text = out.getvalue()
+    shown = failing_checks(faulty_result)
+    assert shown and "checks that did not simply pass:" in text
+    for c in shown[:40]:
+        line = next(line for line in text.splitlines() if line.startswith(f"{c.status} {c.op} {c.check} {c.dtype} "))
+        assert c.sample in line and c.message[:30] in line  # the whole check on its one (soft-wrapped) line
