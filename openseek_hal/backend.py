@@ -71,6 +71,7 @@ class Backend(ABC):
     name: ClassVar[str]
     device_type: ClassVar[str]  # a torch device type string: "cpu", "cuda", "xpu", "npu", ...
     priority: ClassVar[int] = 0  # the available backend with the highest priority is the default
+    slow: ClassVar[bool] = False  # True: a test suite parametrized over every backend skips it unless asked
     dist_backend: ClassVar[str] = "gloo"  # torch.distributed backend for this chip's native collectives
     expected_failures: ClassVar[tuple[ExpectedFailure, ...]] = ()
     # dtypes this chip cannot run at all, with the reason; conformance reports their checks as xfail
@@ -138,6 +139,11 @@ class Backend(ABC):
         from . import comm
 
         return comm.create(adaptor or "torch", self, group=group, **kwargs)
+
+    def op_origins(self) -> dict[str, str]:
+        """``{op: library}`` for each native op, for a backend that mixes libraries (``backends --ops``
+        shows it); empty by default: every native op is the backend's own."""
+        return {}
 
     def coverage(self) -> dict[str, str]:
         """``{op name: "native" | "fallback"}`` over every registered op."""

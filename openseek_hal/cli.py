@@ -80,7 +80,7 @@ def backends(show_ops: bool) -> None:
                 ops_col = f"{len(native)} / {len(cov) - len(native)}"
                 note = be.capabilities().device_name + ("  (default)" if info.name == default else "")
                 coverage_rows.append((info.name, native, sorted(set(cov) - set(native)),
-                                      getattr(be, "op_origins", dict)()))
+                                      be.op_origins()))
             except Exception as e:  # a backend that breaks on use is shown, not fatal
                 note = f"error: {type(e).__name__}: {e}"
         table.add_row(info.name, "yes" if info.available else "no", devices, ops_col, note)

@@ -18,7 +18,7 @@ def _selected_backends(config: pytest.Config) -> list[str]:
     chosen = config.getoption("--backend")
     if not chosen:
         # A backend marked `slow` (an interpreter) runs only where --backend names it.
-        return [info.name for info in infos if not getattr(info.cls, "slow", False)]
+        return [info.name for info in infos if not info.cls.slow]
     unknown = [name for name in chosen if name not in available]
     if unknown:
         raise pytest.UsageError(f"--backend {', '.join(unknown)}: not available here (available: {available})")

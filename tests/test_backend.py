@@ -232,3 +232,10 @@ def test_a_plugin_reusing_an_in_tree_name_is_a_loud_error(tmp_path, monkeypatch)
     finally:
         monkeypatch.undo()
         discover(refresh=True)
+
+
+def test_slow_and_op_origins_are_part_of_the_contract():
+    from openseek_hal.backends.triton_interpret import TritonInterpretBackend
+
+    assert Backend.slow is False and TritonInterpretBackend.slow is True
+    assert get_backend("cpu").op_origins() == {}  # every native op is the backend's own
