@@ -182,6 +182,10 @@ def parse(raw: RawLine, text_key: str, malformed: Malformed) -> dict[str, Any] |
         except json.JSONDecodeError as e:
             malformed.add(raw.file, raw.line, f"{e.msg} at column {e.colno} (invalid JSON)")
             return None
+        if "\\u" in raw.text and _has_lone_surrogate(doc):
+            # a "\ud800" escape decodes to a string that no UTF-8 writer accepts: malformed, like bad UTF-8
+            malformed.add(raw.file, raw.line, "a \\uD800-\\uDFFF escape without its pair (invalid Unicode)")
+            return None
     if not isinstance(doc, dict):
         malformed.add(raw.file, raw.line, "not a JSON object")
         return None
@@ -189,6 +193,20 @@ def parse(raw: RawLine, text_key: str, malformed: Malformed) -> dict[str, Any] |
         malformed.add(raw.file, raw.line, f"missing or non-string field '{text_key}'")
         return None
     return doc
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def dumps(doc: dict[str, Any]) -> str:

@@ -105,3 +105,19 @@ def test_cli_ray_without_ray_says_how_to_install(cli, tmp_path):
         "data", "filter", tmp_path / "in.jsonl", "-o", tmp_path / "o", "--executor", "ray", "-q"
     )
     assert code == 2 and "pip install 'ray[default]'" in err
+
+
+def test_a_lone_surrogate_escape_is_a_malformed_line_not_a_crash(cli, tmp_path):
+    """json accepts "\\ud800" and gives a string no UTF-8 writer takes: counted like invalid UTF-8."""
+    good = [{"text": "first document, long enough to keep " * 3}, {"text": "third: a pair \U0001F600 is fine " * 3}]
+    path = write_jsonl(tmp_path / "s.jsonl", good[:1], ('{"text": "lone \\ud800 high surrogate"}',
+                                                       '{"text": "ok", "meta": {"k": "\\udc00"}}'))
+    with path.open("a") as f:
+        f.write(json.dumps(good[1]) + "\n")  # ensure_ascii: the pair is written as two escapes
+    malformed = Malformed()
+    docs = [d for r in iter_raw([path]) if (d := parse(r, "text", malformed)) is not None]
+    assert docs == good
+    assert [(m["line"], "invalid Unicode" in m["error"]) for m in malformed.first] == [(2, True), (3, True)]
+    code, _, err = cli("data", "filter", path, "-o", tmp_path / "out", "--min-chars", "1")
+    assert code == 0, err
+    assert read_output(tmp_path / "out") == good
