@@ -286,3 +286,17 @@ def _train_rank_with_own_seed(comm, cfg):
 def test_ranks_started_with_different_configs_fail_at_start(tmp_path):
     with pytest.raises(ConfigError, match="rank 1 started with another configuration than rank 0"):
         launch(_train_rank_with_own_seed, 2, args=(_cfg(tmp_path / "run", steps=1),), timeout=60)
+
+
+def test_eight_ranks_expert_parallel_4_by_data_parallel_2_match_one_rank(tmp_path):
+    """The largest layout CI can afford: 8 gloo ranks, routed experts in EP groups of 4, 2 replicas each."""
+    steps = 2
+    one = _train(_cfg(tmp_path / "one", steps=steps))
+    eight = _train(_cfg(tmp_path / "eight", steps=steps, expert_parallel=4), 8)
+    assert eight.extra["world_size"] == 8
+    assert eight.losses == pytest.approx(one.losses, rel=1e-6)  # the router's float32 (see the EP test above)
+    wa = CheckpointReader(tmp_path / "one").full_state_dict()
+    wb = CheckpointReader(tmp_path / "eight").full_state_dict()
+    bound = weight_bound(_cfg(tmp_path), steps)  # Adam's amplification of the reduction order, as for ZeRO-1
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=bound, msg=name)
