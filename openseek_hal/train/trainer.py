@@ -397,7 +397,7 @@ class _Run:
                "tokens_per_s_per_device": tps / world}
         if self.peak:
             row["mfu"] = tps / world * self.flops_per_token / self.peak
-        row["peak_memory_mib"] = self.backend.device.memory_stats()["peak_allocated"] / 2**20
+        row["peak_memory_mib"] = self.layout.max(self.backend.device.memory_stats()["peak_allocated"] / 2**20)
         row.update({f"{k}_ms": v for k, v in phases.mean_ms().items()})
         row.update(self._all_to_all_row())
         return row
