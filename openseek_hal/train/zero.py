@@ -3,16 +3,17 @@
 Parameters live in flat, contiguous per-bucket buffers (each parameter is a view), in the run's
 weight dtype (bf16 on accelerators). Each bucket has a gradient buffer in the accumulation dtype
 (fp32): a post-accumulate-grad hook copies (first micro-batch) or adds (later ones) a parameter's
-``.grad`` into it and frees ``.grad``. On
-the last micro-batch of a step, a bucket whose parameters all have their gradient is
+``.grad`` into it and frees ``.grad``. On the last micro-batch of a step, a bucket whose parameters
+all have their gradient is
 reduce-scattered at once, asynchronously, so communication overlaps the rest of backward; buckets
 are launched strictly in their fixed order, so every rank issues the same collectives in the same
 order whatever order its autograd finishes them in.
 
 Every replica rank owns ``1/N`` of each bucket (padded to a multiple of N): the fp32 master copy
 of those elements and their AdamW moments. After the step a rank writes its updated slice into
-the parameter buffer (rounded to the weight dtype) and the buckets are all-gathered. With one rank
-the same code runs with no communication and the shard is the whole bucket.
+the parameter buffer (rounded to the weight dtype) and the buckets are all-gathered, last bucket
+first; with `gather_before_blocks` each block waits for its own weights when the next forward calls
+it. With one rank the same code runs with no communication and the shard is the whole bucket.
 
 Parameters fall in *spaces*: the dense parameters (and shared experts) are replicated on every
 rank and reduced over all of them; the routed experts of an expert-parallel run are replicated
