@@ -212,25 +212,26 @@ def check_world(cfg: TrainConfig, world_size: int) -> tuple[int, int, int]:
     return dp, micro, per_rank // micro
 
 
-def exactness_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """Fields outside `RESUMABLE` whose value in ``cfg`` differs from the ``saved`` config of a checkpoint."""
+def check_resumable(saved: dict[str, Any], step: int, cfg: TrainConfig, where: str) -> None:
+    """Refuse ``cfg`` as the continuation of a checkpoint (``saved`` config, at ``step``) when it would not be exact.
+
+    Changing a field outside `RESUMABLE` (seed, batch, data, model, schedule, ...) would make the
+    resumed run differ from an uninterrupted one; so would stopping before the checkpoint's step.
+    """
     base = from_dict(TrainConfig, saved, "checkpoint config")
-    return [f.name for f in dataclasses.fields(TrainConfig)
-            if f.name not in RESUMABLE and getattr(cfg, f.name) != getattr(base, f.name)]
+    changed = [f.name for f in dataclasses.fields(TrainConfig)
+               if f.name not in RESUMABLE and getattr(cfg, f.name) != getattr(base, f.name)]
+    if changed:
+        name = changed[0]
+        raise ConfigError(f"--resume: {name} differs from the checkpoint's ({getattr(base, name)!r} in {where}, "
+                          f"now {getattr(cfg, name)!r}); a resumed run keeps the settings that decide its numbers "
+                          "(start a new run to change it)")
+    if cfg.steps < step:
+        raise ConfigError(f"--resume: steps={cfg.steps} is below the checkpoint's step {step}")
 
 
 def resumed_config(saved: dict[str, Any], step: int, overrides: dict[str, Any], where: str) -> TrainConfig:
-    """The config of a resumed run: the checkpoint's, with ``overrides`` that keep the run exact.
-
-    Changing a field outside `RESUMABLE` (seed, batch, data, model, schedule, ...) would make the
-    resumed run differ from an uninterrupted one, so it is refused with the field named.
-    """
+    """The config of a resumed run: the checkpoint's, with ``overrides`` that keep the run exact."""
     merged = load_config(None, {**copy.deepcopy(saved), **overrides})
-    changed = exactness_changes(saved, merged)
-    if changed:
-        name = changed[0]
-        raise ConfigError(f"--resume: {name} was {saved.get(name)!r} in {where}, now {getattr(merged, name)!r}; "
-                          "a resumed run keeps the settings that decide its numbers (start a new run to change it)")
-    if merged.steps < step:
-        raise ConfigError(f"--resume: steps={merged.steps} is below the checkpoint's step {step}")
+    check_resumable(saved, step, merged, where)
     return merged

@@ -42,7 +42,7 @@ from .checkpoint import (
     remove_partials,
     save_checkpoint,
 )
-from .config import TrainConfig, check_world, exactness_changes, model_config, to_dict
+from .config import TrainConfig, check_resumable, check_world, model_config, to_dict
 from .corpus import TokenSequence, iter_windows, load_training_tokens
 from .metrics import MetricsLogger
 from .parallel import ParallelLayout
@@ -129,12 +129,10 @@ def join_world(cfg: TrainConfig) -> Communicator | None:
     if world.world_size == 1:
         return None
     from ..comm import create
-    from ..comm.rendezvous import init_distributed
 
     backend = get_backend(cfg.backend)
     if backend.device_type != "cpu":
         backend = get_backend(cfg.backend, device_index=world.local_rank)
-    init_distributed(backend.device_type, backend.dist_backend, timeout=cfg.comm_timeout)
     return create(cfg.comm_adaptor, backend, timeout=cfg.comm_timeout)
 
 
@@ -198,13 +196,7 @@ class _Run:
         self.out = Path(cfg.out)
         self.reader = CheckpointReader(resume) if resume is not None else None
         if self.reader is not None:
-            saved = self.reader.state["config"]
-            changed = exactness_changes(saved, cfg)
-            if changed:
-                raise ConfigError(f"--resume: {changed[0]} differs from the checkpoint's; a resumed run keeps the "
-                                  "settings that decide its numbers (start a new run to change it)")
-            if cfg.steps < self.reader.step:
-                raise ConfigError(f"--resume: steps={cfg.steps} is below the checkpoint's step {self.reader.step}")
+            check_resumable(self.reader.state["config"], self.reader.step, cfg, str(self.reader.path))
         self.start_step = self.reader.step if self.reader is not None else 0
 
     # -- setup -----------------------------------------------------------------------------------
