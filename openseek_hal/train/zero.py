@@ -118,7 +118,7 @@ class DistributedOptimizer:
         self._param_bucket = {id(p): b for b in self.buckets for _, p, _ in b.params}
         for b in self.buckets:
             for _, p, offset in b.params:
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b, p, offset)))
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b, offset)))
 
     # -- layout --------------------------------------------------------------------------------
     def _build_buckets(self, space: str, comm: Communicator | None, named: list[tuple[str, nn.Parameter]],
@@ -185,7 +185,7 @@ class DistributedOptimizer:
         return b.comm is not None and b.comm.world_size > 1
 
     # -- gradients -----------------------------------------------------------------------------
-    def _make_hook(self, b: Bucket, p: nn.Parameter, offset: int) -> Callable[[torch.Tensor], None]:
+    def _make_hook(self, b: Bucket, offset: int) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
             if param.grad is None:
                 return
