@@ -80,7 +80,7 @@ def run_regime(regime: str, args: argparse.Namespace, be) -> dict:
         for _ in range(2):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70)
     (args.out / f"profile-{regime}.txt").write_text(table)
     print(f"== {regime}\n{table}", flush=True)
     return row
