@@ -128,6 +128,36 @@ def test_diverged_loss_is_one_clear_error(tmp_path, monkeypatch):
         train(_cfg(tmp_path, steps=3), console=_quiet())
 
 
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def test_diverged_gradient_norm_names_its_step_and_writes_no_checkpoint(tmp_path, monkeypatch):
+    real_loss = DeepseekV3.loss
+    calls = []
+
+    def poisoned(self, x, y):
+        out = real_loss(self, x, y)
+        calls.append(1)
+        if len(calls) == 4:  # the loss stays finite; the gradient norm (read on the device) does not
+            return ModelLoss(total=_NanGradient.apply(out.total), main=out.main, mtp=out.mtp, aux=out.aux)
+        return out
+
+    monkeypatch.setattr(DeepseekV3, "loss", poisoned)
+    with pytest.raises(RunError, match="the gradient norm became nan at step 4"):
+        train(_cfg(tmp_path, steps=6, save_every=5, log_every=5), console=_quiet())
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())
+
+
 def test_trains_on_token_shards_from_data_tokenize(tmp_path):
     from openseek_hal.cli import main
     from openseek_hal.data.shards import TokenShards

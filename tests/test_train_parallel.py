@@ -85,19 +85,26 @@ def test_accumulation_matches_one_big_batch(tmp_path):
     _assert_same_weights(tmp_path / "big", tmp_path / "acc", weight_bound(_cfg(tmp_path), steps))
 
 
-def test_distributed_optimizer_matches_torch_adamw():
-    """One step of the sharded optimizer on 2 ranks equals torch.optim.AdamW on the averaged gradient."""
-    results = launch(_zero_step, 2, timeout=60)
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_distributed_optimizer_matches_torch_adamw(clip):
+    """Two steps of the sharded optimizer on 2 ranks equal torch.optim.AdamW on the averaged gradient,
+    clipped by its global norm as ``torch.nn.utils.clip_grad_norm_`` does."""
+    results = launch(_zero_step, 2, args=(clip,), timeout=60)
     ref_params, grads = _reference_model()
     decay = [p for p in ref_params if p.dim() >= 2]
     no_decay = [p for p in ref_params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    norms = []
     for step in range(2):
         for p, g in zip(ref_params, grads[step]):
             p.grad = g.clone()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(ref_params, clip if clip is not None else math.inf)))
         opt.step()
-    for got in results:
+    if clip is not None:
+        assert min(norms) > 10 * clip  # the clip is active in both steps
+    for got, got_norms in results:
+        assert got_norms == pytest.approx(norms, rel=1e-12)
         for p, q in zip(got, ref_params):
             torch.testing.assert_close(torch.from_numpy(p), q.detach(), rtol=1e-12, atol=1e-14)
 
@@ -109,7 +116,7 @@ def _reference_model():
     return params, grads
 
 
-def _zero_step(comm):
+def _zero_step(comm, clip):
     params, grads = _reference_model()
     model = torch.nn.Module()
     for i, p in enumerate(params):
@@ -118,14 +125,15 @@ def _zero_step(comm):
                                lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, bucket_mb=0.0005,
                                master_dtype=torch.float64, reduce_dtype=torch.float64)
     assert len(opt.buckets) > 1
+    norms = []
     for step in range(2):
         opt.start_step(1)
         # each rank's loss gradient is half of the sum, so the average over 2 ranks is the reference gradient
         loss = sum((p * (g * (1 + comm.rank) / 1.5)).sum() for p, g in zip(model.parameters(), grads[step]))
         loss.backward()
         opt.finish_gradients()
-        opt.step(1e-2, None)
-    return [p.detach().numpy().copy() for p in model.parameters()]  # tensors do not survive the rank's exit
+        norms.append(float(opt.step(1e-2, clip).grad_norm))
+    return [p.detach().numpy().copy() for p in model.parameters()], norms  # tensors do not survive the rank's exit
 
 
 def test_schedules():

@@ -60,6 +60,8 @@ ROWS = {
     "1gpu": (1, ["model.num_nextn_predict_layers=0"]),
     "1gpu-again": (1, ["model.num_nextn_predict_layers=0"]),  # the baseline once more, last: drift shows
     "1gpu-mtp": (1, []),
+    "1gpu-bf16moments": (1, ["model.num_nextn_predict_layers=0", "moment_dtype=bf16"]),
+    "1gpu-mtp-bf16moments": (1, ["moment_dtype=bf16"]),
     "1gpu-autocast-mtp": (1, ["dtype=autocast"]),
     "dp2": (2, ["model.num_nextn_predict_layers=0"]),
     "dp2-bf16reduce": (2, ["model.num_nextn_predict_layers=0", "reduce_dtype=bf16"]),

@@ -17,12 +17,15 @@ from .opdef import OpDef, Sample, randn
 def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
           exp_avg_sqs: Sequence[torch.Tensor], *, lr: float, beta1: float = 0.9, beta2: float = 0.999,
           eps: float = 1e-8, weight_decay: float = 0.0, step: int,
-          master_params: Sequence[torch.Tensor] | None = None
+          master_params: Sequence[torch.Tensor] | None = None, grad_scale: torch.Tensor | float | None = None
           ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """One decoupled-weight-decay Adam step (``torch.optim.AdamW``'s update) with ``step`` >= 1.
 
     With ``master_params`` the update is applied to the master copies and each parameter becomes
     its master rounded to the parameter's dtype; the fourth result is then the new masters, else [].
+    ``grad_scale`` (a number or a one-element tensor on the parameters' device) multiplies every
+    gradient before it is used: the trainer passes the averaging and clipping factor as a device
+    tensor, so the step needs no pass over the gradients and no wait for the host.
     """
     bias_c1 = 1.0 - beta1 ** step
     bias_c2_sqrt = (1.0 - beta2 ** step) ** 0.5
@@ -31,6 +34,8 @@ def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avg
         base = master_params[i] if master_params is not None else p
         acc = torch.promote_types(base.dtype, torch.float32)
         gf = g.to(acc)
+        if grad_scale is not None:
+            gf = gf * (grad_scale.to(acc) if isinstance(grad_scale, torch.Tensor) else grad_scale)
         m_new = beta1 * m.to(acc) + (1 - beta1) * gf
         v_new = beta2 * v.to(acc) + (1 - beta2) * gf * gf
         x = base.to(acc) * (1 - lr * weight_decay)
@@ -60,12 +65,21 @@ def _samples(dtype, device, gen):
     yield Sample(([m.to(dtype) for m in masters], tensors(1.0, dtype), tensors(0.1, state),
                   tensors(0.01, state, True)), {**hyper, "step": 3, "master_params": masters},
                  "5-tensors:step3-master")
+    masters = tensors(1.0, state)
+    yield Sample(([m.to(dtype) for m in masters], tensors(1.0, dtype), tensors(0.1, state),
+                  tensors(0.01, state, True)),
+                 {**hyper, "step": 7, "master_params": masters,
+                  "grad_scale": torch.tensor([0.37], dtype=torch.float32, device=device)},
+                 "5-tensors:step7-master-scaled")
+    yield Sample((tensors(1.0, dtype), tensors(1.0, dtype), tensors(0.1, state), tensors(0.01, state, True)),
+                 {**hyper, "step": 2, "grad_scale": 2.5}, "5-tensors:step2-scaled")
 
 
 OPDEFS = [OpDef(name="adamw",
                 signature="adamw(params[], grads[], exp_avgs[], exp_avg_sqs[], *, lr, beta1=0.9, beta2=0.999, "
-                          "eps=1e-8, weight_decay=0.0, step, master_params[]=None) "
+                          "eps=1e-8, weight_decay=0.0, step, master_params[]=None, grad_scale=None) "
                           "-> (params[], exp_avgs[], exp_avg_sqs[], master_params[] or [])",
                 reference=adamw, samples=_samples, differentiable=False,
                 doc="Fast implementations update in place and return the same tensors; the reference returns "
-                    "new ones. Lists of tensors are pytrees (torch.utils._pytree).")]
+                    "new ones. Lists of tensors are pytrees (torch.utils._pytree). grad_scale is a number "
+                    "or a one-element tensor that multiplies every gradient (read on the device).")]

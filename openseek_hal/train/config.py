@@ -58,6 +58,9 @@ class TrainConfig:
     expert_overlap: bool = False  # run the shared experts while the routed tokens travel (measured: no gain on NVLink)
     bucket_mb: float = 128.0  # gradient bucket size (fp32 bytes); reduce-scattered as soon as it is ready
     reduce_dtype: str = "fp32"  # the dtype gradients are reduced in: fp32 or bf16
+    # the AdamW moments: "master" (the master weights' dtype: fp32, fp64 in verification runs) or
+    # "bf16" (as DeepSeek-V3 trains: half the optimizer's moment memory and traffic)
+    moment_dtype: str = "master"
     comm_adaptor: str = "torch"  # the Communicator adaptor every collective goes through
     comm_timeout: float = 300.0  # seconds any collective or the rendezvous may wait before failing
     recompute: bool = False  # recompute each transformer block's activations in backward
@@ -178,7 +181,8 @@ def validate(cfg: TrainConfig) -> None:
     if not cfg.min_lr_ratio <= 1:
         raise ConfigError(f"min_lr_ratio must be at most 1, got {cfg.min_lr_ratio}")
     choices = {"dtype": ("auto", "bf16", "autocast", "fp32", "fp64"), "lr_schedule": ("cosine", "wsd", "constant"),
-               "decay_shape": ("linear", "cosine", "sqrt"), "reduce_dtype": ("fp32", "bf16")}
+               "decay_shape": ("linear", "cosine", "sqrt"), "reduce_dtype": ("fp32", "bf16"),
+               "moment_dtype": ("master", "bf16")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")

@@ -246,11 +246,14 @@ class _Run:
         self.model = model
         master = torch.float64 if self.dtype == torch.float64 else torch.float32
         reduce = torch.bfloat16 if cfg.reduce_dtype == "bf16" else master
+        moments = torch.bfloat16 if cfg.moment_dtype == "bf16" else master
         spaces = named_spaces(model, layout.world, layout.expert_dp_comm, lambda p: self.expert_of(p) is not None)
         self.optimizer = DistributedOptimizer(spaces, self.backend, world=layout.world, lr=cfg.lr,
                                               betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                               weight_decay=cfg.weight_decay, bucket_mb=cfg.bucket_mb,
-                                              master_dtype=master, reduce_dtype=reduce)
+                                              master_dtype=master, reduce_dtype=reduce, moment_dtype=moments,
+                                              # one micro-batch: the gradient autograd made, in its own dtype
+                                              grad_dtype=self.dtype if self.accum == 1 else None)
         self.optimizer.gather_before_blocks([*model.layers, *(m.block for m in model.mtp)])
         if self.reader is not None:
             load_weights(self.reader, model, self.expert_of)  # the buffers too (the routing bias)
@@ -292,7 +295,10 @@ class _Run:
         metrics = MetricsLogger(self.out, use_wandb=cfg.wandb, run_name=self.out.name, config=to_dict(cfg),
                                 resume_step=self.start_step if self.reader is not None else None,
                                 enabled=layout.is_main)
-        pending: list[torch.Tensor] = []  # this rank's reduced losses of the steps since the last read
+        # the steps since the last read: this rank's reduced losses and the gradient norms, on the device
+        pending: list[torch.Tensor] = []
+        pending_norms: list[torch.Tensor] = []
+        grad_norm = float("nan")
         per_rank = cfg.global_batch_size // self.dp
         first = layout.rank * per_rank
         ckpt_path = self.out / "checkpoints" / f"step_{cfg.steps:06d}"
@@ -325,29 +331,32 @@ class _Run:
                 self.optimizer.wait_weights(lazy=True)  # each block waits for its own weights on first use
                 phases.mark("weight_sync")
                 self.model.update_expert_bias(layout.world)  # aux-loss-free balancing, loads summed over all ranks
-                # The loss stays on the device (read at log time), so the host queues the next step while
-                # the device finishes this one; the gradient norm (read by `update`) is the step's one sync.
+                # The loss and the gradient norm stay on the device until they are read (to log, or before a
+                # checkpoint is written), so the host queues the next steps while the device works.
                 pending.append(layout.mean_tensor(loss_sum / self.accum))
+                pending_norms.append(stats.grad_norm.detach().reshape(()).to(torch.float64))
                 phases.end_step(count=step > self.start_step)
-                if not math.isfinite(stats.grad_norm):
-                    loss_value = float(pending[-1])
-                    what = f"loss became {loss_value}" if not math.isfinite(loss_value) else \
-                        f"the gradient norm became {stats.grad_norm}"
-                    raise RunError(f"{what} at step {step + 1}; lower lr or check the data")
                 done = step + 1
                 progress.update(task, completed=done)
                 if done % cfg.log_every == 0 or done == cfg.steps or (cfg.save and cfg.save_every
                                                                         and done % cfg.save_every == 0):
-                    losses.extend(torch.stack(pending).tolist())  # waits for the device: the clock below is real
+                    read = torch.stack(pending).tolist()  # waits for the device: the clock below is real
+                    norms = torch.stack(pending_norms).tolist()
                     pending.clear()
-                    bad = [v for v in losses[-cfg.log_every:] if not math.isfinite(v)]
-                    if bad:
-                        raise RunError(f"loss became {bad[0]} by step {done}; lower lr or check the data")
+                    pending_norms.clear()
+                    for i, (loss_value, norm) in enumerate(zip(read, norms, strict=True)):
+                        # a non-finite norm makes the next loss non-finite: the first bad value names the step
+                        if not (math.isfinite(loss_value) and math.isfinite(norm)):
+                            what = f"loss became {loss_value}" if not math.isfinite(loss_value) else \
+                                f"the gradient norm became {norm}"
+                            raise RunError(f"{what} at step {done - len(read) + i + 1}; lower lr or check the data")
+                    losses.extend(read)
+                    grad_norm = norms[-1]
                     if t_timed is not None:  # the first step pays for warm-up (allocator, kernel compilation)
                         timed_seconds = time.perf_counter() - t_timed
                         timed_tokens = (done - self.start_step - 1) * tokens_per_step
                 if done % cfg.log_every == 0 or done == cfg.steps:
-                    row = self._log_row(losses[-1], lr, stats.grad_norm, timed_tokens, timed_seconds, phases)
+                    row = self._log_row(losses[-1], lr, grad_norm, timed_tokens, timed_seconds, phases)
                     extra = (("mtp_loss", mtp_sum), ("aux_loss", aux_sum))
                     row.update({k: layout.mean(v.detach() / self.accum) for k, v in extra if v is not None})
                     metrics.log(done, row)

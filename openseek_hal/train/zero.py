@@ -1,16 +1,23 @@
 """ZeRO-1 data parallelism over the HAL's `Communicator` (Megatron's distributed optimizer).
 
 Parameters live in flat, contiguous per-bucket buffers (each parameter is a view), in the run's
-weight dtype (bf16 on accelerators). Each bucket has a gradient buffer in the accumulation dtype
-(fp32): a post-accumulate-grad hook copies (first micro-batch) or adds (later ones) a parameter's
-``.grad`` into it and frees ``.grad``. On the last micro-batch of a step, a bucket whose parameters
-all have their gradient is
-reduce-scattered at once, asynchronously, so communication overlaps the rest of backward; buckets
-are launched strictly in their fixed order, so every rank issues the same collectives in the same
-order whatever order its autograd finishes them in.
+weight dtype (bf16 on accelerators). Each bucket has a gradient buffer: in the master dtype (fp32)
+when micro-batches are accumulated, in the weight dtype when a step has one micro-batch (autograd
+made the gradient in that dtype: a wider copy would hold the same values at twice the traffic). A
+post-accumulate-grad hook copies (first micro-batch) or adds (later ones) a parameter's ``.grad``
+into it and frees ``.grad``. On the last micro-batch of a step, a bucket whose parameters all have
+their gradient is reduce-scattered at once (in the reduce dtype), asynchronously, so communication
+overlaps the rest of backward; buckets are launched strictly in their fixed order, so every rank
+issues the same collectives in the same order whatever order its autograd finishes them in.
+
+The buffers hold gradient *sums*; the averaging factor and the clipping coefficient are one
+device scalar handed to the backend's ``adamw`` (``grad_scale``), and the global norm is computed
+on the device too, so the step makes no pass over the gradients just to scale them and never
+waits for the host.
 
 Every replica rank owns ``1/N`` of each bucket (padded to a multiple of N): the fp32 master copy
-of those elements and their AdamW moments. After the step a rank writes its updated slice into
+of those elements and their AdamW moments (in the master dtype, or bf16 as DeepSeek-V3 keeps them,
+``moment_dtype``). After the step a rank writes its updated slice into
 the parameter buffer (rounded to the weight dtype) and the buckets are all-gathered, last bucket
 first; with `gather_before_blocks` each block waits for its own weights when the next forward calls
 it. With one rank the same code runs with no communication and the shard is the whole bucket.
@@ -23,7 +30,6 @@ average over the whole world (an expert shard's gradient already sums the tokens
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +73,7 @@ class Bucket:
     decay_end: int = 0  # bucket offset where the parameters without weight decay start
     work: Work | None = None
     reduced: torch.Tensor | None = field(default=None, repr=False)  # reduce-scatter output (reduce dtype)
+    send: torch.Tensor | None = field(default=None, repr=False)  # reduce-scatter input, alive until it is done
     master: torch.Tensor | None = field(default=None, repr=False)
     exp_avg: torch.Tensor | None = field(default=None, repr=False)
     exp_avg_sq: torch.Tensor | None = field(default=None, repr=False)
@@ -76,14 +83,21 @@ class Bucket:
         return self.grad_buffer[self.shard_start:self.shard_start + self.shard_numel]
 
     @property
+    def step_grad(self) -> torch.Tensor:
+        """The summed gradient of this rank's shard: the reduce-scatter's output, or the buffer's own slice."""
+        return self.reduced if self.reduced is not None else self.grad_shard
+
+    @property
     def param_shard(self) -> torch.Tensor:
         return self.param_buffer[self.shard_start:self.shard_start + self.shard_numel]
 
 
 @dataclass
 class StepStats:
-    grad_norm: float
-    clip_coef: float
+    """Device scalars (read them when logging, not every step: reading waits for the device)."""
+
+    grad_norm: torch.Tensor  # of the averaged gradient, before clipping
+    clip_coef: torch.Tensor
 
 
 class DistributedOptimizer:
@@ -98,12 +112,19 @@ class DistributedOptimizer:
     def __init__(self, spaces: dict[str, tuple[Communicator | None, list[tuple[str, nn.Parameter]]]],
                  backend: Backend, *, world: Communicator | None, lr: float, betas: tuple[float, float],
                  eps: float, weight_decay: float, bucket_mb: float = 128.0, master_dtype: torch.dtype = torch.float32,
-                 reduce_dtype: torch.dtype = torch.float32,
+                 reduce_dtype: torch.dtype = torch.float32, moment_dtype: torch.dtype | None = None,
+                 grad_dtype: torch.dtype | None = None,
                  no_decay: Callable[[str, nn.Parameter], bool] | None = None):
+        """``moment_dtype`` defaults to ``master_dtype``; ``grad_dtype`` (the gradient buffers) to the
+        wider of the master and weight dtypes, which accumulation needs; the weight dtype suffices
+        when every step has one micro-batch (`start_step` refuses more)."""
         self.backend, self.world = backend, world
         self.world_size = world.world_size if world is not None else 1
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.master_dtype, self.reduce_dtype = master_dtype, reduce_dtype
+        self.moment_dtype = moment_dtype or master_dtype
+        self.grad_dtype = grad_dtype
+        self._scale = 1.0  # the averaging factor of this step's gradient sums
         self.step_count = 0
         self._adamw = backend.op("adamw")
         self._no_decay = no_decay or (lambda name, p: p.dim() < 2)
@@ -144,7 +165,7 @@ class DistributedOptimizer:
             total = -(-total // n) * n
             p0 = members[0][1]
             param_buffer = torch.zeros(total, dtype=p0.dtype, device=p0.device)
-            grad_dtype = torch.promote_types(self.master_dtype, p0.dtype)
+            grad_dtype = self.grad_dtype or torch.promote_types(self.master_dtype, p0.dtype)
             grad_buffer = torch.zeros(total, dtype=grad_dtype, device=p0.device)
             params = []
             for (name, p), offset in zip(members, offsets):
@@ -178,7 +199,7 @@ class DistributedOptimizer:
         shard = b.param_shard
         b.aliased = shard.dtype == self.master_dtype
         b.master = shard if b.aliased else shard.to(self.master_dtype)
-        b.exp_avg = torch.zeros(b.shard_numel, dtype=self.master_dtype, device=shard.device)
+        b.exp_avg = torch.zeros(b.shard_numel, dtype=self.moment_dtype, device=shard.device)
         b.exp_avg_sq = torch.zeros_like(b.exp_avg)
 
     def _communicates(self, b: Bucket) -> bool:
@@ -204,13 +225,21 @@ class DistributedOptimizer:
 
     def start_step(self, micro_batches: int) -> None:
         """Expect ``micro_batches`` backwards before `finish_gradients`."""
+        narrow = [b.index for b in self.buckets if b.grad_buffer.dtype != self.master_dtype
+                  and torch.promote_types(b.grad_buffer.dtype, self.master_dtype) == self.master_dtype]
+        if micro_batches > 1 and narrow:
+            raise ValueError(f"accumulating {micro_batches} micro-batches needs {self.master_dtype} gradient "
+                             f"buffers, not {self.buckets[narrow[0]].grad_buffer.dtype} (grad_dtype)")
         self._micro_batches = micro_batches
         self._micro = 0
         self._next_launch = 0
         self._seen.clear()
+        # every loss is a mean over its rank's micro-batch: the global mean divides by all of them
+        self._scale = 1.0 / (self.world_size * micro_batches)
         for b in self.buckets:
             b.pending = len(b.params)
             b.work = None
+            b.reduced = b.send = None
 
     def next_micro_batch(self) -> None:
         self._micro += 1
@@ -221,13 +250,11 @@ class DistributedOptimizer:
             self._next_launch += 1
 
     def _launch(self, b: Bucket) -> None:
-        # every loss is a mean over its rank's micro-batch: the global mean divides by all of them
-        b.grad_buffer.mul_(1.0 / (self.world_size * self._micro_batches))
         if not self._communicates(b):
             return
-        send = b.grad_buffer if b.grad_buffer.dtype == self.reduce_dtype else b.grad_buffer.to(self.reduce_dtype)
-        b.reduced = torch.empty(b.shard_numel, dtype=send.dtype, device=send.device)
-        b.work = b.comm.reduce_scatter(b.reduced, send, op="sum", async_op=True)
+        b.send = b.grad_buffer if b.grad_buffer.dtype == self.reduce_dtype else b.grad_buffer.to(self.reduce_dtype)
+        b.reduced = torch.empty(b.shard_numel, dtype=b.send.dtype, device=b.send.device)
+        b.work = b.comm.reduce_scatter(b.reduced, b.send, op="sum", async_op=True)
 
     def finish_gradients(self) -> None:
         """Launch what is left (parameters that got no gradient this step) and wait for every reduction."""
@@ -241,24 +268,20 @@ class DistributedOptimizer:
             if b.work is not None:
                 b.work.wait()
                 b.work = None
-            if b.reduced is not None:
-                b.grad_shard.copy_(b.reduced)
-                b.reduced = None
+            b.send = None
 
     # -- the update ----------------------------------------------------------------------------
-    def grad_norm(self) -> float:
-        """The global L2 norm of the averaged gradient (each element counted once over all ranks)."""
+    def grad_norm(self) -> torch.Tensor:
+        """The global L2 norm of the averaged gradient (each element counted once over all ranks), on the device."""
         acc = torch.promote_types(self.master_dtype, torch.float32)
-        total = torch.zeros((), dtype=acc, device=self.buckets[0].grad_buffer.device) if self.buckets else None
-        if total is None:
-            return 0.0
-        for b in self.buckets:
-            g = b.grad_shard.to(acc)
-            total += torch.dot(g, g)
+        if not self.buckets:
+            return torch.zeros((), dtype=acc)
+        squares = torch.stack([torch.linalg.vector_norm(b.step_grad, dtype=acc) for b in self.buckets]).square().sum()
         if self.world is not None and self.world.world_size > 1:
-            total = total.reshape(1).to(torch.float64)
-            self.world.all_reduce(total, op="sum")
-        return math.sqrt(float(total))
+            squares = squares.reshape(1).to(torch.float64)
+            self.world.all_reduce(squares, op="sum")
+            squares = squares[0].to(acc)
+        return squares.sqrt() * self._scale
 
     @torch.no_grad()
     def update(self, lr: float, grad_clip: float | None) -> StepStats:
@@ -269,15 +292,14 @@ class DistributedOptimizer:
         updated, and `wait_weights` (or, with `gather_before_blocks`, each block's first use) waits.
         """
         norm = self.grad_norm()
-        coef = 1.0
-        if grad_clip is not None and norm > grad_clip:
-            coef = grad_clip / (norm + 1e-6)
+        coef = torch.ones_like(norm)
+        if grad_clip is not None:
+            coef = torch.where(norm > grad_clip, grad_clip / (norm + 1e-6), coef)
+        grad_scale = (coef * self._scale).to(torch.float32).reshape(1)
         self.step_count += 1
         beta1, beta2 = self.betas
         for b in reversed(self.buckets):
-            grads = b.grad_shard
-            if coef != 1.0:
-                grads.mul_(coef)
+            grads = b.step_grad
             lo, hi = b.shard_start, b.shard_start + b.shard_numel
             split = min(max(b.decay_end, lo), hi) - lo  # shard offset where no-decay elements start
             # alignment padding updates to zero: its weight, gradient and moments are all zero
@@ -288,11 +310,13 @@ class DistributedOptimizer:
                                              (b.master, b.param_shard, grads, b.exp_avg, b.exp_avg_sq))
                 new = self._adamw([master if b.aliased else param], [grad], [m], [v], lr=lr, beta1=beta1,
                                   beta2=beta2, eps=self.eps, weight_decay=self.weight_decay if decay else 0.0,
-                                  step=self.step_count, master_params=None if b.aliased else [master])
+                                  step=self.step_count, master_params=None if b.aliased else [master],
+                                  grad_scale=grad_scale)
                 targets = [master if b.aliased else param, m, v] + ([] if b.aliased else [master])
                 for dst, src in zip(targets, new):
                     if src[0] is not dst:
                         dst.copy_(src[0])
+            b.reduced = None
             self._gather(b)
         return StepStats(grad_norm=norm, clip_coef=coef)
 

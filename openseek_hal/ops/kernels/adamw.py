@@ -16,7 +16,8 @@ from ._common import acc_type
 
 
 @triton.jit
-def _adamw_kernel(P, G, M, V, MASTER, HYPER, n, HAS_MASTER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _adamw_kernel(P, G, M, V, MASTER, HYPER, SCALE, n, HAS_MASTER: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK: tl.constexpr):
     # Hyperparameters come from a float64 tensor: a float argument would be rounded to float32.
     lr = tl.load(HYPER).to(ACC)
     beta1 = tl.load(HYPER + 1).to(ACC)
@@ -31,7 +32,7 @@ def _adamw_kernel(P, G, M, V, MASTER, HYPER, n, HAS_MASTER: tl.constexpr, ACC: t
         p = tl.load(MASTER + offs, mask=mask).to(ACC)
     else:
         p = tl.load(P + offs, mask=mask).to(ACC)
-    g = tl.load(G + offs, mask=mask).to(ACC)
+    g = tl.load(G + offs, mask=mask).to(ACC) * tl.load(SCALE).to(ACC)
     m = tl.load(M + offs, mask=mask).to(ACC)
     v = tl.load(V + offs, mask=mask).to(ACC)
     p = p * (1.0 - lr * weight_decay)
@@ -48,7 +49,7 @@ def _adamw_kernel(P, G, M, V, MASTER, HYPER, n, HAS_MASTER: tl.constexpr, ACC: t
 def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
           exp_avg_sqs: Sequence[torch.Tensor], *, lr: float, beta1: float = 0.9, beta2: float = 0.999,
           eps: float = 1e-8, weight_decay: float = 0.0, step: int,
-          master_params: Sequence[torch.Tensor] | None = None):
+          master_params: Sequence[torch.Tensor] | None = None, grad_scale: torch.Tensor | float | None = None):
     """In-place AdamW; returns ``(params, exp_avgs, exp_avg_sqs, master_params or [])``, the same tensors."""
     masters = list(master_params) if master_params is not None else []
     bias_c1 = 1.0 - beta1 ** step
@@ -64,11 +65,14 @@ def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avg
             continue
         master = masters[i] if masters else p
         if hyper is None:
-            hyper = torch.tensor([lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2_sqrt], dtype=torch.float64)
+            number = 1.0 if grad_scale is None or isinstance(grad_scale, torch.Tensor) else float(grad_scale)
+            hyper = torch.tensor([lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2_sqrt, number],
+                                 dtype=torch.float64)
             if p.device.type != "cpu":
                 # from pinned memory the copy is asynchronous; from pageable memory it would make the host
                 # wait for every kernel queued before it, leaving the device idle once per call
                 hyper = hyper.pin_memory().to(p.device, non_blocking=True)
-        _adamw_kernel[(triton.cdiv(n, block),)](p, g, m, v, master, hyper, n, HAS_MASTER=bool(masters),
+            scale = grad_scale.reshape(1) if isinstance(grad_scale, torch.Tensor) else hyper[7:]
+        _adamw_kernel[(triton.cdiv(n, block),)](p, g, m, v, master, hyper, scale, n, HAS_MASTER=bool(masters),
                                                 ACC=acc_type(master.dtype), BLOCK=block, num_warps=4)
     return list(params), list(exp_avgs), list(exp_avg_sqs), masters

@@ -1,0 +1,97 @@
+"""The distributed optimizer's dtypes on one rank: weight-dtype gradient buffers and bf16 moments.
+
+These runs share every input and every operation, so their results are compared exactly where the
+arithmetic is the same, and with bounds from bf16's unit roundoff (2**-8) where it is not.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openseek_hal.backend import get_backend
+from openseek_hal.train.zero import DistributedOptimizer, named_spaces
+
+LR = 1e-2
+
+
+def _model(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).to(dtype)
+
+
+def _opt(model: torch.nn.Module, **kw) -> DistributedOptimizer:
+    return DistributedOptimizer(named_spaces(model, None, None, lambda p: False), get_backend("cpu"), world=None,
+                                lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **kw)
+
+
+def _train(model: torch.nn.Module, opt: DistributedOptimizer, steps: int, clip: float | None = None,
+           micro: int = 1) -> list[float]:
+    gen = torch.Generator().manual_seed(1)
+    dtype = next(model.parameters()).dtype
+    norms = []
+    for _ in range(steps):
+        opt.start_step(micro)
+        for _ in range(micro):
+            model(torch.randn(4, 16, generator=gen).to(dtype)).square().mean().backward()
+            opt.next_micro_batch()
+        opt.finish_gradients()
+        norms.append(float(opt.step(LR, clip).grad_norm))
+    return norms
+
+
+def test_one_micro_batch_keeps_bf16_gradients_and_updates_as_fp32_buffers_do():
+    wide_model, narrow_model = _model(torch.bfloat16), _model(torch.bfloat16)
+    wide, narrow = _opt(wide_model), _opt(narrow_model, grad_dtype=torch.bfloat16)
+    assert {b.grad_buffer.dtype for b in wide.buckets} == {torch.float32}
+    assert {b.grad_buffer.dtype for b in narrow.buckets} == {torch.bfloat16}
+    assert narrow.memory_bytes()["gradients"] * 2 == wide.memory_bytes()["gradients"]
+    # a bf16 gradient widened to fp32 is the same number: the unclipped updates are identical
+    _train(wide_model, wide, 3)
+    _train(narrow_model, narrow, 3)
+    for p, q in zip(wide_model.parameters(), narrow_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for a, b in zip(wide.buckets, narrow.buckets, strict=True):
+        assert torch.equal(a.master, b.master) and torch.equal(a.exp_avg_sq, b.exp_avg_sq)
+
+
+def test_gradient_norm_of_bf16_buffers_matches_fp32_buffers_within_the_summation_bound():
+    wide_model, narrow_model = _model(torch.bfloat16), _model(torch.bfloat16)
+    wide, narrow = _opt(wide_model), _opt(narrow_model, grad_dtype=torch.bfloat16)
+    n = sum(p.numel() for p in wide_model.parameters())
+    # clipped hard: every step's update depends on the norm; the same values summed in another order
+    # differ by at most n * 2**-24 relative (fp32 accumulation), the weights by what that does to lr*coef
+    a, b = _train(wide_model, wide, 1, clip=1e-3), _train(narrow_model, narrow, 1, clip=1e-3)
+    assert a[0] > 1e-2
+    assert b == pytest.approx(a, rel=n * 2.0**-24)
+
+
+def test_accumulation_refuses_weight_dtype_gradient_buffers():
+    model = _model(torch.bfloat16)
+    opt = _opt(model, grad_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="accumulating 2 micro-batches needs torch.float32 gradient buffers"):
+        _train(model, opt, 1, micro=2)
+
+
+def test_bf16_moments_are_the_fp32_moments_rounded_and_move_the_weights_within_bf16_roundoff():
+    ref_model, bf_model = _model(torch.float32), _model(torch.float32)
+    ref, bf = _opt(ref_model), _opt(bf_model, moment_dtype=torch.bfloat16)
+    assert {b.exp_avg.dtype for b in bf.buckets} == {b.exp_avg_sq.dtype for b in bf.buckets} == {torch.bfloat16}
+    # fp32 weights are their own master: the state is the moments, 2 + 2 bytes per element, not 4 + 4
+    assert bf.memory_bytes()["optimizer"] * 2 == ref.memory_bytes()["optimizer"]
+    _train(ref_model, ref, 1)
+    _train(bf_model, bf, 1)
+    # step 1 updates with the unrounded moments, then stores them rounded
+    for p, q in zip(ref_model.parameters(), bf_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for a, b in zip(ref.buckets, bf.buckets, strict=True):
+        assert torch.equal(a.exp_avg.to(torch.bfloat16), b.exp_avg)
+        assert torch.equal(a.exp_avg_sq.to(torch.bfloat16), b.exp_avg_sq)
+    before = [p.detach().clone() for p in ref_model.parameters()]
+    _train(ref_model, ref, 1)
+    _train(bf_model, bf, 1)
+    # step 2: the stored moments are off by at most 2**-8 relative, so m/sqrt(v) by under 2 * 2**-8 of
+    # itself, and |m/sqrt(v)| <= 2 after two bias-corrected steps: the update differs by < lr * 2**-6
+    for p, q, p0 in zip(ref_model.parameters(), bf_model.parameters(), before, strict=True):
+        assert (p - p0).abs().max() > 10 * LR * 2.0**-6  # the bound is far below one update
+        assert (p - q).abs().max() <= LR * 2.0**-6
