@@ -2,13 +2,14 @@
 
 Parameters live in flat, contiguous per-bucket buffers (each parameter is a view), in the run's
 weight dtype (bf16 on accelerators). Each bucket has a gradient buffer: in the master dtype (fp32)
-when micro-batches are accumulated, in the weight dtype when a step has one micro-batch (autograd
-made the gradient in that dtype: a wider copy would hold the same values at twice the traffic). A
-post-accumulate-grad hook copies (first micro-batch) or adds (later ones) a parameter's ``.grad``
-into it and frees ``.grad``. On the last micro-batch of a step, a bucket whose parameters all have
-their gradient is reduce-scattered at once (in the reduce dtype), asynchronously, so communication
-overlaps the rest of backward; buckets are launched strictly in their fixed order, so every rank
-issues the same collectives in the same order whatever order its autograd finishes them in.
+when micro-batches are accumulated; when a step has one micro-batch, in the dtype the bucket is
+reduced in, or in the weight dtype if it is not reduced (autograd made the gradient in that dtype: a
+wider copy would hold the same values at twice the traffic). A post-accumulate-grad hook copies
+(first micro-batch) or adds (later ones) a parameter's ``.grad`` into it and frees ``.grad``. On the
+last micro-batch of a step, a bucket whose parameters all have their gradient is reduce-scattered at
+once (in the reduce dtype), asynchronously, so communication overlaps the rest of backward; buckets
+are launched strictly in their fixed order, so every rank issues the same collectives in the same
+order whatever order its autograd finishes them in.
 
 The buffers hold gradient *sums*; the averaging factor and the clipping coefficient are one
 device scalar handed to the backend's ``adamw`` (``grad_scale``), and the global norm is computed
@@ -115,9 +116,11 @@ class DistributedOptimizer:
                  reduce_dtype: torch.dtype = torch.float32, moment_dtype: torch.dtype | None = None,
                  grad_dtype: torch.dtype | None = None,
                  no_decay: Callable[[str, nn.Parameter], bool] | None = None):
-        """``moment_dtype`` defaults to ``master_dtype``; ``grad_dtype`` (the gradient buffers) to the
-        wider of the master and weight dtypes, which accumulation needs; the weight dtype suffices
-        when every step has one micro-batch (`start_step` refuses more)."""
+        """``moment_dtype`` defaults to ``master_dtype``. The gradient buffers are in the wider of the
+        master and weight dtypes, which accumulation needs, unless ``grad_dtype`` is given (the weight
+        dtype, when every step has one micro-batch: `start_step` then refuses more): a bucket that is
+        not reduced then keeps that dtype, and one that is reduced takes the reduce dtype, so that the
+        hook's copy is the only conversion on the way to the wire."""
         self.backend, self.world = backend, world
         self.world_size = world.world_size if world is not None else 1
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
@@ -165,7 +168,9 @@ class DistributedOptimizer:
             total = -(-total // n) * n
             p0 = members[0][1]
             param_buffer = torch.zeros(total, dtype=p0.dtype, device=p0.device)
-            grad_dtype = self.grad_dtype or torch.promote_types(self.master_dtype, p0.dtype)
+            grad_dtype = torch.promote_types(self.master_dtype, p0.dtype)
+            if self.grad_dtype is not None:
+                grad_dtype = self.reduce_dtype if comm is not None and comm.world_size > 1 else self.grad_dtype
             grad_buffer = torch.zeros(total, dtype=grad_dtype, device=p0.device)
             params = []
             for (name, p), offset in zip(members, offsets):
@@ -295,7 +300,7 @@ class DistributedOptimizer:
         coef = torch.ones_like(norm)
         if grad_clip is not None:
             coef = torch.where(norm > grad_clip, grad_clip / (norm + 1e-6), coef)
-        grad_scale = (coef * self._scale).to(torch.float32).reshape(1)
+        grad_scale = (coef * self._scale).reshape(1)  # in the accumulation dtype: fp64 runs stay fp64
         self.step_count += 1
         beta1, beta2 = self.betas
         for b in reversed(self.buckets):
