@@ -187,3 +187,18 @@ def test_batch_must_split_over_the_ranks():
     with pytest.raises(ConfigError, match="micro_batch_size 3 does not divide the 4 sequences per rank"):
         check_world(cfg, 2)
     assert check_world(load_config(None, {"global_batch_size": 8, "micro_batch_size": 2}), 2) == (2, 2, 2)
+
+
+def test_profile_step_writes_a_trace_and_tables_of_the_profiled_steps(tmp_path):
+    import gzip
+
+    train(_cfg(tmp_path, steps=4, profile_step=2), console=_quiet())
+    folder = tmp_path / "run" / "profile"
+    assert sorted(p.name for p in folder.iterdir()) == ["rank0-device.txt", "rank0-host.txt", "rank0-summary.json",
+                                                         "rank0.trace.json.gz"]
+    summary = json.loads((folder / "rank0-summary.json").read_text())
+    assert summary["steps"] == [2, 3] and summary["wall_ms"] > 0
+    trace = json.loads(gzip.decompress((folder / "rank0.trace.json.gz").read_bytes()))
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert {"aten::embedding", "aten::mm"} <= names  # the model's forward and backward ran inside the span
+    assert "aten::mm" in (folder / "rank0-host.txt").read_text()

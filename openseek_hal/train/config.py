@@ -65,12 +65,13 @@ class TrainConfig:
     comm_timeout: float = 300.0  # seconds any collective or the rendezvous may wait before failing
     recompute: bool = False  # recompute each transformer block's activations in backward
     compile: bool = False  # torch.compile each block (where the backend supports it)
+    profile_step: int = 0  # > 0: profile this step and the next (torch.profiler) into <out>/profile/
 
 
 # Fields that a resumed run may change; any other change would break its exactness and is refused.
 RESUMABLE = frozenset({"steps", "out", "backend", "log_every", "save_every", "save", "eval_batches", "sample_tokens",
                        "wandb", "comm_adaptor", "comm_timeout", "bucket_mb", "micro_batch_size", "expert_parallel",
-                       "expert_overlap", "recompute", "compile", "reduce_dtype"})
+                       "expert_overlap", "recompute", "compile", "reduce_dtype", "profile_step"})
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -165,7 +166,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} must be positive, got {value}")
     non_negative = {"micro_batch_size": cfg.micro_batch_size, "save_every": cfg.save_every,
                     "warmup_steps": cfg.warmup_steps, "sample_tokens": cfg.sample_tokens,
-                    "weight_decay": cfg.weight_decay, "min_lr_ratio": cfg.min_lr_ratio}
+                    "weight_decay": cfg.weight_decay, "min_lr_ratio": cfg.min_lr_ratio,
+                    "profile_step": cfg.profile_step}
     for name, value in non_negative.items():
         if not value >= 0:
             raise ConfigError(f"{name} must be zero or positive, got {value}")

@@ -46,6 +46,7 @@ from .config import TrainConfig, check_resumable, check_world, model_config, to_
 from .corpus import TokenSequence, iter_windows, load_training_tokens
 from .metrics import MetricsLogger
 from .parallel import ParallelLayout
+from .profile import StepProfiler
 from .schedule import lr_at
 from .zero import DistributedOptimizer, named_spaces
 
@@ -254,7 +255,9 @@ class _Run:
                                               master_dtype=master, reduce_dtype=reduce, moment_dtype=moments,
                                               # one micro-batch: the gradient autograd made, in its own dtype
                                               grad_dtype=self.dtype if self.accum == 1 else None)
-        self.optimizer.gather_before_blocks([*model.layers, *(m.block for m in model.mtp)])
+        # each block, MTP module and the final norm waits for its weights when the forward reaches it;
+        # the embedding's bucket (gathered first) is waited for before the forward
+        self.optimizer.gather_before_use([*model.layers, *model.mtp, model.norm])
         if self.reader is not None:
             load_weights(self.reader, model, self.expert_of)  # the buffers too (the routing bias)
             load_optimizer(self.reader, self.optimizer, self.expert_of)
@@ -289,6 +292,8 @@ class _Run:
         tokens_per_step = cfg.global_batch_size * cfg.seq_len
         timed_tokens, timed_seconds = 0, 0.0
         phases = _PhaseTimer(self.backend)
+        profiler = StepProfiler(self.out, layout.rank, self.backend.device, cfg.profile_step) \
+            if cfg.profile_step else None
         self.model.train()
         columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn())
@@ -310,6 +315,8 @@ class _Run:
                     self.backend.device.synchronize()
                     t_timed = time.perf_counter()
                 lr = lr_at(step, cfg)
+                if profiler is not None:
+                    profiler.before(step + 1)
                 phases.mark("start")
                 self.optimizer.start_step(self.accum)
                 loss_sum = aux_sum = mtp_sum = None
@@ -337,6 +344,8 @@ class _Run:
                 pending_norms.append(stats.grad_norm.detach().reshape(()).to(torch.float64))
                 phases.end_step(count=step > self.start_step)
                 done = step + 1
+                if profiler is not None and (folder := profiler.after(done)) is not None and layout.is_main:
+                    progress.console.print(f"profile of steps {cfg.profile_step}-{done}: {folder}")
                 progress.update(task, completed=done)
                 if done % cfg.log_every == 0 or done == cfg.steps or (cfg.save and cfg.save_every
                                                                         and done % cfg.save_every == 0):

@@ -20,7 +20,7 @@ Every replica rank owns ``1/N`` of each bucket (padded to a multiple of N): the 
 of those elements and their AdamW moments (in the master dtype, or bf16 as DeepSeek-V3 keeps them,
 ``moment_dtype``). After the step a rank writes its updated slice into
 the parameter buffer (rounded to the weight dtype) and the buckets are all-gathered, last bucket
-first; with `gather_before_blocks` each block waits for its own weights when the next forward calls
+first; with `gather_before_use` each module waits for its own weights when the next forward calls
 it. With one rank the same code runs with no communication and the shard is the whole bucket.
 
 Parameters fall in *spaces*: the dense parameters (and shared experts) are replicated on every
@@ -294,7 +294,7 @@ class DistributedOptimizer:
 
         Buckets are updated last to first, so the weights the next forward needs first (embedding,
         first layers) start gathering first; each bucket's all-gather starts as soon as its shard is
-        updated, and `wait_weights` (or, with `gather_before_blocks`, each block's first use) waits.
+        updated, and `wait_weights` (or, with `gather_before_use`, each module's first call) waits.
         """
         norm = self.grad_norm()
         coef = torch.ones_like(norm)
@@ -332,17 +332,19 @@ class DistributedOptimizer:
                 b.work.wait()
                 b.work = None
 
-    def gather_before_blocks(self, blocks: list[nn.Module]) -> None:
-        """Let each of ``blocks`` wait for its own weights' all-gathers when it is first called.
+    def gather_before_use(self, modules: list[nn.Module]) -> None:
+        """Let each of ``modules`` wait for its own weights' all-gathers when it is first called.
 
-        The gathers then overlap the forward of the blocks before it; buckets holding weights used
-        outside these blocks (embedding, final norm, head) stay for `wait_weights(lazy=True)`.
+        The gathers then overlap the forward of the modules before it (pass the transformer blocks
+        and the modules called after them, like the final norm); buckets holding weights used outside
+        these modules (the embedding, read by the model itself) stay for `wait_weights(lazy=True)`.
         """
         inside: set[int] = set()
-        for block in blocks:
-            mine = sorted({self._param_bucket[id(p)].index for p in block.parameters() if id(p) in self._param_bucket})
-            inside.update(id(p) for p in block.parameters())
-            self._hooks.append(block.register_forward_pre_hook(self._make_wait(mine)))
+        for module in modules:
+            mine = sorted({self._param_bucket[id(p)].index for p in module.parameters()
+                           if id(p) in self._param_bucket})
+            inside.update(id(p) for p in module.parameters())
+            self._hooks.append(module.register_forward_pre_hook(self._make_wait(mine)))
         outside = {b.index for b in self.buckets for _, p, _ in b.params if id(p) not in inside}
         self._lazy = {b.index for b in self.buckets} - outside
 
