@@ -13,7 +13,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ..device import Device
