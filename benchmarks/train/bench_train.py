@@ -70,6 +70,9 @@ ROWS = {
     "ep2-mtp": (2, ["expert_parallel=2"]),
     "1gpu-compile": (1, ["model.num_nextn_predict_layers=0", "compile=true"]),
     "ep2-compile": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2", "compile=true"]),
+    # steps 10-11 under torch.profiler (run-<row>/profile/): where the time goes, not a throughput row
+    "1gpu-profile": (1, ["model.num_nextn_predict_layers=0", "profile_step=10"]),
+    "ep2-profile": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2", "profile_step=10"]),
 }
 
 
