@@ -328,14 +328,16 @@ class ExpertParallelGroups:
 def expert_parallel_groups(comm: Communicator, ep_size: int) -> ExpertParallelGroups:
     """Split ``comm`` (every rank) into EP groups ``[k*P, (k+1)*P)`` and expert-DP groups ``{q, q+P, ...}``.
 
-    Call it on every rank. One-rank groups are not created (None).
+    Call it on every rank. One-rank groups are not created (None). An EP group is its own
+    communicator even when it spans the world: on the world's, the token all-to-alls would queue
+    behind the gradient reduce-scatters and weight all-gathers that overlap the same compute.
     """
     world = comm.world_size
     if ep_size < 1 or world % ep_size:
         raise ValueError(f"expert_parallel={ep_size} does not divide the world size {world}")
     dp_size = world // ep_size
-    ep = comm if ep_size == world else None
-    if 1 < ep_size < world:
+    ep = None
+    if ep_size > 1:
         for k in range(dp_size):
             group = comm.new_group(list(range(k * ep_size, (k + 1) * ep_size)))
             ep = group if group is not None else ep

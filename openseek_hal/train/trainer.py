@@ -331,16 +331,18 @@ class _Run:
                     self.optimizer.next_micro_batch()
                     loss_sum = _add(loss_sum, loss.main.detach())
                     aux_sum, mtp_sum = _add(aux_sum, loss.aux), _add(mtp_sum, loss.mtp)
+                # the step's small all-reduces (expert loads, loss) go before the weight all-gathers are
+                # queued: on the same communicator they would wait for all of them
+                self.model.update_expert_bias(layout.world)  # aux-loss-free balancing, loads summed over all ranks
+                pending.append(layout.mean_tensor(loss_sum / self.accum))
                 self.optimizer.finish_gradients()
                 phases.mark("grad_sync")
                 stats = self.optimizer.update(lr, cfg.grad_clip)
                 phases.mark("optimizer")
                 self.optimizer.wait_weights(lazy=True)  # each block waits for its own weights on first use
                 phases.mark("weight_sync")
-                self.model.update_expert_bias(layout.world)  # aux-loss-free balancing, loads summed over all ranks
                 # The loss and the gradient norm stay on the device until they are read (to log, or before a
                 # checkpoint is written), so the host queues the next steps while the device works.
-                pending.append(layout.mean_tensor(loss_sum / self.accum))
                 pending_norms.append(stats.grad_norm.detach().reshape(()).to(torch.float64))
                 phases.end_step(count=step > self.start_step)
                 done = step + 1
