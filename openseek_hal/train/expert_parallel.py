@@ -13,8 +13,9 @@ replacing ``moe.experts``):
 1. the router picks experts for the rank's own tokens (so ``expert_load`` counts all E experts);
 2. ``moe_permute`` groups the token copies by global expert, hence by destination rank;
 3. the per-expert counts go through one even ``all_to_all_single`` (E/P counts to each peer) and,
-   with the counts of this rank's own tokens, reach the host in one copy: the only host sync;
-4. the tokens go through an uneven ``all_to_all_single`` (async: the shared experts run meanwhile);
+   with the counts of this rank's own tokens, reach the host in one copy: the only host sync (with
+   overlap on CUDA, the shared experts are queued behind the copy and run while the host waits);
+4. the tokens go through an uneven ``all_to_all_single`` (async);
 5. received rows, ordered (source rank, local expert), are regrouped by local expert with
    ``moe_permute``; ``grouped_linear`` -> ``silu_and_mul`` -> ``grouped_linear`` run the experts;
    ``moe_unpermute`` with unit weights restores the (source rank, local expert) order;
@@ -157,7 +158,9 @@ class ExpertParallelExperts(nn.Module):
 
     Parameters keep the names and layout of `Experts` (``gate_up_proj[E/P, 2I, h]``,
     ``down_proj[E/P, h, I]``) and carry ``_expert_shard = (expert_offset, num_global_experts)``.
-    ``overlap`` (default True) runs the shared experts while the dispatch all-to-all is in flight;
+    ``overlap`` (default True) runs the shared experts while the host waits for the split sizes (on
+    CUDA: the device then has work queued when the host resumes) or else while the dispatch
+    all-to-all is in flight;
     ``timing`` (default False) records device events around the all-to-alls for `timings`.
     """
 
@@ -210,17 +213,34 @@ class ExpertParallelExperts(nn.Module):
         counts = counts.to(torch.int64).contiguous()
         recv_counts = torch.empty_like(counts)  # [src rank, local expert] rows this rank will receive
         comm.all_to_all_single(recv_counts, counts)
-        both = torch.cat([counts, recv_counts]).tolist()  # the one host sync: buffers need their sizes
-        send = [sum(both[j * local_e:(j + 1) * local_e]) for j in range(size)]
-        recv_per = both[len(both) // 2:]
+        both = torch.cat([counts, recv_counts])
+        shared_out = None
+        if self.overlap and shared is not None and both.device.type == "cuda":
+            # the one host sync, made late: the counts travel to pinned memory, the shared experts are
+            # queued behind them, and the host waits for the counts only, so the device has the shared
+            # experts to run while the host learns the sizes and queues the dispatch
+            host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+            host.copy_(both, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            t1 = timer.mark() if timer else None
+            shared_out = shared()
+            ready.synchronize()
+            both = host
+        elif timer:
+            t1 = None
+        sizes = both.tolist()  # the host sync (buffers need their sizes) unless it happened above
+        send = [sum(sizes[j * local_e:(j + 1) * local_e]) for j in range(size)]
+        recv_per = sizes[len(sizes) // 2:]
         recv = [sum(recv_per[j * local_e:(j + 1) * local_e]) for j in range(size)]
         if timer:
-            t1 = timer.mark()
+            t1 = t1 or timer.mark()
             timer.add("counts_s", t0, t1)
 
         handle: list = []
         received = _AllToAll.apply(x_sorted, comm, recv, send, handle, timer)
-        shared_out = shared() if shared is not None and self.overlap else None
+        if self.overlap and shared is not None and shared_out is None:
+            shared_out = shared()  # not on CUDA: the shared experts run during the dispatch instead
         t2 = timer.mark() if timer else None
         with torch.no_grad():  # the transfer fills `received` in place; not an autograd operation
             handle[0].wait()
