@@ -94,6 +94,34 @@ def test_suite_fails_each_planted_fault_and_names_the_op(fault):
     assert all(f"--op {op}" in c.replay and c.message for c in failures)
 
 
+def _route_ties_flipped(logits, bias=None, *, top_k, **kwargs):
+    """The reference routing with the opposite tie-break: run on the experts in reverse order."""
+    experts = logits.shape[1]
+    indices, weights, _ = moe.moe_route(logits.flip(-1), None if bias is None else bias.flip(-1), top_k=top_k,
+                                        **kwargs)
+    indices = experts - 1 - indices
+    return indices, weights, torch.bincount(indices.flatten(), minlength=experts)
+
+
+def test_routing_that_breaks_ties_the_other_way_passes():
+    """Which of exactly tied experts wins is not a numerical property: a backend that prefers the other
+    one passes, on the samples built with ties in every dtype (while an off-by-one top-k fails above)."""
+    route = next(d for d in moe.OPDEFS if d.name == "moe_route")
+    samples = [s for s in route.samples(torch.bfloat16, torch.device("cpu"), torch.Generator().manual_seed(0))
+               if s.name.endswith(":ties")]
+    assert samples and any(not torch.equal(moe.moe_route(*s.args, **s.kwargs)[0],
+                                           _route_ties_flipped(*s.args, **s.kwargs)[0]) for s in samples)
+    cls = type("TieFlipped", (CPUBackend,), {
+        "name": "tie-flipped",
+        "native_ops": lambda self: {**CPUBackend.native_ops(self), "moe_route": _route_ties_flipped}})
+    register_backend(cls)
+    try:
+        result = run_suite(SuiteConfig(backend=cls.name, levels=("ops",), ops=["moe_route"], seed=0))
+    finally:
+        unregister_backend(cls.name)
+    assert result.ok, [(c.sample, c.dtype, c.message) for c in result.failures()][:3]
+
+
 def test_model_level_catches_a_wrong_op():
     cls = type("FaultyModel", (CPUBackend,), {
         "name": "faulty-model-rope",

@@ -235,19 +235,21 @@ class OpLevel:
         return results
 
     def _reference(self, opdef: OpDef, sample: Sample, grad_pos: list[int], seed: int,
-                   backend_outputs: list[Any] | None = None, diff_outputs: list[int] | None = None) -> Run:
-        """The reference on float64 CPU copies; with ``backend_outputs``, also its backward from the
-        same upstream gradients the backend got (rounded to the backend's output dtypes)."""
+                   backend_outputs: list[Any] | None = None, diff_outputs: list[int] | None = None,
+                   fn: Callable[..., Any] | None = None) -> Run:
+        """The reference (or ``fn``) on float64 CPU copies; with ``backend_outputs``, also its backward
+        from the same upstream gradients the backend got (rounded to the backend's output dtypes)."""
+        fn = fn or opdef.reference
         args = tree_map(to_reference, sample.args)
         kwargs = tree_map(to_reference, sample.kwargs)
         if backend_outputs is None:
-            return run_once(opdef.reference, args, kwargs, grad_pos, None, None)
-        return run_once(opdef.reference, args, kwargs, grad_pos,
+            return run_once(fn, args, kwargs, grad_pos, None, None)
+        return run_once(fn, args, kwargs, grad_pos,
                         lambda i, _: _upstream(seed, i, backend_outputs[i]).cpu().to(torch.float64), diff_outputs)
 
     @staticmethod
     def _floor(opdef: OpDef, sample: Sample, dtype: torch.dtype, seed: int, got: Run,
-               backward_args: tuple[Any, ...]) -> Run | None:
+               backward_args: tuple[Any, ...], fn: Callable[..., Any] | None = None) -> Run | None:
         """The reference run on the CPU in ``dtype`` itself (same upstream gradients): its error against
         float64 is the dtype's rounding floor. None for float64, or when the CPU cannot run the dtype."""
         if dtype == torch.float64:
@@ -256,7 +258,7 @@ class OpLevel:
         if upstream is not None:
             upstream = lambda i, out: _upstream(seed, i, got.outputs[i]).cpu().to(out.dtype)  # noqa: E731
         try:
-            return run_once(opdef.reference, tree_map(lambda t: t.detach().to("cpu", copy=True), sample.args),
+            return run_once(fn or opdef.reference, tree_map(lambda t: t.detach().to("cpu", copy=True), sample.args),
                             tree_map(lambda t: t.detach().to("cpu", copy=True), sample.kwargs), grad_pos, upstream,
                             diff_outputs)
         except Exception:  # no floor: the table's tolerance alone applies
@@ -290,7 +292,18 @@ class OpLevel:
             if do_backward:
                 out.append(CheckResult(**info, check="backward", status="error", message=f"forward raised {msg}"))
             return out
-        floor = self._floor(opdef, sample, dtype, seed, got, backward_args)
+        reference = opdef.reference
+        if opdef.choice is not None:  # a discrete choice that ties can flip: compare against the backend's
+            try:
+                chosen = opdef.choice(tree_map(to_reference, sample.args), tree_map(to_reference, sample.kwargs),
+                                      [o.detach().cpu() if isinstance(o, torch.Tensor) else o for o in got.outputs],
+                                      dtype)
+            except Exception:  # a malformed choice: the plain comparison reports it
+                chosen = None
+            if chosen is not None:
+                reference = chosen
+                expected_fwd = self._reference(opdef, sample, grad_pos, seed, fn=reference)
+        floor = self._floor(opdef, sample, dtype, seed, got, backward_args, fn=reference)
         fwd = compare_all(got.outputs, expected_fwd.outputs, rtol, atol, floor=floor.outputs if floor else None)
         results = [self._result(info, "forward", fwd, started)]
         if do_backward:
@@ -300,7 +313,8 @@ class OpLevel:
                                            message=got.backward_error or "no gradient was computed"))
             else:
                 try:
-                    expected_bwd = self._reference(opdef, sample, grad_pos, seed, got.outputs, diff_outputs)
+                    expected_bwd = self._reference(opdef, sample, grad_pos, seed, got.outputs, diff_outputs,
+                                                   fn=reference)
                     bwd_rtol, bwd_atol = opdef.tol(dtype, _backward_reduction(sample, grad_pos, got.outputs))
                     bwd = compare_all(got.grads, expected_bwd.grads or [], bwd_rtol, bwd_atol, what="grad of input",
                                       floor=floor.grads if floor else None)

@@ -13,6 +13,8 @@ weighted by its routing weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .opdef import OpDef, Sample, randn
@@ -25,34 +27,104 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor | None = None, *, top_k: 
 
     Weights are differentiable with respect to ``logits``; the bias never receives a gradient.
     Group score: the best expert of the group without a bias, the sum of its best two with one
-    (DeepSeek-V3's ``noaux_tc``).
+    (DeepSeek-V3's ``noaux_tc``). Which of exactly tied experts (or groups) is chosen is not
+    specified: conformance accepts any choice that is a top-k up to ties (`route_choice`).
     """
-    if score_func not in ("sigmoid", "softmax"):
-        raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
-    tokens, experts = logits.shape
-    acc = torch.promote_types(logits.dtype, torch.float32)
-    x = logits.to(acc)
-    scores = x.sigmoid() if score_func == "sigmoid" else x.softmax(dim=-1)
-    choice = scores.detach() if bias is None else scores.detach() + bias.to(acc)
+    scores, choice = _route_scores(logits, bias, score_func)
     if n_group > 1:
-        if experts % n_group:
-            raise ValueError(f"{experts} experts do not split into {n_group} groups")
-        grouped = choice.view(tokens, n_group, experts // n_group)
-        if bias is None:
-            group_scores = grouped.amax(dim=-1)
-        else:
-            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        group_scores = _group_scores(choice, n_group, bias is not None)
         keep_groups = group_scores.topk(topk_group, dim=-1).indices
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, keep_groups, True)
-        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(tokens, experts)
-        choice = choice.masked_fill(~expert_mask, float("-inf"))
+        choice = choice.masked_fill(~_expert_mask(group_mask, choice.shape[1]), float("-inf"))
     indices = choice.topk(top_k, dim=-1).indices
+    return _route_outputs(scores, indices, top_k, norm_topk_prob, routed_scaling_factor)
+
+
+def _route_scores(logits: torch.Tensor, bias: torch.Tensor | None,
+                  score_func: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, selection scores): the gate's scores in at least fp32, and those plus the bias, detached."""
+    if score_func not in ("sigmoid", "softmax"):
+        raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    scores = x.sigmoid() if score_func == "sigmoid" else x.softmax(dim=-1)
+    return scores, scores.detach() if bias is None else scores.detach() + bias.to(x.dtype)
+
+
+def _group_scores(choice: torch.Tensor, n_group: int, with_bias: bool) -> torch.Tensor:
+    tokens, experts = choice.shape
+    if experts % n_group:
+        raise ValueError(f"{experts} experts do not split into {n_group} groups")
+    grouped = choice.view(tokens, n_group, experts // n_group)
+    if not with_bias:
+        return grouped.amax(dim=-1)
+    return grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+
+
+def _expert_mask(group_mask: torch.Tensor, experts: int) -> torch.Tensor:
+    tokens, n_group = group_mask.shape
+    return group_mask.unsqueeze(-1).expand(tokens, n_group, experts // n_group).reshape(tokens, experts)
+
+
+def _route_outputs(scores: torch.Tensor, indices: torch.Tensor, top_k: int, norm_topk_prob: bool,
+                   routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     weights = scores.gather(1, indices)
     if norm_topk_prob and top_k > 1:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     weights = weights * routed_scaling_factor
-    counts = torch.bincount(indices.flatten(), minlength=experts)
+    counts = torch.bincount(indices.flatten(), minlength=scores.shape[1])
     return indices, weights, counts
+
+
+def route_choice(args: tuple, kwargs: dict, outputs: list, dtype: torch.dtype) -> Callable[..., tuple] | None:
+    """`moe_route`'s reference with the backend's ``indices``, if they are a top-k up to ties, else None.
+
+    The choice is correct when every chosen expert lies in a group that a group top-k could keep
+    (its group score at least the ``topk_group``-th best minus ``tol``), at most ``topk_group``
+    groups are used, and no expert left out of those groups scores above the lowest chosen one by
+    more than ``tol``: scores computed from the same inputs by a backend that keeps them in at least
+    fp32 differ by a few roundings, so ``tol`` is 16 units of roundoff of ``dtype``'s accumulation
+    type, relative to the largest selection score. Exact ties in bf16 logits are common (256 values
+    per octave); which of them a backend prefers is not a numerical property.
+    """
+    logits, bias = args[0], args[1] if len(args) > 1 else kwargs.get("bias")
+    indices = outputs[0] if outputs and isinstance(outputs[0], torch.Tensor) else None
+    top_k, n_group, topk_group = kwargs["top_k"], kwargs.get("n_group", 1), kwargs.get("topk_group", 1)
+    tokens, experts = logits.shape
+    if indices is None or indices.is_floating_point() or tuple(indices.shape) != (tokens, top_k):
+        return None
+    indices = indices.to(device="cpu", dtype=torch.int64)
+    if tokens == 0:
+        return _given_route(indices)
+    if indices.min() < 0 or indices.max() >= experts:
+        return None
+    if (indices.sort(dim=-1).values.diff(dim=-1) == 0).any():  # an expert chosen twice
+        return None
+    _, choice = _route_scores(logits, bias, kwargs.get("score_func", "sigmoid"))
+    tol = 16 * torch.finfo(torch.promote_types(dtype, torch.float32)).eps * max(1.0, float(choice.abs().max()))
+    allowed = torch.ones(tokens, experts, dtype=torch.bool)
+    if n_group > 1:
+        group_scores = _group_scores(choice, n_group, bias is not None)
+        threshold = group_scores.topk(topk_group, dim=-1).values[:, -1:]
+        used = torch.zeros(tokens, n_group, dtype=torch.bool).scatter(1, indices // (experts // n_group), True)
+        if (used.sum(dim=-1) > topk_group).any() or (group_scores[used] < threshold.expand_as(used)[used] - tol).any():
+            return None
+        # the experts a correct choice had to consider: those of the groups it used, and of every group
+        # that beats the group threshold beyond the tolerance (kept whatever the tie-break)
+        allowed = _expert_mask(used | (group_scores > threshold + tol), experts)
+    chosen = torch.zeros(tokens, experts, dtype=torch.bool).scatter(1, indices, True)
+    lowest = choice.gather(1, indices).amin(dim=-1, keepdim=True)
+    if (choice.masked_fill(chosen | ~allowed, float("-inf")) > lowest + tol).any():
+        return None
+    return _given_route(indices)
+
+
+def _given_route(indices: torch.Tensor) -> Callable[..., tuple]:
+    def route(logits: torch.Tensor, bias: torch.Tensor | None = None, *, top_k: int, n_group: int = 1,
+              topk_group: int = 1, score_func: str = "sigmoid", norm_topk_prob: bool = True,
+              routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores, _ = _route_scores(logits, bias, score_func)
+        return _route_outputs(scores, indices.to(logits.device), top_k, norm_topk_prob, routed_scaling_factor)
+    return route
 
 
 def moe_permute(x: torch.Tensor, indices: torch.Tensor,
@@ -98,6 +170,14 @@ def _route_samples(dtype, device, gen):
         kwargs = dict(top_k=k, n_group=ng, topk_group=tg, score_func=fn, norm_topk_prob=norm,
                       routed_scaling_factor=scale)
         yield Sample((logits, bias), kwargs, f"T{t}E{e}k{k}g{ng}/{tg}:{fn}", e)
+    # exact ties everywhere (logits on a grid of 7 values, exact in every dtype): any tied expert or
+    # group may be chosen, and conformance must accept each such choice (`route_choice`)
+    for t, e, k, ng, tg, with_bias in [(16, 16, 4, 4, 2, False), (12, 32, 6, 8, 3, True), (9, 8, 3, 1, 1, False)]:
+        logits = (torch.randint(-3, 4, (t, e), generator=gen) * 0.5).to(dtype=dtype, device=device)
+        bias = (torch.randint(-1, 2, (e,), generator=gen) * 0.25).to(device) if with_bias else None
+        kwargs = dict(top_k=k, n_group=ng, topk_group=tg, score_func="sigmoid", norm_topk_prob=True,
+                      routed_scaling_factor=2.5)
+        yield Sample((logits, bias), kwargs, f"T{t}E{e}k{k}g{ng}/{tg}:ties", e)
 
 
 def _random_routing(tokens: int, experts: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -124,7 +204,7 @@ OPDEFS = [
           signature="moe_route(logits[T, E], bias[E] | None, *, top_k, n_group=1, topk_group=1, "
                     "score_func='sigmoid', norm_topk_prob=True, routed_scaling_factor=1.0) "
                     "-> (indices[T, k], weights[T, k] fp32, tokens_per_expert[E])",
-          reference=moe_route, samples=_route_samples, grad_inputs=(0,)),
+          reference=moe_route, choice=route_choice, samples=_route_samples, grad_inputs=(0,)),
     OpDef(name="moe_permute",
           signature="moe_permute(x[T, H], indices[T, k], num_experts) -> (x_sorted[T*k, H], sorted_order[T*k], "
                     "tokens_per_expert[E])",

@@ -63,6 +63,11 @@ class OpDef:
     # Overrides of (rtol, atol_per_element) for this op, by dtype.
     tolerance: dict[torch.dtype, tuple[float, float]] = field(default_factory=dict)
     doc: str = ""
+    # Ops with a discrete choice that exact ties can flip (a top-k): ``choice(args, kwargs, outputs,
+    # dtype)`` gets the float64 reference inputs and the backend's outputs and returns a reference
+    # function that makes the backend's choice, if that choice is correct up to ties (within the
+    # rounding of ``dtype``), else None. Conformance then compares against that function.
+    choice: Callable[..., Callable[..., Any] | None] | None = None
 
     def tol(self, dtype: torch.dtype, reduction_length: int = 1) -> tuple[float, float]:
         """(rtol, atol) for comparing this op's output in ``dtype`` against the float64 reference."""
