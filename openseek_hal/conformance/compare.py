@@ -1,6 +1,7 @@
 """Comparing what a backend computed with what the float64 reference computed.
 
 Floating tensors pass when every element satisfies ``|actual - expected| <= atol + rtol * |expected|``
+(given ``norm_rtol``, also ``||actual - expected|| <= norm_rtol * ||expected||`` over the tensor)
 or lies within twice the *rounding floor* (the error of the reference itself run in the dtype under
 test, when the caller supplies that run), and NaN / +-Inf sit at exactly the same positions (NaN
 where the reference has NaN is correct, not an error). Integer and boolean tensors must be equal
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ..ops.opdef import NORM_RTOL
 
 
 @dataclass
@@ -63,7 +66,7 @@ def _worst(a: torch.Tensor, e: torch.Tensor) -> tuple[float, float]:
 
 
 def compare_tensor(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float,
-                   floor: torch.Tensor | None = None) -> Comparison:
+                   floor: torch.Tensor | None = None, norm_rtol: float | None = None) -> Comparison:
     if tuple(actual.shape) != tuple(expected.shape):
         return Comparison(False, message=f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
     if not expected.is_floating_point():
@@ -103,14 +106,32 @@ def compare_tensor(actual: torch.Tensor, expected: torch.Tensor, rtol: float, at
         return Comparison(False, max_abs, max_rel,
                           f"{int(bad.sum())} of {e.numel()} elements out of tolerance "
                           f"(first at {idx}: {a[idx].item():.6g} vs {e[idx].item():.6g})", ratio)
+    if norm_rtol is not None and finite.any():
+        # a tensor kept in a wider or narrower dtype than the one under test (fp32 routing weights
+        # of a bf16 op, say) is held to the bound of the less precise of the two
+        norm_rtol = max(norm_rtol, NORM_RTOL.get(actual.dtype, norm_rtol))
+        ref_norm = float(e[finite].norm())
+        if ref_norm > 0:
+            err_norm = float((a - e)[finite].norm())
+            allowed_norm = norm_rtol * ref_norm
+            if floor is not None and floor.shape == e.shape and floor.is_floating_point():
+                f = floor.detach().cpu().to(torch.float64) - e
+                allowed_norm = max(allowed_norm, 2 * float(f[finite & f.isfinite()].norm()))
+            ratio = max(ratio, err_norm / allowed_norm)
+            if err_norm > allowed_norm:
+                return Comparison(False, max_abs, max_rel,
+                                  f"norm-wise error {err_norm / ref_norm:.3g} of the reference's norm "
+                                  f"(tolerance {allowed_norm / ref_norm:.3g})", ratio)
     return Comparison(True, max_abs, max_rel, err_ratio=ratio)
 
 
-def compare_leaf(actual: Any, expected: Any, rtol: float, atol: float, floor: Any = None) -> Comparison:
+def compare_leaf(actual: Any, expected: Any, rtol: float, atol: float, floor: Any = None,
+                 norm_rtol: float | None = None) -> Comparison:
     if isinstance(expected, torch.Tensor):
         if not isinstance(actual, torch.Tensor):
             return Comparison(False, message=f"got {type(actual).__name__}, expected a tensor")
-        return compare_tensor(actual, expected, rtol, atol, floor if isinstance(floor, torch.Tensor) else None)
+        return compare_tensor(actual, expected, rtol, atol, floor if isinstance(floor, torch.Tensor) else None,
+                              norm_rtol)
     if expected is None and actual is None:
         return Comparison(True)
     if actual != expected:
@@ -119,7 +140,7 @@ def compare_leaf(actual: Any, expected: Any, rtol: float, atol: float, floor: An
 
 
 def compare_all(actual: list[Any], expected: list[Any], rtol: float, atol: float,
-                what: str = "output", floor: list[Any] | None = None) -> Comparison:
+                what: str = "output", floor: list[Any] | None = None, norm_rtol: float | None = None) -> Comparison:
     """Compare leaf lists; the result carries the worst errors and the first failing leaf's message."""
     if len(actual) != len(expected):
         return Comparison(False, message=f"{len(actual)} {what}s, expected {len(expected)}")
@@ -128,7 +149,7 @@ def compare_all(actual: list[Any], expected: list[Any], rtol: float, atol: float
     worst_ratio: float | None = None
     failure = ""
     for i, (a, e) in enumerate(zip(actual, expected)):
-        c = compare_leaf(a, e, rtol, atol, floor[i] if floor is not None and i < len(floor) else None)
+        c = compare_leaf(a, e, rtol, atol, floor[i] if floor is not None and i < len(floor) else None, norm_rtol)
         if c.max_abs_err is not None:
             worst_abs = max(worst_abs or 0.0, c.max_abs_err)
             worst_rel = max(worst_rel or 0.0, c.max_rel_err or 0.0)

@@ -35,6 +35,14 @@ def _samples(dtype, device, gen):
         q, k = (randn(b, h, s, dqk, dtype=dtype, device=device, generator=gen) for _ in range(2))
         v = randn(b, h, s, dv, dtype=dtype, device=device, generator=gen)
         yield Sample((q, k, v), {"scale": dqk ** -0.5}, f"B{b}H{h}S{s}Dqk{dqk}Dv{dv}", s)
+    # MLA's shapes (qk 192 = 128 nope + 64 rope, v 128) and its own softmax scale (not 1/sqrt(d): YaRN
+    # scales it), over a sequence that leaves a partial last tile for 64- and 128-wide kernels
+    q, k = (randn(1, 2, 130, 192, dtype=dtype, device=device, generator=gen) for _ in range(2))
+    v = randn(1, 2, 130, 128, dtype=dtype, device=device, generator=gen)
+    yield Sample((q, k, v), {"scale": 0.11}, "B1H2S130Dqk192Dv128:mla-scale", 130)
+    # the default scale (no argument)
+    q, k, v = (randn(2, 2, 20, 16, dtype=dtype, device=device, generator=gen) for _ in range(3))
+    yield Sample((q, k, v), {}, "B2H2S20D16:default-scale", 20)
 
 
 OPDEFS = [OpDef(name="causal_attention",

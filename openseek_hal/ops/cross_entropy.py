@@ -44,6 +44,15 @@ def _samples(dtype, device, gen):
     logits = randn(6, 500, dtype=dtype, device=device, generator=gen, scale=3.0)
     target = torch.randint(0, 500, (6,), generator=gen).to(device)
     yield Sample((logits, target), {"reduction": "sum", "z_loss": 1e-4}, "6x500:sum+z", 500)
+    # the model's call: mean over kept rows, the gradient written into the logits' storage
+    logits = randn(9, 777, dtype=dtype, device=device, generator=gen, scale=3.0)
+    target = torch.randint(0, 777, (9,), generator=gen)
+    target[[1, 5]] = -100
+    yield Sample((logits, target.to(device)), {"inplace_backward": True}, "9x777:inplace", 777)
+    # a z-loss that matters in bf16: z * lse**2 is about a tenth of the loss
+    logits = randn(7, 300, dtype=dtype, device=device, generator=gen, scale=4.0)
+    target = torch.randint(0, 300, (7,), generator=gen).to(device)
+    yield Sample((logits, target), {"z_loss": 1e-2, "inplace_backward": True}, "7x300:z1e-2+inplace", 300)
     wide = randn(4, 2048, dtype=dtype, device=device, generator=gen)[:, :1000]
     target = torch.tensor([3, -100, 999, 0]).to(device)
     yield Sample((wide, target), {"ignore_index": -100}, "4x1000-strided", 1000)

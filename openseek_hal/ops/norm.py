@@ -29,11 +29,15 @@ def _norm_samples(dtype, device, gen, with_residual: bool):
         x = randn(*shape, dtype=dtype, device=device, generator=gen)
         w = randn(hidden, dtype=dtype, device=device, generator=gen, scale=0.1) + 1
         label = "x".join(map(str, shape))
-        if with_residual:
-            r = randn(*shape, dtype=dtype, device=device, generator=gen)
-            yield Sample((x, r, w), {"eps": 1e-6}, label, hidden)
-        else:
-            yield Sample((x, w), {"eps": 1e-6}, label, hidden)
+        args = (x, randn(*shape, dtype=dtype, device=device, generator=gen), w) if with_residual else (x, w)
+        yield Sample(args, {"eps": 1e-6}, label, hidden, ill_conditioned=hidden == 1)
+    # activations far below 1: eps is a large part of the mean square, so a kernel that drops or
+    # misreads it is caught
+    x = randn(5, 96, dtype=dtype, device=device, generator=gen, scale=1e-3)
+    w = randn(96, dtype=dtype, device=device, generator=gen, scale=0.1) + 1
+    # (the residual equals x: their sum, 2x, is exact in every dtype, so no rounding of the sum is
+    # amplified by the 1/rms of ~1e3 that these activations get)
+    yield Sample((x, x.clone(), w) if with_residual else (x, w), {"eps": 1e-6}, "5x96:small", 96)
     # non-contiguous input: every other row of a wider matrix
     wide = randn(8, 256, dtype=dtype, device=device, generator=gen)[:, ::2]
     w = randn(128, dtype=dtype, device=device, generator=gen, scale=0.1) + 1

@@ -73,6 +73,20 @@ def _samples(dtype, device, gen):
                  "5-tensors:step7-master-scaled")
     yield Sample((tensors(1.0, dtype), tensors(1.0, dtype), tensors(0.1, state), tensors(0.01, state, True)),
                  {**hyper, "step": 2, "grad_scale": 2.5}, "5-tensors:step2-scaled")
+    # a decay strong enough to show in bf16 weights after one step (5%)
+    yield Sample((tensors(1.0, dtype), tensors(1.0, dtype), tensors(0.1, state), tensors(0.01, state, True)),
+                 {**hyper, "lr": 0.05, "weight_decay": 1.0, "step": 4}, "5-tensors:step4-strong-decay")
+    # the trainer's calls: the first step (moments zero), with and without decay and masters, the
+    # averaging-and-clipping factor as a device scalar
+    for master in (False, True):
+        for decay in (0.1, 0.0):
+            masters = tensors(1.0, state)
+            params = [m.to(dtype) for m in masters] if master else tensors(1.0, dtype)
+            scale = torch.tensor([0.125], dtype=state, device=device)
+            yield Sample((params, tensors(1.0, dtype), tensors(0.0, state), tensors(0.0, state)),
+                         {**hyper, "step": 1, "weight_decay": decay, "grad_scale": scale,
+                          **({"master_params": masters} if master else {})},
+                         f"5-tensors:step1{'-master' if master else ''}-scaled{'' if decay else '-no-decay'}")
 
 
 OPDEFS = [OpDef(name="adamw",

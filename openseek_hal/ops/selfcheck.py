@@ -59,6 +59,11 @@ def check_op(name: str, impl: Callable[..., Any], dtype: torch.dtype, device: to
         label = f"{name}[{sample.name}, {dtype}]"
         ref = pytree.tree_leaves(opdef.reference(*ref_args, **ref_kwargs))  # first: impl may work in place
         out = pytree.tree_leaves(impl(*args, **kwargs))
+        if opdef.choice is not None:  # a top-k that ties may flip: the reference on the kernel's choice
+            chosen = opdef.choice(pytree.tree_map(_detach, ref_args), ref_kwargs,
+                                  [o.detach().cpu() for o in out], dtype)
+            assert chosen is not None, f"{label}: the kernel's choice is not a top-k of the reference's scores"
+            ref = pytree.tree_leaves(chosen(*ref_args, **ref_kwargs))
         assert len(out) == len(ref), f"{label}: {len(out)} outputs, the reference has {len(ref)}"
         for j, (o, r) in enumerate(zip(out, ref)):
             _close(o, r, rtol, atol, f"{label} output {j}")

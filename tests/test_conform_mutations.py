@@ -1,0 +1,213 @@
+"""Mutation test: planted faults in every op must each make `conform` fail, in fp32 and in bf16.
+
+Each fault is the reference with one bug a kernel author could make: generic ones applied to every op
+(an output off by 1/16, an input gradient off by 1/16, the output shifted by one position) and ones
+specific to an op (an argument ignored, a term dropped, a wrong reduction length, an off-by-one
+boundary). A backend that only delegates to the references must pass. The op level runs with its
+default samples in fp32 and in bf16 only, so every fault is caught without float64 (a chip may
+have none).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from openseek_hal import ops
+from openseek_hal.backend import register_backend, unregister_backend
+from openseek_hal.backends.cpu import CPUBackend
+from openseek_hal.conformance import SuiteConfig, run_suite
+
+DTYPES = [torch.float32, torch.bfloat16]
+OFF = 1.0 + 1.0 / 16  # a 6% error: far outside every band, far inside what a bug does
+
+
+def _ref(name: str) -> Callable[..., Any]:
+    return ops.get(name).reference
+
+
+def _bind(name: str, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    bound = inspect.signature(_ref(name)).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound
+
+
+def _map_float_outputs(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(out, torch.Tensor):
+        return fn(out) if out.is_floating_point() else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_map_float_outputs(o, fn) for o in out)
+    return out
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
+
+
+# -- generic faults -----------------------------------------------------------------------------
+def output_scaled(name: str) -> Callable[..., Any]:
+    def fn(*args, **kwargs):
+        return _map_float_outputs(_ref(name)(*args, **kwargs), lambda t: t * OFF)
+    return fn
+
+
+def gradient_scaled(name: str) -> Callable[..., Any]:
+    def fn(*args, **kwargs):
+        args = tuple(_ScaleGrad.apply(a, OFF) if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args)
+        return _ref(name)(*args, **kwargs)
+    return fn
+
+
+def shifted(name: str) -> Callable[..., Any]:
+    def roll(t: torch.Tensor) -> torch.Tensor:
+        return t.roll(1, dims=0) if t.dim() and t.shape[0] > 1 else t
+
+    def fn(*args, **kwargs):
+        out = _ref(name)(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return _map_float_outputs(out, roll)
+        first = next(i for i, o in enumerate(out) if isinstance(o, torch.Tensor) and o.is_floating_point())
+        return type(out)(roll(o) if i == first else o for i, o in enumerate(out))
+    return fn
+
+
+GENERIC = {"output_scaled": output_scaled, "gradient_scaled": gradient_scaled, "shifted": shifted}
+
+
+def _generic_applies(fault: str, name: str) -> bool:
+    opdef = ops.get(name)
+    if fault == "gradient_scaled":
+        return opdef.differentiable
+    if fault == "shifted":  # adamw's outputs are lists in the caller's order; a loss is one number
+        return name not in ("adamw", "cross_entropy")
+    return True
+
+
+# -- op-specific faults -------------------------------------------------------------------------
+def _with(name: str, **changes: Any) -> Callable[..., Any]:
+    """The reference with some arguments replaced (an ignored or misread argument)."""
+    def fn(*args, **kwargs):
+        bound = _bind(name, args, kwargs)
+        for key, change in changes.items():
+            bound.arguments[key] = change(bound.arguments[key]) if callable(change) else change
+        return _ref(name)(*bound.args, **bound.kwargs)
+    return fn
+
+
+def _ce_mean_over_all_rows(logits, target, ignore_index=-100, reduction="mean", z_loss=0.0, inplace_backward=False):
+    total = ops.get("cross_entropy").reference(logits, target, ignore_index, "sum", z_loss)
+    return total if reduction == "sum" else total / max(1, target.numel())
+
+
+def _attention_sees_next_token(q, k, v, scale=None):
+    s = q.shape[-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    mask = torch.ones(s, k.shape[-2], dtype=torch.bool, device=q.device).tril(diagonal=1)  # one step ahead
+    return (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.double()).to(q.dtype)
+
+
+def _swapped_halves(x):
+    gate, up = x.chunk(2, dim=-1)
+    return _ref("silu_and_mul")(torch.cat([up, gate], dim=-1))
+
+
+def _counts_off_by_one(x, weight, counts):
+    counts = counts.clone()
+    if counts.numel() > 1 and counts[0] > 0:
+        counts[0] -= 1
+        counts[1] += 1
+    return _ref("grouped_linear")(x, weight, counts)
+
+
+def _embedding_next_row(ids, weight):
+    return _ref("embedding")((ids + 1) % weight.shape[0], weight)
+
+
+def _add_rms_norm_without_residual(x, residual, weight, eps=1e-6):
+    return _ref("rms_norm")(x, weight, eps), x + residual
+
+
+def _unpermute_unweighted(y_sorted, sorted_order, weights):
+    return _ref("moe_unpermute")(y_sorted, sorted_order, torch.ones_like(weights))
+
+
+def _permute_reversed_within_expert(x, indices, num_experts):
+    # the rows of each expert in reverse token order: a sort that is not stable
+    k = indices.shape[-1]
+    flat = indices.flatten()
+    key = flat * flat.numel() + (flat.numel() - 1 - torch.arange(flat.numel(), device=flat.device))
+    order = torch.sort(key).indices
+    return x.index_select(0, order // k), order, torch.bincount(flat, minlength=num_experts)
+
+
+SPECIFIC: dict[str, dict[str, Callable[..., Any]]] = {
+    "rms_norm": {"eps_ignored": _with("rms_norm", eps=lambda e: e * 1e4)},
+    "add_rms_norm": {"residual_not_returned": _add_rms_norm_without_residual,
+                     "eps_ignored": _with("add_rms_norm", eps=lambda e: e * 1e4)},
+    "silu_and_mul": {"halves_swapped": _swapped_halves},
+    "rope": {"layout_ignored": _with("rope", interleaved=lambda i: not i)},
+    "cross_entropy": {"z_loss_ignored": _with("cross_entropy", z_loss=0.0),
+                      "ignore_index_ignored": _with("cross_entropy", ignore_index=-12345),
+                      "mean_over_all_rows": _ce_mean_over_all_rows},
+    "embedding": {"off_by_one_row": _embedding_next_row},
+    "causal_attention": {"scale_ignored": _with("causal_attention", scale=None),
+                         "mask_off_by_one": _attention_sees_next_token},
+    "moe_route": {"scaling_factor_ignored": _with("moe_route", routed_scaling_factor=1.0),
+                  "normalisation_ignored": _with("moe_route", norm_topk_prob=lambda n: not n),
+                  "bias_ignored": _with("moe_route", bias=None),
+                  "groups_ignored": _with("moe_route", n_group=1, topk_group=1)},
+    "moe_permute": {"unstable_order": _permute_reversed_within_expert},
+    "moe_unpermute": {"weights_ignored": _unpermute_unweighted},
+    "grouped_linear": {"boundary_off_by_one": _counts_off_by_one},
+    "adamw": {"weight_decay_ignored": _with("adamw", weight_decay=0.0),
+              "grad_scale_ignored": _with("adamw", grad_scale=None),
+              "no_bias_correction": _with("adamw", step=lambda s: 10**6)},
+}
+
+CASES = [(name, fault, functools.partial(make, name)) for name in ops.REGISTRY for fault, make in GENERIC.items()
+         if _generic_applies(fault, name)]
+CASES += [(name, fault, functools.partial(lambda impl: impl, impl)) for name, faults in SPECIFIC.items()
+          for fault, impl in faults.items()]
+
+
+def _suite(name: str, impl: Callable[..., Any] | None, dtype: torch.dtype):
+    natives = {} if impl is None else {name: impl}
+    cls = type("Mutant", (CPUBackend,), {
+        "name": f"mutant-{name}", "native_ops": lambda self: {**CPUBackend.native_ops(self), **natives}})
+    register_backend(cls)
+    try:
+        return run_suite(SuiteConfig(backend=cls.name, levels=("ops",), ops=[name], dtypes=[dtype], seed=0))
+    finally:
+        unregister_backend(cls.name)
+
+
+def test_every_op_has_specific_faults():
+    assert set(SPECIFIC) == set(ops.REGISTRY)
+
+
+@pytest.mark.parametrize("name", sorted(ops.REGISTRY))
+def test_a_delegating_backend_passes(name):
+    for dtype in DTYPES:
+        result = _suite(name, None, dtype)
+        assert result.ok, [(c.sample, c.check, c.message) for c in result.failures()][:3]
+
+
+@pytest.mark.parametrize(("name", "fault", "make"), CASES, ids=[f"{n}-{f}" for n, f, _ in CASES])
+def test_planted_fault_fails_conformance(name, fault, make):
+    for dtype in DTYPES:
+        result = _suite(name, make(), dtype)
+        assert not result.ok, f"{name} with fault {fault} passed conformance in {dtype}"
+        assert {c.op for c in result.failures()} == {name}
