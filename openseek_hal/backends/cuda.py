@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..backend import Backend, Capabilities
+from ..backend import Backend, Capabilities, ExpectedFailure
 from ..ops.attention import sdpa_causal_attention
 from ..ops.grouped import grouped_mm_linear
 
@@ -31,6 +31,14 @@ class CUDABackend(Backend):
     device_type = "cuda"
     priority = 100
     dist_backend = "nccl"
+    expected_failures = (
+        ExpectedFailure("causal_attention", "PyTorch's SDPA backward in float32 at MLA's head dim 192 (sequence 130) "
+                        "runs a kernel that accumulates dq with atomics: not bitwise reproducible (H200, torch "
+                        "2.11); bf16 and the other shapes are", torch.float32, "determinism"),
+        ExpectedFailure("rms_norm", "the float64 backward at activations ~1e-3 (mean square ~ eps) is off by up "
+                        "to ~7e-7 relative at single elements (H200): the kernel's float64 path loses precision "
+                        "there; found by the small-activation sample, not fixed yet", torch.float64, "backward"),
+    )
 
     @classmethod
     def is_available(cls) -> tuple[bool, str]:

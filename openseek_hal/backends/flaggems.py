@@ -57,7 +57,8 @@ def _flaggems_ops(fg: Any) -> dict[str, Callable[..., Any]]:
 class FlagGemsBackend(CUDABackend):
     name = "flaggems"
     priority = 50  # below cuda: a user picks FlagGems explicitly
-    expected_failures = tuple(
+    # cuda's attention (flag-gems' own is not used), hence its declared nondeterminism
+    expected_failures = tuple(f for f in CUDABackend.expected_failures if f.op == "causal_attention") + tuple(
         ExpectedFailure(op, "FlagGems computes in float32: float64 results are off by up to ~4e-6 relative "
                             "(H100, flag-gems 5.0.2)", torch.float64) for op in ("rms_norm", "silu_and_mul"))
 

@@ -33,9 +33,10 @@ ATOL_PER_ELEMENT: dict[torch.dtype, float] = {
 # per output (or twice the reference's own error in the dtype). The element-wise absolute tolerance
 # grows with reduction length and would let small elements (a cross entropy's gradient, ~1/(N*V))
 # be wrong by large factors; relative to the whole output's magnitude they cannot hide. About five
-# units of roundoff of the dtype (bf16: 2**-8), so a 6% error is caught in every dtype.
+# units of roundoff of the dtype (bf16: 2**-8), so a 6% error is caught in every dtype; never tighter
+# than the element-wise rtol (float64: real kernels keep some fp32 constants, measured 4e-8 on H200).
 NORM_RTOL: dict[torch.dtype, float] = {
-    torch.float64: 1e-10,
+    torch.float64: 1e-7,
     torch.float32: 1e-5,
     torch.bfloat16: 2e-2,
     torch.float16: 5e-3,
