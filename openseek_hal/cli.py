@@ -53,7 +53,8 @@ def cli() -> None:
 
 
 @click.command()
-@click.option("--ops", "show_ops", is_flag=True, help="Also list, per backend, which ops are native.")
+@click.option("--ops", "show_ops", is_flag=True,
+              help="Also list, per backend, which ops are native, and every op's typed schema.")
 def backends(show_ops: bool) -> None:
     """List discovered backends: availability (with the reason when not), devices, op coverage."""
     from rich.console import Console
@@ -93,6 +94,11 @@ def backends(show_ops: bool) -> None:
             for origin in sorted(set(origins.values())):  # backends that mix libraries say whose op is whose
                 ops_from = sorted(op for op, o in origins.items() if o == origin)
                 console.print(f"[bold]{name}[/] {origin}-native: {', '.join(ops_from)}")
+        from . import ops
+
+        click.echo("op schemas (the arguments a native op receives; shapes in openseek_hal/ops):")
+        for op in ops.REGISTRY:
+            click.echo(f"  {ops.get(op).schema_text()}")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -201,7 +201,7 @@ def _unpermute_samples(dtype, device, gen):
 
 OPDEFS = [
     OpDef(name="moe_route",
-          signature="moe_route(logits[T, E], bias[E] | None, *, top_k, n_group=1, topk_group=1, "
+          signature="moe_route(logits[T, E], bias[E]=None, *, top_k, n_group=1, topk_group=1, "
                     "score_func='sigmoid', norm_topk_prob=True, routed_scaling_factor=1.0) "
                     "-> (indices[T, k], weights[T, k] fp32, tokens_per_expert[E])",
           reference=moe_route, choice=route_choice, samples=_route_samples, grad_inputs=(0,)),

@@ -8,6 +8,7 @@ Backends implement ops *by name*; the reference is both the fallback and the gro
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,31 @@ class Sample:
 
 SampleFn = Callable[[torch.dtype, torch.device, torch.Generator], Iterable[Sample]]
 
+_REQUIRED = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class ArgSchema:
+    """One argument of an op: its name, type (``Tensor``, ``Tensor[]`` for a list, ``| None`` when it
+    may be absent, ``int``, ``float``, ``bool``, ``str``), default, and whether it is keyword-only."""
+
+    name: str
+    type: str
+    default: Any = _REQUIRED
+    keyword_only: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+    def text(self) -> str:
+        return f"{self.name}: {self.type}" + ("" if self.required else f" = {self.default!r}")
+
+
+def _type_text(annotation: Any) -> str:
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return text.replace("torch.Tensor", "Tensor").replace("Sequence[Tensor]", "Tensor[]")
+
 
 @dataclass(frozen=True, kw_only=True)
 class OpDef:
@@ -84,6 +110,25 @@ class OpDef:
     # function that makes the backend's choice, if that choice is correct up to ties (within the
     # rounding of ``dtype``), else None. Conformance then compares against that function.
     choice: Callable[..., Callable[..., Any] | None] | None = None
+
+    def schema(self) -> tuple[ArgSchema, ...]:
+        """The op's typed arguments, read from its reference's signature (the contract a kernel implements)."""
+        out = []
+        for p in inspect.signature(self.reference).parameters.values():
+            if p.annotation is inspect.Parameter.empty:
+                raise TypeError(f"op {self.name}: argument {p.name} of the reference has no type annotation")
+            out.append(ArgSchema(p.name, _type_text(p.annotation), p.default, p.kind is p.KEYWORD_ONLY))
+        return tuple(out)
+
+    def schema_text(self) -> str:
+        """``name(arg: type = default, *, kw: type, ...)``, one line."""
+        parts, star = [], False
+        for arg in self.schema():
+            if arg.keyword_only and not star:
+                parts.append("*")
+                star = True
+            parts.append(arg.text())
+        return f"{self.name}({', '.join(parts)})"
 
     def norm_tol(self, dtype: torch.dtype) -> float:
         """The norm-wise relative bound (`NORM_RTOL`) for this op's outputs in ``dtype``."""
