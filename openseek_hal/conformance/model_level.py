@@ -2,7 +2,11 @@
 
 Both runs start from the same initial weights (built once under the run's seed, then copied) and see
 the same batches. The reference runs in float64 on the CPU; backend X runs in the dtype under test.
-Each step records the loss and the global gradient norm before AdamW updates the weights. Checks:
+A model with a ``loss`` method (DeepSeek-V3) trains the way the trainer does: ``model.loss`` (main,
+MTP and balance losses; the in-place cross entropy), the trainer's `DistributedOptimizer` on the
+backend's own ``adamw`` op (fp32 masters for bf16 weights) and the expert-bias update; any other
+model is called for logits and trained on the backend's ``cross_entropy``. Each step records the loss
+and the global gradient norm before the update. Checks:
 
 - ``logits``: the step-0 forward logits, norm-wise within ``LOGITS_BAND[dtype]``;
 - ``loss_curve`` / ``grad_norm_curve``: at every step, ``|x - ref| / |ref|`` within ``BANDS[dtype]``.
@@ -10,6 +14,9 @@ Each step records the loss and the global gradient norm before AdamW updates the
 The bands come from measurements of the reference backend itself in each dtype (see
 ``docs/conformance/tolerances.md``): a backend that computes what the reference computes stays well
 inside them; a wrong op (a sign, an eps, a dropped term) leaves them at the first step or soon after.
+When a check fails, one forward is run again on both backends with every op call captured, and the
+message names the first op whose outputs leave the logits band (`first_divergence`), so a vendor
+does not bisect by hand.
 
 The model is the ``tiny`` DeepSeek-V3 preset (any model factory can be passed instead).
 """
@@ -83,27 +90,100 @@ class Trajectory:
 
 def train_steps(model: nn.Module, backend: Backend, batches: list[torch.Tensor], lr: float,
                 advance: Callable[[str], None] = lambda _: None) -> Trajectory:
+    from ..train.zero import DistributedOptimizer, named_spaces
+
     device = backend.device.torch_device
     cross_entropy = backend.op("cross_entropy")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    weights = next(model.parameters()).dtype
+    master = torch.float64 if weights == torch.float64 else torch.float32
+    optimizer = DistributedOptimizer(named_spaces(model, None, None, lambda p: False), backend, world=None, lr=lr,
+                                     betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, master_dtype=master)
+    has_loss = callable(getattr(model, "loss", None))
     losses, norms, first_logits = [], [], None
     for step, batch in enumerate(batches):
         batch = batch.to(device)
-        logits = _logits_of(model(batch[:, :-1]))
+        x, y = batch[:, :-1], batch[:, 1:]
         if first_logits is None:
-            first_logits = logits.detach().cpu()
-        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                first_logits = _logits_of(model(x)).detach().cpu()
+        optimizer.start_step(1)
+        if has_loss:
+            loss = model.loss(x, y).total
+        else:
+            logits = _logits_of(model(x))
+            loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.backward()
-        norm = torch.linalg.vector_norm(torch.stack([
-            torch.linalg.vector_norm(p.grad.detach().cpu().to(torch.float64))
-            for p in model.parameters() if p.grad is not None]))
-        optimizer.step()
+        optimizer.finish_gradients()
+        stats = optimizer.step(lr, None)
+        if callable(getattr(model, "update_expert_bias", None)):
+            model.update_expert_bias()
         losses.append(float(loss.detach().cpu()))
-        norms.append(float(norm))
+        norms.append(float(stats.grad_norm))
         advance(f"{backend.name} step {step}")
+    optimizer.close()
     assert first_logits is not None
     return Trajectory(first_logits, losses, norms)
+
+
+@dataclass
+class OpCall:
+    op: str
+    module: str  # the module that called it
+    outputs: list[torch.Tensor]  # floating outputs, float64 on the CPU
+
+
+def capture_forward(model: nn.Module, backend: Backend, ids: torch.Tensor) -> list[OpCall]:
+    """Every HAL op call of one forward of ``model``, with its floating outputs, in call order.
+
+    The model's modules keep the callables `Backend.op` returned; each is wrapped for this forward.
+    """
+    from .. import ops
+
+    by_callable = {}
+    for name in ops.REGISTRY:
+        try:
+            by_callable[id(backend.op(name))] = name
+        except Exception:  # noqa: S112 - an op this backend cannot give is simply not captured
+            continue
+    calls: list[OpCall] = []
+    patched: list[tuple[nn.Module, str, Any]] = []
+
+    def wrap(fn: Callable[..., Any], op: str, where: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            leaves = out if isinstance(out, (tuple, list)) else [out]
+            calls.append(OpCall(op, where, [t.detach().to("cpu", torch.float64) for t in leaves
+                                            if isinstance(t, torch.Tensor) and t.is_floating_point()]))
+            return out
+        return call
+
+    for where, module in model.named_modules():
+        for attr, value in list(vars(module).items()):
+            if callable(value) and id(value) in by_callable:
+                patched.append((module, attr, value))
+                setattr(module, attr, wrap(value, by_callable[id(value)], where or "model"))
+    try:
+        with torch.no_grad():
+            model(ids.to(backend.device.torch_device))
+    finally:
+        for module, attr, value in patched:
+            setattr(module, attr, value)
+    return calls
+
+
+def first_divergence(got: list[OpCall], ref: list[OpCall], band: float) -> str:
+    """The first call whose outputs differ from the reference's by more than ``band`` (norm-wise)."""
+    for i, (a, r) in enumerate(zip(got, ref)):
+        if a.op != r.op:
+            return f"call {i} is {a.op} ({a.module}) where the reference calls {r.op} ({r.module})"
+        for j, (x, e) in enumerate(zip(a.outputs, r.outputs)):
+            err = _normwise(x, e)
+            if not err <= band:
+                return (f"first divergence: op {a.op} in {a.module} (call {i}, output {j}): "
+                        f"||x - ref|| / ||ref|| = {err:.3g} > {band:g}")
+    if len(got) != len(ref):
+        return f"{len(got)} op calls in the forward, the reference makes {len(ref)}"
+    return "every op of the forward matches the reference: the divergence is in a backward or the update"
 
 
 def _normwise(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -180,10 +260,24 @@ class ModelLevel:
                     max_abs_err=abs(x[worst] - r[worst]),
                     message="" if ok else f"step {worst}: {x[worst]:.6g} vs reference {r[worst]:.6g} "
                                           f"(relative {rel[worst]:.3g} > band {band:g})"))
+            failed = [r for r in results if r.level == "model" and r.dtype == dt and r.status == "fail"]
+            if failed:
+                where = self._localize(spec, reference_backend, initial, dtype, batches[0][:, :-1], logits_band)
+                for r in failed:
+                    r.message = f"{r.message}; {where}"
             curves.append({"dtype": dt, "model": spec.name, "band": {"loss": loss_band, "grad_norm": norm_band},
                            "steps": list(range(self.steps)), "loss": got.loss, "loss_ref": ref.loss,
                            "grad_norm": got.grad_norm, "grad_norm_ref": ref.grad_norm})
         return [self.manifest.apply(r) for r in results], curves
+
+    def _localize(self, spec: ModelSpec, reference: Backend, initial: dict[str, torch.Tensor], dtype: torch.dtype,
+                  ids: torch.Tensor, band: float) -> str:
+        try:
+            ref = capture_forward(self._model(spec, reference, initial, torch.float64), reference, ids)
+            got = capture_forward(self._model(spec, self.backend, initial, dtype), self.backend, ids)
+            return first_divergence(got, ref, band)
+        except Exception as e:  # localizing is a help, never a reason to lose the verdict
+            return f"(the op capture raised {error_text(e)})"
 
     @staticmethod
     def _model(spec: ModelSpec, backend: Backend, initial: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
