@@ -134,6 +134,9 @@ def test_model_level_catches_a_wrong_op():
         unregister_backend(cls.name)
     failed = {c.check for c in result.failures()}
     assert {"logits", "loss_curve"} <= failed and all(c.level == "model" for c in result.failures())
+    # the failure names the op: a captured forward on both backends, compared call by call
+    curves = [c for c in result.failures() if c.check in ("logits", "loss_curve", "grad_norm_curve")]
+    assert curves and all("first divergence: op rope in layers.0.self_attn" in c.message for c in curves)
 
 
 _DOUBLE_RANK0 = """
