@@ -54,13 +54,19 @@ def _flaggems_ops(fg: Any) -> dict[str, Callable[..., Any]]:
     return {"rms_norm": rms_norm, "silu_and_mul": silu_and_mul}
 
 
+_FP32_MATH = "FlagGems computes in float32: float64 results are off by up to ~4e-6 relative (H200, flag-gems 5.0.2)"
+
+
 class FlagGemsBackend(CUDABackend):
     name = "flaggems"
     priority = 50  # below cuda: a user picks FlagGems explicitly
-    # cuda's attention (flag-gems' own is not used), hence its declared nondeterminism
+    # cuda's attention (flag-gems' own is not used), hence its declared nondeterminism; then what
+    # flag-gems 5.0.2 computes in float32 for float64 inputs, by check, as measured on an H200
+    # (docs/conformance/h200/conform-flaggems.json): everything else passes
     expected_failures = tuple(f for f in CUDABackend.expected_failures if f.op == "causal_attention") + tuple(
-        ExpectedFailure(op, "FlagGems computes in float32: float64 results are off by up to ~4e-6 relative "
-                            "(H100, flag-gems 5.0.2)", torch.float64) for op in ("rms_norm", "silu_and_mul"))
+        ExpectedFailure(op, _FP32_MATH, torch.float64, check)
+        for op, check in (("rms_norm", "backward"), ("silu_and_mul", "forward"), ("silu_and_mul", "backward"),
+                          ("silu_and_mul", "nan_inf")))
 
     @classmethod
     def is_available(cls) -> tuple[bool, str]:
