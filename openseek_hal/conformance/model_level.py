@@ -37,17 +37,16 @@ from .op_level import error_text
 from .records import CheckResult
 
 # dtype -> (loss relative band, grad-norm relative band), per step: about 3x the worst spread measured
-# over 10 seeds x 8 steps on `cpu` and 5 seeds on `cuda` (H200) with
-# benchmarks/conformance/model_level_spread.py (fp32: loss 1.4e-7, grad norm 8.1e-6; bf16: loss 4.1e-4,
-# grad norm 0.039)
+# with benchmarks/conformance/model_level_spread.py over 8 steps on `cpu` (30 seeds), `cuda` (H200, 5
+# seeds) and `triton-interpret` (fp32: loss 2.7e-7, grad norm 1.1e-5; bf16: loss 1.1e-3, grad norm 0.039)
 BANDS: dict[torch.dtype, tuple[float, float]] = {
-    torch.float32: (5e-7, 3e-5),
-    torch.bfloat16: (1.5e-3, 1.2e-1),
+    torch.float32: (1e-6, 4e-5),
+    torch.bfloat16: (3.5e-3, 1.2e-1),
 }
 # dtype -> bound on ||logits - ref|| / ||ref|| at step 0. Norm-wise, not element-wise: in bf16 a token
 # whose top-k experts nearly tie may be routed differently, which moves a few logits a lot and is
 # still correct behaviour.
-LOGITS_BAND: dict[torch.dtype, float] = {  # measured: fp32 5.3e-7, bf16 0.028
+LOGITS_BAND: dict[torch.dtype, float] = {  # measured: fp32 5.3e-7, bf16 0.029
     torch.float32: 2e-6,
     torch.bfloat16: 9e-2,
 }
