@@ -331,11 +331,11 @@ class _Run:
                     self.optimizer.next_micro_batch()
                     loss_sum = _add(loss_sum, loss.main.detach())
                     aux_sum, mtp_sum = _add(aux_sum, loss.aux), _add(mtp_sum, loss.mtp)
+                self.optimizer.finish_gradients()  # every rank has now issued every reduce-scatter, in order
                 # the step's small all-reduces (expert loads, loss) go before the weight all-gathers are
                 # queued: on the same communicator they would wait for all of them
                 self.model.update_expert_bias(layout.world)  # aux-loss-free balancing, loads summed over all ranks
                 pending.append(layout.mean_tensor(loss_sum / self.accum))
-                self.optimizer.finish_gradients()
                 phases.mark("grad_sync")
                 stats = self.optimizer.update(lr, cfg.grad_clip)
                 phases.mark("optimizer")
