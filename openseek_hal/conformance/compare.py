@@ -93,11 +93,13 @@ def compare_tensor(actual: torch.Tensor, expected: torch.Tensor, rtol: float, at
         return Comparison(False, max_abs, max_rel, "+-Inf at different positions than the reference")
     finite = ~(nan_e | inf_e)
     allowed = atol + rtol * e.abs()
+    floor_err = None
     if floor is not None and floor.shape == e.shape and floor.is_floating_point():
         # the op computed in this dtype by the reference itself errs this much: no backend can be asked
         # to do much better (bf16 sums that cancel, say)
         floor_err = (floor.detach().cpu().to(torch.float64) - e).abs()
-        allowed = torch.maximum(allowed, 2 * torch.where(floor_err.isfinite(), floor_err, torch.zeros_like(e)))
+        floor_err = torch.where(floor_err.isfinite(), floor_err, torch.zeros_like(e))
+        allowed = torch.maximum(allowed, 2 * floor_err)
     excess = torch.where(finite, (a - e).abs() / allowed, torch.zeros_like(e))
     ratio = float(excess.max()) if excess.numel() else 0.0
     bad = excess > 1
@@ -114,9 +116,8 @@ def compare_tensor(actual: torch.Tensor, expected: torch.Tensor, rtol: float, at
         if ref_norm > 0:
             err_norm = float((a - e)[finite].norm())
             allowed_norm = norm_rtol * ref_norm
-            if floor is not None and floor.shape == e.shape and floor.is_floating_point():
-                f = floor.detach().cpu().to(torch.float64) - e
-                allowed_norm = max(allowed_norm, 2 * float(f[finite & f.isfinite()].norm()))
+            if floor_err is not None:
+                allowed_norm = max(allowed_norm, 2 * float(floor_err[finite].norm()))
             ratio = max(ratio, err_norm / allowed_norm)
             if err_norm > allowed_norm:
                 return Comparison(False, max_abs, max_rel,

@@ -214,7 +214,7 @@ class ExpertParallelExperts(nn.Module):
         recv_counts = torch.empty_like(counts)  # [src rank, local expert] rows this rank will receive
         comm.all_to_all_single(recv_counts, counts)
         both = torch.cat([counts, recv_counts])
-        shared_out = None
+        shared_out = t1 = None
         if self.overlap and shared is not None and both.device.type == "cuda":
             # the one host sync, made late: the counts travel to pinned memory, the shared experts are
             # queued behind them, and the host waits for the counts only, so the device has the shared
@@ -227,14 +227,13 @@ class ExpertParallelExperts(nn.Module):
             shared_out = shared()
             ready.synchronize()
             both = host
-        elif timer:
-            t1 = None
         sizes = both.tolist()  # the host sync (buffers need their sizes) unless it happened above
         send = [sum(sizes[j * local_e:(j + 1) * local_e]) for j in range(size)]
         recv_per = sizes[len(sizes) // 2:]
         recv = [sum(recv_per[j * local_e:(j + 1) * local_e]) for j in range(size)]
         if timer:
-            t1 = t1 or timer.mark()
+            if t1 is None:
+                t1 = timer.mark()
             timer.add("counts_s", t0, t1)
 
         handle: list = []

@@ -127,7 +127,6 @@ class DistributedOptimizer:
         self.master_dtype, self.reduce_dtype = master_dtype, reduce_dtype
         self.moment_dtype = moment_dtype or master_dtype
         self.grad_dtype = grad_dtype
-        self._scale = 1.0  # the averaging factor of this step's gradient sums
         self.step_count = 0
         self._adamw = backend.op("adamw")
         self._no_decay = no_decay or (lambda name, p: p.dim() < 2)
@@ -239,12 +238,16 @@ class DistributedOptimizer:
         self._micro = 0
         self._next_launch = 0
         self._seen.clear()
-        # every loss is a mean over its rank's micro-batch: the global mean divides by all of them
-        self._scale = 1.0 / (self.world_size * micro_batches)
         for b in self.buckets:
             b.pending = len(b.params)
             b.work = None
             b.reduced = b.send = None
+
+    @property
+    def _scale(self) -> float:
+        """The averaging factor of this step's gradient sums: every loss is a mean over its rank's
+        micro-batch, so the global mean divides by all of them."""
+        return 1.0 / (self.world_size * self._micro_batches)
 
     def next_micro_batch(self) -> None:
         self._micro += 1
