@@ -63,6 +63,8 @@ class ExpectedFailure:
     reason: str
     dtype: torch.dtype | None = None  # None: every dtype
     check: str | None = None  # one kind of check ("forward", "backward", "determinism", ...); None: all
+    # samples whose label starts with this (variants such as ":noncontig" included); None: every sample
+    sample: str | None = None
 
 
 class Backend(ABC):

@@ -107,6 +107,57 @@ def test_manifest_turns_declared_failures_into_xfail_and_stale_ones_into_xpass(r
     assert not result.ok and {c.status for c in result.failures()} == {"xpass"}  # ...a stale manifest fails --strict
 
 
+def test_a_manifest_entry_can_name_samples(register):
+    class OneSample(_WrongEps):
+        name = "conform-test-one-sample"
+        expected_failures = (ExpectedFailure("rms_norm", "eps matters only at small activations", torch.float32,
+                                             "forward", sample="5x96:small"),)
+
+    name = register(OneSample)
+    result = run_suite(SuiteConfig(backend=name, levels=("ops",), ops=["rms_norm"], dtypes=[torch.float32], seed=1))
+    forward = {c.sample: c.status for c in result.checks if c.check == "forward"}
+    assert forward["5x96:small"] == forward["5x96:small:noncontig"] == "xfail"  # the sample and its variants
+    assert forward["8x128-strided"] == "fail"  # the wrong eps shows here too, and the entry does not cover it
+    assert forward["4x64"] == "pass"
+    assert not result.ok
+
+
+def _fma_adamw(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+               weight_decay=0.0, step, master_params=None, grad_scale=None, fault=1.0):
+    """The reference's float32 step with a GPU's fused multiply-add for the first moment: the product
+    ``(1 - beta1) * g`` rounded, then ``beta1 * m`` added to it unrounded (one rounding fewer)."""
+    f32 = torch.float32
+    out = ops.optim.adamw(params, grads, exp_avgs, exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                          weight_decay=weight_decay, step=step, master_params=master_params, grad_scale=grad_scale)
+    s = 1.0 if grad_scale is None else float(grad_scale)
+    for i, (g, m) in enumerate(zip(grads, exp_avgs)):
+        t = (torch.tensor(1 - beta1, dtype=f32) * (g.to(f32) * s * fault)).double()
+        out[1][i] = (torch.tensor(beta1, dtype=f32).double() * m.double() + t).to(f32)
+    return out
+
+
+def test_adamw_first_moment_that_cancels_is_judged_by_its_terms():
+    from openseek_hal.conformance.op_level import OpLevel
+
+    opdef = next(d for d in ops.optim.OPDEFS if d.name == "adamw")
+    # one element whose first moment cancels: 0.9 * m + 0.1 * g ~ 1e-4 of the terms' size
+    g = torch.tensor([0.7123457], dtype=torch.float32)
+    m = torch.tensor([-0.1 * 0.7123457 / 0.9 * (1 + 1e-4)], dtype=torch.float32)
+    args = ([torch.tensor([0.3], dtype=torch.float32)], [g], [m], [torch.tensor([0.01], dtype=torch.float32)])
+    sample = Sample(args, {"lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "step": 3}, "cancel")
+    expected = ops.optim.adamw(*[[t.double() for t in a] for a in args], **sample.kwargs)
+    scale = ops.optim.adamw_error_scale(*[[t.double() for t in a] for a in args], **sample.kwargs)
+    fma = _fma_adamw(*args, **sample.kwargs)
+    m_err = abs(float(fma[1][0].double() - expected[1][0]))
+    assert m_err > 1e-5 * abs(float(expected[1][0]))  # the plain norm-wise bound would reject it...
+    assert compare_tensor(fma[1][0], expected[1][0], 1.3e-6, 0, norm_rtol=1e-5, error_scale=scale[1][0]).ok
+    assert not compare_tensor(fma[1][0], expected[1][0], 1.3e-6, 0, norm_rtol=1e-5).ok
+    # ...and a real fault (the gradient 0.1% off) is still far outside the terms' bound
+    wrong = _fma_adamw(*args, **sample.kwargs, fault=1.001)
+    assert not compare_tensor(wrong[1][0], expected[1][0], 1.3e-6, 0, norm_rtol=1e-5, error_scale=scale[1][0]).ok
+    assert opdef.error_scale is ops.optim.adamw_error_scale and OpLevel  # the op level applies it
+
+
 def test_unsupported_and_unclaimed_dtypes(register):
     class NoBf16(CPUBackend):
         name = "conform-test-no-bf16"

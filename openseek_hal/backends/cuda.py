@@ -34,10 +34,12 @@ class CUDABackend(Backend):
     expected_failures = (
         ExpectedFailure("causal_attention", "PyTorch's SDPA backward in float32 at MLA's head dim 192 (sequence 130) "
                         "runs a kernel that accumulates dq with atomics: not bitwise reproducible (H200, torch "
-                        "2.11); bf16 and the other shapes are", torch.float32, "determinism"),
+                        "2.11); bf16 and the other shapes are", torch.float32, "determinism",
+                        sample="B1H2S130Dqk192Dv128"),
         ExpectedFailure("rms_norm", "the float64 backward at activations ~1e-3 (mean square ~ eps) is off by up "
                         "to ~7e-7 relative at single elements (H200): the kernel's float64 path loses precision "
-                        "there; found by the small-activation sample, not fixed yet", torch.float64, "backward"),
+                        "there; found by the small-activation sample, not fixed yet", torch.float64, "backward",
+                        sample="5x96:small"),
     )
 
     @classmethod

@@ -66,7 +66,8 @@ def _worst(a: torch.Tensor, e: torch.Tensor) -> tuple[float, float]:
 
 
 def compare_tensor(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float,
-                   floor: torch.Tensor | None = None, norm_rtol: float | None = None) -> Comparison:
+                   floor: torch.Tensor | None = None, norm_rtol: float | None = None,
+                   error_scale: torch.Tensor | None = None) -> Comparison:
     if tuple(actual.shape) != tuple(expected.shape):
         return Comparison(False, message=f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
     if not expected.is_floating_point():
@@ -100,6 +101,12 @@ def compare_tensor(actual: torch.Tensor, expected: torch.Tensor, rtol: float, at
         floor_err = (floor.detach().cpu().to(torch.float64) - e).abs()
         floor_err = torch.where(floor_err.isfinite(), floor_err, torch.zeros_like(e))
         allowed = torch.maximum(allowed, 2 * floor_err)
+    bound = None
+    if error_scale is not None and error_scale.shape == e.shape:
+        # the op's own rounding-error bound (OpDef.error_scale), in units of the output's roundoff
+        bound = error_scale.detach().cpu().to(torch.float64).abs() * (torch.finfo(actual.dtype).eps / 2)
+        bound = torch.where(bound.isfinite(), bound, torch.zeros_like(e))
+        allowed = torch.maximum(allowed, bound)
     excess = torch.where(finite, (a - e).abs() / allowed, torch.zeros_like(e))
     ratio = float(excess.max()) if excess.numel() else 0.0
     bad = excess > 1
@@ -118,6 +125,8 @@ def compare_tensor(actual: torch.Tensor, expected: torch.Tensor, rtol: float, at
             allowed_norm = norm_rtol * ref_norm
             if floor_err is not None:
                 allowed_norm = max(allowed_norm, 2 * float(floor_err[finite].norm()))
+            if bound is not None:
+                allowed_norm = max(allowed_norm, float(bound[finite].norm()))
             ratio = max(ratio, err_norm / allowed_norm)
             if err_norm > allowed_norm:
                 return Comparison(False, max_abs, max_rel,
@@ -127,12 +136,12 @@ def compare_tensor(actual: torch.Tensor, expected: torch.Tensor, rtol: float, at
 
 
 def compare_leaf(actual: Any, expected: Any, rtol: float, atol: float, floor: Any = None,
-                 norm_rtol: float | None = None) -> Comparison:
+                 norm_rtol: float | None = None, error_scale: Any = None) -> Comparison:
     if isinstance(expected, torch.Tensor):
         if not isinstance(actual, torch.Tensor):
             return Comparison(False, message=f"got {type(actual).__name__}, expected a tensor")
         return compare_tensor(actual, expected, rtol, atol, floor if isinstance(floor, torch.Tensor) else None,
-                              norm_rtol)
+                              norm_rtol, error_scale if isinstance(error_scale, torch.Tensor) else None)
     if expected is None and actual is None:
         return Comparison(True)
     if actual != expected:
@@ -141,7 +150,8 @@ def compare_leaf(actual: Any, expected: Any, rtol: float, atol: float, floor: An
 
 
 def compare_all(actual: list[Any], expected: list[Any], rtol: float, atol: float,
-                what: str = "output", floor: list[Any] | None = None, norm_rtol: float | None = None) -> Comparison:
+                what: str = "output", floor: list[Any] | None = None, norm_rtol: float | None = None,
+                error_scale: list[Any] | None = None) -> Comparison:
     """Compare leaf lists; the result carries the worst errors and the first failing leaf's message."""
     if len(actual) != len(expected):
         return Comparison(False, message=f"{len(actual)} {what}s, expected {len(expected)}")
@@ -150,7 +160,8 @@ def compare_all(actual: list[Any], expected: list[Any], rtol: float, atol: float
     worst_ratio: float | None = None
     failure = ""
     for i, (a, e) in enumerate(zip(actual, expected)):
-        c = compare_leaf(a, e, rtol, atol, floor[i] if floor is not None and i < len(floor) else None, norm_rtol)
+        c = compare_leaf(a, e, rtol, atol, floor[i] if floor is not None and i < len(floor) else None, norm_rtol,
+                         error_scale[i] if error_scale is not None and i < len(error_scale) else None)
         if c.max_abs_err is not None:
             worst_abs = max(worst_abs or 0.0, c.max_abs_err)
             worst_rel = max(worst_rel or 0.0, c.max_rel_err or 0.0)

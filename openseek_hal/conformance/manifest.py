@@ -1,6 +1,6 @@
 """A backend's manifest of declared exceptions, applied to check results.
 
-A backend declares ``expected_failures`` (op, reason, optional dtype and check kind) and
+A backend declares ``expected_failures`` (op, reason, optional dtype, check kind and sample) and
 ``unsupported_dtypes`` (dtype -> reason). A declared check still runs: when it fails or raises it is
 reported as xfail with the reason; when it passes, as xpass, so a stale manifest is visible (and
 fails the run in strict mode). A dtype missing from ``capabilities().dtypes`` is not run at all
@@ -33,18 +33,19 @@ class Manifest:
             return None
         return f"{dtype} is not in the backend's Capabilities.dtypes"
 
-    def reason(self, op: str, dtype: str, check: str) -> str | None:
+    def reason(self, op: str, dtype: str, check: str, sample: str = "") -> str | None:
         """Why this check is expected to fail, or None when it is required to pass."""
         if dtype in self.unsupported:
             return f"unsupported dtype {dtype}: {self.unsupported[dtype]}"
         for xf in self.failures:
             if xf.op == op and (xf.dtype is None or dtype_name(xf.dtype) == dtype) \
-                    and (xf.check is None or xf.check == check):
+                    and (xf.check is None or xf.check == check) \
+                    and (xf.sample is None or sample.startswith(xf.sample)):
                 return xf.reason
         return None
 
     def apply(self, result: CheckResult) -> CheckResult:
-        reason = self.reason(result.op, result.dtype, result.check)
+        reason = self.reason(result.op, result.dtype, result.check, result.sample or "")
         if reason is None or result.status == "skip":
             return result
         if result.status in ("fail", "error"):

@@ -305,8 +305,16 @@ class OpLevel:
                 expected_fwd = self._reference(opdef, sample, grad_pos, seed, fn=reference)
         floor = self._floor(opdef, sample, dtype, seed, got, backward_args, fn=reference)
         norm_rtol = None if sample.ill_conditioned else opdef.norm_tol(dtype)
+        scale = None
+        if opdef.error_scale is not None:
+            try:
+                scale = flatten(opdef.error_scale(*tree_map(to_reference, sample.args),
+                                                  **tree_map(to_reference, sample.kwargs)))
+            except Exception as e:  # a broken bound is the suite's bug: say so instead of guessing
+                return [CheckResult(**info, check="forward", status="error",
+                                    message=f"the op's error_scale raised {error_text(e)}")]
         fwd = compare_all(got.outputs, expected_fwd.outputs, rtol, atol, floor=floor.outputs if floor else None,
-                          norm_rtol=norm_rtol)
+                          norm_rtol=norm_rtol, error_scale=scale)
         results = [self._result(info, "forward", fwd, started)]
         if do_backward:
             started = time.perf_counter()

@@ -110,6 +110,13 @@ class OpDef:
     # function that makes the backend's choice, if that choice is correct up to ties (within the
     # rounding of ``dtype``), else None. Conformance then compares against that function.
     choice: Callable[..., Callable[..., Any] | None] | None = None
+    # Ops whose outputs can cancel (a moment update ``b*m + (1-b)*g`` near zero): ``error_scale(*args,
+    # **kwargs)`` on the float64 reference inputs returns, shaped like the outputs, a bound on each
+    # element's forward rounding error in units of the output dtype's unit roundoff (the textbook
+    # ``n * sum|terms|`` bound of the sums that produce it). A cancelling element is then judged
+    # against the size of its terms, not its own near-zero size, which no kernel can promise:
+    # a fused multiply-add rounds such an element differently from the reference's two products.
+    error_scale: Callable[..., Any] | None = None
 
     def schema(self) -> tuple[ArgSchema, ...]:
         """The op's typed arguments, read from its reference's signature (the contract a kernel implements)."""

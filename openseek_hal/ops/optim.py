@@ -48,6 +48,35 @@ def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avg
     return out_p, out_m, out_v, out_master
 
 
+def adamw_error_scale(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                      weight_decay=0.0, step, master_params=None, grad_scale=None):
+    """`OpDef.error_scale` of `adamw`: each output element's rounding-error bound in units of roundoff.
+
+    The first moment ``b1*m + (1-b1)*g*s`` cancels when the two terms nearly cancel; its error is
+    bounded by four roundings (the scale, two products, the sum) of ``b1*|m| + (1-b1)*|g*s|``. The
+    second moment's terms are positive (five roundings of its value). The parameter's error: two
+    roundings of the decayed weight, eight of the update term, the first moment's error carried
+    through the update's division, and the final rounding.
+    """
+    s = 1.0 if grad_scale is None else abs(float(grad_scale))
+    bias_c1 = 1.0 - beta1 ** step
+    bias_c2_sqrt = (1.0 - beta2 ** step) ** 0.5
+    out_p, out_m, out_v = [], [], []
+    for i, (g, m, v) in enumerate(zip(grads, exp_avgs, exp_avg_sqs, strict=True)):
+        base = (master_params[i] if master_params is not None else params[i]).double()
+        g = g.double() * s
+        m_terms = beta1 * m.double().abs() + (1 - beta1) * g.abs()
+        m_new = beta1 * m.double() + (1 - beta1) * g
+        v_new = beta2 * v.double() + (1 - beta2) * g * g
+        denom = v_new.sqrt() / bias_c2_sqrt + eps
+        decayed = base * (1 - lr * weight_decay)
+        p_new = decayed - (lr / bias_c1) * m_new / denom
+        out_m.append(4 * m_terms)
+        out_v.append(5 * v_new)
+        out_p.append(2 * decayed.abs() + (lr / bias_c1) * (8 * m_new.abs() + 4 * m_terms) / denom + p_new.abs())
+    return out_p, out_m, out_v, (list(out_p) if master_params is not None else [])
+
+
 def _samples(dtype, device, gen):
     shapes = [(64,), (7, 33), (1,), (0,), (3, 1000)]
     state = torch.float64 if dtype == torch.float64 else torch.float32
@@ -93,7 +122,7 @@ OPDEFS = [OpDef(name="adamw",
                 signature="adamw(params[], grads[], exp_avgs[], exp_avg_sqs[], *, lr, beta1=0.9, beta2=0.999, "
                           "eps=1e-8, weight_decay=0.0, step, master_params[]=None, grad_scale=None) "
                           "-> (params[], exp_avgs[], exp_avg_sqs[], master_params[] or [])",
-                reference=adamw, samples=_samples, differentiable=False,
+                reference=adamw, samples=_samples, differentiable=False, error_scale=adamw_error_scale,
                 doc="Fast implementations update in place and return the same tensors; the reference returns "
                     "new ones. Lists of tensors are pytrees (torch.utils._pytree). grad_scale is a number "
                     "or a one-element tensor that multiplies every gradient (read on the device).")]
