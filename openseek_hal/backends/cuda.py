@@ -36,10 +36,6 @@ class CUDABackend(Backend):
                         "runs a kernel that accumulates dq with atomics: not bitwise reproducible (H200, torch "
                         "2.11); bf16 and the other shapes are", torch.float32, "determinism",
                         sample="B1H2S130Dqk192Dv128"),
-        ExpectedFailure("rms_norm", "the float64 backward at activations ~1e-3 (mean square ~ eps) is off by up "
-                        "to ~7e-7 relative at single elements (H200): the kernel's float64 path loses precision "
-                        "there; found by the small-activation sample, not fixed yet", torch.float64, "backward",
-                        sample="5x96:small"),
     )
 
     @classmethod

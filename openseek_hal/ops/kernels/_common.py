@@ -43,3 +43,10 @@ def _sm_count(device: torch.device) -> int:
 def persistent_programs(device: torch.device, rows: int, per_sm: int = 4) -> int:
     """A grid size for kernels that loop over rows and write one partial result per program."""
     return max(1, min(rows, per_sm * _sm_count(device)))
+
+
+def split_float(x: float) -> tuple[float, float]:
+    """``x`` as two float32 numbers whose sum is ``x`` to ~48 bits: a kernel's float scalar argument is
+    float32, and a float64 kernel that needs the constant exactly adds the two halves in float64."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
