@@ -76,8 +76,8 @@ def _forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     if rows:
         block = block_for(n)
         _rms_norm_fwd[(rows,)](x2, r2, weight, y, s, rstd, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0),
-                               n, *split_float(eps), HAS_RESIDUAL=residual is not None, ACC=acc_type(x.dtype), BLOCK=block,
-                               num_warps=warps_for(block))
+                               n, *split_float(eps), HAS_RESIDUAL=residual is not None, ACC=acc_type(x.dtype),
+                               BLOCK=block, num_warps=warps_for(block))
     return y, (s if residual is not None else x2), rstd, weight
 
 
