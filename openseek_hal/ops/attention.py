@@ -34,12 +34,13 @@ def _samples(dtype, device, gen):
     for b, h, s, dqk, dv in [(2, 4, 16, 24, 16), (1, 1, 1, 8, 8), (1, 2, 33, 64, 32)]:
         q, k = (randn(b, h, s, dqk, dtype=dtype, device=device, generator=gen) for _ in range(2))
         v = randn(b, h, s, dv, dtype=dtype, device=device, generator=gen)
-        yield Sample((q, k, v), {"scale": dqk ** -0.5}, f"B{b}H{h}S{s}Dqk{dqk}Dv{dv}", s)
+        # the longest reduction: over the keys (P v), the head dims (q k^T; dO v^T in the backward)
+        yield Sample((q, k, v), {"scale": dqk ** -0.5}, f"B{b}H{h}S{s}Dqk{dqk}Dv{dv}", max(s, dqk, dv))
     # MLA's shapes (qk 192 = 128 nope + 64 rope, v 128) and its own softmax scale (not 1/sqrt(d): YaRN
     # scales it), over a sequence that leaves a partial last tile for 64- and 128-wide kernels
     q, k = (randn(1, 2, 130, 192, dtype=dtype, device=device, generator=gen) for _ in range(2))
     v = randn(1, 2, 130, 128, dtype=dtype, device=device, generator=gen)
-    yield Sample((q, k, v), {"scale": 0.11}, "B1H2S130Dqk192Dv128:mla-scale", 130)
+    yield Sample((q, k, v), {"scale": 0.11}, "B1H2S130Dqk192Dv128:mla-scale", 192)
     # the default scale (no argument)
     q, k, v = (randn(2, 2, 20, 16, dtype=dtype, device=device, generator=gen) for _ in range(3))
     yield Sample((q, k, v), {}, "B2H2S20D16:default-scale", 20)
