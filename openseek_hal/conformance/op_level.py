@@ -326,8 +326,15 @@ class OpLevel:
                     expected_bwd = self._reference(opdef, sample, grad_pos, seed, got.outputs, diff_outputs,
                                                    fn=reference)
                     bwd_rtol, bwd_atol = opdef.tol(dtype, _backward_reduction(sample, grad_pos, got.outputs))
+                    grad_scale = None
+                    if opdef.grad_error_scale is not None:
+                        ups = [_upstream(seed, i, got.outputs[i]).cpu().to(torch.float64) for i in diff_outputs]
+                        per_arg = opdef.grad_error_scale(tree_map(to_reference, sample.args),
+                                                         tree_map(to_reference, sample.kwargs), ups)
+                        grad_scale = [per_arg[i] for i in grad_pos]
                     bwd = compare_all(got.grads, expected_bwd.grads or [], bwd_rtol, bwd_atol, what="grad of input",
-                                      floor=floor.grads if floor else None, norm_rtol=norm_rtol)
+                                      floor=floor.grads if floor else None, norm_rtol=norm_rtol,
+                                      error_scale=grad_scale)
                 except Exception as e:
                     bwd = Comparison(False, message=f"the reference backward raised {error_text(e)}")
                 results.append(self._result(info, "backward", bwd, started))

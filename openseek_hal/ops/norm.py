@@ -48,9 +48,34 @@ def _norm_samples(dtype, device, gen, with_residual: bool):
         yield Sample((wide, w), {"eps": 1e-5}, "8x128-strided", 128)
 
 
+def _input_grad_scale(total: torch.Tensor, weight: torch.Tensor, eps: float, dy: torch.Tensor) -> torch.Tensor:
+    """Rounding bound of ``rstd * (g - x_hat * mean(g * x_hat))``, ``g = dy * weight``, in roundoffs:
+    about eight roundings of its two terms (at hidden size 1 they cancel to ~eps / x**2 of each)."""
+    rstd = torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps)
+    x_hat, g = total * rstd, dy * weight
+    c = (g * x_hat).mean(-1, keepdim=True)
+    return 8 * rstd * (g.abs() + x_hat.abs() * c.abs())
+
+
+def _rms_norm_grad_scale(args, kwargs, upstreams):
+    x, weight = args[:2]
+    eps = args[2] if len(args) > 2 else kwargs.get("eps", 1e-6)
+    return [_input_grad_scale(x, weight, eps, upstreams[0]), None, None][:len(args)]
+
+
+def _add_rms_norm_grad_scale(args, kwargs, upstreams):
+    x, residual, weight = args[:3]
+    eps = args[3] if len(args) > 3 else kwargs.get("eps", 1e-6)
+    scale = _input_grad_scale(x + residual, weight, eps, upstreams[0])
+    if len(upstreams) > 1:  # the residual stream's own gradient is added to the input's
+        scale = scale + upstreams[1].abs()
+    return [scale, scale, None, None][:len(args)]
+
+
 OPDEFS = [
     OpDef(name="rms_norm", signature="rms_norm(x, weight, eps=1e-6) -> y", reference=rms_norm,
-          samples=lambda dt, dev, g: _norm_samples(dt, dev, g, False)),
+          samples=lambda dt, dev, g: _norm_samples(dt, dev, g, False), grad_error_scale=_rms_norm_grad_scale),
     OpDef(name="add_rms_norm", signature="add_rms_norm(x, residual, weight, eps=1e-6) -> (y, x + residual)",
-          reference=add_rms_norm, samples=lambda dt, dev, g: _norm_samples(dt, dev, g, True)),
+          reference=add_rms_norm, samples=lambda dt, dev, g: _norm_samples(dt, dev, g, True),
+          grad_error_scale=_add_rms_norm_grad_scale),
 ]

@@ -112,11 +112,16 @@ class OpDef:
     choice: Callable[..., Callable[..., Any] | None] | None = None
     # Ops whose outputs can cancel (a moment update ``b*m + (1-b)*g`` near zero): ``error_scale(*args,
     # **kwargs)`` on the float64 reference inputs returns, shaped like the outputs, a bound on each
-    # element's forward rounding error in units of the output dtype's unit roundoff (the textbook
-    # ``n * sum|terms|`` bound of the sums that produce it). A cancelling element is then judged
-    # against the size of its terms, not its own near-zero size, which no kernel can promise:
-    # a fused multiply-add rounds such an element differently from the reference's two products.
+    # element's rounding error in units of the roundoff of the dtype the op computes in (float32 for
+    # narrower outputs): the textbook ``k * sum|terms|`` bound of the pointwise arithmetic that
+    # produces it (reductions keep the length-scaled tolerance). A cancelling element is then judged
+    # against the size of its terms, not its own near-zero size, which no kernel can promise: a fused
+    # multiply-add rounds such an element differently from the reference's two products.
     error_scale: Callable[..., Any] | None = None
+    # The same for the backward: ``grad_error_scale(args, kwargs, upstreams)`` (the float64 reference
+    # inputs and the upstream gradients of the differentiable outputs) returns one entry per
+    # positional argument (None where there is no bound).
+    grad_error_scale: Callable[..., list[Any]] | None = None
 
     def schema(self) -> tuple[ArgSchema, ...]:
         """The op's typed arguments, read from its reference's signature (the contract a kernel implements)."""
