@@ -124,10 +124,44 @@ def filter_cmd(
 @_common
 @_parallel
 @click.option("--ngrams", default=5, show_default=True, help="Tokens per shingle (words; Han characters).")
-@click.option("--bands", default=14, show_default=True, help="LSH bands.")
-@click.option("--rows", default=8, show_default=True, help="Rows (hashes) per band.")
+@click.option(
+    "--threshold", default=0.8, show_default=True, help="Jaccard similarity from which documents are duplicates."
+)
+@click.option(
+    "--num-perm", default=112, show_default=True, help="Permutations available; bands x rows is chosen within it."
+)
+@click.option(
+    "--min-recall",
+    default=0.99,
+    show_default=True,
+    help="Least probability that a pair at the threshold becomes a candidate (0: weights alone decide).",
+)
+@click.option("--fp-weight", default=0.5, show_default=True, help="Weight of the false-positive area.")
+@click.option("--fn-weight", default=0.5, show_default=True, help="Weight of the false-negative area.")
+@click.option("--bands", type=int, default=None, help="LSH bands (with --rows: used as given, nothing chosen).")
+@click.option("--rows", type=int, default=None, help="Rows (hashes) per band (with --bands).")
 @click.option("--seed", default=1, show_default=True)
 @click.option("--id-key", default=None, help="Field naming documents in clusters.jsonl (default file:line).")
+@click.option(
+    "--stage",
+    type=click.Choice(["all", "signatures", "buckets", "clusters", "filter"]),
+    default="all",
+    show_default=True,
+    help="Run one stage of the staged path (needs --work-dir); 'all' runs them in turn.",
+)
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the stages' intermediate files (default: inside -o, removed at the end).",
+)
+@click.option(
+    "--max-memory",
+    default="1G",
+    show_default=True,
+    help="Memory for bucket partitions and pair chunks (512M, 4G, ...); the label file is 8 bytes per document.",
+)
+@click.option("--in-memory", is_flag=True, help="One-process path: all band keys sorted at once (the reference).")
 def dedup_minhash_cmd(
     inputs,
     out_dir,
@@ -138,25 +172,47 @@ def dedup_minhash_cmd(
     workers,
     executor,
     ngrams,
+    threshold,
+    num_perm,
+    min_recall,
+    fp_weight,
+    fn_weight,
     bands,
     rows,
     seed,
     id_key,
+    stage,
+    work_dir,
+    max_memory,
+    in_memory,
 ) -> None:
     """Fuzzy deduplication: MinHash + LSH, keeping the first document of each near-duplicate cluster."""
-    from .dedup_minhash import dedup_minhash
-    from .minhash import MinHashConfig
+    from .dedup_minhash import dedup_minhash, parse_size
+    from .minhash import MinHashConfig, lsh_params, optimal_lsh_params
 
-    if min(ngrams, bands, rows) < 1:
+    if (bands is None) != (rows is None):
+        raise click.BadParameter("give --bands and --rows together (or neither, to have them chosen)")
+    if ngrams < 1 or (bands is not None and min(bands, rows) < 1):
         raise click.BadParameter("--ngrams, --bands and --rows must be at least 1")
+    if bands is None:
+        lsh = optimal_lsh_params(threshold, num_perm, fp_weight, fn_weight, min_recall)
+    else:
+        if not 0.0 < threshold < 1.0:
+            raise click.BadParameter("--threshold must be between 0 and 1 (exclusive)")
+        lsh = lsh_params(threshold, bands, rows)
     dedup_minhash(
         list(inputs),
         _out(out_dir, shard_docs, compression, quiet),
-        MinHashConfig(ngrams, bands, rows, seed),
+        MinHashConfig(ngrams, lsh.bands, lsh.rows, seed),
         text_key,
         id_key,
         workers,
         executor,
+        lsh=lsh,
+        stage=stage,
+        work_dir=work_dir,
+        max_memory=parse_size(max_memory),
+        in_memory=in_memory,
     )
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UserError
 from .text import _NOSPACE, normalize_codes
 
 _P = 0x9E3779B97F4A7C15  # odd, so invertible mod 2^64
@@ -150,6 +151,111 @@ class MinHasher:
         """Band keys of raw texts, and which texts are empty after normalization (never candidates)."""
         sig, empty = self.signatures(texts)
         return self.band_keys(sig), empty
+
+
+def candidate_probability(s: float | np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """P(two documents of Jaccard ``s`` share at least one band key): ``1 - (1 - s^rows)^bands``."""
+    return 1.0 - (1.0 - np.asarray(s, dtype=np.float64) ** rows) ** bands
+
+
+def _integrate(f, lo: float, hi: float, degree: int) -> float:
+    """Gauss-Legendre quadrature, exact (to rounding) for polynomials up to ``degree``."""
+    x, w = np.polynomial.legendre.leggauss(max(8, degree // 2 + 1))
+    half = (hi - lo) / 2
+    return float(half * np.sum(w * f(half * x + (hi + lo) / 2)))
+
+
+def false_positive_area(threshold: float, bands: int, rows: int) -> float:
+    """Integral of the candidate probability over Jaccard 0..threshold (pairs that should not match)."""
+    return _integrate(lambda s: candidate_probability(s, bands, rows), 0.0, threshold, bands * rows)
+
+
+def false_negative_area(threshold: float, bands: int, rows: int) -> float:
+    """Integral of the miss probability over Jaccard threshold..1 (pairs that should match)."""
+    return _integrate(lambda s: 1.0 - candidate_probability(s, bands, rows), threshold, 1.0, bands * rows)
+
+
+@dataclass(frozen=True)
+class LSHParams:
+    """A bands x rows layout and what it does at a Jaccard threshold (written to ``stats.json``)."""
+
+    bands: int
+    rows: int
+    threshold: float
+    false_positive_area: float
+    false_negative_area: float
+    recall_at_threshold: float
+    chosen: bool
+
+    @property
+    def num_perm(self) -> int:
+        return self.bands * self.rows
+
+    def describe(self) -> str:
+        how = "chosen" if self.chosen else "given"
+        grey = ", ".join(f"J={j}: {float(candidate_probability(j, self.bands, self.rows)):.3f}" for j in (0.5, 0.7))
+        return (
+            f"LSH {self.bands} bands x {self.rows} rows ({how}, {self.num_perm} permutations) for Jaccard >= "
+            f"{self.threshold:g}: P(candidate | J={self.threshold:g}) = {self.recall_at_threshold:.4f}; "
+            f"false-positive area {self.false_positive_area:.4f}, false-negative area "
+            f"{self.false_negative_area:.5f}; P(candidate) at {grey}"
+        )
+
+
+def lsh_params(threshold: float, bands: int, rows: int, chosen: bool = False) -> LSHParams:
+    """The probabilities of a given layout at ``threshold``."""
+    return LSHParams(
+        bands,
+        rows,
+        threshold,
+        false_positive_area(threshold, bands, rows),
+        false_negative_area(threshold, bands, rows),
+        float(candidate_probability(threshold, bands, rows)),
+        chosen,
+    )
+
+
+def optimal_lsh_params(
+    threshold: float = 0.8,
+    num_perm: int = 112,
+    fp_weight: float = 0.5,
+    fn_weight: float = 0.5,
+    min_recall: float = 0.99,
+) -> LSHParams:
+    """The bands x rows (``bands * rows <= num_perm``) minimizing the weighted error, as datasketch does.
+
+    Error = ``fp_weight * FP + fn_weight * FN`` with FP the integral of the S-curve
+    ``1 - (1 - s^r)^b`` over Jaccard ``[0, threshold]`` and FN the integral of its complement over
+    ``[threshold, 1]``. Only layouts whose candidate probability at the threshold (the lowest over
+    ``[threshold, 1]``, so the recall floor of every pair at or above it) is at least ``min_recall``
+    compete. Ties go to fewer permutations, then fewer bands.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise UserError(f"--threshold must be between 0 and 1 (exclusive), got {threshold}")
+    if num_perm < 1:
+        raise UserError("--num-perm must be at least 1")
+    if fp_weight < 0 or fn_weight < 0 or fp_weight + fn_weight <= 0:
+        raise UserError("--fp-weight and --fn-weight must be non-negative and not both 0")
+    if not 0.0 <= min_recall < 1.0:
+        raise UserError(f"--min-recall must be in [0, 1), got {min_recall}")
+    best: tuple[float, int, int] | None = None
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            if float(candidate_probability(threshold, b, r)) < min_recall:
+                continue
+            err = fp_weight * false_positive_area(threshold, b, r) + fn_weight * false_negative_area(threshold, b, r)
+            key = (err, b * r, b)
+            if best is None or key < best:
+                best = key
+    if best is None:
+        # b = num_perm, r = 1 has the highest candidate probability of all layouts.
+        top = float(candidate_probability(threshold, num_perm, 1))
+        raise UserError(
+            f"no bands x rows within {num_perm} permutations finds pairs at Jaccard {threshold:g} with probability "
+            f"{min_recall:g} (at most {top:.4f}); raise --num-perm or lower --min-recall"
+        )
+    _, perms, b = best
+    return lsh_params(threshold, b, perms // b, chosen=True)
 
 
 def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -111,3 +111,21 @@ def test_ray_map_order_and_worker_errors(ray_runtime):
     ]
     with pytest.raises(UserError, match="bad batch"):
         list(ordered_map(_Boom(), iter([["a"], ["boom"], ["c"]]), workers=2, executor="ray"))
+
+
+def test_staged_minhash_on_ray_equals_in_memory(cli, tmp_path, ray_runtime):
+    """The staged path's tasks (one per input file, one per bucket partition) on Ray actors."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    docs = _corpus(900)
+    for k in range(3):
+        write_jsonl(folder / f"f{k}.jsonl", docs[k * 300 : (k + 1) * 300])
+    base = ("data", "dedup-minhash", folder, "--id-key", "id", "-q")
+    assert cli(*base, "-o", tmp_path / "ref", "--in-memory")[0] == 0
+    code, _, err = cli(*base, "-o", tmp_path / "ray", "--executor", "ray", "--workers", 2, "--max-memory", "1M",
+                       "--work-dir", tmp_path / "work")
+    assert code == 0, err
+    assert json.loads((tmp_path / "work" / "buckets.json").read_text())["partitions_per_band"] >= 1
+    for name in ("part-00000.jsonl", "clusters.jsonl"):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    assert json.loads((tmp_path / "ray" / "stats.json").read_text())["removed"]["minhash_duplicate"] >= 100
