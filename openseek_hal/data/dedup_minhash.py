@@ -3,7 +3,7 @@
 Staged and out of core (the default). Each stage reads what the one before it left in a work folder
 (``--work-dir``), so the stages can also run apart (``--stage``), one after the other:
 
-1. ``signatures``: one task per input file (in parallel, ``--executor local|ray``) computes every
+1. ``signatures``: one task per input file or piece of one (in parallel, ``--executor local|ray``) computes every
    document's band keys and writes ``keys-NNNNN.bin`` (``bands`` uint64 per document) and
    ``empty-NNNNN.bin`` (documents that normalize to nothing, never candidates);
 2. ``buckets``: the keys are streamed into bucket files partitioned by band and by the key's top bits,
@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
@@ -45,6 +46,7 @@ from .io import (
     ShardWriter,
     check_output_dir,
     check_shard_options,
+    decode_line,
     discover,
     dumps,
     iter_raw,
@@ -60,6 +62,8 @@ _BUCKET_BYTES = 48  # per (key, id) entry while a partition is sorted: the entry
 _PAIR_BYTES = 96  # per pair while a chunk is merged: the pair, two root arrays and temporaries
 _RECORD = np.dtype([("key", "<u8"), ("id", "<i8")])
 _MAX_OPEN = 256  # bucket files open at once while partitioning
+PLAIN_SUFFIXES = (".jsonl", ".json", ".ndjson")
+MIN_PIECE_BYTES = 16 << 20  # smallest piece a plain JSONL file is cut into for the signature tasks
 
 
 def parse_size(text: str | int) -> int:
@@ -140,16 +144,17 @@ class _ShardSignatures:
     def setup(self) -> None:
         self.hasher = MinHasher(self.config)
 
-    def __call__(self, task: tuple[int, str]) -> dict[str, Any]:
+    def __call__(self, task: tuple[int, str, int, int | None, int]) -> dict[str, Any]:
         assert self.hasher is not None
-        index, path = task
+        index, path, begin, end, first_line = task
         work = Path(self.work)
         final = {kind: work / f"{kind}-{index:05d}.bin" for kind in ("keys", "empty")}
         tmp = {kind: f.with_name(f".{f.name}.tmp{os.getpid()}") for kind, f in final.items()}
         malformed, docs, nbytes = Malformed(), 0, 0
         try:
             with open(tmp["keys"], "wb") as kf, open(tmp["empty"], "wb") as ef:
-                for batch in batched(iter_raw([Path(path)]), self.batch_size):
+                lines = iter_raw([Path(path)]) if end is None else _iter_range(Path(path), begin, end, first_line)
+                for batch in batched(lines, self.batch_size):
                     texts = [d[self.text_key] for raw in batch if (d := parse(raw, self.text_key, malformed))]
                     if not texts:
                         continue
@@ -164,6 +169,62 @@ class _ShardSignatures:
             for f in tmp.values():
                 f.unlink(missing_ok=True)
         return {"index": index, "docs": docs, "bytes": nbytes, "malformed": asdict(malformed)}
+
+
+def _iter_range(path: Path, begin: int, end: int, first_line: int) -> Iterator[RawLine]:
+    """The records of a plain JSONL file whose lines start in ``[begin, end)``, as ``iter_raw`` yields them."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(begin)
+            pos, lineno = begin, first_line
+            for line in fh:
+                if pos >= end:
+                    break
+                if line.strip():
+                    yield decode_line(str(path), lineno, line)
+                pos += len(line)
+                lineno += 1
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+
+
+def signature_tasks(files: list[Path], workers: int) -> list[tuple[int, str, int, int | None, int]]:
+    """One task per input file; plain JSONL files are also cut at line starts into pieces of about
+    ``total / (8 * workers)`` bytes (16 MiB to 256 MiB), so a few large files still use every worker.
+
+    A task is ``(index, path, begin, end, first line number)``; ``end`` None means the whole file.
+    """
+    plain = [f for f in files if f.name.lower().endswith(PLAIN_SUFFIXES)]
+    total = sum(f.stat().st_size for f in plain)
+    piece = min(256 << 20, max(MIN_PIECE_BYTES, -(-total // (8 * max(workers, 1)))))
+    tasks: list[tuple[int, str, int, int | None, int]] = []
+    for f in files:
+        size = f.stat().st_size if f in plain else 0
+        if size <= piece:
+            tasks.append((len(tasks), str(f), 0, None, 1))
+            continue
+        bounds = [0]
+        with open(f, "rb") as fh:
+            for k in range(1, -(-size // piece)):
+                fh.seek(k * piece - 1)
+                fh.readline()  # to the start of the next line (or stay, if k * piece starts one)
+                if bounds[-1] < fh.tell() < size:
+                    bounds.append(fh.tell())
+            bounds.append(size)
+            # Line numbers at the cuts: newlines before each.
+            fh.seek(0)
+            lines, pos, firsts = 1, 0, []
+            for b in bounds[:-1]:
+                while pos < b:
+                    chunk = fh.read(min(16 << 20, b - pos))
+                    if not chunk:
+                        break
+                    lines += chunk.count(b"\n")
+                    pos += len(chunk)
+                firsts.append(lines)
+        for b0, b1, first in zip(bounds[:-1], bounds[1:], firsts):
+            tasks.append((len(tasks), str(f), b0, b1, first))
+    return tasks
 
 
 class _BucketPairs:
@@ -295,14 +356,12 @@ def stage_signatures(
         if p.name != ".lock":
             p.unlink()
     (work.path / "plan.json").write_text(json.dumps(work.plan) + "\n", encoding="utf-8")
+    tasks = signature_tasks(files, workers)
     shards = []
     with (
-        progress("minhash signatures", quiet, total=len(files), unit="files") as advance,
+        progress("minhash signatures", quiet, total=len(tasks), unit="pieces") as advance,
         closing(
-            ordered_map(
-                _ShardSignatures(config, text_key, str(work.path)), iter(enumerate(map(str, files))), workers,
-                executor,
-            )
+            ordered_map(_ShardSignatures(config, text_key, str(work.path)), iter(tasks), workers, executor)
         ) as results,
     ):
         for res in results:

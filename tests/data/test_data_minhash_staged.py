@@ -160,3 +160,27 @@ def test_parse_size():
     for bad in ("", "1X", "-1G", "10K"):
         with pytest.raises(UserError):
             parse_size(bad)
+
+
+@pytest.mark.parametrize("piece", [1, 997, 5000])
+def test_files_cut_into_pieces_read_every_line_once(tmp_path, monkeypatch, piece):
+    """Plain JSONL cut at line starts: the same documents, malformed lines and line numbers as one read."""
+    from openseek_hal.data import dedup_minhash as dm
+
+    rng = random.Random(piece)
+    rows = [json.dumps(d, ensure_ascii=False) for d in _corpus(rng, 400)]
+    for k, line in zip((3, 50, 51, 200), ("", "   ", "{broken", '{"text": 1}')):  # blank and malformed lines
+        rows.insert(k, line)
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(("\n".join(rows) + "\n").encode() + b'{"text": "\xff"}\n{"text": "last line"}\n')
+    monkeypatch.setattr(dm, "MIN_PIECE_BYTES", piece)
+    tasks = dm.signature_tasks([path], workers=2)
+    assert len(tasks) > (1 if piece == 5000 else 10)
+    from openseek_hal.data.io import iter_raw
+
+    pieces = [raw for t in tasks for raw in dm._iter_range(path, t[2], t[3], t[4])]
+    assert pieces == list(iter_raw([path]))
+    ref = dedup_minhash([str(path)], OutputOptions(tmp_path / "ref", quiet=True), in_memory=True)
+    got = dedup_minhash([str(path)], OutputOptions(tmp_path / "got", quiet=True), workers=2)
+    assert got.malformed.first == ref.malformed.first and got.malformed.count == 3  # and one not UTF-8
+    _same(tmp_path / "ref", tmp_path / "got")
