@@ -5,8 +5,8 @@
 Writes ``--files`` JSONL inputs of small documents (half English words, half Chinese characters, a
 fifth of them edited copies of a recent one), runs ``openseek-hal data dedup-minhash`` on them as a
 child process, and samples the resident memory of the job's whole process tree (main process plus
-workers, from /proc) every 0.1 s. Prints one JSON line: documents, seconds, docs/s, peak RSS (sum over
-the tree, and the largest single process), removed documents.
+workers, from /proc) every 0.1 s. Prints one JSON line: documents, wall and CPU seconds (the job and
+its workers), docs/s, peak RSS (sum over the tree, and the largest single process), removed documents.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -91,6 +92,7 @@ def main() -> None:
     cmd = ["openseek-hal", "data", "dedup-minhash", str(inputs), "-o", str(out), "--workers", str(args.workers),
            "--max-memory", args.max_memory, *args.extra]
     start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd)
     peak_sum = peak_one = 0
     while proc.poll() is None:
@@ -98,12 +100,16 @@ def main() -> None:
         peak_sum, peak_one = max(peak_sum, s), max(peak_one, m)
         time.sleep(0.1)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode:
         sys.exit(proc.returncode)
     stats = json.loads((out / "stats.json").read_text())
     print(json.dumps({
         "command": " ".join(cmd), "docs": stats["docs_in"], "removed": stats["removed"], "seconds": round(seconds, 1),
-        "docs_per_second": round(stats["docs_in"] / seconds), "peak_rss_tree_mb": round(peak_sum / 2**20),
+        "docs_per_second": round(stats["docs_in"] / seconds),
+        "cpu_seconds": round(cpu, 1),
+        "docs_per_cpu_second": round(stats["docs_in"] / cpu), "peak_rss_tree_mb": round(peak_sum / 2**20),
         "peak_rss_largest_process_mb": round(peak_one / 2**20), "lsh": stats["config"].get("lsh", {}).get("bands"),
     }))
 
