@@ -30,7 +30,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import closing
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ _PAIR_BYTES = 96  # per pair while a chunk is merged: the pair, two root arrays 
 _RECORD = np.dtype([("key", "<u8"), ("id", "<i8")])
 _MAX_OPEN = 256  # bucket files open at once while partitioning
 PLAIN_SUFFIXES = (".jsonl", ".json", ".ndjson")
+SignatureTask = tuple[int, str, str, int, int | None, int]
 MIN_PIECE_BYTES = 16 << 20  # smallest piece a plain JSONL file is cut into for the signature tasks
 
 
@@ -144,16 +145,17 @@ class _ShardSignatures:
     def setup(self) -> None:
         self.hasher = MinHasher(self.config)
 
-    def __call__(self, task: tuple[int, str, int, int | None, int]) -> dict[str, Any]:
+    def __call__(self, task: SignatureTask) -> dict[str, Any]:
         assert self.hasher is not None
-        index, path, begin, end, first_line = task
+        index, path, where, begin, end, first_line = task
         work = Path(self.work)
         final = {kind: work / f"{kind}-{index:05d}.bin" for kind in ("keys", "empty")}
         tmp = {kind: f.with_name(f".{f.name}.tmp{os.getpid()}") for kind, f in final.items()}
         malformed, docs, nbytes = Malformed(), 0, 0
         try:
             with open(tmp["keys"], "wb") as kf, open(tmp["empty"], "wb") as ef:
-                lines = iter_raw([Path(path)]) if end is None else _iter_range(Path(path), begin, end, first_line)
+                src = Path(where)
+                lines = _iter_range(src, begin, end, first_line, path) if end is not None else _named(src, path)
                 for batch in batched(lines, self.batch_size):
                     texts = [d[self.text_key] for raw in batch if (d := parse(raw, self.text_key, malformed))]
                     if not texts:
@@ -171,8 +173,16 @@ class _ShardSignatures:
         return {"index": index, "docs": docs, "bytes": nbytes, "malformed": asdict(malformed)}
 
 
-def _iter_range(path: Path, begin: int, end: int, first_line: int) -> Iterator[RawLine]:
-    """The records of a plain JSONL file whose lines start in ``[begin, end)``, as ``iter_raw`` yields them."""
+def _named(path: Path, name: str) -> Iterator[RawLine]:
+    """``iter_raw`` of one file read at ``path`` (absolute, for workers elsewhere), records named ``name``."""
+    for raw in iter_raw([path]):
+        yield raw if raw.file == name else replace(raw, file=name)
+
+
+def _iter_range(path: Path, begin: int, end: int, first_line: int, name: str | None = None) -> Iterator[RawLine]:
+    """The records of a plain JSONL file whose lines start in ``[begin, end)``, as ``iter_raw`` yields them
+    (named ``name``, the path as the user gave it, if given)."""
+    name = str(path) if name is None else name
     try:
         with open(path, "rb") as fh:
             fh.seek(begin)
@@ -181,27 +191,28 @@ def _iter_range(path: Path, begin: int, end: int, first_line: int) -> Iterator[R
                 if pos >= end:
                     break
                 if line.strip():
-                    yield decode_line(str(path), lineno, line)
+                    yield decode_line(name, lineno, line)
                 pos += len(line)
                 lineno += 1
     except OSError as e:
         raise UserError(f"cannot read {path}: {e}") from e
 
 
-def signature_tasks(files: list[Path], workers: int) -> list[tuple[int, str, int, int | None, int]]:
+def signature_tasks(files: list[Path], workers: int) -> list[SignatureTask]:
     """One task per input file; plain JSONL files are also cut at line starts into pieces of about
     ``total / (8 * workers)`` bytes (16 MiB to 256 MiB), so a few large files still use every worker.
 
-    A task is ``(index, path, begin, end, first line number)``; ``end`` None means the whole file.
+    A task is ``(index, path as given, absolute path, begin, end, first line number)``; ``end`` None means
+    the whole file. Workers open the absolute path (a Ray worker's folder is not ours).
     """
     plain = [f for f in files if f.name.lower().endswith(PLAIN_SUFFIXES)]
     total = sum(f.stat().st_size for f in plain)
     piece = min(256 << 20, max(MIN_PIECE_BYTES, -(-total // (8 * max(workers, 1)))))
-    tasks: list[tuple[int, str, int, int | None, int]] = []
+    tasks: list[SignatureTask] = []
     for f in files:
         size = f.stat().st_size if f in plain else 0
         if size <= piece:
-            tasks.append((len(tasks), str(f), 0, None, 1))
+            tasks.append((len(tasks), str(f), str(f.resolve()), 0, None, 1))
             continue
         bounds = [0]
         with open(f, "rb") as fh:
@@ -223,7 +234,7 @@ def signature_tasks(files: list[Path], workers: int) -> list[tuple[int, str, int
                     pos += len(chunk)
                 firsts.append(lines)
         for b0, b1, first in zip(bounds[:-1], bounds[1:], firsts):
-            tasks.append((len(tasks), str(f), b0, b1, first))
+            tasks.append((len(tasks), str(f), str(f.resolve()), b0, b1, first))
     return tasks
 
 
@@ -516,7 +527,7 @@ def dedup_minhash(
         return _dedup_in_memory(files, out, config, text_key, id_key, workers, executor, batch_size, stats, start)
     plan = _plan(files, config, text_key)
     if stage in ("signatures", "buckets", "clusters"):
-        work = WorkDir(Path(work_dir), plan)  # type: ignore[arg-type]
+        work = WorkDir(Path(work_dir).resolve(), plan)  # type: ignore[arg-type]
         with FolderLock(work.path, what="work folder", holder=f"dedup-minhash --stage {stage}"):
             if stage == "signatures":
                 stage_signatures(work, files, config, text_key, workers, executor, out.quiet)
@@ -528,7 +539,7 @@ def dedup_minhash(
         return None
     with StageOutput(out.out_dir, stats.stage) as output:
         own = work_dir is None
-        work = WorkDir(output.root / ".minhash-work" if own else Path(work_dir), plan)  # type: ignore[arg-type]
+        work = WorkDir((output.root / ".minhash-work" if own else Path(work_dir)).resolve(), plan)  # type: ignore[arg-type]
         with FolderLock(work.path, what="work folder", holder="dedup-minhash"):
             if stage == "all":
                 stage_signatures(work, files, config, text_key, workers, executor, out.quiet)

@@ -178,7 +178,7 @@ def test_files_cut_into_pieces_read_every_line_once(tmp_path, monkeypatch, piece
     assert len(tasks) > (1 if piece == 5000 else 10)
     from openseek_hal.data.io import iter_raw
 
-    pieces = [raw for t in tasks for raw in dm._iter_range(path, t[2], t[3], t[4])]
+    pieces = [raw for t in tasks for raw in dm._iter_range(path, t[3], t[4], t[5])]
     assert pieces == list(iter_raw([path]))
     ref = dedup_minhash([str(path)], OutputOptions(tmp_path / "ref", quiet=True), in_memory=True)
     got = dedup_minhash([str(path)], OutputOptions(tmp_path / "got", quiet=True), workers=2)

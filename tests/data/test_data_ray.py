@@ -14,9 +14,15 @@ from openseek_hal.errors import UserError
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
 
+try:
+    import opencc  # noqa: F401
+
+    T2S = ", t2s: true"  # the data extra: OpenCC runs inside the actors too
+except ImportError:
+    T2S = ""
 STAGES = (
     "stages:\n"
-    "  - filter: {min_chars: 20}\n"
+    f"  - filter: {{min_chars: 20{T2S}}}\n"
     "  - dedup-minhash: {id_key: id}\n"
     "  - dedup-exact: {min_bytes: 40}\n"
     "  - tokenize: {vocab_size: 300}\n"
@@ -25,7 +31,9 @@ WORDS = (
     "river mountain valley water stone forest village bridge harvest winter summer light shadow road "
     "market garden window letter morning evening story music field north south"
 ).split()
-HAN = "春天来了山上的花都开了孩子们在田野里奔跑老人坐在门口晒太阳河水缓缓流过村庄远处传来鸟儿的歌声人们开始新一年的耕种"
+HAN = "漢語門開車書馬"  # traditional: t2s changes them
+HAN += "春天来了山上的花都开了孩子们在田野里奔跑老人坐在门口晒太阳河水缓缓流过村庄"
+HAN += "远处传来鸟儿的歌声人们开始新一年的耕种"
 
 
 def _corpus(n: int = 600) -> list[dict]:
@@ -88,6 +96,9 @@ def test_pipeline_ray_equals_local(cli, tmp_path, ray_runtime):
     assert stats["3-dedup-exact"]["docs_changed"] > 0
     assert stats["4-tokenize"]["docs_in"] == stats["3-dedup-exact"]["docs_out"] > 0
     assert compared >= 8  # shards, clusters.jsonl, tokens-*.bin/.idx, index.json, tokenizer.json
+    if T2S:
+        filtered = (tmp_path / "ray" / "1-filter" / "part-00000.jsonl").read_text()
+        assert "漢" not in filtered and "汉" in filtered
 
 
 class _Boom:
@@ -113,19 +124,24 @@ def test_ray_map_order_and_worker_errors(ray_runtime):
         list(ordered_map(_Boom(), iter([["a"], ["boom"], ["c"]]), workers=2, executor="ray"))
 
 
-def test_staged_minhash_on_ray_equals_in_memory(cli, tmp_path, ray_runtime):
-    """The staged path's tasks (one per input file, one per bucket partition) on Ray actors."""
+def test_staged_minhash_on_ray_equals_in_memory(cli, tmp_path, ray_runtime, monkeypatch):
+    """The staged path's tasks (one per input file, one per bucket partition) on Ray actors, with paths
+    relative to a folder the actors do not share."""
+    monkeypatch.chdir(tmp_path)
     folder = tmp_path / "in"
     folder.mkdir()
     docs = _corpus(900)
     for k in range(3):
-        write_jsonl(folder / f"f{k}.jsonl", docs[k * 300 : (k + 1) * 300])
-    base = ("data", "dedup-minhash", folder, "--id-key", "id", "-q")
-    assert cli(*base, "-o", tmp_path / "ref", "--in-memory")[0] == 0
-    code, _, err = cli(*base, "-o", tmp_path / "ray", "--executor", "ray", "--workers", 2, "--max-memory", "1M",
-                       "--work-dir", tmp_path / "work")
+        write_jsonl(folder / f"f{k}.jsonl", docs[k * 300 : (k + 1) * 300], ("{broken",) if k == 1 else ())
+    base = ("data", "dedup-minhash", "in", "--id-key", "id", "-q")
+    assert cli(*base, "-o", "ref", "--in-memory")[0] == 0
+    code, _, err = cli(*base, "-o", "ray", "--executor", "ray", "--workers", 2, "--max-memory", "1M",
+                       "--work-dir", "work")
     assert code == 0, err
     assert json.loads((tmp_path / "work" / "buckets.json").read_text())["partitions_per_band"] >= 1
     for name in ("part-00000.jsonl", "clusters.jsonl"):
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
-    assert json.loads((tmp_path / "ray" / "stats.json").read_text())["removed"]["minhash_duplicate"] >= 100
+    stats = json.loads((tmp_path / "ray" / "stats.json").read_text())
+    assert stats["removed"]["minhash_duplicate"] >= 100
+    assert stats["malformed"] == json.loads((tmp_path / "ref" / "stats.json").read_text())["malformed"]
+    assert stats["malformed"]["first"][0]["file"] == "in/f1.jsonl"
