@@ -104,7 +104,7 @@ def test_small_memory_makes_partitions_and_chunks(tmp_path, capsys):
     dedup_minhash([str(inputs)], OutputOptions(out, quiet=True), MinHashConfig(), work_dir=work, max_memory=32 << 10)
     record = json.loads((work / "buckets.json").read_text())
     assert record["partitions_per_band"] > 1 and record["pairs"] > 0
-    assert len(record["files"]) == 14 * record["partitions_per_band"]
+    assert len(record["files"]) == 16 * record["partitions_per_band"]
 
 
 def test_stages_run_apart_equal_all(cli, tmp_path):
