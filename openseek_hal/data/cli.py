@@ -444,10 +444,13 @@ def tokenize_cmd(
 )
 @click.option(
     "--mode",
-    type=click.Choice(["qa", "cot"]),
+    type=click.Choice(["qa", "cot", "tag", "cot-forward", "rag-cot", "rl-sample", "score"]),
     default="qa",
     show_default=True,
-    help="qa: question/answer pairs; cot: Long-CoT backward synthesis (summaries -> CoT -> query).",
+    help="qa: question/answer pairs; cot: backward Long-CoT (summaries -> CoT -> query); tag: knowledge-point "
+    "tags from --tags; cot-forward: Long-CoT refined --refine-rounds times; rag-cot: Long-CoT over passages "
+    "retrieved from --index; rl-sample: pass rate of --samples answers against --answer-key, selected by "
+    "difficulty; score: rules plus a reward-model judge.",
 )
 @click.option("--endpoint", required=True, help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1.")
 @click.option("--model", required=True, help="Model name sent to the endpoint.")
@@ -470,9 +473,27 @@ def tokenize_cmd(
     "--prompts",
     "prompt_dir",
     type=click.Path(file_okay=False, exists=True),
-    help="Folder with replacement templates (qa.txt, cot_summary.txt, cot_chain.txt, cot_query.txt).",
+    help="Folder with replacement templates (qa.txt, cot_*.txt, tag.txt, rl_solve.txt, reward.txt).",
 )
 @click.option("--limit", type=int, default=None, help="Stop after this many new documents.")
+@click.option("--tags", "tags_file", type=click.Path(dir_okay=False), help="tag: the taxonomy (lines, YAML or JSON).")
+@click.option("--refine-rounds", default=1, show_default=True, help="cot-forward: refinement passes.")
+@click.option(
+    "--index", "index_paths", multiple=True, type=click.Path(path_type=str), help="rag-cot: corpus to retrieve from."
+)
+@click.option("--top-k", default=3, show_default=True, help="rag-cot: passages per question.")
+@click.option("--passage-chars", default=1000, show_default=True, help="rag-cot: characters per passage.")
+@click.option("--answer-key", default="answer", show_default=True, help="rl-sample: field of the reference answer.")
+@click.option("--samples", default=8, show_default=True, help="rl-sample: answers sampled per problem.")
+@click.option("--min-pass", default=0.125, show_default=True, help="rl-sample: lowest pass rate selected.")
+@click.option("--max-pass", default=0.875, show_default=True, help="rl-sample: highest pass rate selected.")
+@click.option("--min-score", default=0.5, show_default=True, help="score: lowest score selected (0-1).")
+@click.option("--rules-only", is_flag=True, help="score: rules alone, no reward-model request.")
+@click.option("--rule-min-chars", default=20, show_default=True, help="score: shorter samples fail.")
+@click.option("--max-repetition", default=0.3, show_default=True, help="score: share of repeated 5-grams.")
+@click.option(
+    "--max-language-gap", default=0.5, show_default=True, help="score: Han-share difference to the source."
+)
 @click.option("-q", "--quiet", is_flag=True)
 def synthesize_cmd(
     inputs,
@@ -492,12 +513,26 @@ def synthesize_cmd(
     segment_chars,
     prompt_dir,
     limit,
+    tags_file,
+    refine_rounds,
+    index_paths,
+    top_k,
+    passage_chars,
+    answer_key,
+    samples,
+    min_pass,
+    max_pass,
+    min_score,
+    rules_only,
+    rule_min_chars,
+    max_repetition,
+    max_language_gap,
     quiet,
 ) -> None:
-    """Generate QA pairs or Long-CoT samples from documents with an OpenAI-compatible chat endpoint."""
+    """Generate QA pairs, Long-CoT samples, tags, RL difficulty samples or scores with an OpenAI-compatible API."""
     import os
 
-    from .synth import ChatClient, Synthesizer, load_prompts, synthesize
+    from .synth import ChatClient, Synthesizer, load_prompts, synth_options, synthesize
 
     client = ChatClient(
         endpoint,
@@ -509,7 +544,13 @@ def synthesize_cmd(
         temperature,
         max_tokens,
     )
-    synthesizer = Synthesizer(client, mode, load_prompts(mode, prompt_dir), segment_chars)
+    options = synth_options(
+        mode, text_key, id_key, tags_file=tags_file, refine_rounds=refine_rounds, index_paths=list(index_paths),
+        top_k=top_k, passage_chars=passage_chars, answer_key=answer_key, samples=samples, min_pass=min_pass,
+        max_pass=max_pass, min_score=min_score, rules_only=rules_only, rule_min_chars=rule_min_chars,
+        max_repetition=max_repetition, max_language_gap=max_language_gap,
+    )
+    synthesizer = Synthesizer(client, mode, load_prompts(mode, prompt_dir), segment_chars, options)
     synthesize(list(inputs), out_dir, synthesizer, text_key, id_key, concurrency, limit, quiet)
 
 
