@@ -7,6 +7,13 @@ Modes:
   ``segment_chars`` at paragraph breaks, each segment is summarized (``cot_summary.txt``), a chain of
   thought is written from the summaries (``cot_chain.txt``), and a query from the chain
   (``cot_query.txt``); the output line is ``{source_id, source, summaries, cot, query}``.
+- ``tag``: knowledge-point tags from a taxonomy (``--tags``), checked against it;
+- ``cot-forward``: a chain of thought for a question, then ``refine_rounds`` check-and-rewrite passes;
+- ``rag-cot``: a chain of thought over the top passages of a local BM25 index (``--index``);
+- ``rl-sample``: ``samples`` answers per problem against its reference answer; pass rate, difficulty,
+  and whether it falls in the selected band;
+- ``score``: rules (length, repetition, language) and a reward judge; score and selection.
+(The helpers of the last five are in ``synth_modes``.)
 
 Calls go to ``{endpoint}/chat/completions`` with the API key from an environment variable. Transient
 failures (connection errors, timeouts, HTTP 429 and 5xx, replies that cannot be parsed) are retried
