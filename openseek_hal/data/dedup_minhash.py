@@ -345,8 +345,10 @@ def _note(quiet: bool, message: str) -> None:
         click.echo(f"dedup-minhash: {message}", err=True)
 
 
-_WORK_FILES = ("plan.json", "*.json", "keys-*.bin", "empty-*.bin", "bucket-*.bin", "pairs-*.bin", "labels.bin",
-               ".*.tmp*", ".lock")
+# Exactly what the stages write into a work folder: anything else there is the user's and stops the run.
+_WORK_FILES = ("plan.json", "signatures.json", "buckets.json", "clusters.json", "keys-[0-9]*.bin",
+               "empty-[0-9]*.bin", "bucket-b[0-9]*-p[0-9]*.bin", "pairs-b[0-9]*-p[0-9]*.bin", "labels.bin",
+               ".keys-*.tmp*", ".empty-*.tmp*", ".pairs-*.tmp*", ".*.json.tmp*", ".lock")
 
 
 def stage_signatures(

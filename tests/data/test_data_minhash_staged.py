@@ -142,12 +142,13 @@ def test_stage_errors(cli, tmp_path):
     assert code == 2 and "made for other inputs or options" in err
     assert not (tmp_path / "o" / "stats.json").exists()
     # A work folder holding anything else is refused and left as it was.
-    other = tmp_path / "mine"
-    other.mkdir()
-    (other / "notes.txt").write_text("keep me")
-    code, _, err = cli("data", "dedup-minhash", inputs, "-o", tmp_path / "o2", "--work-dir", other, "-q")
-    assert code == 2 and "which dedup-minhash did not write" in err
-    assert (other / "notes.txt").read_text() == "keep me"
+    for name in ("notes.txt", "data.json", "keys.bin"):
+        other = tmp_path / f"mine-{name}"
+        other.mkdir()
+        (other / name).write_text("keep me")
+        code, _, err = cli("data", "dedup-minhash", inputs, "-o", tmp_path / "o2", "--work-dir", other, "-q")
+        assert code == 2 and "which dedup-minhash did not write" in err
+        assert (other / name).read_text() == "keep me"
     code, _, err = cli("data", "dedup-minhash", inputs, "-o", tmp_path / "o3", "--max-memory", "lots")
     assert code == 2 and "--max-memory" in err
     code, _, err = cli("data", "dedup-minhash", inputs, "-o", tmp_path / "o3", "--bands", 4)
