@@ -355,7 +355,7 @@ def stage_signatures(
     work: WorkDir, files: list[Path], config: MinHashConfig, text_key: str, workers: int, executor: str,
     quiet: bool,
 ) -> dict[str, Any]:
-    """Stage 1: band keys of every input file, one task per file. Clears the work folder's earlier files."""
+    """Stage 1: band keys of every input file, one task per file or piece; clears the work folder first."""
     from fnmatch import fnmatch
 
     found = [p for p in work.path.iterdir()]
