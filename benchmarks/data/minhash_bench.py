@@ -178,9 +178,12 @@ def build_corpus(n_docs: int, path: Path, seed: int = 0) -> None:
 # ------------------------------------------------------------------------------------------------ tools
 def run_ours(corpus: Path, work: Path) -> list[str]:
     from openseek_hal.data.dedup_minhash import dedup_minhash
+    from openseek_hal.data.minhash import MinHashConfig
     from openseek_hal.data.runner import OutputOptions
 
-    dedup_minhash([str(corpus)], OutputOptions(work / "ours", quiet=True), workers=1)
+    # The recorded results used 14 x 8 (datatrove's layout) and the one-process path.
+    config = MinHashConfig(num_bands=14, rows_per_band=8)
+    dedup_minhash([str(corpus)], OutputOptions(work / "ours", quiet=True), config, workers=1, in_memory=True)
     return [json.loads(line)["id"] for f in sorted((work / "ours").glob("part-*")) for line in open(f)]
 
 

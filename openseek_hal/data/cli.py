@@ -124,10 +124,44 @@ def filter_cmd(
 @_common
 @_parallel
 @click.option("--ngrams", default=5, show_default=True, help="Tokens per shingle (words; Han characters).")
-@click.option("--bands", default=14, show_default=True, help="LSH bands.")
-@click.option("--rows", default=8, show_default=True, help="Rows (hashes) per band.")
+@click.option(
+    "--threshold", default=0.8, show_default=True, help="Jaccard similarity from which documents are duplicates."
+)
+@click.option(
+    "--num-perm", default=112, show_default=True, help="Permutations available; bands x rows is chosen within it."
+)
+@click.option(
+    "--min-recall",
+    default=0.99,
+    show_default=True,
+    help="Least probability that a pair at the threshold becomes a candidate (0: weights alone decide).",
+)
+@click.option("--fp-weight", default=0.5, show_default=True, help="Weight of the false-positive area.")
+@click.option("--fn-weight", default=0.5, show_default=True, help="Weight of the false-negative area.")
+@click.option("--bands", type=int, default=None, help="LSH bands (with --rows: used as given, nothing chosen).")
+@click.option("--rows", type=int, default=None, help="Rows (hashes) per band (with --bands).")
 @click.option("--seed", default=1, show_default=True)
 @click.option("--id-key", default=None, help="Field naming documents in clusters.jsonl (default file:line).")
+@click.option(
+    "--stage",
+    type=click.Choice(["all", "signatures", "buckets", "clusters", "filter"]),
+    default="all",
+    show_default=True,
+    help="Run one stage of the staged path (needs --work-dir); 'all' runs them in turn.",
+)
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the stages' intermediate files (default: inside -o, removed at the end).",
+)
+@click.option(
+    "--max-memory",
+    default="1G",
+    show_default=True,
+    help="Memory for bucket partitions and pair chunks (512M, 4G, ...); the label file is 8 bytes per document.",
+)
+@click.option("--in-memory", is_flag=True, help="One-process path: all band keys sorted at once (the reference).")
 def dedup_minhash_cmd(
     inputs,
     out_dir,
@@ -138,25 +172,47 @@ def dedup_minhash_cmd(
     workers,
     executor,
     ngrams,
+    threshold,
+    num_perm,
+    min_recall,
+    fp_weight,
+    fn_weight,
     bands,
     rows,
     seed,
     id_key,
+    stage,
+    work_dir,
+    max_memory,
+    in_memory,
 ) -> None:
     """Fuzzy deduplication: MinHash + LSH, keeping the first document of each near-duplicate cluster."""
-    from .dedup_minhash import dedup_minhash
-    from .minhash import MinHashConfig
+    from .dedup_minhash import dedup_minhash, parse_size
+    from .minhash import MinHashConfig, lsh_params, optimal_lsh_params
 
-    if min(ngrams, bands, rows) < 1:
+    if (bands is None) != (rows is None):
+        raise click.BadParameter("give --bands and --rows together (or neither, to have them chosen)")
+    if ngrams < 1 or (bands is not None and min(bands, rows) < 1):
         raise click.BadParameter("--ngrams, --bands and --rows must be at least 1")
+    if bands is None:
+        lsh = optimal_lsh_params(threshold, num_perm, fp_weight, fn_weight, min_recall)
+    else:
+        if not 0.0 < threshold < 1.0:
+            raise click.BadParameter("--threshold must be between 0 and 1 (exclusive)")
+        lsh = lsh_params(threshold, bands, rows)
     dedup_minhash(
         list(inputs),
         _out(out_dir, shard_docs, compression, quiet),
-        MinHashConfig(ngrams, bands, rows, seed),
+        MinHashConfig(ngrams, lsh.bands, lsh.rows, seed),
         text_key,
         id_key,
         workers,
         executor,
+        lsh=lsh,
+        stage=stage,
+        work_dir=work_dir,
+        max_memory=parse_size(max_memory),
+        in_memory=in_memory,
     )
 
 
@@ -388,10 +444,13 @@ def tokenize_cmd(
 )
 @click.option(
     "--mode",
-    type=click.Choice(["qa", "cot"]),
+    type=click.Choice(["qa", "cot", "tag", "cot-forward", "rag-cot", "rl-sample", "score"]),
     default="qa",
     show_default=True,
-    help="qa: question/answer pairs; cot: Long-CoT backward synthesis (summaries -> CoT -> query).",
+    help="qa: question/answer pairs; cot: backward Long-CoT (summaries -> CoT -> query); tag: knowledge-point "
+    "tags from --tags; cot-forward: Long-CoT refined --refine-rounds times; rag-cot: Long-CoT over passages "
+    "retrieved from --index; rl-sample: pass rate of --samples answers against --answer-key, selected by "
+    "difficulty; score: rules plus a reward-model judge.",
 )
 @click.option("--endpoint", required=True, help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1.")
 @click.option("--model", required=True, help="Model name sent to the endpoint.")
@@ -414,9 +473,27 @@ def tokenize_cmd(
     "--prompts",
     "prompt_dir",
     type=click.Path(file_okay=False, exists=True),
-    help="Folder with replacement templates (qa.txt, cot_summary.txt, cot_chain.txt, cot_query.txt).",
+    help="Folder with replacement templates (qa.txt, cot_*.txt, tag.txt, rl_solve.txt, reward.txt).",
 )
 @click.option("--limit", type=int, default=None, help="Stop after this many new documents.")
+@click.option("--tags", "tags_file", type=click.Path(dir_okay=False), help="tag: the taxonomy (lines, YAML or JSON).")
+@click.option("--refine-rounds", default=1, show_default=True, help="cot-forward: refinement passes.")
+@click.option(
+    "--index", "index_paths", multiple=True, type=click.Path(path_type=str), help="rag-cot: corpus to retrieve from."
+)
+@click.option("--top-k", default=3, show_default=True, help="rag-cot: passages per question.")
+@click.option("--passage-chars", default=1000, show_default=True, help="rag-cot: characters per passage.")
+@click.option("--answer-key", default="answer", show_default=True, help="rl-sample: field of the reference answer.")
+@click.option("--samples", default=8, show_default=True, help="rl-sample: answers sampled per problem.")
+@click.option("--min-pass", default=0.125, show_default=True, help="rl-sample: lowest pass rate selected.")
+@click.option("--max-pass", default=0.875, show_default=True, help="rl-sample: highest pass rate selected.")
+@click.option("--min-score", default=0.5, show_default=True, help="score: lowest score selected (0-1).")
+@click.option("--rules-only", is_flag=True, help="score: rules alone, no reward-model request.")
+@click.option("--rule-min-chars", default=20, show_default=True, help="score: shorter samples fail.")
+@click.option("--max-repetition", default=0.3, show_default=True, help="score: share of repeated 5-grams.")
+@click.option(
+    "--max-language-gap", default=0.5, show_default=True, help="score: Han-share difference to the source."
+)
 @click.option("-q", "--quiet", is_flag=True)
 def synthesize_cmd(
     inputs,
@@ -436,12 +513,26 @@ def synthesize_cmd(
     segment_chars,
     prompt_dir,
     limit,
+    tags_file,
+    refine_rounds,
+    index_paths,
+    top_k,
+    passage_chars,
+    answer_key,
+    samples,
+    min_pass,
+    max_pass,
+    min_score,
+    rules_only,
+    rule_min_chars,
+    max_repetition,
+    max_language_gap,
     quiet,
 ) -> None:
-    """Generate QA pairs or Long-CoT samples from documents with an OpenAI-compatible chat endpoint."""
+    """Generate QA pairs, Long-CoT samples, tags, RL difficulty samples or scores with an OpenAI-compatible API."""
     import os
 
-    from .synth import ChatClient, Synthesizer, load_prompts, synthesize
+    from .synth import ChatClient, Synthesizer, load_prompts, synth_options, synthesize
 
     client = ChatClient(
         endpoint,
@@ -453,7 +544,13 @@ def synthesize_cmd(
         temperature,
         max_tokens,
     )
-    synthesizer = Synthesizer(client, mode, load_prompts(mode, prompt_dir), segment_chars)
+    options = synth_options(
+        mode, text_key, id_key, tags_file=tags_file, refine_rounds=refine_rounds, index_paths=list(index_paths),
+        top_k=top_k, passage_chars=passage_chars, answer_key=answer_key, samples=samples, min_pass=min_pass,
+        max_pass=max_pass, min_score=min_score, rules_only=rules_only, rule_min_chars=rule_min_chars,
+        max_repetition=max_repetition, max_language_gap=max_language_gap,
+    )
+    synthesizer = Synthesizer(client, mode, load_prompts(mode, prompt_dir), segment_chars, options)
     synthesize(list(inputs), out_dir, synthesizer, text_key, id_key, concurrency, limit, quiet)
 
 

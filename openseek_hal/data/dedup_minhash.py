@@ -1,26 +1,44 @@
 """The `dedup-minhash` stage: MinHash LSH fuzzy deduplication over the whole input.
 
-Three passes with memory bounded by the document count, not the text size:
-1. signatures -> band keys (workers), appended to a temp file of 14 uint64 per document (in the output's
-   staging folder, so a crash leaves nothing the next run does not remove);
-2. per band, documents with equal keys are linked to the first of them; the connected components of all
-   links (``minhash.components``) are the duplicate clusters;
-3. the input is streamed again and the first document of each cluster (in input order) is kept, its
-   line passed through byte for byte; ``clusters.jsonl`` says which document was removed for which.
+Staged and out of core (the default). Each stage reads what the one before it left in a work folder
+(``--work-dir``), so the stages can also run apart (``--stage``), one after the other:
+
+1. ``signatures``: one task per input file or piece of one (in parallel, ``--executor local|ray``) computes every
+   document's band keys and writes ``keys-NNNNN.bin`` (``bands`` uint64 per document) and
+   ``empty-NNNNN.bin`` (documents that normalize to nothing, never candidates);
+2. ``buckets``: the keys are streamed into bucket files partitioned by band and by the key's top bits,
+   so that one partition sorted in memory fits in ``--max-memory``; each partition (a task) is sorted
+   by key and every document is linked to the first (lowest) document of its key: ``pairs-*.bin``;
+3. ``clusters``: union-find over integer document ids on a memory-mapped label file (8 bytes per
+   document), the pair files read in chunks; every label ends as the lowest document of its cluster;
+4. ``filter``: the input is streamed again and the first document of each cluster (in input order) is
+   kept, its line passed through byte for byte; ``clusters.jsonl`` says which document was removed for
+   which.
+
+Documents with equal keys in a band always land in the same partition, so the links, the clusters and
+the output are exactly those of the one-process path (``--in-memory``: all keys in one memory-mapped
+file, one sort per band, ``minhash.components``), which is kept as the reference.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import shutil
 import time
+from collections.abc import Iterator
 from contextlib import closing
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
+import click
 import numpy as np
 
 from ..errors import UserError
+from ..fileio import FolderLock
 from .executor import ordered_map
 from .io import (
     Malformed,
@@ -28,14 +46,39 @@ from .io import (
     ShardWriter,
     check_output_dir,
     check_shard_options,
+    decode_line,
     discover,
     dumps,
     iter_raw,
     parse,
 )
-from .minhash import MinHashConfig, MinHasher, components
+from .minhash import LSHParams, MinHashConfig, MinHasher, components
 from .outdir import StageOutput
 from .runner import OutputOptions, Stats, batched, progress, report
+
+STAGES = ("all", "signatures", "buckets", "clusters", "filter")
+DEFAULT_MAX_MEMORY = 1 << 30
+_BUCKET_BYTES = 48  # per (key, id) entry while a partition is sorted: the entry, argsort's index, sorted copies
+_PAIR_BYTES = 96  # per pair while a chunk is merged: the pair, two root arrays and temporaries
+_RECORD = np.dtype([("key", "<u8"), ("id", "<i8")])
+_MAX_OPEN = 256  # bucket files open at once while partitioning
+PLAIN_SUFFIXES = (".jsonl", ".json", ".ndjson")
+SignatureTask = tuple[int, str, str, int, int | None, int]
+MIN_PIECE_BYTES = 16 << 20  # smallest piece a plain JSONL file is cut into for the signature tasks
+
+
+def parse_size(text: str | int) -> int:
+    """``512M``, ``2G``, ``1.5GB``, ``1000000`` (bytes) -> bytes; ``UserError`` otherwise."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", text.lower())
+        if m is None:
+            raise UserError(f"--max-memory: cannot read '{text}' as a size (like 512M, 2G)")
+        value = int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+    if value < 1 << 20:
+        raise UserError(f"--max-memory must be at least 1M, got {text}")
+    return value
 
 
 class _KeysBatch:
@@ -78,10 +121,372 @@ def cluster_labels(keys: np.ndarray, empty: np.ndarray) -> np.ndarray:
     return components(n, u, v)
 
 
-def _doc_id(doc: dict, raw: RawLine, id_key: str | None) -> object:
-    if id_key is not None and id_key in doc:
-        return doc[id_key]
-    return f"{raw.file}:{raw.line}"
+# -- the staged path ---------------------------------------------------------------------------------------
+
+
+def _run_links(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Within equal keys, link every id to the first: ``ids`` ascending in, (first, other) pairs out."""
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    is_start = np.ones(len(sk), dtype=bool)
+    is_start[1:] = sk[1:] != sk[:-1]
+    run_first = order[np.flatnonzero(is_start)][np.cumsum(is_start) - 1]
+    dup = ~is_start
+    return ids[run_first[dup]], ids[order[dup]]
+
+
+class _ShardSignatures:
+    """Task: one input file -> its band keys and empty mask in the work folder; returns the file's counts."""
+
+    def __init__(self, config: MinHashConfig, text_key: str, work: str, batch_size: int = 512):
+        self.config, self.text_key, self.work, self.batch_size = config, text_key, work, batch_size
+        self.hasher: MinHasher | None = None
+
+    def setup(self) -> None:
+        self.hasher = MinHasher(self.config)
+
+    def __call__(self, task: SignatureTask) -> dict[str, Any]:
+        assert self.hasher is not None
+        index, path, where, begin, end, first_line = task
+        work = Path(self.work)
+        final = {kind: work / f"{kind}-{index:05d}.bin" for kind in ("keys", "empty")}
+        tmp = {kind: f.with_name(f".{f.name}.tmp{os.getpid()}") for kind, f in final.items()}
+        malformed, docs, nbytes = Malformed(), 0, 0
+        try:
+            with open(tmp["keys"], "wb") as kf, open(tmp["empty"], "wb") as ef:
+                src = Path(where)
+                lines = _iter_range(src, begin, end, first_line, path) if end is not None else _named(src, path)
+                for batch in batched(lines, self.batch_size):
+                    texts = [d[self.text_key] for raw in batch if (d := parse(raw, self.text_key, malformed))]
+                    if not texts:
+                        continue
+                    keys, empty = self.hasher.keys_for(texts)
+                    kf.write(np.ascontiguousarray(keys).tobytes())
+                    ef.write(empty.astype(np.uint8).tobytes())
+                    docs += len(texts)
+                    nbytes += sum(len(t.encode("utf-8")) for t in texts)
+            for kind in final:
+                os.replace(tmp[kind], final[kind])
+        finally:
+            for f in tmp.values():
+                f.unlink(missing_ok=True)
+        return {"index": index, "docs": docs, "bytes": nbytes, "malformed": asdict(malformed)}
+
+
+def _named(path: Path, name: str) -> Iterator[RawLine]:
+    """``iter_raw`` of one file read at ``path`` (absolute, for workers elsewhere), records named ``name``."""
+    for raw in iter_raw([path]):
+        yield raw if raw.file == name else replace(raw, file=name)
+
+
+def _iter_range(path: Path, begin: int, end: int, first_line: int, name: str | None = None) -> Iterator[RawLine]:
+    """The records of a plain JSONL file whose lines start in ``[begin, end)``, as ``iter_raw`` yields them
+    (named ``name``, the path as the user gave it, if given)."""
+    name = str(path) if name is None else name
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(begin)
+            pos, lineno = begin, first_line
+            for line in fh:
+                if pos >= end:
+                    break
+                if line.strip():
+                    yield decode_line(name, lineno, line)
+                pos += len(line)
+                lineno += 1
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+
+
+def signature_tasks(files: list[Path], workers: int) -> list[SignatureTask]:
+    """One task per input file; plain JSONL files are also cut at line starts into pieces of about
+    ``total / (8 * workers)`` bytes (16 MiB to 256 MiB), so a few large files still use every worker.
+
+    A task is ``(index, path as given, absolute path, begin, end, first line number)``; ``end`` None means
+    the whole file. Workers open the absolute path (a Ray worker's folder is not ours).
+    """
+    plain = [f for f in files if f.name.lower().endswith(PLAIN_SUFFIXES)]
+    total = sum(f.stat().st_size for f in plain)
+    piece = min(256 << 20, max(MIN_PIECE_BYTES, -(-total // (8 * max(workers, 1)))))
+    tasks: list[SignatureTask] = []
+    for f in files:
+        size = f.stat().st_size if f in plain else 0
+        if size <= piece:
+            tasks.append((len(tasks), str(f), str(f.resolve()), 0, None, 1))
+            continue
+        bounds = [0]
+        with open(f, "rb") as fh:
+            for k in range(1, -(-size // piece)):
+                fh.seek(k * piece - 1)
+                fh.readline()  # to the start of the next line (or stay, if k * piece starts one)
+                if bounds[-1] < fh.tell() < size:
+                    bounds.append(fh.tell())
+            bounds.append(size)
+            # Line numbers at the cuts: newlines before each.
+            fh.seek(0)
+            lines, pos, firsts = 1, 0, []
+            for b in bounds[:-1]:
+                while pos < b:
+                    chunk = fh.read(min(16 << 20, b - pos))
+                    if not chunk:
+                        break
+                    lines += chunk.count(b"\n")
+                    pos += len(chunk)
+                firsts.append(lines)
+        for b0, b1, first in zip(bounds[:-1], bounds[1:], firsts):
+            tasks.append((len(tasks), str(f), str(f.resolve()), b0, b1, first))
+    return tasks
+
+
+class _BucketPairs:
+    """Task: sort one bucket partition by key and write its links as ``pairs-*.bin`` (int64 pairs)."""
+
+    def __init__(self, work: str):
+        self.work = work
+
+    def setup(self) -> None:
+        pass
+
+    def __call__(self, name: str) -> int:
+        work = Path(self.work)
+        records = np.fromfile(work / name, dtype=_RECORD)
+        u, v = _run_links(records["key"], records["id"])
+        del records
+        out = work / name.replace("bucket-", "pairs-")
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        np.stack([u, v], axis=1).astype(np.int64).tofile(tmp)
+        os.replace(tmp, out)
+        (work / name).unlink()
+        return len(u)
+
+
+def _find(labels: np.ndarray, x: np.ndarray) -> np.ndarray:
+    r = labels[x]
+    while True:
+        nxt = labels[r]
+        if np.array_equal(nxt, r):
+            return r
+        r = nxt
+
+
+def union_pairs(labels: np.ndarray, u: np.ndarray, v: np.ndarray) -> None:
+    """Union-find on ``labels`` (parent pointers, ``labels[i] <= i``) for the links ``u[k] -- v[k]``.
+
+    The larger of two roots is hooked under the smaller (``np.minimum.at`` settles several hooks of one
+    root in a round), so a root is always the lowest node of its tree; rounds repeat until every link
+    has one root. Paths of the nodes seen are compressed.
+    """
+    while len(u):
+        ru, rv = _find(labels, u), _find(labels, v)
+        labels[u], labels[v] = ru, rv
+        differ = ru != rv
+        u, v, ru, rv = u[differ], v[differ], ru[differ], rv[differ]
+        if len(u):
+            np.minimum.at(labels, np.maximum(ru, rv), np.minimum(ru, rv))
+
+
+def flatten_labels(labels: np.ndarray, chunk: int) -> None:
+    """Point every node at its root, in ascending chunks (a root is below its nodes, so chunks converge)."""
+    for lo in range(0, len(labels), chunk):
+        labels[lo : lo + chunk] = _find(labels, np.arange(lo, min(lo + chunk, len(labels))))
+
+
+class WorkDir:
+    """The intermediate files of the staged path and what each finished stage recorded.
+
+    ``plan.json`` names the inputs (path, size, mtime) and the options; a later stage with other inputs
+    or options is refused. ``<stage>.json`` is written when a stage finishes; rerunning a stage drops
+    the records of the stages after it.
+    """
+
+    def __init__(self, path: Path, plan: dict[str, Any]):
+        self.path, self.plan = path, plan
+
+    def record(self, stage: str) -> dict[str, Any]:
+        f = self.path / f"{stage}.json"
+        if not f.is_file():
+            raise UserError(
+                f"work folder {self.path} has no finished '{stage}' stage; run dedup-minhash --stage {stage} first"
+            )
+        return json.loads(f.read_text(encoding="utf-8"))
+
+    def check_plan(self) -> None:
+        f = self.path / "plan.json"
+        if not f.is_file():
+            raise UserError(
+                f"work folder {self.path} holds no signatures; run dedup-minhash --stage signatures first"
+            )
+        if json.loads(f.read_text(encoding="utf-8")) != self.plan:
+            raise UserError(
+                f"work folder {self.path} was made for other inputs or options (or the inputs changed); "
+                "rerun from --stage signatures or use another --work-dir"
+            )
+
+    def start(self, stage: str) -> None:
+        for later in STAGES[STAGES.index(stage) :]:
+            (self.path / f"{later}.json").unlink(missing_ok=True)
+
+    def finish(self, stage: str, record: dict[str, Any]) -> None:
+        tmp = self.path / f".{stage}.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path / f"{stage}.json")
+
+
+def _plan(files: list[Path], config: MinHashConfig, text_key: str) -> dict[str, Any]:
+    inputs = []
+    for f in files:
+        st = f.stat()
+        inputs.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return {"inputs": inputs, "config": asdict(config), "text_key": text_key}
+
+
+def _note(quiet: bool, message: str) -> None:
+    if not quiet:
+        click.echo(f"dedup-minhash: {message}", err=True)
+
+
+# Exactly what the stages write into a work folder: anything else there is the user's and stops the run.
+_WORK_FILES = ("plan.json", "signatures.json", "buckets.json", "clusters.json", "keys-[0-9]*.bin",
+               "empty-[0-9]*.bin", "bucket-b[0-9]*-p[0-9]*.bin", "pairs-b[0-9]*-p[0-9]*.bin", "labels.bin",
+               ".keys-*.tmp*", ".empty-*.tmp*", ".pairs-*.tmp*", ".*.json.tmp*", ".lock")
+
+
+def stage_signatures(
+    work: WorkDir, files: list[Path], config: MinHashConfig, text_key: str, workers: int, executor: str,
+    quiet: bool,
+) -> dict[str, Any]:
+    """Stage 1: band keys of every input file, one task per file or piece; clears the work folder first."""
+    from fnmatch import fnmatch
+
+    found = [p for p in work.path.iterdir()]
+    foreign = [p.name for p in found if not any(fnmatch(p.name, pat) for pat in _WORK_FILES) or p.is_dir()]
+    if foreign:
+        raise UserError(
+            f"work folder {work.path} holds {', '.join(sorted(foreign)[:3])}, which dedup-minhash did not write; "
+            "choose an empty or new --work-dir"
+        )
+    for p in found:
+        if p.name != ".lock":
+            p.unlink()
+    (work.path / "plan.json").write_text(json.dumps(work.plan) + "\n", encoding="utf-8")
+    tasks = signature_tasks(files, workers)
+    shards = []
+    with (
+        progress("minhash signatures", quiet, total=len(tasks), unit="pieces") as advance,
+        closing(
+            ordered_map(_ShardSignatures(config, text_key, str(work.path)), iter(tasks), workers, executor)
+        ) as results,
+    ):
+        for res in results:
+            shards.append(res)
+            advance(1)
+    record = {"shards": [{k: r[k] for k in ("docs", "bytes", "malformed")} for r in shards]}
+    work.finish("signatures", record)
+    return record
+
+
+def stage_buckets(
+    work: WorkDir, bands: int, max_memory: int, workers: int, executor: str, quiet: bool
+) -> dict[str, Any]:
+    """Stage 2: band keys into bucket partitions on disk, then each partition sorted into links."""
+    work.check_plan()
+    shards = work.record("signatures")["shards"]
+    work.start("buckets")
+    for p in work.path.glob("*-b*-p*.bin"):
+        p.unlink()
+    docs = sum(s["docs"] for s in shards)
+    budget = max(max_memory // max(workers, 1), 4096)
+    parts = max(1, math.ceil(docs * _BUCKET_BYTES / budget))
+    chunk_rows = max(64, max_memory // (bands * 8 * 4))
+    group = max(1, _MAX_OPEN // parts)
+    names = [f"bucket-b{b:03d}-p{p:05d}.bin" for b in range(bands) for p in range(parts)]
+    with progress("minhash buckets", quiet, total=docs * bands, unit="keys") as advance:
+        for g0 in range(0, bands, group):
+            band_group = range(g0, min(g0 + group, bands))
+            handles = {(b, p): open(work.path / f"bucket-b{b:03d}-p{p:05d}.bin", "wb") for b in band_group
+                       for p in range(parts)}
+            try:
+                offset = 0
+                for i, shard in enumerate(shards):
+                    n = shard["docs"]
+                    if n == 0:
+                        continue
+                    keys = np.memmap(work.path / f"keys-{i:05d}.bin", dtype=np.uint64, mode="r", shape=(n, bands))
+                    empty = np.fromfile(work.path / f"empty-{i:05d}.bin", dtype=np.uint8).astype(bool)
+                    for lo in range(0, n, chunk_rows):
+                        hi = min(lo + chunk_rows, n)
+                        keep = np.flatnonzero(~empty[lo:hi])
+                        block = np.asarray(keys[lo:hi])[keep]
+                        ids = keep.astype(np.int64) + offset + lo
+                        for b in band_group:
+                            rec = np.empty(len(keep), dtype=_RECORD)
+                            rec["key"], rec["id"] = block[:, b], ids
+                            part = ((rec["key"] >> np.uint64(32)) * np.uint64(parts)) >> np.uint64(32)
+                            order = np.argsort(part, kind="stable")
+                            bounds = np.searchsorted(part[order], np.arange(parts + 1))
+                            for p in range(parts):
+                                if bounds[p + 1] > bounds[p]:
+                                    handles[(b, p)].write(rec[order[bounds[p] : bounds[p + 1]]].tobytes())
+                            advance(hi - lo)
+                    del keys
+                    offset += n
+            finally:
+                for h in handles.values():
+                    h.close()
+    pairs = 0
+    with (
+        progress("minhash links", quiet, total=len(names), unit="partitions") as advance,
+        closing(ordered_map(_BucketPairs(str(work.path)), iter(names), workers, executor)) as results,
+    ):
+        for count in results:
+            pairs += count
+            advance(1)
+    record = {"partitions_per_band": parts, "pairs": pairs, "files": [n.replace("bucket-", "pairs-") for n in names]}
+    work.finish("buckets", record)
+    return record
+
+
+def stage_clusters(work: WorkDir, max_memory: int, quiet: bool) -> dict[str, Any]:
+    """Stage 3: union-find over the pair files, read in chunks, on a memory-mapped label file."""
+    work.check_plan()
+    docs = sum(s["docs"] for s in work.record("signatures")["shards"])
+    files = work.record("buckets")["files"]
+    work.start("clusters")
+    path = work.path / "labels.bin"
+    chunk = max(64, max_memory // _PAIR_BYTES)
+    labels = np.memmap(path, dtype=np.int64, mode="w+", shape=(max(docs, 1),))
+    for lo in range(0, docs, chunk):
+        labels[lo : lo + chunk] = np.arange(lo, min(lo + chunk, docs))
+    with progress("minhash clusters", quiet, total=len(files), unit="pair files") as advance:
+        for name in files:
+            with open(work.path / name, "rb") as fh:
+                while len(block := np.fromfile(fh, dtype=np.int64, count=2 * chunk)):
+                    union_pairs(labels, block[0::2], block[1::2])
+            advance(1)
+        flatten_labels(labels, chunk)
+    labels.flush()
+    roots = _roots(labels[:docs], chunk)
+    del labels
+    record = {"docs": docs, "clusters": int(roots.sum())}
+    work.finish("clusters", record)
+    return record
+
+
+def _roots(labels: np.ndarray, chunk: int) -> np.ndarray:
+    """Which documents are the kept first document of a cluster with at least one other member."""
+    roots = np.zeros(len(labels), dtype=bool)
+    for lo in range(0, len(labels), chunk):
+        block = np.asarray(labels[lo : lo + chunk])
+        linked = block != np.arange(lo, lo + len(block))
+        roots[block[linked]] = True
+    return roots
+
+
+def _malformed(shards: list[dict[str, Any]]) -> Malformed:
+    total = Malformed()
+    for s in shards:
+        total.merge(Malformed(**s["malformed"]))
+    return total
 
 
 def dedup_minhash(
@@ -93,15 +498,96 @@ def dedup_minhash(
     workers: int = 1,
     executor: str = "local",
     batch_size: int = 512,
-) -> Stats:
+    lsh: LSHParams | None = None,
+    stage: str = "all",
+    work_dir: Path | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    in_memory: bool = False,
+) -> Stats | None:
+    """Deduplicate ``inputs`` into ``out``; ``stage`` runs one stage of the staged path (None returned
+    unless the output was written)."""
     config = config or MinHashConfig()
+    if stage not in STAGES:
+        raise UserError(f"unknown --stage '{stage}' (choose from: {', '.join(STAGES)})")
+    if in_memory and (stage != "all" or work_dir is not None):
+        raise UserError("--in-memory runs in one process: it takes no --stage or --work-dir")
+    if stage != "all" and work_dir is None:
+        raise UserError(f"--stage {stage} needs --work-dir (where the stages leave their files for each other)")
     check_shard_options(out.shard_docs, out.compression)
     files = discover(inputs)
     check_output_dir(out.out_dir, files)
-    stats = Stats("dedup-minhash", config={**asdict(config), "text_key": text_key, "id_key": id_key})
+    if lsh is not None:
+        _note(out.quiet, lsh.describe())
+    extra_config = {"lsh": asdict(lsh)} if lsh is not None else {}
+    stats = Stats(
+        "dedup-minhash",
+        config={**asdict(config), "text_key": text_key, "id_key": id_key, **extra_config,
+                "path": "in-memory" if in_memory else "staged", "max_memory": max_memory},
+    )
     start = time.perf_counter()
+    if in_memory:
+        return _dedup_in_memory(files, out, config, text_key, id_key, workers, executor, batch_size, stats, start)
+    plan = _plan(files, config, text_key)
+    if stage in ("signatures", "buckets", "clusters"):
+        work = WorkDir(Path(work_dir).resolve(), plan)  # type: ignore[arg-type]
+        with FolderLock(work.path, what="work folder", holder=f"dedup-minhash --stage {stage}"):
+            if stage == "signatures":
+                stage_signatures(work, files, config, text_key, workers, executor, out.quiet)
+            elif stage == "buckets":
+                stage_buckets(work, config.num_bands, max_memory, workers, executor, out.quiet)
+            else:
+                stage_clusters(work, max_memory, out.quiet)
+        _note(out.quiet, f"stage {stage} done in {time.perf_counter() - start:.1f}s -> {work.path}")
+        return None
     with StageOutput(out.out_dir, stats.stage) as output:
-        keys_path = output.dir / ".minhash-keys.bin"  # 14 uint64 per document, removed with the staging folder
+        own = work_dir is None
+        work = WorkDir((output.root / ".minhash-work" if own else Path(work_dir)).resolve(), plan)  # type: ignore[arg-type]
+        with FolderLock(work.path, what="work folder", holder="dedup-minhash"):
+            if stage == "all":
+                stage_signatures(work, files, config, text_key, workers, executor, out.quiet)
+                stage_buckets(work, config.num_bands, max_memory, workers, executor, out.quiet)
+                stage_clusters(work, max_memory, out.quiet)
+            work.check_plan()
+            shards = work.record("signatures")["shards"]
+            clusters = work.record("clusters")
+            stats.docs_in = sum(s["docs"] for s in shards)
+            stats.bytes_in = sum(s["bytes"] for s in shards)
+            stats.malformed.merge(_malformed(shards))
+            labels = (
+                np.memmap(work.path / "labels.bin", dtype=np.int64, mode="r", shape=(max(stats.docs_in, 1),))
+                if stats.docs_in
+                else np.zeros(0, np.int64)
+            )
+            stats.extra["clusters"] = clusters["clusters"]
+            chunk = max(64, max_memory // _PAIR_BYTES)
+            documents = _write_kept(
+                files, labels[: stats.docs_in], _roots(labels[: stats.docs_in], chunk), output.dir, out, text_key,
+                id_key, stats,
+            )
+            del labels
+        if own:
+            shutil.rmtree(work.path, ignore_errors=True)
+        stats.seconds = time.perf_counter() - start
+        stats.extra["docs_per_second"] = round(stats.docs_in / max(stats.seconds, 1e-9), 1)
+        output.commit(stats.to_dict(), documents)
+    report(stats, out.out_dir, out.quiet)
+    return stats
+
+
+def _dedup_in_memory(
+    files: list[Path],
+    out: OutputOptions,
+    config: MinHashConfig,
+    text_key: str,
+    id_key: str | None,
+    workers: int,
+    executor: str,
+    batch_size: int,
+    stats: Stats,
+    start: float,
+) -> Stats:
+    with StageOutput(out.out_dir, stats.stage) as output:
+        keys_path = output.dir / ".minhash-keys.bin"  # bands uint64 per document, removed with the staging folder
         empties = []
         with (
             open(keys_path, "wb") as fh,
@@ -126,8 +612,9 @@ def dedup_minhash(
         labels = cluster_labels(keys, empty)
         del keys
         keys_path.unlink()
-        stats.extra["clusters"] = int(len(np.unique(labels[labels != np.arange(len(labels))])))
-        documents = _write_kept(files, labels, output.dir, out, text_key, id_key, stats)
+        roots = _roots(labels, len(labels) + 1)
+        stats.extra["clusters"] = int(roots.sum())
+        documents = _write_kept(files, labels, roots, output.dir, out, text_key, id_key, stats)
         stats.seconds = time.perf_counter() - start
         stats.extra["docs_per_second"] = round(stats.docs_in / max(stats.seconds, 1e-9), 1)
         output.commit(stats.to_dict(), documents)
@@ -135,9 +622,16 @@ def dedup_minhash(
     return stats
 
 
+def _doc_id(doc: dict, raw: RawLine, id_key: str | None) -> object:
+    if id_key is not None and id_key in doc:
+        return doc[id_key]
+    return f"{raw.file}:{raw.line}"
+
+
 def _write_kept(
     files: list[Path],
     labels: np.ndarray,
+    roots: np.ndarray,
     out_dir: Path,
     out: OutputOptions,
     text_key: str,
@@ -145,7 +639,6 @@ def _write_kept(
     stats: Stats,
 ) -> dict[str, int]:
     """The third pass: write the first document of each cluster and ``clusters.jsonl``; documents per shard."""
-    roots = set(np.unique(labels[labels != np.arange(len(labels))]).tolist())
     root_ids: dict[int, object] = {}
     writer = ShardWriter(out_dir, out.shard_docs, out.compression)
     report_path = out_dir / "clusters.jsonl"
@@ -164,7 +657,7 @@ def _write_kept(
                     raise UserError("the input changed while it was being deduplicated; rerun")
                 root = int(labels[i])
                 if root == i:
-                    if i in roots:
+                    if roots[i]:
                         root_ids[i] = _doc_id(doc, raw, id_key)
                     writer.write(raw.text.rstrip("\r\n") + "\n" if raw.text is not None else dumps(doc))
                     stats.bytes_out += len(doc[text_key].encode("utf-8"))

@@ -130,11 +130,17 @@ def windowed(
 
 
 def _ray_map(worker: BatchWorker, batches: Iterable[Any], workers: int) -> Iterator[Any]:
+    """The same windowed, ordered map over Ray actors: actor ``i`` gets batches ``i, i + N, ...``.
+
+    Uses the Ray runtime already started in this process (``ray.init``), else connects to ``RAY_ADDRESS``
+    or starts a local one. The actors are killed when the map ends, finished or not, so an error or an
+    interrupt drops the queued batches as the local pool does.
+    """
     try:
         import ray
     except ImportError as e:
         raise UserError(
-            "--executor ray needs Ray: pip install 'ray[default]' (or use --executor local)"
+            "--executor ray needs Ray: pip install 'openseek-hal[ray]' (or use --executor local)"
         ) from e
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False)
@@ -150,6 +156,10 @@ def _ray_map(worker: BatchWorker, batches: Iterable[Any], workers: int) -> Itera
 
     actors = [_Actor.remote(worker) for _ in range(workers)]
     counter = iter(range(1 << 62))
-    yield from windowed(
-        lambda b: actors[next(counter) % workers].run.remote(b), ray.get, batches, 2 * workers
-    )
+    try:
+        yield from windowed(
+            lambda b: actors[next(counter) % workers].run.remote(b), ray.get, batches, 2 * workers
+        )
+    finally:
+        for actor in actors:
+            ray.kill(actor)

@@ -7,6 +7,13 @@ Modes:
   ``segment_chars`` at paragraph breaks, each segment is summarized (``cot_summary.txt``), a chain of
   thought is written from the summaries (``cot_chain.txt``), and a query from the chain
   (``cot_query.txt``); the output line is ``{source_id, source, summaries, cot, query}``.
+- ``tag``: knowledge-point tags from a taxonomy (``--tags``), checked against it;
+- ``cot-forward``: a chain of thought for a question, then ``refine_rounds`` check-and-rewrite passes;
+- ``rag-cot``: a chain of thought over the top passages of a local BM25 index (``--index``);
+- ``rl-sample``: ``samples`` answers per problem against its reference answer; pass rate, difficulty,
+  and whether it falls in the selected band;
+- ``score``: rules (length, repetition, language) and a reward judge; score and selection.
+(The helpers of the last five are in ``synth_modes``.)
 
 Calls go to ``{endpoint}/chat/completions`` with the API key from an environment variable. Transient
 failures (connection errors, timeouts, HTTP 429 and 5xx, replies that cannot be parsed) are retried
@@ -23,18 +30,37 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
 from .executor import windowed
-from .io import check_output_dir, discover, iter_raw, parse
+from .io import Malformed, check_output_dir, discover, iter_raw, parse
 from .outdir import StageOutput
 from .runner import Stats, progress, report
+from .synth_modes import (
+    BM25Index,
+    Rules,
+    extract_answer,
+    load_taxonomy,
+    parse_reward,
+    parse_tags,
+    passages_of,
+    same_answer,
+)
 
-PROMPTS = {"qa": ("qa.txt",), "cot": ("cot_summary.txt", "cot_chain.txt", "cot_query.txt")}
+PROMPTS = {
+    "qa": ("qa.txt",),
+    "cot": ("cot_summary.txt", "cot_chain.txt", "cot_query.txt"),
+    "tag": ("tag.txt",),
+    "cot-forward": ("cot_forward.txt", "cot_refine.txt"),
+    "rag-cot": ("cot_rag.txt",),
+    "rl-sample": ("rl_solve.txt",),
+    "score": ("reward.txt",),
+}
+MODES = tuple(PROMPTS)
 OUTPUT = "synth.jsonl"
 GIVE_UP_AFTER = 3  # failed documents, with none succeeded, that stop the run
 
@@ -59,12 +85,14 @@ class ChatClient:
         base = self.endpoint.rstrip("/")
         return base if base.endswith("/chat/completions") else base + "/chat/completions"
 
-    def complete(self, prompt: str) -> str:
+    def complete(self, prompt: str, seed: int | None = None) -> str:
         body: dict[str, Any] = {
             "model": self.model,
             "temperature": self.temperature,
             "messages": [{"role": "user", "content": prompt}],
         }
+        if seed is not None:  # independent samples of one prompt (rl-sample)
+            body["seed"] = seed
         if self.max_tokens:
             body["max_tokens"] = self.max_tokens
         headers = {"Content-Type": "application/json"}
@@ -150,11 +178,30 @@ def parse_qa(reply: str) -> list[dict[str, str]]:
 
 
 @dataclass
+class SynthOptions:
+    """What the modes beyond ``qa`` and ``cot`` need; see ``synth_modes``."""
+
+    taxonomy: list[str] = field(default_factory=list)  # tag
+    refine_rounds: int = 1  # cot-forward
+    index: BM25Index | None = None  # rag-cot
+    top_k: int = 3
+    answer_key: str = "answer"  # rl-sample
+    samples: int = 8
+    min_pass: float = 0.125
+    max_pass: float = 0.875
+    rules: Rules = field(default_factory=Rules)  # score
+    use_reward: bool = True
+    min_score: float = 0.5
+    text_key: str = "text"
+
+
+@dataclass
 class Synthesizer:
     client: ChatClient
     mode: str
     prompts: list[str]
     segment_chars: int = 2000
+    options: SynthOptions = field(default_factory=SynthOptions)
 
     def _ask(self, template: str, **fields: str) -> str:
         prompt = template
@@ -162,16 +209,152 @@ class Synthesizer:
             prompt = prompt.replace("{" + key + "}", value)
         return with_retries(self.client, self.client.complete, prompt).strip()
 
-    def run(self, text: str) -> dict[str, Any]:
+    def _ask_cot(self, template: str, **fields: str) -> tuple[str, str]:
+        """A chain of thought that ends in a final answer (a reply without one is retried)."""
+
+        def once() -> tuple[str, str]:
+            cot = self._ask(template, **fields)
+            answer = extract_answer(cot)
+            if answer is None:
+                raise TransientError("chain of thought without a final answer")
+            return cot, answer
+
+        return with_retries(self.client, once)
+
+    def run(self, text: str, doc: dict[str, Any] | None = None) -> dict[str, Any]:
+        doc = doc or {}
+        opt = self.options
         if self.mode == "qa":
             return {
                 "qa": with_retries(self.client, lambda: parse_qa(self._ask(self.prompts[0], document=text)))
             }
-        summary_t, chain_t, query_t = self.prompts
-        summaries = [self._ask(summary_t, document=seg) for seg in segments(text, self.segment_chars)]
-        numbered = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(summaries))
-        cot = self._ask(chain_t, summaries=numbered)
-        return {"summaries": summaries, "cot": cot, "query": self._ask(query_t, cot=cot)}
+        if self.mode == "cot":
+            summary_t, chain_t, query_t = self.prompts
+            summaries = [self._ask(summary_t, document=seg) for seg in segments(text, self.segment_chars)]
+            numbered = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(summaries))
+            cot = self._ask(chain_t, summaries=numbered)
+            return {"summaries": summaries, "cot": cot, "query": self._ask(query_t, cot=cot)}
+        if self.mode == "tag":
+            listing = "\n".join(f"{i + 1}. {t}" for i, t in enumerate(opt.taxonomy))
+
+            def tag_once() -> tuple[list[str], list[str]]:
+                try:
+                    return parse_tags(self._ask(self.prompts[0], document=text, tags=listing), opt.taxonomy)
+                except ValueError as e:
+                    raise TransientError(str(e)) from e
+
+            known, unknown = with_retries(self.client, tag_once)
+            return {"tags": known, "unknown_tags": unknown}
+        if self.mode == "cot-forward":
+            forward_t, refine_t = self.prompts
+            cot, answer = self._ask_cot(forward_t, question=text)
+            drafts = []
+            for _ in range(opt.refine_rounds):
+                drafts.append(cot)
+                cot, answer = self._ask_cot(refine_t, question=text, cot=cot)
+            return {"cot": cot, "answer": answer, "drafts": drafts}
+        if self.mode == "rag-cot":
+            assert opt.index is not None
+            hits = opt.index.search(text, opt.top_k)
+            passages = "\n\n".join(
+                f"[{k + 1}] {opt.index.passages[i]['text']}" for k, (i, _) in enumerate(hits)
+            ) or "(no passage found)"
+            cot, answer = self._ask_cot(self.prompts[0], question=text, passages=passages)
+            retrieved = [{"id": opt.index.passages[i]["id"], "score": round(sc, 6)} for i, sc in hits]
+            return {"retrieved": retrieved, "cot": cot, "answer": answer}
+        if self.mode == "rl-sample":
+            reference = doc.get(opt.answer_key)
+            if reference is None or isinstance(reference, (dict, list)):
+                raise TransientError(f"no reference answer in field '{opt.answer_key}'")
+            prompt = self.prompts[0].replace("{question}", text)
+            answers = [
+                extract_answer(with_retries(self.client, self.client.complete, prompt, k))
+                for k in range(opt.samples)
+            ]
+            correct = sum(same_answer(a, str(reference)) for a in answers)
+            rate = correct / opt.samples
+            return {
+                "reference": reference,
+                "answers": answers,
+                "pass_rate": rate,
+                "difficulty": round(1 - rate, 6),
+                "selected": opt.min_pass <= rate <= opt.max_pass,
+            }
+        if self.mode == "score":
+            source = doc.get("source") if isinstance(doc.get("source"), str) and doc.get("source") != text else None
+            failures = opt.rules.failures(text, source)
+            reward = None
+            if opt.use_reward:
+
+                def reward_once() -> float:
+                    try:
+                        return parse_reward(self._ask(self.prompts[0], document=text))
+                    except ValueError as e:
+                        raise TransientError(str(e)) from e
+
+                reward = with_retries(self.client, reward_once)
+            score = 0.0 if failures else (reward if reward is not None else 1.0)
+            return {
+                "score": score,
+                "reward": reward,
+                "rule_failures": failures,
+                "selected": score >= opt.min_score,
+                "record": {k: v for k, v in doc.items() if k != opt.text_key},
+            }
+        raise UserError(f"unknown synthesis mode '{self.mode}' (choose from: {', '.join(MODES)})")
+
+
+def synth_options(
+    mode: str,
+    text_key: str = "text",
+    id_key: str | None = None,
+    *,
+    tags_file: str | None = None,
+    refine_rounds: int = 1,
+    index_paths: list[str] | None = None,
+    top_k: int = 3,
+    passage_chars: int = 1000,
+    answer_key: str = "answer",
+    samples: int = 8,
+    min_pass: float = 0.125,
+    max_pass: float = 0.875,
+    min_score: float = 0.5,
+    rules_only: bool = False,
+    rule_min_chars: int = 20,
+    max_repetition: float = 0.3,
+    max_language_gap: float = 0.5,
+) -> SynthOptions:
+    """Check the options a mode needs (``UserError`` naming the flag) and load its taxonomy or index."""
+    opt = SynthOptions(
+        refine_rounds=refine_rounds, top_k=top_k, answer_key=answer_key, samples=samples, min_pass=min_pass,
+        max_pass=max_pass, rules=Rules(rule_min_chars, max_repetition, max_language_gap), use_reward=not rules_only,
+        min_score=min_score, text_key=text_key,
+    )
+    if mode == "tag":
+        if not tags_file:
+            raise UserError("--mode tag needs --tags FILE (the knowledge-point taxonomy)")
+        opt.taxonomy = load_taxonomy(tags_file)
+    if mode == "cot-forward" and refine_rounds < 0:
+        raise UserError("--refine-rounds must be at least 0")
+    if mode == "rag-cot":
+        if not index_paths:
+            raise UserError("--mode rag-cot needs --index (files or folders of documents to retrieve from)")
+        if top_k < 1 or passage_chars < 1:
+            raise UserError("--top-k and --passage-chars must be at least 1")
+        malformed = Malformed()
+        docs = (
+            (str(d[id_key]) if id_key and id_key in d else f"{Path(raw.file).name}:{raw.line}", d[text_key])
+            for raw in iter_raw(discover(index_paths))
+            if (d := parse(raw, text_key, malformed)) is not None
+        )
+        opt.index = BM25Index(passages_of(docs, passage_chars))
+        if not opt.index.passages:
+            raise UserError(f"--index {' '.join(index_paths)} holds no documents with a '{text_key}' field")
+    if mode == "rl-sample" and (samples < 1 or not 0 <= min_pass <= max_pass <= 1):
+        raise UserError("--samples must be at least 1 and 0 <= --min-pass <= --max-pass <= 1")
+    if mode == "score" and not 0 <= min_score <= 1:
+        raise UserError("--min-score must be in [0, 1]")
+    return opt
 
 
 def _done_ids(path: Path) -> set[str]:
@@ -210,6 +393,22 @@ def synthesize(
     return stats
 
 
+def _mode_config(synthesizer: Synthesizer) -> dict[str, Any]:
+    opt, mode = synthesizer.options, synthesizer.mode
+    if mode == "tag":
+        return {"tags": len(opt.taxonomy)}
+    if mode == "cot-forward":
+        return {"refine_rounds": opt.refine_rounds}
+    if mode == "rag-cot":
+        return {"index_passages": len(opt.index.passages) if opt.index else 0, "top_k": opt.top_k}
+    if mode == "rl-sample":
+        return {"answer_key": opt.answer_key, "samples": opt.samples, "min_pass": opt.min_pass,
+                "max_pass": opt.max_pass}
+    if mode == "score":
+        return {"rules": asdict(opt.rules), "reward_model": opt.use_reward, "min_score": opt.min_score}
+    return {}
+
+
 def _synthesize(
     files: list[Path],
     out_path: Path,
@@ -224,6 +423,7 @@ def _synthesize(
     stats = Stats(
         "synthesize",
         config={
+            **_mode_config(synthesizer),
             "mode": synthesizer.mode,
             "model": synthesizer.client.model,
             "endpoint": synthesizer.client.endpoint,
@@ -246,12 +446,12 @@ def _synthesize(
             if limit is not None and submitted >= limit:
                 return
             submitted += 1
-            yield source_id, doc[text_key]
+            yield source_id, doc[text_key], doc
 
-    def work(item: tuple[str, str]) -> tuple[str, str, dict[str, Any] | str]:
-        source_id, text = item
+    def work(item: tuple[str, str, dict[str, Any]]) -> tuple[str, str, dict[str, Any] | str]:
+        source_id, text, doc = item
         try:
-            return source_id, text, synthesizer.run(text)
+            return source_id, text, synthesizer.run(text, doc)
         except TransientError as e:
             return source_id, text, str(e)
 
@@ -278,6 +478,9 @@ def _synthesize(
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")
                 fh.flush()
                 stats.docs_out += 1
+                if result.get("selected") is not None:
+                    key = "selected" if result["selected"] else "not_selected"
+                    stats.extra[key] = stats.extra.get(key, 0) + 1
             advance()
     stats.extra["failures"] = stats.extra.get("failures", [])[:20]
     stats.seconds = time.perf_counter() - start

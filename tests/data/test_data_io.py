@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from conftest import read_output, write_jsonl
@@ -93,18 +94,13 @@ def test_cli_refuses_output_folder_holding_the_input(cli, tmp_path):
     assert code == 2 and "contains input" in err
 
 
-def test_cli_ray_without_ray_says_how_to_install(cli, tmp_path):
-    try:
-        import ray  # noqa: F401
-
-        pytest.skip("ray is installed")
-    except ImportError:
-        pass
+def test_cli_ray_without_ray_says_how_to_install(cli, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError, installed or not
     write_jsonl(tmp_path / "in.jsonl", ROWS)
     code, _, err = cli(
         "data", "filter", tmp_path / "in.jsonl", "-o", tmp_path / "o", "--executor", "ray", "-q"
     )
-    assert code == 2 and "pip install 'ray[default]'" in err
+    assert code == 2 and "pip install 'openseek-hal[ray]'" in err
 
 
 def test_a_lone_surrogate_escape_is_a_malformed_line_not_a_crash(cli, tmp_path):
