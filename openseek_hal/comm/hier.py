@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .adaptors import Adaptor
 from .base import BaseCommunicator
 from .host import host_buffer, host_view, to_host
 from .rendezvous import process_group_backend
@@ -167,3 +168,15 @@ def create(backend: Any, pg: Any, *, name: str, timeout: float, check: bool, kin
     kinds = [label for label, _ in labels]
     everyone = list(range(world.world_size))
     return build(world, everyone, world, backend.device.torch_device, kinds, backends, check=check)
+
+
+class HierAdaptor(Adaptor):
+    """``hier``: the chip's own collective inside a kind group, the host between kinds."""
+
+    name = "hier"
+    device_types = ()
+    description = "chip kinds grouped: native inside a kind, host-staged between kind leaders"
+
+    @classmethod
+    def create(cls, backend: Any, pg: Any, **kwargs: Any) -> HierCommunicator:
+        return create(backend, pg, **kwargs)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .adaptors import Adaptor
 from .base import BaseCommunicator, StagedWork
 from .rendezvous import gloo_group
 from .torch_dist import TorchCommunicator, new_torch_group
@@ -101,3 +102,15 @@ def create(backend: Any, pg: Any, *, name: str, timeout: float, check: bool,
         raise TypeError(f"the host adaptor takes no options, got {sorted(options)}")
     return HostCommunicator(host_view(pg, name=name, timeout=timeout), backend.device.torch_device,
                             check=check)
+
+
+class HostAdaptor(Adaptor):
+    """``host``: stage through host memory; any chip."""
+
+    name = "host"
+    device_types = ()
+    description = "device -> host, a host collective (shared memory or gloo), host -> device"
+
+    @classmethod
+    def create(cls, backend: Any, pg: Any, **kwargs: Any) -> HostCommunicator:
+        return create(backend, pg, **kwargs)

@@ -43,11 +43,12 @@ class RemoteTraceback(Exception):
         return self.args[0]
 
 
-def launch(fn: Callable[..., Any], world_size: int, *, backend: str = "cpu", adaptor: str = "torch",
+def launch(fn: Callable[..., Any], world_size: int, *, backend: str = "cpu", adaptor: str | None = None,
            timeout: float = 60.0, args: tuple = (), check: bool = True,
            kinds: Sequence[str] | None = None, options: dict[str, Any] | None = None) -> list:
     """Call ``fn(comm, *args)`` on ``world_size`` spawned local ranks; return their results in rank order.
 
+    ``adaptor`` None takes the backend's own (``Backend.comm_adaptor``).
     ``fn`` must be picklable (a module-level function). ``timeout`` bounds the rendezvous and each
     collective; once a rank fails, the others are killed after `GRACE_S`. ``check`` turns on the
     cross-rank consistency check. ``kinds`` gives each rank a chip-kind label (``hier`` adaptor:
@@ -58,7 +59,7 @@ def launch(fn: Callable[..., Any], world_size: int, *, backend: str = "cpu", ada
     from torch.distributed import TCPStore
 
     from ..backend import get_backend
-    from . import adaptor_available
+    from . import adaptor_available, default_adaptor
 
     if world_size < 1:
         raise UserError(f"world_size must be at least 1, got {world_size}")
@@ -69,7 +70,10 @@ def launch(fn: Callable[..., Any], world_size: int, *, backend: str = "cpu", ada
         raise UserError(f"launch cannot start ranks from a main program read from {main_file}: ranks "
                         "re-import it; put the code in a file or a module (python -c works too)")
     be = get_backend(backend)
+    adaptor = adaptor or default_adaptor(be)
     ok, reason = adaptor_available(adaptor)
+    if ok:
+        ok, reason = adaptor_available(adaptor, be.device_type)
     if not ok:
         raise UserError(f"adaptor '{adaptor}' is not available: {reason}")
     if be.device_type != "cpu" and be.device.count() < world_size:
