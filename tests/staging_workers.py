@@ -58,6 +58,7 @@ def every_collective(comm) -> dict:
     """All five collectives at sizes across chunk boundaries, every dtype; returns failures and the bits of
     each all-reduce result (the test compares them across ranks)."""
     n, me = comm.world_size, comm.rank
+    dev = comm.device  # the CPU in the tests; a GPU in benchmarks/comm/check_staging_cuda.py
     problems: list[str] = []
     digests: list[int] = []
     for dtype in DTYPES:
@@ -69,8 +70,9 @@ def every_collective(comm) -> dict:
                 salt = 7 * size + ("sum", "avg", "max", "min").index(op)  # the same on every rank
                 parts = torch.stack([values(r, size, dtype, salt).to(torch.float64) if dtype.is_floating_point
                                      else values(r, size, dtype, salt) for r in range(n)])
-                t = values(me, size, dtype, salt).clone()
+                t = values(me, size, dtype, salt).to(dev)
                 comm.all_reduce(t, op=op)
+                t = t.cpu()
                 if op in ("sum", "avg"):
                     want = parts.sum(0) / n if op == "avg" else parts.sum(0)
                     bound = sum_bound(parts, dtype, n if op == "avg" else 1) if dtype.is_floating_point else None
@@ -80,14 +82,16 @@ def every_collective(comm) -> dict:
                     problems += _check(f"all_reduce {op} {tag}", t, want.to(dtype) if size else want)
                 digests.append(zlib.crc32(t.view(torch.uint8).numpy().tobytes()) if size else 0)
             # all_gather: rank order, exact
-            out = torch.full((n * size,), 7, dtype=dtype)
-            comm.all_gather(out, values(me, size, dtype, 1))
+            out = torch.full((n * size,), 7, dtype=dtype, device=dev)
+            comm.all_gather(out, values(me, size, dtype, 1).to(dev))
+            out = out.cpu()
             problems += _check(f"all_gather {tag}", out, torch.cat([values(r, size, dtype, 1) for r in range(n)]))
             # reduce_scatter: this rank's chunk of the sum / average
             for op in ("sum", "avg") if dtype != torch.int64 else ("sum",):
                 full = [values(r, n * size, dtype, 2) for r in range(n)]
-                mine = torch.full((size,), 7, dtype=dtype)
-                comm.reduce_scatter(mine, full[me].clone(), op=op)
+                mine = torch.full((size,), 7, dtype=dtype, device=dev)
+                comm.reduce_scatter(mine, full[me].to(dev), op=op)
+                mine = mine.cpu()
                 parts = torch.stack([f.view(n, size)[me] for f in full])
                 parts = parts.to(torch.float64) if dtype.is_floating_point else parts
                 want = parts.sum(0) / n if op == "avg" else parts.sum(0)
@@ -95,8 +99,9 @@ def every_collective(comm) -> dict:
                 problems += _check(f"reduce_scatter {op} {tag}", mine, want, bound)
             # broadcast from every root
             for src in range(n):
-                t = values(me, size, dtype, 3).clone()
+                t = values(me, size, dtype, 3).to(dev)
                 comm.broadcast(t, src)
+                t = t.cpu()
                 problems += _check(f"broadcast src={src} {tag}", t, values(src, size, dtype, 3))
     # uneven all-to-all with empty splits, rows of 3, totals that cross chunk boundaries
     for case in range(6):
@@ -110,8 +115,9 @@ def every_collective(comm) -> dict:
         for dtype in (torch.float32, torch.int64):
             row = 3
             inp = [values(r, int(sends[r].sum()) * row, dtype, 10 + case).view(-1, row) for r in range(n)]
-            out = torch.full((int(sends[:, me].sum()), row), 7, dtype=dtype)
-            comm.all_to_all_single(out, inp[me], sends[:, me].tolist(), sends[me].tolist())
+            out = torch.full((int(sends[:, me].sum()), row), 7, dtype=dtype, device=dev)
+            comm.all_to_all_single(out, inp[me].to(dev), sends[:, me].tolist(), sends[me].tolist())
+            out = out.cpu()
             want = torch.cat([inp[q][int(sends[q, :me].sum()):int(sends[q, :me + 1].sum())] for q in range(n)])
             problems += _check(f"all_to_all_single case {case} {str(dtype)[6:]}", out, want)
     transport = getattr(getattr(comm, "transport", None), "name", None)

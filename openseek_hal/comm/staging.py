@@ -207,7 +207,7 @@ def make_transport(cpu: Any, device: torch.device, *, chunk_bytes: int | None = 
     mode = transport or os.environ.get(ENV_TRANSPORT, "") or "auto"
     if mode not in TRANSPORTS:
         raise ValueError(f"unknown host transport {mode!r} (choose from {', '.join(TRANSPORTS)})")
-    if mode == "gloo" or cpu.world_size == 1:
+    if mode == "gloo" or (cpu.world_size == 1 and mode == "auto"):
         return GlooTransport(cpu, device, chunk)
     hosts: list[Any] = [None] * cpu.world_size
     dist.all_gather_object(hosts, (_host_id(), os.path.isdir(_SHM_DIR)), group=cpu.pg)
