@@ -77,13 +77,19 @@ class Ordered:
         self._last: Future | None = None
 
     def run(self, call: Any, async_op: bool) -> Any:
+        # A collective is never part of an autograd graph: its copies into the output (possibly the
+        # output of an autograd Function, on another thread) must not be recorded.
+        def untracked() -> None:
+            with torch.no_grad():
+                call()
+
         pending = self._last is not None and not self._last.done()
         if not async_op and not pending:
-            call()
+            untracked()
             return None
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"openseek-hal-{self._name}")
-        self._last = self._pool.submit(call)
+        self._last = self._pool.submit(untracked)
         work = _FutureWork(self._last)
         if async_op:
             return work
