@@ -113,21 +113,31 @@ class HostCommunicator(BaseCommunicator):
             raise self._bad("create", str(e)) from None
         self._order = Ordered("host")
 
+    def _staged(self, call: Any, async_op: bool) -> Any:
+        copier = self.transport.copier
+        ready = copier.caller_ready()  # on this thread: the caller's stream has written the inputs
+
+        def run() -> None:
+            copier.set_ready(ready)
+            call()
+
+        return self._order.run(run, async_op)
+
     def _all_reduce(self, tensor, op, async_op):
-        return self._order.run(lambda: self.transport.all_reduce(tensor, op), async_op)
+        return self._staged(lambda: self.transport.all_reduce(tensor, op), async_op)
 
     def _all_gather(self, output, input, async_op):
-        return self._order.run(lambda: self.transport.all_gather(output, input), async_op)
+        return self._staged(lambda: self.transport.all_gather(output, input), async_op)
 
     def _reduce_scatter(self, output, input, op, async_op):
-        return self._order.run(lambda: self.transport.reduce_scatter(output, input, op), async_op)
+        return self._staged(lambda: self.transport.reduce_scatter(output, input, op), async_op)
 
     def _all_to_all_single(self, output, input, output_splits, input_splits, async_op):
-        return self._order.run(lambda: self.transport.all_to_all(output, input, output_splits, input_splits),
-                               async_op)
+        return self._staged(lambda: self.transport.all_to_all(output, input, output_splits, input_splits),
+                            async_op)
 
     def _broadcast(self, tensor, src, async_op):
-        return self._order.run(lambda: self.transport.broadcast(tensor, src), async_op)
+        return self._staged(lambda: self.transport.broadcast(tensor, src), async_op)
 
     def _send(self, tensor, dst):
         self._order.run(lambda: self._cpu._send(to_host(tensor), dst), False)

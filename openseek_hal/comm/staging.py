@@ -96,13 +96,31 @@ class Copier:
             self._d2h = torch.cuda.Stream(device)
             self._h2d = torch.cuda.Stream(device)
         self._pending: list[Any] = []
+        self._ready: Any = None
+
+    def caller_ready(self) -> Any:
+        """On the calling thread, before handing a collective to a worker thread: an event on the
+        caller's current stream, after which the inputs are written (None off CUDA)."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def set_ready(self, event: Any) -> None:
+        self._ready = event
 
     def begin(self) -> None:
-        """Order the side streams after what the caller's stream has queued (it wrote the inputs)."""
+        """Order the side streams after what the caller's stream had queued (it wrote the inputs):
+        the event from `caller_ready` when the call was handed over, else the current stream."""
         if self.cuda:
-            current = torch.cuda.current_stream(self.device)
-            self._d2h.wait_stream(current)
-            self._h2d.wait_stream(current)
+            if self._ready is not None:
+                self._d2h.wait_event(self._ready)
+                self._h2d.wait_event(self._ready)
+            else:
+                current = torch.cuda.current_stream(self.device)
+                self._d2h.wait_stream(current)
+                self._h2d.wait_stream(current)
 
     def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> Any:
         if not self.cuda:
