@@ -148,3 +148,12 @@ def hang_in_shared_memory(comm) -> None:
     if comm.rank == 1:
         time.sleep(30)
     comm.all_reduce(t)
+
+
+def train_rank(comm, cfg) -> list[float]:
+    """The trainer on this rank's communicator (ZeRO-1: async bucket reduce-scatters during backward)."""
+    from rich.console import Console
+
+    from openseek_hal.train.trainer import train
+
+    return train(cfg, comm=comm, console=Console(file=open(os.devnull, "w"))).losses  # noqa: SIM115

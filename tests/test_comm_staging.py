@@ -78,3 +78,23 @@ def test_a_peer_that_hangs_times_out_naming_the_collective():
     err = info.value
     assert (err.op, err.rank) == ("all_reduce", 0)
     assert "timed out after 2 s" in str(err) and "rank(s) [1]" in str(err)
+
+
+def test_zero1_training_through_the_host_adaptor_matches_one_rank(tmp_path, monkeypatch):
+    """ZeRO-1 with small buckets: reduce-scatters launched asynchronously during backward and all-gathers of
+    the weights, all through the shared-memory staging in 4 KiB chunks; float64, so the losses of 2 ranks
+    equal one rank's up to the summation order (rel 1e-9 as tests/test_train_parallel.py)."""
+    from rich.console import Console
+
+    from openseek_hal.train.config import load_config
+    from openseek_hal.train.trainer import train
+
+    monkeypatch.setenv("OPENSEEK_HAL_CACHE", str(tmp_path / "cache"))
+    tiny = {"global_batch_size": 8, "seq_len": 32, "lr": 1e-2, "warmup_steps": 2, "tokenizer_vocab_size": 512,
+            "sample_tokens": 4, "eval_batches": 1, "log_every": 1, "model.num_hidden_layers": 2, "dtype": "fp64",
+            "bucket_mb": 0.05, "steps": 3, "save": False}
+    one = train(load_config(None, {**tiny, "out": str(tmp_path / "one")}),
+                console=Console(file=open("/dev/null", "w"))).losses  # noqa: SIM115
+    two = launch(w.train_rank, 2, adaptor="host", timeout=120, options={"chunk_bytes": CHUNK},
+                 args=(load_config(None, {**tiny, "out": str(tmp_path / "two")}),))[0]
+    assert len(one) == 3 and two == pytest.approx(one, rel=1e-9)

@@ -185,8 +185,12 @@ def get_adaptor(name: str) -> type:
     if name in errors:
         raise UnknownAdaptorError(f"adaptor '{name}' cannot be used: its plugin failed to load: {errors[name]}",
                                   op="create")
+    hint = ""
+    if not any(n in found or n in errors for n in _IN_TREE):  # openseek-hal's own entry points are missing
+        hint = ("; openseek-hal's own adaptors are not registered either: its installed metadata is stale, "
+                "reinstall it (pip install -e .)")
     raise UnknownAdaptorError(f"unknown adaptor '{name}' (installed: {', '.join(adaptor_names()) or 'none'}; "
-                              "`openseek-hal backends` lists them)", op="create")
+                              f"`openseek-hal backends` lists them){hint}", op="create")
 
 
 def list_adaptors() -> list[AdaptorInfo]:
