@@ -75,6 +75,7 @@ class Backend(ABC):
     priority: ClassVar[int] = 0  # the available backend with the highest priority is the default
     slow: ClassVar[bool] = False  # True: a test suite parametrized over every backend skips it unless asked
     dist_backend: ClassVar[str] = "gloo"  # torch.distributed backend for this chip's native collectives
+    comm_adaptor: ClassVar[str] = "torch"  # the Communicator adaptor a job uses when none is named
     expected_failures: ClassVar[tuple[ExpectedFailure, ...]] = ()
     # dtypes this chip cannot run at all, with the reason; conformance reports their checks as xfail
     unsupported_dtypes: ClassVar[Mapping[torch.dtype, str]] = MappingProxyType({})
@@ -134,13 +135,13 @@ class Backend(ABC):
         return opdef.reference
 
     def communicator(self, adaptor: str | None = None, group: Any = None, **kwargs: Any) -> Communicator:
-        """A `openseek_hal.comm.Communicator` on this backend's device (default adaptor: "torch").
+        """A `openseek_hal.comm.Communicator` on this backend's device (default: the backend's ``comm_adaptor``).
 
         Call it on every rank of an initialized job (torchrun, or `openseek_hal.comm.launch`).
         """
         from . import comm
 
-        return comm.create(adaptor or "torch", self, group=group, **kwargs)
+        return comm.create(adaptor, self, group=group, **kwargs)
 
     def op_origins(self) -> dict[str, str]:
         """``{op: library}`` for each native op, for a backend that mixes libraries (``backends --ops``

@@ -87,6 +87,7 @@ def backends(show_ops: bool) -> None:
         table.add_row(info.name, "yes" if info.available else "no", devices, ops_col, note)
     console = Console()
     console.print(table)
+    console.print(_adaptor_table(default))
     if show_ops:
         for name, native, fallback, origins in coverage_rows:
             console.print(f"[bold]{name}[/] native: {', '.join(native) or '-'}")
@@ -99,6 +100,29 @@ def backends(show_ops: bool) -> None:
         click.echo("op schemas (the arguments a native op receives; shapes in openseek_hal/ops):")
         for op in ops.REGISTRY:
             click.echo(f"  {ops.get(op).schema_text()}")
+
+
+def _adaptor_table(default_backend: str | None):
+    """The communicator adaptors (entry-point group ``openseek_hal.comm_adaptors``): available or why not."""
+    from rich.table import Table
+
+    from .comm.adaptors import list_adaptors
+
+    own = None
+    if default_backend is not None:
+        from .backend import discover
+
+        own = getattr(discover()[0].get(default_backend), "comm_adaptor", None)
+    table = Table(title="communicator adaptors")
+    for col in ("adaptor", "available", "device types", "package", "note"):
+        table.add_column(col)
+    for info in list_adaptors():
+        note = info.reason or getattr(info.cls, "description", "")
+        if info.name == own:
+            note += f"  (default of {default_backend})"
+        table.add_row(info.name, "yes" if info.available else "no", ", ".join(info.device_types) or "any",
+                      info.package, note)
+    return table
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -3,6 +3,7 @@ the example NumPy plugin in examples/ does the same with native kernels."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -41,11 +42,18 @@ def pip_installed():
 def test_scaffold_renders_a_complete_package():
     files = render_package("my_chip", device_type="npu")
     assert set(files) == {"pyproject.toml", "README.md", "openseek_hal_my_chip/__init__.py",
-                          "openseek_hal_my_chip/backend.py", "tests/test_conformance.py"}
+                          "openseek_hal_my_chip/backend.py", "openseek_hal_my_chip/adaptor.py",
+                          "tests/test_conformance.py"}
     assert 'my_chip = "openseek_hal_my_chip.backend:MyChipBackend"' in files["pyproject.toml"]
     assert '[project.entry-points."openseek_hal.backends"]' in files["pyproject.toml"]
+    assert '[project.entry-points."openseek_hal.comm_adaptors"]' in files["pyproject.toml"]
+    assert 'my_chip = "openseek_hal_my_chip.adaptor:MyChipAdaptor"' in files["pyproject.toml"]
     backend = files["openseek_hal_my_chip/backend.py"]
     assert 'device_type = "npu"' in backend and backend.count("TODO") >= 5
+    assert 'comm_adaptor = "my_chip"' in backend
+    adaptor = files["openseek_hal_my_chip/adaptor.py"]
+    assert 'device_types = ("npu",)' in adaptor and adaptor.count("TODO") >= 6
+    assert "class MyChipCommunicator(BaseCommunicator)" in adaptor
     for path, text in files.items():
         if path.endswith(".py"):
             compile(text, path, "exec")
@@ -78,6 +86,11 @@ def test_scaffold_round_trip(tmp_path, pip_installed):
     run = _hal("conform", "--backend", "scaffoldchip", "--quick", "--seed", "0", "--report", str(tmp_path / "r"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert "PASS" in run.stdout and (tmp_path / "r" / "conform-scaffoldchip.json").exists()
+    assert "scaffoldchip" in listed.stdout.split("communicator adaptors", 1)[1]  # its adaptor is listed too
+    report = json.loads((tmp_path / "r" / "conform-scaffoldchip.json").read_text())
+    comm = [c for c in report["checks"] if c["level"] == "comm"]
+    # --quick runs the backend's own adaptor: the scaffolded one, which passes as generated
+    assert comm and {c["impl"] for c in comm} == {"scaffoldchip"} and all(c["status"] == "pass" for c in comm)
 
 
 def test_example_numpy_plugin_round_trip(tmp_path, pip_installed):

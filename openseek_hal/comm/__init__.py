@@ -1,7 +1,8 @@
 """Collectives: the `Communicator` contract that the trainer's data- and expert-parallel traffic uses.
 
-One contract, four adaptors (FlagCX's idea: one collective API over every chip, including jobs
-that mix chips):
+One contract, pluggable adaptors (FlagCX's idea: one collective API over every chip, including
+jobs that mix chips). Adaptors register through the ``openseek_hal.comm_adaptors`` entry-point
+group (`openseek_hal.comm.adaptors`); the in-tree ones:
 
 - ``torch``: a torch.distributed process group (nccl on NVIDIA GPUs, gloo on the CPU, the chip's
   own backend elsewhere);
@@ -17,7 +18,6 @@ that mix chips):
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -76,53 +76,63 @@ class Communicator(Protocol):
     def new_group(self, ranks: list[int]) -> Communicator | None: ...
 
 
-# adaptor name -> "module:factory"; a factory takes (backend, pg, *, name, timeout, check, **options)
-ADAPTORS: dict[str, str] = {
-    "torch": "openseek_hal.comm.torch_dist:create",
-    "nccl": "openseek_hal.comm.nccl:create",
-    "host": "openseek_hal.comm.host:create",
-    "hier": "openseek_hal.comm.hier:create",
-}
+def adaptor_available(adaptor: str, device_type: str | None = None) -> tuple[bool, str]:
+    """(True, "") when ``adaptor`` can run in this process's environment (and serves ``device_type``
+    when given), else (False, why)."""
+    from .adaptors import UnknownAdaptorError, availability, get_adaptor
+
+    try:
+        cls = get_adaptor(adaptor)
+    except UnknownAdaptorError as e:
+        return False, str(e)
+    ok, reason = availability(cls)
+    if ok and device_type is not None and not cls.serves(device_type):
+        return False, (f"it serves device types {', '.join(cls.device_types)}, not '{device_type}'")
+    return ok, reason
 
 
-def adaptor_available(adaptor: str) -> tuple[bool, str]:
-    """(True, "") when ``adaptor`` can run in this process's environment, else (False, why)."""
-    if adaptor not in ADAPTORS:
-        return False, f"unknown adaptor '{adaptor}' (choose from: {', '.join(ADAPTORS)})"
-    if adaptor == "nccl":
-        from .nccl import is_available
+def default_adaptor(backend: Backend | str) -> str:
+    """The adaptor a job on ``backend`` uses when none is named: the backend's ``comm_adaptor``."""
+    from ..backend import get_backend
 
-        return is_available()
-    return True, ""
+    be = get_backend(backend) if isinstance(backend, str) else backend
+    return getattr(be, "comm_adaptor", None) or "torch"
 
 
-def create(adaptor: str, backend: Backend | str, *, group: Any | None = None, timeout: float | None = None,
+def create(adaptor: str | None, backend: Backend | str, *, group: Any | None = None, timeout: float | None = None,
            check: bool | None = None, **options: Any) -> Communicator:
     """A communicator of ``adaptor`` on ``backend``'s device, over ``group`` (default: every rank).
 
-    Call it on every rank. Starts torch.distributed from ``env://`` (torchrun) if nothing has yet.
-    ``check`` turns on the cross-rank consistency check (default: ``$OPENSEEK_HAL_COMM_CHECK``).
-    ``options`` go to the adaptor (``hier``: ``kind``, the chip-kind label of this rank).
+    ``adaptor`` None (or "") takes the backend's own (``Backend.comm_adaptor``, "torch" unless the
+    backend declares another). Adaptors are plugins (`openseek_hal.comm.adaptors`). Call it on every
+    rank. Starts torch.distributed from ``env://`` (torchrun) with the backend's ``dist_backend`` if
+    nothing has yet. ``check`` turns on the cross-rank consistency check (default:
+    ``$OPENSEEK_HAL_COMM_CHECK``). ``options`` go to the adaptor (``hier``: ``kind``, the chip-kind
+    label of this rank; ``host``/``hier``: ``chunk_bytes``, ``transport``).
     """
     import torch.distributed as dist
 
     from ..backend import get_backend
+    from .adaptors import availability, get_adaptor
     from .base import check_default
     from .rendezvous import init_distributed, world_timeout
 
-    ok, reason = adaptor_available(adaptor)
+    be = get_backend(backend) if isinstance(backend, str) else backend
+    adaptor = adaptor or default_adaptor(be)
+    cls = get_adaptor(adaptor)
+    ok, reason = availability(cls)
     if not ok:
         raise CollectiveError(f"adaptor '{adaptor}' is not available: {reason}", op="create")
-    be = get_backend(backend) if isinstance(backend, str) else backend
+    if not cls.serves(be.device_type):
+        raise CollectiveError(f"adaptor '{adaptor}' serves device types {', '.join(cls.device_types)}, not "
+                              f"'{be.device_type}' (backend '{be.name}')", op="create")
     if not dist.is_initialized():
         init_distributed(be.device_type, be.dist_backend, timeout=timeout or world_timeout())
     be.device.set_current()
-    module, _, factory = ADAPTORS[adaptor].partition(":")
     pg = group if group is not None else dist.group.WORLD
     name = "world" if group is None else f"group{dist.get_process_group_ranks(pg)}"
-    return getattr(import_module(module), factory)(
-        be, pg, name=name, timeout=timeout if timeout is not None else world_timeout(),
-        check=check_default() if check is None else check, **options)
+    return cls.create(be, pg, name=name, timeout=timeout if timeout is not None else world_timeout(),
+                      check=check_default() if check is None else check, **options)
 
 
 def shutdown() -> None:
@@ -132,7 +142,7 @@ def shutdown() -> None:
     _shutdown()
 
 
-def launch(fn: Any, world_size: int, *, backend: str = "cpu", adaptor: str = "torch", timeout: float = 60.0,
+def launch(fn: Any, world_size: int, *, backend: str = "cpu", adaptor: str | None = None, timeout: float = 60.0,
            args: tuple = (), **kwargs: Any) -> list:
     """Run ``fn(comm, *args)`` on ``world_size`` local ranks; see `openseek_hal.comm.launcher.launch`."""
     from .launcher import launch as _launch
@@ -140,5 +150,12 @@ def launch(fn: Any, world_size: int, *, backend: str = "cpu", adaptor: str = "to
     return _launch(fn, world_size, backend=backend, adaptor=adaptor, timeout=timeout, args=args, **kwargs)
 
 
-__all__ = ["ADAPTORS", "CollectiveError", "CollectiveTimeoutError", "Communicator", "Work",
-           "adaptor_available", "create", "launch", "shutdown"]
+def adaptor_names() -> list[str]:
+    """Every installed adaptor (in-tree first), available here or not; see `adaptor_available`."""
+    from .adaptors import adaptor_names as _names
+
+    return _names()
+
+
+__all__ = ["CollectiveError", "CollectiveTimeoutError", "Communicator", "Work", "adaptor_available",
+           "adaptor_names", "create", "default_adaptor", "launch", "shutdown"]

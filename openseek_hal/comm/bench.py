@@ -422,7 +422,7 @@ def comm(backend: str | None, adaptors: str, ops: str, world_size: int | None, m
          baseline: bool, use_cupy: bool | None, out_dir: str | None, timeout: float) -> None:
     """Benchmark collectives like nccl-tests: time, algbw and busbw per size, beside raw baselines."""
     from ..backend import default_backend_name, get_backend
-    from . import ADAPTORS, adaptor_available
+    from . import adaptor_available, adaptor_names
     from .launcher import launch
     from .nccl import is_available as cupy_available
 
@@ -433,15 +433,14 @@ def comm(backend: str | None, adaptors: str, ops: str, world_size: int | None, m
         raise click.BadParameter(f"unknown collective(s) {bad} (choose from {', '.join(OPS)})",
                                  param_hint="--op")
     wanted = [a.strip() for a in adaptors.split(",") if a.strip()]
-    unknown = [a for a in wanted if a not in ADAPTORS]
+    installed = adaptor_names()
+    unknown = [a for a in wanted if a not in installed]
     if unknown:
-        raise click.BadParameter(f"unknown adaptor(s) {unknown} (choose from {', '.join(ADAPTORS)})",
+        raise click.BadParameter(f"unknown adaptor(s) {unknown} (choose from {', '.join(installed)})",
                                  param_hint="--adaptor")
     chosen = []
     for a in wanted:
-        ok, reason = adaptor_available(a)
-        if ok and a == "nccl" and be.device_type != "cuda":
-            ok, reason = False, f"needs the cuda backend, not '{be.name}'"
+        ok, reason = adaptor_available(a, be.device_type)
         if ok:
             chosen.append(a)
         else:

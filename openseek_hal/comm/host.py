@@ -1,19 +1,29 @@
-"""The ``host`` adaptor: device -> host copy, the collective over gloo on the CPU, host -> device copy.
+"""The ``host`` adaptor: device -> host, the collective in host memory, host -> device; any chip.
 
-The portable fallback for a chip without its own collective library: it needs nothing from the
-chip but copies to and from host memory. With ``async_op=True`` the gloo collective runs in the
-background and ``wait()`` copies the result back to the device.
+The portable path for a chip without its own collective library: it needs nothing from the chip
+but copies to and from host memory. The bytes move through `openseek_hal.comm.staging`: chunked,
+through pinned reusable buffers, with the copies of neighbouring chunks overlapping the host
+collective, over a shared-memory segment when every rank is on this host (else gloo). Options:
+``chunk_bytes`` (default ``$OPENSEEK_HAL_HOST_CHUNK_BYTES`` or 1 MiB) and ``transport``
+(``auto``/``shm``/``gloo``, default ``$OPENSEEK_HAL_HOST_TRANSPORT`` or ``auto``).
+
+With ``async_op=True`` a collective runs on the communicator's one worker thread and ``wait()``
+returns once the result is on the device; calls of one communicator run in the order issued
+(a synchronous call first waits for the asynchronous ones before it).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from .adaptors import Adaptor
 from .base import BaseCommunicator, StagedWork
 from .rendezvous import gloo_group
+from .staging import make_transport
 from .torch_dist import TorchCommunicator, new_torch_group
 
 _CPU = torch.device("cpu")
@@ -42,51 +52,110 @@ def finish(work: Any, pairs: list[tuple[torch.Tensor, torch.Tensor]], async_op: 
     return None
 
 
+class _FutureWork:
+    """The handle of a collective running on the worker thread; ``wait()`` raises what it raised."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: Future):
+        self._future = future
+
+    def wait(self) -> None:
+        self._future.result()
+
+    def is_completed(self) -> bool:
+        return self._future.done()
+
+
+class Ordered:
+    """Runs a communicator's collectives in issue order: synchronous ones inline when nothing is
+    pending, asynchronous ones (and anything issued behind them) on one worker thread."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._pool: ThreadPoolExecutor | None = None
+        self._last: Future | None = None
+
+    def run(self, call: Any, async_op: bool) -> Any:
+        # A collective is never part of an autograd graph: its copies into the output (possibly the
+        # output of an autograd Function, on another thread) must not be recorded.
+        def untracked() -> None:
+            with torch.no_grad():
+                call()
+
+        pending = self._last is not None and not self._last.done()
+        if not async_op and not pending:
+            untracked()
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"openseek-hal-{self._name}")
+        self._last = self._pool.submit(untracked)
+        work = _FutureWork(self._last)
+        if async_op:
+            return work
+        work.wait()
+        return None
+
+
 class HostCommunicator(BaseCommunicator):
     adaptor = "host"
 
-    def __init__(self, cpu: TorchCommunicator, device: torch.device, *, check: bool):
+    def __init__(self, cpu: TorchCommunicator, device: torch.device, *, check: bool, chunk_bytes: int | None = None,
+                 transport: str | None = None):
         super().__init__(rank=cpu.rank, world_size=cpu.world_size, group_name=cpu.group_name,
                          global_ranks=cpu.global_ranks, device=device, timeout=cpu.timeout,
                          check_group=cpu.pg if check else None)
-        self._cpu = cpu  # the same ranks over gloo
+        self._cpu = cpu  # the same ranks over gloo (send/recv, barrier; the transport's setup)
+        self._options = {"chunk_bytes": chunk_bytes, "transport": transport}
+        try:
+            self.transport = make_transport(cpu, device, chunk_bytes=chunk_bytes, transport=transport)
+        except ValueError as e:
+            raise self._bad("create", str(e)) from None
+        self._order = Ordered("host")
+
+    def _staged(self, call: Any, async_op: bool) -> Any:
+        copier = self.transport.copier
+        ready = copier.caller_ready()  # on this thread: the caller's stream has written the inputs
+
+        def run() -> None:
+            copier.set_ready(ready)
+            call()
+
+        return self._order.run(run, async_op)
 
     def _all_reduce(self, tensor, op, async_op):
-        host = to_host(tensor)
-        return finish(self._cpu._all_reduce(host, op, async_op), [(host, tensor)], async_op)
+        return self._staged(lambda: self.transport.all_reduce(tensor, op), async_op)
 
     def _all_gather(self, output, input, async_op):
-        host = host_buffer(output)
-        return finish(self._cpu._all_gather(host, to_host(input), async_op), [(host, output)], async_op)
+        return self._staged(lambda: self.transport.all_gather(output, input), async_op)
 
     def _reduce_scatter(self, output, input, op, async_op):
-        host = host_buffer(output)
-        return finish(self._cpu._reduce_scatter(host, to_host(input), op, async_op), [(host, output)],
-                      async_op)
+        return self._staged(lambda: self.transport.reduce_scatter(output, input, op), async_op)
 
     def _all_to_all_single(self, output, input, output_splits, input_splits, async_op):
-        host = host_buffer(output)
-        work = self._cpu._all_to_all_single(host, to_host(input), output_splits, input_splits, async_op)
-        return finish(work, [(host, output)], async_op)
+        return self._staged(lambda: self.transport.all_to_all(output, input, output_splits, input_splits),
+                            async_op)
 
     def _broadcast(self, tensor, src, async_op):
-        host = to_host(tensor)
-        return finish(self._cpu._broadcast(host, src, async_op), [(host, tensor)], async_op)
+        return self._staged(lambda: self.transport.broadcast(tensor, src), async_op)
 
     def _send(self, tensor, dst):
-        self._cpu._send(to_host(tensor), dst)
+        self._order.run(lambda: self._cpu._send(to_host(tensor), dst), False)
 
     def _recv(self, tensor, src):
-        host = host_buffer(tensor)
-        self._cpu._recv(host, src)
-        finish(None, [(host, tensor)], False)
+        def recv() -> None:
+            host = host_buffer(tensor)
+            self._cpu._recv(host, src)
+            finish(None, [(host, tensor)], False)
+
+        self._order.run(recv, False)
 
     def _barrier(self):
-        self._cpu._barrier()
+        self._order.run(self._cpu._barrier, False)
 
     def _new_group(self, ranks):
         cpu = new_torch_group(self._cpu, ranks, backend=self._cpu.pg_backend, check=False)
-        return None if cpu is None else HostCommunicator(cpu, self.device, check=self.check)
+        return None if cpu is None else HostCommunicator(cpu, self.device, check=self.check, **self._options)
 
 
 def host_view(pg: Any, *, name: str, timeout: float) -> TorchCommunicator:
@@ -95,9 +164,21 @@ def host_view(pg: Any, *, name: str, timeout: float) -> TorchCommunicator:
     return TorchCommunicator(cpu_pg, _CPU, name=name, timeout=timeout)
 
 
-def create(backend: Any, pg: Any, *, name: str, timeout: float, check: bool,
-           **options: Any) -> HostCommunicator:
+def create(backend: Any, pg: Any, *, name: str, timeout: float, check: bool, chunk_bytes: int | None = None,
+           transport: str | None = None, **options: Any) -> HostCommunicator:
     if options:
-        raise TypeError(f"the host adaptor takes no options, got {sorted(options)}")
+        raise TypeError(f"the host adaptor takes only 'chunk_bytes' and 'transport', got {sorted(options)}")
     return HostCommunicator(host_view(pg, name=name, timeout=timeout), backend.device.torch_device,
-                            check=check)
+                            check=check, chunk_bytes=chunk_bytes, transport=transport)
+
+
+class HostAdaptor(Adaptor):
+    """``host``: stage through host memory; any chip."""
+
+    name = "host"
+    device_types = ()
+    description = "device -> host, a host collective (shared memory or gloo), host -> device"
+
+    @classmethod
+    def create(cls, backend: Any, pg: Any, **kwargs: Any) -> HostCommunicator:
+        return create(backend, pg, **kwargs)

@@ -32,8 +32,10 @@ from .errors import CollectiveError, CollectiveTimeoutError
 # shared GPU machines do not give), for NCCL and for torch's symmetric memory.
 CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 GRACE_S = 3.0  # after a rank fails, for the others to report before they are killed
+_ENV_PREFIX = "OPENSEEK_HAL_"  # the caller's settings of this prefix reach the ranks as they are at launch
 _PRELOAD = ["torch", "torch.distributed", "openseek_hal.backend", "openseek_hal.comm.launcher",
-            "openseek_hal.comm.torch_dist", "openseek_hal.comm.host", "openseek_hal.comm.hier"]
+            "openseek_hal.comm.torch_dist", "openseek_hal.comm.host", "openseek_hal.comm.hier",
+            "openseek_hal.comm.staging", "openseek_hal.comm.adaptors"]
 
 
 class RemoteTraceback(Exception):
@@ -43,11 +45,12 @@ class RemoteTraceback(Exception):
         return self.args[0]
 
 
-def launch(fn: Callable[..., Any], world_size: int, *, backend: str = "cpu", adaptor: str = "torch",
+def launch(fn: Callable[..., Any], world_size: int, *, backend: str = "cpu", adaptor: str | None = None,
            timeout: float = 60.0, args: tuple = (), check: bool = True,
            kinds: Sequence[str] | None = None, options: dict[str, Any] | None = None) -> list:
     """Call ``fn(comm, *args)`` on ``world_size`` spawned local ranks; return their results in rank order.
 
+    ``adaptor`` None takes the backend's own (``Backend.comm_adaptor``).
     ``fn`` must be picklable (a module-level function). ``timeout`` bounds the rendezvous and each
     collective; once a rank fails, the others are killed after `GRACE_S`. ``check`` turns on the
     cross-rank consistency check. ``kinds`` gives each rank a chip-kind label (``hier`` adaptor:
@@ -58,7 +61,7 @@ def launch(fn: Callable[..., Any], world_size: int, *, backend: str = "cpu", ada
     from torch.distributed import TCPStore
 
     from ..backend import get_backend
-    from . import adaptor_available
+    from . import adaptor_available, default_adaptor
 
     if world_size < 1:
         raise UserError(f"world_size must be at least 1, got {world_size}")
@@ -69,7 +72,10 @@ def launch(fn: Callable[..., Any], world_size: int, *, backend: str = "cpu", ada
         raise UserError(f"launch cannot start ranks from a main program read from {main_file}: ranks "
                         "re-import it; put the code in a file or a module (python -c works too)")
     be = get_backend(backend)
+    adaptor = adaptor or default_adaptor(be)
     ok, reason = adaptor_available(adaptor)
+    if ok:
+        ok, reason = adaptor_available(adaptor, be.device_type)
     if not ok:
         raise UserError(f"adaptor '{adaptor}' is not available: {reason}")
     if be.device_type != "cpu" and be.device.count() < world_size:
@@ -79,6 +85,8 @@ def launch(fn: Callable[..., Any], world_size: int, *, backend: str = "cpu", ada
     store = TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
                      timeout=timedelta(seconds=timeout))
     ctx = _context()
+    # the fork server keeps the environment it started with: hand each rank the caller's settings now
+    settings = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIX)}
     procs, conns = [], []
     try:
         for rank in range(world_size):
@@ -88,7 +96,7 @@ def launch(fn: Callable[..., Any], world_size: int, *, backend: str = "cpu", ada
                 opts["kind"] = kinds[rank]
             p = ctx.Process(target=_rank_main, name=f"openseek-hal-rank{rank}", daemon=True,
                             args=(rank, world_size, store.port, backend, adaptor, timeout, check, opts,
-                                  fn, args, send_end))
+                                  fn, args, send_end, settings))
             p.start()
             send_end.close()
             procs.append(p)
@@ -219,7 +227,8 @@ def _release_fork_server() -> None:
 
 
 def _rank_main(rank: int, world_size: int, port: int, backend: str, adaptor: str, timeout: float,
-               check: bool, options: dict[str, Any], fn: Callable[..., Any], args: tuple, conn: Any) -> None:
+               check: bool, options: dict[str, Any], fn: Callable[..., Any], args: tuple, conn: Any,
+               settings: dict[str, str] | None = None) -> None:
     # The parent here is the fork server (or launch's process under spawn). The fork server exits
     # once launch's process and every rank have closed its keep-alive pipe, so each rank closes its
     # copy: then a kill -9 of launch's process ends the fork server, and the signal ends the ranks.
@@ -227,8 +236,17 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, adaptor: str
     parent = os.getppid()
     if set_parent_death_signal() and os.getppid() != parent:
         os._exit(1)
+    if settings is not None:
+        for key in [k for k in os.environ if k.startswith(_ENV_PREFIX) and k not in settings]:
+            del os.environ[key]
+        os.environ.update(settings)
     os.environ.update(CHILD_ENV)
+    import torch
     import torch.distributed as dist
+
+    if "OMP_NUM_THREADS" not in os.environ and world_size > 1:
+        # as torchrun: N ranks of all-cores OpenMP would oversubscribe the host (and spin against each other)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
     from ..backend import get_backend
     from . import create

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .adaptors import Adaptor
 from .base import BaseCommunicator
 from .errors import CollectiveError, CollectiveTimeoutError
 from .host import host_view
@@ -240,3 +241,19 @@ def create(backend: Any, pg: Any, *, name: str, timeout: float, check: bool,
     key = f"{_KEY_PREFIX}{next(_group_counter)}"
     device = backend.device.torch_device
     return NcclCommunicator(_connect(host, key, device.index or 0), host, device, check=check)
+
+
+class NcclAdaptor(Adaptor):
+    """``nccl``: NCCL through CuPy on the tensors' data pointers; NVIDIA GPUs only."""
+
+    name = "nccl"
+    device_types = ("cuda",)
+    description = "NCCL called through cupy.cuda.nccl on the current stream"
+
+    @classmethod
+    def is_available(cls) -> tuple[bool, str]:
+        return is_available()
+
+    @classmethod
+    def create(cls, backend: Any, pg: Any, **kwargs: Any) -> NcclCommunicator:
+        return create(backend, pg, **kwargs)

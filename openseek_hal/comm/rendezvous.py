@@ -36,9 +36,17 @@ _timeout_of_world: float | None = None
 
 
 def process_group_backend(device_type: str, dist_backend: str) -> str:
-    """The torch.distributed backend string: the chip's own, plus gloo for host (CPU) tensors."""
+    """The torch.distributed backend string: the chip's own, plus gloo for host (CPU) tensors.
+
+    A CPU-type backend with its own library (``dist_backend`` other than gloo) gets ``cpu:<lib>``
+    alone: torch maps one library per device type, so ``cpu:gloo,cpu:<lib>`` is not a valid string.
+    The host-staged paths and the consistency check then make their own gloo group
+    (`gloo_group`), as they do over any group without gloo.
+    """
     if dist_backend == "gloo":
         return "gloo"
+    if device_type == "cpu" or ":" in dist_backend:  # "cpu:<lib>", or a full "dev:lib,..." string as given
+        return dist_backend if ":" in dist_backend else f"cpu:{dist_backend}"
     return f"cpu:gloo,{device_type}:{dist_backend}"
 
 

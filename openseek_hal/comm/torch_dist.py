@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .adaptors import Adaptor
 from .base import BaseCommunicator, StagedWork, all_gather_flat
 from .rendezvous import gloo_group
 
@@ -102,3 +103,15 @@ def create(backend: Any, pg: Any, *, name: str, timeout: float, check: bool,
         check_group = gloo_group(pg, str(dist.get_backend(pg)), dist.get_process_group_ranks(pg), timeout)
     return TorchCommunicator(pg, backend.device.torch_device, name=name, timeout=timeout,
                              check_group=check_group)
+
+
+class TorchAdaptor(Adaptor):
+    """``torch``: one torch.distributed call per collective on the backend's own process group."""
+
+    name = "torch"
+    device_types = ()
+    description = "one torch.distributed call per collective (the backend's dist_backend)"
+
+    @classmethod
+    def create(cls, backend: Any, pg: Any, **kwargs: Any) -> TorchCommunicator:
+        return create(backend, pg, **kwargs)

@@ -33,12 +33,14 @@ def load_collective_checks() -> CollectiveChecks:
     return run_collective_checks
 
 
-def default_adaptors(quick: bool) -> tuple[str, ...]:
-    """Every communicator adaptor usable here (the first one only with --quick: each is a launch)."""
+def default_adaptors(backend: Backend, quick: bool) -> tuple[str, ...]:
+    """Every installed adaptor usable here on the backend's device type, vendor plugins included; the
+    backend's own (``comm_adaptor``) first, and only it with --quick (each adaptor is a launch)."""
     from .. import comm
 
-    available = getattr(comm, "adaptor_available", lambda name: (True, ""))
-    usable = tuple(name for name in getattr(comm, "ADAPTORS", FALLBACK_ADAPTORS) if available(name)[0])
+    own = comm.default_adaptor(backend)
+    names = [own, *(n for n in comm.adaptor_names() if n != own)]
+    usable = tuple(n for n in names if comm.adaptor_available(n, backend.device_type)[0])
     usable = usable or FALLBACK_ADAPTORS
     return usable[:1] if quick else usable
 
@@ -81,5 +83,5 @@ def run_comm_checks(backend: Backend, manifest: Manifest, seed: int, *, adaptors
     if not sizes:
         return [CheckResult(level="comm", op="collectives", check="collective", status="skip", seed=seed,
                             message=f"backend {backend.name} has fewer than 2 devices here")]
-    rows = checks(backend.name, list(adaptors or default_adaptors(quick)), sizes, quick=quick)
+    rows = checks(backend.name, list(adaptors or default_adaptors(backend, quick)), sizes, quick=quick)
     return [manifest.apply(to_check_result(row, backend.name, seed)) for row in rows]

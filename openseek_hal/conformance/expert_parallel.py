@@ -181,11 +181,12 @@ def _row(what: str, error: float, bound: float) -> dict[str, Any]:
     return dict(what=what, error=error, bound=bound, ok=error <= bound, message="")
 
 
-def run_case(case: Case, *, backend: str = "cpu", adaptor: str = "torch", dtype: torch.dtype = torch.float64,
+def run_case(case: Case, *, backend: str = "cpu", adaptor: str | None = None, dtype: torch.dtype = torch.float64,
              timeout: float = 60.0) -> tuple[list[dict[str, Any]], list[StepResult]]:
     """Run ``case`` on ``case.world_size`` local ranks and compare every rank with one rank.
 
     Returns (rows of every rank's comparison, each tagged with its rank; the ranks' results).
+    ``adaptor`` None: the backend's own (``Backend.comm_adaptor``).
     """
     from ..comm import launch
 
@@ -196,5 +197,5 @@ def run_case(case: Case, *, backend: str = "cpu", adaptor: str = "torch", dtype:
     rows = []
     for rank, got in enumerate(results):
         for row in compare(got, ref):
-            rows.append(dict(row, rank=rank, case=case.name, adaptor=adaptor))
+            rows.append(dict(row, rank=rank, case=case.name, adaptor=adaptor or "default"))
     return rows, results

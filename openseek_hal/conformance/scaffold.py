@@ -1,7 +1,9 @@
 """`openseek-hal new-backend NAME DIR`: scaffold an out-of-tree backend plugin package.
 
 The package installs with pip, registers its backend through the ``openseek_hal.backends`` entry
-point, and passes `openseek-hal conform` as generated (every op through the reference fallback);
+point and its communicator adaptor (delegating to torch.distributed until the vendor's CCL is wired
+in) through ``openseek_hal.comm_adaptors``, and passes `openseek-hal conform` as generated (every
+op through the reference fallback, every collective through the adaptor);
 TODO markers show where the chip's device type, kernels, manifest and datasheet numbers go.
 """
 
@@ -24,6 +26,7 @@ LAYOUT = {
     "README.md.txt": "README.md",
     "__init__.py.txt": "{package}/__init__.py",
     "backend.py.txt": "{package}/backend.py",
+    "adaptor.py.txt": "{package}/adaptor.py",
     "test_conformance.py.txt": "tests/test_conformance.py",
 }
 
@@ -37,6 +40,8 @@ def render_package(name: str, device_type: str = "cpu") -> dict[str, str]:
     package = f"openseek_hal_{name}"
     values = {"name": name, "package": package, "dist_name": f"openseek-hal-{name.replace('_', '-')}",
               "class_name": "".join(part.capitalize() for part in name.split("_")) + "Backend",
+              "adaptor_class": "".join(part.capitalize() for part in name.split("_")) + "Adaptor",
+              "comm_class": "".join(part.capitalize() for part in name.split("_")) + "Communicator",
               "device_type": device_type}
     templates = files("openseek_hal.conformance") / "scaffold_templates"
     return {target.format(package=package): Template((templates / source).read_text(encoding="utf-8"))
@@ -51,9 +56,12 @@ def render_package(name: str, device_type: str = "cpu") -> dict[str, str]:
 def new_backend(name: str, directory: Path, device_type: str) -> None:
     """Scaffold a backend plugin package NAME in DIRECTORY (which must be new or empty)."""
     from ..backend import backend_names
+    from ..comm.adaptors import adaptor_names
 
     if name in backend_names():
         raise UserError(f"a backend named '{name}' is already installed; choose another name")
+    if name in adaptor_names():
+        raise UserError(f"a communicator adaptor named '{name}' is already installed; choose another name")
     if directory.exists() and any(directory.iterdir()):
         raise UserError(f"{directory} is not empty; new-backend never overwrites files")
     rendered = render_package(name, device_type)

@@ -139,6 +139,7 @@ def _fuzz(config: SuiteConfig, backend: Backend, manifest: Manifest, names: list
 
 def _expert_parallel(backend: Backend, seed: int, adaptors: list[str] | None) -> list[CheckResult]:
     """One training step with the routed experts split over 2 ranks (EP 2) equals one rank (EP 1)."""
+    from ..comm import default_adaptor
     from .expert_parallel import RTOL, Case, run_case
 
     base = dict(level="model", op="expert_parallel", check="ep2_vs_ep1", dtype="float64", seed=seed, rtol=RTOL,
@@ -148,7 +149,7 @@ def _expert_parallel(backend: Backend, seed: int, adaptors: list[str] | None) ->
     if backend.device_type != "cpu" and backend.device.count() < 2:
         return [CheckResult(**base, sample="ep2xdp1", status="skip", message="needs 2 devices")]
     out = []
-    for adaptor in adaptors or ["torch"]:
+    for adaptor in adaptors or [default_adaptor(backend)]:  # the backend's own collective path by default
         started = time.perf_counter()
         try:
             rows, _ = run_case(Case(ep_size=2, world_size=2, seed=seed), backend=backend.name, adaptor=adaptor)

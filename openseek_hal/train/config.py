@@ -61,7 +61,7 @@ class TrainConfig:
     # the AdamW moments: "master" (the master weights' dtype: fp32, fp64 in verification runs) or
     # "bf16" (as DeepSeek-V3 trains: half the optimizer's moment memory and traffic)
     moment_dtype: str = "master"
-    comm_adaptor: str = "torch"  # the Communicator adaptor every collective goes through
+    comm_adaptor: str = ""  # the Communicator adaptor every collective goes through ("": the backend's own)
     comm_timeout: float = 300.0  # seconds any collective or the rendezvous may wait before failing
     recompute: bool = False  # recompute each transformer block's activations in backward
     compile: bool = False  # torch.compile each block (where the backend supports it)

@@ -134,7 +134,7 @@ def join_world(cfg: TrainConfig) -> Communicator | None:
     backend = get_backend(cfg.backend)
     if backend.device_type != "cpu":
         backend = get_backend(cfg.backend, device_index=world.local_rank)
-    return create(cfg.comm_adaptor, backend, timeout=cfg.comm_timeout)
+    return create(cfg.comm_adaptor or None, backend, timeout=cfg.comm_timeout)
 
 
 def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Console | None = None,
