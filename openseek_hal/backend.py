@@ -188,19 +188,24 @@ def _check_backend_class(obj: Any, ep_name: str) -> type[Backend]:
     return obj
 
 
-def _load_entry_point(ep: Any) -> type[Backend] | None:
+def load_entry_point(ep: Any) -> Any:
+    """What a plugin's entry point names: a class, or (vLLM-style) a function returning the class, a
+    ``"module:qualname"`` string naming it, or None when the plugin does not apply here."""
     obj = ep.load()
-    if not isinstance(obj, type) and callable(obj):  # vLLM-style: a function that names the class
+    if not isinstance(obj, type) and callable(obj):
         obj = obj()
-        if obj is None:
-            return None
         if isinstance(obj, str):
             module, _, qualname = obj.partition(":")
             target: Any = import_module(module)
             for part in qualname.split("."):
                 target = getattr(target, part)
             obj = target
-    return _check_backend_class(obj, ep.name)
+    return obj
+
+
+def _load_entry_point(ep: Any) -> type[Backend] | None:
+    obj = load_entry_point(ep)
+    return None if obj is None else _check_backend_class(obj, ep.name)
 
 
 def discover(refresh: bool = False) -> tuple[dict[str, type[Backend]], dict[str, str]]:

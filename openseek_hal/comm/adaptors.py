@@ -16,7 +16,6 @@ uninstalled (which one wins must never depend on install order).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import import_module
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -99,18 +98,10 @@ def _check_adaptor_class(obj: Any, ep_name: str) -> type:
 
 
 def _load_entry_point(ep: Any) -> type | None:
-    obj = ep.load()
-    if not isinstance(obj, type) and callable(obj):  # a function naming the class (or None)
-        obj = obj()
-        if obj is None:
-            return None
-        if isinstance(obj, str):
-            module, _, qualname = obj.partition(":")
-            target: Any = import_module(module)
-            for part in qualname.split("."):
-                target = getattr(target, part)
-            obj = target
-    return _check_adaptor_class(obj, ep.name)
+    from ..backend import load_entry_point  # the backends' rule: a class, a function naming it, or None
+
+    obj = load_entry_point(ep)
+    return None if obj is None else _check_adaptor_class(obj, ep.name)
 
 
 def register_adaptor(cls: type) -> type:

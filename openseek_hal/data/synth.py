@@ -44,6 +44,7 @@ from .synth_modes import (
     BM25Index,
     Rules,
     extract_answer,
+    json_array,
     load_taxonomy,
     parse_reward,
     parse_tags,
@@ -160,12 +161,8 @@ def segments(text: str, segment_chars: int) -> list[str]:
 
 
 def parse_qa(reply: str) -> list[dict[str, str]]:
-    start, end = reply.find("["), reply.rfind("]")
-    try:
-        items = json.loads(reply[start : end + 1]) if 0 <= start < end else None
-    except json.JSONDecodeError:
-        items = None
-    if not isinstance(items, list):
+    items = json_array(reply)
+    if items is None:
         raise TransientError("QA reply holds no JSON array")
     pairs = [
         {"question": str(i["question"]).strip(), "answer": str(i["answer"]).strip()}

@@ -28,6 +28,16 @@ from .text import NOSPACE_CHAR, normalize, tokens
 # -- knowledge-point tags ---------------------------------------------------------------------------------
 
 
+
+def json_array(reply: str) -> list[Any] | None:
+    """The JSON array between the first ``[`` and the last ``]`` of a model's reply, or None."""
+    start, end = reply.find("["), reply.rfind("]")
+    try:
+        items = json.loads(reply[start : end + 1]) if 0 <= start < end else None
+    except json.JSONDecodeError:
+        return None
+    return items if isinstance(items, list) else None
+
 def _flatten(node: Any, prefix: str = "") -> list[str]:
     if isinstance(node, str):
         return [prefix + node]
@@ -70,12 +80,8 @@ def parse_tags(reply: str, taxonomy: list[str]) -> tuple[list[str], list[str]]:
 
     A name matches a taxonomy tag exactly or case-insensitively; ``ValueError`` if there is no array.
     """
-    start, end = reply.find("["), reply.rfind("]")
-    try:
-        items = json.loads(reply[start : end + 1]) if 0 <= start < end else None
-    except json.JSONDecodeError:
-        items = None
-    if not isinstance(items, list):
+    items = json_array(reply)
+    if items is None:
         raise ValueError("tag reply holds no JSON array")
     by_lower = {t.lower(): t for t in taxonomy}
     known: list[str] = []
