@@ -72,7 +72,11 @@ class Bucket:
     pending: int = 0
     aliased: bool = False  # the master is the weight itself (weights already in the master dtype)
     decay_end: int = 0  # bucket offset where the parameters without weight decay start
-    work: Work | None = None
+    work: Work | None = None  # the gradients' reduce-scatter in flight (waited in finish_gradients)
+    # the weights' all-gather in flight: waited before the weights are first read and before the shard
+    # is written again; it may outlive the step that launched it (a block waits on first use), so no
+    # step boundary may drop it
+    gather: Work | None = None
     reduced: torch.Tensor | None = field(default=None, repr=False)  # reduce-scatter output (reduce dtype)
     send: torch.Tensor | None = field(default=None, repr=False)  # reduce-scatter input, alive until it is done
     master: torch.Tensor | None = field(default=None, repr=False)
@@ -307,6 +311,9 @@ class DistributedOptimizer:
         self.step_count += 1
         beta1, beta2 = self.betas
         for b in reversed(self.buckets):
+            # a weight all-gather still in flight (a module that was not called) would write the old
+            # shard back over the update
+            self._wait_gather(b)
             grads = b.step_grad
             lo, hi = b.shard_start, b.shard_start + b.shard_numel
             split = min(max(b.decay_end, lo), hi) - lo  # shard offset where no-decay elements start
@@ -331,9 +338,8 @@ class DistributedOptimizer:
     def wait_weights(self, lazy: bool = False) -> None:
         """Wait for the weights' all-gathers; ``lazy``: only those no block's pre-hook will wait for."""
         for b in self.buckets:
-            if b.work is not None and not (lazy and b.index in self._lazy):
-                b.work.wait()
-                b.work = None
+            if not (lazy and b.index in self._lazy):
+                self._wait_gather(b)
 
     def gather_before_use(self, modules: list[nn.Module]) -> None:
         """Let each of ``modules`` wait for its own weights' all-gathers when it is first called.
@@ -354,11 +360,14 @@ class DistributedOptimizer:
     def _make_wait(self, indices: list[int]) -> Callable[..., None]:
         def wait(module: nn.Module, args: Any) -> None:
             for i in indices:
-                b = self.buckets[i]
-                if b.work is not None:
-                    b.work.wait()
-                    b.work = None
+                self._wait_gather(self.buckets[i])
         return wait
+
+    @staticmethod
+    def _wait_gather(b: Bucket) -> None:
+        if b.gather is not None:
+            b.gather.wait()
+            b.gather = None
 
     def step(self, lr: float, grad_clip: float | None) -> StepStats:
         """`update` then `wait_weights`."""
@@ -369,7 +378,7 @@ class DistributedOptimizer:
     def _gather(self, b: Bucket) -> None:
         if not self._communicates(b):
             return
-        b.work = b.comm.all_gather(b.param_buffer, b.param_shard.clone(), async_op=True)
+        b.gather = b.comm.all_gather(b.param_buffer, b.param_shard.clone(), async_op=True)
 
     # -- state ---------------------------------------------------------------------------------
     def state_segments(self) -> list[tuple[Segment, dict[str, torch.Tensor]]]:
@@ -385,13 +394,12 @@ class DistributedOptimizer:
     def gather_weights(self) -> None:
         """Round the masters into the weights and all-gather them (after loading optimizer state)."""
         for b in self.buckets:
+            self._wait_gather(b)
             if not b.aliased:
                 b.param_shard.copy_(b.master)
             self._gather(b)
         for b in self.buckets:
-            if b.work is not None:
-                b.work.wait()
-                b.work = None
+            self._wait_gather(b)
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for weights, gradients and optimizer state (master + moments)."""
