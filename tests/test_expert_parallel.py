@@ -35,9 +35,10 @@ def _check(case: epc.Case, adaptor: str = "torch") -> list[epc.StepResult]:
     return results
 
 
-@pytest.mark.parametrize("world_size,ep_size", [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "ep2xdp2"])
+@pytest.mark.parametrize("world_size,ep_size", [(2, 2), (4, 4), (4, 2), (8, 8), (8, 4)],
+                         ids=["ep2", "ep4", "ep2xdp2", "ep8", "ep4xdp2"])
 def test_expert_parallel_matches_one_rank(world_size, ep_size):
-    results = _check(epc.Case(ep_size=ep_size, world_size=world_size))
+    results = _check(epc.Case(ep_size=ep_size, world_size=world_size, batch=max(4, world_size)))
     # the experts really were split: each EP rank received tokens from the group
     assert all(n > 0 for n in results[0].ep_ranks_receiving)
 

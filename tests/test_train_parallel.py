@@ -64,7 +64,7 @@ def _assert_same_weights(a, b, bound):
         torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=bound, msg=name)
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("ranks", [2, 4, 8])
 def test_zero1_ranks_match_one_rank_with_the_whole_batch(tmp_path, ranks):
     steps = 3
     one = _train(_cfg(tmp_path / "one", steps=steps))
