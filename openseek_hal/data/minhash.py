@@ -6,8 +6,9 @@ see ``text.TOKEN``), 64-bit hashes, seed 1; the LSH layout is chosen for a Jacca
 themselves are ours, so the signatures are not bit-identical to datatrove's.
 
 The hot path is the whole batch at once: the texts are joined, normalized as one UTF-32 array, token
-boundaries come from comparisons on that array, and each shingle's hash is a polynomial hash of its
-character span read off a prefix-sum (``(H[e] - H[s-1]) * P^-s`` mod 2^64), finished with the
+boundaries come from comparisons on that array, the tokens are laid out again each followed by one
+space (so a shingle is its tokens joined by spaces, as datatrove joins them, whatever separated them in
+the text), and each shingle's hash is a polynomial hash of its character span read off a prefix-sum (``(H[e] - H[s-1]) * P^-s`` mod 2^64), finished with the
 splitmix64 mixer. The signature is ``min over shingles of (a_j * h + b_j) mod 2^64`` for bands x rows odd
 ``a_j``, taken per document with ``np.minimum.reduceat``. No Python loop runs per token or shingle.
 A C++ loop would do the same arithmetic; with the layout below numpy runs it at about 750M
@@ -107,7 +108,7 @@ class MinHasher:
         joined = "\x01".join(texts) + "\x01"
         if joined.count("\x01") != len(texts):  # the separator inside a text would shift documents
             joined = "\x01".join(t.replace("\x01", " ") for t in texts) + "\x01"
-        c = normalize_codes(joined)
+        c = normalized = normalize_codes(joined)
         space = (c == 0x20) | (c == _SEP)
         nospace = _NOSPACE_TABLE[np.minimum(c, len(_NOSPACE_TABLE) - 1)]
         prev_space = np.concatenate(([True], space[:-1]))
@@ -130,7 +131,14 @@ class MinHasher:
         e_tok = np.concatenate((k[full] + n - 1, tok_first[short_docs] + tok_count[short_docs] - 1))
         order = np.argsort(s_tok, kind="stable")
         s_tok, e_tok = s_tok[order], e_tok[order]
-        s_char, e_char = starts[s_tok], ends[e_tok]
+        # Hash the tokens joined by one space, whatever separated them (nothing between Han characters,
+        # a space left by punctuation): the text is rebuilt as its tokens, each followed by a space.
+        is_end = np.zeros(len(c), dtype=bool)
+        is_end[ends] = True
+        newpos = np.cumsum(word) - word + np.cumsum(is_end) - is_end
+        c = np.full(int(word.sum()) + len(ends), 0x20, dtype=c.dtype)
+        c[newpos[word]] = normalized[word]
+        s_char, e_char = newpos[starts[s_tok]], newpos[ends[e_tok]]
         powers, inv_powers = _powers(_P, len(c)), _powers(_P_INV, len(c))
         prefix = np.cumsum(c.astype(np.uint64) * powers)
         before = np.where(s_char > 0, prefix[np.maximum(s_char - 1, 0)], np.uint64(0))
