@@ -183,8 +183,8 @@ def test_shingles_ignore_what_separates_tokens():
     """Punctuation between Han characters (a space after normalization) does not change a shingle, as in
     datatrove's word n-grams and in the Jaccard the tests and benchmarks score against."""
     h = MinHasher(MinHashConfig())
-    a, da, _ = h.shingle_hashes(["春天来了，山上的花都开了。孩子们在田野里奔跑", "river, mountain;  valley water stone"])
-    b, db, _ = h.shingle_hashes(["春天来了山上的花都开了孩子们在田野里奔跑", "river mountain valley water stone"])
+    a, da, _ = h.shingle_hashes(["春天来了，山上的花都开了。孩子们在田野里奔跑", "river, mountain;  valley water"])
+    b, db, _ = h.shingle_hashes(["春天来了山上的花都开了孩子们在田野里奔跑", "river mountain valley water"])
     assert a.tolist() == b.tolist() and da.tolist() == db.tolist()
     c, _, _ = h.shingle_hashes(["春天来了山上的花都开了孩子们在田野里跑奔"])
     assert set(c.tolist()) != set(b[db == 0].tolist())
