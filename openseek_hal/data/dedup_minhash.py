@@ -52,7 +52,7 @@ from .io import (
     iter_raw,
     parse,
 )
-from .minhash import LSHParams, MinHashConfig, MinHasher, accept_pairs, components
+from .minhash import SKETCH_PAD, LSHParams, MinHashConfig, MinHasher, accept_pairs, components
 from .outdir import StageOutput
 from .runner import OutputOptions, Stats, batched, progress, report
 
@@ -61,6 +61,7 @@ DEFAULT_MAX_MEMORY = 1 << 30
 _BUCKET_BYTES = 48  # per (key, id) entry while a partition is sorted: the entry, argsort's index, sorted copies
 _PAIR_BYTES = 96  # per pair while a chunk is merged: the pair, two root arrays and temporaries
 _VERIFY_BYTES = 24  # per sketch value of a pair being verified: both rows, the merged row, masks, ranks
+_PAGE = 4096  # a sketch row read from a mapped file maps at least a page while the chunk is gathered
 WINDOW = 32  # with verification, each document of a bucket is paired with up to this many before it
 _RECORD = np.dtype([("key", "<u8"), ("id", "<i8")])
 _MAX_OPEN = 256  # bucket files open at once while partitioning
@@ -170,7 +171,7 @@ def link_verified(
     """
     assert config.verify_threshold is not None
     k = config.sketch_size
-    chunk = max(64, max_memory // (_VERIFY_BYTES * 2 * k))
+    chunk = max(64, max_memory // (2 * (_VERIFY_BYTES * k + _PAGE)))
     checked = accepted = 0
     for lo in range(0, len(u), chunk):
         cu, cv = u[lo : lo + chunk], v[lo : lo + chunk]
@@ -187,23 +188,37 @@ def link_verified(
 
 
 class _SketchFiles:
-    """Sketch rows by global document id, read from the per-piece ``sketch-NNNNN.bin`` files."""
+    """Sketch rows by global document id, read from the per-piece files of the signatures stage:
+    ``sketch-NNNNN.bin`` (each document's values, uint32, no padding) and ``sketchoff-NNNNN.bin`` (uint64
+    offsets into it, one per document plus the end).
+
+    Every call maps the files afresh and unmaps them before it returns, so the pages it read do not stay
+    in the process's resident memory: a call costs about its rows, not the files.
+    """
 
     def __init__(self, work: Path, shards: list[dict[str, Any]], k: int):
-        self.k = k
-        counts = [s["docs"] for s in shards]
-        self.offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-        self.maps = [
-            np.memmap(work / f"sketch-{i:05d}.bin", dtype=np.uint32, mode="r", shape=(n, k)) if n else None
-            for i, n in enumerate(counts)
-        ]
+        self.work, self.k = work, k
+        self.counts = [s["docs"] for s in shards]
+        self.offsets = np.concatenate(([0], np.cumsum(self.counts))).astype(np.int64)
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
-        out = np.empty((len(ids), self.k), dtype=np.uint32)
+        out = np.full((len(ids), self.k), SKETCH_PAD, dtype=np.uint32)
         shard = np.searchsorted(self.offsets, ids, side="right") - 1
         for s in np.unique(shard):
-            m = shard == s
-            out[m] = self.maps[s][ids[m] - self.offsets[s]]  # type: ignore[index]
+            rows = np.flatnonzero(shard == s)
+            local = ids[rows] - self.offsets[s]
+            off = np.memmap(self.work / f"sketchoff-{s:05d}.bin", dtype=np.uint64, mode="r")
+            begin, end = off[local].astype(np.int64), off[local + 1].astype(np.int64)
+            del off
+            lengths = end - begin
+            total = int(lengths.sum())
+            if not total:
+                continue
+            vals = np.memmap(self.work / f"sketch-{s:05d}.bin", dtype=np.uint32, mode="r")
+            first = np.cumsum(lengths) - lengths  # where each row's values start in the gathered run
+            col = np.arange(total) - np.repeat(first, lengths)
+            out[np.repeat(rows, lengths), col] = vals[np.repeat(begin, lengths) + col]
+            del vals
         return out
 
 
@@ -221,7 +236,7 @@ class _ShardSignatures:
         assert self.hasher is not None
         index, path, where, begin, end, first_line = task
         work = Path(self.work)
-        kinds = ("keys", "empty", "sketch") if self.config.verify_threshold is not None else ("keys", "empty")
+        kinds = ("keys", "empty") + (("sketch", "sketchoff") if self.config.verify_threshold is not None else ())
         final = {kind: work / f"{kind}-{index:05d}.bin" for kind in kinds}
         tmp = {kind: f.with_name(f".{f.name}.tmp{os.getpid()}") for kind, f in final.items()}
         malformed, docs, nbytes = Malformed(), 0, 0
@@ -230,7 +245,10 @@ class _ShardSignatures:
                 open(tmp["keys"], "wb") as kf,
                 open(tmp["empty"], "wb") as ef,
                 open(tmp.get("sketch", os.devnull), "wb") as sf,
+                open(tmp.get("sketchoff", os.devnull), "wb") as of,
             ):
+                written = 0
+                of.write(np.zeros(1, np.uint64).tobytes())
                 src = Path(where)
                 lines = _iter_range(src, begin, end, first_line, path) if end is not None else _named(src, path)
                 for batch in batched(lines, self.batch_size):
@@ -240,8 +258,12 @@ class _ShardSignatures:
                     keys, empty, sketches = self.hasher.keys_and_sketches(texts)
                     kf.write(np.ascontiguousarray(keys).tobytes())
                     ef.write(empty.astype(np.uint8).tobytes())
-                    if sketches is not None:
-                        sf.write(sketches.tobytes())
+                    if sketches is not None:  # the values without the padding, and where each row ends
+                        real = sketches != SKETCH_PAD
+                        sf.write(sketches[real].tobytes())
+                        ends = written + np.cumsum(real.sum(axis=1), dtype=np.uint64)
+                        of.write(ends.astype(np.uint64).tobytes())
+                        written = int(ends[-1])
                     docs += len(texts)
                     nbytes += sum(len(t.encode("utf-8")) for t in texts)
             for kind in final:
@@ -425,10 +447,12 @@ def _note(quiet: bool, message: str) -> None:
 
 
 # Exactly what the stages write into a work folder: anything else there is the user's and stops the run.
-_WORK_FILES = ("plan.json", "signatures.json", "buckets.json", "clusters.json", "keys-[0-9]*.bin",
-               "empty-[0-9]*.bin", "sketch-[0-9]*.bin", "bucket-b[0-9]*-p[0-9]*.bin", "pairs-b[0-9]*-p[0-9]*.bin",
-               "labels.bin", ".keys-*.tmp*", ".empty-*.tmp*", ".sketch-*.tmp*", ".pairs-*.tmp*", ".*.json.tmp*",
-               ".lock")
+_WORK_FILES = (
+    "plan.json", "signatures.json", "buckets.json", "clusters.json", "keys-[0-9]*.bin", "empty-[0-9]*.bin",
+    "sketch-[0-9]*.bin", "sketchoff-[0-9]*.bin", "bucket-b[0-9]*-p[0-9]*.bin", "pairs-b[0-9]*-p[0-9]*.bin",
+    "labels.bin", ".keys-*.tmp*", ".empty-*.tmp*", ".sketch-*.tmp*", ".sketchoff-*.tmp*", ".pairs-*.tmp*",
+    ".*.json.tmp*", ".lock",
+)
 
 
 def stage_signatures(
