@@ -427,7 +427,7 @@ def provenance() -> dict[str, object]:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     return {
         "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/data/results")),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": f"2-core CPU sandbox shared with other jobs: {cpu}, {os.cpu_count()} CPUs, {platform.platform()}",
         "python": platform.python_version(),

@@ -125,7 +125,8 @@ def main() -> None:
     if args.record:
         git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
         row["provenance"] = {
-            "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "commit": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/data/results")),
             "script": " ".join([Path(sys.executable).name, *sys.argv]),
             "machine": f"2-core CPU sandbox shared with other jobs, {os.cpu_count()} CPUs",
             "load_average_at_end": os.getloadavg(),
