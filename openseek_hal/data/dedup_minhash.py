@@ -15,6 +15,12 @@ Staged and out of core (the default). Each stage reads what the one before it le
    kept, its line passed through byte for byte; ``clusters.jsonl`` says which document was removed for
    which.
 
+Candidate verification (on unless ``config.verify_threshold`` is None): the signatures stage also writes
+each document's bottom-k sketch (``sketch-NNNNN.bin`` values, ``sketchoff-NNNNN.bin`` offsets), the
+buckets stage pairs each document with up to ``WINDOW`` earlier ones of its key instead of only the
+first, and the clusters stage joins a pair only if its sketch Jaccard passes (``minhash.accept_pairs``),
+verifying the pairs of each chunk that are not already in one cluster, sorted by document id.
+
 Documents with equal keys in a band always land in the same partition, so the links, the clusters and
 the output are exactly those of the one-process path (``--in-memory``: all keys in one memory-mapped
 file, one sort per band, ``minhash.components``), which is kept as the reference.
@@ -28,7 +34,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -160,7 +166,12 @@ def _run_links(keys: np.ndarray, ids: np.ndarray, window: int = 0) -> tuple[np.n
 
 
 def link_verified(
-    labels: np.ndarray, u: np.ndarray, v: np.ndarray, sketches_of, config: MinHashConfig, max_memory: int
+    labels: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    sketches_of: Callable[[np.ndarray], np.ndarray],
+    config: MinHashConfig,
+    max_memory: int,
 ) -> dict[str, int]:
     """Union the candidate pairs ``u[k] -- v[k]`` that pass verification into ``labels`` (union-find).
 

@@ -131,3 +131,27 @@ def test_margin_keeps_pairs_at_the_threshold():
     assert accept_pairs(a, b, 0.8, margin).mean() >= 0.97
     assert accept_pairs(a, b, 0.8, 0.0).mean() < 0.8
     assert MinHashConfig().verify_margin == round(verify_margin(0.8, 256, 0.99), 5)
+
+
+def test_verify_option_errors(cli, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": "a b c d e f"}])
+    for flags, message in (
+        (("--verify-threshold", "1.5"), "--verify-threshold must be in (0, 1]"),
+        (("--verify-threshold", "0"), "--verify-threshold must be in (0, 1]"),
+        (("--sketch-size", "0"), "--sketch-size must be between 1 and 16384"),
+    ):
+        code, _, err = cli("data", "dedup-minhash", inp, "-o", tmp_path / "o", *flags)
+        assert code == 2 and message in err, err
+        assert not (tmp_path / "o" / "stats.json").exists()
+    # A verify threshold of its own is recorded and used: the near miss of test_dedup_minhash_stage's
+    # kind (one word of a short text changed) is linked again at 0.4.
+    text = "the quick brown fox jumps over the lazy dog and runs far away into the green forest"
+    docs = [{"id": "a", "text": text}, {"id": "b", "text": text.replace("lazy", "sleepy")}]
+    inp = write_jsonl(tmp_path / "two.jsonl", docs)
+    for vt, removed in (("0.8", 0), ("0.4", 1)):  # J = 8/18 = 0.44
+        code, _, err = cli("data", "dedup-minhash", inp, "-o", tmp_path / vt, "--verify-threshold", vt, "--bands", 32,
+                           "--rows", 1, "-q")
+        assert code == 0, err
+        stats = json.loads((tmp_path / vt / "stats.json").read_text())
+        assert stats["config"]["verify_threshold"] == float(vt)
+        assert stats["removed"].get("minhash_duplicate", 0) == removed
