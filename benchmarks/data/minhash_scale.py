@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max-memory", default="1G")
     ap.add_argument("--extra", nargs="*", default=[], help="more dedup-minhash flags")
+    ap.add_argument("--record", type=Path, help="append the result line, with provenance, to this JSON-lines file")
     args = ap.parse_args()
     inputs = args.work / f"in-{args.docs}"
     if not (inputs / "in-000.jsonl").exists():
@@ -93,11 +94,16 @@ def main() -> None:
            "--max-memory", args.max_memory, *args.extra]
     start = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.Popen(cmd)
+    # The checkout this script is in, not whatever an installed openseek-hal points at.
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, env=env)
+    work_peak = 0
     peak_sum = peak_one = 0
     while proc.poll() is None:
         s, m = _tree_rss(proc.pid)
         peak_sum, peak_one = max(peak_sum, s), max(peak_one, m)
+        work_peak = max(work_peak, _folder_bytes(out))
         time.sleep(0.1)
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -105,13 +111,41 @@ def main() -> None:
     if proc.returncode:
         sys.exit(proc.returncode)
     stats = json.loads((out / "stats.json").read_text())
-    print(json.dumps({
+    row = {
         "command": " ".join(cmd), "docs": stats["docs_in"], "removed": stats["removed"], "seconds": round(seconds, 1),
         "docs_per_second": round(stats["docs_in"] / seconds),
         "cpu_seconds": round(cpu, 1),
         "docs_per_cpu_second": round(stats["docs_in"] / cpu), "peak_rss_tree_mb": round(peak_sum / 2**20),
         "peak_rss_largest_process_mb": round(peak_one / 2**20), "lsh": stats["config"].get("lsh", {}).get("bands"),
-    }))
+        "verify_threshold": stats["config"].get("verify_threshold"), "sketch_size": stats["config"].get("sketch_size"),
+        "pairs_verified": stats.get("pairs_verified"), "pairs_accepted": stats.get("pairs_accepted"),
+        "output_folder_peak_mb": round(work_peak / 2**20),
+    }
+    print(json.dumps(row))
+    if args.record:
+        git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
+        row["provenance"] = {
+            "commit": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/data/results")),
+            "script": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": f"2-core CPU sandbox shared with other jobs, {os.cpu_count()} CPUs",
+            "load_average_at_end": os.getloadavg(),
+        }
+        args.record.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.record, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def _folder_bytes(folder: Path) -> int:
+    """Bytes in the files under ``folder`` (the staging and work folders included), 0 if absent."""
+    total = 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.stat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 if __name__ == "__main__":

@@ -162,6 +162,24 @@ def filter_cmd(
     help="Memory for bucket partitions and pair chunks (512M, 4G, ...); the label file is 8 bytes per document.",
 )
 @click.option("--in-memory", is_flag=True, help="One-process path: all band keys sorted at once (the reference).")
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Keep an LSH candidate pair only if its sketch Jaccard reaches the verify threshold.",
+)
+@click.option(
+    "--verify-threshold",
+    type=float,
+    default=None,
+    help="Jaccard a candidate pair needs to be linked (default: --threshold).",
+)
+@click.option(
+    "--sketch-size",
+    default=256,
+    show_default=True,
+    help="Bottom-k sketch per document for verification (k shingle hashes, 4 bytes each; exact below k).",
+)
 def dedup_minhash_cmd(
     inputs,
     out_dir,
@@ -185,10 +203,13 @@ def dedup_minhash_cmd(
     work_dir,
     max_memory,
     in_memory,
+    verify,
+    verify_threshold,
+    sketch_size,
 ) -> None:
     """Fuzzy deduplication: MinHash + LSH, keeping the first document of each near-duplicate cluster."""
     from .dedup_minhash import dedup_minhash, parse_size
-    from .minhash import MinHashConfig, lsh_params, optimal_lsh_params
+    from .minhash import MinHashConfig, lsh_params, optimal_lsh_params, verify_margin
 
     if (bands is None) != (rows is None):
         raise click.BadParameter("give --bands and --rows together (or neither, to have them chosen)")
@@ -200,10 +221,16 @@ def dedup_minhash_cmd(
         if not 0.0 < threshold < 1.0:
             raise click.BadParameter("--threshold must be between 0 and 1 (exclusive)")
         lsh = lsh_params(threshold, bands, rows)
+    vt = threshold if verify_threshold is None else verify_threshold
+    if not 0.0 < vt <= 1.0:
+        raise click.BadParameter(f"--verify-threshold must be in (0, 1], got {vt}")
+    if not 1 <= sketch_size <= 16384:
+        raise click.BadParameter(f"--sketch-size must be between 1 and 16384, got {sketch_size}")
+    margin = round(verify_margin(vt, sketch_size, max(min_recall, 0.99)), 5)
     dedup_minhash(
         list(inputs),
         _out(out_dir, shard_docs, compression, quiet),
-        MinHashConfig(ngrams, lsh.bands, lsh.rows, seed),
+        MinHashConfig(ngrams, lsh.bands, lsh.rows, seed, vt if verify else None, sketch_size, margin),
         text_key,
         id_key,
         workers,

@@ -15,6 +15,12 @@ Staged and out of core (the default). Each stage reads what the one before it le
    kept, its line passed through byte for byte; ``clusters.jsonl`` says which document was removed for
    which.
 
+Candidate verification (on unless ``config.verify_threshold`` is None): the signatures stage also writes
+each document's bottom-k sketch (``sketch-NNNNN.bin`` values, ``sketchoff-NNNNN.bin`` offsets), the
+buckets stage pairs each document with up to ``WINDOW`` earlier ones of its key instead of only the
+first, and the clusters stage joins a pair only if its sketch Jaccard passes (``minhash.accept_pairs``),
+verifying the pairs of each chunk that are not already in one cluster, sorted by document id.
+
 Documents with equal keys in a band always land in the same partition, so the links, the clusters and
 the output are exactly those of the one-process path (``--in-memory``: all keys in one memory-mapped
 file, one sort per band, ``minhash.components``), which is kept as the reference.
@@ -28,7 +34,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -52,7 +58,7 @@ from .io import (
     iter_raw,
     parse,
 )
-from .minhash import LSHParams, MinHashConfig, MinHasher, components
+from .minhash import SKETCH_PAD, LSHParams, MinHashConfig, MinHasher, accept_pairs, components
 from .outdir import StageOutput
 from .runner import OutputOptions, Stats, batched, progress, report
 
@@ -60,6 +66,9 @@ STAGES = ("all", "signatures", "buckets", "clusters", "filter")
 DEFAULT_MAX_MEMORY = 1 << 30
 _BUCKET_BYTES = 48  # per (key, id) entry while a partition is sorted: the entry, argsort's index, sorted copies
 _PAIR_BYTES = 96  # per pair while a chunk is merged: the pair, two root arrays and temporaries
+_VERIFY_BYTES = 24  # per sketch value of a pair being verified: both rows, the merged row, masks, ranks
+_PAGE = 4096  # a sketch row read from a mapped file maps at least a page while the chunk is gathered
+WINDOW = 32  # with verification, each document of a bucket is paired with up to this many before it
 _RECORD = np.dtype([("key", "<u8"), ("id", "<i8")])
 _MAX_OPEN = 256  # bucket files open at once while partitioning
 PLAIN_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -93,46 +102,135 @@ class _KeysBatch:
         assert self.hasher is not None
         malformed = Malformed()
         texts = [d[self.text_key] for raw in batch if (d := parse(raw, self.text_key, malformed)) is not None]
-        keys, empty = (
-            self.hasher.keys_for(texts)
-            if texts
-            else (np.zeros((0, self.config.num_bands), np.uint64), np.zeros(0, bool))
-        )
-        return keys, empty, malformed, sum(len(t.encode("utf-8")) for t in texts)
+        if not texts:
+            k = self.config.sketch_size if self.config.verify_threshold else 0
+            return (np.zeros((0, self.config.num_bands), np.uint64), np.zeros(0, bool), np.zeros((0, k), np.uint32),
+                    malformed, 0)
+        keys, empty, sketches = self.hasher.keys_and_sketches(texts)
+        return keys, empty, sketches, malformed, sum(len(t.encode("utf-8")) for t in texts)
 
 
-def cluster_labels(keys: np.ndarray, empty: np.ndarray) -> np.ndarray:
-    """Each document's cluster label: the index of the first document of its cluster."""
+def cluster_labels(
+    keys: np.ndarray, empty: np.ndarray, config: MinHashConfig | None = None, sketches: np.ndarray | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Each document's cluster label (the index of the first document of its cluster), and the
+    verification counts; candidates are verified against ``sketches`` when ``config`` asks for it."""
     n = keys.shape[0]
+    verify = config is not None and config.verify_threshold is not None
     us, vs = [], []
     candidates = np.flatnonzero(~empty)
     for band in range(keys.shape[1]):
-        col = np.ascontiguousarray(keys[candidates, band])
-        order = np.argsort(col, kind="stable")
-        sk = col[order]
-        is_start = np.ones(len(sk), dtype=bool)  # no candidate at all: no links (and no IndexError)
-        is_start[1:] = sk[1:] != sk[:-1]
-        run_first = order[np.flatnonzero(is_start)][np.cumsum(is_start) - 1]
-        dup = ~is_start
-        us.append(candidates[run_first[dup]])
-        vs.append(candidates[order[dup]])
+        u, v = _run_links(np.ascontiguousarray(keys[candidates, band]), candidates, WINDOW if verify else 0)
+        us.append(u)
+        vs.append(v)
     u = np.concatenate(us) if us else np.zeros(0, np.int64)
     v = np.concatenate(vs) if vs else np.zeros(0, np.int64)
-    return components(n, u, v)
+    if not verify:
+        return components(n, u, v), {}
+    assert config is not None and sketches is not None
+    labels = np.arange(n, dtype=np.int64)
+    counts = link_verified(labels, u, v, lambda ids: np.asarray(sketches[ids]), config, max_memory)
+    flatten_labels(labels, max(n, 1))
+    return labels, counts
 
 
-# -- the staged path ---------------------------------------------------------------------------------------
+def _run_links(keys: np.ndarray, ids: np.ndarray, window: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs of documents with equal keys (``ids`` ascending in, (earlier, later) pairs out).
 
-
-def _run_links(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Within equal keys, link every id to the first: ``ids`` ascending in, (first, other) pairs out."""
+    ``window`` 0 links every document to the first of its key (enough for clusters of unverified links);
+    otherwise every document is paired with each of the (up to) ``window`` documents before it with the
+    same key, so that verification sees the pairs inside a bucket, not only those with its first member.
+    """
     order = np.argsort(keys, kind="stable")
     sk = keys[order]
-    is_start = np.ones(len(sk), dtype=bool)
+    is_start = np.ones(len(sk), dtype=bool)  # no key at all: no links (and no IndexError)
     is_start[1:] = sk[1:] != sk[:-1]
-    run_first = order[np.flatnonzero(is_start)][np.cumsum(is_start) - 1]
-    dup = ~is_start
-    return ids[run_first[dup]], ids[order[dup]]
+    if window == 0:
+        run_first = order[np.flatnonzero(is_start)][np.cumsum(is_start) - 1]
+        dup = ~is_start
+        return ids[run_first[dup]], ids[order[dup]]
+    run_start = np.flatnonzero(is_start)[np.cumsum(is_start) - 1]
+    sid = ids[order]
+    pos = np.flatnonzero(~is_start)
+    us, vs = [], []
+    for d in range(1, window + 1):
+        pos = pos[pos - d >= run_start[pos]]
+        if not len(pos):
+            break
+        us.append(sid[pos - d])
+        vs.append(sid[pos])
+    if not us:
+        return ids[:0], ids[:0]
+    return np.concatenate(us), np.concatenate(vs)
+
+
+def link_verified(
+    labels: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    sketches_of: Callable[[np.ndarray], np.ndarray],
+    config: MinHashConfig,
+    max_memory: int,
+) -> dict[str, int]:
+    """Union the candidate pairs ``u[k] -- v[k]`` that pass verification into ``labels`` (union-find).
+
+    Pairs whose documents are already in one cluster are skipped (their verdict cannot change the
+    clusters); the others are deduplicated, sorted by document id, and verified in chunks that fit
+    ``max_memory``, ``sketches_of(ids)`` reading the sketch rows. The clusters are therefore those of
+    all candidate pairs that pass, whatever the order or chunking of the pairs.
+    """
+    assert config.verify_threshold is not None
+    k = config.sketch_size
+    chunk = max(64, max_memory // (2 * (_VERIFY_BYTES * k + _PAGE)))
+    checked = accepted = 0
+    for lo in range(0, len(u), chunk):
+        cu, cv = u[lo : lo + chunk], v[lo : lo + chunk]
+        differ = _find(labels, cu) != _find(labels, cv)
+        if not differ.any():
+            continue
+        pairs = np.unique(np.stack([cu[differ], cv[differ]], axis=1), axis=0)
+        ok = accept_pairs(sketches_of(pairs[:, 0]), sketches_of(pairs[:, 1]), config.verify_threshold,
+                          config.verify_margin)
+        checked += len(pairs)
+        accepted += int(ok.sum())
+        union_pairs(labels, pairs[ok, 0], pairs[ok, 1])
+    return {"pairs_verified": checked, "pairs_accepted": accepted}
+
+
+class _SketchFiles:
+    """Sketch rows by global document id, read from the per-piece files of the signatures stage:
+    ``sketch-NNNNN.bin`` (each document's values, uint32, no padding) and ``sketchoff-NNNNN.bin`` (uint64
+    offsets into it, one per document plus the end).
+
+    Every call maps the files afresh and unmaps them before it returns, so the pages it read do not stay
+    in the process's resident memory: a call costs about its rows, not the files.
+    """
+
+    def __init__(self, work: Path, shards: list[dict[str, Any]], k: int):
+        self.work, self.k = work, k
+        self.counts = [s["docs"] for s in shards]
+        self.offsets = np.concatenate(([0], np.cumsum(self.counts))).astype(np.int64)
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        out = np.full((len(ids), self.k), SKETCH_PAD, dtype=np.uint32)
+        shard = np.searchsorted(self.offsets, ids, side="right") - 1
+        for s in np.unique(shard):
+            rows = np.flatnonzero(shard == s)
+            local = ids[rows] - self.offsets[s]
+            off = np.memmap(self.work / f"sketchoff-{s:05d}.bin", dtype=np.uint64, mode="r")
+            begin, end = off[local].astype(np.int64), off[local + 1].astype(np.int64)
+            del off
+            lengths = end - begin
+            total = int(lengths.sum())
+            if not total:
+                continue
+            vals = np.memmap(self.work / f"sketch-{s:05d}.bin", dtype=np.uint32, mode="r")
+            first = np.cumsum(lengths) - lengths  # where each row's values start in the gathered run
+            col = np.arange(total) - np.repeat(first, lengths)
+            out[np.repeat(rows, lengths), col] = vals[np.repeat(begin, lengths) + col]
+            del vals
+        return out
 
 
 class _ShardSignatures:
@@ -149,20 +247,34 @@ class _ShardSignatures:
         assert self.hasher is not None
         index, path, where, begin, end, first_line = task
         work = Path(self.work)
-        final = {kind: work / f"{kind}-{index:05d}.bin" for kind in ("keys", "empty")}
+        kinds = ("keys", "empty") + (("sketch", "sketchoff") if self.config.verify_threshold is not None else ())
+        final = {kind: work / f"{kind}-{index:05d}.bin" for kind in kinds}
         tmp = {kind: f.with_name(f".{f.name}.tmp{os.getpid()}") for kind, f in final.items()}
         malformed, docs, nbytes = Malformed(), 0, 0
         try:
-            with open(tmp["keys"], "wb") as kf, open(tmp["empty"], "wb") as ef:
+            with (
+                open(tmp["keys"], "wb") as kf,
+                open(tmp["empty"], "wb") as ef,
+                open(tmp.get("sketch", os.devnull), "wb") as sf,
+                open(tmp.get("sketchoff", os.devnull), "wb") as of,
+            ):
+                written = 0
+                of.write(np.zeros(1, np.uint64).tobytes())
                 src = Path(where)
                 lines = _iter_range(src, begin, end, first_line, path) if end is not None else _named(src, path)
                 for batch in batched(lines, self.batch_size):
                     texts = [d[self.text_key] for raw in batch if (d := parse(raw, self.text_key, malformed))]
                     if not texts:
                         continue
-                    keys, empty = self.hasher.keys_for(texts)
+                    keys, empty, sketches = self.hasher.keys_and_sketches(texts)
                     kf.write(np.ascontiguousarray(keys).tobytes())
                     ef.write(empty.astype(np.uint8).tobytes())
+                    if sketches is not None:  # the values without the padding, and where each row ends
+                        real = sketches != SKETCH_PAD
+                        sf.write(sketches[real].tobytes())
+                        ends = written + np.cumsum(real.sum(axis=1), dtype=np.uint64)
+                        of.write(ends.astype(np.uint64).tobytes())
+                        written = int(ends[-1])
                     docs += len(texts)
                     nbytes += sum(len(t.encode("utf-8")) for t in texts)
             for kind in final:
@@ -241,8 +353,8 @@ def signature_tasks(files: list[Path], workers: int) -> list[SignatureTask]:
 class _BucketPairs:
     """Task: sort one bucket partition by key and write its links as ``pairs-*.bin`` (int64 pairs)."""
 
-    def __init__(self, work: str):
-        self.work = work
+    def __init__(self, work: str, window: int = 0):
+        self.work, self.window = work, window
 
     def setup(self) -> None:
         pass
@@ -250,7 +362,7 @@ class _BucketPairs:
     def __call__(self, name: str) -> int:
         work = Path(self.work)
         records = np.fromfile(work / name, dtype=_RECORD)
-        u, v = _run_links(records["key"], records["id"])
+        u, v = _run_links(records["key"], records["id"], self.window)
         del records
         out = work / name.replace("bucket-", "pairs-")
         tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -346,9 +458,12 @@ def _note(quiet: bool, message: str) -> None:
 
 
 # Exactly what the stages write into a work folder: anything else there is the user's and stops the run.
-_WORK_FILES = ("plan.json", "signatures.json", "buckets.json", "clusters.json", "keys-[0-9]*.bin",
-               "empty-[0-9]*.bin", "bucket-b[0-9]*-p[0-9]*.bin", "pairs-b[0-9]*-p[0-9]*.bin", "labels.bin",
-               ".keys-*.tmp*", ".empty-*.tmp*", ".pairs-*.tmp*", ".*.json.tmp*", ".lock")
+_WORK_FILES = (
+    "plan.json", "signatures.json", "buckets.json", "clusters.json", "keys-[0-9]*.bin", "empty-[0-9]*.bin",
+    "sketch-[0-9]*.bin", "sketchoff-[0-9]*.bin", "bucket-b[0-9]*-p[0-9]*.bin", "pairs-b[0-9]*-p[0-9]*.bin",
+    "labels.bin", ".keys-*.tmp*", ".empty-*.tmp*", ".sketch-*.tmp*", ".sketchoff-*.tmp*", ".pairs-*.tmp*",
+    ".*.json.tmp*", ".lock",
+)
 
 
 def stage_signatures(
@@ -386,7 +501,7 @@ def stage_signatures(
 
 
 def stage_buckets(
-    work: WorkDir, bands: int, max_memory: int, workers: int, executor: str, quiet: bool
+    work: WorkDir, bands: int, max_memory: int, workers: int, executor: str, quiet: bool, window: int = 0
 ) -> dict[str, Any]:
     """Stage 2: band keys into bucket partitions on disk, then each partition sorted into links."""
     work.check_plan()
@@ -436,7 +551,7 @@ def stage_buckets(
     pairs = 0
     with (
         progress("minhash links", quiet, total=len(names), unit="partitions") as advance,
-        closing(ordered_map(_BucketPairs(str(work.path)), iter(names), workers, executor)) as results,
+        closing(ordered_map(_BucketPairs(str(work.path), window), iter(names), workers, executor)) as results,
     ):
         for count in results:
             pairs += count
@@ -446,10 +561,15 @@ def stage_buckets(
     return record
 
 
-def stage_clusters(work: WorkDir, max_memory: int, quiet: bool) -> dict[str, Any]:
-    """Stage 3: union-find over the pair files, read in chunks, on a memory-mapped label file."""
+def stage_clusters(work: WorkDir, max_memory: int, quiet: bool, config: MinHashConfig | None = None) -> dict[str, Any]:
+    """Stage 3: union-find over the pair files, read in chunks, on a memory-mapped label file; with
+    verification (``config.verify_threshold``) only the pairs whose sketches pass are joined."""
     work.check_plan()
-    docs = sum(s["docs"] for s in work.record("signatures")["shards"])
+    shards = work.record("signatures")["shards"]
+    docs = sum(s["docs"] for s in shards)
+    verify = config is not None and config.verify_threshold is not None
+    sketches = _SketchFiles(work.path, shards, config.sketch_size) if verify else None  # type: ignore[union-attr]
+    counts = {"pairs_verified": 0, "pairs_accepted": 0}
     files = work.record("buckets")["files"]
     work.start("clusters")
     path = work.path / "labels.bin"
@@ -461,13 +581,19 @@ def stage_clusters(work: WorkDir, max_memory: int, quiet: bool) -> dict[str, Any
         for name in files:
             with open(work.path / name, "rb") as fh:
                 while len(block := np.fromfile(fh, dtype=np.int64, count=2 * chunk)):
-                    union_pairs(labels, block[0::2], block[1::2])
+                    if sketches is None:
+                        union_pairs(labels, block[0::2], block[1::2])
+                        continue
+                    got = link_verified(labels, block[0::2], block[1::2], sketches, config, max_memory)  # type: ignore[arg-type]
+                    for key in counts:
+                        counts[key] += got[key]
             advance(1)
         flatten_labels(labels, chunk)
     labels.flush()
     roots = _roots(labels[:docs], chunk)
     del labels
-    record = {"docs": docs, "clusters": int(roots.sum())}
+    record = {"docs": docs, "clusters": int(roots.sum()), **(counts if verify else {})}
+    del sketches
     work.finish("clusters", record)
     return record
 
@@ -480,6 +606,10 @@ def _roots(labels: np.ndarray, chunk: int) -> np.ndarray:
         linked = block != np.arange(lo, lo + len(block))
         roots[block[linked]] = True
     return roots
+
+
+def _window(config: MinHashConfig) -> int:
+    return WINDOW if config.verify_threshold is not None else 0
 
 
 def _malformed(shards: list[dict[str, Any]]) -> Malformed:
@@ -526,7 +656,9 @@ def dedup_minhash(
     )
     start = time.perf_counter()
     if in_memory:
-        return _dedup_in_memory(files, out, config, text_key, id_key, workers, executor, batch_size, stats, start)
+        return _dedup_in_memory(
+            files, out, config, text_key, id_key, workers, executor, batch_size, stats, start, max_memory
+        )
     plan = _plan(files, config, text_key)
     if stage in ("signatures", "buckets", "clusters"):
         work = WorkDir(Path(work_dir).resolve(), plan)  # type: ignore[arg-type]
@@ -534,9 +666,9 @@ def dedup_minhash(
             if stage == "signatures":
                 stage_signatures(work, files, config, text_key, workers, executor, out.quiet)
             elif stage == "buckets":
-                stage_buckets(work, config.num_bands, max_memory, workers, executor, out.quiet)
+                stage_buckets(work, config.num_bands, max_memory, workers, executor, out.quiet, _window(config))
             else:
-                stage_clusters(work, max_memory, out.quiet)
+                stage_clusters(work, max_memory, out.quiet, config)
         _note(out.quiet, f"stage {stage} done in {time.perf_counter() - start:.1f}s -> {work.path}")
         return None
     with StageOutput(out.out_dir, stats.stage) as output:
@@ -545,8 +677,8 @@ def dedup_minhash(
         with FolderLock(work.path, what="work folder", holder="dedup-minhash"):
             if stage == "all":
                 stage_signatures(work, files, config, text_key, workers, executor, out.quiet)
-                stage_buckets(work, config.num_bands, max_memory, workers, executor, out.quiet)
-                stage_clusters(work, max_memory, out.quiet)
+                stage_buckets(work, config.num_bands, max_memory, workers, executor, out.quiet, _window(config))
+                stage_clusters(work, max_memory, out.quiet, config)
             work.check_plan()
             shards = work.record("signatures")["shards"]
             clusters = work.record("clusters")
@@ -559,6 +691,7 @@ def dedup_minhash(
                 else np.zeros(0, np.int64)
             )
             stats.extra["clusters"] = clusters["clusters"]
+            stats.extra.update({k: clusters[k] for k in ("pairs_verified", "pairs_accepted") if k in clusters})
             chunk = max(64, max_memory // _PAIR_BYTES)
             documents = _write_kept(
                 files, labels[: stats.docs_in], _roots(labels[: stats.docs_in], chunk), output.dir, out, text_key,
@@ -585,19 +718,24 @@ def _dedup_in_memory(
     batch_size: int,
     stats: Stats,
     start: float,
+    max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> Stats:
     with StageOutput(out.out_dir, stats.stage) as output:
         keys_path = output.dir / ".minhash-keys.bin"  # bands uint64 per document, removed with the staging folder
+        sketch_path = output.dir / ".minhash-sketch.bin"  # sketch_size uint32 per document, when verifying
         empties = []
         with (
             open(keys_path, "wb") as fh,
+            open(sketch_path, "wb") as sf,
             progress("minhash signatures", out.quiet) as advance,
             closing(
                 ordered_map(_KeysBatch(config, text_key), batched(iter_raw(files), batch_size), workers, executor)
             ) as results,
         ):
-            for keys, empty, malformed, nbytes in results:
+            for keys, empty, sketches, malformed, nbytes in results:
                 fh.write(keys.tobytes())
+                if sketches is not None:
+                    sf.write(sketches.tobytes())
                 empties.append(empty)
                 stats.malformed.merge(malformed)
                 stats.docs_in += len(empty)
@@ -609,9 +747,17 @@ def _dedup_in_memory(
             if stats.docs_in
             else np.zeros((0, config.num_bands), np.uint64)
         )
-        labels = cluster_labels(keys, empty)
-        del keys
+        verify = config.verify_threshold is not None and stats.docs_in > 0  # no memmap of an empty file
+        sketches = (
+            np.memmap(sketch_path, dtype=np.uint32, mode="r", shape=(stats.docs_in, config.sketch_size))
+            if verify
+            else np.zeros((0, config.sketch_size), np.uint32)
+        )
+        labels, counts = cluster_labels(keys, empty, config, sketches, max_memory)
+        stats.extra.update(counts)
+        del keys, sketches
         keys_path.unlink()
+        sketch_path.unlink()
         roots = _roots(labels, len(labels) + 1)
         stats.extra["clusters"] = int(roots.sum())
         documents = _write_kept(files, labels, roots, output.dir, out, text_key, id_key, stats)

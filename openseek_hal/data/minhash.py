@@ -6,17 +6,20 @@ see ``text.TOKEN``), 64-bit hashes, seed 1; the LSH layout is chosen for a Jacca
 themselves are ours, so the signatures are not bit-identical to datatrove's.
 
 The hot path is the whole batch at once: the texts are joined, normalized as one UTF-32 array, token
-boundaries come from comparisons on that array, and each shingle's hash is a polynomial hash of its
-character span read off a prefix-sum (``(H[e] - H[s-1]) * P^-s`` mod 2^64), finished with the
-splitmix64 mixer. The signature is ``min over shingles of (a_j * h + b_j) mod 2^64`` for bands x rows odd
-``a_j``, taken per document with ``np.minimum.reduceat``. No Python loop runs per token or shingle.
-A C++ loop would do the same arithmetic; with the layout below numpy runs it at about 750M
-hash-permutations per second on one core, so no native extension is built.
+boundaries come from comparisons on that array, the tokens are laid out again each followed by one space (so a
+shingle is its tokens joined by spaces, as datatrove joins them, whatever separated them in the text), and
+each shingle's hash is a polynomial hash of its character span read off a prefix-sum (``(H[e] - H[s-1]) *
+P^-s`` mod 2^64), finished with the splitmix64 mixer. The signature is ``min over shingles of (a_j * h + b_j)
+mod 2^64`` for bands x rows odd ``a_j``, taken per document with ``np.minimum.reduceat``. No Python loop runs
+per token or shingle. A C++ loop would do the same arithmetic; with the layout below numpy runs it at about
+750M hash-permutations per second on one core, so no native extension is built.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -27,6 +30,7 @@ _P = 0x9E3779B97F4A7C15  # odd, so invertible mod 2^64
 _P_INV = pow(_P, -1, 1 << 64)
 _SEP = 1  # code point joining documents in a batch; normalize() never emits it (it is a control char)
 _CHUNK = 8192  # shingles per signature block: 112 x 8192 x 8 bytes = 7 MiB
+SKETCH_PAD = np.uint32(0xFFFFFFFF)  # fills a bottom-k sketch row past the document's last shingle
 
 
 def _nospace_table() -> np.ndarray:
@@ -64,13 +68,22 @@ def _powers(base: int, n: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class MinHashConfig:
-    """Shingles and LSH layout. The default layout is what ``optimal_lsh_params()`` chooses for Jaccard
-    0.8 within 112 permutations with recall at least 0.99 there (datatrove's is 14 x 8)."""
+    """Shingles, LSH layout and candidate verification. The default layout is what ``optimal_lsh_params()``
+    chooses for Jaccard 0.8 within 112 permutations with recall at least 0.99 there (datatrove's is 14 x 8).
+
+    ``verify_threshold`` None links every LSH candidate pair as is; a number keeps a candidate pair only
+    if its Jaccard, computed from the two documents' bottom-``sketch_size`` sketches (``sketch_jaccard``),
+    is at least the threshold (exact sketches) or the threshold minus ``verify_margin`` (sampled ones).
+    The default margin is ``verify_margin(0.8, 256, 0.99)``.
+    """
 
     n_grams: int = 5
     num_bands: int = 16
     rows_per_band: int = 6
     seed: int = 1
+    verify_threshold: float | None = 0.8
+    sketch_size: int = 256
+    verify_margin: float = 0.05816
 
     @property
     def num_perm(self) -> int:
@@ -95,7 +108,7 @@ class MinHasher:
         joined = "\x01".join(texts) + "\x01"
         if joined.count("\x01") != len(texts):  # the separator inside a text would shift documents
             joined = "\x01".join(t.replace("\x01", " ") for t in texts) + "\x01"
-        c = normalize_codes(joined)
+        c = normalized = normalize_codes(joined)
         space = (c == 0x20) | (c == _SEP)
         nospace = _NOSPACE_TABLE[np.minimum(c, len(_NOSPACE_TABLE) - 1)]
         prev_space = np.concatenate(([True], space[:-1]))
@@ -118,7 +131,14 @@ class MinHasher:
         e_tok = np.concatenate((k[full] + n - 1, tok_first[short_docs] + tok_count[short_docs] - 1))
         order = np.argsort(s_tok, kind="stable")
         s_tok, e_tok = s_tok[order], e_tok[order]
-        s_char, e_char = starts[s_tok], ends[e_tok]
+        # Hash the tokens joined by one space, whatever separated them (nothing between Han characters,
+        # a space left by punctuation): the text is rebuilt as its tokens, each followed by a space.
+        is_end = np.zeros(len(c), dtype=bool)
+        is_end[ends] = True
+        newpos = np.cumsum(word) - word + np.cumsum(is_end) - is_end
+        c = np.full(int(word.sum()) + len(ends), 0x20, dtype=c.dtype)
+        c[newpos[word]] = normalized[word]
+        s_char, e_char = newpos[starts[s_tok]], newpos[ends[e_tok]]
         powers, inv_powers = _powers(_P, len(c)), _powers(_P_INV, len(c))
         prefix = np.cumsum(c.astype(np.uint64) * powers)
         before = np.where(s_char > 0, prefix[np.maximum(s_char - 1, 0)], np.uint64(0))
@@ -130,18 +150,7 @@ class MinHasher:
         h, doc, tok_count = self.shingle_hashes(texts)
         # Permutations along rows and shingles along columns: reduceat then runs over contiguous memory,
         # about 9x faster than the transposed layout; blocks of _CHUNK columns stay in cache.
-        sig = np.full((self.config.num_perm, len(texts)), np.iinfo(np.uint64).max, dtype=np.uint64)
-        block = np.empty((self.config.num_perm, min(_CHUNK, len(h))), dtype=np.uint64)
-        a, b = self.a[:, None], self.b[:, None]
-        for lo in range(0, len(h), _CHUNK):
-            hc, dc = h[lo : lo + _CHUNK], doc[lo : lo + _CHUNK]
-            m = block[:, : len(hc)]
-            np.multiply(a, hc[None, :], out=m)
-            np.add(m, b, out=m)
-            seg = np.flatnonzero(np.concatenate(([True], dc[1:] != dc[:-1])))
-            rows = dc[seg]
-            sig[:, rows] = np.minimum(sig[:, rows], np.minimum.reduceat(m, seg, axis=1))
-        return np.ascontiguousarray(sig.T), tok_count == 0
+        return self._signatures_of(h, doc, len(texts)), tok_count == 0
 
     def band_keys(self, sig: np.ndarray) -> np.ndarray:
         """(docs, num_bands) uint64: one hash of each band's rows; equal keys make LSH candidates."""
@@ -155,6 +164,81 @@ class MinHasher:
         """Band keys of raw texts, and which texts are empty after normalization (never candidates)."""
         sig, empty = self.signatures(texts)
         return self.band_keys(sig), empty
+
+    def keys_and_sketches(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``keys_for`` plus each text's bottom-k sketch (``sketch_size`` columns; None when verification
+        is off), from one pass over the shingles."""
+        h, doc, tok_count = self.shingle_hashes(texts)
+        sig = self._signatures_of(h, doc, len(texts))
+        sketches = sketch_rows(h, doc, len(texts), self.config.sketch_size) if self.config.verify_threshold else None
+        return self.band_keys(sig), tok_count == 0, sketches
+
+    def _signatures_of(self, h: np.ndarray, doc: np.ndarray, n: int) -> np.ndarray:
+        sig = np.full((self.config.num_perm, n), np.iinfo(np.uint64).max, dtype=np.uint64)
+        block = np.empty((self.config.num_perm, min(_CHUNK, len(h))), dtype=np.uint64)
+        a, b = self.a[:, None], self.b[:, None]
+        for lo in range(0, len(h), _CHUNK):
+            hc, dc = h[lo : lo + _CHUNK], doc[lo : lo + _CHUNK]
+            m = block[:, : len(hc)]
+            np.multiply(a, hc[None, :], out=m)
+            np.add(m, b, out=m)
+            seg = np.flatnonzero(np.concatenate(([True], dc[1:] != dc[:-1])))
+            rows = dc[seg]
+            sig[:, rows] = np.minimum(sig[:, rows], np.minimum.reduceat(m, seg, axis=1))
+        return np.ascontiguousarray(sig.T)
+
+
+# -- candidate verification ---------------------------------------------------------------------------------
+
+
+def sketch_rows(h: np.ndarray, doc: np.ndarray, n: int, k: int) -> np.ndarray:
+    """(n, k) uint32 bottom-k sketches: per document the ``k`` smallest distinct values of the top 32 bits
+    of its shingle hashes, ascending, padded with ``SKETCH_PAD`` (a document with fewer than ``k``
+    distinct shingles has its whole set there). A real value 0xFFFFFFFF is stored as 0xFFFFFFFE."""
+    v = np.minimum(h >> np.uint64(32), np.uint64(0xFFFFFFFE))
+    key = np.sort((doc.astype(np.uint64) << np.uint64(32)) | v)  # np.unique hashes first: 4x slower here
+    key = key[np.concatenate(([True], key[1:] != key[:-1]))] if len(key) else key
+    d = (key >> np.uint64(32)).astype(np.int64)
+    rank = np.arange(len(key)) - np.searchsorted(d, np.arange(n))[d]
+    keep = rank < k
+    out = np.full((n, k), SKETCH_PAD, dtype=np.uint32)
+    out[d[keep], rank[keep]] = (key[keep] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    return out
+
+
+def sketch_jaccard(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row-wise Jaccard of two stacks of bottom-k sketches: (shared, union, exact) per row.
+
+    Both rows complete (fewer than k values: the whole shingle sets): shared / union is the exact
+    Jaccard of the sets. Otherwise the k smallest distinct values of the two rows are the bottom-k of
+    the union of the sets, a uniform sample of k of its elements; ``shared`` counts those in both
+    sketches: hypergeometric, mean ``k * J``, standard deviation at most ``sqrt(k * J * (1 - J))``.
+    """
+    k = a.shape[1]
+    cat = np.sort(np.concatenate((a, b), axis=1), axis=1)
+    valid = cat != SKETCH_PAD
+    new = np.ones(cat.shape, dtype=bool)
+    new[:, 1:] = cat[:, 1:] != cat[:, :-1]
+    exact = (a[:, -1] == SKETCH_PAD) & (b[:, -1] == SKETCH_PAD)
+    rank = np.cumsum(new & valid, axis=1, dtype=np.int32)
+    within = valid & ((rank <= k) | exact[:, None])
+    return (within & ~new).sum(axis=1), (within & new).sum(axis=1), exact
+
+
+def verify_margin(threshold: float, sketch_size: int, recall: float = 0.99) -> float:
+    """How far below ``threshold`` a sampled sketch estimate may fall and still be kept:
+    ``z * sqrt(t * (1 - t) / k)`` with ``z`` the standard normal quantile of ``recall``, so a pair at
+    Jaccard ``t`` (or above: the deviation shrinks there) passes with probability at least ``recall``."""
+    if recall <= 0.5:
+        return 0.0
+    return NormalDist().inv_cdf(recall) * math.sqrt(threshold * (1.0 - threshold) / sketch_size)
+
+
+def accept_pairs(a: np.ndarray, b: np.ndarray, threshold: float, margin: float) -> np.ndarray:
+    """Which rows' sketches pass verification (see ``MinHashConfig``)."""
+    shared, union, exact = sketch_jaccard(a, b)
+    need = np.where(exact, threshold, threshold - margin) * union
+    return (union > 0) & (shared >= need - 1e-9)
 
 
 def candidate_probability(s: float | np.ndarray, bands: int, rows: int) -> np.ndarray:
