@@ -40,12 +40,25 @@ LOG2E = 1.4426950408889634
 
 # -- forward ------------------------------------------------------------------------------------------
 
+# INTERP_BF16 is set only for bfloat16 inputs under Triton's interpreter (Triton 3.9), which has two
+# bfloat16 bugs: its tl.dot multiplies bf16 operands as their raw 16-bit integers (numpy has no
+# bfloat16), and its fp32 -> bf16 cast truncates where the GPU rounds to nearest even (a bias that
+# the rounded P and dS of a flash backward sum up). With the flag the kernels do what the GPU does:
+# the same bf16 products in float32 (exact), accumulated in fp32, and round-to-nearest-even casts.
+# On a GPU the flag is off and the code is the plain tl.dot / .to().
+
 @triton.jit
-def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST only under Triton's interpreter, whose tl.dot multiplies bfloat16 operands as their raw
-    # 16-bit integers (numpy has no bfloat16; Triton 3.9): the same products in float32, exactly
-    # (a product of two bf16 numbers is exact in fp32), accumulated in fp32 as the tensor cores do.
-    if UPCAST:
+def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    if INTERP_BF16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)  # now exactly a bf16 value: the truncating cast is exact
+    return x.to(dtype)
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+    if INTERP_BF16:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=PREC)
@@ -54,19 +67,19 @@ def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, SEG_ROW, rows, start_n, qk_scale, stride_ks, stride_vs, S, D_QK, D_V,
                CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
-               BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+               BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < S
     offs_a = tl.arange(0, DA)
     # K^T: [DA, BLOCK_N]
     kt_a = tl.load(K + cols[None, :] * stride_ks + offs_a[:, None], mask=col_ok[None, :] & (offs_a[:, None] < D_QK),
                    other=0.0)
-    qk = _mm(q_a, kt_a, PREC, UPCAST)
+    qk = _mm(q_a, kt_a, PREC, INTERP_BF16)
     if DB > 0:
         offs_b = DA + tl.arange(0, DB)
         kt_b = tl.load(K + cols[None, :] * stride_ks + offs_b[:, None],
                        mask=col_ok[None, :] & (offs_b[:, None] < D_QK), other=0.0)
-        qk += _mm(q_b, kt_b, PREC, UPCAST)
+        qk += _mm(q_b, kt_b, PREC, INTERP_BF16)
     qk = qk * qk_scale
     if CAUSAL:
         keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
@@ -84,7 +97,7 @@ def _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, SEG_ROW, rows, start_n, qk_scale, 
     offs_v = tl.arange(0, DVB)
     v = tl.load(V + cols[:, None] * stride_vs + offs_v[None, :], mask=col_ok[:, None] & (offs_v[None, :] < D_V),
                 other=0.0)
-    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
+    acc = acc * alpha[:, None] + _mm(_cast(p, v.dtype, INTERP_BF16), v, PREC, INTERP_BF16)
     return acc, l_i, m_new
 
 
@@ -94,7 +107,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEG, qk_scale,
               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
               H, S, D_QK, D_V,
               VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -125,14 +138,14 @@ def _attn_fwd(Q, K, V, O, LSE, SEG, qk_scale,
     # key blocks wholly left of the block's first row: no causal mask (BLOCK_M is a multiple of BLOCK_N)
     for start_n in range(lo, start_m, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, seg_row, rows, start_n, qk_scale, stride_ks,
-                                   stride_vs, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_N, PREC, UPCAST)
+                                   stride_vs, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_N, PREC, INTERP_BF16)
     # the diagonal blocks, masked
     for start_n in range(tl.maximum(lo, start_m), tl.minimum(start_m + BLOCK_M, S), BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, seg_row, rows, start_n, qk_scale, stride_ks,
-                                   stride_vs, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_N, PREC, UPCAST)
+                                   stride_vs, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_N, PREC, INTERP_BF16)
     o = acc / l_i[:, None]
     offs_v = tl.arange(0, DVB)
-    tl.store(O + rows[:, None] * stride_os + offs_v[None, :], o.to(O.dtype.element_ty),
+    tl.store(O + rows[:, None] * stride_os + offs_v[None, :], _cast(o, O.dtype.element_ty, INTERP_BF16),
              mask=row_ok[:, None] & (offs_v[None, :] < D_V))
     tl.store(LSE + bh * S + rows, m_i + tl.math.log2(l_i), mask=row_ok)
 
@@ -158,7 +171,7 @@ def _attn_bwd_pre(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, stri
 @triton.jit
 def _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m, qk_scale, stride_qs, stride_ds,
                 S, D_QK, D_V, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-                DVB: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                DVB: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < S
     offs_a = tl.arange(0, DA)
@@ -166,12 +179,12 @@ def _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start
     # Q^T: [DA, BLOCK_M]; rows past S load as zeros and contribute nothing
     qt_a = tl.load(Q + rows[None, :] * stride_qs + offs_a[:, None], mask=row_ok[None, :] & (offs_a[:, None] < D_QK),
                    other=0.0)
-    qkt = _mm(k_a, qt_a, PREC, UPCAST)
+    qkt = _mm(k_a, qt_a, PREC, INTERP_BF16)
     if DB > 0:
         offs_b = DA + tl.arange(0, DB)
         qt_b = tl.load(Q + rows[None, :] * stride_qs + offs_b[:, None],
                        mask=row_ok[None, :] & (offs_b[:, None] < D_QK), other=0.0)
-        qkt += _mm(k_b, qt_b, PREC, UPCAST)
+        qkt += _mm(k_b, qt_b, PREC, INTERP_BF16)
     else:
         qt_b = qt_a
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
@@ -185,13 +198,13 @@ def _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start
     pt = tl.where(keep, pt, 0.0)
     do = tl.load(DO + rows[:, None] * stride_ds + offs_v[None, :], mask=row_ok[:, None] & (offs_v[None, :] < D_V),
                  other=0.0)
-    dv += _mm(pt.to(do.dtype), do, PREC, UPCAST)
+    dv += _mm(_cast(pt, do.dtype, INTERP_BF16), do, PREC, INTERP_BF16)
     delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-    dpt = _mm(v, tl.trans(do), PREC, UPCAST)
-    dst = (pt * (dpt - delta[None, :])).to(qt_a.dtype)
-    dk_a += _mm(dst, tl.trans(qt_a), PREC, UPCAST)
+    dpt = _mm(v, tl.trans(do), PREC, INTERP_BF16)
+    dst = _cast(pt * (dpt - delta[None, :]), qt_a.dtype, INTERP_BF16)
+    dk_a += _mm(dst, tl.trans(qt_a), PREC, INTERP_BF16)
     if DB > 0:
-        dk_b += _mm(dst, tl.trans(qt_b), PREC, UPCAST)
+        dk_b += _mm(dst, tl.trans(qt_b), PREC, INTERP_BF16)
     return dk_a, dk_b, dv
 
 
@@ -202,7 +215,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, SEG, SEG_END, DK, DV, qk_scale, sm_s
                    stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
                    H, S, D_QK, D_V,
                    VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -238,38 +251,38 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, SEG, SEG_END, DK, DV, qk_scale, sm_s
     # the diagonal query blocks (BLOCK_N is a multiple of BLOCK_M), then the ones wholly below it
     for start_m in range(start_n, tl.minimum(start_n + BLOCK_N, hi), BLOCK_M):
         dk_a, dk_b, dv = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m, qk_scale,
-                                     stride_qs, stride_ds, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_M, PREC, UPCAST)
+                                     stride_qs, stride_ds, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_M, PREC, INTERP_BF16)
     for start_m in range(start_n + BLOCK_N, hi, BLOCK_M):
         dk_a, dk_b, dv = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m, qk_scale,
-                                     stride_qs, stride_ds, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_M, PREC, UPCAST)
+                                     stride_qs, stride_ds, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_M, PREC, INTERP_BF16)
     DK += b * stride_dkb + h * stride_dkh
     DV += b * stride_dvb + h * stride_dvh
-    tl.store(DV + cols[:, None] * stride_dvs + offs_v[None, :], dv.to(DV.dtype.element_ty),
+    tl.store(DV + cols[:, None] * stride_dvs + offs_v[None, :], _cast(dv, DV.dtype.element_ty, INTERP_BF16),
              mask=col_ok[:, None] & (offs_v[None, :] < D_V))
-    tl.store(DK + cols[:, None] * stride_dks + offs_a[None, :], (dk_a * sm_scale).to(DK.dtype.element_ty),
+    tl.store(DK + cols[:, None] * stride_dks + offs_a[None, :], _cast(dk_a * sm_scale, DK.dtype.element_ty, INTERP_BF16),
              mask=col_ok[:, None] & (offs_a[None, :] < D_QK))
     if DB > 0:
         offs_b = DA + tl.arange(0, DB)
-        tl.store(DK + cols[:, None] * stride_dks + offs_b[None, :], (dk_b * sm_scale).to(DK.dtype.element_ty),
+        tl.store(DK + cols[:, None] * stride_dks + offs_b[None, :], _cast(dk_b * sm_scale, DK.dtype.element_ty, INTERP_BF16),
                  mask=col_ok[:, None] & (offs_b[None, :] < D_QK))
 
 
 @triton.jit
 def _dq_block(dq_a, dq_b, q_a, q_b, do, lse, delta, K, V, SEG_ROW, rows, start_n, qk_scale, stride_ks, stride_vs,
               S, D_QK, D_V, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-              DVB: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+              DVB: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < S
     offs_a = tl.arange(0, DA)
     offs_v = tl.arange(0, DVB)
     k_a = tl.load(K + cols[:, None] * stride_ks + offs_a[None, :], mask=col_ok[:, None] & (offs_a[None, :] < D_QK),
                   other=0.0)
-    qk = _mm(q_a, tl.trans(k_a), PREC, UPCAST)
+    qk = _mm(q_a, tl.trans(k_a), PREC, INTERP_BF16)
     if DB > 0:
         offs_b = DA + tl.arange(0, DB)
         k_b = tl.load(K + cols[:, None] * stride_ks + offs_b[None, :],
                       mask=col_ok[:, None] & (offs_b[None, :] < D_QK), other=0.0)
-        qk += _mm(q_b, tl.trans(k_b), PREC, UPCAST)
+        qk += _mm(q_b, tl.trans(k_b), PREC, INTERP_BF16)
     else:
         k_b = k_a
     p = tl.math.exp2(qk * qk_scale - lse[:, None])
@@ -282,11 +295,11 @@ def _dq_block(dq_a, dq_b, q_a, q_b, do, lse, delta, K, V, SEG_ROW, rows, start_n
         p = tl.where(cols[None, :] >= SEG_ROW[:, None], p, 0.0)
     vt = tl.load(V + cols[None, :] * stride_vs + offs_v[:, None], mask=col_ok[None, :] & (offs_v[:, None] < D_V),
                  other=0.0)
-    dp = _mm(do, vt, PREC, UPCAST)
-    ds = (p * (dp - delta[:, None])).to(k_a.dtype)
-    dq_a += _mm(ds, k_a, PREC, UPCAST)
+    dp = _mm(do, vt, PREC, INTERP_BF16)
+    ds = _cast(p * (dp - delta[:, None]), k_a.dtype, INTERP_BF16)
+    dq_a += _mm(ds, k_a, PREC, INTERP_BF16)
     if DB > 0:
-        dq_b += _mm(ds, k_b, PREC, UPCAST)
+        dq_b += _mm(ds, k_b, PREC, INTERP_BF16)
     return dq_a, dq_b
 
 
@@ -297,7 +310,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, SEG, DQ, qk_scale, sm_scale,
                  stride_dqb, stride_dqh, stride_dqs,
                  H, S, D_QK, D_V,
                  VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -332,16 +345,16 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, SEG, DQ, qk_scale, sm_scale,
         lo = (tl.load(SEG + b * S + start_m) // BLOCK_N) * BLOCK_N
     for start_n in range(lo, start_m, BLOCK_N):
         dq_a, dq_b = _dq_block(dq_a, dq_b, q_a, q_b, do, lse, delta, K, V, seg_row, rows, start_n, qk_scale,
-                               stride_ks, stride_vs, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_N, PREC, UPCAST)
+                               stride_ks, stride_vs, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_N, PREC, INTERP_BF16)
     for start_n in range(tl.maximum(lo, start_m), tl.minimum(start_m + BLOCK_M, S), BLOCK_N):
         dq_a, dq_b = _dq_block(dq_a, dq_b, q_a, q_b, do, lse, delta, K, V, seg_row, rows, start_n, qk_scale,
-                               stride_ks, stride_vs, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_N, PREC, UPCAST)
+                               stride_ks, stride_vs, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_N, PREC, INTERP_BF16)
     DQ += b * stride_dqb + h * stride_dqh
-    tl.store(DQ + rows[:, None] * stride_dqs + offs_a[None, :], (dq_a * sm_scale).to(DQ.dtype.element_ty),
+    tl.store(DQ + rows[:, None] * stride_dqs + offs_a[None, :], _cast(dq_a * sm_scale, DQ.dtype.element_ty, INTERP_BF16),
              mask=row_ok[:, None] & (offs_a[None, :] < D_QK))
     if DB > 0:
         offs_b = DA + tl.arange(0, DB)
-        tl.store(DQ + rows[:, None] * stride_dqs + offs_b[None, :], (dq_b * sm_scale).to(DQ.dtype.element_ty),
+        tl.store(DQ + rows[:, None] * stride_dqs + offs_b[None, :], _cast(dq_b * sm_scale, DQ.dtype.element_ty, INTERP_BF16),
                  mask=row_ok[:, None] & (offs_b[None, :] < D_QK))
 
 
@@ -378,7 +391,7 @@ def _interpreted() -> bool:
 
 def _dot_options(q: torch.Tensor) -> dict[str, object]:
     """fp32 inputs: full-precision ``tl.dot`` (never tf32); bf16 under the interpreter: see `_mm`."""
-    return dict(PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=_interpreted() and q.dtype == torch.bfloat16)
+    return dict(PREC="ieee" if q.dtype == torch.float32 else "tf32", INTERP_BF16=_interpreted() and q.dtype == torch.bfloat16)
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
