@@ -62,8 +62,8 @@ class FlagGemsBackend(CUDABackend):
     priority = 50  # below cuda: a user picks FlagGems explicitly
     # cuda's attention (flag-gems' own is not used; SDPA where it is timed faster), hence its declared
     # nondeterminism; then what flag-gems 5.0.2 computes in float32 for float64 inputs, by check, as
-    # measured on an H200 and again on an H100 (docs/conformance/h100/conform-flaggems.json): everything else passes; the
-    # samples that pass anyway are empty or of two elements (xpass in the report)
+    # measured on an H200 and again on an H100 (docs/conformance/h100/conform-flaggems.json):
+    # everything else passes; the samples that pass anyway are empty or of two elements (xpass in the report)
     expected_failures = tuple(f for f in CUDABackend.expected_failures if f.op == "causal_attention") + tuple(
         ExpectedFailure(op, _FP32_MATH, torch.float64, check)
         for op, check in (("rms_norm", "backward"), ("silu_and_mul", "forward"), ("silu_and_mul", "backward"),

@@ -86,7 +86,8 @@ def _samples(dtype, device, gen):
                               (1, 130, 192, 128, [0, 5, 64, 65, 100, 130])]:
         q, k = (randn(b, 2, s, dqk, dtype=dtype, device=device, generator=gen) for _ in range(2))
         v = randn(b, 2, s, dv, dtype=dtype, device=device, generator=gen)
-        yield Sample((q, k, v), {"scale": dqk ** -0.5, "cu_seqlens": torch.tensor(cu, dtype=torch.int32, device=device)},
+        cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
+        yield Sample((q, k, v), {"scale": dqk ** -0.5, "cu_seqlens": cu_seqlens},
                      f"B{b}H2S{s}Dqk{dqk}Dv{dv}:cu_seqlens{len(cu) - 1}", max(s, dqk, dv))
     # the model's layout: (B, H, S, D) views of (B, S, H, D) projections; v a slice of a wider k|v tensor
     kv = randn(2, 24, 3, 48 + 32, dtype=dtype, device=device, generator=gen)

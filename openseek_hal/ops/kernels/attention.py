@@ -102,7 +102,7 @@ def _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, SEG_ROW, rows, start_n, qk_scale, 
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, SEG, qk_scale,
+def _attn_fwd(Q, K, V, OUT, LSE, SEG, qk_scale,
               stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
               H, S, D_QK, D_V,
@@ -115,7 +115,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEG, qk_scale,
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    O += b * stride_ob + h * stride_oh
+    OUT += b * stride_ob + h * stride_oh
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < S
     offs_a = tl.arange(0, DA)
@@ -145,7 +145,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEG, qk_scale,
                                    stride_vs, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_N, PREC, INTERP_BF16)
     o = acc / l_i[:, None]
     offs_v = tl.arange(0, DVB)
-    tl.store(O + rows[:, None] * stride_os + offs_v[None, :], _cast(o, O.dtype.element_ty, INTERP_BF16),
+    tl.store(OUT + rows[:, None] * stride_os + offs_v[None, :], _cast(o, OUT.dtype.element_ty, INTERP_BF16),
              mask=row_ok[:, None] & (offs_v[None, :] < D_V))
     tl.store(LSE + bh * S + rows, m_i + tl.math.log2(l_i), mask=row_ok)
 
@@ -153,7 +153,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEG, qk_scale,
 # -- backward -----------------------------------------------------------------------------------------
 
 @triton.jit
-def _attn_bwd_pre(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds, H, S, D_V,
+def _attn_bwd_pre(OUT, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds, H, S, D_V,
                   DVB: tl.constexpr, BLOCK_M: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -161,7 +161,7 @@ def _attn_bwd_pre(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, stri
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_v = tl.arange(0, DVB)
     mask = (rows[:, None] < S) & (offs_v[None, :] < D_V)
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_v[None, :], mask=mask,
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_v[None, :], mask=mask,
                 other=0.0).to(tl.float32)
     do = tl.load(DO + b * stride_db + h * stride_dh + rows[:, None] * stride_ds + offs_v[None, :], mask=mask,
                  other=0.0).to(tl.float32)
@@ -251,19 +251,23 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, SEG, SEG_END, DK, DV, qk_scale, sm_s
     # the diagonal query blocks (BLOCK_N is a multiple of BLOCK_M), then the ones wholly below it
     for start_m in range(start_n, tl.minimum(start_n + BLOCK_N, hi), BLOCK_M):
         dk_a, dk_b, dv = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m, qk_scale,
-                                     stride_qs, stride_ds, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_M, PREC, INTERP_BF16)
+                                     stride_qs, stride_ds, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_M, PREC,
+                                     INTERP_BF16)
     for start_m in range(start_n + BLOCK_N, hi, BLOCK_M):
         dk_a, dk_b, dv = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m, qk_scale,
-                                     stride_qs, stride_ds, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_M, PREC, INTERP_BF16)
+                                     stride_qs, stride_ds, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_M, PREC,
+                                     INTERP_BF16)
     DK += b * stride_dkb + h * stride_dkh
     DV += b * stride_dvb + h * stride_dvh
     tl.store(DV + cols[:, None] * stride_dvs + offs_v[None, :], _cast(dv, DV.dtype.element_ty, INTERP_BF16),
              mask=col_ok[:, None] & (offs_v[None, :] < D_V))
-    tl.store(DK + cols[:, None] * stride_dks + offs_a[None, :], _cast(dk_a * sm_scale, DK.dtype.element_ty, INTERP_BF16),
+    tl.store(DK + cols[:, None] * stride_dks + offs_a[None, :],
+                 _cast(dk_a * sm_scale, DK.dtype.element_ty, INTERP_BF16),
              mask=col_ok[:, None] & (offs_a[None, :] < D_QK))
     if DB > 0:
         offs_b = DA + tl.arange(0, DB)
-        tl.store(DK + cols[:, None] * stride_dks + offs_b[None, :], _cast(dk_b * sm_scale, DK.dtype.element_ty, INTERP_BF16),
+        tl.store(DK + cols[:, None] * stride_dks + offs_b[None, :],
+                 _cast(dk_b * sm_scale, DK.dtype.element_ty, INTERP_BF16),
                  mask=col_ok[:, None] & (offs_b[None, :] < D_QK))
 
 
@@ -345,16 +349,20 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, SEG, DQ, qk_scale, sm_scale,
         lo = (tl.load(SEG + b * S + start_m) // BLOCK_N) * BLOCK_N
     for start_n in range(lo, start_m, BLOCK_N):
         dq_a, dq_b = _dq_block(dq_a, dq_b, q_a, q_b, do, lse, delta, K, V, seg_row, rows, start_n, qk_scale,
-                               stride_ks, stride_vs, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_N, PREC, INTERP_BF16)
+                               stride_ks, stride_vs, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_N, PREC,
+                               INTERP_BF16)
     for start_n in range(tl.maximum(lo, start_m), tl.minimum(start_m + BLOCK_M, S), BLOCK_N):
         dq_a, dq_b = _dq_block(dq_a, dq_b, q_a, q_b, do, lse, delta, K, V, seg_row, rows, start_n, qk_scale,
-                               stride_ks, stride_vs, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_N, PREC, INTERP_BF16)
+                               stride_ks, stride_vs, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_N, PREC,
+                               INTERP_BF16)
     DQ += b * stride_dqb + h * stride_dqh
-    tl.store(DQ + rows[:, None] * stride_dqs + offs_a[None, :], _cast(dq_a * sm_scale, DQ.dtype.element_ty, INTERP_BF16),
+    tl.store(DQ + rows[:, None] * stride_dqs + offs_a[None, :],
+                 _cast(dq_a * sm_scale, DQ.dtype.element_ty, INTERP_BF16),
              mask=row_ok[:, None] & (offs_a[None, :] < D_QK))
     if DB > 0:
         offs_b = DA + tl.arange(0, DB)
-        tl.store(DQ + rows[:, None] * stride_dqs + offs_b[None, :], _cast(dq_b * sm_scale, DQ.dtype.element_ty, INTERP_BF16),
+        tl.store(DQ + rows[:, None] * stride_dqs + offs_b[None, :],
+                 _cast(dq_b * sm_scale, DQ.dtype.element_ty, INTERP_BF16),
                  mask=row_ok[:, None] & (offs_b[None, :] < D_QK))
 
 
@@ -378,8 +386,8 @@ def _config(dqk: int, dv: int, interpreted: bool) -> dict[str, int]:
     if interpreted:
         return dict(fwd_m=32, fwd_n=16, kv_n=32, kv_m=16, dq_m=32, dq_n=16, warps=1, stages=1)
     big = max(dqk, dv) > 128
-    return dict(fwd_m=128 if not big else 64, fwd_n=64, kv_n=64, kv_m=32 if big else 64, dq_m=64, dq_n=32 if big else 64,
-                warps=8 if big else 4, stages=2 if big else 3)
+    return dict(fwd_m=64 if big else 128, fwd_n=64, kv_n=64, kv_m=32 if big else 64, dq_m=64,
+                dq_n=32 if big else 64, warps=8 if big else 4, stages=2 if big else 3)
 
 
 def _interpreted() -> bool:
@@ -391,7 +399,8 @@ def _interpreted() -> bool:
 
 def _dot_options(q: torch.Tensor) -> dict[str, object]:
     """fp32 inputs: full-precision ``tl.dot`` (never tf32); bf16 under the interpreter: see `_mm`."""
-    return dict(PREC="ieee" if q.dtype == torch.float32 else "tf32", INTERP_BF16=_interpreted() and q.dtype == torch.bfloat16)
+    return dict(PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                INTERP_BF16=_interpreted() and q.dtype == torch.bfloat16)
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
@@ -492,7 +501,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
                      cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Flash attention with the `openseek_hal.ops.attention.causal_attention` contract (see the module doc)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"causal_attention takes (batch, heads, seq, dim) tensors, got {q.dim()}/{k.dim()}/{v.dim()} dims")
+        raise ValueError(f"causal_attention takes (batch, heads, seq, dim) tensors, got {q.dim()}/{k.dim()}/{v.dim()} "
+                         "dims")
     if q.shape[:3] != k.shape[:3] or q.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"causal_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match "
                          "(this kernel needs the same batch, heads and sequence for all three)")
