@@ -123,8 +123,8 @@ def test_attention_kernel_tiles_fit_the_loops():
 
     attention = importlib.import_module("openseek_hal.ops.kernels.attention")
     for dqk, dv in ((192, 128), (128, 128), (64, 64), (256, 256), (24, 16)):
-        for interpreted in (False, True):
-            c = attention._config(dqk, dv, interpreted)
+        for interpreted, fp32 in ((False, False), (False, True), (True, False)):
+            c = attention._config(dqk, dv, interpreted, fp32)
             assert c["fwd_m"] % c["fwd_n"] == 0 and c["dq_m"] % c["dq_n"] == 0 and c["kv_n"] % c["kv_m"] == 0
             assert min(c["fwd_m"], c["fwd_n"], c["kv_m"], c["kv_n"], c["dq_m"], c["dq_n"]) >= 16
     assert [attention.split_head_dim(d) for d in (8, 16, 24, 40, 64, 80, 128, 192, 256)] == [
@@ -141,3 +141,35 @@ def test_attention_cu_seqlens_are_checked_by_the_reference():
             causal_attention(q, q, q, None, torch.tensor(bad))
     # one document per row is plain causal attention
     torch.testing.assert_close(causal_attention(q, q, q, None, torch.tensor([0, 4, 8])), causal_attention(q, q, q))
+
+
+def test_attention_kernels_compile_for_h100(monkeypatch):
+    """The interpreter does not run Triton's GPU compiler: compile every attention kernel for sm_90
+    (H100/H200) with the installed Triton, as the cuda backend launches them, and check each fits the
+    227 KiB of shared memory a block may have there. No GPU needed (ptxas ships in Triton's wheel)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    from openseek_hal.ops.kernel_loader import interpreter_enabled
+
+    if interpreter_enabled():
+        pytest.skip("TRITON_INTERPRET is set for the whole process: there are no compiled kernels to build")
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "ptxas").exists() or not (tools / "cuobjdump").exists():
+        pytest.skip("this Triton has no NVIDIA toolchain")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ops" / "attention_sm90_resources.py"
+    spec = importlib.util.spec_from_file_location("attention_sm90_resources", path)
+    resources = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = resources
+    spec.loader.exec_module(resources)
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+    for dtype, varlen in (("bf16", False), ("bf16", True), ("fp32", False)):
+        for name, fn, consts, pointers, warps, stages in resources.kernels_for(192, 128, varlen, dtype):
+            kernel = resources.compile_kernel(fn, consts, pointers, warps, stages)
+            assert kernel.metadata.shared <= 227 * 1024, (dtype, name, kernel.metadata.shared)
+            if dtype == "bf16" and name in ("fwd", "bwd_dq"):  # the tensor-core path, no register spills
+                usage = resources.resources(kernel)
+                assert "STACK:0" in usage and "wgmma" in usage, (name, usage)

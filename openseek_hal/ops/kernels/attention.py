@@ -380,14 +380,27 @@ def split_head_dim(d: int) -> tuple[int, int]:
     return a, max(16, triton.next_power_of_2(d - a))
 
 
-def _config(dqk: int, dv: int, interpreted: bool) -> dict[str, int]:
-    """Block sizes and warps. GPU: Hopper-sized tiles (not tuned on hardware yet, see docs/ops.md);
-    interpreter: small tiles so that short test sequences still cross several blocks."""
-    if interpreted:
-        return dict(fwd_m=32, fwd_n=16, kv_n=32, kv_m=16, dq_m=32, dq_n=16, warps=1, stages=1)
-    big = max(dqk, dv) > 128
-    return dict(fwd_m=64 if big else 128, fwd_n=64, kv_n=64, kv_m=32 if big else 64, dq_m=64,
-                dq_n=32 if big else 64, warps=8 if big else 4, stages=2 if big else 3)
+def _config(dqk: int, dv: int, interpreted: bool, fp32: bool = False) -> dict[str, int]:
+    """Tile sizes, warps and pipeline stages per kernel (``fwd_*``: forward, ``kv_*``: dK/dV, ``dq_*``: dQ).
+
+    GPU: chosen for sm_90 by compiling every candidate with Triton 3.9 for an H100 target without a GPU
+    and reading the cubins' register and spill counts (``cuobjdump --dump-resource-usage``): the largest
+    tiles that do not spill, or spill least (MLA's 192-wide dK/dV spills a few bytes in every tiling
+    tried). Not yet timed on a GPU: see docs/ops.md. float32 (``ieee`` dots run on the CUDA cores, not
+    the tensor cores: for checks, not for speed) needs small tiles, or the forward alone would ask for
+    290 KiB of shared memory. Interpreter: small tiles, so that the short test sequences still cross
+    several blocks (and BLOCK_M != BLOCK_N)."""
+    if interpreted or fp32:
+        warps, stages = (1, 1) if interpreted else (4, 2)
+        return dict(fwd_m=32, fwd_n=16, fwd_warps=warps, fwd_stages=stages, kv_n=32, kv_m=16, kv_warps=warps,
+                    kv_stages=stages, dq_m=32, dq_n=16, dq_warps=warps, dq_stages=stages)
+    widest = max(dqk, dv)
+    fwd = dict(fwd_m=128, fwd_n=64, fwd_warps=8, fwd_stages=3)
+    if widest > 128:  # MLA 192/128: dK/dV spills 16 bytes at 32x32 (272 at 64x32); dQ none at 64x16
+        return dict(fwd, kv_n=32, kv_m=32, kv_warps=8, kv_stages=2, dq_m=64, dq_n=16, dq_warps=8, dq_stages=2)
+    if widest > 64:
+        return dict(fwd, kv_n=64, kv_m=32, kv_warps=8, kv_stages=2, dq_m=64, dq_n=32, dq_warps=8, dq_stages=2)
+    return dict(fwd, kv_n=128, kv_m=32, kv_warps=8, kv_stages=2, dq_m=128, dq_n=32, dq_warps=8, dq_stages=2)
 
 
 def _interpreted() -> bool:
@@ -440,12 +453,12 @@ def _forward(q, k, v, scale, seg):
         return o, lse
     da, db = split_head_dim(dqk)
     dvb = max(16, triton.next_power_of_2(dv))
-    cfg, prec = _config(dqk, dv, _interpreted()), _dot_options(q)
+    cfg, prec = _config(dqk, dv, _interpreted(), q.dtype == torch.float32), _dot_options(q)
     grid = (triton.cdiv(s, cfg["fwd_m"]), b * h)
     _attn_fwd[grid](q, k, v, o, lse, seg if seg is not None else lse, scale * LOG2E,
                     *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], h, s, dqk, dv,
                     VARLEN=seg is not None, DA=da, DB=db, DVB=dvb, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"],
-                    **prec, num_warps=cfg["warps"], num_stages=cfg["stages"])
+                    **prec, num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
     return o, lse
 
 
@@ -458,21 +471,23 @@ def _backward(do, q, k, v, o, lse, scale, seg, seg_end):
     do = _unit_last(do)
     da, db = split_head_dim(dqk)
     dvb = max(16, triton.next_power_of_2(dv_dim))
-    cfg, prec = _config(dqk, dv_dim, _interpreted()), _dot_options(q)
+    cfg, prec = _config(dqk, dv_dim, _interpreted(), q.dtype == torch.float32), _dot_options(q)
     delta = torch.empty(b * h, s, dtype=torch.float32, device=q.device)
     _attn_bwd_pre[(triton.cdiv(s, 64), b * h)](o, do, delta, *o.stride()[:3], *do.stride()[:3], h, s, dv_dim,
                                                 DVB=dvb, BLOCK_M=64)
     varlen = seg is not None
     seg_arg = seg if varlen else lse
-    common = dict(VARLEN=varlen, DA=da, DB=db, DVB=dvb, **prec, num_warps=cfg["warps"], num_stages=cfg["stages"])
+    common = dict(VARLEN=varlen, DA=da, DB=db, DVB=dvb, **prec)
     _attn_bwd_dkdv[(triton.cdiv(s, cfg["kv_n"]), b * h)](
         q, k, v, do, lse, delta, seg_arg, seg_end if varlen else lse, dk, dv, scale * LOG2E, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        h, s, dqk, dv_dim, BLOCK_M=cfg["kv_m"], BLOCK_N=cfg["kv_n"], **common)
+        h, s, dqk, dv_dim, BLOCK_M=cfg["kv_m"], BLOCK_N=cfg["kv_n"], num_warps=cfg["kv_warps"],
+        num_stages=cfg["kv_stages"], **common)
     _attn_bwd_dq[(triton.cdiv(s, cfg["dq_m"]), b * h)](
         q, k, v, do, lse, delta, seg_arg, dq, scale * LOG2E, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        h, s, dqk, dv_dim, BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], **common)
+        h, s, dqk, dv_dim, BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], num_warps=cfg["dq_warps"],
+        num_stages=cfg["dq_stages"], **common)
     return dq, dk, dv
 
 
