@@ -21,10 +21,12 @@
   the layout of the corresponding input's ``(B,H,S)`` dims (a ``(B,S,H,D)`` input gets a
   ``(B,S,H,D)``-backed result).
 * ``cu_seqlens``: int32/int64 ``[n_docs + 1]`` boundaries over the *flattened* ``B*S`` tokens
-  (``0 = cu[0] <= cu[1] <= ... <= cu[-1] = B*S``, as flash-attn's varlen API with one packed row,
-  or several rows whose documents never straddle a row). A token attends to the earlier tokens of
-  its own document only. The kernels get per token the start (and, for dK/dV, the end) of its
-  document within its row, and skip the key blocks before the document of a query block.
+  (``0 = cu[0] <= cu[1] <= ... <= cu[-1] = B*S``, flash-attn's varlen convention; with ``B = 1``
+  exactly its packed layout; a document that straddles two rows is cut at the row end). A token
+  attends to the earlier tokens of its own document only. The kernels get per token the start (and,
+  for dK/dV, the end) of its document within its row, computed on the device from ``cu_seqlens``
+  (no host sync, so the values are not checked here; the reference checks them), and skip the key
+  blocks before the document of a query block.
 """
 
 from __future__ import annotations
@@ -505,7 +507,6 @@ class FlashAttention(torch.autograd.Function):
         return o
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse, seg, seg_end = ctx.saved_tensors
         dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, seg, seg_end)
