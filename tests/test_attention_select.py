@@ -101,3 +101,40 @@ def test_cuda_backend_wraps_attention_in_the_selector():
     table = CUDABackend.native_ops(CUDABackend.__new__(CUDABackend))  # the op table needs no device
     sel = table["causal_attention"]
     assert isinstance(sel, FastestAttention) and list(sel.candidates) == ["triton", "sdpa"] and sel.varlen == {"triton"}
+
+
+def test_the_default_timer_runs_forward_and_backward_without_touching_the_global_rng(monkeypatch):
+    """`cuda_time_fwd_bwd` on the CPU, CUDA events replaced by a counter: inputs of the call's shape and
+    strides, a backward per step, and the global RNG left where it was."""
+    from openseek_hal.ops import attention_select
+
+    class FakeEvent:
+        clock = 0.0
+
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            FakeEvent.clock += 1.0
+            self.t = FakeEvent.clock
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    monkeypatch.setattr(attention_select.torch.cuda, "Event", FakeEvent)
+    seen = []
+
+    def impl(q, k, v, scale=None):
+        seen.append((q.shape, q.stride(), v.stride(), q.requires_grad))
+        return REF(q, k, v, scale)
+
+    q, k, v = (t.transpose(1, 2) for t in _qkv(b=1, h=5, s=3))  # non-contiguous views keep their strides
+    state = torch.get_rng_state()
+    with torch.no_grad():  # as a model called under no_grad: the timer still runs the backward
+        ms = attention_select.cuda_time_fwd_bwd(impl, q, k, v, 0.5, None, warmup=1, reps=3)
+    assert ms == 1.0 and len(seen) == 4
+    assert all(s == (q.shape, q.stride(), v.stride(), True) for s in seen)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -38,7 +38,9 @@ def _like(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Te
 def cuda_time_fwd_bwd(fn: Callable[..., Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       scale: float | None, cu_seqlens: torch.Tensor | None, warmup: int = 2, reps: int = 5) -> float:
     """Median milliseconds of ``fn``'s forward + backward on random inputs shaped like ``q, k, v`` (CUDA events)."""
-    q, k, v = _like(q), _like(k), _like(v)
+    # a private generator: timing must not move the global RNG (a training run stays reproducible)
+    gen = torch.Generator(device=q.device).manual_seed(0)
+    q, k, v = _like(q, gen), _like(k, gen), _like(v, gen)
     kwargs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
 
     def step() -> None:
