@@ -110,7 +110,8 @@ def _attn_fwd(Q, K, V, OUT, LSE, SEG, qk_scale,
               H, S, D_QK, D_V,
               VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+    # the longest rows first (causal: the last query block sees every key), so the short ones fill the tail
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -317,7 +318,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, SEG, DQ, qk_scale, sm_scale,
                  H, S, D_QK, D_V,
                  VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+    # the longest rows first (causal: the last query block sees every key), so the short ones fill the tail
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
