@@ -56,6 +56,26 @@ def test_interpreted_copy_leaves_compiled_kernels_alone():
     assert "TRITON_INTERPRET" not in __import__("os").environ
 
 
+def test_interpreted_launches_leave_triton_language_unpatched():
+    """Triton 3.9's interpreter patches ``tl.core``'s builtins again for every @jit function called
+    inside a kernel and never restores them; the loader does, or a kernel compiled for the GPU later
+    in the same process is built with the interpreter's semantics."""
+    import triton.language as tl
+    import triton.language.core as core
+
+    if kernel_loader.interpreter_enabled():
+        pytest.skip("the whole process runs under TRITON_INTERPRET=1: every kernel is interpreted")
+    interpreted = kernel_loader.load_kernels(interpret=True)
+    namespaces = (tl, core, tl.math, core.tensor)
+    before = [dict(vars(ns)) for ns in namespaces]
+    q = torch.randn(1, 1, 20, 24)
+    interpreted.KERNELS["causal_attention"](q, q, q)  # nested @jit helpers (_fwd_block, _mm, _cast)
+    interpreted.KERNELS["rms_norm"](q, torch.ones(24))
+    for ns, old in zip(namespaces, before):
+        changed = [n for n, v in vars(ns).items() if n in old and old[n] is not v and n != "__annotations__"]
+        assert not changed, (ns, changed[:5])
+
+
 def test_cuda_and_flaggems_report_why_they_are_unavailable():
     infos = {info.name: info for info in list_backends()}
     for name in ("cuda", "flaggems", "triton-interpret"):

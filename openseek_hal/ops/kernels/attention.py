@@ -107,11 +107,11 @@ def _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, SEG_ROW, rows, start_n, qk_scale, 
 def _attn_fwd(Q, K, V, OUT, LSE, SEG, qk_scale,
               stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
-              H, S, D_QK, D_V,
+              H, S, D_QK, D_V, N_BLOCKS,
               VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
     # the longest rows first (causal: the last query block sees every key), so the short ones fill the tail
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    start_m = (N_BLOCKS - 1 - tl.program_id(0)) * BLOCK_M  # N_BLOCKS = the grid's first dim
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -315,11 +315,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, SEG, DQ, qk_scale, sm_scale,
                  stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                  stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds,
                  stride_dqb, stride_dqh, stride_dqs,
-                 H, S, D_QK, D_V,
+                 H, S, D_QK, D_V, N_BLOCKS,
                  VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
     # the longest rows first (causal: the last query block sees every key), so the short ones fill the tail
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    start_m = (N_BLOCKS - 1 - tl.program_id(0)) * BLOCK_M  # N_BLOCKS = the grid's first dim
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -460,7 +460,7 @@ def _forward(q, k, v, scale, seg):
     cfg, prec = _config(dqk, dv, _interpreted(), q.dtype == torch.float32), _dot_options(q)
     grid = (triton.cdiv(s, cfg["fwd_m"]), b * h)
     _attn_fwd[grid](q, k, v, o, lse, seg if seg is not None else lse, scale * LOG2E,
-                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], h, s, dqk, dv,
+                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], h, s, dqk, dv, grid[0],
                     VARLEN=seg is not None, DA=da, DB=db, DVB=dvb, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"],
                     **prec, num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
     return o, lse
@@ -487,10 +487,11 @@ def _backward(do, q, k, v, o, lse, scale, seg, seg_end):
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         h, s, dqk, dv_dim, BLOCK_M=cfg["kv_m"], BLOCK_N=cfg["kv_n"], num_warps=cfg["kv_warps"],
         num_stages=cfg["kv_stages"], **common)
-    _attn_bwd_dq[(triton.cdiv(s, cfg["dq_m"]), b * h)](
+    dq_blocks = triton.cdiv(s, cfg["dq_m"])
+    _attn_bwd_dq[(dq_blocks, b * h)](
         q, k, v, do, lse, delta, seg_arg, dq, scale * LOG2E, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        h, s, dqk, dv_dim, BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], num_warps=cfg["dq_warps"],
+        h, s, dqk, dv_dim, dq_blocks, BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], num_warps=cfg["dq_warps"],
         num_stages=cfg["dq_stages"], **common)
     return dq, dk, dv
 
