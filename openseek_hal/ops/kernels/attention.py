@@ -437,7 +437,7 @@ def document_bounds(cu_seqlens: torch.Tensor, batch: int, seq: int) -> tuple[tor
     """Per token of each row, the start and the end (exclusive) of its document within the row, as
     int32 ``[batch, seq]``, from boundaries ``cu_seqlens`` over the flattened ``batch * seq`` tokens.
     Pure device ops (no host sync)."""
-    cu = cu_seqlens.to(device=cu_seqlens.device, dtype=torch.int64).contiguous()
+    cu = cu_seqlens.to(torch.int64).contiguous()
     flat = torch.arange(batch * seq, device=cu.device, dtype=torch.int64)
     doc = torch.searchsorted(cu, flat, right=True) - 1
     doc = doc.clamp(0, max(cu.numel() - 2, 0))
@@ -503,7 +503,7 @@ class FlashAttention(torch.autograd.Function):
         b, _, s, _ = q.shape
         seg = seg_end = None
         if cu_seqlens is not None:
-            seg, seg_end = document_bounds(cu_seqlens, b, s)
+            seg, seg_end = document_bounds(cu_seqlens.to(q.device, non_blocking=True), b, s)
         o, lse = _forward(q, k, v, scale, seg)
         ctx.save_for_backward(q, k, v, o, lse, seg, seg_end)
         ctx.scale = scale
