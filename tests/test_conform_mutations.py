@@ -22,6 +22,7 @@ from openseek_hal import ops
 from openseek_hal.backend import register_backend, unregister_backend
 from openseek_hal.backends.cpu import CPUBackend
 from openseek_hal.conformance import SuiteConfig, run_suite
+from openseek_hal.ops.attention import document_ids
 
 DTYPES = [torch.float32, torch.bfloat16]
 OFF = 1.0 + 1.0 / 16  # a 6% error: far outside every band, far inside what a bug does
@@ -111,12 +112,24 @@ def _ce_mean_over_all_rows(logits, target, ignore_index=-100, reduction="mean", 
     return total if reduction == "sum" else total / max(1, target.numel())
 
 
-def _attention_sees_next_token(q, k, v, scale=None):
+def _attention_sees_next_token(q, k, v, scale=None, cu_seqlens=None):
     s = q.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q.double() @ k.double().transpose(-1, -2)) * scale
     mask = torch.ones(s, k.shape[-2], dtype=torch.bool, device=q.device).tril(diagonal=1)  # one step ahead
+    if cu_seqlens is not None:
+        doc = document_ids(cu_seqlens, q.shape[0], s)
+        mask = mask & (doc[:, :, None] == doc[:, None, :])[:, None]
     return (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.double()).to(q.dtype)
+
+
+def _boundaries_one_late(cu):
+    """Every inner document boundary one token later (a prefix-sum off by one)."""
+    if cu is None or cu.numel() < 3:
+        return cu
+    cu = cu.clone()
+    cu[1:-1] = torch.minimum(cu[1:-1] + 1, cu[-1])
+    return cu
 
 
 def _swapped_halves(x):
@@ -164,7 +177,9 @@ SPECIFIC: dict[str, dict[str, Callable[..., Any]]] = {
                       "mean_over_all_rows": _ce_mean_over_all_rows},
     "embedding": {"off_by_one_row": _embedding_next_row},
     "causal_attention": {"scale_ignored": _with("causal_attention", scale=None),
-                         "mask_off_by_one": _attention_sees_next_token},
+                         "mask_off_by_one": _attention_sees_next_token,
+                         "cu_seqlens_ignored": _with("causal_attention", cu_seqlens=None),
+                         "cu_seqlens_off_by_one": _with("causal_attention", cu_seqlens=_boundaries_one_late)},
     "moe_route": {"scaling_factor_ignored": _with("moe_route", routed_scaling_factor=1.0),
                   "normalisation_ignored": _with("moe_route", norm_topk_prob=lambda n: not n),
                   "bias_ignored": _with("moe_route", bias=None),

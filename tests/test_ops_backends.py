@@ -25,7 +25,7 @@ from openseek_hal.ops import kernel_loader  # noqa: E402
 from openseek_hal.ops.selfcheck import check_op  # noqa: E402
 
 KERNEL_OPS = {"rms_norm", "add_rms_norm", "silu_and_mul", "rope", "cross_entropy", "moe_route", "moe_permute",
-              "moe_unpermute", "adamw"}
+              "moe_unpermute", "adamw", "causal_attention"}
 
 
 def test_triton_interpret_backend_runs_every_op_natively():
@@ -54,6 +54,26 @@ def test_interpreted_copy_leaves_compiled_kernels_alone():
         x, torch.ones(8)))
     assert isinstance(tl.sum, JITFunction)  # the launch swapped Triton's library back
     assert "TRITON_INTERPRET" not in __import__("os").environ
+
+
+def test_interpreted_launches_leave_triton_language_unpatched():
+    """Triton 3.9's interpreter patches ``tl.core``'s builtins again for every @jit function called
+    inside a kernel and never restores them; the loader does, or a kernel compiled for the GPU later
+    in the same process is built with the interpreter's semantics."""
+    import triton.language as tl
+    import triton.language.core as core
+
+    if kernel_loader.interpreter_enabled():
+        pytest.skip("the whole process runs under TRITON_INTERPRET=1: every kernel is interpreted")
+    interpreted = kernel_loader.load_kernels(interpret=True)
+    namespaces = (tl, core, tl.math, core.tensor)
+    before = [dict(vars(ns)) for ns in namespaces]
+    q = torch.randn(1, 1, 20, 24)
+    interpreted.KERNELS["causal_attention"](q, q, q)  # nested @jit helpers (_fwd_block, _mm, _cast)
+    interpreted.KERNELS["rms_norm"](q, torch.ones(24))
+    for ns, old in zip(namespaces, before):
+        changed = [n for n, v in vars(ns).items() if n in old and old[n] is not v and n != "__annotations__"]
+        assert not changed, (ns, changed[:5])
 
 
 def test_cuda_and_flaggems_report_why_they_are_unavailable():
@@ -135,6 +155,48 @@ def test_bench_cases_cover_the_presets():
     assert all(c.fwd_bytes > 0 for c in all_cases)
     with pytest.raises(KeyError):
         cases("no_such_op")
+
+
+def test_bench_attention_rows_at_a_tiny_size(monkeypatch):
+    """The attention rows of `openseek-hal bench` (ours = the flash kernel, SDPA, FlexAttention) run
+    end to end on the CPU at a tiny size: inputs, timing path (wall clock instead of CUDA events),
+    rows with TFLOP/s. The GPU numbers come from running the real command on a GPU."""
+    import time
+    import warnings
+
+    from openseek_hal.ops import bench
+    from openseek_hal.ops.bench_cases import attention_case, attention_flops, cases
+
+    real = [c for c in cases("causal_attention")]
+    assert {c.label for c in real} >= {"openseek-small 4x10x4096 qk192 v128", "deepseek-v3 1x128x4096 qk192 v128",
+                                       "deepseek-v3 1x128x4096 qk192 v128 8 docs"}
+    assert attention_flops(1, 1, 4, 16, 16) == (2 * 10 * 32, 2 * 10 * 80)
+
+    def wall_ms(fn):
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+
+    monkeypatch.setattr(bench, "_median_ms", wall_ms)
+    for docs in (0, 2):
+        case = attention_case("tiny", 1, 2, 32, dqk=24, dv=16, dtype=torch.float32, docs=docs, compiled_flex=False)
+        impls = bench.case_impls(case, backend_op=None, interpret=True)
+        assert impls["ours"] is kernel_loader.kernel_table(interpret=True)["causal_attention"]
+        assert "eager" not in impls and "compile" not in impls
+        (q, k, v), kwargs = case.make(torch.device("cpu"))
+        assert q.transpose(1, 2).is_contiguous()  # (B,H,S,D) views of (B,S,H,D) tensors
+        expected = ops.get("causal_attention").reference(q.double(), k.double(), v.double(), **kwargs)
+        for name, impl in impls.items():  # every implementation computes the same attention
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # eager FlexAttention's "use torch.compile"
+                out = impl(q, k, v, **kwargs)
+            torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4, msg=name)
+        times = bench.time_impls(case, impls, torch.device("cpu"))
+        rows = bench.case_rows(case, times, copy_bw=1e9)
+        assert [r["dir"] for r in rows] == ["fwd", "fwd+bwd"]
+        assert all(r["TFLOPs"] > 0 and r["baselines"]["sdpa"]["TFLOPs"] > 0 for r in rows)
+        if "flex-eager" in impls:  # FlexAttention has no backward on the CPU: reported as an error, not fatal
+            assert rows[0]["baselines"]["flex-eager"]["TFLOPs"] > 0 and "error" in rows[1]["baselines"]["flex-eager"]
 
 
 def test_moe_route_compiles_as_an_opaque_custom_op():

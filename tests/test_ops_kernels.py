@@ -41,3 +41,135 @@ def test_norm_kernel_takes_eps_exactly_in_float64():
     y = KERNELS["rms_norm"](x, torch.ones(8, dtype=torch.float64), eps=1e-6)
     expected = 1e-3 / (2e-6) ** 0.5
     assert torch.allclose(y, torch.full_like(y, expected), rtol=1e-14, atol=0), float((y / expected - 1).abs().max())
+
+
+# -- causal_attention (the MLA flash kernel) ------------------------------------------------------
+
+def _attention_inputs(b, h, s, dqk, dv, dtype, seed=0, bshd=False):
+    g = torch.Generator().manual_seed(seed)
+    if bshd:  # the model's layout: (B,H,S,D) views of (B,S,H,D) tensors
+        q, k = (torch.randn(b, s, h, dqk, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+        v = torch.randn(b, s, h, dv, generator=g).to(dtype).transpose(1, 2)
+    else:
+        q, k = (torch.randn(b, h, s, dqk, generator=g).to(dtype) for _ in range(2))
+        v = torch.randn(b, h, s, dv, generator=g).to(dtype)
+    return q, k, v
+
+
+def _attention_fwd_bwd(q, k, v, scale, cu_seqlens=None, seed=1):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    kwargs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+    out = KERNELS["causal_attention"](q, k, v, scale, **kwargs)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    return (out, *torch.autograd.grad(out, (q, k, v), do)), do
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("b", "h", "s", "dqk", "dv", "cu"), [
+    (1, 2, 50, 40, 48, None),                     # 40 = 32 + 16 (8 masked), v 48 padded to 64
+    (2, 1, 23, 80, 24, [0, 9, 10, 30, 46]),       # 80 = 64 + 16; packed documents, one straddles the rows
+    (1, 1, 17, 256, 256, None),                   # the largest head dims, one partial tile
+    (1, 3, 70, 192, 128, [0, 33, 70]),            # MLA, boundary inside a 32-row block
+])
+def test_attention_kernel_odd_head_dims_against_float64(b, h, s, dqk, dv, cu, dtype):
+    from openseek_hal import ops
+
+    opdef = ops.get("causal_attention")
+    q, k, v = _attention_inputs(b, h, s, dqk, dv, dtype, bshd=cu is not None)
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    got, do = _attention_fwd_bwd(q, k, v, 0.13, cu_seqlens)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = opdef.reference(q64, k64, v64, 0.13, cu_seqlens)
+    expected = (ref, *torch.autograd.grad(ref, (q64, k64, v64), do.double()))
+    rtol, atol = opdef.tol(dtype, max(s, dqk, dv))
+    for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
+        assert g.dtype == dtype and g.shape == e.shape
+        torch.testing.assert_close(g.double(), e, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_kernel_is_bitwise_deterministic(dtype):
+    """No atomics: two runs (forward and all three gradients) give the same bits, packed or not."""
+    q, k, v = _attention_inputs(1, 2, 130, 192, 128, dtype, bshd=True)
+    for cu in (None, torch.tensor([0, 5, 64, 65, 130], dtype=torch.int32)):
+        first, _ = _attention_fwd_bwd(q, k, v, 0.11, cu)
+        second, _ = _attention_fwd_bwd(q, k, v, 0.11, cu)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+
+
+def test_attention_kernel_keeps_the_models_layout_and_handles_empty_and_single_token():
+    q, k, v = _attention_inputs(2, 3, 9, 24, 16, torch.float32, bshd=True)
+    (out, dq, dk, dv), _ = _attention_fwd_bwd(q, k, v, None)
+    for t in (out, dq, dk, dv):  # (B,S,H,D) storage, as the inputs: no transposing copy downstream
+        assert t.transpose(1, 2).is_contiguous()
+    for shape in ((0, 2, 5), (2, 0, 5), (2, 2, 0), (1, 1, 1)):
+        b, h, s = shape
+        q, k, v = _attention_inputs(b, h, s, 24, 16, torch.bfloat16)
+        (out, dq, dk, dv), _ = _attention_fwd_bwd(q, k, v, 0.3)
+        assert out.shape == (b, h, s, 16) and dq.shape == q.shape and dv.shape == v.shape
+        if s == 1:  # one token attends to itself only
+            torch.testing.assert_close(out, v)
+
+
+def test_attention_kernel_float64_runs_the_reference():
+    """float64 inputs take the float64 reference (no chip trains in float64): exact, differentiable."""
+    assert check_op("causal_attention", KERNELS["causal_attention"], torch.float64) > 0
+
+
+def test_attention_kernel_tiles_fit_the_loops():
+    """The loops need BLOCK_M a multiple of BLOCK_N (forward, dQ) and BLOCK_N of BLOCK_M (dK/dV)."""
+    import importlib
+
+    attention = importlib.import_module("openseek_hal.ops.kernels.attention")
+    for dqk, dv in ((192, 128), (128, 128), (64, 64), (256, 256), (24, 16)):
+        for interpreted, fp32 in ((False, False), (False, True), (True, False)):
+            c = attention._config(dqk, dv, interpreted, fp32)
+            assert c["fwd_m"] % c["fwd_n"] == 0 and c["dq_m"] % c["dq_n"] == 0 and c["kv_n"] % c["kv_m"] == 0
+            assert min(c["fwd_m"], c["fwd_n"], c["kv_m"], c["kv_n"], c["dq_m"], c["dq_n"]) >= 16
+    assert [attention.split_head_dim(d) for d in (8, 16, 24, 40, 64, 80, 128, 192, 256)] == [
+        (16, 0), (16, 0), (16, 16), (32, 16), (64, 0), (64, 16), (128, 0), (128, 64), (256, 0)]
+
+
+def test_attention_cu_seqlens_are_checked_by_the_reference():
+    from openseek_hal.ops.attention import causal_attention, document_ids
+
+    assert document_ids(torch.tensor([0, 3, 3, 8]), 2, 4).tolist() == [[0, 0, 0, 2], [2, 2, 2, 2]]
+    q = torch.randn(2, 1, 4, 8, dtype=torch.float64)
+    for bad in ([1, 8], [0, 5, 3, 8], [0, 7]):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            causal_attention(q, q, q, None, torch.tensor(bad))
+    # one document per row is plain causal attention
+    torch.testing.assert_close(causal_attention(q, q, q, None, torch.tensor([0, 4, 8])), causal_attention(q, q, q))
+
+
+def test_attention_kernels_compile_for_h100(monkeypatch):
+    """The interpreter does not run Triton's GPU compiler: compile every attention kernel for sm_90
+    (H100/H200) with the installed Triton, as the cuda backend launches them, and check each fits the
+    227 KiB of shared memory a block may have there. No GPU needed (ptxas ships in Triton's wheel)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    from openseek_hal.ops.kernel_loader import interpreter_enabled
+
+    if interpreter_enabled():
+        pytest.skip("TRITON_INTERPRET is set for the whole process: there are no compiled kernels to build")
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "ptxas").exists() or not (tools / "cuobjdump").exists():
+        pytest.skip("this Triton has no NVIDIA toolchain")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ops" / "attention_sm90_resources.py"
+    spec = importlib.util.spec_from_file_location("attention_sm90_resources", path)
+    resources = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = resources
+    spec.loader.exec_module(resources)
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+    for dtype, varlen in (("bf16", False), ("bf16", True), ("fp32", False)):
+        for name, fn, consts, pointers, warps, stages in resources.kernels_for(192, 128, varlen, dtype):
+            kernel = resources.compile_kernel(fn, consts, pointers, warps, stages)
+            assert kernel.metadata.shared <= 227 * 1024, (dtype, name, kernel.metadata.shared)
+            if dtype == "bf16" and name in ("fwd", "bwd_dq"):  # the tensor-core path, no register spills
+                usage = resources.resources(kernel)
+                assert "STACK:0" in usage and "wgmma" in usage, (name, usage)

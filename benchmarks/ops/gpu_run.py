@@ -35,12 +35,17 @@ def _compile_checks(ops: dict) -> dict[str, str]:
     w = torch.ones(256, device="cuda", requires_grad=True)
     t = torch.randint(0, 256, (64,), device="cuda")
     cos, sin = torch.randn(64, 128, device="cuda"), torch.randn(64, 128, device="cuda")
+    qa, ka = (torch.randn(2, 200, 4, 192, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    va = torch.randn(2, 200, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     cases = {
         "rms_norm+cross_entropy": lambda: ops["cross_entropy"](ops["rms_norm"](x, w), t),
         "add_rms_norm": lambda: ops["add_rms_norm"](x, x, w)[0].sum(),
         "silu_and_mul": lambda: ops["silu_and_mul"](x).sum(),
         "rope": lambda: ops["rope"](x, cos, sin, interleaved=True).sum(),
         "moe_route": lambda: ops["moe_route"](x, None, top_k=4, n_group=8, topk_group=2)[1].sum(),
+        # MLA flash attention on (B,H,S,D) views of (B,S,H,D) tensors, as the model calls it
+        "causal_attention": lambda: ops["causal_attention"](qa.transpose(1, 2), ka.transpose(1, 2),
+                                                            va.transpose(1, 2), 0.1).float().sum(),
     }
     status = {}
     for name, fn in cases.items():

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..backend import Backend, Capabilities, ExpectedFailure
 from ..ops.attention import sdpa_causal_attention
+from ..ops.attention_select import FastestAttention
 from ..ops.grouped import grouped_mm_linear
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s and HBM bandwidth in bytes/s, from NVIDIA's
@@ -34,7 +35,8 @@ class CUDABackend(Backend):
     expected_failures = (
         ExpectedFailure("causal_attention", "PyTorch's SDPA backward in float32 at MLA's head dim 192 (sequence 130) "
                         "runs a kernel that accumulates dq with atomics: not bitwise reproducible (H200, torch "
-                        "2.11); bf16 and the other shapes are", torch.float32, "determinism",
+                        "2.11); bf16 and the other shapes are. Only when the per-shape timing picks SDPA there "
+                        "(our flash kernel has no atomics: an xpass otherwise)", torch.float32, "determinism",
                         sample="B1H2S130Dqk192Dv128"),
     )
 
@@ -54,8 +56,17 @@ class CUDABackend(Backend):
                 and torch.cuda.get_device_capability(self.device.index) >= (9, 0)):
             ops["grouped_linear"] = grouped_mm_linear
         if importlib.util.find_spec("triton") is not None:
-            ops.update(kernel_table(interpret=False))
+            kernels = dict(kernel_table(interpret=False))
+            # attention: per shape, the faster of our flash kernel and torch's SDPA, timed on first use
+            # (forward + backward); packed sequences (cu_seqlens) always take the flash kernel
+            ops.update(kernels, causal_attention=FastestAttention(
+                {"triton": kernels["causal_attention"], "sdpa": sdpa_causal_attention}, varlen=("triton",)))
         return ops
+
+    def attention_choices(self) -> list[dict[str, Any]]:
+        """Which attention ran for each shape seen so far, with the timings that decided it (for reports)."""
+        impl = self._native_table().get("causal_attention")
+        return impl.report() if isinstance(impl, FastestAttention) else []
 
     def capabilities(self) -> Capabilities:
         name = self.device.name()

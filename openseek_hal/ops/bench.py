@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import UserError
 from ..provenance import provenance
+from . import get
 
 WARMUP_MS, REP_MS = 25, 200
 
@@ -58,14 +59,25 @@ def _time_case(case, impl: Callable[..., Any], device: torch.device) -> dict[str
         fwd = _median_ms(lambda: impl(*args, **kwargs))
     for a in grad_args:
         a.requires_grad_(True)
+    try:
+        return {"fwd": fwd, **_time_backward(case, impl, args, kwargs, grad_args)}
+    except Exception as e:  # no backward (FlexAttention on a CPU): the forward time still counts
+        text = str(e).strip().splitlines()
+        return {"fwd": fwd, "error": f"{type(e).__name__}: {text[0][:160] if text else ''}"}
+
+
+def _time_backward(case, impl: Callable[..., Any], args: tuple, kwargs: dict,
+                   grad_args: list[torch.Tensor]) -> dict[str, float]:
     if case.fused_fwd_bwd:
+        # upstream gradients made once, outside the timed step (a loss's is the implicit 1)
+        cots = [torch.ones_like(o) for o in _floating(impl(*args, **kwargs))]
+
         def step():
-            torch.autograd.grad(_floating(impl(*args, **kwargs)), grad_args)
-        return {"fwd": fwd, "fwd+bwd": _median_ms(step)}
+            torch.autograd.grad(_floating(impl(*args, **kwargs)), grad_args, cots)
+        return {"fwd+bwd": _median_ms(step)}
     outs = _floating(impl(*args, **kwargs))
     cots = [torch.randn_like(o) for o in outs]
-    bwd = _median_ms(lambda: torch.autograd.grad(outs, grad_args, cots, retain_graph=True))
-    return {"fwd": fwd, "bwd": bwd}
+    return {"bwd": _median_ms(lambda: torch.autograd.grad(outs, grad_args, cots, retain_graph=True))}
 
 
 def _extra_peak_bytes(case, impl: Callable[..., Any], device: torch.device, **extra_kwargs: Any) -> int:
@@ -85,10 +97,66 @@ def _extra_peak_bytes(case, impl: Callable[..., Any], device: torch.device, **ex
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def case_impls(case, backend_op: Callable[..., Any], interpret: bool = False) -> dict[str, Callable[..., Any]]:
+    """``{"ours": ..., baselines...}`` for one case: the backend's op (or the case's own ``ours``, e.g.
+    the Triton flash kernel where the backend picks per shape), torch eager/compile and the extras."""
+    reference = get(case.op).reference
+    impls: dict[str, Callable[..., Any]] = {"ours": case.ours(interpret) if case.ours is not None else backend_op}
+    if case.eager_baseline:
+        impls["eager"] = reference
+    if case.compile_baseline:
+        impls["compile"] = torch.compile(reference, dynamic=False)
+    impls.update(case.baselines)
+    return impls
+
+
+def time_impls(case, impls: dict[str, Callable[..., Any]], device: torch.device) -> dict[str, dict[str, Any]]:
+    """`_time_case` for every implementation; one that fails (no such shape, no backward) gets its error."""
+    times: dict[str, dict[str, Any]] = {}
+    for name, impl in impls.items():
+        try:
+            times[name] = _time_case(case, impl, device)
+        except Exception as e:  # a baseline without this shape or a backward is reported, not fatal
+            text = str(e).strip().splitlines()
+            times[name] = {"error": f"{type(e).__name__}: {text[0][:160] if text else ''}"}
+        if name in ("compile", "flex"):
+            torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return times
+
+
+def case_rows(case, times: dict[str, dict[str, Any]], copy_bw: float) -> list[dict[str, Any]]:
+    """The result rows of one case from ``{impl: {"fwd"|"bwd"|"fwd+bwd": ms} or {"error": text}}``:
+    GB/s and % of copy bandwidth from the bytes moved, TFLOP/s where the case counts FLOPs."""
+    rows = []
+    for direction in ("fwd", "bwd", "fwd+bwd"):
+        ours = times["ours"].get(direction)
+        if ours is None:
+            continue
+        nbytes = {"fwd": case.fwd_bytes, "bwd": case.bwd_bytes, "fwd+bwd": case.fwd_bytes + case.bwd_bytes}[direction]
+        flops = {"fwd": case.flops, "bwd": case.bwd_flops, "fwd+bwd": case.flops + case.bwd_flops}[direction]
+        row = {"op": case.op, "shape": case.label, "dir": direction, "ours_ms": ours,
+               "GBps": nbytes / (ours * 1e-3) / 1e9 if nbytes else None,
+               "pct_copy": 100 * nbytes / (ours * 1e-3) / copy_bw if nbytes else None,
+               "TFLOPs": flops / (ours * 1e-3) / 1e12 if flops else None, "baselines": {}}
+        for name, t in times.items():
+            if name != "ours":
+                ms = t.get(direction)
+                if ms:
+                    row["baselines"][name] = {"ms": ms, "speedup": ms / ours}
+                    if flops:
+                        row["baselines"][name]["TFLOPs"] = flops / (ms * 1e-3) / 1e12
+                else:
+                    row["baselines"][name] = {"error": t.get("error")}
+        rows.append(row)
+    return rows
+
+
 def run_bench(backend_name: str, op: str | None, progress: Callable[[str], None]) -> dict[str, Any]:
     """Benchmark ``backend_name`` on every case (or those of ``op``); returns the JSON-ready results."""
     from ..backend import get_backend
-    from . import bench_cases, get
+    from . import bench_cases
 
     backend = get_backend(backend_name)
     if backend.device.type != "cuda":
@@ -107,34 +175,15 @@ def run_bench(backend_name: str, op: str | None, progress: Callable[[str], None]
     }
     for case in cases:
         progress(f"{case.op} {case.label}")
-        reference = get(case.op).reference
-        impls: dict[str, Callable[..., Any]] = {"ours": backend.op(case.op), "eager": reference}
-        if case.compile_baseline:
-            impls["compile"] = torch.compile(reference, dynamic=False)
-        impls.update(case.baselines)
-        times: dict[str, dict[str, float]] = {}
-        for name, impl in impls.items():
-            try:
-                times[name] = _time_case(case, impl, device)
-            except Exception as e:  # a baseline without this shape or a backward is reported, not fatal
-                times[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-            torch._dynamo.reset() if name == "compile" else None
-            torch.cuda.empty_cache()
-        for direction in ("fwd", "bwd", "fwd+bwd"):
-            ours = times["ours"].get(direction)
-            if ours is None:
-                continue
-            nbytes = {"fwd": case.fwd_bytes, "bwd": case.bwd_bytes,
-                      "fwd+bwd": case.fwd_bytes + case.bwd_bytes}[direction]
-            row = {"op": case.op, "shape": case.label, "dir": direction, "ours_ms": ours,
-                   "GBps": nbytes / (ours * 1e-3) / 1e9 if nbytes else None,
-                   "pct_copy": 100 * nbytes / (ours * 1e-3) / copy_bw if nbytes else None, "baselines": {}}
-            for name, t in times.items():
-                if name != "ours":
-                    ms = t.get(direction)
-                    row["baselines"][name] = {"ms": ms, "speedup": ms / ours} if ms else {"error": t.get("error")}
-            results["rows"].append(row)
+        times = time_impls(case, case_impls(case, backend.op(case.op)), device)
+        results["rows"].extend(case_rows(case, times, copy_bw))
+        if case.op == "causal_attention" and hasattr(backend, "attention_choices"):
+            # what the backend's own op would run at this shape (its per-shape timing), for the report
+            args, kwargs = case.make(device)
+            backend.op(case.op)(*args, **kwargs)
+            results["attention_choices"] = backend.attention_choices()
         if case.op == "cross_entropy":
+            impls = case_impls(case, backend.op(case.op))
             mem = {"ours_inplace": _extra_peak_bytes(case, impls["ours"], device, inplace_backward=True),
                    "ours": _extra_peak_bytes(case, impls["ours"], device)}
             for name in ("eager", "compile", "liger", "flaggems"):
@@ -152,15 +201,17 @@ def print_table(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    order = ("eager", "compile", "flaggems", "liger", "torch-fused", "sdpa", "flex")
     names = sorted({n for r in results["rows"] for n in r["baselines"]},
-                   key=lambda n: ("eager", "compile", "flaggems", "liger", n).index(n))
+                   key=lambda n: (order.index(n) if n in order else len(order), n))
     table = Table(title=f"openseek-hal bench: {results['backend']} on {results['device']} "
                         f"(copy {results['copy_bandwidth_GBps']:.0f} GB/s)")
-    for col in ("op", "shape", "dir", "ms", "GB/s", "% copy", *[f"vs {n}" for n in names]):
+    for col in ("op", "shape", "dir", "ms", "GB/s", "% copy", "TFLOP/s", *[f"vs {n}" for n in names]):
         table.add_column(col, justify="left" if col in ("op", "shape", "dir") else "right")
     for r in results["rows"]:
         cells = [r["op"], r["shape"], r["dir"], f"{r['ours_ms']:.3f}",
-                 f"{r['GBps']:.0f}" if r["GBps"] else "-", f"{r['pct_copy']:.0f}" if r["pct_copy"] else "-"]
+                 f"{r['GBps']:.0f}" if r["GBps"] else "-", f"{r['pct_copy']:.0f}" if r["pct_copy"] else "-",
+                 f"{r['TFLOPs']:.0f}" if r.get("TFLOPs") else "-"]
         for n in names:
             b = r["baselines"].get(n)
             cells.append(f"{b['speedup']:.2f}x" if b and "speedup" in b else "-")

@@ -37,10 +37,14 @@ class Case:
     grad_args: tuple[int, ...]  # argument positions that take gradients (empty: forward only)
     fwd_bytes: int
     bwd_bytes: int
-    flops: int = 0  # for ops that are not memory-bound; 0: report bandwidth
-    fused_fwd_bwd: bool = False  # time forward+backward together (cross entropy)
+    flops: int = 0  # forward FLOPs, for ops that are not memory-bound (attention): rows then give TFLOP/s
+    bwd_flops: int = 0
+    fused_fwd_bwd: bool = False  # time forward+backward together (cross entropy, attention)
     compile_baseline: bool = True  # False where a stronger torch baseline is given instead
+    eager_baseline: bool = True  # False where the reference is no baseline (attention's S x S in fp32)
     baselines: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    # what "ours" times, if not the backend's op: ``ours(interpret)`` returns the implementation
+    ours: Callable[[bool], Callable[..., Any]] | None = None
 
 
 def _optional(module: str) -> Any | None:
@@ -97,6 +101,78 @@ def _randn(*shape: int, dtype=torch.bfloat16, device, scale: float = 1.0) -> tor
     return torch.randn(*shape, device=device, dtype=torch.float32).mul_(scale).to(dtype)
 
 
+def attention_flops(b: int, h: int, s: int, dqk: int, dv: int) -> tuple[int, int]:
+    """(forward, backward) FLOPs of causal attention: 2 per multiply-add over the ``s(s+1)/2`` visible
+    pairs; forward ``q k^T`` and ``P v``; backward, as flash-attn counts it, the recomputed ``q k^T``
+    plus ``dV``, ``dP``, ``dQ``, ``dK`` (2.5x the forward when ``dqk == dv``)."""
+    pairs = b * h * s * (s + 1) // 2
+    return 2 * pairs * (dqk + dv), 2 * pairs * (3 * dqk + 2 * dv)
+
+
+def _flash_kernel(interpret: bool) -> Callable[..., Any]:
+    from .kernel_loader import kernel_table
+
+    return kernel_table(interpret)["causal_attention"]
+
+
+def flex_attention_baseline(compiled: bool = True) -> Callable[..., Any] | None:
+    """FlexAttention (torch >= 2.5) with a causal (and, given ``cu_seqlens``, document) block mask, or None."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    from .attention import document_ids
+
+    fn = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    masks: dict[tuple, Any] = {}
+
+    def run(q, k, v, scale=None, cu_seqlens=None):
+        s = q.shape[-2]
+        key = (s, str(q.device), None if cu_seqlens is None else tuple(cu_seqlens.tolist()))
+        if key not in masks:
+            if cu_seqlens is None:
+                def mask_mod(b, h, qi, ki):
+                    return qi >= ki
+                masks[key] = create_block_mask(mask_mod, None, None, s, s, device=q.device)
+            else:
+                doc = document_ids(cu_seqlens, q.shape[0], s).to(q.device)
+
+                def mask_mod(b, h, qi, ki):
+                    return (qi >= ki) & (doc[b, qi] == doc[b, ki])
+                masks[key] = create_block_mask(mask_mod, q.shape[0], None, s, s, device=q.device)
+        return fn(q, k, v, block_mask=masks[key], scale=scale)
+
+    return run
+
+
+def attention_case(label: str, b: int, h: int, s: int, dqk: int = 192, dv: int = 128, dtype=torch.bfloat16,
+                   docs: int = 0, compiled_flex: bool = True) -> Case:
+    """Causal attention on (B,H,S,D) views of (B,S,H,D) tensors (the model's layout): our flash kernel
+    against torch's SDPA and FlexAttention. ``docs > 0``: ``docs`` equal documents per row (cu_seqlens)."""
+    from .attention import sdpa_causal_attention
+
+    def make(dev):
+        q, k = (_randn(b, s, h, dqk, device=dev, dtype=dtype).transpose(1, 2) for _ in range(2))
+        v = _randn(b, s, h, dv, device=dev, dtype=dtype).transpose(1, 2)
+        kwargs: dict[str, Any] = {"scale": dqk ** -0.5}
+        if docs:
+            kwargs["cu_seqlens"] = torch.arange(0, b * s + 1, s // docs, device=dev, dtype=torch.int32)
+        return (q, k, v), kwargs
+
+    fwd, bwd = attention_flops(b, h, s, dqk, dv)
+    if docs:  # only the pairs inside a document
+        fwd, bwd = (f * ((s // docs) * (s // docs + 1) // 2 * docs) // (s * (s + 1) // 2) for f in (fwd, bwd))
+    elt = torch.finfo(dtype).bits // 8
+    io = b * h * s * (2 * dqk + 2 * dv) * elt  # q, k, v read, o written
+    baselines: dict[str, Callable[..., Any]] = {"sdpa": sdpa_causal_attention}
+    flex = flex_attention_baseline(compiled_flex)
+    if flex is not None:
+        baselines["flex" if compiled_flex else "flex-eager"] = flex
+    return Case("causal_attention", f"{label} {b}x{h}x{s} qk{dqk} v{dv}" + (f" {docs} docs" if docs else ""), make,
+                (0, 1, 2), io, 2 * io, flops=fwd, bwd_flops=bwd, fused_fwd_bwd=True, compile_baseline=False,
+                eager_baseline=False, baselines=baselines, ours=_flash_kernel)
+
+
 def _cases_for(preset: str, p: dict[str, int]) -> list[Case]:
     bf = 2
     t = p["tokens"] * 4  # a micro-batch of 4 sequences
@@ -151,6 +227,11 @@ def _cases_for(preset: str, p: dict[str, int]) -> list[Case]:
     cases.append(Case("moe_unpermute", f"{preset} {tok}x{h} E{e} top{k}",
                       functools.partial(unpermute_inputs, tt=tok), (0, 2),
                       (tok * k + tok) * h * bf, (tok + 2 * tok * k) * h * bf))
+    # MLA attention (qk 192 = 128 + 64 rope, v 128), bf16, S = 4096: a micro-batch of 4 sequences for
+    # OpenSeek-Small's 10 heads, one sequence for DeepSeek-V3's 128; and packed documents (8 per row)
+    batch = 4 if preset == "openseek-small" else 1
+    cases.append(attention_case(preset, batch, p["heads"], p["tokens"]))
+    cases.append(attention_case(preset, batch, p["heads"], p["tokens"], docs=8))
     return cases
 
 

@@ -78,10 +78,40 @@ def _stdlib_twins() -> tuple[tuple[ModuleType, str, Any, Any], ...]:
                  if isinstance(value, JITFunction))
 
 
+def _language_namespaces() -> tuple[Any, ...]:
+    """The modules and classes of ``triton.language`` whose attributes the interpreter patches."""
+    import triton.language as tl
+    import triton.language.core as core
+    import triton.language.standard as standard
+
+    names = (tl, core, standard, tl.math, core.tensor, core.dtype, getattr(core, "condition", None),
+             getattr(core, "tensor_descriptor_base", None))
+    return tuple(n for n in names if n is not None)
+
+
+def _snapshot(namespaces: tuple[Any, ...]) -> list[tuple[Any, dict[str, Any]]]:
+    return [(ns, dict(vars(ns))) for ns in namespaces]
+
+
+def _restore(snapshot: list[tuple[Any, dict[str, Any]]]) -> None:
+    """Put back every attribute that changed since `_snapshot`. Added names stay: the interpreter adds
+    its own (``interpreter_semantic``) to the globals of the library functions it rewrites, and its
+    cached rewrites need them."""
+    for ns, before in snapshot:
+        for name, value in list(vars(ns).items()):
+            if name in before and before[name] is not value:
+                setattr(ns, name, before[name])
+
+
 @contextlib.contextmanager
 def _interpreted_stdlib():
     with _stdlib_lock:
         twins = _stdlib_twins()
+        # Triton 3.9's interpreter patches triton.language for a launch and restores it, but a @jit
+        # function called from inside a kernel patches it again (``tl.core``'s builtins among others)
+        # and never restores that: a kernel compiled for the GPU later in the process then builds
+        # with interpreter semantics and fails ("'block_argument' object has no attribute 'dtype'").
+        saved = _snapshot(_language_namespaces())
         for module, name, _, twin in twins:
             setattr(module, name, twin)
         try:
@@ -89,6 +119,7 @@ def _interpreted_stdlib():
         finally:
             for module, name, original, _ in twins:
                 setattr(module, name, original)
+            _restore(saved)
 
 
 class _InterpretedKernel:

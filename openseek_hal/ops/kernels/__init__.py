@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import activation, adamw, cross_entropy, moe, norm, rope
+from . import activation, adamw, attention, cross_entropy, moe, norm, rope
 
 KERNELS: dict[str, Callable] = {
     "rms_norm": norm.rms_norm,
@@ -21,4 +21,5 @@ KERNELS: dict[str, Callable] = {
     "moe_permute": moe.moe_permute,
     "moe_unpermute": moe.moe_unpermute,
     "adamw": adamw.adamw,
+    "causal_attention": attention.causal_attention,
 }

@@ -1,0 +1,140 @@
+"""The cuda backend's per-shape choice between attention implementations, on the CPU with injected timings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openseek_hal import ops
+from openseek_hal.ops.attention_select import FastestAttention
+
+REF = ops.get("causal_attention").reference
+
+
+def _qkv(b=1, h=2, s=8, dqk=24, dv=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(b, h, s, dqk, generator=g, dtype=dtype), torch.randn(b, h, s, dqk, generator=g, dtype=dtype),
+            torch.randn(b, h, s, dv, generator=g, dtype=dtype))
+
+
+def _tagged(tag, calls):
+    def impl(q, k, v, scale=None, cu_seqlens=None):
+        calls.append(tag)
+        return REF(q, k, v, scale, cu_seqlens)
+    return impl
+
+
+def _selector(ms, calls, timed, **kwargs):
+    def timer(fn, q, k, v, scale, cu_seqlens):
+        name = next(n for n, f in sel.candidates.items() if f is fn)
+        timed.append((name, tuple(q.shape), q.dtype))
+        if isinstance(ms[name], Exception):
+            raise ms[name]
+        return ms[name]
+
+    sel = FastestAttention({"triton": _tagged("triton", calls), "sdpa": _tagged("sdpa", calls)}, timer=timer, **kwargs)
+    return sel
+
+
+def test_the_faster_candidate_is_chosen_once_per_shape_and_recorded():
+    calls, timed = [], []
+    sel = _selector({"triton": 2.0, "sdpa": 1.0}, calls, timed)
+    q, k, v = _qkv()
+    for _ in range(3):
+        torch.testing.assert_close(sel(q, k, v, 0.3), REF(q, k, v, 0.3))
+    assert calls == ["sdpa"] * 3
+    assert sorted(n for n, *_ in timed) == ["sdpa", "triton"]  # timed once, on the first call only
+    key = (1, 2, 8, 24, 16, "float32", False)
+    assert sel.decisions[key] == {"choice": "sdpa", "ms": {"triton": 2.0, "sdpa": 1.0}, "errors": {}}
+    assert sel.report() == [{"B": 1, "H": 2, "S": 8, "Dqk": 24, "Dv": 16, "dtype": "float32", "cu_seqlens": False,
+                             "choice": "sdpa", "fwd_bwd_ms": {"triton": 2.0, "sdpa": 1.0}, "errors": {}}]
+
+
+def test_each_shape_and_dtype_gets_its_own_decision():
+    ms = {"triton": 1.0, "sdpa": 3.0}
+    calls, timed = [], []
+    sel = _selector(ms, calls, timed)
+    sel(*_qkv())
+    ms.update(triton=5.0)  # a different shape where SDPA is faster
+    sel(*_qkv(s=12))
+    sel(*_qkv(dtype=torch.bfloat16))
+    assert calls == ["triton", "sdpa", "sdpa"]
+    assert len(timed) == 6 and len(sel.decisions) == 3
+    assert {d["choice"] for d in sel.decisions.values()} == {"triton", "sdpa"}
+
+
+def test_a_failing_candidate_is_skipped_and_its_error_recorded():
+    calls, timed = [], []
+    sel = _selector({"triton": 4.0, "sdpa": RuntimeError("no kernel for head dim 192\nmore")}, calls, timed)
+    sel(*_qkv())
+    (decision,) = sel.decisions.values()
+    assert decision["choice"] == "triton" and decision["errors"] == {"sdpa": "RuntimeError: no kernel for head dim 192"}
+
+
+def test_packed_sequences_take_the_varlen_candidate_without_timing():
+    calls, timed = [], []
+    sel = _selector({"triton": 9.0, "sdpa": 1.0}, calls, timed, varlen=("triton",))
+    q, k, v = _qkv(b=2, s=6)
+    cu = torch.tensor([0, 4, 12], dtype=torch.int32)
+    torch.testing.assert_close(sel(q, k, v, None, cu_seqlens=cu), REF(q, k, v, None, cu))
+    assert calls == ["triton"] and timed == []
+    assert sel.decisions[(2, 2, 6, 24, 16, "float32", True)]["choice"] == "triton"
+
+
+def test_untimeable_calls_use_the_default_and_record_nothing(monkeypatch):
+    from openseek_hal.ops import attention_select
+
+    calls, timed = [], []
+    sel = _selector({"triton": 9.0, "sdpa": 1.0}, calls, timed)
+    monkeypatch.setattr(attention_select, "_untimeable", lambda: True)  # torch.compile tracing, graph capture
+    sel(*_qkv())
+    assert calls == ["triton"] and timed == [] and sel.decisions == {}
+    monkeypatch.undo()
+    sel(*_qkv(b=0))  # an empty batch has nothing to time
+    assert calls == ["triton", "triton"] and sel.decisions == {}
+
+
+def test_cuda_backend_wraps_attention_in_the_selector():
+    pytest.importorskip("triton")
+    from openseek_hal.backends.cuda import CUDABackend
+
+    table = CUDABackend.native_ops(CUDABackend.__new__(CUDABackend))  # the op table needs no device
+    sel = table["causal_attention"]
+    assert isinstance(sel, FastestAttention) and list(sel.candidates) == ["triton", "sdpa"] and sel.varlen == {"triton"}
+
+
+def test_the_default_timer_runs_forward_and_backward_without_touching_the_global_rng(monkeypatch):
+    """`cuda_time_fwd_bwd` on the CPU, CUDA events replaced by a counter: inputs of the call's shape and
+    strides, a backward per step, and the global RNG left where it was."""
+    from openseek_hal.ops import attention_select
+
+    class FakeEvent:
+        clock = 0.0
+
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            FakeEvent.clock += 1.0
+            self.t = FakeEvent.clock
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    monkeypatch.setattr(attention_select.torch.cuda, "Event", FakeEvent)
+    seen = []
+
+    def impl(q, k, v, scale=None):
+        seen.append((q.shape, q.stride(), v.stride(), q.requires_grad))
+        return REF(q, k, v, scale)
+
+    q, k, v = (t.transpose(1, 2) for t in _qkv(b=1, h=5, s=3))  # non-contiguous views keep their strides
+    state = torch.get_rng_state()
+    with torch.no_grad():  # as a model called under no_grad: the timer still runs the backward
+        ms = attention_select.cuda_time_fwd_bwd(impl, q, k, v, 0.5, None, warmup=1, reps=3)
+    assert ms == 1.0 and len(seen) == 4
+    assert all(s == (q.shape, q.stride(), v.stride(), True) for s in seen)
+    assert torch.equal(torch.get_rng_state(), state)
