@@ -92,6 +92,16 @@ def test_untimeable_calls_use_the_default_and_record_nothing(monkeypatch):
     monkeypatch.undo()
     sel(*_qkv(b=0))  # an empty batch has nothing to time
     assert calls == ["triton", "triton"] and sel.decisions == {}
+    # a selector told which candidate to use untimed (the cuda backend: SDPA, which compiles without a
+    # graph break) uses it for dense calls, and the varlen candidate for packed ones
+    calls.clear()
+    sel = _selector({"triton": 9.0, "sdpa": 1.0}, calls, timed, untimed="sdpa")
+    monkeypatch.setattr(attention_select, "_untimeable", lambda: True)
+    sel(*_qkv())
+    sel(*_qkv(), cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32))
+    assert calls == ["sdpa", "triton"] and timed == [] and sel.decisions == {}
+    with pytest.raises(ValueError, match="untimed"):
+        FastestAttention({"triton": None}, untimed="sdpa")
 
 
 def test_cuda_backend_wraps_attention_in_the_selector():
@@ -101,6 +111,7 @@ def test_cuda_backend_wraps_attention_in_the_selector():
     table = CUDABackend.native_ops(CUDABackend.__new__(CUDABackend))  # the op table needs no device
     sel = table["causal_attention"]
     assert isinstance(sel, FastestAttention) and list(sel.candidates) == ["triton", "sdpa"] and sel.varlen == {"triton"}
+    assert sel.untimed == "sdpa"
 
 
 def test_the_default_timer_runs_forward_and_backward_without_touching_the_global_rng(monkeypatch):

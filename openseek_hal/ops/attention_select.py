@@ -6,8 +6,9 @@ every candidate on fresh random inputs of that shape and layout, forward plus ba
 what it is for), keeps the fastest and records the decision in `FastestAttention.decisions`
 (readable for reports: `FastestAttention.report`). Later calls with that key are one dict lookup.
 
-Calls that cannot be timed use the first candidate (the default) without recording anything: inside
-``torch.compile`` tracing and during CUDA graph capture. Packed sequences (``cu_seqlens``) are
+Calls that cannot be timed (inside ``torch.compile`` tracing, during CUDA graph capture) use the
+shape's recorded choice if there is one, else ``untimed`` (default: the first candidate) for dense
+calls and the first varlen candidate for packed ones, and record nothing. Packed sequences (``cu_seqlens``) are
 timed only among the candidates that handle them without an ``S x S`` mask (``varlen`` names them).
 A candidate that raises while being timed is recorded with its error and skipped.
 """
@@ -74,15 +75,19 @@ class FastestAttention:
     ``varlen``: the names that take ``cu_seqlens`` efficiently (default: the first candidate only).
     ``timer``: ``timer(fn, q, k, v, scale, cu_seqlens) -> milliseconds`` (default: CUDA events,
     forward + backward); tests inject timings through it.
+    ``untimed``: the candidate for a dense call that cannot be timed (default: the first).
     """
 
     def __init__(self, candidates: Mapping[str, Callable[..., Any]], *, varlen: Iterable[str] | None = None,
-                 timer: Timer | None = None):
+                 timer: Timer | None = None, untimed: str | None = None):
         if not candidates:
             raise ValueError("FastestAttention needs at least one candidate")
         self.candidates = dict(candidates)
         self.default = next(iter(self.candidates))
         self.varlen = set(varlen) if varlen is not None else {self.default}
+        self.untimed = untimed or self.default
+        if self.untimed not in self.candidates:
+            raise ValueError(f"untimed candidate {self.untimed!r} is not one of {list(self.candidates)}")
         self.timer: Timer = timer or cuda_time_fwd_bwd
         self.decisions: dict[ShapeKey, dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -100,7 +105,9 @@ class FastestAttention:
         if decision is not None:
             return decision["choice"]
         if _untimeable() or q.numel() == 0 or v.numel() == 0:
-            return self.default
+            if cu_seqlens is None:
+                return self.untimed
+            return next(n for n in self.candidates if n in self.varlen)
         with self._lock:
             if key in self.decisions:
                 return self.decisions[key]["choice"]
