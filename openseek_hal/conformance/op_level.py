@@ -293,9 +293,11 @@ class OpLevel:
                 out.append(CheckResult(**info, check="backward", status="error", message=f"forward raised {msg}"))
             return out
         reference = opdef.reference
+        # float64 CPU copies of the inputs for the op's hooks (choice, error bounds), made once
+        ref_args, ref_kwargs = tree_map(to_reference, sample.args), tree_map(to_reference, sample.kwargs)
         if opdef.choice is not None:  # a discrete choice that ties can flip: compare against the backend's
             try:
-                chosen = opdef.choice(tree_map(to_reference, sample.args), tree_map(to_reference, sample.kwargs),
+                chosen = opdef.choice(ref_args, ref_kwargs,
                                       [o.detach().cpu() if isinstance(o, torch.Tensor) else o for o in got.outputs],
                                       dtype)
             except Exception:  # a malformed choice: the plain comparison reports it
@@ -308,8 +310,7 @@ class OpLevel:
         scale = None
         if opdef.error_scale is not None:
             try:
-                scale = flatten(opdef.error_scale(*tree_map(to_reference, sample.args),
-                                                  **tree_map(to_reference, sample.kwargs)))
+                scale = flatten(opdef.error_scale(*ref_args, **ref_kwargs))
             except Exception as e:  # a broken bound is the suite's bug: say so instead of guessing
                 return [CheckResult(**info, check="forward", status="error",
                                     message=f"the op's error_scale raised {error_text(e)}")]
@@ -329,8 +330,7 @@ class OpLevel:
                     grad_scale = None
                     if opdef.grad_error_scale is not None:
                         ups = [_upstream(seed, i, got.outputs[i]).cpu().to(torch.float64) for i in diff_outputs]
-                        per_arg = opdef.grad_error_scale(tree_map(to_reference, sample.args),
-                                                         tree_map(to_reference, sample.kwargs), ups)
+                        per_arg = opdef.grad_error_scale(ref_args, ref_kwargs, ups)
                         grad_scale = [per_arg[i] for i in grad_pos]
                     bwd = compare_all(got.grads, expected_bwd.grads or [], bwd_rtol, bwd_atol, what="grad of input",
                                       floor=floor.grads if floor else None, norm_rtol=norm_rtol,
