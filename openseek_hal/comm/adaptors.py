@@ -48,6 +48,9 @@ class Adaptor:
     name: ClassVar[str]
     device_types: ClassVar[tuple[str, ...]] = ()  # torch device types it serves; () = every device type
     description: ClassVar[str] = ""
+    # whether one communicator may span ranks on different chip kinds (backends): the trainer runs a job
+    # whose ranks use different backends only through such an adaptor (``hier``)
+    spans_kinds: ClassVar[bool] = False
 
     @classmethod
     def is_available(cls) -> tuple[bool, str]:

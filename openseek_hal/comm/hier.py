@@ -178,6 +178,7 @@ class HierAdaptor(Adaptor):
 
     name = "hier"
     device_types = ()
+    spans_kinds = True
     description = "chip kinds grouped: native inside a kind, host-staged between kind leaders"
 
     @classmethod

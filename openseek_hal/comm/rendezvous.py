@@ -33,6 +33,7 @@ DEFAULT_TIMEOUT = 600.0
 LINGER_S = 2.0  # how long a store host waits, after a failed check-in, for the others to read the verdict
 _JOIN_PREFIX = "openseek_hal/rendezvous/"
 _timeout_of_world: float | None = None
+_kinds_of_world: list[str] | None = None
 
 
 def process_group_backend(device_type: str, dist_backend: str) -> str:
@@ -74,15 +75,22 @@ def ranks_text(ranks: list[int]) -> str:
 
 def init_distributed(device_type: str, dist_backend: str, *, rank: int | None = None,
                      world_size: int | None = None, store: Any | None = None,
-                     timeout: float = DEFAULT_TIMEOUT) -> None:
+                     timeout: float = DEFAULT_TIMEOUT, kind: str | None = None) -> None:
     """Start the default group unless it is running. Without ``store``, rendezvous through ``env://``.
 
     ``timeout`` (seconds) bounds the whole rendezvous (reaching the store and waiting for every rank,
     plus at most `LINGER_S` on the rank that hosts the store) and then each collective of the group.
     A rank that never joins gives every rank that did a `CollectiveTimeoutError` naming exactly the
     ranks that did not check in; an unreachable store gives one naming its address.
+
+    ``kind`` labels this rank's chip kind (the trainer passes its backend's name; default: the
+    torch.distributed backend string). Ranks check in with their label and backend string, so
+    after the rendezvous `world_kinds` gives every rank's label. When the ranks' backend strings
+    differ (a GPU rank and a CPU rank: they cannot share an NCCL group), the default group is
+    started as ``gloo`` on every rank, which all of them can join; the ``hier`` adaptor then makes
+    each kind's native group.
     """
-    global _timeout_of_world
+    global _timeout_of_world, _kinds_of_world
     if dist.is_initialized():
         return
     if timeout <= 0:
@@ -94,16 +102,27 @@ def init_distributed(device_type: str, dist_backend: str, *, rank: int | None = 
     if rank is None or world_size is None:
         raise CollectiveError("init_distributed with a store needs rank and world_size", op="init")
     where = store_address(store)
-    _wait_for_everyone(store, rank, world_size, timeout, deadline=deadline, hosts_store=hosts_store)
+    own = process_group_backend(device_type, dist_backend)
+    labels = _wait_for_everyone(store, rank, world_size, timeout, deadline=deadline, hosts_store=hosts_store,
+                                label=json.dumps([kind or own, own]))
+    labels = labels or [[kind or own, own]] * world_size
+    pg_backend = own if len({b for _, b in labels}) == 1 else "gloo"  # mixed libraries: gloo joins them all
     try:
-        dist.init_process_group(process_group_backend(device_type, dist_backend), store=store, rank=rank,
+        dist.init_process_group(pg_backend, store=store, rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout))
     except RuntimeError as e:
         raise CollectiveError(f"starting the process group on rank {rank} of "
                               f"{describe_group('world', range(world_size))} (store {where}) failed: "
                               f"{_first_line(e)}", op="init", rank=rank, group="world") from e
     _timeout_of_world = timeout
+    _kinds_of_world = [k for k, _ in labels]
     _start_heartbeat(store, rank, world_size)
+
+
+def world_kinds() -> list[str] | None:
+    """The kind label of every rank of the default group started by `init_distributed` (None if it
+    was not started there): what each rank passed as ``kind``, else its torch.distributed backend."""
+    return list(_kinds_of_world) if _kinds_of_world is not None else None
 
 
 def store_address(store: Any) -> str:
@@ -189,17 +208,28 @@ def _reach(addr: str, port: int, deadline: float) -> None:
 
 
 def _wait_for_everyone(store: Any, rank: int, world_size: int, timeout: float, *,
-                       deadline: float | None = None, hosts_store: bool = False) -> None:
-    """Check in under this rank's own key; wait until every rank has, or raise naming those that have not."""
+                       deadline: float | None = None, hosts_store: bool = False,
+                       label: str = "1") -> list[Any] | None:
+    """Check in under this rank's own key; wait until every rank has, or raise naming those that have not.
+
+    Each rank checks in with ``label`` (JSON). When every rank's label equals the first one written,
+    returns None (O(1) store traffic per rank, whatever the world size); when they differ, every rank
+    reads every label and returns them in rank order (decoded).
+    """
     if deadline is None:
         deadline = time.monotonic() + timeout
     prefix = f"{_JOIN_PREFIX}{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
     count_key, verdict_key, ack_key = prefix + "count", prefix + "verdict", prefix + "ack"
+    label_key, mixed_key = prefix + "label", prefix + "mixed"
     group = describe_group("world", range(world_size))
     where = store_address(store)
     interval = min(1.0, 0.1 + world_size / 2000)  # polls of one counter; fewer where thousands poll one store
     try:
-        store.set(f"{prefix}joined/{rank}", "1")
+        store.set(f"{prefix}joined/{rank}", label)
+        # the first label written wins; a rank with another says so before it counts itself in, so the
+        # flag is visible to every rank that sees the full count
+        if _text(store.compare_set(label_key, "", label)) != label:
+            store.set(mixed_key, "1")
         count = store.add(count_key, 1)
         while True:
             if store.check([verdict_key]):  # another rank gave up first: adopt its verdict
@@ -207,12 +237,12 @@ def _wait_for_everyone(store: Any, rank: int, world_size: int, timeout: float, *
                 store.add(ack_key, 1)
                 break
             if count >= world_size:
-                return
+                return _labels(store, prefix, world_size) if store.check([mixed_key]) else None
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = [r for r in range(world_size) if not store.check([f"{prefix}joined/{r}"])]
                 if not missing:
-                    return
+                    return _labels(store, prefix, world_size) if store.check([mixed_key]) else None
                 missing = json.loads(store.compare_set(verdict_key, "", json.dumps(missing)))
                 store.add(ack_key, 1)
                 break
@@ -229,6 +259,14 @@ def _wait_for_everyone(store: Any, rank: int, world_size: int, timeout: float, *
     raise CollectiveTimeoutError(f"rendezvous on rank {rank} of group {group} timed out after {timeout:g} s: "
                                  f"{ranks_text(missing)} never joined{late} (store {where})",
                                  op="rendezvous", rank=rank, group="world")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _labels(store: Any, prefix: str, world_size: int) -> list[Any]:
+    return [json.loads(_text(store.get(f"{prefix}joined/{r}"))) for r in range(world_size)]
 
 
 def gloo_group(pg: Any, pg_backend: str, global_ranks: list[int], timeout: float) -> Any:

@@ -20,7 +20,8 @@ def _parse_value(text: str) -> object:
 
 @click.command()
 @click.option("--backend", "-b", default=None,
-              help="Backend name (default: $OPENSEEK_HAL_BACKEND or the best available).")
+              help="Backend name (default: $OPENSEEK_HAL_BACKEND or the best available), or one per local rank "
+                   "(cuda,cpu or cuda=1,cpu=1 with -n 2): a job mixing chip kinds, through the hier adaptor.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="YAML file of TrainConfig fields (see docs/train.md); options given here override it.")
@@ -79,6 +80,9 @@ def train(backend, steps, config_path, data, out, resume, batch_size, seq_len, l
                                  param_hint="--nproc-per-node")
     if nproc_per_node is not None and nproc_per_node > 1 and world.world_size == 1:
         check_world(cfg, nproc_per_node)  # a batch or expert layout that does not fit: one error, before any rank
+        from .kinds import rank_backend
+
+        rank_backend(cfg.backend, 0, nproc_per_node)  # per-rank backends that do not fit -n: the same
         argv = _forward_args(click.get_current_context().params)
         sys.exit(spawn_local(argv, nproc_per_node, timeout=cfg.comm_timeout))
 

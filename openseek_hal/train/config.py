@@ -24,7 +24,9 @@ class TrainConfig:
     # and overrides of its fields by their Hugging Face names (vocab_size comes from the tokenizer).
     model_preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)
-    backend: str | None = None  # None: the best available backend
+    # None: $OPENSEEK_HAL_BACKEND, else the best available backend. One name per local rank ("cuda,cpu", or
+    # "cuda=1,cpu=1") runs a job whose ranks use different backends (docs/train.md, "Mixed-kind jobs")
+    backend: str | None = None
     data: str | None = None  # None: the built-in corpus (Python's own documentation)
     out: str = "runs/default"
     steps: int = 200
@@ -193,6 +195,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.tokenizer_vocab_size < MIN_VOCAB:
         raise ConfigError(f"tokenizer_vocab_size must be at least {MIN_VOCAB} (256 bytes + end of text), "
                           f"got {cfg.tokenizer_vocab_size}")
+    if cfg.backend:
+        from .kinds import parse_backends
+
+        parse_backends(cfg.backend)  # one backend, or one per local rank: a typo fails here
     mc = model_config(cfg)  # a bad model field fails here, before any data is read
     if mc.n_routed_experts and mc.n_routed_experts % cfg.expert_parallel:
         raise ConfigError(f"expert_parallel={cfg.expert_parallel} does not divide the {mc.n_routed_experts} "

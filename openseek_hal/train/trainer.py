@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, check_resumable, check_world, model_config, to_dict
 from .corpus import TokenSequence, iter_windows, load_training_tokens
+from .kinds import describe_kinds, device_type_of, job_adaptor, job_weight_mode, rank_backend
 from .metrics import MetricsLogger
 from .parallel import ParallelLayout
 from .profile import StepProfiler
@@ -83,8 +83,10 @@ def batch_at(tokens: TokenSequence, step: int, cfg: TrainConfig,
     return _windows(tokens, batch_starts(len(tokens), step, cfg)[rows], cfg.seq_len)
 
 
-def weight_dtype(cfg: TrainConfig, backend: Backend) -> torch.dtype:
-    mode = cfg.dtype if cfg.dtype != "auto" else ("fp32" if backend.device_type == "cpu" else "bf16")
+def weight_dtype(cfg: TrainConfig, backend: Backend, device_types: set[str] | None = None) -> torch.dtype:
+    """The weights' dtype on ``backend``; ``device_types``: those of every rank of the job (default: this
+    rank's), so that a job whose ranks sit on different device types takes one regime (`job_weight_mode`)."""
+    mode = job_weight_mode(cfg.dtype, device_types or {backend.device_type})
     return {"bf16": torch.bfloat16, "fp64": torch.float64}.get(mode, torch.float32)
 
 
@@ -121,20 +123,32 @@ def evaluate(model: DeepseekV3, tokens: TokenSequence, cfg: TrainConfig, batch: 
     return float(np.mean(losses))
 
 
-def join_world(cfg: TrainConfig) -> Communicator | None:
-    """The job's world communicator when this process is one rank of several (torchrun, SLURM,
-    ``--nproc-per-node``), else None. Each rank takes the device of its local rank."""
+def _backend_for(cfg: TrainConfig, local_rank: int, local_world_size: int) -> Backend:
+    name, index = rank_backend(cfg.backend, local_rank, local_world_size)
+    backend = get_backend(name)
+    return backend if backend.device_type == "cpu" else get_backend(name, device_index=index)
+
+
+def join_world(cfg: TrainConfig) -> tuple[Communicator | None, Backend]:
+    """This rank's backend, and the job's world communicator when this process is one rank of several
+    (torchrun, SLURM, ``--nproc-per-node``; else None).
+
+    Each rank takes its own backend (`rank_backend`: ``backend`` may name one per local rank) on the
+    next device of its type. Ranks check in with their backend's name; when they differ, the job must
+    use an adaptor that spans chip kinds (`job_adaptor`: ``hier`` by default).
+    """
     from .launch import world_from_env
 
     world = world_from_env()
+    backend = _backend_for(cfg, world.local_rank, world.local_world_size)
     if world.world_size == 1:
-        return None
+        return None, backend
     from ..comm import create
+    from ..comm.rendezvous import init_distributed, world_kinds
 
-    backend = get_backend(cfg.backend)
-    if backend.device_type != "cpu":
-        backend = get_backend(cfg.backend, device_index=world.local_rank)
-    return create(cfg.comm_adaptor or None, backend, timeout=cfg.comm_timeout)
+    init_distributed(backend.device_type, backend.dist_backend, timeout=cfg.comm_timeout, kind=backend.name)
+    adaptor = job_adaptor(cfg.comm_adaptor, world_kinds() or [backend.name])
+    return create(adaptor or None, backend, timeout=cfg.comm_timeout), backend
 
 
 def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Console | None = None,
@@ -146,10 +160,20 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
     """
     joined = comm is None
     if joined:
-        comm = join_world(cfg)
+        comm, backend = join_world(cfg)
+    else:  # ranks of `openseek_hal.comm.launch`: one host, the local rank is the rank
+        from .launch import world_from_env
+
+        world = world_from_env()
+        local = (world.local_rank, world.local_world_size) if world.world_size > 1 else \
+            (comm.rank, comm.world_size)
+        backend = _backend_for(cfg, *local)
     check_world(cfg, comm.world_size if comm is not None else 1)  # one clear error before any group is made
+    kinds = [backend.name]
     if comm is not None:
-        _check_same_config(cfg, comm)
+        kinds = _check_same_config(cfg, comm, backend.name)
+        if len(set(kinds)) > 1:
+            job_adaptor(getattr(comm, "adaptor", None) or "torch", kinds)  # refuses one that cannot span kinds
     layout = ParallelLayout(comm, cfg.expert_parallel) if comm is not None else ParallelLayout(None)
     if not layout.is_main:
         console = Console(file=io.StringIO())
@@ -157,7 +181,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
         console = Console()
     lock = FolderLock(Path(cfg.out), what="run folder") if layout.is_main else contextlib.nullcontext()
     with lock:
-        result = _Run(cfg, layout, console, resume).train()
+        result = _Run(cfg, layout, console, resume, backend, kinds).train()
     if joined and comm is not None:  # on an error the process exits, and the launcher ends the others
         from ..comm import shutdown
 
@@ -165,34 +189,69 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, console: Consol
     return result
 
 
-def _check_same_config(cfg: TrainConfig, comm: Communicator) -> None:
+_NAME_BYTES = 64  # a backend name, UTF-8, padded: exchanged with the config digest
+
+
+def _check_same_config(cfg: TrainConfig, comm: Communicator, backend_name: str) -> list[str]:
     """Every rank must run the same configuration (ranks started with other flags would train other
-    models, or deadlock): compare a digest of it across the ranks, at start."""
-    text = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    models, or deadlock): compare a digest of it across the ranks, at start. The one field that may
+    differ is ``backend`` (nodes of different chips started with their own ``--backend``); each rank's
+    resolved backend name travels with the digest. Returns every rank's backend name."""
+    fields = {k: v for k, v in to_dict(cfg).items() if k != "backend"}
+    text = json.dumps(fields, sort_keys=True, default=str).encode()
     digest = int.from_bytes(hashlib.sha256(text).digest()[:7], "big")
+    name = backend_name.encode()[:_NAME_BYTES].ljust(_NAME_BYTES, b"\0")
+    row = torch.cat([torch.tensor([digest], dtype=torch.int64),
+                     torch.frombuffer(bytearray(name), dtype=torch.int64)])
     device = getattr(comm, "device", torch.device("cpu"))
-    mine = torch.tensor([digest], dtype=torch.int64, device=device)
-    every = torch.empty(comm.world_size, dtype=torch.int64, device=device)
+    mine = row.to(device)
+    every = torch.empty(comm.world_size * row.numel(), dtype=torch.int64, device=device)
     comm.all_gather(every, mine)
-    digests = every.tolist()
+    rows = every.cpu().view(comm.world_size, -1)
+    digests = rows[:, 0].tolist()
     differ = [r for r, d in enumerate(digests) if d != digests[0]]
     if differ:
         from ..comm.rendezvous import ranks_text
 
         raise ConfigError(f"{ranks_text(differ)} started with another configuration than rank 0; every rank of a "
-                          "job must get the same options")
+                          "job must get the same options (only backend may differ between ranks)")
+    return [bytes(r[1:].contiguous().view(torch.uint8).tolist()).rstrip(b"\0").decode(errors="replace")
+            for r in rows]
+
+
+@torch.no_grad()
+def broadcast_weights(model: torch.nn.Module, comm: Communicator, chunk_bytes: int = 64 * 2**20) -> None:
+    """Copy rank 0's parameters and buffers to every rank (a job whose ranks draw their initial weights
+    on different device types), through ``comm`` in flat chunks of one dtype."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.numel()]
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        group: list[torch.Tensor] = []
+        size = 0
+        for t in [t for t in tensors if t.dtype == dtype] + [None]:
+            if t is not None:
+                group.append(t)
+                size += t.numel() * t.element_size()
+            if group and (t is None or size >= chunk_bytes):
+                flat = torch.cat([g.detach().reshape(-1) for g in group])
+                comm.broadcast(flat, src=0)
+                offset = 0
+                for g in group:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
+                group, size = [], 0
 
 
 class _Run:
     """One rank's training job."""
 
-    def __init__(self, cfg: TrainConfig, layout: ParallelLayout, console: Console, resume: str | Path | None):
+    def __init__(self, cfg: TrainConfig, layout: ParallelLayout, console: Console, resume: str | Path | None,
+                 backend: Backend, kinds: list[str]):
         self.cfg, self.layout, self.console = cfg, layout, console
         self.dp, self.micro, self.accum = check_world(cfg, layout.world_size)
-        backend = get_backend(cfg.backend)
-        if layout.world is not None and backend.device_type != "cpu":
-            backend = get_backend(cfg.backend, device_index=int(os.environ.get("LOCAL_RANK", "0")))
         self.backend = backend
+        self.kinds = kinds  # every rank's backend name
+        self.mixed = len(set(kinds)) > 1
+        self.device_types = {device_type_of(k) for k in kinds} | {backend.device_type}
         self.device = backend.device.torch_device
         self.out = Path(cfg.out)
         self.reader = CheckpointReader(resume) if resume is not None else None
@@ -228,9 +287,11 @@ class _Run:
 
     def _build(self) -> None:
         cfg, layout = self.cfg, self.layout
-        self.dtype = weight_dtype(cfg, self.backend)
+        self.dtype = weight_dtype(cfg, self.backend, self.device_types)
         model = build_model(model_config(cfg, vocab_size=self.tok.get_vocab_size()), self.backend, seed=cfg.seed,
                             dtype=self.dtype)
+        if self.mixed and layout.world is not None:  # other device types draw other initial weights
+            broadcast_weights(model, layout.world)
         self.n_params = model.num_parameters()  # before expert parallelism: the model's whole size
         self.flops_per_token = model.flops_per_token(cfg.seq_len)
         self.expert_of = lambda p: None
@@ -262,7 +323,9 @@ class _Run:
             load_weights(self.reader, model, self.expert_of)  # the buffers too (the routing bias)
             load_optimizer(self.reader, self.optimizer, self.expert_of)
         peak = self.backend.capabilities().peak_flops
-        self.peak = peak.get(torch.float32 if self.backend.device_type == "cpu" else torch.bfloat16)
+        # a job over different chips has no one peak to measure against: no MFU
+        self.peak = None if self.mixed else peak.get(torch.float32 if self.backend.device_type == "cpu"
+                                                     else torch.bfloat16)
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -273,7 +336,9 @@ class _Run:
         self.backend.device.manual_seed(cfg.seed)
         console.print(f"[bold]openseek-hal train[/] backend={self.backend.name} device={self.backend.device.name()}"
                       + (f" ranks={layout.world_size} (expert parallel {cfg.expert_parallel})"
-                         if layout.world_size > 1 else ""))
+                         if layout.world_size > 1 else "")
+                      + (f" backends {describe_kinds(self.kinds)} through {getattr(layout.world, 'adaptor', '?')}"
+                         if self.mixed else ""))
         self._load_data()
         self._build()
         losses = list(self.reader.state.get("losses", []))[:self.start_step] if self.reader is not None else []
@@ -397,7 +462,8 @@ class _Run:
         console.print(sample, markup=False, highlight=False)
         self.optimizer.close()
         extra = {"peak_memory_bytes": peak_mem, "optimizer_bytes": mem["optimizer"], "world_size": layout.world_size,
-                 "phases_ms": phases.totals_ms(), "accumulation": self.accum}
+                 "phases_ms": phases.totals_ms(), "accumulation": self.accum, "backends": self.kinds,
+                 "weight_dtype": str(self.dtype).replace("torch.", "")}
         return TrainResult(losses=losses, val_loss=val_loss, tokens_per_second=tps, checkpoint=ckpt_path,
                            sample=sample, backend=self.backend.name, parameters=self.n_params, mfu=mfu, extra=extra)
 
