@@ -117,16 +117,27 @@ def test_attention_kernel_float64_runs_the_reference():
     assert check_op("causal_attention", KERNELS["causal_attention"], torch.float64) > 0
 
 
-def test_attention_kernel_tiles_fit_the_loops():
-    """The loops need BLOCK_M a multiple of BLOCK_N (forward, dQ) and BLOCK_N of BLOCK_M (dK/dV)."""
+def test_attention_kernel_launch_configs_are_valid():
+    """Every default and sweep config has power-of-two blocks >= 16; at MLA's dims the default is the
+    first candidate of each kernel (the heuristic's intended pick) and every candidate is swept."""
     import importlib
 
     attention = importlib.import_module("openseek_hal.ops.kernels.attention")
     for dqk, dv in ((192, 128), (128, 128), (64, 64), (256, 256), (24, 16)):
-        for interpreted, fp32 in ((False, False), (False, True), (True, False)):
-            c = attention._config(dqk, dv, interpreted, fp32)
-            assert c["fwd_m"] % c["fwd_n"] == 0 and c["dq_m"] % c["dq_n"] == 0 and c["kv_n"] % c["kv_m"] == 0
-            assert min(c["fwd_m"], c["fwd_n"], c["kv_m"], c["kv_n"], c["dq_m"], c["dq_n"]) >= 16
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for interpreted in (False, True):
+                attention._check_config(attention.default_config(dqk, dv, dtype, interpreted))
+        for config in attention.sweep_configs(dqk, dv):
+            attention._check_config(config)
+    mla = attention.default_config(192, 128, torch.bfloat16)
+    assert (mla.kv, mla.dq) == (attention.KV_CANDIDATES[0], attention.DQ_CANDIDATES[0])
+    swept = attention.sweep_configs(192, 128)
+    assert {c.kv for c in swept} == set(attention.KV_CANDIDATES)
+    assert {c.dq for c in swept} == set(attention.DQ_CANDIDATES)
+    assert {c.fwd for c in swept} == set(attention.FWD_CANDIDATES)
+    assert len({c.name for c in swept}) == len(swept)
+    with pytest.raises(ValueError, match="powers of two"):
+        attention._check_config(attention.AttentionConfig(mla.fwd, attention.Tiles(48, 128, 8, 2), mla.dq))
     assert [attention.split_head_dim(d) for d in (8, 16, 24, 40, 64, 80, 128, 192, 256)] == [
         (16, 0), (16, 0), (16, 16), (32, 16), (64, 0), (64, 16), (128, 0), (128, 64), (256, 0)]
 
@@ -173,3 +184,6 @@ def test_attention_kernels_compile_for_h100(monkeypatch):
             if dtype == "bf16" and name in ("fwd", "bwd_dq"):  # the tensor-core path, no register spills
                 usage = resources.resources(kernel)
                 assert "STACK:0" in usage and "wgmma" in usage, (name, usage)
+            if dtype == "bf16" and name == "bwd_dkdv":  # wgmma; dK + dV fill the registers: a few bytes spill
+                usage = resources.resources(kernel)
+                assert "wgmma" in usage and int(usage.split("STACK:")[1].split()[0]) <= 64, usage
