@@ -142,6 +142,46 @@ def test_attention_kernel_launch_configs_are_valid():
         (16, 0), (16, 0), (16, 16), (32, 16), (64, 0), (64, 16), (128, 0), (128, 64), (256, 0)]
 
 
+def _sweep_configs_covering_every_candidate():
+    """The GPU launch candidates of every kernel (`sweep_configs` at MLA's dims), zipped so each
+    forward, dK/dV and dQ tiling appears at least once, in a few configs (the interpreter is slow)."""
+    import importlib
+
+    attention = importlib.import_module("openseek_hal.ops._kernels_interpreted.attention")
+    fwd, kv, dq = attention.FWD_CANDIDATES, attention.KV_CANDIDATES, attention.DQ_CANDIDATES
+    n = max(len(fwd), len(kv), len(dq))
+    return attention, [attention.AttentionConfig(fwd[i % len(fwd)], kv[i % len(kv)], dq[i % len(dq)])
+                       for i in range(n)]
+
+
+_ATTENTION_INTERPRETED, _SWEPT = _sweep_configs_covering_every_candidate()
+
+
+@pytest.mark.parametrize("config", _SWEPT, ids=lambda c: c.name)
+def test_attention_every_launch_config_matches_float64(config):
+    """Each selectable GPU tiling (big blocks, other block ratios than the interpreter's default) run by
+    the interpreter in fp16 (the same launches as bf16, without the interpreter's slow bf16 emulation)
+    at MLA's dims against the float64 reference: causal over S = 256 (a multiple of every block: the
+    unmasked-load path), and three packed documents over S = 144 (a partial tile, boundaries inside
+    blocks)."""
+    from openseek_hal import ops
+
+    opdef = ops.get("causal_attention")
+    cases = ((1, 256, None), (1, 144, [0, 37, 130, 144]))
+    for b, s, cu in cases:
+        q, k, v = _attention_inputs(b, 1, s, 192, 128, torch.float16, seed=s, bshd=True)
+        cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+        with _ATTENTION_INTERPRETED.use_config(config):
+            got, do = _attention_fwd_bwd(q, k, v, 0.11, cu_seqlens)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = opdef.reference(q64, k64, v64, 0.11, cu_seqlens)
+        expected = (ref, *torch.autograd.grad(ref, (q64, k64, v64), do.double()))
+        rtol, atol = opdef.tol(torch.float16, max(s, 192))
+        for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
+            torch.testing.assert_close(g.double(), e, rtol=rtol, atol=atol,
+                                       msg=lambda m, name=name, s=s: f"{config.name} S={s} {name}: {m}")
+
+
 def test_attention_cu_seqlens_are_checked_by_the_reference():
     from openseek_hal.ops.attention import causal_attention, document_ids
 
