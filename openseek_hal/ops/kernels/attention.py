@@ -525,9 +525,9 @@ _OVERRIDE: contextvars.ContextVar[AttentionConfig | None] = contextvars.ContextV
 
 @contextlib.contextmanager
 def use_config(config: AttentionConfig | None) -> Iterator[None]:
-    """Launch every `causal_attention` call inside the block (forward and backward) with ``config``
-    instead of `default_config` (for sweeps and tests; None: the default). The backward reads it when
-    it runs, so call ``.backward()`` inside the block too."""
+    """Launch every `causal_attention` forward inside the block with ``config`` instead of
+    `default_config` (for sweeps and tests; None: the default). Its backward uses the same config
+    wherever and whenever it runs (the config is saved with the forward's tensors)."""
     token = _OVERRIDE.set(config)
     try:
         yield
@@ -611,7 +611,7 @@ def document_bounds(cu_seqlens: torch.Tensor, batch: int, seq: int) -> tuple[tor
             end.clamp(0, seq).to(torch.int32).view(batch, seq).contiguous())
 
 
-def _forward(q, k, v, scale, seg):
+def _forward(q, k, v, scale, seg, config: AttentionConfig):
     b, h, s, dqk = q.shape
     dv = v.shape[-1]
     o = _like_layout(q, dv)
@@ -619,7 +619,7 @@ def _forward(q, k, v, scale, seg):
     if o.numel() == 0:
         return o, lse
     da, db = split_head_dim(dqk)
-    t = _launch_config(q, v).fwd
+    t = config.fwd
     grid = (triton.cdiv(s, t.block_m), b * h)
     _attn_fwd[grid](q, k, v, o, lse, seg if seg is not None else lse, scale * LOG2E,
                     *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], h, s, dqk, dv, grid[0],
@@ -628,7 +628,7 @@ def _forward(q, k, v, scale, seg):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, scale, seg, seg_end):
+def _backward(do, q, k, v, o, lse, scale, seg, seg_end, config: AttentionConfig):
     b, h, s, dqk = q.shape
     dv_dim = v.shape[-1]
     dq, dk, dv = _like_layout(q, dqk), _like_layout(k, dqk), _like_layout(v, dv_dim)
@@ -637,7 +637,6 @@ def _backward(do, q, k, v, o, lse, scale, seg, seg_end):
     do = _unit_last(do)
     da, db = split_head_dim(dqk)
     dvb = _pad_v(dv_dim)
-    config = _launch_config(q, v)
     kv, dqt = config.kv, config.dq
     delta = torch.empty(b * h, s, dtype=torch.float32, device=q.device)
     _attn_bwd_pre[(triton.cdiv(s, 64), b * h)](o, do, delta, *o.stride()[:3], *do.stride()[:3], h, s, dv_dim,
@@ -668,7 +667,10 @@ class FlashAttention(torch.autograd.Function):
         seg = seg_end = None
         if cu_seqlens is not None:
             seg, seg_end = document_bounds(cu_seqlens.to(q.device, non_blocking=True), b, s)
-        o, lse = _forward(q, k, v, scale, seg)
+        # the config in force at the forward also runs the backward: that may run on another thread (the
+        # autograd engine's per-device one), where the caller's `use_config` context is not set
+        ctx.config = _launch_config(q, v)
+        o, lse = _forward(q, k, v, scale, seg, ctx.config)
         ctx.save_for_backward(q, k, v, o, lse, seg, seg_end)
         ctx.scale = scale
         return o
@@ -676,7 +678,7 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, seg, seg_end = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, seg, seg_end)
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, seg, seg_end, ctx.config)
         return dq, dk, dv, None, None
 
 
