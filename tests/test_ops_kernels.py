@@ -147,7 +147,10 @@ def _sweep_configs_covering_every_candidate():
     forward, dK/dV and dQ tiling appears at least once, in a few configs (the interpreter is slow)."""
     import importlib
 
-    attention = importlib.import_module("openseek_hal.ops._kernels_interpreted.attention")
+    from openseek_hal.ops.kernel_loader import load_kernels
+
+    # the interpreted copy of the kernel package (the compiled one when TRITON_INTERPRET=1 process-wide)
+    attention = importlib.import_module(load_kernels(interpret=True).__name__ + ".attention")
     fwd, kv, dq = attention.FWD_CANDIDATES, attention.KV_CANDIDATES, attention.DQ_CANDIDATES
     n = max(len(fwd), len(kv), len(dq))
     return attention, [attention.AttentionConfig(fwd[i % len(fwd)], kv[i % len(kv)], dq[i % len(dq)])
