@@ -117,18 +117,72 @@ def test_attention_kernel_float64_runs_the_reference():
     assert check_op("causal_attention", KERNELS["causal_attention"], torch.float64) > 0
 
 
-def test_attention_kernel_tiles_fit_the_loops():
-    """The loops need BLOCK_M a multiple of BLOCK_N (forward, dQ) and BLOCK_N of BLOCK_M (dK/dV)."""
+def test_attention_kernel_launch_configs_are_valid():
+    """Every default and sweep config has power-of-two blocks >= 16; at MLA's dims the default is the
+    first candidate of each kernel (the heuristic's intended pick) and every candidate is swept."""
     import importlib
 
     attention = importlib.import_module("openseek_hal.ops.kernels.attention")
     for dqk, dv in ((192, 128), (128, 128), (64, 64), (256, 256), (24, 16)):
-        for interpreted, fp32 in ((False, False), (False, True), (True, False)):
-            c = attention._config(dqk, dv, interpreted, fp32)
-            assert c["fwd_m"] % c["fwd_n"] == 0 and c["dq_m"] % c["dq_n"] == 0 and c["kv_n"] % c["kv_m"] == 0
-            assert min(c["fwd_m"], c["fwd_n"], c["kv_m"], c["kv_n"], c["dq_m"], c["dq_n"]) >= 16
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for interpreted in (False, True):
+                attention._check_config(attention.default_config(dqk, dv, dtype, interpreted))
+        for config in attention.sweep_configs(dqk, dv):
+            attention._check_config(config)
+    mla = attention.default_config(192, 128, torch.bfloat16)
+    assert (mla.kv, mla.dq) == (attention.KV_CANDIDATES[0], attention.DQ_CANDIDATES[0])
+    swept = attention.sweep_configs(192, 128)
+    assert {c.kv for c in swept} == set(attention.KV_CANDIDATES)
+    assert {c.dq for c in swept} == set(attention.DQ_CANDIDATES)
+    assert {c.fwd for c in swept} == set(attention.FWD_CANDIDATES)
+    assert len({c.name for c in swept}) == len(swept)
+    with pytest.raises(ValueError, match="powers of two"):
+        attention._check_config(attention.AttentionConfig(mla.fwd, attention.Tiles(48, 128, 8, 2), mla.dq))
     assert [attention.split_head_dim(d) for d in (8, 16, 24, 40, 64, 80, 128, 192, 256)] == [
         (16, 0), (16, 0), (16, 16), (32, 16), (64, 0), (64, 16), (128, 0), (128, 64), (256, 0)]
+
+
+def _sweep_configs_covering_every_candidate():
+    """The GPU launch candidates of every kernel (`sweep_configs` at MLA's dims), zipped so each
+    forward, dK/dV and dQ tiling appears at least once, in a few configs (the interpreter is slow)."""
+    import importlib
+
+    from openseek_hal.ops.kernel_loader import load_kernels
+
+    # the interpreted copy of the kernel package (the compiled one when TRITON_INTERPRET=1 process-wide)
+    attention = importlib.import_module(load_kernels(interpret=True).__name__ + ".attention")
+    fwd, kv, dq = attention.FWD_CANDIDATES, attention.KV_CANDIDATES, attention.DQ_CANDIDATES
+    n = max(len(fwd), len(kv), len(dq))
+    return attention, [attention.AttentionConfig(fwd[i % len(fwd)], kv[i % len(kv)], dq[i % len(dq)])
+                       for i in range(n)]
+
+
+_ATTENTION_INTERPRETED, _SWEPT = _sweep_configs_covering_every_candidate()
+
+
+@pytest.mark.parametrize("config", _SWEPT, ids=lambda c: c.name)
+def test_attention_every_launch_config_matches_float64(config):
+    """Each selectable GPU tiling (big blocks, other block ratios than the interpreter's default) run by
+    the interpreter in fp16 (the same launches as bf16, without the interpreter's slow bf16 emulation)
+    at MLA's dims against the float64 reference: causal over S = 256 (a multiple of every block: the
+    unmasked-load path), and three packed documents over S = 144 (a partial tile, boundaries inside
+    blocks)."""
+    from openseek_hal import ops
+
+    opdef = ops.get("causal_attention")
+    cases = ((1, 256, None), (1, 144, [0, 37, 130, 144]))
+    for b, s, cu in cases:
+        q, k, v = _attention_inputs(b, 1, s, 192, 128, torch.float16, seed=s, bshd=True)
+        cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+        with _ATTENTION_INTERPRETED.use_config(config):
+            got, do = _attention_fwd_bwd(q, k, v, 0.11, cu_seqlens)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = opdef.reference(q64, k64, v64, 0.11, cu_seqlens)
+        expected = (ref, *torch.autograd.grad(ref, (q64, k64, v64), do.double()))
+        rtol, atol = opdef.tol(torch.float16, max(s, 192))
+        for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
+            torch.testing.assert_close(g.double(), e, rtol=rtol, atol=atol,
+                                       msg=lambda m, name=name, s=s: f"{config.name} S={s} {name}: {m}")
 
 
 def test_attention_cu_seqlens_are_checked_by_the_reference():
@@ -173,3 +227,6 @@ def test_attention_kernels_compile_for_h100(monkeypatch):
             if dtype == "bf16" and name in ("fwd", "bwd_dq"):  # the tensor-core path, no register spills
                 usage = resources.resources(kernel)
                 assert "STACK:0" in usage and "wgmma" in usage, (name, usage)
+            if dtype == "bf16" and name == "bwd_dkdv":  # wgmma; dK + dV fill the registers: a few bytes spill
+                usage = resources.resources(kernel)
+                assert "wgmma" in usage and int(usage.split("STACK:")[1].split()[0]) <= 64, usage

@@ -31,7 +31,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -39,8 +43,6 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
-
-# -- forward ------------------------------------------------------------------------------------------
 
 # INTERP_BF16 is set only for bfloat16 inputs under Triton's interpreter (Triton 3.9), which has two
 # bfloat16 bugs: its tl.dot multiplies bf16 operands as their raw 16-bit integers (numpy has no
@@ -66,25 +68,109 @@ def _mm(a, b, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
     return tl.dot(a, b, input_precision=PREC)
 
 
+# -- tile helpers -------------------------------------------------------------------------------------
+# Every (rows x head-dim) tile of every kernel goes through these, so the masks are written once: rows
+# at or past S read as 0 (MASK_ROWS, off when S is a multiple of every block of the launch) and
+# head-dim columns at or past D read as 0 (MASK_D, off when the power-of-two parts cover D exactly:
+# MLA's 192 = 128 + 64 and v's 128 need no column mask). Both flags are constexpr, so a launch with
+# neither has plain unmasked loads.
+
+@triton.jit
+def _load_tile(ptr, rows, S, stride, D0: tl.constexpr, DW: tl.constexpr, D, MASK_ROWS: tl.constexpr,
+               MASK_D: tl.constexpr, TRANS: tl.constexpr):
+    """Columns ``D0 .. D0 + DW`` of the rows ``rows`` (row stride ``stride``, unit column stride): a
+    ``[len(rows), DW]`` tile, or ``[DW, len(rows)]`` with TRANS."""
+    offs = D0 + tl.arange(0, DW)
+    if TRANS:
+        ptrs = ptr + rows[None, :] * stride + offs[:, None]
+        row_mask = rows[None, :] < S
+        d_mask = offs[:, None] < D
+    else:
+        ptrs = ptr + rows[:, None] * stride + offs[None, :]
+        row_mask = rows[:, None] < S
+        d_mask = offs[None, :] < D
+    if MASK_ROWS:
+        if MASK_D:
+            x = tl.load(ptrs, mask=row_mask & d_mask, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_mask, other=0.0)
+    elif MASK_D:
+        x = tl.load(ptrs, mask=d_mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _load_split(ptr, rows, S, stride, D, DA: tl.constexpr, DB: tl.constexpr, MASK_ROWS: tl.constexpr,
+                MASK_D: tl.constexpr, TRANS: tl.constexpr):
+    """A query/key tile in its two power-of-two head-dim parts ``[0, DA)`` and ``[DA, DA + DB)``
+    (the second is the first again when DB = 0, and then unused)."""
+    a = _load_tile(ptr, rows, S, stride, 0, DA, D, MASK_ROWS, MASK_D, TRANS)
+    if DB > 0:
+        b = _load_tile(ptr, rows, S, stride, DA, DB, D, MASK_ROWS, MASK_D, TRANS)
+    else:
+        b = a
+    return a, b
+
+
+@triton.jit
+def _store_tile(ptr, x, rows, S, stride, D0: tl.constexpr, DW: tl.constexpr, D, MASK_ROWS: tl.constexpr,
+                MASK_D: tl.constexpr, INTERP_BF16: tl.constexpr):
+    offs = D0 + tl.arange(0, DW)
+    ptrs = ptr + rows[:, None] * stride + offs[None, :]
+    x = _cast(x, ptr.dtype.element_ty, INTERP_BF16)
+    if MASK_ROWS:
+        if MASK_D:
+            tl.store(ptrs, x, mask=(rows[:, None] < S) & (offs[None, :] < D))
+        else:
+            tl.store(ptrs, x, mask=rows[:, None] < S)
+    elif MASK_D:
+        tl.store(ptrs, x, mask=offs[None, :] < D)
+    else:
+        tl.store(ptrs, x)
+
+
+@triton.jit
+def _store_split(ptr, x_a, x_b, rows, S, stride, D, DA: tl.constexpr, DB: tl.constexpr, MASK_ROWS: tl.constexpr,
+                 MASK_D: tl.constexpr, INTERP_BF16: tl.constexpr):
+    _store_tile(ptr, x_a, rows, S, stride, 0, DA, D, MASK_ROWS, MASK_D, INTERP_BF16)
+    if DB > 0:
+        _store_tile(ptr, x_b, rows, S, stride, DA, DB, D, MASK_ROWS, MASK_D, INTERP_BF16)
+
+
+@triton.jit
+def _mm_split(a_a, a_b, b_a, b_b, DB: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """``a_a @ b_a + a_b @ b_b``: a product over the split query/key head dim."""
+    acc = _mm(a_a, b_a, PREC, INTERP_BF16)
+    if DB > 0:
+        acc += _mm(a_b, b_b, PREC, INTERP_BF16)
+    return acc
+
+
+@triton.jit
+def _load_vec(ptr, rows, S, other, MASK_ROWS: tl.constexpr):
+    if MASK_ROWS:
+        x = tl.load(ptr + rows, mask=rows < S, other=other)
+    else:
+        x = tl.load(ptr + rows)
+    return x
+
+
+# -- forward ------------------------------------------------------------------------------------------
+
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, SEG_ROW, rows, start_n, qk_scale, stride_ks, stride_vs, S, D_QK, D_V,
                CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
-               BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+               BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr, MASK_V: tl.constexpr,
+               PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
-    col_ok = cols < S
-    offs_a = tl.arange(0, DA)
-    # K^T: [DA, BLOCK_N]
-    kt_a = tl.load(K + cols[None, :] * stride_ks + offs_a[:, None], mask=col_ok[None, :] & (offs_a[:, None] < D_QK),
-                   other=0.0)
-    qk = _mm(q_a, kt_a, PREC, INTERP_BF16)
-    if DB > 0:
-        offs_b = DA + tl.arange(0, DB)
-        kt_b = tl.load(K + cols[None, :] * stride_ks + offs_b[:, None],
-                       mask=col_ok[None, :] & (offs_b[:, None] < D_QK), other=0.0)
-        qk += _mm(q_b, kt_b, PREC, INTERP_BF16)
-    qk = qk * qk_scale
+    kt_a, kt_b = _load_split(K, cols, S, stride_ks, D_QK, DA, DB, MASK_ROWS, MASK_QK, True)  # K^T: [D, BLOCK_N]
+    qk = _mm_split(q_a, q_b, kt_a, kt_b, DB, PREC, INTERP_BF16) * qk_scale
     if CAUSAL:
-        keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
+        keep = cols[None, :] <= rows[:, None]
+        if MASK_ROWS:
+            keep = keep & (cols[None, :] < S)
         if VARLEN:
             keep = keep & (cols[None, :] >= SEG_ROW[:, None])
         qk = tl.where(keep, qk, float("-inf"))
@@ -96,9 +182,7 @@ def _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, SEG_ROW, rows, start_n, qk_scale, 
     p = tl.math.exp2(qk - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
-    offs_v = tl.arange(0, DVB)
-    v = tl.load(V + cols[:, None] * stride_vs + offs_v[None, :], mask=col_ok[:, None] & (offs_v[None, :] < D_V),
-                other=0.0)
+    v = _load_tile(V, cols, S, stride_vs, 0, DVB, D_V, MASK_ROWS, MASK_V, False)
     acc = acc * alpha[:, None] + _mm(_cast(p, v.dtype, INTERP_BF16), v, PREC, INTERP_BF16)
     return acc, l_i, m_new
 
@@ -109,7 +193,8 @@ def _attn_fwd(Q, K, V, OUT, LSE, SEG, qk_scale,
               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
               H, S, D_QK, D_V, N_BLOCKS,
               VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr,
+              MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
     # the longest rows first (causal: the last query block sees every key), so the short ones fill the tail
     start_m = (N_BLOCKS - 1 - tl.program_id(0)) * BLOCK_M  # N_BLOCKS = the grid's first dim
     bh = tl.program_id(1).to(tl.int64)
@@ -120,40 +205,44 @@ def _attn_fwd(Q, K, V, OUT, LSE, SEG, qk_scale,
     V += b * stride_vb + h * stride_vh
     OUT += b * stride_ob + h * stride_oh
     rows = start_m + tl.arange(0, BLOCK_M)
-    row_ok = rows < S
-    offs_a = tl.arange(0, DA)
-    q_a = tl.load(Q + rows[:, None] * stride_qs + offs_a[None, :], mask=row_ok[:, None] & (offs_a[None, :] < D_QK),
-                  other=0.0)
-    if DB > 0:
-        offs_b = DA + tl.arange(0, DB)
-        q_b = tl.load(Q + rows[:, None] * stride_qs + offs_b[None, :],
-                      mask=row_ok[:, None] & (offs_b[None, :] < D_QK), other=0.0)
-    else:
-        q_b = q_a
+    q_a, q_b = _load_split(Q, rows, S, stride_qs, D_QK, DA, DB, MASK_ROWS, MASK_QK, False)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DVB], tl.float32)
     lo = 0
     seg_row = rows
     if VARLEN:
-        seg_row = tl.load(SEG + b * S + rows, mask=row_ok, other=S)
+        seg_row = _load_vec(SEG + b * S, rows, S, S, MASK_ROWS)
         lo = (tl.load(SEG + b * S + start_m) // BLOCK_N) * BLOCK_N  # the block's first document start
-    # key blocks wholly left of the block's first row: no causal mask (BLOCK_M is a multiple of BLOCK_N)
-    for start_n in range(lo, start_m, BLOCK_N):
+    # key blocks wholly left of the block's first row: no causal mask
+    mid = (start_m // BLOCK_N) * BLOCK_N
+    for start_n in range(lo, mid, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, seg_row, rows, start_n, qk_scale, stride_ks,
-                                   stride_vs, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_N, PREC, INTERP_BF16)
+                                   stride_vs, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_N, False, MASK_QK,
+                                   MASK_V, PREC, INTERP_BF16)
     # the diagonal blocks, masked
-    for start_n in range(tl.maximum(lo, start_m), tl.minimum(start_m + BLOCK_M, S), BLOCK_N):
+    for start_n in range(tl.maximum(lo, mid), tl.minimum(start_m + BLOCK_M, S), BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, seg_row, rows, start_n, qk_scale, stride_ks,
-                                   stride_vs, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_N, PREC, INTERP_BF16)
+                                   stride_vs, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_N, MASK_ROWS, MASK_QK,
+                                   MASK_V, PREC, INTERP_BF16)
     o = acc / l_i[:, None]
-    offs_v = tl.arange(0, DVB)
-    tl.store(OUT + rows[:, None] * stride_os + offs_v[None, :], _cast(o, OUT.dtype.element_ty, INTERP_BF16),
-             mask=row_ok[:, None] & (offs_v[None, :] < D_V))
-    tl.store(LSE + bh * S + rows, m_i + tl.math.log2(l_i), mask=row_ok)
+    _store_tile(OUT, o, rows, S, stride_os, 0, DVB, D_V, MASK_ROWS, MASK_V, INTERP_BF16)
+    lse = m_i + tl.math.log2(l_i)
+    if MASK_ROWS:
+        tl.store(LSE + bh * S + rows, lse, mask=rows < S)
+    else:
+        tl.store(LSE + bh * S + rows, lse)
 
 
 # -- backward -----------------------------------------------------------------------------------------
+# P is recomputed from the saved log2-sum-exp: P = exp2(q k^T * scale * log2(e) - lse). dV = P^T dO,
+# dP = dO V^T, dS = P * (dP - D) with D = rowsum(dO * O), dQ = scale * dS K, dK = scale * dS^T Q. The
+# scale is applied once per output tile at the store (dQ, dK), not per S tile; the log2(e) factor
+# rides in the one FMA that forms the exp2 argument. Two kernels write the gradients, each owning its
+# output rows (no atomics, a fixed reduction order, so bitwise reproducible): dK/dV, one program per
+# key block walking the query blocks from the diagonal down, and dQ, one program per query block
+# walking the key blocks up to the diagonal. Only the diagonal blocks are causally masked; with
+# cu_seqlens every block is document-masked.
 
 @triton.jit
 def _attn_bwd_pre(OUT, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds, H, S, D_V,
@@ -162,47 +251,31 @@ def _attn_bwd_pre(OUT, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, st
     b = bh // H
     h = bh % H
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_v = tl.arange(0, DVB)
-    mask = (rows[:, None] < S) & (offs_v[None, :] < D_V)
-    o = tl.load(OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_v[None, :], mask=mask,
-                other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_db + h * stride_dh + rows[:, None] * stride_ds + offs_v[None, :], mask=mask,
-                 other=0.0).to(tl.float32)
-    tl.store(DELTA + bh * S + rows, tl.sum(o * do, 1), mask=rows < S)
+    o = _load_tile(OUT + b * stride_ob + h * stride_oh, rows, S, stride_os, 0, DVB, D_V, True, True, False)
+    do = _load_tile(DO + b * stride_db + h * stride_dh, rows, S, stride_ds, 0, DVB, D_V, True, True, False)
+    tl.store(DELTA + bh * S + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < S)
 
 
 @triton.jit
 def _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m, qk_scale, stride_qs, stride_ds,
                 S, D_QK, D_V, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-                DVB: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+                DVB: tl.constexpr, BLOCK_M: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr,
+                MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """One query block against the program's key block, transposed (keys on the rows): S^T = K Q^T."""
     rows = start_m + tl.arange(0, BLOCK_M)
-    row_ok = rows < S
-    offs_a = tl.arange(0, DA)
-    offs_v = tl.arange(0, DVB)
-    # Q^T: [DA, BLOCK_M]; rows past S load as zeros and contribute nothing
-    qt_a = tl.load(Q + rows[None, :] * stride_qs + offs_a[:, None], mask=row_ok[None, :] & (offs_a[:, None] < D_QK),
-                   other=0.0)
-    qkt = _mm(k_a, qt_a, PREC, INTERP_BF16)
-    if DB > 0:
-        offs_b = DA + tl.arange(0, DB)
-        qt_b = tl.load(Q + rows[None, :] * stride_qs + offs_b[:, None],
-                       mask=row_ok[None, :] & (offs_b[:, None] < D_QK), other=0.0)
-        qkt += _mm(k_b, qt_b, PREC, INTERP_BF16)
-    else:
-        qt_b = qt_a
-    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-    pt = tl.math.exp2(qkt * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
-    keep = row_ok[None, :]
+    # Q^T: [D, BLOCK_M]; rows past S load as zeros and contribute nothing
+    qt_a, qt_b = _load_split(Q, rows, S, stride_qs, D_QK, DA, DB, MASK_ROWS, MASK_QK, True)
+    lse = _load_vec(LSE, rows, S, 0.0, MASK_ROWS)
+    pt = tl.math.exp2(_mm_split(k_a, k_b, qt_a, qt_b, DB, PREC, INTERP_BF16) * qk_scale - lse[None, :])
+    if MASK_ROWS:  # padding queries (zeros): P^T = exp2(0 - 0) = 1 there, not 0
+        pt = tl.where(rows[None, :] < S, pt, 0.0)
     if CAUSAL:
-        keep = keep & (rows[None, :] >= cols[:, None])
+        pt = tl.where(rows[None, :] >= cols[:, None], pt, 0.0)
     if VARLEN:
-        seg = tl.load(SEG + rows, mask=row_ok, other=S)
-        keep = keep & (seg[None, :] <= cols[:, None])
-    pt = tl.where(keep, pt, 0.0)
-    do = tl.load(DO + rows[:, None] * stride_ds + offs_v[None, :], mask=row_ok[:, None] & (offs_v[None, :] < D_V),
-                 other=0.0)
+        pt = tl.where(_load_vec(SEG, rows, S, S, MASK_ROWS)[None, :] <= cols[:, None], pt, 0.0)
+    do = _load_tile(DO, rows, S, stride_ds, 0, DVB, D_V, MASK_ROWS, MASK_V, False)
     dv += _mm(_cast(pt, do.dtype, INTERP_BF16), do, PREC, INTERP_BF16)
-    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+    delta = _load_vec(DELTA, rows, S, 0.0, MASK_ROWS)
     dpt = _mm(v, tl.trans(do), PREC, INTERP_BF16)
     dst = _cast(pt * (dpt - delta[None, :]), qt_a.dtype, INTERP_BF16)
     dk_a += _mm(dst, tl.trans(qt_a), PREC, INTERP_BF16)
@@ -218,7 +291,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, SEG, SEG_END, DK, DV, qk_scale, sm_s
                    stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
                    H, S, D_QK, D_V,
                    VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr,
+                   MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+    # key block 0 first: it has the most query blocks below it, so the short ones fill the tail
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -231,77 +306,52 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, SEG, SEG_END, DK, DV, qk_scale, sm_s
     DELTA += bh * S
     SEG += b * S
     cols = start_n + tl.arange(0, BLOCK_N)
-    col_ok = cols < S
-    offs_a = tl.arange(0, DA)
-    offs_v = tl.arange(0, DVB)
-    k_a = tl.load(K + cols[:, None] * stride_ks + offs_a[None, :], mask=col_ok[:, None] & (offs_a[None, :] < D_QK),
-                  other=0.0)
+    k_a, k_b = _load_split(K, cols, S, stride_ks, D_QK, DA, DB, MASK_ROWS, MASK_QK, False)
+    v = _load_tile(V, cols, S, stride_vs, 0, DVB, D_V, MASK_ROWS, MASK_V, False)
     dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
     if DB > 0:
-        offs_b = DA + tl.arange(0, DB)
-        k_b = tl.load(K + cols[:, None] * stride_ks + offs_b[None, :],
-                      mask=col_ok[:, None] & (offs_b[None, :] < D_QK), other=0.0)
         dk_b = tl.zeros([BLOCK_N, DB], tl.float32)
     else:
-        k_b = k_a
         dk_b = dk_a
-    v = tl.load(V + cols[:, None] * stride_vs + offs_v[None, :], mask=col_ok[:, None] & (offs_v[None, :] < D_V),
-                other=0.0)
     dv = tl.zeros([BLOCK_N, DVB], tl.float32)
     hi = S
     if VARLEN:  # the queries that see this block end with the document of its last key
         hi = tl.load(SEG_END + b * S + tl.minimum(start_n + BLOCK_N, S) - 1)
-    # the diagonal query blocks (BLOCK_N is a multiple of BLOCK_M), then the ones wholly below it
-    for start_m in range(start_n, tl.minimum(start_n + BLOCK_N, hi), BLOCK_M):
+    # the query blocks across the diagonal, masked, then the ones wholly below it
+    for start_m in range((start_n // BLOCK_M) * BLOCK_M, tl.minimum(start_n + BLOCK_N, hi), BLOCK_M):
         dk_a, dk_b, dv = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m, qk_scale,
-                                     stride_qs, stride_ds, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_M, PREC,
-                                     INTERP_BF16)
-    for start_m in range(start_n + BLOCK_N, hi, BLOCK_M):
+                                     stride_qs, stride_ds, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_M,
+                                     MASK_ROWS, MASK_QK, MASK_V, PREC, INTERP_BF16)
+    for start_m in range(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, hi, BLOCK_M):
         dk_a, dk_b, dv = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m, qk_scale,
-                                     stride_qs, stride_ds, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_M, PREC,
-                                     INTERP_BF16)
+                                     stride_qs, stride_ds, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_M,
+                                     MASK_ROWS, MASK_QK, MASK_V, PREC, INTERP_BF16)
     DK += b * stride_dkb + h * stride_dkh
     DV += b * stride_dvb + h * stride_dvh
-    tl.store(DV + cols[:, None] * stride_dvs + offs_v[None, :], _cast(dv, DV.dtype.element_ty, INTERP_BF16),
-             mask=col_ok[:, None] & (offs_v[None, :] < D_V))
-    tl.store(DK + cols[:, None] * stride_dks + offs_a[None, :],
-                 _cast(dk_a * sm_scale, DK.dtype.element_ty, INTERP_BF16),
-             mask=col_ok[:, None] & (offs_a[None, :] < D_QK))
-    if DB > 0:
-        offs_b = DA + tl.arange(0, DB)
-        tl.store(DK + cols[:, None] * stride_dks + offs_b[None, :],
-                 _cast(dk_b * sm_scale, DK.dtype.element_ty, INTERP_BF16),
-                 mask=col_ok[:, None] & (offs_b[None, :] < D_QK))
+    _store_tile(DV, dv, cols, S, stride_dvs, 0, DVB, D_V, MASK_ROWS, MASK_V, INTERP_BF16)
+    _store_split(DK, dk_a * sm_scale, dk_b * sm_scale, cols, S, stride_dks, D_QK, DA, DB, MASK_ROWS, MASK_QK,
+                 INTERP_BF16)
 
 
 @triton.jit
 def _dq_block(dq_a, dq_b, q_a, q_b, do, lse, delta, K, V, SEG_ROW, rows, start_n, qk_scale, stride_ks, stride_vs,
               S, D_QK, D_V, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-              DVB: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+              DVB: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr,
+              MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
-    col_ok = cols < S
-    offs_a = tl.arange(0, DA)
-    offs_v = tl.arange(0, DVB)
-    k_a = tl.load(K + cols[:, None] * stride_ks + offs_a[None, :], mask=col_ok[:, None] & (offs_a[None, :] < D_QK),
-                  other=0.0)
-    qk = _mm(q_a, tl.trans(k_a), PREC, INTERP_BF16)
-    if DB > 0:
-        offs_b = DA + tl.arange(0, DB)
-        k_b = tl.load(K + cols[:, None] * stride_ks + offs_b[None, :],
-                      mask=col_ok[:, None] & (offs_b[None, :] < D_QK), other=0.0)
-        qk += _mm(q_b, tl.trans(k_b), PREC, INTERP_BF16)
-    else:
-        k_b = k_a
-    p = tl.math.exp2(qk * qk_scale - lse[:, None])
+    k_a, k_b = _load_split(K, cols, S, stride_ks, D_QK, DA, DB, MASK_ROWS, MASK_QK, False)
+    p = tl.math.exp2(_mm_split(q_a, q_b, tl.trans(k_a), tl.trans(k_b), DB, PREC, INTERP_BF16) * qk_scale
+                     - lse[:, None])
     if CAUSAL:
-        keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
+        keep = cols[None, :] <= rows[:, None]
+        if MASK_ROWS:
+            keep = keep & (cols[None, :] < S)
         if VARLEN:
             keep = keep & (cols[None, :] >= SEG_ROW[:, None])
         p = tl.where(keep, p, 0.0)
     elif VARLEN:
         p = tl.where(cols[None, :] >= SEG_ROW[:, None], p, 0.0)
-    vt = tl.load(V + cols[None, :] * stride_vs + offs_v[:, None], mask=col_ok[None, :] & (offs_v[:, None] < D_V),
-                 other=0.0)
+    vt = _load_tile(V, cols, S, stride_vs, 0, DVB, D_V, MASK_ROWS, MASK_V, True)  # V^T: [DVB, BLOCK_N]
     dp = _mm(do, vt, PREC, INTERP_BF16)
     ds = _cast(p * (dp - delta[:, None]), k_a.dtype, INTERP_BF16)
     dq_a += _mm(ds, k_a, PREC, INTERP_BF16)
@@ -317,7 +367,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, SEG, DQ, qk_scale, sm_scale,
                  stride_dqb, stride_dqh, stride_dqs,
                  H, S, D_QK, D_V, N_BLOCKS,
                  VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr,
+                 MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
     # the longest rows first (causal: the last query block sees every key), so the short ones fill the tail
     start_m = (N_BLOCKS - 1 - tl.program_id(0)) * BLOCK_M  # N_BLOCKS = the grid's first dim
     bh = tl.program_id(1).to(tl.int64)
@@ -328,46 +379,170 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, SEG, DQ, qk_scale, sm_scale,
     V += b * stride_vb + h * stride_vh
     DO += b * stride_db + h * stride_dh
     rows = start_m + tl.arange(0, BLOCK_M)
-    row_ok = rows < S
-    offs_a = tl.arange(0, DA)
-    offs_v = tl.arange(0, DVB)
-    q_a = tl.load(Q + rows[:, None] * stride_qs + offs_a[None, :], mask=row_ok[:, None] & (offs_a[None, :] < D_QK),
-                  other=0.0)
+    q_a, q_b = _load_split(Q, rows, S, stride_qs, D_QK, DA, DB, MASK_ROWS, MASK_QK, False)
+    do = _load_tile(DO, rows, S, stride_ds, 0, DVB, D_V, MASK_ROWS, MASK_V, False)
+    lse = _load_vec(LSE + bh * S, rows, S, 0.0, MASK_ROWS)
+    delta = _load_vec(DELTA + bh * S, rows, S, 0.0, MASK_ROWS)
     dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
     if DB > 0:
-        offs_b = DA + tl.arange(0, DB)
-        q_b = tl.load(Q + rows[:, None] * stride_qs + offs_b[None, :],
-                      mask=row_ok[:, None] & (offs_b[None, :] < D_QK), other=0.0)
         dq_b = tl.zeros([BLOCK_M, DB], tl.float32)
     else:
-        q_b = q_a
         dq_b = dq_a
-    do = tl.load(DO + rows[:, None] * stride_ds + offs_v[None, :], mask=row_ok[:, None] & (offs_v[None, :] < D_V),
-                 other=0.0)
-    lse = tl.load(LSE + bh * S + rows, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh * S + rows, mask=row_ok, other=0.0)
     lo = 0
     seg_row = rows
     if VARLEN:
-        seg_row = tl.load(SEG + b * S + rows, mask=row_ok, other=S)
+        seg_row = _load_vec(SEG + b * S, rows, S, S, MASK_ROWS)
         lo = (tl.load(SEG + b * S + start_m) // BLOCK_N) * BLOCK_N
-    for start_n in range(lo, start_m, BLOCK_N):
+    # key blocks wholly left of the block's first row, unmasked, then the ones across the diagonal
+    mid = (start_m // BLOCK_N) * BLOCK_N
+    for start_n in range(lo, mid, BLOCK_N):
         dq_a, dq_b = _dq_block(dq_a, dq_b, q_a, q_b, do, lse, delta, K, V, seg_row, rows, start_n, qk_scale,
-                               stride_ks, stride_vs, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_N, PREC,
-                               INTERP_BF16)
-    for start_n in range(tl.maximum(lo, start_m), tl.minimum(start_m + BLOCK_M, S), BLOCK_N):
+                               stride_ks, stride_vs, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_N, False,
+                               MASK_QK, MASK_V, PREC, INTERP_BF16)
+    for start_n in range(tl.maximum(lo, mid), tl.minimum(start_m + BLOCK_M, S), BLOCK_N):
         dq_a, dq_b = _dq_block(dq_a, dq_b, q_a, q_b, do, lse, delta, K, V, seg_row, rows, start_n, qk_scale,
-                               stride_ks, stride_vs, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_N, PREC,
-                               INTERP_BF16)
+                               stride_ks, stride_vs, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_N, MASK_ROWS,
+                               MASK_QK, MASK_V, PREC, INTERP_BF16)
     DQ += b * stride_dqb + h * stride_dqh
-    tl.store(DQ + rows[:, None] * stride_dqs + offs_a[None, :],
-                 _cast(dq_a * sm_scale, DQ.dtype.element_ty, INTERP_BF16),
-             mask=row_ok[:, None] & (offs_a[None, :] < D_QK))
-    if DB > 0:
-        offs_b = DA + tl.arange(0, DB)
-        tl.store(DQ + rows[:, None] * stride_dqs + offs_b[None, :],
-                 _cast(dq_b * sm_scale, DQ.dtype.element_ty, INTERP_BF16),
-                 mask=row_ok[:, None] & (offs_b[None, :] < D_QK))
+    _store_split(DQ, dq_a * sm_scale, dq_b * sm_scale, rows, S, stride_dqs, D_QK, DA, DB, MASK_ROWS, MASK_QK,
+                 INTERP_BF16)
+
+
+# -- launch configurations ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tiles:
+    """One kernel's launch: ``block_m`` query rows x ``block_n`` key rows per tile, warps, pipeline stages."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+
+    @property
+    def name(self) -> str:
+        return f"m{self.block_m}n{self.block_n}w{self.warps}s{self.stages}"
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """The launches of one call: the forward and the dQ kernel (a program per ``block_m`` queries,
+    stepping ``block_n`` keys) and the dK/dV kernel (a program per ``kv.block_n`` keys, stepping
+    ``kv.block_m`` queries). Blocks: powers of two >= 16, in any ratio."""
+
+    fwd: Tiles
+    kv: Tiles
+    dq: Tiles
+
+    @property
+    def name(self) -> str:
+        return f"fwd-{self.fwd.name}_kv-{self.kv.name}_dq-{self.dq.name}"
+
+
+_FWD = Tiles(128, 64, 8, 3)  # 412-426 TFLOP/s at MLA's dims on an H100 (commit 269c8886)
+# sm_90 (H100/H200) bf16/fp16 candidates per kernel, in order of preference: `default_config` takes
+# the first that fits the head dims (`_kv_fits`, `_dq_fits`); `benchmarks/ops/attention_bwd_sweep.py`
+# times them all. Registers/spills at MLA's 192/128 (Triton 3.9 for sm_90a, `attention_sm90_resources.py
+# --candidates`) in the comments; 8 warps = two warpgroups, each a 64-row wgmma slice of the tile.
+KV_CANDIDATES = (
+    Tiles(32, 128, 8, 3),  # 255 regs, 16 B spilled: the default at 192/128 (the Triton tutorial's tiling)
+    Tiles(32, 128, 8, 2),  # 24 B spilled
+    Tiles(16, 128, 8, 3),  # no spill, but n16 wgmma for S^T and dP^T
+    Tiles(64, 128, 8, 2),  # 440 B spilled: wider S^T tiles than the registers hold
+    Tiles(32, 64, 4, 3),   # one warpgroup, 24 B spilled
+    Tiles(16, 64, 4, 3),   # one warpgroup, no spill
+    Tiles(32, 64, 8, 3),   # 64 key rows on 8 warps: both warpgroups compute the same S^T, dP^T (no spill)
+)
+DQ_CANDIDATES = (
+    Tiles(128, 64, 8, 2),  # 244 regs, no spill: the default at 192/128
+    Tiles(128, 64, 8, 3),  # 248 regs, no spill, 200 KiB shared memory
+    Tiles(128, 32, 8, 3),
+    Tiles(128, 32, 8, 4),
+    Tiles(64, 64, 4, 3),
+    Tiles(64, 32, 4, 3),
+)
+FWD_CANDIDATES = (_FWD, Tiles(128, 128, 8, 2), Tiles(128, 64, 8, 2), Tiles(128, 64, 8, 4), Tiles(64, 64, 4, 3))
+_SMEM = 200 * 1024  # of the 227 KiB a block may have on sm_90, leaving room for the compiler's own
+
+
+def _widths(dqk: int, dv: int) -> tuple[int, int]:
+    da, db = split_head_dim(dqk)
+    return da + db, _pad_v(dv)
+
+
+def _kv_fits(t: Tiles, dqk: int, dv: int) -> bool:
+    """dK/dV: the fp32 dK and dV accumulators (``block_n x (Dqk + Dv)``) at most 160 registers a thread,
+    the S^T and dP^T tiles at most 16 each, 16 key rows per warp (fewer: the warpgroups would compute
+    the same S^T), and K, V plus ``stages`` Q and dO tiles in the shared memory (2-byte elements)."""
+    wqk, wv = _widths(dqk, dv)
+    threads = 32 * t.warps
+    return (t.block_n * (wqk + wv) // threads <= 160 and t.block_n * t.block_m // threads <= 16
+            and t.block_n >= 16 * t.warps and 2 * (wqk + wv) * (t.block_n + t.stages * t.block_m) <= _SMEM)
+
+
+def _dq_fits(t: Tiles, dqk: int, dv: int) -> bool:
+    """dQ: the fp32 dQ accumulator plus the S and dP tiles at most 160 registers a thread, 16 query rows
+    per warp, and Q, dO plus ``stages`` K and V tiles in the shared memory."""
+    wqk, wv = _widths(dqk, dv)
+    threads = 32 * t.warps
+    return ((t.block_m * wqk + 2 * t.block_m * t.block_n) // threads <= 160 and t.block_m >= 16 * t.warps
+            and 2 * (wqk + wv) * (t.block_m + t.stages * t.block_n) <= _SMEM)
+
+
+def default_config(dqk: int, dv: int, dtype: torch.dtype = torch.bfloat16, interpreted: bool = False
+                   ) -> AttentionConfig:
+    """The fixed launch heuristic from the head dims and dtype (no autotuning: one reduction order).
+
+    bf16/fp16 on the GPU: the first of `KV_CANDIDATES` / `DQ_CANDIDATES` that fits the registers and
+    shared memory (`_kv_fits`, `_dq_fits`): MLA's 192/128 gets dK/dV 128 keys x 32 queries and dQ 128
+    queries x 64 keys, both on 8 warps (two warpgroups, wgmma); the forward 128 x 64 on 8 warps.
+    float32 (``ieee`` dots run on the CUDA cores: for checks, not for speed) takes small tiles, or the
+    shared memory would overflow. Interpreter: small tiles, so that the short test sequences still
+    cross several blocks (and BLOCK_M != BLOCK_N). `use_config` overrides all of it."""
+    if interpreted or dtype == torch.float32:
+        warps, stages = (1, 1) if interpreted else (4, 2)
+        return AttentionConfig(Tiles(32, 16, warps, stages), Tiles(16, 32, warps, stages), Tiles(32, 16, warps, stages))
+    kv = next((t for t in KV_CANDIDATES if _kv_fits(t, dqk, dv)), Tiles(16, 32, 4, 2))
+    dq = next((t for t in DQ_CANDIDATES if _dq_fits(t, dqk, dv)), Tiles(64, 16, 4, 2))
+    return AttentionConfig(_FWD, kv, dq)
+
+
+def sweep_configs(dqk: int, dv: int) -> list[AttentionConfig]:
+    """The default and its alternatives for `benchmarks/ops/attention_bwd_sweep.py` (bf16/fp16, sm_90):
+    each dK/dV candidate with the default dQ, each dQ candidate with the default dK/dV, and the
+    forward alternatives with the default backward. Candidates over the register budget are included
+    too (the sweep shows what spilling costs)."""
+    base = default_config(dqk, dv)
+    out = [base]
+    out += [AttentionConfig(base.fwd, kv, base.dq) for kv in KV_CANDIDATES if kv != base.kv]
+    out += [AttentionConfig(base.fwd, base.kv, dq) for dq in DQ_CANDIDATES if dq != base.dq]
+    out += [AttentionConfig(f, base.kv, base.dq) for f in FWD_CANDIDATES if f != base.fwd]
+    return out
+
+
+_OVERRIDE: contextvars.ContextVar[AttentionConfig | None] = contextvars.ContextVar("attention_config", default=None)
+
+
+@contextlib.contextmanager
+def use_config(config: AttentionConfig | None) -> Iterator[None]:
+    """Launch every `causal_attention` forward inside the block with ``config`` instead of
+    `default_config` (for sweeps and tests; None: the default). Its backward uses the same config
+    wherever and whenever it runs (the config is saved with the forward's tensors)."""
+    token = _OVERRIDE.set(config)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def _check_config(c: AttentionConfig) -> None:
+    for t in (c.fwd, c.kv, c.dq):
+        if min(t.block_m, t.block_n) < 16 or t.block_m & (t.block_m - 1) or t.block_n & (t.block_n - 1):
+            raise ValueError(f"attention config {c.name}: blocks must be powers of two >= 16")
+
+
+def _pad_v(dv: int) -> int:
+    return max(16, triton.next_power_of_2(dv))
 
 
 # -- launchers ----------------------------------------------------------------------------------------
@@ -384,29 +559,6 @@ def split_head_dim(d: int) -> tuple[int, int]:
     return a, max(16, triton.next_power_of_2(d - a))
 
 
-def _config(dqk: int, dv: int, interpreted: bool, fp32: bool = False) -> dict[str, int]:
-    """Tile sizes, warps and pipeline stages per kernel (``fwd_*``: forward, ``kv_*``: dK/dV, ``dq_*``: dQ).
-
-    GPU: chosen for sm_90 by compiling every candidate with Triton 3.9 for an H100 target without a GPU
-    and reading the cubins' register and spill counts (``cuobjdump --dump-resource-usage``): the largest
-    tiles that do not spill, or spill least (MLA's 192-wide dK/dV spills a few bytes in every tiling
-    tried). Not yet timed on a GPU: see docs/ops.md. float32 (``ieee`` dots run on the CUDA cores, not
-    the tensor cores: for checks, not for speed) needs small tiles, or the forward alone would ask for
-    290 KiB of shared memory. Interpreter: small tiles, so that the short test sequences still cross
-    several blocks (and BLOCK_M != BLOCK_N)."""
-    if interpreted or fp32:
-        warps, stages = (1, 1) if interpreted else (4, 2)
-        return dict(fwd_m=32, fwd_n=16, fwd_warps=warps, fwd_stages=stages, kv_n=32, kv_m=16, kv_warps=warps,
-                    kv_stages=stages, dq_m=32, dq_n=16, dq_warps=warps, dq_stages=stages)
-    widest = max(dqk, dv)
-    fwd = dict(fwd_m=128, fwd_n=64, fwd_warps=8, fwd_stages=3)
-    if widest > 128:  # MLA 192/128: dK/dV spills 16 bytes at 32x32 (272 at 64x32); dQ none at 64x16
-        return dict(fwd, kv_n=32, kv_m=32, kv_warps=8, kv_stages=2, dq_m=64, dq_n=16, dq_warps=8, dq_stages=2)
-    if widest > 64:
-        return dict(fwd, kv_n=64, kv_m=32, kv_warps=8, kv_stages=2, dq_m=64, dq_n=32, dq_warps=8, dq_stages=2)
-    return dict(fwd, kv_n=128, kv_m=32, kv_warps=8, kv_stages=2, dq_m=128, dq_n=32, dq_warps=8, dq_stages=2)
-
-
 def _interpreted() -> bool:
     """Whether this module's kernels are Triton-interpreter ones (the ``triton-interpret`` copy)."""
     from triton.runtime.jit import JITFunction
@@ -414,10 +566,21 @@ def _interpreted() -> bool:
     return not isinstance(_attn_fwd, JITFunction)
 
 
-def _dot_options(q: torch.Tensor) -> dict[str, object]:
-    """fp32 inputs: full-precision ``tl.dot`` (never tf32); bf16 under the interpreter: see `_mm`."""
+def _launch_config(q: torch.Tensor, v: torch.Tensor) -> AttentionConfig:
+    config = _OVERRIDE.get() or default_config(q.shape[-1], v.shape[-1], q.dtype, _interpreted())
+    _check_config(config)
+    return config
+
+
+def _kernel_options(q: torch.Tensor, v: torch.Tensor, s: int, *blocks: int) -> dict[str, object]:
+    """Constexprs shared by the kernels: the dot precision (fp32 inputs: full-precision ``tl.dot``,
+    never tf32; bf16 under the interpreter: see `_mm`) and which masks are needed (rows: S not a
+    multiple of every block; head dims: not covered exactly by the power-of-two parts)."""
+    da, db = split_head_dim(q.shape[-1])
     return dict(PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                INTERP_BF16=_interpreted() and q.dtype == torch.bfloat16)
+                INTERP_BF16=_interpreted() and q.dtype == torch.bfloat16,
+                MASK_ROWS=any(s % blk for blk in blocks), MASK_QK=da + db != q.shape[-1],
+                MASK_V=_pad_v(v.shape[-1]) != v.shape[-1])
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
@@ -448,7 +611,7 @@ def document_bounds(cu_seqlens: torch.Tensor, batch: int, seq: int) -> tuple[tor
             end.clamp(0, seq).to(torch.int32).view(batch, seq).contiguous())
 
 
-def _forward(q, k, v, scale, seg):
+def _forward(q, k, v, scale, seg, config: AttentionConfig):
     b, h, s, dqk = q.shape
     dv = v.shape[-1]
     o = _like_layout(q, dv)
@@ -456,17 +619,16 @@ def _forward(q, k, v, scale, seg):
     if o.numel() == 0:
         return o, lse
     da, db = split_head_dim(dqk)
-    dvb = max(16, triton.next_power_of_2(dv))
-    cfg, prec = _config(dqk, dv, _interpreted(), q.dtype == torch.float32), _dot_options(q)
-    grid = (triton.cdiv(s, cfg["fwd_m"]), b * h)
+    t = config.fwd
+    grid = (triton.cdiv(s, t.block_m), b * h)
     _attn_fwd[grid](q, k, v, o, lse, seg if seg is not None else lse, scale * LOG2E,
                     *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], h, s, dqk, dv, grid[0],
-                    VARLEN=seg is not None, DA=da, DB=db, DVB=dvb, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"],
-                    **prec, num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+                    VARLEN=seg is not None, DA=da, DB=db, DVB=_pad_v(dv), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                    **_kernel_options(q, v, s, t.block_m), num_warps=t.warps, num_stages=t.stages)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, scale, seg, seg_end):
+def _backward(do, q, k, v, o, lse, scale, seg, seg_end, config: AttentionConfig):
     b, h, s, dqk = q.shape
     dv_dim = v.shape[-1]
     dq, dk, dv = _like_layout(q, dqk), _like_layout(k, dqk), _like_layout(v, dv_dim)
@@ -474,25 +636,26 @@ def _backward(do, q, k, v, o, lse, scale, seg, seg_end):
         return dq, dk, dv
     do = _unit_last(do)
     da, db = split_head_dim(dqk)
-    dvb = max(16, triton.next_power_of_2(dv_dim))
-    cfg, prec = _config(dqk, dv_dim, _interpreted(), q.dtype == torch.float32), _dot_options(q)
+    dvb = _pad_v(dv_dim)
+    kv, dqt = config.kv, config.dq
     delta = torch.empty(b * h, s, dtype=torch.float32, device=q.device)
     _attn_bwd_pre[(triton.cdiv(s, 64), b * h)](o, do, delta, *o.stride()[:3], *do.stride()[:3], h, s, dv_dim,
                                                 DVB=dvb, BLOCK_M=64)
     varlen = seg is not None
     seg_arg = seg if varlen else lse
-    common = dict(VARLEN=varlen, DA=da, DB=db, DVB=dvb, **prec)
-    _attn_bwd_dkdv[(triton.cdiv(s, cfg["kv_n"]), b * h)](
+    common = dict(VARLEN=varlen, DA=da, DB=db, DVB=dvb,
+                  **_kernel_options(q, v, s, kv.block_m, kv.block_n, dqt.block_m, dqt.block_n))
+    _attn_bwd_dkdv[(triton.cdiv(s, kv.block_n), b * h)](
         q, k, v, do, lse, delta, seg_arg, seg_end if varlen else lse, dk, dv, scale * LOG2E, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        h, s, dqk, dv_dim, BLOCK_M=cfg["kv_m"], BLOCK_N=cfg["kv_n"], num_warps=cfg["kv_warps"],
-        num_stages=cfg["kv_stages"], **common)
-    dq_blocks = triton.cdiv(s, cfg["dq_m"])
+        h, s, dqk, dv_dim, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, num_warps=kv.warps, num_stages=kv.stages,
+        **common)
+    dq_blocks = triton.cdiv(s, dqt.block_m)
     _attn_bwd_dq[(dq_blocks, b * h)](
         q, k, v, do, lse, delta, seg_arg, dq, scale * LOG2E, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        h, s, dqk, dv_dim, dq_blocks, BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], num_warps=cfg["dq_warps"],
-        num_stages=cfg["dq_stages"], **common)
+        h, s, dqk, dv_dim, dq_blocks, BLOCK_M=dqt.block_m, BLOCK_N=dqt.block_n, num_warps=dqt.warps,
+        num_stages=dqt.stages, **common)
     return dq, dk, dv
 
 
@@ -504,7 +667,10 @@ class FlashAttention(torch.autograd.Function):
         seg = seg_end = None
         if cu_seqlens is not None:
             seg, seg_end = document_bounds(cu_seqlens.to(q.device, non_blocking=True), b, s)
-        o, lse = _forward(q, k, v, scale, seg)
+        # the config in force at the forward also runs the backward: that may run on another thread (the
+        # autograd engine's per-device one), where the caller's `use_config` context is not set
+        ctx.config = _launch_config(q, v)
+        o, lse = _forward(q, k, v, scale, seg, ctx.config)
         ctx.save_for_backward(q, k, v, o, lse, seg, seg_end)
         ctx.scale = scale
         return o
@@ -512,7 +678,7 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, seg, seg_end = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, seg, seg_end)
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, seg, seg_end, ctx.config)
         return dq, dk, dv, None, None
 
 
