@@ -123,6 +123,12 @@ def flex_attention_baseline(compiled: bool = True) -> Callable[..., Any] | None:
         return None
     from .attention import document_ids
 
+    if compiled:
+        # the benches time the backward several times on one graph (retain_graph=True), which compiled
+        # backwards with donated buffers refuse; donation saves memory, not time
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
     fn = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
     masks: dict[tuple, Any] = {}
 
