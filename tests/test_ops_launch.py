@@ -1,0 +1,240 @@
+"""Launch parameters of the memory-bound kernels (`openseek_hal.ops.kernels.launch`), and warning-free kernels.
+
+* Every config a sweep may pick (`launch.candidates`: the rule's, the previous launch, the
+  alternatives) must compute the same op: each is run under the Triton interpreter at small shapes
+  that exercise partial row and column blocks and the backward's strided row loop, forward and
+  backward, against the float64 reference.
+* The table and rule give every parameter of their kernel.
+* No kernel may warn when Triton compiles it (Triton's code generator warns on ``and``/``or``
+  between tensors; the interpreter does not run it): every kernel that the op samples launch is
+  compiled for sm_90 with the launch's own argument types and constexprs, warnings recorded.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from openseek_hal.ops import get  # noqa: E402
+from openseek_hal.ops.kernel_loader import interpreter_enabled, load_kernels  # noqa: E402
+from openseek_hal.ops.moe import _route_outputs, _route_scores  # noqa: E402
+
+PKG = load_kernels(interpret=True)
+launch = PKG.launch
+SIZES = (64, 256, 1280, 2048, 2560, 4096, 7168)  # the model's row lengths (hidden, ffn, experts)
+KERNEL_SIZES = {"rms_norm": (1280, 4096, 7168), "add_rms_norm": (1280, 4096, 7168), "silu_and_mul": (2048, 2560, 4096),
+                "moe_route": (64, 256)}
+PARAMS = {"rms_norm_fwd": {"ROWS", "num_warps"}, "add_rms_norm_fwd": {"ROWS", "num_warps"},
+          "rms_norm_bwd": {"ROWS", "num_warps", "per_sm", "num_stages"},
+          "add_rms_norm_bwd": {"ROWS", "num_warps", "per_sm", "num_stages"},
+          "silu_and_mul_fwd": {"BLOCK", "ROWS", "num_warps"}, "silu_and_mul_bwd": {"BLOCK", "ROWS", "num_warps"},
+          "moe_route_bwd": {"ROWS", "num_warps"}}
+
+
+def _all_candidates(kernel: str) -> list[dict[str, int]]:
+    out: list[dict[str, int]] = []
+    for n in KERNEL_SIZES[kernel.rsplit("_", 1)[0]]:
+        for cfg in launch.candidates(kernel, n):
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
+CASES = [(k, c) for k in launch.KERNELS for c in _all_candidates(k)]
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, op: str, n: int, what: str) -> None:
+    rtol, atol = get(op).tol(torch.float32, n)
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _check_norm(residual: bool, rows: int = 37, n: int = 80) -> None:
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(rows, n, generator=g), torch.randn(rows, n, generator=g)
+    w = torch.randn(n, generator=g) * 0.1 + 1
+    args = (x, r, w) if residual else (x, w)
+    op = "add_rms_norm" if residual else "rms_norm"
+    ours_args = [a.clone().requires_grad_() for a in args]
+    ref_args = [a.double().requires_grad_() for a in args]
+    out = getattr(PKG.norm, op)(*ours_args)
+    ref = get(op).reference(*ref_args)
+    out, ref = (out, ref) if residual else ((out,), (ref,))
+    cots = [torch.randn(o.shape, generator=g) for o in out]
+    for o, e in zip(out, ref):
+        _close(o.detach(), e.detach(), op, n, f"{op} output")
+    grads = torch.autograd.grad(out, ours_args, cots)
+    ref_grads = torch.autograd.grad(ref, ref_args, [c.double() for c in cots])
+    for i, (a, e) in enumerate(zip(grads, ref_grads)):
+        _close(a, e, op, n * rows if i == len(args) - 1 else n, f"{op} grad {i}")
+
+
+def _check_silu(rows: int = 9, d: int = 600) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, 2 * d, generator=g) * 2
+    ours, ref = x.clone().requires_grad_(), x.double().requires_grad_()
+    out, expected = PKG.activation.silu_and_mul(ours), get("silu_and_mul").reference(ref)
+    _close(out.detach(), expected.detach(), "silu_and_mul", d, "silu_and_mul output")
+    cot = torch.randn(out.shape, generator=g)
+    (grad,), (ref_grad,) = torch.autograd.grad(out, ours, cot), torch.autograd.grad(expected, ref, cot.double())
+    _close(grad, ref_grad, "silu_and_mul", d, "silu_and_mul grad")
+
+
+def _check_route_backward(tokens: int = 11) -> None:
+    """The backward alone, on given indices (the forward's choice is not what the config changes)."""
+    g = torch.Generator().manual_seed(2)
+    for experts, top_k, score_func, norm, scale in ((64, 6, "sigmoid", True, 2.5), (48, 4, "softmax", True, 1.0),
+                                                     (32, 1, "softmax", False, 1.5), (200, 8, "sigmoid", True, 2.5)):
+        logits = torch.randn(tokens, experts, generator=g)
+        indices = torch.rand(tokens, experts, generator=g).argsort(dim=-1)[:, :top_k].contiguous()
+        d_weights = torch.randn(tokens, top_k, generator=g)
+        ours = PKG.moe._moe_route_backward_op(logits, indices, d_weights, 1, score_func, norm, scale)
+        ref_logits = logits.double().requires_grad_()
+        scores, _ = _route_scores(ref_logits, None, score_func)
+        weights = _route_outputs(scores, indices, top_k, norm, scale)[1]
+        (expected,) = torch.autograd.grad(weights, ref_logits, d_weights.double())
+        _close(ours, expected, "moe_route", experts, f"moe_route grad E{experts} k{top_k} {score_func}")
+
+
+CHECKS = {"rms_norm_fwd": lambda: _check_norm(False), "rms_norm_bwd": lambda: _check_norm(False),
+          "add_rms_norm_fwd": lambda: _check_norm(True), "add_rms_norm_bwd": lambda: _check_norm(True),
+          "silu_and_mul_fwd": _check_silu, "silu_and_mul_bwd": _check_silu, "moe_route_bwd": _check_route_backward}
+
+
+@pytest.mark.parametrize("kernel,cfg", CASES, ids=[f"{k}-{'-'.join(f'{a}{v}' for a, v in c.items())}"
+                                                  for k, c in CASES])
+def test_every_candidate_config_matches_the_float64_reference(kernel, cfg):
+    with launch.override(kernel, cfg):
+        CHECKS[kernel]()
+
+
+@pytest.mark.parametrize("kernel", launch.KERNELS)
+def test_table_and_rule_give_every_parameter(kernel):
+    for n in (1, 7, 96, *SIZES, 65536):
+        cfg = launch.config(kernel, n)
+        assert set(cfg) == PARAMS[kernel], (kernel, n, cfg)
+        assert all(isinstance(v, int) and v >= 1 for v in cfg.values()), (kernel, n, cfg)
+        for key in ("ROWS", "BLOCK", "num_warps"):
+            if key in cfg:
+                assert cfg[key] & (cfg[key] - 1) == 0, f"{kernel} {key} must be a power of two: {cfg}"
+    for (name, _), cfg in launch.TABLE.items():
+        assert set(cfg) == PARAMS[name], (name, cfg)
+
+
+def test_override_is_scoped_and_checked():
+    before = launch.config("rms_norm_fwd", 1280)
+    with launch.override("rms_norm_fwd", dict(ROWS=2, num_warps=2)):
+        assert launch.config("rms_norm_fwd", 7168) == dict(ROWS=2, num_warps=2)
+    assert launch.config("rms_norm_fwd", 1280) == before
+    with pytest.raises(KeyError):
+        with launch.override("no_such_kernel", {}):
+            pass
+
+
+def test_norm_backward_is_bitwise_reproducible():
+    """Fixed reduction order: the same inputs give the same bits (the weight gradient included)."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(37, 80, generator=g), torch.randn(80, generator=g)
+    cot = torch.randn(37, 80, generator=g)
+    runs = []
+    for _ in range(2):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        runs.append(torch.autograd.grad(PKG.norm.rms_norm(xs, ws), (xs, ws), cot))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+# -- no kernel warns when compiled ------------------------------------------------------------------
+
+_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+          torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+          torch.bool: "i1"}
+
+
+def _record_launches(monkeypatch) -> list:
+    """Record ``(kernel name, module, args, kwargs)`` of every interpreted launch (they still run)."""
+    from openseek_hal.ops import kernel_loader
+
+    seen: list = []
+    original = kernel_loader._InterpretedKernel.__getitem__
+
+    def getitem(self, grid):
+        run = original(self, grid)
+
+        def recording(*args, **kwargs):
+            seen.append((self.fn.fn.__name__, self.fn.fn.__module__, args, kwargs))
+            return run(*args, **kwargs)
+        return recording
+
+    monkeypatch.setattr(kernel_loader._InterpretedKernel, "__getitem__", getitem)
+    return seen
+
+
+def _compile_for_sm90(name: str, module: str, args: tuple, kwargs: dict):
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(module.replace("_kernels_interpreted", "kernels")), name)
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    values = dict(zip(fn.arg_names, args)) | {k: v for k, v in kwargs.items() if k not in options}
+    signature, constexprs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        value = values[arg]
+        if i in fn.constexprs or value is None:
+            signature[arg], constexprs[arg] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[arg] = "*" + _TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[arg] = "i1"
+        elif isinstance(value, int):
+            signature[arg] = "i32" if -2**31 <= value < 2**31 else "i64"
+        else:
+            signature[arg] = "fp32"
+    return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                          options=options)
+
+
+def test_no_kernel_warns_when_compiled_for_h100(monkeypatch, tmp_path):
+    """Each kernel the op samples launch (attention's have their own compile test), compiled for
+    sm_90 as launched, must emit no warning (e.g. "Logical operators 'and' and 'or' are deprecated
+    for non-scalar tensors"); the default memops configs are among them."""
+    from pathlib import Path
+
+    import triton
+
+    if interpreter_enabled():
+        pytest.skip("TRITON_INTERPRET is set for the whole process: there are no compiled kernels to build")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no NVIDIA toolchain")
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its own warning
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # a cached kernel is not compiled again (nor warns)
+    seen = _record_launches(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    for op, impl in PKG.KERNELS.items():
+        if op == "causal_attention":
+            continue
+        opdef = get(op)
+        sample = next(iter(opdef.samples(torch.bfloat16 if op != "adamw" else torch.float32, torch.device("cpu"),
+                                         gen)))
+        args = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                and opdef.differentiable else a for a in sample.args]
+        out = [o for o in torch.utils._pytree.tree_leaves(impl(*args, **sample.kwargs))
+               if isinstance(o, torch.Tensor) and o.requires_grad]
+        if out:
+            torch.autograd.grad(out, [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad],
+                                [torch.ones_like(o) for o in out], allow_unused=True)
+    compiled = {}
+    for name, module, args, kwargs in seen:
+        if (module, name) in compiled:
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _compile_for_sm90(name, module, args, kwargs)
+        compiled[(module, name)] = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught]
+    assert len(compiled) >= 10, sorted(compiled)
+    assert not {k: v for k, v in compiled.items() if v}, {k: v for k, v in compiled.items() if v}
