@@ -148,55 +148,17 @@ def test_norm_backward_is_bitwise_reproducible():
 
 # -- no kernel warns when compiled ------------------------------------------------------------------
 
-_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
-          torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-          torch.bool: "i1"}
+def _resources_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
 
-
-def _record_launches(monkeypatch) -> list:
-    """Record ``(kernel name, module, args, kwargs)`` of every interpreted launch (they still run)."""
-    from openseek_hal.ops import kernel_loader
-
-    seen: list = []
-    original = kernel_loader._InterpretedKernel.__getitem__
-
-    def getitem(self, grid):
-        run = original(self, grid)
-
-        def recording(*args, **kwargs):
-            seen.append((self.fn.fn.__name__, self.fn.fn.__module__, args, kwargs))
-            return run(*args, **kwargs)
-        return recording
-
-    monkeypatch.setattr(kernel_loader._InterpretedKernel, "__getitem__", getitem)
-    return seen
-
-
-def _compile_for_sm90(name: str, module: str, args: tuple, kwargs: dict):
-    import importlib
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = getattr(importlib.import_module(module.replace("_kernels_interpreted", "kernels")), name)
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-    values = dict(zip(fn.arg_names, args)) | {k: v for k, v in kwargs.items() if k not in options}
-    signature, constexprs = {}, {}
-    for i, arg in enumerate(fn.arg_names):
-        value = values[arg]
-        if i in fn.constexprs or value is None:
-            signature[arg], constexprs[arg] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[arg] = "*" + _TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[arg] = "i1"
-        elif isinstance(value, int):
-            signature[arg] = "i32" if -2**31 <= value < 2**31 else "i64"
-        else:
-            signature[arg] = "fp32"
-    return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                          options=options)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ops" / "memops_sm90_resources.py"
+    spec = importlib.util.spec_from_file_location("memops_sm90_resources", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_no_kernel_warns_when_compiled_for_h100(monkeypatch, tmp_path):
@@ -213,7 +175,22 @@ def test_no_kernel_warns_when_compiled_for_h100(monkeypatch, tmp_path):
         pytest.skip("this Triton has no NVIDIA toolchain")
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its own warning
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # a cached kernel is not compiled again (nor warns)
-    seen = _record_launches(monkeypatch)
+    script = _resources_script()
+    seen = script.record_launches(_one_sample_per_op)
+    compiled = {}
+    for name, module, args, kwargs in seen:
+        if (module, name) in compiled:
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            script.compile_launch(name, module, args, kwargs)
+        compiled[(module, name)] = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught]
+    assert len(compiled) >= 10, sorted(compiled)
+    assert not {k: v for k, v in compiled.items() if v}, {k: v for k, v in compiled.items() if v}
+
+
+def _one_sample_per_op() -> None:
+    """Forward and backward of each op's first sample (bf16; attention's kernels excluded)."""
     gen = torch.Generator().manual_seed(0)
     for op, impl in PKG.KERNELS.items():
         if op == "causal_attention":
@@ -228,57 +205,3 @@ def test_no_kernel_warns_when_compiled_for_h100(monkeypatch, tmp_path):
         if out:
             torch.autograd.grad(out, [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad],
                                 [torch.ones_like(o) for o in out], allow_unused=True)
-    compiled = {}
-    for name, module, args, kwargs in seen:
-        if (module, name) in compiled:
-            continue
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            _compile_for_sm90(name, module, args, kwargs)
-        compiled[(module, name)] = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught]
-    assert len(compiled) >= 10, sorted(compiled)
-    assert not {k: v for k, v in compiled.items() if v}, {k: v for k, v in compiled.items() if v}
-
-
-def test_memops_sweep_runs_a_row_on_the_cpu(monkeypatch, tmp_path, capsys):
-    """The GPU sweep script's plumbing (cases, overrides, checks, best config, table line) on the
-    interpreter at 8 rows, with a fake clock-free timer; no numbers are meaningful here."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    from openseek_hal.ops import bench, bench_cases
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ops" / "memops_sweep.py"
-    spec = importlib.util.spec_from_file_location("memops_sweep", path)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
-    original = bench_cases._randn
-
-    def small(*shape, **kw):  # 8 rows of the case's own width
-        return original(*((min(shape[0], 8),) + shape[1:] if len(shape) > 1 else shape), **kw)
-
-    calls = iter(range(1, 10**6))
-    monkeypatch.setattr(bench_cases, "_randn", small)
-    monkeypatch.setattr(bench, "_median_ms", lambda fn: (fn(), float(next(calls)))[1])
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-    candidates = launch.candidates
-    monkeypatch.setattr(launch, "candidates", lambda kernel, n: candidates(kernel, n)[:3])
-    rows = [r for r in sweep.ROWS if r[4] <= 4096 and r[3] in ("rms_norm_fwd", "add_rms_norm_bwd", "silu_and_mul_fwd",
-                                                                 "moe_route_bwd")]
-    assert len(rows) == 5
-    for row in rows:
-        out = sweep.sweep_row(row, torch.device("cpu"), 1e12, float("inf"), float("inf"), interpret=True)
-        configs = out["configs"]
-        assert configs[0]["default"] and configs[0]["config"] == launch.config(row[3], row[4])
-        assert configs[0].get("ok_vs_reference") is True, configs[0]
-        assert all(c["ok"] and "ms" in c for c in configs), [c for c in configs if not c.get("ok")]
-        assert out["best"] == configs[0]["config"]  # the fake timer makes the first the fastest
-        assert "compile" in out["baselines"] and "ms" in out["baselines"]["compile"]
-        assert sweep._table_line(out).startswith(f'    ("{row[3]}", {row[4]}): dict(')
-    monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 1e12)
-    sweep.main([str(tmp_path), "--interpret", "--rows", "moe_route openseek-small"])
-    out = capsys.readouterr().out
-    assert '("moe_route_bwd", 64): dict(' in out and "results:" in out
-    saved = json.loads((tmp_path / "memops_sweep.json").read_text())
-    assert len(saved["rows"]) == 1 and saved["provenance"] and "warnings" in saved

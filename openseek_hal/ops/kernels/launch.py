@@ -62,11 +62,13 @@ def _rule(kernel: str, n: int) -> Config:
         rows = max(1, min(16, 8192 // block))
         return dict(ROWS=rows, num_warps=max(1, min(8, rows * block // 1024)))
     if kernel in ("rms_norm_bwd", "add_rms_norm_bwd"):
-        # ~8 elements per thread per tensor (16 before: at 4096 with 8 warps the backward's ~6 live
-        # float32 vectors per thread limit residency to one 8-warp program per SM); short rows are
-        # taken several per iteration so that each program has more than one row's loads in flight.
+        # 4-8 elements per thread per tensor (16 before). Compiled for sm_90 (Triton 3.9,
+        # benchmarks/ops/memops_sm90_resources.py), the old 8-warp launch at 4096 took 127-145
+        # registers a thread (16 warps resident per SM) and the 16-warp one at 7168 127-128 (16 warps,
+        # add_rms_norm spilling 16 bytes); 32 warps take 32 (4096: 64 warps resident) and 62 (7168: 32).
+        # Short rows are taken several per iteration, so a program has more than one row in flight.
         rows = 1 if block >= 4096 else max(1, min(8, 4096 // block))
-        return dict(ROWS=rows, num_warps=max(4, min(16, rows * block // 256)), per_sm=4, num_stages=1)
+        return dict(ROWS=rows, num_warps=max(4, min(32, rows * block // 128)), per_sm=2, num_stages=1)
     if kernel in ("silu_and_mul_fwd", "silu_and_mul_bwd"):
         # Column blocks that divide d (d = 2560 gave a second 2048-wide block 3/4 masked), at least
         # 256 wide; ~2048 elements of each half per program; 8 warps (16-byte bf16 vectors).
@@ -101,8 +103,8 @@ _ALTERNATIVES: dict[str, list[Config]] = {
     "rms_norm_fwd": [dict(ROWS=r, num_warps=w) for r, w in
                      ((1, 8), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))],
     "rms_norm_bwd": [dict(ROWS=r, num_warps=w, per_sm=p, num_stages=s) for r, w, p, s in
-                     ((1, 8, 4, 1), (1, 16, 4, 1), (1, 16, 4, 3), (1, 16, 2, 1), (1, 16, 1, 1), (1, 32, 2, 1),
-                      (1, 16, 8, 1), (2, 16, 2, 1), (2, 16, 4, 1), (4, 8, 4, 1), (4, 16, 4, 1))],
+                     ((1, 32, 2, 1), (1, 32, 1, 1), (1, 32, 4, 1), (1, 32, 2, 3), (1, 16, 4, 1), (1, 16, 2, 1),
+                      (1, 16, 8, 1), (1, 8, 4, 1), (2, 32, 2, 1), (2, 16, 2, 1), (4, 32, 2, 1))],
     "silu_and_mul_fwd": [dict(BLOCK=b, ROWS=r, num_warps=w) for b, r, w in
                          ((512, 4, 8), (512, 4, 4), (512, 8, 8), (1024, 2, 8), (1024, 1, 4), (2048, 1, 8),
                           (2048, 1, 4), (256, 8, 8))],
@@ -116,11 +118,26 @@ _ALTERNATIVES["add_rms_norm_fwd"] = _ALTERNATIVES["rms_norm_fwd"]
 _ALTERNATIVES["add_rms_norm_bwd"] = _ALTERNATIVES["rms_norm_bwd"]
 
 
+def _spills(kernel: str, n: int, cfg: Config) -> bool:
+    """Whether an alternative is too large to try at ``n``: more elements per thread than compiled
+    without spilling for sm_90 (`benchmarks/ops/memops_sm90_resources.py`; norm backward: 16 a
+    tensor for one row per iteration, 8 for more; router backward: 64 of its ``tokens x experts x
+    top-8`` match)."""
+    block = triton.next_power_of_2(max(n, 1))
+    threads = 32 * cfg["num_warps"]
+    if kernel in ("rms_norm_bwd", "add_rms_norm_bwd"):  # 2+ rows at 16 a thread spilled at 4096 and 7168
+        return cfg["ROWS"] * block > (16 if cfg["ROWS"] == 1 else 8) * threads
+    if kernel == "moe_route_bwd":
+        return cfg["ROWS"] * block * 8 > 64 * threads
+    return False
+
+
 def candidates(kernel: str, n: int) -> list[Config]:
     """The configs a sweep times for ``kernel`` at row length ``n``: the current choice first, then
-    the previous launch, then the alternatives (duplicates dropped)."""
+    the previous launch, then the alternatives that do not spill at ``n`` (duplicates dropped)."""
     out: list[Config] = []
-    for cfg in (config(kernel, n), previous(kernel, n), *_ALTERNATIVES[kernel]):
+    alternatives = [c for c in _ALTERNATIVES[kernel] if not _spills(kernel, n, c)]
+    for cfg in (config(kernel, n), previous(kernel, n), *alternatives):
         if cfg not in out:
             out.append(dict(cfg))
     return out
