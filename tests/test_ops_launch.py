@@ -205,3 +205,48 @@ def _one_sample_per_op() -> None:
         if out:
             torch.autograd.grad(out, [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad],
                                 [torch.ones_like(o) for o in out], allow_unused=True)
+
+
+def test_memops_sweep_runs_a_row_on_the_cpu(monkeypatch, tmp_path, capsys):
+    """The GPU sweep script's plumbing (cases, overrides, checks, best config, table line) on the
+    interpreter at 8 rows, with a fake clock-free timer; no numbers are meaningful here."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from openseek_hal.ops import bench, bench_cases
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ops" / "memops_sweep.py"
+    spec = importlib.util.spec_from_file_location("memops_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    original = bench_cases._randn
+
+    def small(*shape, **kw):  # 8 rows of the case's own width
+        return original(*((min(shape[0], 8),) + shape[1:] if len(shape) > 1 else shape), **kw)
+
+    calls = iter(range(1, 10**6))
+    monkeypatch.setattr(bench_cases, "_randn", small)
+    monkeypatch.setattr(bench, "_median_ms", lambda fn: (fn(), float(next(calls)))[1])
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    candidates = launch.candidates
+    monkeypatch.setattr(launch, "candidates", lambda kernel, n: candidates(kernel, n)[:3])
+    rows = [r for r in sweep.ROWS if r[4] <= 4096 and r[3] in ("rms_norm_fwd", "add_rms_norm_bwd", "silu_and_mul_fwd",
+                                                                 "moe_route_bwd")]
+    assert len(rows) == 5
+    for row in rows:
+        out = sweep.sweep_row(row, torch.device("cpu"), 1e12, float("inf"), float("inf"), interpret=True)
+        configs = out["configs"]
+        assert configs[0]["default"] and configs[0]["config"] == launch.config(row[3], row[4])
+        assert configs[0].get("ok_vs_reference") is True, configs[0]
+        assert all(c["ok"] and "ms" in c for c in configs), [c for c in configs if not c.get("ok")]
+        assert out["best"] == configs[0]["config"]  # the fake timer makes the first the fastest
+        assert "compile" in out["baselines"] and "ms" in out["baselines"]["compile"]
+        assert sweep._table_line(out).startswith(f'    ("{row[3]}", {row[4]}): dict(')
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 1e12)
+    sweep.main([str(tmp_path), "--interpret", "--rows", "moe_route openseek-small,16384x2*2560 bwd"])
+    out = capsys.readouterr().out
+    assert '("moe_route_bwd", 64): dict(' in out and "(guard)" in out and "results:" in out
+    saved = json.loads((tmp_path / "memops_sweep.json").read_text())
+    assert [r["guard"] for r in saved["rows"]] == [False, True] and saved["provenance"] and "warnings" in saved
+    assert len(saved["rows"][1]["configs"]) == 2  # a guard row: the default and the previous launch

@@ -1,7 +1,7 @@
 """Sweep the launch parameters of the memory-bound kernels on a GPU (issue #13, the rows that miss).
 
 Usage (from the repository root, on a CUDA machine, after ``pip install --no-deps -e .``):
-    python benchmarks/ops/memops_sweep.py OUT_DIR [--budget-s 200] [--rows SUBSTRING[,SUBSTRING...]]
+    python benchmarks/ops/memops_sweep.py OUT_DIR [--budget-s 190] [--rows SUBSTRING[,SUBSTRING...]] [--no-guard]
 
 For each row below (op, `bench_cases` shape, direction) it times every config of
 `openseek_hal.ops.kernels.launch.candidates` (the current choice first, then the launch this module
@@ -15,9 +15,10 @@ is flagged (``ok: false``) and never suggested.
 Writes OUT_DIR/memops_sweep.json (with provenance) and prints, last, a table and the `launch.TABLE`
 entries of the best configs (paste them into openseek_hal/ops/kernels/launch.py). Warnings raised
 while it runs (e.g. Triton's "'and'/'or' deprecated for non-scalar tensors") are counted per source
-file, so a kernel that warns is named. A time budget (default 180 s of sweeping, after start-up)
+file, so a kernel that warns is named. A time budget (default 190 s of sweeping, after start-up)
 stops trying alternatives of a row once its share is spent; the default config and the baselines
-always run.
+always run. Last come the guard rows (`GUARD_ROWS`: rows that met the target before but whose
+default launch changed), with only the default and the previous launch timed.
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ ROWS: list[tuple[str, str, str, str, int]] = [
 RTOL = ATOL = 2e-2  # bf16 outputs (8 bits of mantissa): a config differs from another by rounding only
 REF_RTOL = 1e-2  # the default against the float32 eager reference, normwise (bf16 rounding is 2**-9)
 TARGET_PCT = 85.0
+# Rows that met the target with the previous launch but whose default changed with launch.py's rule:
+# only the default and the previous launch are timed (and the baselines), to catch a regression.
+GUARD_ROWS: list[tuple[str, str, str, str, int]] = [
+    ("add_rms_norm", "openseek-small 16384x1280", "fwd", "add_rms_norm_fwd", 1280),
+    ("rms_norm", "openseek-small 16384x1280", "bwd", "rms_norm_bwd", 1280),
+    ("add_rms_norm", "openseek-small 16384x1280", "bwd", "add_rms_norm_bwd", 1280),
+    ("silu_and_mul", "openseek-small 16384x2*2560", "bwd", "silu_and_mul_bwd", 2560),
+    ("silu_and_mul", "deepseek-v3 16384x2*2048", "fwd", "silu_and_mul_fwd", 2048),
+    ("silu_and_mul", "reference 16384x2*4096", "fwd", "silu_and_mul_fwd", 4096),
+]
+GUARD_S = 8.0  # seconds kept back for each guard row
 
 
 def _case(bench_cases, op: str, prefix: str):
@@ -112,9 +124,10 @@ def _error(e: Exception) -> str:
 
 
 def sweep_row(row, device, copy_bw: float, row_deadline: float, global_deadline: float,
-              interpret: bool = False) -> dict[str, Any]:
-    """One row: every candidate config (checked, timed), then the baselines. ``interpret`` runs the
-    interpreted kernels (the CPU test of this script; timings then mean nothing)."""
+              interpret: bool = False, guard: bool = False) -> dict[str, Any]:
+    """One row: every candidate config (checked, timed; with ``guard`` only the default and the
+    previous launch), then the baselines. ``interpret`` runs the interpreted kernels (the CPU test
+    of this script; timings then mean nothing)."""
     from openseek_hal.ops import bench, bench_cases
     from openseek_hal.ops.kernel_loader import load_kernels
 
@@ -124,7 +137,7 @@ def sweep_row(row, device, copy_bw: float, row_deadline: float, global_deadline:
     case = _case(bench_cases, op, prefix)
     nbytes = case.fwd_bytes if direction == "fwd" else case.bwd_bytes
     out: dict[str, Any] = {"op": op, "shape": case.label, "dir": direction, "kernel": kernel, "n": n,
-                           "bytes": nbytes, "configs": [], "baselines": {}}
+                           "bytes": nbytes, "guard": guard, "configs": [], "baselines": {}}
 
     def pct(ms: float) -> float:
         return 100 * nbytes / (ms * 1e-3) / copy_bw
@@ -138,7 +151,10 @@ def sweep_row(row, device, copy_bw: float, row_deadline: float, global_deadline:
     except Exception as e:
         ref, out["reference_error"] = None, _error(e)
     default = None
-    for i, cfg in enumerate(launch.candidates(kernel, n)):
+    configs = launch.candidates(kernel, n)
+    if guard:
+        configs = [configs[0]] + ([launch.previous(kernel, n)] if launch.previous(kernel, n) != configs[0] else [])
+    for i, cfg in enumerate(configs):
         entry: dict[str, Any] = {"config": cfg, "default": i == 0}
         if i and time.time() > row_deadline:
             entry["skipped"] = "time budget"
@@ -199,8 +215,9 @@ def _table_line(row: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--budget-s", type=float, default=180.0, help="seconds of sweeping (after start-up)")
+    parser.add_argument("--budget-s", type=float, default=190.0, help="seconds of sweeping (after start-up)")
     parser.add_argument("--rows", default=None, help="only rows whose 'op shape dir' contains one of these")
+    parser.add_argument("--no-guard", action="store_true", help="skip the guard rows (default and previous only)")
     parser.add_argument("--interpret", action="store_true", help=argparse.SUPPRESS)  # CPU plumbing test only
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -210,8 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     from openseek_hal.provenance import provenance
 
     bench.WARMUP_MS, bench.REP_MS = 15, 60  # a few hundred reps each: ~100 configs and baselines fit the budget
-    rows = [r for r in ROWS if args.rows is None
+    rows = [(r, False) for r in ROWS] + ([] if args.no_guard else [(r, True) for r in GUARD_ROWS])
+    rows = [(r, g) for r, g in rows if args.rows is None
             or any(s in f"{r[0]} {r[1]} {r[2]}" for s in args.rows.split(","))]
+    n_full = sum(not g for _, g in rows)
     device = torch.device("cpu" if args.interpret else "cuda")
     t0 = time.time()
     caught: collections.Counter = collections.Counter()
@@ -226,12 +245,13 @@ def main(argv: list[str] | None = None) -> None:
         copy_bw = bench.copy_bandwidth(device)
         results["copy_bandwidth_GBps"] = copy_bw / 1e9
         deadline = time.time() + args.budget_s
-        for i, row in enumerate(rows):
+        full_deadline = deadline - GUARD_S * (len(rows) - n_full)
+        for i, (row, guard) in enumerate(rows):
             now = time.time()
-            # the row's share of the time left (baselines need about half of a row's share)
-            row_deadline = now + 0.5 * (deadline - now) / (len(rows) - i)
-            print(f"[{now - t0:5.0f}s] {row[0]} {row[1]} {row[2]}", flush=True)
-            results["rows"].append(sweep_row(row, device, copy_bw, row_deadline, deadline, args.interpret))
+            # a full row's share of the time left to full rows (its baselines need about half of it)
+            row_deadline = now + 0.5 * (full_deadline - now) / max(1, n_full - i) if not guard else deadline
+            print(f"[{now - t0:5.0f}s] {row[0]} {row[1]} {row[2]}{' (guard)' if guard else ''}", flush=True)
+            results["rows"].append(sweep_row(row, device, copy_bw, row_deadline, deadline, args.interpret, guard))
             for w in seen:
                 caught[(w.filename, w.lineno, str(w.message)[:120])] += 1
             seen.clear()
@@ -265,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         dm = f"{r['default_ms']:.3f}" if r.get("default_ms") else "-"
         bb = f"{r['best_baseline']} {r['best_baseline_ms']:.3f}" if r["best_baseline"] else "-"
         print(f"{r['op']:13s} {r['shape']:28s} {r['dir']:3s} {cfg:48s} {ms:>7s} {pc:>5s} {dm:>7s} {bb:>20s} "
-              f"{'yes' if r['meets_target'] else 'NO':>5s}")
+              f"{'yes' if r['meets_target'] else 'NO':>5s}{' (guard)' if r['guard'] else ''}")
     print("\nlaunch.TABLE entries (openseek_hal/ops/kernels/launch.py; the last row per key wins):")
     for r in results["rows"]:
         if r["best"]:
