@@ -179,6 +179,8 @@ def sweep_row(row, device, copy_bw: float, row_deadline: float, global_deadline:
             entry["ok"] = False
         out["configs"].append(entry)
         torch.cuda.empty_cache()
+    del ref, default
+    torch.cuda.empty_cache()
     impls = bench.case_impls(case, ours)
     for name, impl in impls.items():
         if name in ("ours", "eager"):
