@@ -29,11 +29,6 @@ def block_for(n: int, cap: int = 65536) -> int:
     return block
 
 
-def warps_for(block_elements: int) -> int:
-    """Warps per program: enough threads to give each about 8-16 elements of the block."""
-    return max(1, min(16, block_elements // 512))
-
-
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -2,9 +2,10 @@
 
 ``moe_route``: one program per token holds its expert scores as a ``(groups, experts per group)``
 tile; group-limited selection and the top-k are done by repeated max + lowest-index-of-max, which
-gives torch.topk's order (descending) without a sort. The backward recomputes the scores from the
-logits. Tokens-per-expert counts are an integer ``index_add_`` (exact, so reproducible, and unlike
-``torch.bincount`` it needs no device-to-host sync, so CUDA graphs and torch.compile keep it).
+gives torch.topk's order (descending) without a sort. The backward (``ROWS`` tokens per program,
+`launch.config`) recomputes the scores from the logits, and the picked ones from the logits
+gathered at the saved indices. Tokens-per-expert counts are an integer ``index_add_`` (exact, so
+reproducible, and unlike ``torch.bincount`` it needs no device-to-host sync, so CUDA graphs and torch.compile keep it).
 
 Permute/unpermute: the stable sort of expert ids is torch's (it is over ``T * k`` integers); the
 row movement is Triton. Every backward is a gather (each output row read-summed by one program),
@@ -17,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from ._common import acc_dtype, acc_type
 
 _BIG = tl.constexpr(1 << 30)
@@ -86,38 +88,47 @@ def _route_fwd(X, BIAS, IDX, W, n_experts, group_size, scale, HAS_BIAS: tl.const
 
 
 @triton.jit
-def _route_bwd(X, IDX, DW, DX, n_experts, group_size, scale, SOFTMAX: tl.constexpr, NORM: tl.constexpr,
-               TOP_K: tl.constexpr, ACC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    g_idx = tl.arange(0, BLOCK_G)
-    c_idx = tl.arange(0, BLOCK_C)
-    s, expert, valid = _scores(X, row, g_idx, c_idx, group_size, n_experts, SOFTMAX, ACC)
+def _route_bwd(X, IDX, DW, DX, n_tokens, n_experts, scale, SOFTMAX: tl.constexpr, NORM: tl.constexpr,
+               TOP_K: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+               ROWS: tl.constexpr):
+    """``ROWS`` tokens per program. Only the picked experts' weights have gradients: their scores are
+    recomputed from logits gathered at the saved indices (the same arithmetic as the tile's, so the
+    same values), and the score gradient is spread back onto the row by one ``(experts x top_k)``
+    match instead of a full-row reduction per picked expert."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_tokens
+    e_idx = tl.arange(0, BLOCK_E)
     k_idx = tl.arange(0, BLOCK_K)
-    k_mask = k_idx < TOP_K
-    picked = tl.load(IDX + row * TOP_K + k_idx, mask=k_mask, other=-1)
-    dw = tl.load(DW + row * TOP_K + k_idx, mask=k_mask, other=0.0).to(ACC) * scale
-    # Scores of the picked experts, gathered from the tile.
-    s_picked = tl.zeros([BLOCK_K], dtype=ACC)
-    for j in tl.static_range(TOP_K):
-        e = tl.sum(tl.where(k_idx == j, picked, 0), axis=0)
-        v = tl.sum(tl.sum(tl.where(expert == e, s, 0.0), axis=1), axis=0)
-        s_picked = tl.where(k_idx == j, v, s_picked)
+    valid = row_ok[:, None] & (e_idx < n_experts)[None, :]
+    k_ok = row_ok[:, None] & (k_idx < TOP_K)[None, :]
+    x_row = X + rows[:, None] * n_experts
+    picked = tl.load(IDX + rows[:, None] * TOP_K + k_idx[None, :], mask=k_ok, other=-1)
+    dw = tl.load(DW + rows[:, None] * TOP_K + k_idx[None, :], mask=k_ok, other=0.0).to(ACC) * scale
+    xp = tl.load(x_row + picked, mask=k_ok, other=0.0).to(ACC)
+    if SOFTMAX:  # the whole row's scores take part (through the normalizer)
+        x = tl.load(x_row + e_idx[None, :], mask=valid, other=float("-inf")).to(ACC)
+        m = tl.max(x, axis=1)
+        ex = tl.exp(x - m[:, None])
+        z = tl.sum(ex, axis=1)
+        s = tl.where(valid, ex / z[:, None], 0.0)
+        sp = tl.exp(xp - m[:, None]) / z[:, None]
+    else:
+        x = tl.load(x_row + e_idx[None, :], mask=valid, other=0.0).to(ACC)
+        s = tl.where(valid, 1.0 / (1.0 + tl.exp(-x)), 0.0)
+        sp = 1.0 / (1.0 + tl.exp(-xp))
+    sp = tl.where(k_ok, sp, 0.0)
     if NORM and TOP_K > 1:
-        z = tl.sum(s_picked, axis=0) + 1e-20
-        ds_picked = dw / z - tl.sum(dw * s_picked, axis=0) / (z * z)
+        z = tl.sum(sp, axis=1) + 1e-20
+        ds_picked = dw / z[:, None] - (tl.sum(dw * sp, axis=1) / (z * z))[:, None]
     else:
         ds_picked = dw
-    ds = tl.zeros([BLOCK_G, BLOCK_C], dtype=ACC)
-    for j in tl.static_range(TOP_K):
-        e = tl.sum(tl.where(k_idx == j, picked, 0), axis=0)
-        d = tl.sum(tl.where(k_idx == j, ds_picked, 0.0), axis=0)
-        ds += tl.where(expert == e, d, 0.0)
+    match = e_idx[None, :, None] == picked[:, None, :]  # [ROWS, BLOCK_E, BLOCK_K]; padding k is -1
+    ds = tl.sum(tl.where(match, ds_picked[:, None, :], 0.0), axis=2)
     if SOFTMAX:
-        dx = s * (ds - tl.sum(tl.sum(ds * s, axis=1), axis=0))
+        dx = s * (ds - tl.sum(ds * s, axis=1)[:, None])
     else:
         dx = ds * s * (1.0 - s)
-    tl.store(DX + row * n_experts + expert, dx.to(DX.dtype.element_ty), mask=valid)
+    tl.store(DX + rows[:, None] * n_experts + e_idx[None, :], dx.to(DX.dtype.element_ty), mask=valid)
 
 
 def _count(indices: torch.Tensor, n: int) -> torch.Tensor:
@@ -169,10 +180,12 @@ def _moe_route_backward_op(logits: torch.Tensor, indices: torch.Tensor, d_weight
     top_k = indices.shape[1]
     dx = torch.empty_like(logits)
     if tokens:
-        _route_bwd[(tokens,)](
-            logits, indices, d_weights.contiguous(), dx, experts, experts // n_group, routed_scaling_factor,
+        cfg = launch.config("moe_route_bwd", experts)
+        _route_bwd[(triton.cdiv(tokens, cfg["ROWS"]),)](
+            logits, indices, d_weights.contiguous(), dx, tokens, experts, routed_scaling_factor,
             SOFTMAX=score_func == "softmax", NORM=norm_topk_prob, TOP_K=top_k, ACC=acc_type(logits.dtype),
-            **_route_blocks(experts, n_group, top_k), num_warps=1 if experts <= 64 else 4)
+            BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=triton.next_power_of_2(top_k), ROWS=cfg["ROWS"],
+            num_warps=cfg["num_warps"])
     return dx
 
 
