@@ -41,8 +41,18 @@ KERNELS = ("rms_norm_fwd", "rms_norm_bwd", "add_rms_norm_fwd", "add_rms_norm_bwd
 
 # (kernel, n) -> launch parameters: measured winners at the model's sizes (OpenSeek-Small hidden 1280,
 # ffn 2560, 64 experts; DeepSeek-V3 hidden 7168, ffn 2048, 256 experts; the issue's 4096). Empty
-# until the first GPU sweep: every size takes `_rule`. An entry must give every parameter of its kernel.
+# after a GPU sweep; other sizes take `_rule`. An entry must give every parameter of its kernel.
+# Entries below: the winners of `benchmarks/ops/memops_sweep.py` on one H100 (commit 937c5260,
+# benchmarks/ops/results/h100_memops_sweep_937c5260.json) where they beat the rule; ms is the sweep's
+# median (rule's ms in brackets).
 TABLE: dict[tuple[str, int], Config] = {
+    ("rms_norm_bwd", 7168): dict(ROWS=1, num_warps=32, per_sm=1, num_stages=1),  # 0.286 (0.292)
+    ("rms_norm_bwd", 4096): dict(ROWS=2, num_warps=32, per_sm=2, num_stages=1),  # 0.176 (0.244)
+    ("add_rms_norm_bwd", 7168): dict(ROWS=1, num_warps=32, per_sm=1, num_stages=1),  # 0.367 (0.372)
+    ("add_rms_norm_bwd", 4096): dict(ROWS=2, num_warps=32, per_sm=2, num_stages=1),  # 0.220 (0.265)
+    ("silu_and_mul_fwd", 2560): dict(BLOCK=512, ROWS=4, num_warps=4),  # 0.090 (0.091)
+    ("moe_route_bwd", 64): dict(ROWS=1, num_warps=4),  # 0.127 (0.166)
+    ("moe_route_bwd", 256): dict(ROWS=1, num_warps=1),  # 0.100 (0.139)
 }
 
 
