@@ -115,12 +115,13 @@ def _norm_table():
     return _norm_tables()[1]
 
 
-def normalize_codes(text: str):
+def normalize_codes(text: str, collapse: bool = True):
     """``normalize`` as a uint32 array of code points, without the final strip (the fast path).
 
     U+0001 separates documents: each part between two is normalized on its own. A part with a character
     the per-character table cannot take (``_norm_tables``) goes through ``unicodedata.normalize``; the
-    result is the same either way.
+    result is the same either way. ``collapse=False`` leaves runs of spaces as they are (for callers
+    that only look at the tokens: minhash's shingles).
     """
     import numpy as np
 
@@ -129,6 +130,8 @@ def normalize_codes(text: str):
     codes = fast[raw]
     if codes.max(initial=0) == _SLOW:
         codes = _with_slow_parts(text, raw, codes, norm)
+    if not collapse:
+        return codes
     space = codes == 0x20
     return codes[~(space & np.concatenate(([False], space[:-1])))]
 
