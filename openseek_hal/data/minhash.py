@@ -173,7 +173,7 @@ class MinHasher:
         pos = np.cumsum(step)
         pos -= step
         powers, inv_powers = self._powers(int(pos[-1]) + 2)
-        term = np.where(word, c, 0).astype(np.uint64)
+        term = np.multiply(c, word, dtype=np.uint64)  # spaces count 0
         term *= powers[pos]
         end_space = powers[pos[ends] + 1] * np.uint64(0x20)
         term[ends] += end_space

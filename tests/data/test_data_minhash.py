@@ -99,6 +99,14 @@ def test_fast_normalization_matches_unicodedata():
         assert normalize_codes(batch).tolist() == _reference_codes(batch), repr(batch)
 
 
+def test_batch_of_only_empty_documents():
+    """A batch whose documents all normalize to nothing has no shingles (it raised IndexError before)."""
+    h, doc, count = MinHasher().shingle_hashes(["!!!", "", " ,. "])
+    assert len(h) == len(doc) == 0 and count.tolist() == [0, 0, 0]
+    keys, empty, sketches = MinHasher().keys_and_sketches(["!!!", ""])
+    assert empty.tolist() == [True, True] and keys.shape == (2, 16) and sketches.shape == (2, 256)
+
+
 def test_shingle_hashes_match_reference():
     h, doc, count = MinHasher().shingle_hashes(TEXTS)
     expected = [(i, v) for i, t in enumerate(TEXTS) for v in _ref_shingles(t, 5)]
