@@ -335,19 +335,8 @@ def _iter_range(path: Path, begin: int, end: int, first_line: int, name: str | N
     """The records of a plain JSONL file whose lines start in ``[begin, end)``, as ``iter_raw`` yields them
     (named ``name``, the path as the user gave it, if given)."""
     name = str(path) if name is None else name
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(begin)
-            pos, lineno = begin, first_line
-            for line in fh:
-                if pos >= end:
-                    break
-                if line.strip():
-                    yield decode_line(name, lineno, line)
-                pos += len(line)
-                lineno += 1
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e}") from e
+    for lineno, line in _plain_lines(path, begin, end, first_line):
+        yield decode_line(name, lineno, line)
 
 
 def signature_tasks(files: list[Path], workers: int) -> list[SignatureTask]:
