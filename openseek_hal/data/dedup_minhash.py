@@ -4,16 +4,17 @@ Staged and out of core (the default). Each stage reads what the one before it le
 (``--work-dir``), so the stages can also run apart (``--stage``), one after the other:
 
 1. ``signatures``: one task per input file or piece of one (in parallel, ``--executor local|ray``) computes every
-   document's band keys and writes ``keys-NNNNN.bin`` (``bands`` uint64 per document) and
-   ``empty-NNNNN.bin`` (documents that normalize to nothing, never candidates);
+   document's band keys and writes ``keys-NNNNN.bin`` (``bands`` uint64 per document),
+   ``empty-NNNNN.bin`` (documents that normalize to nothing, never candidates) and ``bad-NNNNN.bin``
+   (the indices among the piece's records of the malformed ones);
 2. ``buckets``: the keys are streamed into bucket files partitioned by band and by the key's top bits,
    so that one partition sorted in memory fits in ``--max-memory``; each partition (a task) is sorted
    by key and every document is linked to the first (lowest) document of its key: ``pairs-*.bin``;
 3. ``clusters``: union-find over integer document ids on a memory-mapped label file (8 bytes per
    document), the pair files read in chunks; every label ends as the lowest document of its cluster;
 4. ``filter``: the input is streamed again and the first document of each cluster (in input order) is
-   kept, its line passed through byte for byte; ``clusters.jsonl`` says which document was removed for
-   which.
+   kept, its line passed through byte for byte (not parsed again: ``bad-*.bin`` says which records to
+   skip); ``clusters.jsonl`` says which document was removed for which.
 
 Candidate verification (on unless ``config.verify_threshold`` is None): the signatures stage also writes
 each document's bottom-k sketch (``sketch-NNNNN.bin`` values, ``sketchoff-NNNNN.bin`` offsets), the
