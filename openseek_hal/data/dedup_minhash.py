@@ -4,16 +4,17 @@ Staged and out of core (the default). Each stage reads what the one before it le
 (``--work-dir``), so the stages can also run apart (``--stage``), one after the other:
 
 1. ``signatures``: one task per input file or piece of one (in parallel, ``--executor local|ray``) computes every
-   document's band keys and writes ``keys-NNNNN.bin`` (``bands`` uint64 per document) and
-   ``empty-NNNNN.bin`` (documents that normalize to nothing, never candidates);
+   document's band keys and writes ``keys-NNNNN.bin`` (``bands`` uint64 per document),
+   ``empty-NNNNN.bin`` (documents that normalize to nothing, never candidates) and ``bad-NNNNN.bin``
+   (the indices among the piece's records of the malformed ones);
 2. ``buckets``: the keys are streamed into bucket files partitioned by band and by the key's top bits,
    so that one partition sorted in memory fits in ``--max-memory``; each partition (a task) is sorted
    by key and every document is linked to the first (lowest) document of its key: ``pairs-*.bin``;
 3. ``clusters``: union-find over integer document ids on a memory-mapped label file (8 bytes per
    document), the pair files read in chunks; every label ends as the lowest document of its cluster;
 4. ``filter``: the input is streamed again and the first document of each cluster (in input order) is
-   kept, its line passed through byte for byte; ``clusters.jsonl`` says which document was removed for
-   which.
+   kept, its line passed through byte for byte (not parsed again: ``bad-*.bin`` says which records to
+   skip); ``clusters.jsonl`` says which document was removed for which.
 
 Candidate verification (on unless ``config.verify_threshold`` is None): the signatures stage also writes
 each document's bottom-k sketch (``sketch-NNNNN.bin`` values, ``sketchoff-NNNNN.bin`` offsets), the
@@ -47,6 +48,7 @@ from ..errors import UserError
 from ..fileio import FolderLock
 from .executor import ordered_map
 from .io import (
+    PARQUET_SUFFIXES,
     Malformed,
     RawLine,
     ShardWriter,
@@ -56,6 +58,8 @@ from .io import (
     discover,
     dumps,
     iter_raw,
+    line_text,
+    open_text,
     parse,
 )
 from .minhash import SKETCH_PAD, LSHParams, MinHashConfig, MinHasher, accept_pairs, components
@@ -99,15 +103,18 @@ class _KeysBatch:
         self.hasher = MinHasher(self.config)
 
     def __call__(self, batch: list[RawLine]):
+        """(keys, empty, sketches, malformed, text bytes, indices in the batch of the malformed records)."""
         assert self.hasher is not None
         malformed = Malformed()
-        texts = [d[self.text_key] for raw in batch if (d := parse(raw, self.text_key, malformed)) is not None]
+        docs = [parse(raw, self.text_key, malformed) for raw in batch]
+        texts = [d[self.text_key] for d in docs if d is not None]
+        bad = [j for j, d in enumerate(docs) if d is None]
         if not texts:
             k = self.config.sketch_size if self.config.verify_threshold else 0
             return (np.zeros((0, self.config.num_bands), np.uint64), np.zeros(0, bool), np.zeros((0, k), np.uint32),
-                    malformed, 0)
+                    malformed, 0, bad)
         keys, empty, sketches = self.hasher.keys_and_sketches(texts)
-        return keys, empty, sketches, malformed, sum(len(t.encode("utf-8")) for t in texts)
+        return keys, empty, sketches, malformed, sum(len(t.encode("utf-8")) for t in texts), bad
 
 
 def cluster_labels(
@@ -247,23 +254,37 @@ class _ShardSignatures:
         assert self.hasher is not None
         index, path, where, begin, end, first_line = task
         work = Path(self.work)
-        kinds = ("keys", "empty") + (("sketch", "sketchoff") if self.config.verify_threshold is not None else ())
+        kinds = ("keys", "empty", "bad") + (("sketch", "sketchoff") if self.config.verify_threshold is not None else ())
         final = {kind: work / f"{kind}-{index:05d}.bin" for kind in kinds}
         tmp = {kind: f.with_name(f".{f.name}.tmp{os.getpid()}") for kind, f in final.items()}
-        malformed, docs, nbytes = Malformed(), 0, 0
+        malformed, docs, nbytes, records = Malformed(), 0, 0, 0
         try:
             with (
                 open(tmp["keys"], "wb") as kf,
                 open(tmp["empty"], "wb") as ef,
+                open(tmp["bad"], "wb") as bf,
                 open(tmp.get("sketch", os.devnull), "wb") as sf,
                 open(tmp.get("sketchoff", os.devnull), "wb") as of,
             ):
                 written = 0
                 of.write(np.zeros(1, np.uint64).tobytes())
                 src = Path(where)
-                lines = _iter_range(src, begin, end, first_line, path) if end is not None else _named(src, path)
-                for batch in batched(lines, self.batch_size):
-                    texts = [d[self.text_key] for raw in batch if (d := parse(raw, self.text_key, malformed))]
+                if src.name.lower().endswith(PLAIN_SUFFIXES):  # as iter_raw would read it, without RawLines
+                    items = (
+                        line_text(path, lineno, line, self.text_key, malformed)
+                        for lineno, line in _plain_lines(src, begin, end, first_line)
+                    )
+                else:
+                    items = (
+                        None if (d := parse(raw, self.text_key, malformed)) is None else d[self.text_key]
+                        for raw in _named(src, path)
+                    )
+                for batch in batched(items, self.batch_size):
+                    texts = [t for t in batch if t is not None]
+                    if len(texts) < len(batch):  # the malformed records, by their index among the piece's
+                        bad = [records + j for j, t in enumerate(batch) if t is None]
+                        bf.write(np.array(bad, dtype=np.int64).tobytes())
+                    records += len(batch)
                     if not texts:
                         continue
                     keys, empty, sketches = self.hasher.keys_and_sketches(texts)
@@ -282,7 +303,7 @@ class _ShardSignatures:
         finally:
             for f in tmp.values():
                 f.unlink(missing_ok=True)
-        return {"index": index, "docs": docs, "bytes": nbytes, "malformed": asdict(malformed)}
+        return {"index": index, "docs": docs, "bytes": nbytes, "records": records, "malformed": asdict(malformed)}
 
 
 def _named(path: Path, name: str) -> Iterator[RawLine]:
@@ -291,23 +312,32 @@ def _named(path: Path, name: str) -> Iterator[RawLine]:
         yield raw if raw.file == name else replace(raw, file=name)
 
 
-def _iter_range(path: Path, begin: int, end: int, first_line: int, name: str | None = None) -> Iterator[RawLine]:
-    """The records of a plain JSONL file whose lines start in ``[begin, end)``, as ``iter_raw`` yields them
-    (named ``name``, the path as the user gave it, if given)."""
-    name = str(path) if name is None else name
+def _plain_lines(
+    path: Path, begin: int = 0, end: int | None = None, first_line: int = 1
+) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of the non-blank lines of a plain file that start in ``[begin, end)`` (to the
+    end of the file if ``end`` is None): the records ``iter_raw`` would yield, undecoded."""
     try:
         with open(path, "rb") as fh:
             fh.seek(begin)
             pos, lineno = begin, first_line
             for line in fh:
-                if pos >= end:
+                if end is not None and pos >= end:
                     break
                 if line.strip():
-                    yield decode_line(name, lineno, line)
+                    yield lineno, line
                 pos += len(line)
                 lineno += 1
     except OSError as e:
         raise UserError(f"cannot read {path}: {e}") from e
+
+
+def _iter_range(path: Path, begin: int, end: int, first_line: int, name: str | None = None) -> Iterator[RawLine]:
+    """The records of a plain JSONL file whose lines start in ``[begin, end)``, as ``iter_raw`` yields them
+    (named ``name``, the path as the user gave it, if given)."""
+    name = str(path) if name is None else name
+    for lineno, line in _plain_lines(path, begin, end, first_line):
+        yield decode_line(name, lineno, line)
 
 
 def signature_tasks(files: list[Path], workers: int) -> list[SignatureTask]:
@@ -461,7 +491,8 @@ def _note(quiet: bool, message: str) -> None:
 _WORK_FILES = (
     "plan.json", "signatures.json", "buckets.json", "clusters.json", "keys-[0-9]*.bin", "empty-[0-9]*.bin",
     "sketch-[0-9]*.bin", "sketchoff-[0-9]*.bin", "bucket-b[0-9]*-p[0-9]*.bin", "pairs-b[0-9]*-p[0-9]*.bin",
-    "labels.bin", ".keys-*.tmp*", ".empty-*.tmp*", ".sketch-*.tmp*", ".sketchoff-*.tmp*", ".pairs-*.tmp*",
+    "bad-[0-9]*.bin", "labels.bin", ".keys-*.tmp*", ".empty-*.tmp*", ".sketch-*.tmp*", ".sketchoff-*.tmp*",
+    ".pairs-*.tmp*", ".bad-*.tmp*",
     ".*.json.tmp*", ".lock",
 )
 
@@ -495,7 +526,7 @@ def stage_signatures(
         for res in results:
             shards.append(res)
             advance(1)
-    record = {"shards": [{k: r[k] for k in ("docs", "bytes", "malformed")} for r in shards]}
+    record = {"shards": [{k: r[k] for k in ("docs", "bytes", "records", "malformed")} for r in shards]}
     work.finish("signatures", record)
     return record
 
@@ -695,7 +726,7 @@ def dedup_minhash(
             chunk = max(64, max_memory // _PAIR_BYTES)
             documents = _write_kept(
                 files, labels[: stats.docs_in], _roots(labels[: stats.docs_in], chunk), output.dir, out, text_key,
-                id_key, stats,
+                id_key, stats, _bad_records(work.path, shards),
             )
             del labels
         if own:
@@ -724,6 +755,8 @@ def _dedup_in_memory(
         keys_path = output.dir / ".minhash-keys.bin"  # bands uint64 per document, removed with the staging folder
         sketch_path = output.dir / ".minhash-sketch.bin"  # sketch_size uint32 per document, when verifying
         empties = []
+        bad: list[int] = []  # ordinals of the malformed records
+        records = 0
         with (
             open(keys_path, "wb") as fh,
             open(sketch_path, "wb") as sf,
@@ -732,7 +765,9 @@ def _dedup_in_memory(
                 ordered_map(_KeysBatch(config, text_key), batched(iter_raw(files), batch_size), workers, executor)
             ) as results,
         ):
-            for keys, empty, sketches, malformed, nbytes in results:
+            for keys, empty, sketches, malformed, nbytes, bad_in_batch in results:
+                bad.extend(records + j for j in bad_in_batch)
+                records += len(empty) + len(bad_in_batch)
                 fh.write(keys.tobytes())
                 if sketches is not None:
                     sf.write(sketches.tobytes())
@@ -760,7 +795,7 @@ def _dedup_in_memory(
         sketch_path.unlink()
         roots = _roots(labels, len(labels) + 1)
         stats.extra["clusters"] = int(roots.sum())
-        documents = _write_kept(files, labels, roots, output.dir, out, text_key, id_key, stats)
+        documents = _write_kept(files, labels, roots, output.dir, out, text_key, id_key, stats, iter(bad))
         stats.seconds = time.perf_counter() - start
         stats.extra["docs_per_second"] = round(stats.docs_in / max(stats.seconds, 1e-9), 1)
         output.commit(stats.to_dict(), documents)
@@ -783,8 +818,127 @@ def _write_kept(
     text_key: str,
     id_key: str | None,
     stats: Stats,
+    bad: Iterator[int] | None = None,
 ) -> dict[str, int]:
-    """The third pass: write the first document of each cluster and ``clusters.jsonl``; documents per shard."""
+    """The last pass: write the first document of each cluster and ``clusters.jsonl``; documents per shard.
+
+    ``bad`` (ascending) are the ordinals, among all records of ``files``, of the malformed ones, as the
+    signatures pass found them: then a kept line is copied without being parsed again (only removed
+    documents and, with ``id_key``, kept first members of clusters are), and ``stats.bytes_out`` is
+    ``stats.bytes_in`` less the removed texts. Without it every record is parsed again.
+    """
+    if bad is None:
+        return _write_kept_parsed(files, labels, roots, out_dir, out, text_key, id_key, stats)
+    root_ids: dict[int, object] = {}
+    writer = ShardWriter(out_dir, out.shard_docs, out.compression)
+    report_path = out_dir / "clusters.jsonl"
+    report_tmp = report_path.with_name(f".clusters.jsonl.tmp{os.getpid()}")
+    n, i, record, next_bad, removed_bytes = len(labels), 0, 0, next(bad, -1), 0
+    chunk = 1 << 16
+    lab: list[int] = []
+    is_root: list[bool] = []
+    lo = 0
+    try:
+        with (
+            open(report_tmp, "w", encoding="utf-8") as rep,
+            progress("writing kept", out.quiet, total=n) as advance,
+        ):
+            for path in files:
+                name = str(path)
+                for lineno, line, row in _records(path):
+                    if record == next_bad:
+                        record, next_bad = record + 1, next(bad, -1)
+                        continue
+                    record += 1
+                    if i >= n:
+                        raise UserError("the input changed while it was being deduplicated; rerun")
+                    if i - lo >= len(lab):
+                        lo = i
+                        lab, is_root = labels[lo : lo + chunk].tolist(), roots[lo : lo + chunk].tolist()
+                        advance(len(lab))
+                    root = lab[i - lo]
+                    if root == i:
+                        if is_root[i - lo]:
+                            root_ids[i] = _record_id(name, lineno, line, row, id_key)
+                        if row is None:
+                            writer.write_bytes(line.rstrip(b"\r\n") + b"\n")
+                        else:
+                            writer.write(dumps(row))
+                    else:
+                        doc = row if row is not None else json.loads(line)
+                        removed_bytes += len(doc[text_key].encode("utf-8"))
+                        stats.removed["minhash_duplicate"] += 1
+                        rep.write(
+                            json.dumps(
+                                {"removed": _doc_id(doc, RawLine(name, lineno), id_key), "kept": root_ids[root]},
+                                ensure_ascii=False,
+                                default=str,
+                            )
+                            + "\n"
+                        )
+                    i += 1
+    except BaseException:
+        writer.abort()
+        report_tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
+    os.replace(report_tmp, report_path)
+    stats.docs_out = writer.docs
+    stats.bytes_out = stats.bytes_in - removed_bytes
+    return writer.documents
+
+
+def _records(path: Path) -> Iterator[tuple[int, bytes, dict[str, Any] | None]]:
+    """(line number, line, None) for each record of a JSONL file, as ``iter_raw`` numbers them, or
+    (row number, b"", row) for each row of a Parquet file."""
+    if path.name.lower().endswith(PARQUET_SUFFIXES):
+        for raw in iter_raw([path]):
+            yield raw.line, b"", raw.row
+        return
+    try:
+        with open_text(path, "rb") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    yield lineno, line, None
+    except (OSError, EOFError) as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+
+
+def _record_id(name: str, lineno: int, line: bytes, row: dict[str, Any] | None, id_key: str | None) -> object:
+    if id_key is None:
+        return f"{name}:{lineno}"
+    return _doc_id(row if row is not None else json.loads(line), RawLine(name, lineno), id_key)
+
+
+def _bad_records(work: Path, shards: list[dict[str, Any]]) -> Iterator[int] | None:
+    """The ordinals of the malformed records over all pieces (``bad-NNNNN.bin``), read a block at a time;
+    None for a work folder from a version that did not record them."""
+    if any("records" not in s for s in shards):
+        return None
+
+    def read() -> Iterator[int]:
+        offset = 0
+        for k, s in enumerate(shards):
+            if s["malformed"]["count"]:
+                with open(work / f"bad-{k:05d}.bin", "rb") as fh:
+                    while len(block := np.fromfile(fh, dtype=np.int64, count=1 << 16)):
+                        yield from (block + offset).tolist()
+            offset += s["records"]
+
+    return read()
+
+
+def _write_kept_parsed(
+    files: list[Path],
+    labels: np.ndarray,
+    roots: np.ndarray,
+    out_dir: Path,
+    out: OutputOptions,
+    text_key: str,
+    id_key: str | None,
+    stats: Stats,
+) -> dict[str, int]:
+    """``_write_kept`` parsing every record again (a work folder without ``bad-*.bin``)."""
     root_ids: dict[int, object] = {}
     writer = ShardWriter(out_dir, out.shard_docs, out.compression)
     report_path = out_dir / "clusters.jsonl"

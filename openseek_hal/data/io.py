@@ -195,6 +195,34 @@ def parse(raw: RawLine, text_key: str, malformed: Malformed) -> dict[str, Any] |
     return doc
 
 
+_SCAN = json.JSONDecoder().scan_once  # what json.loads runs, without its wrappers
+
+
+def line_text(file: str, lineno: int, line: bytes, text_key: str, malformed: Malformed) -> str | None:
+    """``parse(decode_line(file, lineno, line), ...)[text_key]`` (None for a malformed record, recorded),
+    faster for the common case: a line that decodes and parses as a JSON object with a string
+    ``text_key`` goes through the JSON scanner directly, without a ``RawLine``. Anything else takes the
+    ``parse`` path, so what is accepted and the reasons recorded are the same."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        doc = parse(decode_line(file, lineno, line), text_key, malformed)
+        return None if doc is None else doc[text_key]
+    try:
+        doc, end = _SCAN(text, 0)
+    except (StopIteration, ValueError, RecursionError):
+        doc = None
+    else:
+        if end != len(text) and text[end:].strip(" \t\n\r"):  # json.loads: only JSON whitespace may follow
+            doc = None
+    if type(doc) is dict and type(value := doc.get(text_key)) is str and (
+        "\\u" not in text or not _has_lone_surrogate(doc)
+    ):
+        return value
+    doc = parse(RawLine(file, lineno, text=text), text_key, malformed)
+    return None if doc is None else doc[text_key]
+
+
 def _has_lone_surrogate(value: Any) -> bool:
     if isinstance(value, str):
         try:
@@ -235,6 +263,7 @@ class ShardWriter:
         check_shard_options(shard_docs, compression)
         self.out_dir, self.shard_docs, self.prefix = out_dir, shard_docs, prefix
         self.suffix = ".jsonl" + ("" if compression == "none" else "." + compression)
+        self._plain = compression == "none"
         out_dir.mkdir(parents=True, exist_ok=True)
         self.written: list[Path] = []
         self.documents: dict[str, int] = {}  # documents per finished shard, by file name
@@ -244,14 +273,20 @@ class ShardWriter:
         self._in_shard = 0
 
     def write(self, line: str) -> None:
+        self.write_bytes(line.encode("utf-8"))
+
+    def write_bytes(self, line: bytes) -> None:
+        """``write`` of a line already encoded as UTF-8 (ending in a newline). Plain shards are written
+        as bytes; compressed ones through a text layer as before (the compressed bytes depend on how the
+        text reaches the compressor, and stay what they were)."""
         if self._fh is None:
             final = self.out_dir / f"{self.prefix}-{len(self.written):05d}{self.suffix}"
             self._tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-            self._fh = open_text(self._tmp, "wt", format_name=final.name)
+            self._fh = open_text(self._tmp, "wb" if self._plain else "wt", format_name=final.name)
             self.written.append(final)
-        self._fh.write(line)
+        self._fh.write(line if self._plain else line.decode("utf-8"))
         self.docs += 1
-        self.bytes += len(line.encode("utf-8"))
+        self.bytes += len(line)
         self._in_shard += 1
         if self._in_shard >= self.shard_docs:
             self._finish_shard()

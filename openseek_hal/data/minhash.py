@@ -49,6 +49,21 @@ def _nospace_table() -> np.ndarray:
 
 
 _NOSPACE_TABLE = _nospace_table()
+_IS_SPACE, _IS_NOSPACE = np.uint8(1), np.uint8(2)
+
+
+def _class_table() -> np.ndarray:
+    """uint8 per code point: ``_IS_SPACE`` for a space or the batch separator, ``_IS_NOSPACE`` for a
+    character of a script written without spaces (a token of its own), 0 for the rest."""
+    import sys
+
+    table = np.zeros(sys.maxunicode + 1, dtype=np.uint8)
+    table[: len(_NOSPACE_TABLE)][_NOSPACE_TABLE] = _IS_NOSPACE
+    table[[0x20, _SEP]] = _IS_SPACE
+    return table
+
+
+_CLASS = _class_table()
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -57,6 +72,18 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
     x = x ^ (x >> np.uint64(27))
     x = x * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
+
+
+def splitmix64_(x: np.ndarray) -> np.ndarray:
+    """``splitmix64`` in place (``x`` is overwritten and returned)."""
+    tmp = np.empty_like(x)
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        np.right_shift(x, np.uint64(shift), out=tmp)
+        x ^= tmp
+        x *= np.uint64(mult)
+    np.right_shift(x, np.uint64(31), out=tmp)
+    x ^= tmp
+    return x
 
 
 def _powers(base: int, n: int) -> np.ndarray:
@@ -98,6 +125,7 @@ class MinHasher:
         rng = np.random.default_rng(config.seed)
         self.a = rng.integers(0, 1 << 63, size=config.num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
         self.b = rng.integers(0, 1 << 63, size=config.num_perm, dtype=np.uint64) * np.uint64(2)
+        self._pow = self._inv_pow = np.zeros(0, dtype=np.uint64)
 
     def shingle_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Hashes of every shingle of every raw text, the index of its text, and each text's token count.
@@ -108,42 +136,62 @@ class MinHasher:
         joined = "\x01".join(texts) + "\x01"
         if joined.count("\x01") != len(texts):  # the separator inside a text would shift documents
             joined = "\x01".join(t.replace("\x01", " ") for t in texts) + "\x01"
-        c = normalized = normalize_codes(joined)
-        space = (c == 0x20) | (c == _SEP)
-        nospace = _NOSPACE_TABLE[np.minimum(c, len(_NOSPACE_TABLE) - 1)]
-        prev_space = np.concatenate(([True], space[:-1]))
-        prev_nospace = np.concatenate(([False], nospace[:-1]))
-        next_space = np.concatenate((space[1:], [True]))
-        next_nospace = np.concatenate((nospace[1:], [False]))
+        c = normalize_codes(joined, collapse=False)  # tokens do not see how many spaces separate them
+        cls = _CLASS[c]
+        space = (cls & _IS_SPACE).view(bool)
+        nospace = (cls & _IS_NOSPACE).astype(bool)
         word = ~space
-        starts = np.flatnonzero(word & (prev_space | nospace | prev_nospace))
-        ends = np.flatnonzero(word & (next_space | nospace | next_nospace))
-        doc_of_char = np.cumsum(c == _SEP) - (c == _SEP)
-        tok_doc = doc_of_char[starts]
+        # A token starts at a word character after a space or beside a no-space character (which is a
+        # token of its own), and ends likewise before one; the batch ends with a separator (a space).
+        edge = cls != 0
+        start_mask = word.copy()
+        start_mask[1:] &= nospace[1:] | edge[:-1]
+        end_mask = word.copy()
+        end_mask[:-1] &= nospace[:-1] | edge[1:]
+        starts, ends = np.flatnonzero(start_mask), np.flatnonzero(end_mask)
+        tok_doc = np.searchsorted(np.flatnonzero(c == _SEP), starts)
         tok_count = np.bincount(tok_doc, minlength=len(texts))
-        tok_first = np.concatenate(([0], np.cumsum(tok_count)[:-1]))
         # Shingle k spans tokens k..k+n-1 of one document; short documents get one whole-text shingle.
-        k = np.arange(len(starts))
-        last_tok_of_doc = (tok_first + tok_count - 1)[tok_doc]
-        full = k + n - 1 <= last_tok_of_doc
+        t = len(starts)
+        first = np.zeros(t, dtype=bool)
+        if t >= n:
+            first[: t - n + 1] = tok_doc[n - 1 :] == tok_doc[: t - n + 1]
         short_docs = np.flatnonzero((tok_count > 0) & (tok_count < n))
-        s_tok = np.concatenate((k[full], tok_first[short_docs]))
-        e_tok = np.concatenate((k[full] + n - 1, tok_first[short_docs] + tok_count[short_docs] - 1))
-        order = np.argsort(s_tok, kind="stable")
-        s_tok, e_tok = s_tok[order], e_tok[order]
-        # Hash the tokens joined by one space, whatever separated them (nothing between Han characters,
-        # a space left by punctuation): the text is rebuilt as its tokens, each followed by a space.
-        is_end = np.zeros(len(c), dtype=bool)
-        is_end[ends] = True
-        newpos = np.cumsum(word) - word + np.cumsum(is_end) - is_end
-        c = np.full(int(word.sum()) + len(ends), 0x20, dtype=c.dtype)
-        c[newpos[word]] = normalized[word]
-        s_char, e_char = newpos[starts[s_tok]], newpos[ends[e_tok]]
-        powers, inv_powers = _powers(_P, len(c)), _powers(_P_INV, len(c))
-        prefix = np.cumsum(c.astype(np.uint64) * powers)
-        before = np.where(s_char > 0, prefix[np.maximum(s_char - 1, 0)], np.uint64(0))
-        h = splitmix64((prefix[e_char] - before) * inv_powers[s_char])
-        return h, tok_doc[s_tok], tok_count
+        tok_first = np.cumsum(tok_count) - tok_count
+        first[tok_first[short_docs]] = True
+        s_tok = np.flatnonzero(first)
+        e_tok = s_tok + (n - 1)
+        if len(short_docs):
+            e_tok[np.searchsorted(s_tok, tok_first[short_docs])] = tok_first[short_docs] + tok_count[short_docs] - 1
+        # The hash is that of the tokens joined by one space, whatever separated them (nothing between
+        # Han characters, a space left by punctuation): the text laid out again as its tokens, each
+        # followed by a space. A word character's position there is the word characters and token ends
+        # before it; the prefix sum over the characters adds each character times P^position, and each
+        # token end also its following space (taken off again at a shingle's last token).
+        step = word.astype(np.int64)
+        step[ends] += 1
+        pos = np.cumsum(step)
+        pos -= step
+        powers, inv_powers = self._powers(int(pos[-1]) + 2)
+        term = np.multiply(c, word, dtype=np.uint64)  # spaces count 0
+        term *= powers[pos]
+        end_space = powers[pos[ends] + 1] * np.uint64(0x20)
+        term[ends] += end_space
+        prefix = np.zeros(len(c) + 1, dtype=np.uint64)
+        np.cumsum(term, out=prefix[1:])
+        s_char, e_char = starts[s_tok], ends[e_tok]
+        h = prefix[e_char + 1]
+        h -= prefix[s_char]
+        h -= end_space[e_tok]
+        h *= inv_powers[pos[s_char]]
+        return splitmix64_(h), tok_doc[s_tok], tok_count
+
+    def _powers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """P^0..P^(n-1) and their inverses mod 2^64, from a cache that grows by doubling."""
+        if len(self._pow) < n:
+            size = max(n, 2 * len(self._pow), 1 << 16)
+            self._pow, self._inv_pow = _powers(_P, size), _powers(_P_INV, size)
+        return self._pow, self._inv_pow
 
     def signatures(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(len(texts), num_perm) uint64 signatures (all ones for empty texts), and the empty mask."""

@@ -53,6 +53,60 @@ def test_normalize():
     assert normalize("Ｆｕｌｌ，全角！１２") == "full 全角 00"
 
 
+def _reference_codes(text: str) -> list[int]:
+    """``normalize_codes`` as it was written before the per-character table: unicodedata on the whole text."""
+    import unicodedata
+
+    from openseek_hal.data.text import _norm_table
+
+    codes = _norm_table()[[ord(c) for c in unicodedata.normalize("NFKC", text).lower()]].tolist()
+    return [c for i, c in enumerate(codes) if not (c == 0x20 and i and codes[i - 1] == 0x20)]
+
+
+def test_fast_normalization_matches_unicodedata():
+    """The per-character table (``text._norm_tables``) gives what ``unicodedata.normalize`` + ``lower``
+    give: for every character alone, for random texts mixing the characters whose normalization
+    depends on their neighbours (combining marks, Hangul jamo, compatibility forms, capital sigma), and
+    for batches joined by U+0001 where only some documents need the slow path."""
+    import sys
+    import unicodedata
+
+    from openseek_hal.data.text import _SLOW, _TABLE_TOP, _norm_tables, normalize_codes
+
+    fast, _ = _norm_tables()
+    # Above the table the fast path is the identity: nothing there decomposes, changes case or combines.
+    for cp in range(_TABLE_TOP, sys.maxunicode + 1, 97):
+        ch = chr(cp)
+        assert unicodedata.decomposition(ch) == "" and ch.lower() == ch and not unicodedata.combining(ch)
+    singles = [chr(c) for c in range(_TABLE_TOP) if not 0xD800 <= c <= 0xDFFF]
+    for ch in singles[::7] + [chr(c) for c in np.flatnonzero(fast[:_TABLE_TOP] == _SLOW)[:2000]]:
+        assert normalize_codes(ch).tolist() == _reference_codes(ch), hex(ord(ch))
+    tricky = [chr(c) for c in (*range(0x300, 0x370), *range(0x1100, 0x1200), *range(0xAC00, 0xAC40),
+                               *range(0xFF00, 0xFF70), *range(0x3300, 0x3320), *range(0xFB00, 0xFB50))]
+    tricky += list("\u03a3\u03c3\u03c2\u0130I\u0131K\u212a\u2460\u1e9e\u00dfe\u0301")
+    tricky += list("\u0f73\u0b47\u0b3e\u0cd5\u00c5\u212b\x00 \t")
+    rng = random.Random(0)
+
+    def text() -> str:
+        n = rng.randint(0, 30)
+        return "".join(rng.choice(tricky) if rng.random() < 0.5 else rng.choice("ab Σ中文 ") for _ in range(n))
+
+    for _ in range(3000):
+        t = text()
+        assert normalize_codes(t).tolist() == _reference_codes(t), repr(t)
+    for _ in range(300):
+        batch = "\x01".join(text() if rng.random() < 0.3 else "plain text 中文，全角！" for _ in range(8)) + "\x01"
+        assert normalize_codes(batch).tolist() == _reference_codes(batch), repr(batch)
+
+
+def test_batch_of_only_empty_documents():
+    """A batch whose documents all normalize to nothing has no shingles (it raised IndexError before)."""
+    h, doc, count = MinHasher().shingle_hashes(["!!!", "", " ,. "])
+    assert len(h) == len(doc) == 0 and count.tolist() == [0, 0, 0]
+    keys, empty, sketches = MinHasher().keys_and_sketches(["!!!", ""])
+    assert empty.tolist() == [True, True] and keys.shape == (2, 16) and sketches.shape == (2, 256)
+
+
 def test_shingle_hashes_match_reference():
     h, doc, count = MinHasher().shingle_hashes(TEXTS)
     expected = [(i, v) for i, t in enumerate(TEXTS) for v in _ref_shingles(t, 5)]

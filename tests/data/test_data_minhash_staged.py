@@ -195,3 +195,27 @@ def test_files_cut_into_pieces_read_every_line_once(tmp_path, monkeypatch, piece
     got = dedup_minhash([str(path)], OutputOptions(tmp_path / "got", quiet=True), workers=2)
     assert got.malformed.first == ref.malformed.first and got.malformed.count == 3  # and one not UTF-8
     _same(tmp_path / "ref", tmp_path / "got")
+
+
+def test_filter_pass_without_malformed_record_list(tmp_path):
+    """The filter pass copies kept lines unparsed, skipping the records the signatures pass found malformed
+    (``bad-*.bin``); a work folder without that list (an older version's) is filtered by parsing every
+    record again. Both give the same output, malformed lines, blank lines and ids included."""
+    folder = _write_inputs(tmp_path, random.Random(3))
+    with open(folder / "f0.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('\n   \n{"id": "x", "text": "lone \\ud800 surrogate"}\n["not", "an object"]\n')
+    work = tmp_path / "work"
+    for stage in ("signatures", "buckets", "clusters"):
+        dedup_minhash([str(folder)], OutputOptions(tmp_path / "unused", quiet=True), stage=stage, work_dir=work)
+    assert sorted(p.name for p in work.glob("bad-*.bin")) == ["bad-00000.bin", "bad-00001.bin", "bad-00002.bin"]
+    fast = dedup_minhash([str(folder)], OutputOptions(tmp_path / "fast", quiet=True), id_key="id", stage="filter",
+                         work_dir=work)
+    record = json.loads((work / "signatures.json").read_text())
+    for shard in record["shards"]:
+        del shard["records"]
+    (work / "signatures.json").write_text(json.dumps(record))
+    parsed = dedup_minhash([str(folder)], OutputOptions(tmp_path / "parsed", quiet=True), id_key="id",
+                           stage="filter", work_dir=work)
+    assert fast.malformed.count == parsed.malformed.count == 4 and fast.removed["minhash_duplicate"] > 50
+    assert (fast.bytes_out, fast.docs_out) == (parsed.bytes_out, parsed.docs_out)
+    _same(tmp_path / "fast", tmp_path / "parsed")
