@@ -33,6 +33,7 @@ from ..comm import Communicator
 from ..errors import ConfigError, RunError, UserError
 from ..fileio import FolderLock, atomic_write_text
 from ..models import DeepseekV3, build_model
+from ..models.deepseek_v3 import enable_fp8, require_fp8
 from .checkpoint import (
     CheckpointReader,
     ExpertSlice,
@@ -193,6 +194,8 @@ class _Run:
         if layout.world is not None and backend.device_type != "cpu":
             backend = get_backend(cfg.backend, device_index=int(os.environ.get("LOCAL_RANK", "0")))
         self.backend = backend
+        if cfg.fp8:
+            require_fp8(backend)  # before any data is read: one line, exit 2
         self.device = backend.device.torch_device
         self.out = Path(cfg.out)
         self.reader = CheckpointReader(resume) if resume is not None else None
@@ -232,6 +235,8 @@ class _Run:
         model = build_model(model_config(cfg, vocab_size=self.tok.get_vocab_size()), self.backend, seed=cfg.seed,
                             dtype=self.dtype)
         self.n_params = model.num_parameters()  # before expert parallelism: the model's whole size
+        if cfg.fp8:  # before expert parallelism, whose shards take the experts' grouped op
+            enable_fp8(model, self.backend)
         self.flops_per_token = model.flops_per_token(cfg.seq_len)
         self.expert_of = lambda p: None
         if layout.ep_comm is not None:

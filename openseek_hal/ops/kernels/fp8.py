@@ -94,7 +94,7 @@ def quantize(x: torch.Tensor, tile: str = "1x128") -> tuple[torch.Tensor, torch.
     q = torch.empty(nb, m, k, dtype=FP8, device=x.device)
     s = torch.empty(nb, m if tile_m == 1 else triton.cdiv(m, TILE), kb, dtype=torch.float32, device=x.device)
     if q.numel():
-        rows = 32 if tile_m == 1 else TILE
+        rows = 32 if tile_m == 1 and x.device.type == "cuda" else TILE
         grid = (triton.cdiv(m, rows), kb, nb)
         _quant_kernel[grid](x3, q.view(torch.uint8), s, m, k, x3.stride(0), x3.stride(1), x3.stride(2),
                             q.stride(0), q.stride(1), s.stride(0), s.stride(1), TILE_M=tile_m, ROWS=rows,
@@ -127,8 +127,8 @@ CONFIGS: tuple[GemmConfig, ...] = (
 def gemm_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
     """The fixed tile choice for a shape: 128x128 tiles, 8 warps, 4 stages on a GPU; smaller tiles when
     the problem is small (keep the SMs busy); small tiles under the interpreter (it runs programs serially)."""
-    if device.type != "cuda":
-        return GemmConfig(32, 32, 1, 1, 1)
+    if device.type != "cuda":  # the interpreter: few large programs (its cost is per program and per op)
+        return GemmConfig(128, 128, 1, 1, 1)
     if m * n <= 256 * 1024:
         return GemmConfig(64, 64, 8, 4, 3)
     return GemmConfig(128, 128, 8, 8, 4)
