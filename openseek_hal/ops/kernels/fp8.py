@@ -147,10 +147,24 @@ def _config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
 
 
 @triton.jit
+def _operand(x, INTERP: tl.constexpr):
+    """An fp8 tile for ``tl.dot``. Under Triton's interpreter (INTERP), which reads the e4m3fn NaN code 0x7F
+    as 480, the tile is decoded from its bits to float32 (NaN kept; every e4m3 product is exact in float32)."""
+    if INTERP:
+        bits = x.to(tl.uint8, bitcast=True).to(tl.int32)
+        e = (bits >> 3) & 15
+        m = (bits & 7).to(tl.float32)
+        mag = tl.where(e == 0, m * 0.001953125, (8.0 + m) * tl.exp2((e - 10).to(tl.float32)))
+        mag = tl.where((bits & 0x7F) == 0x7F, float("nan"), mag)
+        return tl.where((bits & 0x80) != 0, -mag, mag)
+    return x
+
+
+@triton.jit
 def _scaled_k_loop(A, AS, B, BS, rows, cols, row_mask, col_mask, pid_n, k_lo, k_hi, kb_lo, kb_hi,
                    stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
                    B_ROW_SCALE: tl.constexpr, MASK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
     """sum over K blocks kb in [kb_lo, kb_hi) of dot(A[rows, kb], B[cols, kb]^T) * a_scale * b_scale, in fp32,
     reading only K indices in [k_lo, k_hi) (the rest as zeros) when MASK_K."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -167,7 +181,7 @@ def _scaled_k_loop(A, AS, B, BS, rows, cols, row_mask, col_mask, pid_n, k_lo, k_
             a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=col_mask[None, :], other=0.0)
         sa = tl.load(AS + rows * stride_asm + kb * stride_ask, mask=row_mask, other=0.0)
-        part = tl.dot(a, b)
+        part = tl.dot(_operand(a, INTERP), _operand(b, INTERP))
         if B_ROW_SCALE:
             sb = tl.load(BS + cols * stride_bsn + kb * stride_bsk, mask=col_mask, other=0.0)
             acc += part * sa[:, None] * sb[None, :]
@@ -183,11 +197,22 @@ def _scaled_k_loop(A, AS, B, BS, rows, cols, row_mask, col_mask, pid_n, k_lo, k_
 
 
 @triton.jit
+def _out_cast(acc, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
+    """``acc.to(dtype)``; RNE_BF16 (set only under Triton's interpreter, whose fp32 -> bf16 cast truncates):
+    round to nearest even on the bits first, as the GPU's cast does."""
+    if RNE_BF16:
+        bits = acc.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        acc = bits.to(tl.float32, bitcast=True)
+    return acc.to(dtype)
+
+
+@triton.jit
 def _gemm_kernel(A, AS, B, BS, C, M, N, K,
                  stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
                  stride_cm, stride_cn,
                  B_ROW_SCALE: tl.constexpr, MASK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, RNE_BF16: tl.constexpr, INTERP: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -202,8 +227,8 @@ def _gemm_kernel(A, AS, B, BS, C, M, N, K,
     row_mask, col_mask = rows < M, cols < N
     acc = _scaled_k_loop(A, AS, B, BS, rows, cols, row_mask, col_mask, pid_n, 0, K, 0, tl.cdiv(K, BLOCK_K),
                          stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
-                         B_ROW_SCALE, MASK_K, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.store(C + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn, acc.to(C.dtype.element_ty),
+                         B_ROW_SCALE, MASK_K, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+    tl.store(C + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn, _out_cast(acc, C.dtype.element_ty, RNE_BF16),
              mask=row_mask[:, None] & col_mask[None, :])
 
 
@@ -212,7 +237,7 @@ def _grouped_gemm_kernel(A, AS, B, BS, C, TILE_END, ROW_END, E, N, K,
                          stride_am, stride_ak, stride_asm, stride_ask, stride_be, stride_bn, stride_bk,
                          stride_bse, stride_bsn, stride_bsk, stride_cm, stride_cn,
                          MASK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_E: tl.constexpr):
+                         BLOCK_E: tl.constexpr, RNE_BF16: tl.constexpr, INTERP: tl.constexpr):
     """Rows grouped by expert (``counts``): program (t, n) takes row tile t of the concatenated per-expert
     tiles; the expert is found from the inclusive prefix sums of tiles per expert (no host sync)."""
     pid = tl.program_id(0)
@@ -234,16 +259,17 @@ def _grouped_gemm_kernel(A, AS, B, BS, C, TILE_END, ROW_END, E, N, K,
         acc = _scaled_k_loop(A, AS, B + e.to(tl.int64) * stride_be, BS + e.to(tl.int64) * stride_bse, rows, cols,
                              row_mask, col_mask, pid_n, 0, K, 0, tl.cdiv(K, BLOCK_K), stride_am, stride_ak,
                              stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk, False, MASK_K,
-                             BLOCK_M, BLOCK_N, BLOCK_K)
+                             BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
         tl.store(C + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn,
-                 acc.to(C.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+                 _out_cast(acc, C.dtype.element_ty, RNE_BF16), mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
 def _kgrouped_gemm_kernel(A, AS, B, BS, C, ROW_END, M, N,
                           stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
                           stride_ce, stride_cm, stride_cn,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          RNE_BF16: tl.constexpr, INTERP: tl.constexpr):
     """The routed experts' weight gradient: ``C[e] = A[:, seg_e] @ B[:, seg_e]^T`` over each expert's token
     segment of the reduction (A ``[M, T]``, B ``[N, T]``, both per 1x128 along the tokens)."""
     pid = tl.program_id(0)
@@ -258,9 +284,9 @@ def _kgrouped_gemm_kernel(A, AS, B, BS, C, ROW_END, M, N,
     row_mask, col_mask = rows < M, cols < N
     acc = _scaled_k_loop(A, AS, B, BS, rows, cols, row_mask, col_mask, pid_n, k_lo, k_hi, k_lo // BLOCK_K,
                          tl.cdiv(k_hi, BLOCK_K), stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk,
-                         stride_bsn, stride_bsk, True, True, BLOCK_M, BLOCK_N, BLOCK_K)
+                         stride_bsn, stride_bsk, True, True, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
     tl.store(C + e.to(tl.int64) * stride_ce + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn,
-             acc.to(C.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+             _out_cast(acc, C.dtype.element_ty, RNE_BF16), mask=row_mask[:, None] & col_mask[None, :])
 
 
 _OUT = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -307,9 +333,20 @@ def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scal
     _gemm_kernel[grid](a_q, a_scale, b_q, b_scale, c, m, n, k, a_q.stride(0), a_q.stride(1), a_scale.stride(0),
                        a_scale.stride(1), b_q.stride(0), b_q.stride(1), b_scale.stride(0), b_scale.stride(1),
                        c.stride(0), c.stride(1), B_ROW_SCALE=row_scale, MASK_K=k % TILE != 0, BLOCK_M=cfg.block_m,
-                       BLOCK_N=cfg.block_n, BLOCK_K=TILE, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
+                       BLOCK_N=cfg.block_n, BLOCK_K=TILE, GROUP_M=cfg.group_m, RNE_BF16=_rne(c), INTERP=_interpreted(), num_warps=cfg.num_warps,
                        num_stages=cfg.num_stages)
     return c
+
+
+def _interpreted() -> bool:
+    """Whether this module's kernels are Triton-interpreter ones (the ``triton-interpret`` copy)."""
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(_gemm_kernel, JITFunction)
+
+
+def _rne(c: torch.Tensor) -> bool:
+    return c.dtype == torch.bfloat16 and _interpreted()
 
 
 def _row_ends(counts: torch.Tensor, experts: int) -> torch.Tensor:
@@ -345,7 +382,8 @@ def fp8_grouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor
                                a_q.stride(1), a_scale.stride(0), a_scale.stride(1), b_q.stride(0), b_q.stride(1),
                                b_q.stride(2), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), c.stride(0),
                                c.stride(1), MASK_K=k % TILE != 0, BLOCK_M=cfg.block_m, BLOCK_N=block_n,
-                               BLOCK_K=TILE, BLOCK_E=triton.next_power_of_2(e), num_warps=cfg.num_warps,
+                               BLOCK_K=TILE, BLOCK_E=triton.next_power_of_2(e), RNE_BF16=_rne(c), INTERP=_interpreted(),
+                               num_warps=cfg.num_warps,
                                num_stages=cfg.num_stages)
     return c
 
@@ -370,7 +408,8 @@ def fp8_kgrouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tenso
     _kgrouped_gemm_kernel[grid](a_q, a_scale, b_q, b_scale, c, row_end, m, n, a_q.stride(0), a_q.stride(1),
                                 a_scale.stride(0), a_scale.stride(1), b_q.stride(0), b_q.stride(1), b_scale.stride(0),
                                 b_scale.stride(1), c.stride(0), c.stride(1), c.stride(2), BLOCK_M=cfg.block_m,
-                                BLOCK_N=cfg.block_n, BLOCK_K=TILE, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                                BLOCK_N=cfg.block_n, BLOCK_K=TILE, RNE_BF16=_rne(c), INTERP=_interpreted(), num_warps=cfg.num_warps,
+                                num_stages=cfg.num_stages)
     return c
 
 
