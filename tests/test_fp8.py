@@ -7,7 +7,6 @@ import pytest
 import torch
 from rich.console import Console
 
-from openseek_hal import ops
 from openseek_hal.backend import Capabilities, get_backend, register_backend, unregister_backend
 from openseek_hal.backends.cpu import CPUBackend
 from openseek_hal.conformance import SuiteConfig, run_suite

@@ -85,5 +85,6 @@ class CUDABackend(Backend):
                 flops, bandwidth = peaks, bw
                 break
         dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-        return Capabilities(device_name=name, dtypes=dtypes, fp8=(major, minor) >= (8, 9) and self._has_triton(), peak_flops=flops,
+        fp8 = (major, minor) >= (8, 9) and self._has_triton()
+        return Capabilities(device_name=name, dtypes=dtypes, fp8=fp8, peak_flops=flops,
                             memory_bandwidth=bandwidth, compile=True)

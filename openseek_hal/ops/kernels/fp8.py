@@ -171,7 +171,8 @@ def _scaled_k_loop(A, AS, B, BS, rows, cols, row_mask, col_mask, pid_n, k_lo, k_
     offs = tl.arange(0, BLOCK_K)
     a_ptrs = A + rows[:, None].to(tl.int64) * stride_am + (kb_lo * BLOCK_K + offs)[None, :] * stride_ak
     b_ptrs = B + cols[None, :].to(tl.int64) * stride_bn + (kb_lo * BLOCK_K + offs)[:, None] * stride_bk
-    for kb in range(kb_lo, kb_hi):
+    for i in range(0, kb_hi - kb_lo):
+        kb = kb_lo + i
         if MASK_K:
             kk = kb * BLOCK_K + offs
             k_ok = (kk >= k_lo) & (kk < k_hi)
@@ -228,7 +229,8 @@ def _gemm_kernel(A, AS, B, BS, C, M, N, K,
     acc = _scaled_k_loop(A, AS, B, BS, rows, cols, row_mask, col_mask, pid_n, 0, K, 0, tl.cdiv(K, BLOCK_K),
                          stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
                          B_ROW_SCALE, MASK_K, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
-    tl.store(C + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn, _out_cast(acc, C.dtype.element_ty, RNE_BF16),
+    tl.store(C + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn,
+             _out_cast(acc, C.dtype.element_ty, RNE_BF16),
              mask=row_mask[:, None] & col_mask[None, :])
 
 
@@ -333,7 +335,8 @@ def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scal
     _gemm_kernel[grid](a_q, a_scale, b_q, b_scale, c, m, n, k, a_q.stride(0), a_q.stride(1), a_scale.stride(0),
                        a_scale.stride(1), b_q.stride(0), b_q.stride(1), b_scale.stride(0), b_scale.stride(1),
                        c.stride(0), c.stride(1), B_ROW_SCALE=row_scale, MASK_K=k % TILE != 0, BLOCK_M=cfg.block_m,
-                       BLOCK_N=cfg.block_n, BLOCK_K=TILE, GROUP_M=cfg.group_m, RNE_BF16=_rne(c), INTERP=_interpreted(), num_warps=cfg.num_warps,
+                       BLOCK_N=cfg.block_n, BLOCK_K=TILE, GROUP_M=cfg.group_m, RNE_BF16=_rne(c), INTERP=_interpreted(),
+                       num_warps=cfg.num_warps,
                        num_stages=cfg.num_stages)
     return c
 
@@ -408,7 +411,8 @@ def fp8_kgrouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tenso
     _kgrouped_gemm_kernel[grid](a_q, a_scale, b_q, b_scale, c, row_end, m, n, a_q.stride(0), a_q.stride(1),
                                 a_scale.stride(0), a_scale.stride(1), b_q.stride(0), b_q.stride(1), b_scale.stride(0),
                                 b_scale.stride(1), c.stride(0), c.stride(1), c.stride(2), BLOCK_M=cfg.block_m,
-                                BLOCK_N=cfg.block_n, BLOCK_K=TILE, RNE_BF16=_rne(c), INTERP=_interpreted(), num_warps=cfg.num_warps,
+                                BLOCK_N=cfg.block_n, BLOCK_K=TILE, RNE_BF16=_rne(c), INTERP=_interpreted(),
+                                num_warps=cfg.num_warps,
                                 num_stages=cfg.num_stages)
     return c
 
