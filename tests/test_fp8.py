@@ -293,3 +293,62 @@ def test_training_with_fp8_tracks_the_fp32_run(tmp_path, monkeypatch):
     # 10 steps); 2% is far below a broken layer (a wrong scale moves it by >10%)
     for a, b in zip(losses[True], losses[False], strict=True):
         assert abs(a - b) / b < 0.02
+
+
+def test_fp8_kernels_compile_for_h100_without_spills(monkeypatch):
+    """The interpreter never runs Triton's GPU compiler: compile the quantizer and the GEMMs at the GPU's default
+    config for sm_90 with the installed Triton (the launcher's specializations applied), check they fit the
+    shared memory of an H100 and that the forward GEMMs use wgmma without spilling registers."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    from openseek_hal.ops.kernel_loader import interpreter_enabled
+
+    if interpreter_enabled():
+        pytest.skip("TRITON_INTERPRET is set for the whole process: there are no compiled kernels to build")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this Triton has no NVIDIA toolchain")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ops" / "fp8_sm90_resources.py"
+    spec = importlib.util.spec_from_file_location("fp8_sm90_resources", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    from openseek_hal.ops.kernels import fp8 as compiled
+
+    cfg = compiled.gemm_config(8192, 8192, 8192, torch.device("cuda"))
+    for name, fn, consts, pointers, warps, stages in [*module.quant_kernels(), *module.kernels_for(cfg)]:
+        kernel = module.compile_kernel(fn, consts, pointers, warps, stages)
+        assert kernel.metadata.shared <= 227 * 1024, (name, kernel.metadata.shared)
+        if name in ("gemm", "grouped"):
+            usage = module.R.resources(kernel)
+            assert "STACK:0" in usage and "wgmma" in usage, (name, usage)
+            assert kernel.metadata.shared >= 3 * 2 * 128 * 128, (name, usage)  # pipelined: 3+ stages of A and B
+
+
+def test_bench_fp8_rows_at_a_tiny_size(monkeypatch, kernels):
+    """The FP8 rows of `openseek-hal bench` (ours against torch's bf16 GEMMs) run end to end on the CPU at a
+    tiny size; the real shapes are issue #13's (8192^3; OpenSeek-Small's 64 experts, 8192 tokens x top-6)."""
+    import time
+
+    from openseek_hal.ops import bench
+    from openseek_hal.ops.bench_cases import cases, fp8_gemm_case, fp8_grouped_linear_case
+
+    labels = {c.label for c in cases("fp8_gemm")} | {c.label for c in cases("fp8_grouped_gemm")}
+    assert "8192^3 1x128/128x128" in labels and "openseek-small gate_up 8192x6 E64" in labels
+
+    def wall_ms(fn):
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+
+    monkeypatch.setattr(bench, "_median_ms", wall_ms)
+    for case, op, baseline in ((fp8_gemm_case(40, 24, 136, "tiny"), kernels.fp8_gemm, "torch-bf16"),
+                               (fp8_grouped_linear_case(16, 2, 4, 24, 40, "tiny"), kernels.fp8_grouped_linear,
+                                "torch-grouped-mm-bf16")):
+        times = bench.time_impls(case, bench.case_impls(case, op), torch.device("cpu"))
+        rows = bench.case_rows(case, times, copy_bw=1e9)
+        assert rows and all(r["TFLOPs"] > 0 and r["baselines"][baseline]["TFLOPs"] > 0 for r in rows), rows
