@@ -22,6 +22,7 @@ from openseek_hal import ops
 from openseek_hal.backend import register_backend, unregister_backend
 from openseek_hal.backends.cpu import CPUBackend
 from openseek_hal.conformance import SuiteConfig, run_suite
+from openseek_hal.ops import fp8 as fp8_ops
 from openseek_hal.ops.attention import document_ids
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -166,6 +167,100 @@ def _permute_reversed_within_expert(x, indices, num_experts):
     return x.index_select(0, order // k), order, torch.bincount(flat, minlength=num_experts)
 
 
+def _quantize_first_scale_doubled(x, tile="1x128"):
+    q, scale = _ref("fp8_quantize")(x, tile)
+    scale = scale.clone()
+    if scale.numel():
+        scale.view(-1)[0] *= 2
+    return q, scale
+
+
+def _quantize_ties_away_from_zero(x, tile="1x128"):
+    """Round half away from zero instead of half to even (the ties of the samples must catch it)."""
+    q, scale = _ref("fp8_quantize")(x, tile)
+    y = (x.float().double() / fp8_ops.expand_scale(scale.double(), *x.shape)).float().double()
+    a = y.abs().clamp(max=fp8_ops.FP8_MAX)
+    _, e = torch.frexp(a)
+    ulp = torch.ldexp(torch.ones_like(a), (e - 1).clamp(min=-6) - 3)
+    return torch.copysign(torch.floor(a / ulp + 0.5) * ulp, y).to(q.dtype), scale
+
+
+def _gemm_first_a_scale_doubled(a_q, a_scale, b_q, b_scale, out_dtype="bfloat16"):
+    a_scale = a_scale.clone()
+    if a_scale.numel():
+        a_scale.view(-1)[0] *= 2
+    return _ref("fp8_gemm")(a_q, a_scale, b_q, b_scale, out_dtype)
+
+
+def _drop_k_tail(q):
+    k = q.shape[-1]
+    if k % 128 == 0 or k < 128:
+        return q
+    wide = q.to(torch.float64)
+    wide[..., k // 128 * 128:] = 0
+    return wide.to(q.dtype)
+
+
+def _gemm_k_tail_dropped(a_q, a_scale, b_q, b_scale, out_dtype="bfloat16"):
+    return _ref("fp8_gemm")(_drop_k_tail(a_q), a_scale, b_q, b_scale, out_dtype)
+
+
+def _grouped_gemm_boundary_off_by_one(a_q, a_scale, b_q, b_scale, counts, out_dtype="bfloat16"):
+    counts = counts.clone()
+    nonzero = (counts > 0).nonzero()
+    if nonzero.numel() and int(nonzero[0]) + 1 < counts.numel():
+        i = int(nonzero[0])
+        counts[i] -= 1
+        counts[i + 1] += 1
+    return _ref("fp8_grouped_gemm")(a_q, a_scale, b_q, b_scale, counts, out_dtype)
+
+
+def _grouped_gemm_expert_scales_reversed(a_q, a_scale, b_q, b_scale, counts, out_dtype="bfloat16"):
+    return _ref("fp8_grouped_gemm")(a_q, a_scale, b_q, b_scale.flip(0), counts, out_dtype)
+
+
+class _DropTailGrad(torch.autograd.Function):
+    """Identity forward; the backward loses the gradient of the last, partial 128-wide tile (a masking bug)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        k = g.shape[-1]
+        if k % 128 and k > 128:
+            g = g.clone()
+            g[..., k // 128 * 128:] = 0
+        return g
+
+
+def _linear_first_tile_doubled(x, weight):
+    bump = torch.zeros_like(x)
+    flat = bump.view(-1, x.shape[-1])
+    if flat.shape[0]:
+        flat[0, :128] = x.detach().reshape(-1, x.shape[-1])[0, :128]
+    return _ref("fp8_linear")(x + bump, weight)
+
+
+def _linear_dx_tail_dropped(x, weight):
+    return _ref("fp8_linear")(_DropTailGrad.apply(x) if x.requires_grad else x, weight)
+
+
+def _grouped_linear_boundary_off_by_one(x, weight, counts):
+    counts = counts.clone()
+    nonzero = (counts > 0).nonzero()
+    if nonzero.numel() and int(nonzero[0]) + 1 < counts.numel():
+        i = int(nonzero[0])
+        counts[i] -= 1
+        counts[i + 1] += 1
+    return _ref("fp8_grouped_linear")(x, weight, counts)
+
+
+def _grouped_linear_dx_tail_dropped(x, weight, counts):
+    return _ref("fp8_grouped_linear")(_DropTailGrad.apply(x) if x.requires_grad else x, weight, counts)
+
+
 SPECIFIC: dict[str, dict[str, Callable[..., Any]]] = {
     "rms_norm": {"eps_ignored": _with("rms_norm", eps=lambda e: e * 1e4)},
     "add_rms_norm": {"residual_not_returned": _add_rms_norm_without_residual,
@@ -190,6 +285,15 @@ SPECIFIC: dict[str, dict[str, Callable[..., Any]]] = {
     "adamw": {"weight_decay_ignored": _with("adamw", weight_decay=0.0),
               "grad_scale_ignored": _with("adamw", grad_scale=None),
               "no_bias_correction": _with("adamw", step=lambda s: 10**6)},
+    "fp8_quantize": {"one_tile_scale_doubled": _quantize_first_scale_doubled,
+                     "ties_away_from_zero": _quantize_ties_away_from_zero,
+                     "tile_kind_ignored": _with("fp8_quantize", tile=lambda t: "1x128")},
+    "fp8_gemm": {"one_tile_scale_doubled": _gemm_first_a_scale_doubled, "k_tail_dropped": _gemm_k_tail_dropped},
+    "fp8_grouped_gemm": {"boundary_off_by_one": _grouped_gemm_boundary_off_by_one,
+                         "expert_scales_reversed": _grouped_gemm_expert_scales_reversed},
+    "fp8_linear": {"one_tile_scale_doubled": _linear_first_tile_doubled, "dx_tail_dropped": _linear_dx_tail_dropped},
+    "fp8_grouped_linear": {"boundary_off_by_one": _grouped_linear_boundary_off_by_one,
+                           "dx_tail_dropped": _grouped_linear_dx_tail_dropped},
 }
 
 CASES = [(name, fault, functools.partial(make, name)) for name in ops.REGISTRY for fault, make in GENERIC.items()

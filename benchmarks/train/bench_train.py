@@ -60,6 +60,8 @@ ROWS = {
     "1gpu": (1, ["model.num_nextn_predict_layers=0"]),
     "1gpu-again": (1, ["model.num_nextn_predict_layers=0"]),  # the baseline once more, last: drift shows
     "1gpu-mtp": (1, []),
+    # FP8 linear layers and routed experts (DeepSeek-V3's recipe); compare with "1gpu" in the same run
+    "1gpu-fp8": (1, ["model.num_nextn_predict_layers=0", "fp8=true"]),
     "1gpu-bf16moments": (1, ["model.num_nextn_predict_layers=0", "moment_dtype=bf16"]),
     "1gpu-mtp-bf16moments": (1, ["moment_dtype=bf16"]),
     "1gpu-autocast-mtp": (1, ["dtype=autocast"]),

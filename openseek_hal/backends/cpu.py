@@ -26,5 +26,7 @@ class CPUBackend(Backend):
         return {name: opdef.reference for name, opdef in ops.REGISTRY.items()}
 
     def capabilities(self) -> Capabilities:
+        # fp8=False: the fp8 ops' references run here (float64 emulation, for conformance), but training
+        # with `fp8: true` would be slower than without and is refused; triton-interpret runs the kernels
         return Capabilities(device_name=self.device.name(),
                             dtypes=(torch.float64, torch.float32, torch.bfloat16))

@@ -66,6 +66,11 @@ class CUDABackend(Backend):
                 untimed="sdpa"))
         return ops
 
+    @staticmethod
+    def _has_triton() -> bool:
+        # the fp8 ops are Triton kernels (fp8 tensor-core dots: sm89 Ada and sm90 Hopper and newer)
+        return importlib.util.find_spec("triton") is not None
+
     def attention_choices(self) -> list[dict[str, Any]]:
         """Which attention ran for each shape seen so far, with the timings that decided it (for reports)."""
         impl = self._native_table().get("causal_attention")
@@ -73,12 +78,13 @@ class CUDABackend(Backend):
 
     def capabilities(self) -> Capabilities:
         name = self.device.name()
-        major, _ = torch.cuda.get_device_capability(self.device.index)
+        major, minor = torch.cuda.get_device_capability(self.device.index)
         flops, bandwidth = {}, None
         for key, peaks, bw in _PEAKS:
             if key in name:
                 flops, bandwidth = peaks, bw
                 break
         dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-        return Capabilities(device_name=name, dtypes=dtypes, fp8=major >= 9, peak_flops=flops,
+        fp8 = (major, minor) >= (8, 9) and self._has_triton()
+        return Capabilities(device_name=name, dtypes=dtypes, fp8=fp8, peak_flops=flops,
                             memory_bandwidth=bandwidth, compile=True)

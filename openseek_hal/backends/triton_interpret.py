@@ -43,4 +43,4 @@ class TritonInterpretBackend(Backend):
 
     def capabilities(self) -> Capabilities:
         return Capabilities(device_name=f"Triton interpreter on {self.device.name()}",
-                            dtypes=(torch.float32, torch.bfloat16, torch.float64))
+                            dtypes=(torch.float32, torch.bfloat16, torch.float64), fp8=True)

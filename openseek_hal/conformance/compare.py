@@ -129,7 +129,7 @@ def compare_tensor(actual: torch.Tensor, expected: torch.Tensor, rtol: float, at
                 allowed_norm = max(allowed_norm, 2 * float(floor_err[finite].norm()))
             if bound is not None:
                 allowed_norm = max(allowed_norm, float(bound[finite].norm()))
-            ratio = max(ratio, err_norm / allowed_norm)
+            ratio = max(ratio, err_norm / allowed_norm if allowed_norm > 0 else float(err_norm > 0) * 2)
             if err_norm > allowed_norm:
                 return Comparison(False, max_abs, max_rel,
                                   f"norm-wise error {err_norm / ref_norm:.3g} of the reference's norm "

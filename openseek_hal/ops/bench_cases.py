@@ -267,9 +267,106 @@ def _adamw_case(params_millions: int) -> Case:
                 n * (2 + 2 + 3 * 8), 0, compile_baseline=False, baselines={"torch-fused": torch_fused})
 
 
+def _fp8_quantize(x: torch.Tensor, tile: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.device.type == "cuda":
+        from .kernel_loader import load_kernels
+
+        return load_kernels(False).fp8.quantize(x, tile)
+    from .fp8 import fp8_quantize
+
+    return fp8_quantize(x, tile)
+
+
+def expert_counts(tokens: int, top_k: int, experts: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """Tokens per expert of a random top-k routing (each token's k experts distinct), as int32 on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.rand(tokens, experts, generator=g).argsort(dim=-1)[:, :top_k]
+    return torch.bincount(picks.flatten(), minlength=experts).to(torch.int32).to(device)
+
+
+def fp8_gemm_case(m: int, n: int, k: int, label: str) -> Case:
+    """The block-scaled FP8 GEMM (inputs quantized outside the timing) against torch's bf16 matmul (cuBLAS)."""
+    bf16: dict[str, torch.Tensor] = {}
+
+    def make(dev):
+        a, b = _randn(m, k, device=dev), _randn(n, k, device=dev, scale=k ** -0.5)
+        bf16["a"], bf16["b"] = a, b
+        return (*_fp8_quantize(a, "1x128"), *_fp8_quantize(b, "128x128"), "bfloat16"), {}
+
+    return Case("fp8_gemm", label, make, (), m * k + n * k + 2 * m * n, 0, flops=2 * m * n * k,
+                compile_baseline=False, eager_baseline=False,
+                baselines={"torch-bf16": lambda *a, **kw: torch.matmul(bf16["a"], bf16["b"].T)})
+
+
+def fp8_grouped_gemm_case(tokens: int, top_k: int, experts: int, n: int, k: int, label: str) -> Case:
+    """The grouped FP8 GEMM of the routed experts against ``torch._grouped_mm`` in bf16, same routing."""
+    bf16: dict[str, Any] = {}
+    rows = tokens * top_k
+
+    def make(dev):
+        from .grouped import grouped_mm_linear
+
+        x, w = _randn(rows, k, device=dev), _randn(experts, n, k, device=dev, scale=k ** -0.5)
+        counts = expert_counts(tokens, top_k, experts, dev)
+        bf16["args"], bf16["fn"] = (x, w, counts), grouped_mm_linear
+        return (*_fp8_quantize(x, "1x128"), *_fp8_quantize(w, "128x128"), counts, "bfloat16"), {}
+
+    return Case("fp8_grouped_gemm", label, make, (), rows * k + experts * n * k + 2 * rows * n, 0,
+                flops=2 * rows * n * k, compile_baseline=False, eager_baseline=False,
+                baselines={"torch-grouped-mm-bf16": lambda *a, **kw: bf16["fn"](*bf16["args"])})
+
+
+def fp8_linear_case(m: int, n: int, k: int, label: str) -> Case:
+    """The fp8 layer (quantization included) forward and backward against ``F.linear`` in bf16."""
+    def make(dev):
+        return (_randn(m, k, device=dev), _randn(n, k, device=dev, scale=k ** -0.5)), {}
+
+    return Case("fp8_linear", label, make, (0, 1), 2 * (m * k + n * k + m * n), 4 * (m * k + n * k + m * n),
+                flops=2 * m * n * k, bwd_flops=4 * m * n * k, compile_baseline=False, eager_baseline=False,
+                baselines={"torch-bf16": torch.nn.functional.linear})
+
+
+def fp8_grouped_linear_case(tokens: int, top_k: int, experts: int, n: int, k: int, label: str) -> Case:
+    """The routed experts' fp8 layer forward and backward against `grouped_mm_linear` (bf16 ``torch._grouped_mm``)."""
+    from .grouped import grouped_mm_linear
+
+    rows = tokens * top_k
+
+    def make(dev):
+        return (_randn(rows, k, device=dev), _randn(experts, n, k, device=dev, scale=k ** -0.5),
+                expert_counts(tokens, top_k, experts, dev)), {}
+
+    io = 2 * (rows * k + experts * n * k + rows * n)
+    return Case("fp8_grouped_linear", label, make, (0, 1), io, 2 * io, flops=2 * rows * n * k,
+                bwd_flops=4 * rows * n * k, compile_baseline=False, eager_baseline=False,
+                baselines={"torch-grouped-mm-bf16": grouped_mm_linear})
+
+
+def fp8_quantize_case(m: int, k: int, tile: str) -> Case:
+    """Tile quantization (memory-bound): bf16 read, fp8 and the float32 scales written."""
+    def make(dev):
+        return (_randn(m, k, device=dev), tile), {}
+
+    scales = (m if tile == "1x128" else -(-m // 128)) * -(-k // 128) * 4
+    return Case("fp8_quantize", f"{m}x{k} {tile}", make, (), 3 * m * k + scales, 0, compile_baseline=True)
+
+
+def fp8_cases() -> list[Case]:
+    """Issue #13's FP8 shapes: GEMM 8192^3; OpenSeek-Small's routed experts (64 experts, hidden 1280,
+    expert intermediate 896, 8192 tokens x top-6): gate_up (N 1792, K 1280) and down (N 1280, K 896)."""
+    small = PRESETS["openseek-small"]
+    e, h, ffn, top_k, tokens = small["experts"], small["hidden"], 896, small["top_k"], 8192
+    return [fp8_quantize_case(8192, 8192, "1x128"), fp8_quantize_case(8192, 8192, "128x128"),
+            fp8_gemm_case(8192, 8192, 8192, "8192^3 1x128/128x128"),
+            fp8_grouped_gemm_case(tokens, top_k, e, 2 * ffn, h, f"openseek-small gate_up {tokens}x{top_k} E{e}"),
+            fp8_grouped_gemm_case(tokens, top_k, e, h, ffn, f"openseek-small down {tokens}x{top_k} E{e}"),
+            fp8_linear_case(8192, 8192, 8192, "8192^3"),
+            fp8_grouped_linear_case(tokens, top_k, e, 2 * ffn, h, f"openseek-small gate_up {tokens}x{top_k} E{e}")]
+
+
 def cases(op: str | None = None) -> list[Case]:
     """Every case (or those of ``op``), with the external baselines that are installed."""
-    out = [c for preset, p in PRESETS.items() for c in _cases_for(preset, p)] + [_adamw_case(256)]
+    out = [c for preset, p in PRESETS.items() for c in _cases_for(preset, p)] + [_adamw_case(256)] + fp8_cases()
     if op is not None:
         get(op)  # a clear KeyError for an unknown op name
         out = [c for c in out if c.op == op]

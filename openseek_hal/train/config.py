@@ -67,6 +67,10 @@ class TrainConfig:
     comm_timeout: float = 300.0  # seconds any collective or the rendezvous may wait before failing
     recompute: bool = False  # recompute each transformer block's activations in backward
     compile: bool = False  # torch.compile each block (where the backend supports it)
+    # FP8 training as DeepSeek-V3 does it: the linear layers of attention, the MLPs, the shared and routed
+    # experts compute in e4m3 with per-tile scales (activations 1x128, weights 128x128), fp32 accumulation;
+    # embedding, output head, norms and router stay in the model's dtype. Needs a backend with FP8 support.
+    fp8: bool = False
     profile_step: int = 0  # > 0: profile this step and the next (torch.profiler) into <out>/profile/
 
 

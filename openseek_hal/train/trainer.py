@@ -32,6 +32,7 @@ from ..comm import Communicator
 from ..errors import ConfigError, RunError, UserError
 from ..fileio import FolderLock, atomic_write_text
 from ..models import DeepseekV3, build_model
+from ..models.deepseek_v3 import enable_fp8, require_fp8
 from .checkpoint import (
     CheckpointReader,
     ExpertSlice,
@@ -252,6 +253,8 @@ class _Run:
         self.kinds = kinds  # every rank's backend name
         self.mixed = len(set(kinds)) > 1
         self.device_types = {device_type_of(k) for k in kinds} | {backend.device_type}
+        if cfg.fp8:
+            require_fp8(backend)  # before any data is read: one line, exit 2
         self.device = backend.device.torch_device
         self.out = Path(cfg.out)
         self.reader = CheckpointReader(resume) if resume is not None else None
@@ -293,6 +296,8 @@ class _Run:
         if self.mixed and layout.world is not None:  # other device types draw other initial weights
             broadcast_weights(model, layout.world)
         self.n_params = model.num_parameters()  # before expert parallelism: the model's whole size
+        if cfg.fp8:  # before expert parallelism, whose shards take the experts' grouped op
+            enable_fp8(model, self.backend)
         self.flops_per_token = model.flops_per_token(cfg.seq_len)
         self.expert_of = lambda p: None
         if layout.ep_comm is not None:

@@ -3,8 +3,9 @@
 from .build import build_model, resolve_config
 from .checkpoints import load_hf, load_native, save_hf, save_native
 from .config import DeepseekV3Config
-from .model import DeepseekV3, ModelLoss
+from .model import DeepseekV3, FP8Linear, ModelLoss, enable_fp8, require_fp8
 from .presets import PRESETS, preset
 
-__all__ = ["PRESETS", "DeepseekV3", "DeepseekV3Config", "ModelLoss", "build_model", "load_hf", "load_native",
+__all__ = ["PRESETS", "DeepseekV3", "DeepseekV3Config", "FP8Linear", "ModelLoss", "enable_fp8",
+           "require_fp8", "build_model", "load_hf", "load_native",
            "preset", "resolve_config", "save_hf", "save_native"]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...backend import Backend
+from ...errors import ConfigError
 from ...ops.rope_scaling import rope_tables, softmax_scale
 from .config import DeepseekV3Config
 
@@ -417,3 +418,55 @@ class DeepseekV3(nn.Module):
         for m in self.moe_layers():
             m.gate.e_score_correction_bias.zero_()
             m.expert_load.zero_()
+
+
+class FP8Linear(nn.Module):
+    """An ``nn.Linear``'s parameters (the same tensors, the same names) computed through the backend's
+    ``fp8_linear`` op: e4m3 operands with per-tile scales in forward and both backward GEMMs."""
+
+    def __init__(self, linear: nn.Linear, fp8_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._fp8_linear = fp8_linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._fp8_linear(x, self.weight)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8"
+
+
+def require_fp8(backend: Backend) -> None:
+    """`ConfigError` unless the backend declares FP8 support (``capabilities().fp8``)."""
+    caps = backend.capabilities()
+    if not caps.fp8:
+        raise ConfigError(f"fp8: true needs a backend with FP8 support; backend '{backend.name}' ({caps.device_name}) "
+                          f"declares none (use cuda on a GPU of compute capability 8.9 or newer, or "
+                          f"triton-interpret to run the FP8 kernels on a CPU)")
+
+
+def enable_fp8(model: nn.Module, backend: Backend) -> list[str]:
+    """Run the linear layers of attention, the dense MLPs, the shared experts and MTP's projection through
+    ``fp8_linear`` and the routed experts through ``fp8_grouped_linear`` (DeepSeek-V3's FP8 recipe). The
+    embedding, the output head, the norms and the router stay in the model's dtype. Parameters are
+    unchanged (the optimizer keeps its higher-precision masters). Returns the names of the layers changed.
+
+    Raises `ConfigError` when the backend does not declare FP8 support (``capabilities().fp8``).
+    """
+    require_fp8(backend)
+    linear_op, grouped_op = backend.op("fp8_linear"), backend.op("fp8_grouped_linear")
+    changed = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Experts):
+            module._grouped_linear = grouped_op
+            changed.append(name)
+            continue
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and child_name != "lm_head":
+                setattr(module, child_name, FP8Linear(child, linear_op))
+                changed.append(full)
+    return changed

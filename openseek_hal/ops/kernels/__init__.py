@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import activation, adamw, attention, cross_entropy, moe, norm, rope
+from . import activation, adamw, attention, cross_entropy, fp8, moe, norm, rope
 
 KERNELS: dict[str, Callable] = {
     "rms_norm": norm.rms_norm,
@@ -22,4 +22,9 @@ KERNELS: dict[str, Callable] = {
     "moe_unpermute": moe.moe_unpermute,
     "adamw": adamw.adamw,
     "causal_attention": attention.causal_attention,
+    "fp8_quantize": fp8.fp8_quantize,
+    "fp8_gemm": fp8.fp8_gemm,
+    "fp8_grouped_gemm": fp8.fp8_grouped_gemm,
+    "fp8_linear": fp8.fp8_linear,
+    "fp8_grouped_linear": fp8.fp8_grouped_linear,
 }
