@@ -51,6 +51,9 @@ TABLE: dict[tuple[str, int], Config] = {
     ("add_rms_norm_bwd", 7168): dict(ROWS=1, num_warps=32, per_sm=1, num_stages=1),  # 0.367 (0.372)
     ("add_rms_norm_bwd", 4096): dict(ROWS=2, num_warps=32, per_sm=2, num_stages=1),  # 0.220 (0.265)
     ("silu_and_mul_fwd", 2560): dict(BLOCK=512, ROWS=4, num_warps=4),  # 0.090 (0.091)
+    # second sweep (commit 64f474e4, h100_memops_sweep_64f474e4.json), the rows the first one cut short
+    ("rms_norm_fwd", 1280): dict(ROWS=2, num_warps=4),  # 0.034 (0.051)
+    ("silu_and_mul_bwd", 2048): dict(BLOCK=4096, ROWS=1, num_warps=8),  # 0.114 (0.153)
     ("moe_route_bwd", 64): dict(ROWS=1, num_warps=4),  # 0.127 (0.166)
     ("moe_route_bwd", 256): dict(ROWS=1, num_warps=1),  # 0.100 (0.139)
 }
