@@ -149,3 +149,43 @@ def test_the_default_timer_runs_forward_and_backward_without_touching_the_global
     assert ms == 1.0 and len(seen) == 4
     assert all(s == (q.shape, q.stride(), v.stride(), True) for s in seen)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_sdpa_hands_its_backward_the_gradient_in_the_outputs_layout():
+    """cuDNN's attention backward (torch 2.11) caches its plan per shape without the upstream gradient's
+    strides and returned wrong gradients for a second layout: the SDPA candidate re-lays the gradient
+    out like the output (values unchanged) before SDPA's backward sees it."""
+    from openseek_hal.ops.attention import _GradInOutputLayout
+
+    seen = {}
+
+    class Record(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen["stride"], seen["grad"] = grad.stride(), grad.clone()
+            return grad
+
+    x = torch.randn(2, 5, 3, 4, requires_grad=True)
+    out = Record.apply(x.transpose(1, 2))  # a (B,H,S,D) view of (B,S,H,D) storage, as SDPA returns it
+    y = _GradInOutputLayout.apply(out)
+    g = torch.randn(2, 3, 5, 4)  # contiguous: another layout than the output's
+    y.backward(g)
+    assert seen["stride"] == out.stride() != g.stride()
+    assert torch.equal(seen["grad"], g)
+    assert torch.equal(x.grad, g.transpose(1, 2))
+
+    # end to end on the CPU: the SDPA candidate's gradients equal the float64 reference's
+    from openseek_hal.ops.attention import causal_attention, sdpa_causal_attention
+
+    q, k, v = (torch.randn(2, 7, 3, d, dtype=torch.float64).transpose(1, 2).requires_grad_() for d in (8, 8, 6))
+    up = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    out = sdpa_causal_attention(q, k, v, 0.3)
+    assert type(out.grad_fn).__name__ == "_GradInOutputLayoutBackward"  # the candidate goes through it
+    got = torch.autograd.grad(out, (q, k, v), up)
+    want = torch.autograd.grad(causal_attention(q, k, v, 0.3), (q, k, v), up)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,35 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return torch.matmul(scores.softmax(dim=-1), v.to(acc)).to(q.dtype)
 
 
+class _GradInOutputLayout(torch.autograd.Function):
+    """Identity whose backward hands on the gradient in the output's own strides.
+
+    PyTorch's cuDNN attention backward (torch 2.11, H100/H200) caches its execution plan per shape
+    without the upstream gradient's strides: after a first backward with the gradient laid out like
+    the output (the attention selector's timing does that), a later one at the same shape with another
+    layout (a contiguous gradient of a ``(B,S,H,D)``-strided output) returned wrong dq, dk and dv
+    (relative error ~1; found by `conform --backend cuda`). One layout per output rules that out."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor) -> torch.Tensor:
+        ctx.layout = (out.size(), out.stride())
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        size, stride = ctx.layout
+        if grad.stride() == stride:
+            return grad
+        return torch.empty_strided(size, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    if out.requires_grad:
+        out = _GradInOutputLayout.apply(out)
+    return out
+
+
 def sdpa_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           scale: float | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """`causal_attention` through torch's fused ``scaled_dot_product_attention``.
@@ -59,11 +89,11 @@ def sdpa_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         s = q.shape[-2]
         doc = document_ids(cu_seqlens, q.shape[0], s).to(q.device)
         mask = torch.ones(s, s, dtype=torch.bool, device=q.device).tril() & (doc[:, :, None] == doc[:, None, :])
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
+        return _sdpa(q, k, v, attn_mask=mask[:, None], scale=scale)
     if q.numel() == 0 or k.numel() == 0:
         # the CUDA flash kernel returns None for an empty bf16 batch (torch 2.11, found by conformance)
         return causal_attention(q, k, v, scale)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return _sdpa(q, k, v, is_causal=True, scale=scale)
 
 
 def _samples(dtype, device, gen):
