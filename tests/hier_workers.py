@@ -51,6 +51,7 @@ def every_collective(comm) -> dict:
     returns the problems, the digests of the all-reduce and all-gather results (compared across ranks) and
     what ran."""
     n, me, kinds = comm.world_size, comm.rank, comm.kinds
+    dev = comm.device  # the CPU in the tests; a GPU in benchmarks/comm/check_hier_cuda.py
     problems: list[str] = []
     digests: list[int] = []
     ran: dict[str, set] = {op: set() for op in ALGOS}
@@ -66,8 +67,9 @@ def every_collective(comm) -> dict:
                             if red == "avg" and dtype == torch.int64:
                                 continue
                             parts = [values(r, size, dtype, salt) for r in range(n)]
-                            t = parts[me].clone()
+                            t = parts[me].clone().to(dev)
                             comm.all_reduce(t, op=red)
+                            t = t.cpu()
                             if red in ("sum", "avg"):
                                 want = kind_order_sum(parts, kinds)
                                 if red == "avg":
@@ -78,16 +80,18 @@ def every_collective(comm) -> dict:
                             problems += _eq(f"{tag}/{red}", t, want)
                             digests.append(_digest(t))
                     elif op == "all_gather":
-                        out = torch.full((n * size,), 99, dtype=dtype)
-                        comm.all_gather(out, values(me, size, dtype, salt))
+                        out = torch.full((n * size,), 99, dtype=dtype, device=dev)
+                        comm.all_gather(out, values(me, size, dtype, salt).to(dev))
+                        out = out.cpu()
                         want = torch.cat([values(r, size, dtype, salt) for r in range(n)])
                         problems += _eq(tag, out, want)
                         digests.append(_digest(out))
                     elif op == "reduce_scatter":
                         for red in ("sum", "avg") if dtype != torch.int64 else ("sum", "max"):
                             full = [values(r, n * size, dtype, salt) for r in range(n)]
-                            out = torch.full((size,), 99, dtype=dtype)
-                            comm.reduce_scatter(out, full[me], op=red)
+                            out = torch.full((size,), 99, dtype=dtype, device=dev)
+                            comm.reduce_scatter(out, full[me].to(dev), op=red)
+                            out = out.cpu()
                             chunks = [f.view(n, size)[me] for f in full]
                             if red == "max":
                                 want = torch.stack(chunks).max(0).values
@@ -120,8 +124,9 @@ def _all_to_all_cases(comm, tag: str) -> list[str]:
             sends[0, :] = 0  # rank 0 sends nothing
         for dtype in (torch.float32, torch.int64):
             inp = [values(r, int(sends[r].sum()) * 3, dtype, 50 + case).view(-1, 3) for r in range(n)]
-            out = torch.full((int(sends[:, me].sum()), 3), 99, dtype=dtype)
-            comm.all_to_all_single(out, inp[me], sends[:, me].tolist(), sends[me].tolist())
+            out = torch.full((int(sends[:, me].sum()), 3), 99, dtype=dtype, device=comm.device)
+            comm.all_to_all_single(out, inp[me].to(comm.device), sends[:, me].tolist(), sends[me].tolist())
+            out = out.cpu()
             want = torch.cat([inp[q][int(sends[q, :me].sum()):int(sends[q, :me + 1].sum())] for q in range(n)])
             problems += _eq(f"{tag} case {case} {str(dtype)[6:]}", out, want)
     return problems
@@ -137,8 +142,9 @@ def random_floats(comm) -> dict:
         for dtype in (torch.float32, torch.bfloat16):
             g = [torch.Generator().manual_seed(r) for r in range(n)]
             parts = [torch.randn(3001, generator=g[r], dtype=torch.float64).to(dtype) for r in range(n)]
-            t = parts[me].clone()
+            t = parts[me].clone().to(comm.device)
             comm.all_reduce(t)
+            t = t.cpu()
             exact = torch.stack([p.double() for p in parts]).sum(0)
             u = torch.finfo(dtype).eps / 2
             bound = (n - 1) * u * torch.stack([p.double().abs() for p in parts]).sum(0) + u * exact.abs()

@@ -482,12 +482,12 @@ def create(backend: Any, pg: Any, *, name: str, timeout: float, check: bool, kin
 
 
 class HierAdaptor(Adaptor):
-    """``hier``: the chip's own collective inside a kind group, the host between kinds."""
+    """``hier``: the chip's own collective inside a kind, the host between kinds (parallel shards or leaders)."""
 
     name = "hier"
     device_types = ()
     spans_kinds = True
-    description = "chip kinds grouped: native inside a kind, host-staged between kind leaders"
+    description = "chip kinds grouped: native inside a kind, host-staged shards between kinds"
 
     @classmethod
     def create(cls, backend: Any, pg: Any, **kwargs: Any) -> HierCommunicator:
