@@ -81,6 +81,14 @@ def test_shards_cover_every_element_once():
 
 # -- tuning -----------------------------------------------------------------------------------------
 
+def test_fixed_defaults():
+    gloo, nccl = "gloo", "cpu:gloo,cuda:nccl"
+    assert tune.defaults(["a", "b"], {"a": gloo, "b": gloo}) == tune.DEFAULT_ALGORITHMS  # nothing inside a kind
+    assert tune.defaults(["g", "g", "c"], {"g": nccl, "c": gloo}) == {op: "parallel" for op in tune.ALGORITHMS}
+    assert tune.defaults(["g", "c", "c"], {"g": nccl, "c": gloo}) == {
+        "all_reduce": "leader", "all_gather": "parallel", "reduce_scatter": "leader", "all_to_all_single": "staged"}
+
+
 def test_algo_env_parsing():
     assert tune.parse_algo_env("parallel") == {op: "parallel" for op in tune.ALGORITHMS}
     assert tune.parse_algo_env("leader") == {"all_reduce": "leader", "all_gather": "leader",
@@ -125,7 +133,9 @@ def test_corrupt_table_warns_and_falls_back(tmp_path, monkeypatch, content):
     assert policy.rows == {} and policy.algorithm("all_reduce", 1) == tune.DEFAULT_ALGORITHMS["all_reduce"]
     # a job with the corrupt table runs, with the defaults
     out = launch(w.chosen_algorithms, 3, adaptor="hier", kinds=KINDS["aab"], timeout=60)
-    assert all(o[64]["all_reduce"] == "parallel" and o["source"] == "default" for o in out)
+    # CPU kinds of two ranks reduce over gloo inside: the fixed default keeps all_reduce on the leaders
+    assert all(o[64]["all_reduce"] == "leader" and o[64]["all_gather"] == "parallel" and o["source"] == "default"
+               for o in out)
 
 
 def _table(tmp_path, name, algo_small):
@@ -143,7 +153,7 @@ def test_cached_table_is_loaded_and_env_overrides_it(tmp_path, monkeypatch):
     out = launch(w.chosen_algorithms, 3, adaptor="hier", kinds=KINDS["aab"], timeout=60)
     for o in out:
         assert o[64]["all_reduce"] == o[64]["all_gather"] == o[64]["reduce_scatter"] == "leader"
-        assert o[65536]["all_reduce"] == "parallel" and o[64]["all_to_all_single"] == "parallel"
+        assert o[65536]["all_reduce"] == "parallel" and o[64]["all_to_all_single"] == "staged"  # gloo default
         assert o["source"].startswith("table ")
     monkeypatch.setenv("OPENSEEK_HAL_COMM_ALGO", "all_reduce:parallel,all_to_all_single:staged")
     out = launch(w.chosen_algorithms, 3, adaptor="hier", kinds=KINDS["aab"], timeout=60)

@@ -3,7 +3,9 @@
 FlagCX's scheme. Ranks are grouped by chip kind (the backend name, or a ``kind`` label given at
 creation); kinds are ordered by their lowest rank (kind 0, 1, ... m-1), a kind k has n_k ranks
 (sizes may differ). Two algorithms per collective, chosen per call by the communicator's `Policy`
-(`openseek_hal.comm.tune`: a measured table, ``$OPENSEEK_HAL_COMM_ALGO``, else ``parallel``):
+(`openseek_hal.comm.tune`: a measured table, ``$OPENSEEK_HAL_COMM_ALGO``, else ``parallel``, or
+``leader``/``staged`` for all_reduce, reduce_scatter and all_to_all_single where a kind of two or more
+ranks runs gloo inside):
 
 - ``parallel`` (parallel shards): the chip's own collective inside each kind moves the bulk, and the
   traffic between kinds is split so that every rank carries about 1/n_k of it, pairwise and at
@@ -50,7 +52,7 @@ from .host import host_buffer, host_view, to_host
 from .rendezvous import process_group_backend
 from .staging import _combine, _itemsize, make_transport, pinned_empty, transport_options
 from .torch_dist import TorchCommunicator, new_torch_group
-from .tune import shared_policy, topology
+from .tune import defaults, shared_policy, topology
 
 ENV_KIND = "OPENSEEK_HAL_COMM_KIND"
 _CPU = torch.device("cpu")
@@ -106,6 +108,7 @@ class HierCommunicator(BaseCommunicator):
         try:  # rank 0's table and $OPENSEEK_HAL_COMM_ALGO, on every rank (a collective over ``world``)
             self.policy = shared_policy(world, topology("hier", kinds),
                                         fixed_chunk=self._staging.get("chunk_bytes") is not None)
+            self.policy.default = defaults(kinds, backends)  # the same on every rank: every rank's labels
             options = transport_options(self._staging, self.policy)
         except ValueError as e:
             raise self._bad("create", str(e)) from None
@@ -188,8 +191,11 @@ class HierCommunicator(BaseCommunicator):
             return
         s = -(-c // nk)
         if nk > 1:  # native reduce-scatter inside the kind: this rank's shard of the kind's partial sum
-            padded = torch.zeros(nk * s, dtype=flat.dtype, device=flat.device)
-            padded[:c].copy_(flat)
+            if c == nk * s:  # no padding: the tensor itself is the reduce-scatter input and all-gather output
+                padded = flat
+            else:
+                padded = torch.zeros(nk * s, dtype=flat.dtype, device=flat.device)
+                padded[:c].copy_(flat)
             part = torch.empty(s, dtype=flat.dtype, device=flat.device)
             self._inner._reduce_scatter(part, padded, partial, False)
         else:
@@ -212,7 +218,8 @@ class HierCommunicator(BaseCommunicator):
         self._kind_order_sum(mine, theirs, partial)
         if nk > 1:  # native all-gather inside the kind
             self._inner._all_gather(padded, part, False)
-            flat.copy_(padded[:c])
+            if padded is not flat:
+                flat.copy_(padded[:c])
 
     # -- all_gather ---------------------------------------------------------------------------------
     def _all_gather(self, output, input, async_op):

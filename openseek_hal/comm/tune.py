@@ -47,10 +47,21 @@ ALGORITHMS: dict[str, tuple[str, ...]] = {
     "reduce_scatter": ("leader", "parallel"),
     "all_to_all_single": ("staged", "parallel"),
 }
-# Without a table: the parallel-shard algorithms everywhere. Measured on the 2-core CPU box (docs/comm.md,
-# "hier algorithms"): parallel was not slower than leader at any size from 64 KiB; on GPUs it moves 1/n of
-# the bytes per rank between kinds.
+# Without a table: the parallel-shard algorithms (between kinds each rank moves 1/n_k of the bytes a leader
+# moves), except `GLOO_KIND_DEFAULTS` when a kind of two or more ranks reduces over gloo (see `defaults`).
 DEFAULT_ALGORITHMS: dict[str, str] = {op: "parallel" for op in ALGORITHMS}
+# Measured on the 2-core CPU box, 4 ranks as kinds [a, a, b, b] (docs/comm.md, "hier on the CPU"): gloo's
+# reduce-scatter + all-gather inside a kind cost more than its all-reduce + broadcast, and its all-to-all
+# more than the shared-memory one, so on such kinds these stay on the leader/staged path up to 64 MiB.
+GLOO_KIND_DEFAULTS: dict[str, str] = {"all_reduce": "leader", "reduce_scatter": "leader",
+                                      "all_to_all_single": "staged"}
+
+
+def defaults(kinds: list[str], backends: dict[str, str]) -> dict[str, str]:
+    """The fixed default algorithm of each collective for a ``hier`` group: `DEFAULT_ALGORITHMS`, with
+    `GLOO_KIND_DEFAULTS` where some kind has two or more ranks and its native library is gloo."""
+    gloo_kind = any(kinds.count(k) > 1 and backends.get(k) in ("gloo", "cpu:gloo") for k in set(kinds))
+    return {**DEFAULT_ALGORITHMS, **(GLOO_KIND_DEFAULTS if gloo_kind else {})}
 
 
 def cache_root() -> Path:
@@ -173,6 +184,7 @@ class Policy:
     forced: dict[str, str] = field(default_factory=dict)  # op -> algorithm from $OPENSEEK_HAL_COMM_ALGO
     fixed_chunk: bool = False  # a chunk size was given (option or env): the table's chunk sizes are ignored
     source: str = "default"
+    default: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ALGORITHMS))  # without a table row
 
     def _row(self, op: str, nbytes: int) -> dict | None:
         rows = self.rows.get(op)
@@ -186,7 +198,7 @@ class Policy:
         row = self._row(op, nbytes)
         if row is not None and row["algo"]:
             return row["algo"]
-        return DEFAULT_ALGORITHMS[op]
+        return self.default[op]
 
     def chunk_bytes(self, op: str, nbytes: int) -> int | None:
         """The table's chunk size for this call, or None (the transport's own)."""
@@ -200,7 +212,7 @@ class Policy:
         return max(chunks) if chunks and not self.fixed_chunk else None
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "forced": dict(self.forced), "rows": self.rows}
+        return {"source": self.source, "forced": dict(self.forced), "rows": self.rows, "default": dict(self.default)}
 
 
 def local_policy(key: str, *, fixed_chunk: bool) -> tuple[Policy | None, str, str]:
