@@ -50,7 +50,7 @@ from .adaptors import Adaptor
 from .base import BaseCommunicator
 from .host import host_buffer, host_view, to_host
 from .rendezvous import process_group_backend
-from .staging import _combine, _itemsize, make_transport, pinned_empty, transport_options
+from .staging import _combine, _itemsize, make_transport, transport_options
 from .torch_dist import TorchCommunicator, new_torch_group
 from .tune import defaults, shared_policy, topology
 
@@ -145,8 +145,10 @@ class HierCommunicator(BaseCommunicator):
         self.cross_kind_bytes[1] += sum(t.numel() for views in recv for t in views) * size
         self._world_stage.exchange(send, recv)
 
-    def _host_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        return pinned_empty(numel * _itemsize(dtype), self.device)[:numel * _itemsize(dtype)].view(dtype)
+    @staticmethod
+    def _host_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
+        # filled by the CPU from the transport's host memory and summed there: no DMA, so not pinned
+        return torch.empty(numel, dtype=dtype, device=_CPU)
 
     def _kind_order_sum(self, mine: torch.Tensor, theirs: dict[int, torch.Tensor], op: str) -> None:
         """``mine`` (this kind's partial, on the device) := the m kind-partials combined in kind order, on
