@@ -221,3 +221,12 @@ def host_chunks(comm) -> dict:
         comm.all_reduce(torch.ones(count))
         out[count * 4] = comm.transport.call_chunk
     return out
+
+
+def uneven_all_to_all_with_a_table(comm) -> dict:
+    """Uneven all-to-alls (ranks sending 0 to thousands of bytes) under a table whose rows change at 4 KiB:
+    every rank must choose alike (else they would run different collectives)."""
+    problems = _all_to_all_cases(comm, "all_to_all_single/table")
+    algo = getattr(comm, "last_algorithm", {}).get("all_to_all_single")
+    chunk = getattr(getattr(comm, "transport", None), "call_chunk", None)
+    return {"problems": problems, "algo": algo, "chunk": chunk}

@@ -194,6 +194,18 @@ def test_host_chunk_per_call_from_the_table(tmp_path, monkeypatch):
     assert out[0] == {"slot": 65536, 400: 65536, 400_000: 65536}
 
 
+def test_uneven_all_to_all_chooses_alike_on_every_rank(tmp_path):
+    path = tune.table_path()
+    tune.write_table(path, "hier/a:1+b:3", {"all_to_all_single": [{"max_bytes": 4096, "algo": "staged"},
+                                                                  {"max_bytes": 1 << 20, "algo": "parallel"}]}, {})
+    tune.write_table(path, "host/cpu:3", {"all_to_all_single": [{"max_bytes": 4096, "chunk_bytes": 4096},
+                                                                {"max_bytes": 1 << 20, "chunk_bytes": 8192}]}, {})
+    out = launch(w.uneven_all_to_all_with_a_table, 4, adaptor="hier", kinds=KINDS["abbb"], timeout=30)
+    assert all(o["problems"] == [] and o["algo"] == "parallel" for o in out)
+    out = launch(w.uneven_all_to_all_with_a_table, 3, adaptor="host", timeout=30)
+    assert all(o["problems"] == [] and o["chunk"] == 8192 for o in out)
+
+
 # -- faults -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("op,kinds,victim", [("all_reduce", "aab", 2), ("all_to_all_single", "abbb", 1)])

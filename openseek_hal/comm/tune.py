@@ -3,7 +3,8 @@
 A table holds, per adaptor and topology (``hier/kind-a:2+kind-b:2``: the kinds in order and their
 sizes; ``host/cpu:2``) and per collective, rows ``{"max_bytes": B, "algo": ..., "chunk_bytes": ...}``
 sorted by ``max_bytes``: a call of ``nbytes`` (the larger buffer, as the benchmark counts) takes the
-first row with ``nbytes <= max_bytes``, and the last row above the largest. ``openseek-hal bench comm
+first row with ``nbytes <= max_bytes``, and the last row above the largest. ``all_to_all_single``
+always takes its last row: its ranks move different sizes but must make the same choice. ``openseek-hal bench comm
 --tune`` (``python -m openseek_hal.comm.bench --tune``) measures it and writes it to
 ``<cache>/comm_tune/<host fingerprint>.json`` (cache: ``$OPENSEEK_HAL_CACHE``, else
 ``$XDG_CACHE_HOME/openseek-hal``, else ``~/.cache/openseek-hal``), keeping the other topologies'
@@ -190,6 +191,9 @@ class Policy:
         rows = self.rows.get(op)
         if not rows:
             return None
+        if op == "all_to_all_single":
+            # the ranks of an uneven all-to-all move different sizes, but must choose alike: the largest row
+            return rows[-1]
         return next((r for r in rows if nbytes <= r["max_bytes"]), rows[-1])
 
     def algorithm(self, op: str, nbytes: int) -> str:
