@@ -103,3 +103,7 @@ def hier_layout(comm):
 
 def unpicklable_result(comm):
     return lambda: None
+
+
+def policy_source(comm):
+    return comm.policy.source

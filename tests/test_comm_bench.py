@@ -22,7 +22,7 @@ def test_bench_comm_runs_on_cpu_and_writes_reports(tmp_path):
     report = json.loads((tmp_path / "comm_bench.json").read_text())
     rows, problems = report["results"], report["problems"]
     assert problems == {}
-    impls = {"torch.distributed", "torch", "host", "hier"}
+    impls = {"torch.distributed", "torch", "host", "hier/leader", "hier/parallel"}
     assert {(r["op"], r["impl"], r["bytes"]) for r in rows} == {
         (op, impl, b) for op in bench.OPS for impl in impls for b in (1024, 2048, 4096)}
     for r in rows:
@@ -34,6 +34,33 @@ def test_bench_comm_runs_on_cpu_and_writes_reports(tmp_path):
     assert report["meta"]["provenance"]["commit"] and report["meta"]["provenance"]["torch"] == torch.__version__
     md = (tmp_path / "comm_bench.md").read_text()
     assert "| size | torch.distributed time |" in md and "| 4 KiB |" in md
+
+
+def test_tune_writes_the_table_that_communicators_load(tmp_path, monkeypatch):
+    from openseek_hal.comm import launch, tune
+
+    monkeypatch.setenv("OPENSEEK_HAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("OPENSEEK_HAL_COMM_TUNE", raising=False)
+    monkeypatch.delenv("OPENSEEK_HAL_COMM_ALGO", raising=False)
+    result = CliRunner().invoke(bench.comm, [
+        "--backend", "cpu", "-n", "3", "--kinds", "a,a,b", "--tune", "--adaptor", "hier,host,torch",
+        "--op", "all_reduce,all_to_all_single", "--min-bytes", "3K", "--max-bytes", "12K", "--factor", "4",
+        "--iters", "2", "--min-iters", "1", "--warmup", "1", "--dtype", "float32", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = tune.read_table(tune.table_path())
+    assert set(data["tables"]) == {"hier/a:2+b:1", "host/cpu:3"}
+    hier = data["tables"]["hier/a:2+b:1"]
+    assert [r["max_bytes"] for r in hier["all_reduce"]] == [3072, 12288]
+    for op, rows in hier.items():
+        for r in rows:  # the choice is the fastest measured
+            assert r["algo"] == min(r["us"], key=r["us"].get) and set(r["us"]) == set(tune.ALGORITHMS[op])
+    assert all(r["chunk_bytes"] in bench.TUNE_CHUNKS for r in data["tables"]["host/cpu:3"]["all_reduce"])
+    assert data["meta"]["hier/a:2+b:1"]["provenance"]["commit"]
+    # a communicator of that topology takes its choices from the table
+    from comm_workers import policy_source
+
+    assert all(s.startswith("table ") for s in launch(policy_source, 3, adaptor="hier", kinds=["a", "a", "b"]))
+    assert (tmp_path / "comm_tune.json").exists()
 
 
 def test_targets_are_judged_against_the_baselines():

@@ -9,8 +9,9 @@ group (`openseek_hal.comm.adaptors`); the in-tree ones:
 - ``nccl``: NCCL called directly through ``cupy.cuda.nccl`` on torch tensors (lower latency than
   torch.distributed's NCCL path); needs CuPy;
 - ``host``: device -> host, gloo, host -> device; works for any chip;
-- ``hier``: ranks grouped by chip kind, the native collective inside a group, host-staged between
-  group leaders, then a broadcast inside each group.
+- ``hier``: ranks grouped by chip kind, the native collective inside a kind, the traffic between
+  kinds cut into shards that every rank moves at once through the host (or, chosen per call by
+  `openseek_hal.comm.tune`, through the kind leaders).
 
 `create` builds one inside an initialized process (torchrun's ``env://`` or `launch`);
 `launch` starts local ranks for tests, conformance and benchmarks.

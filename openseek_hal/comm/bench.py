@@ -46,6 +46,8 @@ RAW_CUPY = "cupy-direct"
 STAGED = ("host", "hier")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 TARGET_TIME_S = 0.25
+TUNE_CHUNKS = (256 * 2**10, 2**20, 4 * 2**20)  # the host adaptor's chunk sizes tried by --tune
+HIER_ALGOS = ("leader", "parallel")
 
 
 def parse_bytes(text: str) -> int:
@@ -207,12 +209,20 @@ def bench_rank(world: Any, config: dict) -> dict | None:
         except Exception as e:
             problems[RAW_CUPY] = f"could not start: {type(e).__name__}: {e}"
     for adaptor in config["adaptors"]:
-        kind = ("kind-a" if rank < n // 2 else "kind-b") if adaptor == "hier" and n > 1 else None
+        kind = bench_kinds(n, config.get("kinds"))[rank] if adaptor == "hier" and n > 1 else None
         try:
-            impls[adaptor] = (create(adaptor, be, timeout=config["timeout"], check=False,
-                                     **({"kind": kind} if kind else {})), None)
+            comm = create(adaptor, be, timeout=config["timeout"], check=False, **({"kind": kind} if kind else {}),
+                          **({"chunk_bytes": max(TUNE_CHUNKS)} if config.get("tune") and adaptor == "host" else {}))
         except Exception as e:
             problems[adaptor] = f"could not start: {type(e).__name__}: {e}"
+            continue
+        if adaptor == "hier" and kind is not None:
+            for algo in config.get("hier_algos") or HIER_ALGOS:
+                impls[f"hier/{algo}"] = (comm, None)
+        else:
+            impls[adaptor] = (comm, None)
+    if config.get("tune"):
+        return tune_rank(impls, be, config, rank, n)
     sync = be.device.synchronize
     results = []
     points = [(op, s) for op in config["ops"] for s in config["sizes"]]
@@ -221,9 +231,11 @@ def bench_rank(world: Any, config: dict) -> dict | None:
         bufs = _buffers(op, nbytes, n, dtype, device)
         for impl, (comm, cupy_comm) in impls.items():
             progress(f"{op} {human(nbytes)} {impl}")
-            staged_skip = impl in STAGED and nbytes > config["staged_max_bytes"]
+            staged_skip = impl.split("/")[0] in STAGED and nbytes > config["staged_max_bytes"]
             if bufs is None or impl in problems or staged_skip:
                 continue
+            if impl.startswith("hier/"):  # this algorithm for this collective on every rank
+                comm.policy.forced = {op: hier_algorithm(op, impl.split("/", 1)[1])}
             out, inp = bufs
             try:
                 ok, iters, seconds = _measure(op, _calls(impl, comm, cupy_comm)[op], out, inp, rank, n, sync,
@@ -246,6 +258,72 @@ def bench_rank(world: Any, config: dict) -> dict | None:
     if rank:
         return None
     return {"meta": _meta(be, n, config), "results": results, "problems": problems}
+
+
+def bench_kinds(n: int, kinds: list[str] | None) -> list[str]:
+    """The simulated chip kind of each rank: ``kinds`` as given, else the first half and the second half."""
+    if kinds:
+        if len(kinds) != n:
+            raise ValueError(f"--kinds names {len(kinds)} kinds for {n} ranks")
+        return list(kinds)
+    return ["kind-a" if r < n // 2 else "kind-b" for r in range(n)]
+
+
+def hier_algorithm(op: str, algo: str) -> str:
+    """``leader``/``parallel`` as the collective names it (all-to-all's non-parallel path is ``staged``)."""
+    from .tune import ALGORITHMS
+
+    return algo if algo in ALGORITHMS[op] else ALGORITHMS[op][0]
+
+
+def tune_rank(impls: dict[str, tuple[Any, Any]], be: Any, config: dict, rank: int, n: int) -> dict | None:
+    """``--tune`` on one rank: per adaptor (hier, host), collective and size, every candidate timed with the
+    same iterations on every rank; rank 0 returns {adaptor: {op: rows}} with the fastest per size."""
+    from .tune import ALGORITHMS, Policy
+
+    sync = be.device.synchronize
+    dtype = DTYPES[config["dtype"]]
+    tables: dict[str, dict[str, list[dict]]] = {}
+    keys: dict[str, str] = {}
+    for impl, (comm, _) in impls.items():
+        adaptor = impl.split("/")[0]
+        if adaptor not in STAGED or adaptor in tables:
+            continue
+        from .tune import topology
+
+        keys[adaptor] = topology(adaptor, comm.kinds if adaptor == "hier" else [be.device_type] * n)
+        rows: dict[str, list[dict]] = {}
+        for op in config["ops"]:
+            for nbytes in config["sizes"]:
+                bufs = _buffers(op, nbytes, n, dtype, world_device(be))
+                if bufs is None:
+                    continue
+                out, inp = bufs
+                timings: dict[str, float] = {}
+                if adaptor == "hier":
+                    candidates = [(algo, {"forced": {op: algo}}) for algo in ALGORITHMS[op]]
+                else:
+                    candidates = [(str(c), {"rows": {op: [{"max_bytes": 2**62, "algo": None, "chunk_bytes": c}]}})
+                                  for c in TUNE_CHUNKS]
+                for name, fields in candidates:
+                    comm.policy = Policy(**fields)
+                    ok, _, seconds = _measure(op, _calls(adaptor, comm, None)[op], out, inp, rank, n, sync, config)
+                    if not ok:  # agreed on every rank (the check is reduced over ranks)
+                        raise RuntimeError(f"tune: {adaptor} {op} with {name} at {human(nbytes)} gave wrong results")
+                    timings[name] = seconds * 1e6
+                best = min(timings, key=timings.__getitem__)
+                row = {"max_bytes": nbytes, "algo": best if adaptor == "hier" else None,
+                       "chunk_bytes": int(best) if adaptor == "host" else None,
+                       "us": {k: round(v, 1) for k, v in timings.items()}}
+                rows.setdefault(op, []).append(row)
+        tables[adaptor] = rows
+    if rank:
+        return None
+    return {"meta": _meta(be, n, config), "tables": tables, "keys": keys}
+
+
+def world_device(be: Any) -> torch.device:
+    return be.device.torch_device
 
 
 def _measure(op: str, f: Callable, out: torch.Tensor, inp: torch.Tensor, rank: int, n: int,
@@ -286,10 +364,24 @@ def _progress(show: bool, total: int) -> Callable[[str | None], None]:
     return step
 
 
+def _machine() -> dict:
+    """What the numbers depend on besides the code: CPU model and count, load when measured."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": model, "cpus": os.cpu_count(), "arch": platform.machine(), "load_average": load,
+            "omp_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
 def _meta(be: Any, n: int, config: dict) -> dict:
     meta = {"device": be.capabilities().device_name, "backend": be.name, "world_size": n,
+            "kinds": bench_kinds(n, config.get("kinds")) if "hier" in config["adaptors"] else None,
             "dtype": config["dtype"], "torch": torch.__version__, "python": platform.python_version(),
-            "host": platform.node(),
+            "host": platform.node(), "machine": _machine(),
             "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
             "provenance": provenance()}
     if be.device_type == "cuda":
@@ -417,10 +509,19 @@ def markdown(report: dict) -> str:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Write comm_bench.json and comm_bench.md here.")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Collective timeout (s).")
+@click.option("--kinds", default=None,
+              help="hier: the simulated chip kind of each rank, comma-separated (default: first half, second half).")
+@click.option("--hier-algos", default=",".join(HIER_ALGOS), show_default=True,
+              help="hier: the algorithms to measure, each as its own column (hier/leader, hier/parallel).")
+@click.option("--tune", is_flag=True,
+              help="Measure the tuning table (hier algorithms, host chunk sizes) and write it to the cache.")
 def comm(backend: str | None, adaptors: str, ops: str, world_size: int | None, min_bytes: str, max_bytes: str,
          factor: int, staged_max_bytes: str, dtype: str, iters: int, min_iters: int, warmup: int,
-         baseline: bool, use_cupy: bool | None, out_dir: str | None, timeout: float) -> None:
-    """Benchmark collectives like nccl-tests: time, algbw and busbw per size, beside raw baselines."""
+         baseline: bool, use_cupy: bool | None, out_dir: str | None, timeout: float, kinds: str | None,
+         hier_algos: str, tune: bool) -> None:
+    """Benchmark collectives like nccl-tests: time, algbw and busbw per size, beside raw baselines.
+
+    With --tune: measure the choices of the hier and host adaptors and cache the fastest per size."""
     from ..backend import default_backend_name, get_backend
     from . import adaptor_available, adaptor_names
     from .launcher import launch
@@ -453,15 +554,29 @@ def comm(backend: str | None, adaptors: str, ops: str, world_size: int | None, m
     lo, hi = parse_bytes(min_bytes), parse_bytes(max_bytes)
     if lo <= 0 or hi < lo or factor < 2:
         raise click.BadParameter("need 0 < --min-bytes <= --max-bytes and --factor >= 2")
+    kind_list = [k.strip() for k in kinds.split(",")] if kinds else None
+    if kind_list is not None and (len(kind_list) != n or not all(kind_list)):
+        raise click.BadParameter(f"{kinds!r} must name one kind per rank ({n} ranks)", param_hint="--kinds")
+    algos = [a.strip() for a in hier_algos.split(",") if a.strip()]
+    if not algos or any(a not in HIER_ALGOS for a in algos):
+        raise click.BadParameter(f"{hier_algos!r}: choose from {', '.join(HIER_ALGOS)}", param_hint="--hier-algos")
+    if tune:
+        chosen = [a for a in chosen if a in STAGED]
+        if not chosen:
+            raise click.UsageError("--tune measures the hier and host adaptors; neither is available here")
+        baseline, use_cupy = False, False
     config = {"backend": be.name, "adaptors": chosen, "ops": chosen_ops, "sizes": sizes(lo, hi, factor),
               "staged_max_bytes": parse_bytes(staged_max_bytes), "dtype": dtype, "iters": iters,
               "min_iters": min_iters, "warmup": warmup, "baseline": baseline, "cupy": use_cupy,
-              "timeout": timeout}
+              "timeout": timeout, "kinds": kind_list, "hier_algos": algos, "tune": tune}
     if not (chosen or baseline or use_cupy):
         raise click.UsageError("nothing to measure: no adaptor is available and the baselines are off")
     rank_fn = import_module(__spec__.name if __spec__ else __name__).bench_rank  # not __main__'s copy
     report = launch(rank_fn, n, backend=be.name, adaptor="torch", timeout=timeout, check=False,
                     args=(config,))[0]
+    if tune:
+        _write_tuning(report, out_dir)
+        return
     report["targets"] = targets(report["results"]) if be.device_type == "cuda" else []
     click.echo(table_text(report))
     if report["targets"]:
@@ -484,6 +599,26 @@ def comm(backend: str | None, adaptors: str, ops: str, world_size: int | None, m
     if failed:
         raise click.ClickException(f"{len(failed)} result check(s) failed, e.g. {failed[0]['impl']} "
                                    f"{failed[0]['op']} at {human(failed[0]['bytes'])}")
+
+
+def _write_tuning(report: dict, out_dir: str | None) -> None:
+    """Store each adaptor's measured rows in this host's table and print them."""
+    from .tune import table_path, write_table
+
+    path = table_path()
+    for adaptor, rows in report["tables"].items():
+        key = report["keys"][adaptor]
+        write_table(path, key, rows, report["meta"])
+        click.echo(f"## {key}")
+        for op, entries in rows.items():
+            for r in entries:
+                choice = r["algo"] or human(r["chunk_bytes"])
+                times = ", ".join(f"{k if adaptor == 'hier' else human(int(k))} {v:.0f} us" for k, v in r["us"].items())
+                click.echo(f"{op:>18} <= {human(r['max_bytes']):>8}: {choice:>9}   ({times})")
+    click.echo(f"wrote the tuning table {path}", err=True)
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "comm_tune.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":  # before the `bench` group lands: python -m openseek_hal.comm.bench

@@ -23,8 +23,9 @@ import torch.distributed as dist
 from .adaptors import Adaptor
 from .base import BaseCommunicator, StagedWork
 from .rendezvous import gloo_group
-from .staging import make_transport
+from .staging import make_transport, transport_options
 from .torch_dist import TorchCommunicator, new_torch_group
+from .tune import shared_policy, topology
 
 _CPU = torch.device("cpu")
 
@@ -107,34 +108,39 @@ class HostCommunicator(BaseCommunicator):
                          check_group=cpu.pg if check else None)
         self._cpu = cpu  # the same ranks over gloo (send/recv, barrier; the transport's setup)
         self._options = {"chunk_bytes": chunk_bytes, "transport": transport}
-        try:
-            self.transport = make_transport(cpu, device, chunk_bytes=chunk_bytes, transport=transport)
+        try:  # rank 0's tuning table (chunk sizes per collective and size), on every rank
+            self.policy = shared_policy(cpu, topology("host", [device.type] * cpu.world_size),
+                                        fixed_chunk=chunk_bytes is not None)
+            self.transport = make_transport(cpu, device, **transport_options(self._options, self.policy))
         except ValueError as e:
             raise self._bad("create", str(e)) from None
         self._order = Ordered("host")
 
-    def _staged(self, call: Any, async_op: bool) -> Any:
+    def _staged(self, call: Any, async_op: bool, op: str = "", nbytes: int = 0) -> Any:
         copier = self.transport.copier
         ready = copier.caller_ready()  # on this thread: the caller's stream has written the inputs
+        chunk = self.policy.chunk_bytes(op, nbytes) if op else None
 
         def run() -> None:
             copier.set_ready(ready)
+            self.transport.use_chunk(chunk)
             call()
 
         return self._order.run(run, async_op)
 
     def _all_reduce(self, tensor, op, async_op):
-        return self._staged(lambda: self.transport.all_reduce(tensor, op), async_op)
+        return self._staged(lambda: self.transport.all_reduce(tensor, op), async_op, "all_reduce", _nbytes(tensor))
 
     def _all_gather(self, output, input, async_op):
-        return self._staged(lambda: self.transport.all_gather(output, input), async_op)
+        return self._staged(lambda: self.transport.all_gather(output, input), async_op, "all_gather", _nbytes(output))
 
     def _reduce_scatter(self, output, input, op, async_op):
-        return self._staged(lambda: self.transport.reduce_scatter(output, input, op), async_op)
+        return self._staged(lambda: self.transport.reduce_scatter(output, input, op), async_op, "reduce_scatter",
+                            _nbytes(input))
 
     def _all_to_all_single(self, output, input, output_splits, input_splits, async_op):
         return self._staged(lambda: self.transport.all_to_all(output, input, output_splits, input_splits),
-                            async_op)
+                            async_op, "all_to_all_single", max(_nbytes(input), _nbytes(output)))
 
     def _broadcast(self, tensor, src, async_op):
         return self._staged(lambda: self.transport.broadcast(tensor, src), async_op)
@@ -156,6 +162,10 @@ class HostCommunicator(BaseCommunicator):
     def _new_group(self, ranks):
         cpu = new_torch_group(self._cpu, ranks, backend=self._cpu.pg_backend, check=False)
         return None if cpu is None else HostCommunicator(cpu, self.device, check=self.check, **self._options)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def host_view(pg: Any, *, name: str, timeout: float) -> TorchCommunicator:

@@ -216,6 +216,18 @@ def _host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+def transport_options(options: dict[str, Any], policy: Any) -> dict[str, Any]:
+    """The transport options of a communicator whose `openseek_hal.comm.tune.Policy` may pick chunk sizes
+    per call: its buffers are sized for the largest chunk the table uses (a chunk size given by option
+    or ``$OPENSEEK_HAL_HOST_CHUNK_BYTES`` wins, and the table's chunk sizes are then ignored)."""
+    if os.environ.get(ENV_CHUNK) and options.get("chunk_bytes") is None:
+        policy.fixed_chunk = True
+    largest = policy.largest_chunk()
+    if largest is None or options.get("chunk_bytes") is not None:
+        return dict(options)
+    return {**options, "chunk_bytes": max(largest, chunk_bytes_default())}
+
+
 def make_transport(cpu: Any, device: torch.device, *, chunk_bytes: int | None = None,
                    transport: str | None = None) -> ShmTransport | GlooTransport:
     """The host transport for the gloo `TorchCommunicator` ``cpu``; every rank of its group calls this."""
@@ -263,6 +275,7 @@ class ShmTransport:
         self._stride = _LINE // 8
         self._words[(n + self.rank) * self._stride] = os.getpid()
         self._seq = 0
+        self.call_chunk = self.slot_bytes
         self._pinned = self._pin(raw) if device.type == "cuda" else False
         self.copier = Copier(device)
         self.results = ResultBuffers(device, n * self.slot_bytes) if not self.copier.host_resident else None
@@ -355,13 +368,17 @@ class ShmTransport:
 
     # -- the collectives (tensors are contiguous; shapes were checked by BaseCommunicator) --------
     def _elems(self, dtype: torch.dtype) -> int:
-        return max(1, self.slot_bytes // _itemsize(dtype))
+        return max(1, min(self.call_chunk, self.slot_bytes) // _itemsize(dtype))
+
+    def use_chunk(self, nbytes: int | None) -> None:
+        """Chunk the next calls in ``nbytes`` (at most the slot size; None: the slot size)."""
+        self.call_chunk = self.slot_bytes if nbytes is None else max(_LINE, min(int(nbytes), self.slot_bytes))
 
     def _deliver(self, k: int, dsts: Sequence[torch.Tensor], fill: Callable[[Sequence[torch.Tensor]], None]) -> None:
         """Write chunk k's result into the device views ``dsts``: directly on the CPU, else through a
         host result buffer and an async host -> device copy per view."""
-        if self.results is None:
-            fill(dsts)
+        if self.results is None or (self.device.type != "cpu" and all(d.device.type == "cpu" for d in dsts)):
+            fill(dsts)  # host memory already (the CPU, or host buffers of a device communicator)
             return
         total = sum(d.numel() for d in dsts)
         buf = self.results.take(k, total, dsts[0].dtype)
@@ -468,34 +485,46 @@ class ShmTransport:
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: Sequence[int],
                    input_splits: Sequence[int]) -> None:
-        src, out = input.view(-1), output.view(-1)
-        dtype, n, me = src.dtype, self.world_size, self.rank
-        row = math.prod(input.shape[1:]) if input.dim() > 1 else 1
-        # every rank's splits (in elements) through the segment: who sends what where
+        send, recv = _a2a_views(output, input, output_splits, input_splits)
+        self.exchange(send, recv)
+
+    def exchange(self, send: Sequence[Sequence[torch.Tensor]], recv: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Pairwise exchange among every rank: the concatenation of ``send[d]`` (flat tensors of one
+        dtype) goes to rank d and lands in the concatenation of rank d's ``recv[me]``.
+
+        Sizes travel through the segment first; then every rank streams its whole message in rounds
+        of one slot, reading from each peer's slot only what is addressed to it (so each rank moves
+        what it sends and receives, never the others' traffic).
+        """
+        n, me = self.world_size, self.rank
+        dtype = _common_dtype(send, recv)
+        counts = [sum(t.numel() for t in views) for views in send]
         self.copier.begin()
-        self._meta(self._seq + 1, me).copy_(torch.tensor([s * row for s in input_splits], dtype=torch.int64))
+        self._meta(self._seq + 1, me).copy_(torch.tensor(counts, dtype=torch.int64))
         seq = self._arrive()
         sends = [self._meta(seq, q).tolist() for q in range(n)]  # sends[q][r]: elements q sends to r
-        starts = [[sum(s[:r]) for r in range(n)] for s in sends]  # where in q's input its part for r starts
-        out_at = [sum(sends[p][me] for p in range(q)) for q in range(n)]  # where q's part lands here
+        for q in range(n):
+            want = sum(t.numel() for t in recv[q])
+            if sends[q][me] != want:
+                raise RuntimeError(f"rank {q} sends {sends[q][me]} elements to rank {me}, which expects {want}")
+        starts = [[sum(s[:r]) for r in range(n)] for s in sends]  # where in q's message its part for r starts
         totals = [sum(s) for s in sends]
-        step = self._elems(dtype)
-        rounds = _spans(max(totals), step)  # round k carries bytes [k*step, (k+1)*step) of every input
+        mine = _Segments([t for views in send for t in views])
+        theirs = [_Segments(list(views)) for views in recv]
+        rounds = _spans(max(totals), self._elems(dtype))  # round k carries [k*step, (k+1)*step) of every message
 
         def stage_in(k, seq, a, b):
             b = min(b, totals[me])
-            if b <= a:
-                return []
-            return [self.copier.to_host(self._slot(seq, me, dtype, b - a), src[a:b])]
+            return [self.copier.to_host(self._slot(seq, me, dtype, hi - lo, lo - a), view)
+                    for lo, hi, view in mine.pieces(a, b)]
 
         def land(k, seq, a, b):
             dsts, srcs = [], []
             for q in range(n):
                 lo, hi = max(a, starts[q][me]), min(b, starts[q][me] + sends[q][me])
-                if hi > lo:
-                    at = out_at[q] + lo - starts[q][me]
-                    dsts.append(out[at:at + hi - lo])
-                    srcs.append(self._slot(seq, q, dtype, hi - lo, lo - a))
+                for p_lo, p_hi, view in theirs[q].pieces(lo - starts[q][me], hi - starts[q][me]):
+                    dsts.append(view)
+                    srcs.append(self._slot(seq, q, dtype, p_hi - p_lo, p_lo + starts[q][me] - a))
             if dsts:
                 def fill(views):
                     for v, s in zip(views, srcs):
@@ -503,6 +532,48 @@ class ShmTransport:
                 self._deliver(k, dsts, fill)
 
         self._pipeline(rounds, stage_in, land)
+
+
+class _Segments:
+    """Flat tensors seen as one concatenation: the views that cover a range of it."""
+
+    def __init__(self, views: list[torch.Tensor]):
+        self.views = [v.view(-1) for v in views if v.numel()]
+        self.starts = [0]
+        for v in self.views:
+            self.starts.append(self.starts[-1] + v.numel())
+
+    def pieces(self, a: int, b: int) -> list[tuple[int, int, torch.Tensor]]:
+        """(lo, hi, view) for each stretch [lo, hi) of [a, b) and the part of a view holding it."""
+        out = []
+        for i, v in enumerate(self.views):
+            s, e = self.starts[i], self.starts[i + 1]
+            lo, hi = max(a, s), min(b, e)
+            if hi > lo:
+                out.append((lo, hi, v[lo - s:hi - s]))
+        return out
+
+
+def _common_dtype(send: Sequence[Sequence[torch.Tensor]], recv: Sequence[Sequence[torch.Tensor]]) -> torch.dtype:
+    dtypes = {t.dtype for views in (*send, *recv) for t in views}
+    if len(dtypes) > 1:
+        raise ValueError(f"an exchange moves one dtype, got {sorted(map(str, dtypes))}")
+    return dtypes.pop() if dtypes else torch.uint8
+
+
+def _a2a_views(output: torch.Tensor, input: torch.Tensor, output_splits: Sequence[int],
+               input_splits: Sequence[int]) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """all_to_all_single as an exchange: the rows for rank d, the rows from rank q (flat views)."""
+    src, out = input.view(-1), output.view(-1)
+    row = math.prod(input.shape[1:]) if input.dim() > 1 else 1
+    send, recv, a, b = [], [], 0, 0
+    for s in input_splits:
+        send.append([src[a:a + s * row]])
+        a += s * row
+    for s in output_splits:
+        recv.append([out[b:b + s * row]])
+        b += s * row
+    return send, recv
 
 
 # -- gloo across hosts ---------------------------------------------------------------------------------
@@ -524,6 +595,7 @@ class GlooTransport:
         self.device = device
         self.rank, self.world_size = cpu.rank, cpu.world_size
         self.chunk_bytes = chunk_bytes
+        self.call_chunk = chunk_bytes
         self.copier = Copier(device)
         n = self.world_size
         self._send = [pinned_empty(n * chunk_bytes, device) for _ in range(2)]
@@ -540,7 +612,11 @@ class GlooTransport:
         return self._send[k % 2][:need].view(dtype)
 
     def _elems(self, dtype: torch.dtype) -> int:
-        return max(1, self.chunk_bytes // _itemsize(dtype))
+        return max(1, min(self.call_chunk, self.chunk_bytes) // _itemsize(dtype))
+
+    def use_chunk(self, nbytes: int | None) -> None:
+        """Chunk the next calls in ``nbytes`` (at most the buffers' size; None: that size)."""
+        self.call_chunk = self.chunk_bytes if nbytes is None else max(_LINE, min(int(nbytes), self.chunk_bytes))
 
     def _run(self, spans: list[tuple[int, int]], stage_in: Callable[[int, int, int], tuple[Any, list[Any]]],
              collective: Callable[[int, Any, int, int], Any], land: Callable[[int, Any, int, int], None]) -> None:
@@ -634,11 +710,29 @@ class GlooTransport:
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: Sequence[int],
                    input_splits: Sequence[int]) -> None:
-        # point-to-point traffic of uneven sizes: one staged exchange (gloo pairs the peers itself)
+        send, recv = _a2a_views(output, input, output_splits, input_splits)
+        self.exchange(send, recv)
+
+    def exchange(self, send: Sequence[Sequence[torch.Tensor]], recv: Sequence[Sequence[torch.Tensor]]) -> None:
+        """As `ShmTransport.exchange`: one staged gloo all-to-all of the packed messages (gloo pairs the
+        peers itself; point-to-point traffic of uneven sizes)."""
+        dtype = _common_dtype(send, recv)
+        in_counts = [sum(t.numel() for t in views) for views in send]
+        out_counts = [sum(t.numel() for t in views) for views in recv]
         self.copier.begin()
-        host_in = self._buf(0, input.numel(), input.dtype).view(input.shape)
-        Copier.wait(self.copier.to_host(host_in, input))
-        host_out = self.results.take(0, output.numel(), output.dtype).view(output.shape)
-        self.cpu._all_to_all_single(host_out, host_in, list(output_splits), list(input_splits), False)
-        self.results.copied(0, self.copier.to_device(output, host_out))
+        host_in = self._buf(0, sum(in_counts), dtype)
+        at, events = 0, []
+        for views in send:
+            for t in views:
+                events.append(self.copier.to_host(host_in[at:at + t.numel()], t.view(-1)))
+                at += t.numel()
+        for event in events:
+            Copier.wait(event)
+        host_out = self.results.take(0, sum(out_counts), dtype)
+        self.cpu._all_to_all_single(host_out, host_in, out_counts, in_counts, False)
+        at = 0
+        for views in recv:
+            for t in views:
+                self.results.copied(0, self.copier.to_device(t.view(-1), host_out[at:at + t.numel()]))
+                at += t.numel()
         self.copier.drain()
