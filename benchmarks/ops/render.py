@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-ORDER = ("eager", "compile", "flaggems", "liger", "torch-fused")
+ORDER = ("eager", "compile", "flaggems", "liger", "torch-fused", "sdpa", "flex", "torch-bf16", "torch-grouped-mm-bf16")
 
 
 def render(paths: list[str]) -> str:
