@@ -47,6 +47,15 @@ def git_state(root: str | Path | None = None) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None, "commit_source": "git"}
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def provenance(argv: list[str] | None = None) -> dict[str, Any]:
     """Versions, platform, git state and the command line (``sys.argv`` unless given)."""
     if argv is None:

@@ -32,7 +32,7 @@ from typing import Any
 import click
 import torch
 
-from ..provenance import provenance
+from ..provenance import cpu_model, provenance
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all_single")
 BUS_FACTOR: dict[str, Callable[[int], float]] = {
@@ -366,12 +366,7 @@ def _progress(show: bool, total: int) -> Callable[[str | None], None]:
 
 def _machine() -> dict:
     """What the numbers depend on besides the code: CPU model and count, load when measured."""
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
+    model = cpu_model()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"cpu": model, "cpus": os.cpu_count(), "arch": platform.machine(), "load_average": load,
             "omp_threads": os.environ.get("OMP_NUM_THREADS")}

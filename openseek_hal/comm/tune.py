@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..provenance import cpu_model
+
 ENV_ALGO = "OPENSEEK_HAL_COMM_ALGO"
 ENV_TUNE = "OPENSEEK_HAL_COMM_TUNE"
 FORMAT = "openseek-hal comm tune 1"
@@ -75,13 +77,7 @@ def cache_root() -> Path:
 
 def host_fingerprint() -> str:
     """A short hash of what the measurements depend on: host name, architecture, CPU model and count."""
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    text = "|".join([platform.node(), platform.machine(), model, str(os.cpu_count())])
+    text = "|".join([platform.node(), platform.machine(), cpu_model(), str(os.cpu_count())])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
