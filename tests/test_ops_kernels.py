@@ -197,16 +197,21 @@ def test_attention_cu_seqlens_are_checked_by_the_reference():
     torch.testing.assert_close(causal_attention(q, q, q, None, torch.tensor([0, 4, 8])), causal_attention(q, q, q))
 
 
-@pytest.mark.parametrize("cu", [None, [0, 9, 50, 51, 80]], ids=["dense", "packed"])
-def test_attention_kernel_compiles_fullgraph_forward_and_backward(cu, monkeypatch):
+@pytest.mark.parametrize(("cu", "backend"), [(None, "aot_eager"), ([0, 9, 50, 51, 80], "aot_eager"),
+                                             ([0, 9, 50, 51, 80], "inductor")], ids=["dense", "packed", "inductor"])
+def test_attention_kernel_compiles_fullgraph_forward_and_backward(cu, backend, monkeypatch):
     """torch.compile(fullgraph=True) traces the flash kernel (the custom ops, no graph break; the
     autograd Function before them failed on its ContextVar read) forward and backward, on (B,H,S,D)
     views of (B,S,H,D) tensors: the compiled run gives the eager run's bits (the same kernels run) in
     the same layouts, within tolerance of the float64 reference; a `use_config` in force while tracing
-    reaches both the forward and the backward op. aot_eager: inductor on the CPU would only add C++
-    builds around the opaque ops; the GPU run (benchmarks/ops/gpu_run.py) checks inductor."""
+    reaches both the forward and the backward op. Inductor too (on the CPU the graph holds nothing
+    but the opaque ops); the GPU run (benchmarks/ops/gpu_run.py) checks inductor with CUDA tensors."""
+    import shutil
+
     from openseek_hal import ops
 
+    if backend == "inductor" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("inductor on the CPU needs a C++ compiler")
     attention = _ATTENTION_INTERPRETED
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     q, k, v = _attention_inputs(2, 2, 40, 24, 16, torch.float32, seed=3, bshd=True)
@@ -228,7 +233,7 @@ def test_attention_kernel_compiles_fullgraph_forward_and_backward(cu, monkeypatc
     torch._dynamo.reset()
     with attention.use_config(config):
         eager = fwd_bwd(attn)
-        compiled = fwd_bwd(torch.compile(attn, fullgraph=True, backend="aot_eager"))
+        compiled = fwd_bwd(torch.compile(attn, fullgraph=True, backend=backend))
     assert launched == [attention._config_ints(config)] * 4  # fwd + bwd, eager and compiled
     opdef = ops.get("causal_attention")
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
