@@ -27,6 +27,10 @@
   for dK/dV, the end) of its document within its row, computed on the device from ``cu_seqlens``
   (no host sync, so the values are not checked here; the reference checks them), and skip the key
   blocks before the document of a query block.
+* ``torch.compile``: forward and backward are ``torch.library`` custom ops (`flash_attention_fwd`,
+  `flash_attention_bwd`) with fake implementations and an autograd rule, so ``fullgraph=True`` traces
+  a call without entering the launch code; the launch config reaches both as plain ints (see
+  `use_config`).
 """
 
 from __future__ import annotations
