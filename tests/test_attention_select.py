@@ -92,8 +92,8 @@ def test_untimeable_calls_use_the_default_and_record_nothing(monkeypatch):
     monkeypatch.undo()
     sel(*_qkv(b=0))  # an empty batch has nothing to time
     assert calls == ["triton", "triton"] and sel.decisions == {}
-    # a selector told which candidate to use untimed (the cuda backend: SDPA, which compiles without a
-    # graph break) uses it for dense calls, and the varlen candidate for packed ones
+    # a selector told which candidate to use untimed (the cuda backend: SDPA, the faster on the H100)
+    # uses it for dense calls, and the varlen candidate for packed ones
     calls.clear()
     sel = _selector({"triton": 9.0, "sdpa": 1.0}, calls, timed, untimed="sdpa")
     monkeypatch.setattr(attention_select, "_untimeable", lambda: True)
@@ -189,3 +189,37 @@ def test_sdpa_hands_its_backward_the_gradient_in_the_outputs_layout():
     want = torch.autograd.grad(causal_attention(q, k, v, 0.3), (q, k, v), up)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_the_selector_traces_with_fullgraph_compile():
+    """Under torch.compile(fullgraph=True) the cuda backend's selector traces without a graph break:
+    a dense call without a recorded decision takes SDPA, a packed call and a dense shape recorded for
+    the flash kernel take its custom op (the interpreted copy here), and the compiled graphs give the
+    eager values."""
+    pytest.importorskip("triton")
+    from openseek_hal.ops.attention import sdpa_causal_attention
+    from openseek_hal.ops.kernel_loader import load_kernels
+
+    flash = load_kernels(interpret=True).KERNELS["causal_attention"]
+    sel = FastestAttention({"triton": flash, "sdpa": sdpa_causal_attention}, varlen=("triton",), untimed="sdpa",
+                           timer=lambda *args: 1.0)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    def ops_in(graph):
+        return ("flash_attention_fwd" in graph, "scaled_dot_product_attention" in graph)
+
+    q, k, v = (t.transpose(1, 2) for t in _qkv(b=2, h=20, s=3))  # (B,H=3,S=20,D) views of (B,S,H,D)
+    cu = torch.tensor([0, 9, 25, 40], dtype=torch.int32)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v, cu: sel(q, k, v, 0.3, cu_seqlens=cu), fullgraph=True, backend=backend)
+    torch.testing.assert_close(fn(q, k, v, None), REF(q, k, v, 0.3))
+    torch.testing.assert_close(fn(q, k, v, cu), REF(q, k, v, 0.3, cu))
+    assert [ops_in(g) for g in graphs] == [(False, True), (True, False)] and sel.decisions == {}
+    sel.decisions[sel.key(q, v, None)] = {"choice": "triton", "ms": {}, "errors": {}}  # as an eager call records
+    torch.testing.assert_close(fn(q, k, v, None), REF(q, k, v, 0.3))  # the decision is guarded: a new graph
+    assert ops_in(graphs[-1]) == (True, False) and len(graphs) == 3
+    torch._dynamo.reset()

@@ -197,6 +197,72 @@ def test_attention_cu_seqlens_are_checked_by_the_reference():
     torch.testing.assert_close(causal_attention(q, q, q, None, torch.tensor([0, 4, 8])), causal_attention(q, q, q))
 
 
+@pytest.mark.parametrize(("cu", "backend"), [(None, "aot_eager"), ([0, 9, 50, 51, 80], "aot_eager"),
+                                             ([0, 9, 50, 51, 80], "inductor")], ids=["dense", "packed", "inductor"])
+def test_attention_kernel_compiles_fullgraph_forward_and_backward(cu, backend, monkeypatch):
+    """torch.compile(fullgraph=True) traces the flash kernel (the custom ops, no graph break; the
+    autograd Function before them failed on its ContextVar read) forward and backward, on (B,H,S,D)
+    views of (B,S,H,D) tensors: the compiled run gives the eager run's bits (the same kernels run) in
+    the same layouts, within tolerance of the float64 reference; a `use_config` in force while tracing
+    reaches both the forward and the backward op. Inductor too (on the CPU the graph holds nothing
+    but the opaque ops); the GPU run (benchmarks/ops/gpu_run.py) checks inductor with CUDA tensors."""
+    import shutil
+
+    from openseek_hal import ops
+
+    if backend == "inductor" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("inductor on the CPU needs a C++ compiler")
+    attention = _ATTENTION_INTERPRETED
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    q, k, v = _attention_inputs(2, 2, 40, 24, 16, torch.float32, seed=3, bshd=True)
+    do = torch.randn(2, 40, 2, 16, generator=torch.Generator().manual_seed(4)).transpose(1, 2)
+    config = attention.AttentionConfig(attention.Tiles(16, 32, 1, 1), attention.Tiles(32, 16, 1, 1),
+                                       attention.Tiles(16, 16, 1, 1))
+    launched = []
+    real = attention._launch_config
+    monkeypatch.setattr(attention, "_launch_config", lambda c, q, v: launched.append(list(c)) or real(c, q, v))
+
+    def fwd_bwd(fn):
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out = fn(qq, kk, vv)
+        return (out, *torch.autograd.grad(out, (qq, kk, vv), do))
+
+    def attn(q, k, v):
+        return attention.causal_attention(q, k, v, 0.3, cu_seqlens)
+
+    torch._dynamo.reset()
+    with attention.use_config(config):
+        eager = fwd_bwd(attn)
+        compiled = fwd_bwd(torch.compile(attn, fullgraph=True, backend=backend))
+    assert launched == [attention._config_ints(config)] * 4  # fwd + bwd, eager and compiled
+    opdef = ops.get("causal_attention")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = opdef.reference(q64, k64, v64, 0.3, cu_seqlens)
+    expected = (ref, *torch.autograd.grad(ref, (q64, k64, v64), do.double()))
+    rtol, atol = opdef.tol(torch.float32, 40)
+    for name, e, c, r in zip(("out", "dq", "dk", "dv"), eager, compiled, expected):
+        assert torch.equal(c, e) and c.stride() == e.stride(), name
+        assert c.transpose(1, 2).is_contiguous(), name  # (B,S,H,D) storage, as the inputs
+        torch.testing.assert_close(c.double(), r, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("cu", [None, [0, 7, 20]], ids=["dense", "packed"])
+def test_attention_custom_ops_pass_opcheck(cu):
+    """torch.library.opcheck of the flash kernel's forward and backward ops: schema, fake tensors
+    (shapes, dtypes and strides as the kernels produce them, (B,S,H,D) storage included), the autograd
+    registration and AOT dispatch with dynamic shapes."""
+    attention = _ATTENTION_INTERPRETED
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    q, k, v = (t.requires_grad_() for t in _attention_inputs(1, 2, 20, 24, 16, torch.float32, seed=5, bshd=True))
+    torch.library.opcheck(attention.flash_attention_fwd, (q, k, v, 0.3, cu_seqlens, []))
+    o, lse = attention.flash_attention_fwd(q.detach(), k.detach(), v.detach(), 0.3, cu_seqlens, [])
+    assert o.transpose(1, 2).is_contiguous() and lse.shape == (2, 20) and lse.dtype == torch.float32
+    do = torch.randn_like(o)
+    torch.library.opcheck(attention.flash_attention_bwd,
+                          (do, q.detach(), k.detach(), v.detach(), o, lse, 0.3, cu_seqlens, []))
+
+
 def test_attention_kernels_compile_for_h100(monkeypatch):
     """The interpreter does not run Triton's GPU compiler: compile every attention kernel for sm_90
     (H100/H200) with the installed Triton, as the cuda backend launches them, and check each fits the

@@ -59,8 +59,10 @@ class CUDABackend(Backend):
             kernels = dict(kernel_table(interpret=False))
             # attention: per shape, the faster of our flash kernel and torch's SDPA, timed on first use
             # (forward + backward); packed sequences (cu_seqlens) always take the flash kernel. A dense
-            # call that cannot be timed (torch.compile tracing) takes SDPA: it traces without a graph
-            # break, and its backward measured ~4.8x faster than ours on an H100 at qk 192 / v 128
+            # call that cannot be timed (torch.compile tracing) and has no recorded decision takes SDPA:
+            # both trace with fullgraph now (the flash kernel as custom ops), but SDPA was the faster
+            # fwd+bwd on the H100 at qk 192 / v 128 (ours 0.88-0.89x of its speed, commit 878920c3), and
+            # an untimed pick should not be the slower one
             ops.update(kernels, causal_attention=FastestAttention(
                 {"triton": kernels["causal_attention"], "sdpa": sdpa_causal_attention}, varlen=("triton",),
                 untimed="sdpa"))

@@ -11,6 +11,12 @@ shape's recorded choice if there is one, else ``untimed`` (default: the first ca
 calls and the first varlen candidate for packed ones, and record nothing. Packed sequences (``cu_seqlens``) are
 timed only among the candidates that handle them without an ``S x S`` mask (``varlen`` names them).
 A candidate that raises while being timed is recorded with its error and skipped.
+
+Under ``torch.compile`` the choice is made while tracing (dynamo traces `choose`: the decision
+lookup is a dict read, guarded) and the chosen candidate is traced into the graph. Every candidate
+of the ``cuda`` backend traces with ``fullgraph=True``: SDPA, and the Triton flash kernel as its
+``torch.library`` custom ops (``ops/kernels/attention.py``). A shape timed eagerly before the
+compile (an eager step, or a `choose` call) keeps its timed choice in the compiled graph.
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@
   for dK/dV, the end) of its document within its row, computed on the device from ``cu_seqlens``
   (no host sync, so the values are not checked here; the reference checks them), and skip the key
   blocks before the document of a query block.
+* ``torch.compile``: forward and backward are ``torch.library`` custom ops (`flash_attention_fwd`,
+  `flash_attention_bwd`) with fake implementations and an autograd rule, so ``fullgraph=True`` traces
+  a call without entering the launch code; the launch config reaches both as plain ints (see
+  `use_config`).
 """
 
 from __future__ import annotations
@@ -527,9 +531,14 @@ _OVERRIDE: contextvars.ContextVar[AttentionConfig | None] = contextvars.ContextV
 
 @contextlib.contextmanager
 def use_config(config: AttentionConfig | None) -> Iterator[None]:
-    """Launch every `causal_attention` forward inside the block with ``config`` instead of
-    `default_config` (for sweeps and tests; None: the default). Its backward uses the same config
-    wherever and whenever it runs (the config is saved with the forward's tensors)."""
+    """Launch every `causal_attention` inside the block with ``config`` instead of `default_config`
+    (for sweeps and tests; None: the default). Its backward uses the same config wherever and
+    whenever it runs: the config travels as plain ints in the custom op's arguments (`_config_ints`),
+    which the autograd rule hands to the backward op. Under ``torch.compile`` the config in force
+    while the graph is *traced* is baked into it (`_override_ints`); changing it later does not
+    recompile (``torch._dynamo.reset()`` does)."""
+    if config is not None:
+        _check_config(config)
     token = _OVERRIDE.set(config)
     try:
         yield
@@ -568,10 +577,30 @@ def _interpreted() -> bool:
     return not isinstance(_attn_fwd, JITFunction)
 
 
-def _launch_config(q: torch.Tensor, v: torch.Tensor) -> AttentionConfig:
-    config = _OVERRIDE.get() or default_config(q.shape[-1], v.shape[-1], q.dtype, _interpreted())
-    _check_config(config)
-    return config
+def _config_ints(c: AttentionConfig) -> list[int]:
+    """A config as the 12 ints the custom ops take: (block_m, block_n, warps, stages) of fwd, kv, dq."""
+    return [x for t in (c.fwd, c.kv, c.dq) for x in (t.block_m, t.block_n, t.warps, t.stages)]
+
+
+def _launch_config(config: list[int], q: torch.Tensor, v: torch.Tensor) -> AttentionConfig:
+    """The config of a custom op call: ``config`` as `_config_ints` made it, or `default_config` when
+    empty (resolved here, inside the op: the same for the forward and the backward of a call)."""
+    if not config:
+        return default_config(q.shape[-1], v.shape[-1], q.dtype, _interpreted())
+    if len(config) != 12:
+        raise ValueError(f"attention config: 12 ints (fwd, kv, dq tiles), got {list(config)}")
+    c = AttentionConfig(*(Tiles(*config[i:i + 4]) for i in (0, 4, 8)))
+    _check_config(c)
+    return c
+
+
+@torch.compiler.assume_constant_result
+def _override_ints() -> tuple[int, ...]:
+    """The `use_config` override as ints, () for none. Under torch.compile dynamo cannot trace a
+    ``ContextVar.get``; marked a constant result, it is called once while tracing and its value
+    baked into the graph (no guard: see `use_config`). Eager calls simply call it."""
+    c = _OVERRIDE.get()
+    return () if c is None else tuple(_config_ints(c))
 
 
 def _kernel_options(q: torch.Tensor, v: torch.Tensor, s: int, *blocks: int) -> dict[str, object]:
@@ -661,27 +690,73 @@ def _backward(do, q, k, v, o, lse, scale, seg, seg_end, config: AttentionConfig)
     return dq, dk, dv
 
 
-class FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, cu_seqlens):
-        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        b, _, s, _ = q.shape
-        seg = seg_end = None
-        if cu_seqlens is not None:
-            seg, seg_end = document_bounds(cu_seqlens.to(q.device, non_blocking=True), b, s)
-        # the config in force at the forward also runs the backward: that may run on another thread (the
-        # autograd engine's per-device one), where the caller's `use_config` context is not set
-        ctx.config = _launch_config(q, v)
-        o, lse = _forward(q, k, v, scale, seg, ctx.config)
-        ctx.save_for_backward(q, k, v, o, lse, seg, seg_end)
-        ctx.scale = scale
-        return o
+# -- custom ops --------------------------------------------------------------------------------------
+# Forward and backward are torch.library custom ops, so torch.compile (fullgraph, inductor) keeps them
+# as opaque nodes: dynamo never traces the launch code (it failed on the old autograd Function's
+# ContextVar read and on isinstance checks of Triton objects), and the fake implementations give
+# the outputs' shapes, dtypes and strides exactly as the kernels produce them (the (B,S,H,D) storage
+# of a heads-inner input included: `_like_layout`). The launch config travels as 12 plain ints (empty:
+# `default_config`, resolved inside the op), so the backward needs no context variable. Each copy of
+# this package (compiled, interpreted) registers under its own namespace, as the MoE router does.
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, seg, seg_end = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, seg, seg_end, ctx.config)
-        return dq, dk, dv, None, None
+_NAMESPACE = "openseek_hal_interpret" if "_kernels_interpreted" in __name__ else "openseek_hal"
+
+
+def _bounds(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if cu_seqlens is None:
+        return None, None
+    return document_bounds(cu_seqlens.to(q.device, non_blocking=True), q.shape[0], q.shape[2])
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::flash_attention_fwd", mutates_args=())
+def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        cu_seqlens: torch.Tensor | None, config: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o, lse)``: the attention output (in ``q``'s ``(B,H,S)`` layout) and the float32 ``[B*H, S]``
+    log2-sum-exp per row. ``config``: `_config_ints` of the launch, or [] for `default_config`."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    seg, _ = _bounds(cu_seqlens, q)
+    return _forward(q, k, v, scale, seg, _launch_config(config, q, v))
+
+
+@flash_attention_fwd.register_fake
+def _(q, k, v, scale, cu_seqlens, config):
+    q = _unit_last(q)
+    b, h, s, _ = q.shape
+    return _like_layout(q, v.shape[-1]), q.new_empty((b * h, s), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::flash_attention_bwd", mutates_args=())
+def flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                        lse: torch.Tensor, scale: float, cu_seqlens: torch.Tensor | None,
+                        config: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)``, each in its input's ``(B,H,S)`` layout, from the forward's ``o`` and ``lse``
+    (the same ``scale``, ``cu_seqlens`` and ``config`` as the forward)."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    seg, seg_end = _bounds(cu_seqlens, q)
+    return _backward(do, q, k, v, o, lse, scale, seg, seg_end, _launch_config(config, q, v))
+
+
+@flash_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, scale, cu_seqlens, config):
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    return _like_layout(q, q.shape[-1]), _like_layout(k, k.shape[-1]), _like_layout(v, v.shape[-1])
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, cu_seqlens, config = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.scale, ctx.config = scale, config
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_rule(ctx, do, _d_lse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = flash_attention_bwd(do, q, k, v, o, lse, ctx.scale, cu_seqlens, ctx.config)
+    return dq, dk, dv, None, None, None
+
+
+flash_attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -705,4 +780,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         raise ValueError(f"causal_attention kernel: head dims up to 256, got {q.shape[-1]}/{v.shape[-1]}")
     if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point()):
         raise ValueError("cu_seqlens must be a 1-d integer tensor of document boundaries")
-    return FlashAttention.apply(q, k, v, scale, cu_seqlens)
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(q.device, non_blocking=True)
+    return flash_attention_fwd(q, k, v, scale, cu_seqlens, list(_override_ints()))[0]
