@@ -33,7 +33,8 @@ def _load(name: str):
 
 
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
-          torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+          torch.int64: "i64", torch.int32: "i32", torch.bool: "i1", torch.uint8: "u8", torch.int8: "i8",
+          torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
 
 
 def compile_launch(name: str, module: str, args: tuple, kwargs: dict):
@@ -45,6 +46,8 @@ def compile_launch(name: str, module: str, args: tuple, kwargs: dict):
     fn = getattr(importlib.import_module(module.replace("_kernels_interpreted", "kernels")), name)
     options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
     values = dict(zip(fn.arg_names, args)) | {k: v for k, v in kwargs.items() if k not in options}
+    # the interpreter-only switches (INTERP, INTERP_BF16: emulate on the CPU what the GPU does) are off on a GPU
+    values |= {k: False for k in values if k.startswith("INTERP")}
     signature, constexprs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         value = values[arg]
