@@ -352,3 +352,106 @@ def test_bench_fp8_rows_at_a_tiny_size(monkeypatch, kernels):
         times = bench.time_impls(case, bench.case_impls(case, op), torch.device("cpu"))
         rows = bench.case_rows(case, times, copy_bw=1e9)
         assert rows and all(r["TFLOPs"] > 0 and r["baselines"][baseline]["TFLOPs"] > 0 for r in rows), rows
+
+
+# -- the speed paths (`kernels.PATHS`): each new path against the old one and the float64 references --------
+
+@pytest.fixture()
+def paths(kernels):
+    old = dict(kernels.PATHS)
+    yield kernels.set_paths
+    kernels.set_paths(**old)
+    kernels.clear_weight_cache()
+
+
+def test_weight_quantized_once_with_its_transpose_bitwise(kernels):
+    g = torch.Generator().manual_seed(11)
+    for shape, dtype in (((200, 136), torch.bfloat16), ((3, 72, 260), torch.float32), ((1, 1), torch.float32)):
+        w = (torch.randn(*shape, generator=g) * 0.1).to(dtype)
+        if w.numel() > 1:
+            w.view(-1)[5] = 448.0 * 3  # a saturating block next to ordinary ones
+        q, s, qt, st = kernels.quantize_weight(w)
+        q_old, s_old = kernels.quantize(w, "128x128")
+        qt_old, st_old = kernels.quantize(w.transpose(-1, -2), "128x128")
+        assert torch.equal(_bits(q), _bits(q_old)) and torch.equal(s, s_old)
+        assert torch.equal(_bits(qt), _bits(qt_old)) and torch.equal(st, st_old)
+        # the claim the fused kernel rests on, on the float64 reference: W^T's 128x128 blocks are W's, transposed
+        for wi, qi, si, qti, sti in zip(*(t.reshape(-1, *t.shape[-2:]) for t in (w, q, s, qt, st))):
+            q_ref, s_ref = ref.fp8_quantize(wi, "128x128")
+            qt_ref, st_ref = ref.fp8_quantize(wi.t(), "128x128")
+            assert torch.equal(_bits(qt_ref), _bits(q_ref.t())) and torch.equal(st_ref, s_ref.t())
+            assert torch.equal(_bits(qi), _bits(q_ref)) and torch.equal(si, s_ref)
+            assert torch.equal(_bits(qti), _bits(qt_ref)) and torch.equal(sti, st_ref)
+
+
+def test_weight_cache_invalidates_on_any_update(kernels, paths):
+    w = torch.nn.Parameter(torch.randn(136, 130, generator=torch.Generator().manual_seed(12)) * 0.1)
+    first = kernels.cached_weight(w)
+    assert kernels.cached_weight(w) is first  # same version: no second quantization
+    with torch.no_grad():
+        w.mul_(1.5)  # an in-place optimizer-style update bumps w._version
+    second = kernels.cached_weight(w)
+    assert second is not first and torch.equal(_bits(second[0]), _bits(kernels.quantize(w.detach(), "128x128")[0]))
+    # the ZeRO optimizer writes the flat parameter buffer through another view: no version bump, so it calls
+    # weights_updated() (openseek_hal.train.zero); without that call the cache could not know
+    buf = torch.zeros(w.numel() + 8)
+    view = buf[8:].view_as(w)
+    view.copy_(w.detach())
+    w.data = view
+    buf[8:].mul_(-2.0)
+    ref.weights_updated()
+    third = kernels.cached_weight(w)
+    assert torch.equal(_bits(third[0]), _bits(kernels.quantize(w.detach(), "128x128")[0]))
+    assert torch.equal(third[1], kernels.quantize(w.detach(), "128x128")[1]) and not torch.equal(third[1], second[1])
+
+
+def _layer_run(fn, x, w, *extra, dy):
+    x = x.detach().requires_grad_()
+    y = fn(x, w, *extra)
+    y.backward(dy)
+    return y.detach(), x.grad
+
+
+def test_layers_with_cached_weights_and_fused_quantization_equal_the_old_path(kernels, paths):
+    """Gradient accumulation over micro-batches, then an in-place step, then more micro-batches: the new paths
+    (weight cache, fused quantization) give bitwise the old path's outputs and gradients at every call."""
+    g = torch.Generator().manual_seed(13)
+    counts = torch.tensor([70, 0, 2, 65])
+    cases = [(kernels.fp8_linear, torch.randn(150, 200, generator=g).bfloat16(),
+              (torch.randn(72, 200, generator=g) * 0.07).bfloat16(), (), torch.randn(150, 72, generator=g).bfloat16()),
+             (kernels.fp8_grouped_linear, torch.randn(137, 136, generator=g).bfloat16(),
+              (torch.randn(4, 40, 136, generator=g) * 0.08).bfloat16(), (counts,),
+              torch.randn(137, 40, generator=g).bfloat16())]
+    for fn, x, w0, extra, dy in cases:
+        results = {}
+        for new in (False, True):
+            paths(weight_cache=new, fused_quant=new)
+            w = torch.nn.Parameter(w0.clone())
+            out = []
+            for step in range(2):
+                for micro in range(2 - step):  # two micro-batches, the step, one more
+                    out.append(_layer_run(fn, x * (1 + micro), w, *extra, dy=dy))
+                with torch.no_grad():
+                    w.sub_(w.grad * 0.5)  # the step: an in-place update of the weight
+                out.append(w.grad.clone())
+                w.grad = None
+            results[new] = out
+        for a, b in zip(results[False], results[True], strict=True):
+            for ta, tb in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,), strict=True):
+                assert torch.equal(ta, tb)
+
+
+def test_fused_activation_quantization_bitwise(kernels):
+    g = torch.Generator().manual_seed(14)
+    special = ref._special_rows(torch.float32, "cpu", g)
+    special[1, 3], special[5, 150] = float("nan"), float("inf")
+    for x in (torch.randn(150, 200, generator=g).bfloat16() * 5, torch.randn(260, 130, generator=g).t(),
+              torch.cat([special, torch.randn(131, 160, generator=g)]), torch.randn(1, 1)):
+        q, s, qt, st = kernels.quantize_dual(x)
+        for (got_q, got_s), xx in (((q, s), x), ((qt, st), x.t())):
+            q_old, s_old = kernels.quantize(xx, "1x128")
+            assert torch.equal(_bits(got_q), _bits(q_old)) and torch.equal(got_s.isnan(), s_old.isnan())
+            assert torch.equal(torch.nan_to_num(got_s), torch.nan_to_num(s_old))
+            q_ref, s_ref = ref.fp8_quantize(xx, "1x128")
+            assert torch.equal(got_q.double().isnan(), q_ref.double().isnan())
+            assert torch.equal(_bits(got_q)[~got_q.double().isnan()], _bits(q_ref)[~q_ref.double().isnan()])

@@ -21,8 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.weak  # noqa: F401  (WeakIdKeyDictionary)
 import triton
 import triton.language as tl
+
+from openseek_hal.ops import fp8 as _ref
 
 FP8 = torch.float8_e4m3fn
 TILE = 128
@@ -100,6 +103,146 @@ def quantize(x: torch.Tensor, tile: str = "1x128") -> tuple[torch.Tensor, torch.
                             q.stride(0), q.stride(1), s.stride(0), s.stride(1), TILE_M=tile_m, ROWS=rows,
                             BLOCK_K=TILE, num_warps=4 if tile_m == 1 else 8)
     return (q, s) if batched else (q[0], s[0])
+
+
+# Old and new code paths, each selectable so one GPU process can time both (`benchmarks/ops/fp8_gpu.py`).
+# Every new path is tested on the CPU against the old one (bitwise where it is a pure refactor) and the
+# float64 references. ``weight_cache``: W and W^T quantized once per weight version (one kernel, one read of
+# W); ``fused_quant``: x (and dy) read once for both the row and the along-the-tokens quantization;
+# ``kgrouped_split``: the experts' weight gradient split along each expert's tokens (flattened expert x chunk
+# grid, fixed-order reduction); ``split_k``: split-K for dense GEMMs with few output tiles and a long K.
+PATHS: dict[str, bool] = {"weight_cache": True, "fused_quant": True, "kgrouped_split": True, "split_k": True}
+
+
+def set_paths(**flags: bool) -> dict[str, bool]:
+    """Select old (False) or new (True) code paths by name (`PATHS`); returns the previous selection."""
+    unknown = set(flags) - set(PATHS)
+    if unknown:
+        raise ValueError(f"unknown fp8 paths {sorted(unknown)}; known: {sorted(PATHS)}")
+    old = dict(PATHS)
+    PATHS.update({k: bool(v) for k, v in flags.items()})
+    return old
+
+
+@triton.jit
+def _block_scale(amax, nan, SHAPE: tl.constexpr):
+    """The tile scale from its float32 amax and NaN flag (`_quant_kernel`'s rule, op for op)."""
+    scale = tl.math.div_rn(amax, tl.zeros([SHAPE], tl.float32) + 448.0)
+    scale = tl.where(scale < 1.1754943508222875e-38, 1.1754943508222875e-38, scale)  # NaN stays NaN
+    return tl.where(nan > 0, float("nan"), scale)
+
+
+@triton.jit
+def _quant_wt_kernel(X, Q, QT, S, ST, M, K, stride_xb, stride_xm, stride_xk, stride_qb, stride_qm, stride_tb,
+                     stride_tk, stride_sb, stride_sm, stride_stb, stride_stk, BLOCK: tl.constexpr):
+    """One 128x128 block of ``X[b]`` read once -> its fp8 values in ``Q[b]`` and transposed in ``QT[b]``, its
+    scale at ``S[b, i, j]`` and ``ST[b, j, i]`` (W^T's 128x128 blocks are W's blocks transposed, same scale)."""
+    pid_m = tl.program_id(0)
+    kb = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+    cols = kb * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows < M)[:, None] & (cols < K)[None, :]
+    x = tl.load(X + b * stride_xb + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask,
+                other=0.0).to(tl.float32)
+    amax = tl.zeros([BLOCK], tl.float32) + tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    nan = tl.zeros([BLOCK], tl.int32) + tl.max(tl.max((x != x).to(tl.int32), axis=1), axis=0)
+    scale = _block_scale(amax, nan, BLOCK)
+    y = tl.math.div_rn(x, scale[:, None] + tl.zeros([BLOCK, BLOCK], tl.float32))
+    q = _e4m3_bits(y).to(tl.uint8)
+    tl.store(Q + b * stride_qb + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q, mask=mask)
+    tl.store(QT + b * stride_tb + cols[:, None].to(tl.int64) * stride_tk + rows[None, :], tl.trans(q),
+             mask=(cols < K)[:, None] & (rows < M)[None, :])
+    first = tl.arange(0, BLOCK) == 0
+    tl.store(S + b * stride_sb + pid_m * stride_sm + kb + tl.arange(0, BLOCK) * 0, scale, mask=first)
+    tl.store(ST + b * stride_stb + kb * stride_stk + pid_m + tl.arange(0, BLOCK) * 0, scale, mask=first)
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w[N, K]`` or ``w[E, N, K]`` per 128x128 block, read once -> ``(q, scale, q of w^T, scale of w^T)``:
+    bitwise ``quantize(w, "128x128") + quantize(w.transpose(-1, -2), "128x128")``."""
+    if w.dim() not in (2, 3):
+        raise ValueError(f"quantize_weight takes a 2-d or 3-d tensor, got shape {tuple(w.shape)}")
+    w3 = w if w.dim() == 3 else w.unsqueeze(0)
+    nb, m, k = w3.shape
+    mb, kb = triton.cdiv(m, TILE), triton.cdiv(k, TILE)
+    q = torch.empty(nb, m, k, dtype=FP8, device=w.device)
+    qt = torch.empty(nb, k, m, dtype=FP8, device=w.device)
+    s = torch.empty(nb, mb, kb, dtype=torch.float32, device=w.device)
+    st = torch.empty(nb, kb, mb, dtype=torch.float32, device=w.device)
+    if q.numel():
+        _quant_wt_kernel[(mb, kb, nb)](w3, q.view(torch.uint8), qt.view(torch.uint8), s, st, m, k, w3.stride(0),
+                                       w3.stride(1), w3.stride(2), q.stride(0), q.stride(1), qt.stride(0),
+                                       qt.stride(1), s.stride(0), s.stride(1), st.stride(0), st.stride(1),
+                                       BLOCK=TILE, num_warps=8)
+    return (q, s, qt, st) if w.dim() == 3 else (q[0], s[0], qt[0], st[0])
+
+
+_WEIGHT_CACHE: torch.utils.weak.WeakIdKeyDictionary = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _weight_key(w: torch.Tensor) -> tuple:
+    return (w._version, w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device, _ref.weight_generation())
+
+
+def cached_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_weight` of ``w``, computed once per weight version: the entry is keyed by the tensor's
+    identity (weakly), ``w._version`` (in-place updates bump it), its storage, shape and dtype and
+    `openseek_hal.ops.fp8.weight_generation` (bumped by the optimizer, whose writes bypass the counter)."""
+    key = _weight_key(w)
+    hit = _WEIGHT_CACHE.get(w)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = quantize_weight(w.detach())
+    _WEIGHT_CACHE[w] = (key, value)
+    return value
+
+
+def clear_weight_cache() -> None:
+    _WEIGHT_CACHE.clear()
+
+
+@triton.jit
+def _quant_dual_kernel(X, Q, S, QT, ST, M, K, stride_xm, stride_xk, stride_qm, stride_sm, stride_tk, stride_stk,
+                       BLOCK: tl.constexpr):
+    """A 128x128 tile of ``X[M, K]`` read once -> its 1x128 quantization along K (``Q``, ``S[M, K/128]``) and the
+    1x128 quantization of ``X^T`` along M (``QT[K, M]``, ``ST[K, M/128]``): both of `_quant_kernel`'s rules."""
+    pid_m = tl.program_id(0)
+    kb = tl.program_id(1)
+    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+    cols = kb * BLOCK + tl.arange(0, BLOCK)
+    row_ok, col_ok = rows < M, cols < K
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask,
+                other=0.0).to(tl.float32)
+    ax = tl.abs(x)
+    isnan = (x != x).to(tl.int32)
+    scale = _block_scale(tl.max(ax, axis=1), tl.max(isnan, axis=1), BLOCK)
+    q = _e4m3_bits(tl.math.div_rn(x, scale[:, None] + tl.zeros([BLOCK, BLOCK], tl.float32))).to(tl.uint8)
+    tl.store(Q + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q, mask=mask)
+    tl.store(S + rows * stride_sm + kb, scale, mask=row_ok)
+    scale_t = _block_scale(tl.max(ax, axis=0), tl.max(isnan, axis=0), BLOCK)
+    qt = _e4m3_bits(tl.math.div_rn(x, scale_t[None, :] + tl.zeros([BLOCK, BLOCK], tl.float32))).to(tl.uint8)
+    tl.store(QT + cols[:, None].to(tl.int64) * stride_tk + rows[None, :], tl.trans(qt),
+             mask=col_ok[:, None] & row_ok[None, :])
+    tl.store(ST + cols * stride_stk + pid_m, scale_t, mask=col_ok)
+
+
+def quantize_dual(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x[M, K]`` (any strides) read once -> ``quantize(x, "1x128") + quantize(x.t(), "1x128")``, bitwise."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_dual takes a 2-d tensor, got shape {tuple(x.shape)}")
+    m, k = x.shape
+    mb, kb = triton.cdiv(m, TILE), triton.cdiv(k, TILE)
+    q = torch.empty(m, k, dtype=FP8, device=x.device)
+    s = torch.empty(m, kb, dtype=torch.float32, device=x.device)
+    qt = torch.empty(k, m, dtype=FP8, device=x.device)
+    st = torch.empty(k, mb, dtype=torch.float32, device=x.device)
+    if q.numel():
+        _quant_dual_kernel[(mb, kb)](x, q.view(torch.uint8), s, qt.view(torch.uint8), st, m, k, x.stride(0),
+                                     x.stride(1), q.stride(0), s.stride(0), qt.stride(0), st.stride(0), BLOCK=TILE,
+                                     num_warps=8)
+    return q, s, qt, st
 
 
 # -- GEMMs -----------------------------------------------------------------------------------------
@@ -432,30 +575,52 @@ def _dtype_name(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def _weight_quant(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                 torch.Tensor | None]:
+    """W per 128x128 for the forward, and W^T's blocks for dx when the path computes them at once (cached)."""
+    if PATHS["weight_cache"]:
+        return cached_weight(weight)
+    wq, ws = quantize(weight, "128x128")
+    return wq, ws, None, None
+
+
+def _act_quant(x: torch.Tensor, rows: bool, tokens: bool) -> tuple[torch.Tensor | None, ...]:
+    """``x[T, K]``'s 1x128 quantization along K (``rows``) and along the tokens (``tokens``, of x^T)."""
+    if rows and tokens and PATHS["fused_quant"]:
+        return quantize_dual(x)
+    q, s = quantize(x, "1x128") if rows else (None, None)
+    qt, st = quantize(x.t(), "1x128") if tokens else (None, None)
+    return q, s, qt, st
+
+
+def _weight_t_quant(weight: torch.Tensor, wtq: torch.Tensor | None, wts: torch.Tensor | None):
+    if wtq is not None:
+        return wtq, wts
+    return quantize(weight.transpose(-1, -2), "128x128")  # W^T's 128x128 blocks: W's, transposed
+
+
 class _FP8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         x2 = x.reshape(-1, x.shape[-1])
-        xq, xs = quantize(x2, "1x128")
-        wq, ws = quantize(weight, "128x128")
-        y = fp8_gemm(xq, xs, wq, ws, _dtype_name(x.dtype))
         # the weight gradient reads x along the tokens: keep it quantized that way (fp8, not x itself)
-        xtq, xts = quantize(x2.t(), "1x128") if weight.requires_grad else (None, None)
-        ctx.save_for_backward(xtq, xts, weight)
+        xq, xs, xtq, xts = _act_quant(x2, True, weight.requires_grad)
+        wq, ws, wtq, wts = _weight_quant(weight)
+        y = fp8_gemm(xq, xs, wq, ws, _dtype_name(x.dtype))
+        ctx.save_for_backward(xtq, xts, weight, wtq, wts)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        xtq, xts, weight = ctx.saved_tensors
+        xtq, xts, weight, wtq, wts = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = None
+        dyq, dys, dytq, dyts = _act_quant(dy2, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if ctx.needs_input_grad[0]:
-            dyq, dys = quantize(dy2, "1x128")
-            wtq, wts = quantize(weight.t(), "128x128")  # W^T's 128x128 blocks: W's, transposed
+            wtq, wts = _weight_t_quant(weight, wtq, wts)
             dx = fp8_gemm(dyq, dys, wtq, wts, ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dytq, dyts = quantize(dy2.t(), "1x128")
             dw = fp8_gemm(dytq, dyts, xtq, xts, weight.dtype)
         return dx, dw
 
@@ -471,24 +636,22 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class _FP8GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, counts):
-        xq, xs = quantize(x, "1x128")
-        wq, ws = quantize(weight, "128x128")
+        xq, xs, xtq, xts = _act_quant(x, True, weight.requires_grad)
+        wq, ws, wtq, wts = _weight_quant(weight)
         y = fp8_grouped_gemm(xq, xs, wq, ws, counts, _dtype_name(x.dtype))
-        xtq, xts = quantize(x.t(), "1x128") if weight.requires_grad else (None, None)
-        ctx.save_for_backward(xtq, xts, weight, counts)
+        ctx.save_for_backward(xtq, xts, weight, counts, wtq, wts)
         ctx.x_dtype = x.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xtq, xts, weight, counts = ctx.saved_tensors
+        xtq, xts, weight, counts, wtq, wts = ctx.saved_tensors
         dx = dw = None
+        dyq, dys, dytq, dyts = _act_quant(dy, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if ctx.needs_input_grad[0]:
-            dyq, dys = quantize(dy, "1x128")
-            wtq, wts = quantize(weight.transpose(1, 2), "128x128")
+            wtq, wts = _weight_t_quant(weight, wtq, wts)
             dx = fp8_grouped_gemm(dyq, dys, wtq, wts, counts, ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            dytq, dyts = quantize(dy.t(), "1x128")
             dw = fp8_kgrouped_gemm(dytq, dyts, xtq, xts, counts, weight.dtype)
         return dx, dw, None
 
