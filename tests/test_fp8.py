@@ -455,3 +455,69 @@ def test_fused_activation_quantization_bitwise(kernels):
             q_ref, s_ref = ref.fp8_quantize(xx, "1x128")
             assert torch.equal(got_q.double().isnan(), q_ref.double().isnan())
             assert torch.equal(_bits(got_q)[~got_q.double().isnan()], _bits(q_ref)[~q_ref.double().isnan()])
+
+
+def _kgrouped_expected(aq, as_, bq, bs, counts):
+    a, b = ref.fp8_dequantize(aq, as_.double()), ref.fp8_dequantize(bq, bs.double())
+    sizes = counts.tolist()
+    exp = torch.stack([x @ y.T for x, y in zip(a.split(sizes, 1), b.split(sizes, 1))])
+    terms = torch.stack([(x.abs() @ y.abs().T) * ref._gemm_units(x.shape[1])
+                         for x, y in zip(a.split(sizes, 1), b.split(sizes, 1))])
+    return exp, terms
+
+
+def test_kgrouped_split_chunks_within_the_bound_and_reproducible(kernels, paths):
+    """The experts' weight gradient split along each expert's tokens: skewed counts (one expert holds most
+    tokens), empty experts, segments cut inside a 128-token tile, a segment inside one tile, T not a multiple
+    of 128; chunks of 1 and 3 K-blocks (every split/boundary case) and the default; against float64 and the
+    old one-program-per-tile kernel, and bitwise the same on a second run."""
+    g = torch.Generator().manual_seed(15)
+    counts = torch.tensor([5, 0, 700, 60, 0, 3, 130])  # T = 898: 8 K-blocks, the last partial
+    t = int(counts.sum())
+    aq, as_ = ref.fp8_quantize(torch.randn(40, t, generator=g), "1x128")
+    bq, bs = ref.fp8_quantize(torch.randn(100, t, generator=g) * 0.1, "1x128")
+    exp, terms = _kgrouped_expected(aq, as_, bq, bs, counts)
+    paths(kgrouped_split=False)
+    old = kernels.fp8_kgrouped_gemm(aq, as_, bq, bs, counts, torch.float32)
+    assert _within_bound(old, exp, terms, torch.float32) <= 1.0
+    paths(kgrouped_split=True)
+    for ck, out_dtype in ((1, torch.float32), (3, torch.bfloat16), (None, torch.float32)):
+        got = kernels.fp8_kgrouped_gemm(aq, as_, bq, bs, counts, out_dtype, chunk_blocks=ck)
+        assert got.dtype == out_dtype and got.shape == (7, 40, 100)
+        assert _within_bound(got, exp, terms, out_dtype) <= 1.0, (ck, out_dtype)
+        assert got[1].abs().max() == 0 and got[4].abs().max() == 0
+    assert torch.equal(got, kernels.fp8_kgrouped_gemm(aq, as_, bq, bs, counts, torch.float32))  # run to run
+    split3 = kernels.fp8_kgrouped_gemm(aq, as_, bq, bs, counts, torch.float32, chunk_blocks=3)
+    assert not torch.equal(split3[2], got[2])  # expert 2 (6 K-blocks) was split: another summation order
+    # a planted fault: a partial tile's contribution dropped must leave the bound (the tests can see a miss)
+    bad = counts.clone()
+    bad[2] -= 1
+    bad[3] += 1
+    got = kernels.fp8_kgrouped_gemm(aq, as_, bq, bs, bad, torch.float32, chunk_blocks=1)
+    assert _within_bound(got, exp, terms, torch.float32) > 1.0
+
+
+def test_dense_split_k_within_the_bound_and_the_shape_rule(kernels, paths):
+    g = torch.Generator().manual_seed(16)
+    for m, n, k, b_tile in ((40, 136, 1000, "1x128"), (130, 20, 700, "128x128")):
+        (aq, as_), (bq, bs) = _quantized_pair(m, n, k, b_tile, g)
+        expected = ref.fp8_gemm(aq, as_.double(), bq, bs.double())
+        terms = ref._gemm_error_scale(aq, as_.double(), bq, bs.double())
+        outs = []
+        for split in (1, 3):
+            kernels.set_config_override(kernels.GemmConfig(128, 128, 1, 1, 1, split))
+            try:
+                got = kernels.fp8_gemm(aq, as_, bq, bs, torch.bfloat16)
+                got32 = kernels.fp8_gemm(aq, as_, bq, bs, torch.float32)
+                assert torch.equal(got32, kernels.fp8_gemm(aq, as_, bq, bs, torch.float32))  # run to run
+            finally:
+                kernels.set_config_override(None)
+            assert _within_bound(got, expected, terms, torch.bfloat16) <= 1.0
+            assert _within_bound(got32, expected, terms, torch.float32) <= 1.0
+            outs.append(got32)
+        assert not torch.equal(outs[0], outs[1])  # the split path ran (another summation order)
+    cuda = torch.device("cuda")  # the rule only (no GPU needed)
+    assert kernels.gemm_config(8192, 8192, 8192, cuda).split_k == 1
+    assert kernels.gemm_config(16384, 576, 1280, cuda).split_k == 1  # forward: many tiles, short K
+    assert kernels.gemm_config(1280, 576, 16380, cuda).split_k == 5  # weight gradient: 50 tiles, K = tokens
+    assert kernels.gemm_config(576, 1280, 2048, cuda).split_k == 2

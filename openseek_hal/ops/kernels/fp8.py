@@ -254,9 +254,11 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 4
+    split_k: int = 1  # >1: K cut into this many ranges, float32 partials summed in a fixed order (fp8_gemm)
 
     def text(self) -> str:
-        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages} g{self.group_m}"
+        split = f" splitk{self.split_k}" if self.split_k > 1 else ""
+        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages} g{self.group_m}{split}"
 
 
 # The configs `benchmarks/ops/fp8_gpu.py` sweeps; `gemm_config` picks one by shape (no autotuning).
@@ -267,14 +269,31 @@ CONFIGS: tuple[GemmConfig, ...] = (
 )
 
 
+# The SM count the split-K rule assumes (an H100 SXM's): a constant, not the card's, so a shape's split (and
+# so its bits) does not depend on which card runs it.
+SMS = 132
+SPLIT_MIN_BLOCKS = 8  # each split-K range takes at least 8 K-blocks (1024 of K)
+
+
+def split_k_for(tiles: int, k: int) -> int:
+    """Splits of K for a GEMM with ``tiles`` output tiles: 1 unless the tiles leave SMs idle (< `SMS`) and K is
+    long; then about two waves of programs, each range at least `SPLIT_MIN_BLOCKS` K-blocks."""
+    kb = triton.cdiv(k, TILE)
+    if tiles >= SMS or kb < 2 * SPLIT_MIN_BLOCKS:
+        return 1
+    return max(1, min(kb // SPLIT_MIN_BLOCKS, (2 * SMS) // tiles))
+
+
 def gemm_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
     """The fixed tile choice for a shape: 128x128 tiles, 8 warps, 4 stages on a GPU; smaller tiles when
-    the problem is small (keep the SMs busy); small tiles under the interpreter (it runs programs serially)."""
+    the problem is small (keep the SMs busy); small tiles under the interpreter (it runs programs serially).
+    On a GPU, split-K (`split_k_for`) when the output has fewer tiles than SMs and K is long (the weight
+    gradients: K is the token count, the output a narrow layer's weight)."""
     if device.type != "cuda":  # the interpreter: few large programs (its cost is per program and per op)
         return GemmConfig(128, 128, 1, 1, 1)
-    if m * n <= 256 * 1024:
-        return GemmConfig(64, 64, 8, 4, 3)
-    return GemmConfig(128, 128, 8, 8, 4)
+    cfg = GemmConfig(64, 64, 8, 4, 3) if m * n <= 256 * 1024 else GemmConfig(128, 128, 8, 8, 4)
+    split = split_k_for(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k)
+    return GemmConfig(cfg.block_m, cfg.block_n, cfg.group_m, cfg.num_warps, cfg.num_stages, split)
 
 
 _OVERRIDE: dict[str, GemmConfig | None] = {"config": None}
@@ -434,6 +453,124 @@ def _kgrouped_gemm_kernel(A, AS, B, BS, C, ROW_END, M, N,
              _out_cast(acc, C.dtype.element_ty, RNE_BF16), mask=row_mask[:, None] & col_mask[None, :])
 
 
+@triton.jit
+def _kgrouped_split_kernel(A, AS, B, BS, C, P, ROW_END, CHUNK_END, SLOT_START, E, M, N, CK,
+                           stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
+                           stride_ce, stride_cm, stride_cn, stride_ps, stride_pm, stride_pn,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                           RNE_BF16: tl.constexpr, INTERP: tl.constexpr):
+    """`_kgrouped_gemm_kernel` split along the tokens: program (tile, c) takes chunk c of the flattened (expert,
+    chunk) list (at most CK K-blocks of one expert's segment; the expert found from the prefix sums
+    ``CHUNK_END``, no host sync). An expert with one chunk writes ``C[e]`` directly; the chunks of a split expert
+    write float32 partials to ``P[SLOT_START[e] + j]``, summed in chunk order by `_splitk_reduce_kernel`.
+    Only the (at most two) K-blocks a segment boundary cuts are loaded with a K mask: the others load whole
+    128-wide tiles, which Triton can pipeline (a mask at a loaded, unaligned bound has no 4-byte vectors and
+    left the old kernel's loop unpipelined)."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    offs_e = tl.arange(0, BLOCK_E)
+    ends = tl.load(CHUNK_END + offs_e, mask=offs_e < E, other=2147483647)
+    e = tl.sum((ends <= c).to(tl.int32), axis=0)
+    if e < E:
+        chunk_end = tl.load(CHUNK_END + e)
+        chunks = chunk_end - tl.load(CHUNK_END + e - 1, mask=e > 0, other=0)
+        j = c - (chunk_end - chunks)
+        k_hi = tl.load(ROW_END + e)
+        k_lo = tl.load(ROW_END + e - 1, mask=e > 0, other=0)
+        kb_lo = k_lo // BLOCK_K
+        kb_hi = tl.cdiv(k_hi, BLOCK_K)
+        c0 = kb_lo + j * CK
+        c1 = tl.minimum(c0 + CK, kb_hi)
+        full_lo = tl.cdiv(k_lo, BLOCK_K)  # the blocks wholly inside [k_lo, k_hi): [full_lo, full_hi)
+        full_hi = k_hi // BLOCK_K
+        i0 = tl.maximum(c0, full_lo)
+        i1 = tl.maximum(tl.minimum(c1, full_hi), i0)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask, col_mask = rows < M, cols < N
+        acc = _scaled_k_loop(A, AS, B, BS, rows, cols, row_mask, col_mask, pid_n, k_lo, k_hi, i0, i1, stride_am,
+                             stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk, True,
+                             False, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+        nonempty = k_lo < k_hi
+        head_cut = (k_lo % BLOCK_K) != 0
+        head_on = (nonempty & head_cut & (kb_lo >= c0) & (kb_lo < c1)).to(tl.int32)
+        tail_on = (nonempty & ((k_hi % BLOCK_K) != 0) & (full_hi >= c0) & (full_hi < c1)
+                   & ((full_hi != kb_lo) | (~head_cut))).to(tl.int32)
+        acc += _scaled_k_loop(A, AS, B, BS, rows, cols, row_mask, col_mask, pid_n, k_lo, k_hi, kb_lo,
+                              kb_lo + head_on, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk,
+                              stride_bsn, stride_bsk, True, True, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+        acc += _scaled_k_loop(A, AS, B, BS, rows, cols, row_mask, col_mask, pid_n, k_lo, k_hi, full_hi,
+                              full_hi + tail_on, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk,
+                              stride_bsn, stride_bsk, True, True, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+        out_mask = row_mask[:, None] & col_mask[None, :]
+        if chunks > 1:
+            slot = tl.load(SLOT_START + e) + j
+            tl.store(P + slot.to(tl.int64) * stride_ps + rows[:, None].to(tl.int64) * stride_pm
+                     + cols[None, :] * stride_pn, acc, mask=out_mask)
+        else:
+            tl.store(C + e.to(tl.int64) * stride_ce + rows[:, None].to(tl.int64) * stride_cm
+                     + cols[None, :] * stride_cn, _out_cast(acc, C.dtype.element_ty, RNE_BF16), mask=out_mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(P, C, CHUNK_END, SLOT_START, MN, NSLOT, stride_ps, stride_ce,
+                          GROUPED: tl.constexpr, BLOCK: tl.constexpr, RNE_BF16: tl.constexpr):
+    """``C[g] = sum_j P[first + j]`` over group g's float32 partials, j ascending (a fixed order: bitwise the same
+    every run), rounded once to C's dtype. GROUPED: group g = expert g with ``chunks > 1`` (the others wrote C
+    themselves); else one group of NSLOT partials."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    if GROUPED:
+        count = tl.load(CHUNK_END + g) - tl.load(CHUNK_END + g - 1, mask=g > 0, other=0)
+        first = tl.load(SLOT_START + g)
+    else:
+        count = NSLOT
+        first = g * 0
+    if count > 1:
+        acc = tl.load(P + first.to(tl.int64) * stride_ps + offs, mask=mask, other=0.0)
+        for j in range(1, count):
+            acc += tl.load(P + (first + j).to(tl.int64) * stride_ps + offs, mask=mask, other=0.0)
+        tl.store(C + g.to(tl.int64) * stride_ce + offs, _out_cast(acc, C.dtype.element_ty, RNE_BF16), mask=mask)
+
+
+@triton.jit
+def _gemm_splitk_kernel(A, AS, B, BS, P, M, N, K, CK,
+                        stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
+                        stride_ps, stride_pm, stride_pn,
+                        B_ROW_SCALE: tl.constexpr, MASK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INTERP: tl.constexpr):
+    """`_gemm_kernel` over K-blocks ``[s * CK, (s + 1) * CK)`` for split s = program_id(1): float32 partials
+    ``P[s]`` (summed in split order by `_splitk_reduce_kernel`)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, col_mask = rows < M, cols < N
+    kb0 = split * CK
+    kb1 = tl.minimum(kb0 + CK, tl.cdiv(K, BLOCK_K))
+    acc = _scaled_k_loop(A, AS, B, BS, rows, cols, row_mask, col_mask, pid_n, 0, K, kb0, kb1,
+                         stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
+                         B_ROW_SCALE, MASK_K, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+    tl.store(P + split.to(tl.int64) * stride_ps + rows[:, None].to(tl.int64) * stride_pm + cols[None, :] * stride_pn,
+             acc, mask=row_mask[:, None] & col_mask[None, :])
+
+
+REDUCE_BLOCK = 1024
+
+
 _OUT = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -474,6 +611,8 @@ def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scal
     if k == 0:
         return c.zero_()
     cfg = _config(m, n, k, a_q.device)
+    if PATHS["split_k"] and cfg.split_k > 1:
+        return _gemm_split_k(a_q, a_scale, b_q, b_scale, c, row_scale, cfg)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _gemm_kernel[grid](a_q, a_scale, b_q, b_scale, c, m, n, k, a_q.stride(0), a_q.stride(1), a_scale.stride(0),
                        a_scale.stride(1), b_q.stride(0), b_q.stride(1), b_scale.stride(0), b_scale.stride(1),
@@ -481,6 +620,27 @@ def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scal
                        BLOCK_N=cfg.block_n, BLOCK_K=TILE, GROUP_M=cfg.group_m, RNE_BF16=_rne(c), INTERP=_interpreted(),
                        num_warps=cfg.num_warps,
                        num_stages=cfg.num_stages)
+    return c
+
+
+def _gemm_split_k(a_q, a_scale, b_q, b_scale, c, row_scale: bool, cfg: GemmConfig) -> torch.Tensor:
+    (m, k), n = a_q.shape, b_q.shape[0]
+    kb = triton.cdiv(k, TILE)
+    ck = triton.cdiv(kb, cfg.split_k)
+    splits = triton.cdiv(kb, ck)
+    p = torch.empty(splits, m, n, dtype=torch.float32, device=a_q.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), splits)
+    _gemm_splitk_kernel[grid](a_q, a_scale, b_q, b_scale, p, m, n, k, ck, a_q.stride(0), a_q.stride(1),
+                              a_scale.stride(0), a_scale.stride(1), b_q.stride(0), b_q.stride(1), b_scale.stride(0),
+                              b_scale.stride(1), p.stride(0), p.stride(1), p.stride(2), B_ROW_SCALE=row_scale,
+                              MASK_K=k % TILE != 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=TILE,
+                              GROUP_M=cfg.group_m, INTERP=_interpreted(), num_warps=cfg.num_warps,
+                              num_stages=cfg.num_stages)
+    if splits == 1:
+        return c.copy_(p[0])
+    _splitk_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK), 1)](p, c, p, p, m * n, splits, p.stride(0), 0,
+                                                                 GROUPED=False, BLOCK=REDUCE_BLOCK, RNE_BF16=_rne(c),
+                                                                 num_warps=4)
     return c
 
 
@@ -534,10 +694,24 @@ def fp8_grouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor
     return c
 
 
+KGROUPED_PARTIAL_BYTES = 256 << 20  # the split experts' float32 partials stay under this
+
+
+def kgrouped_chunk_blocks(m: int, n: int, t: int, experts: int) -> int:
+    """K-blocks per chunk of the split K-grouped GEMM: at least 8 (1024 tokens), and large enough that the
+    partials' worst case (``2 * (ceil(T/128) + E) / chunk`` slots of ``M x N`` float32) fits
+    `KGROUPED_PARTIAL_BYTES` (at most 64 slots)."""
+    slots = max(2, min(64, KGROUPED_PARTIAL_BYTES // max(1, m * n * 4)))
+    return max(8, triton.cdiv(2 * (triton.cdiv(t, TILE) + experts), slots))
+
+
 def fp8_kgrouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
-                      counts: torch.Tensor, out_dtype: str | torch.dtype = "float32") -> torch.Tensor:
+                      counts: torch.Tensor, out_dtype: str | torch.dtype = "float32",
+                      chunk_blocks: int | None = None) -> torch.Tensor:
     """``C[e] = A[:, seg_e] @ B[:, seg_e]^T`` for ``A[M, T]``, ``B[N, T]`` (1x128 scales along T) and the token
-    segments given by ``counts[E]`` -> ``C[E, M, N]`` (the routed experts' weight gradient)."""
+    segments given by ``counts[E]`` -> ``C[E, M, N]`` (the routed experts' weight gradient). With
+    ``PATHS["kgrouped_split"]`` each expert's segment is cut into chunks of ``chunk_blocks`` K-blocks (default
+    `kgrouped_chunk_blocks`) run by separate programs, their partials summed in chunk order."""
     a_q, b_q = _fp8(a_q, "a_q"), _fp8(b_q, "b_q")
     (m, t), n, e = a_q.shape, b_q.shape[0], counts.numel()
     kb = triton.cdiv(t, TILE)
@@ -550,6 +724,9 @@ def fp8_kgrouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tenso
         return c.zero_()
     cfg = _config(m, n, t, a_q.device)
     row_end = _row_ends(counts, e)
+    if PATHS["kgrouped_split"]:
+        return _kgrouped_split(a_q, a_scale, b_q, b_scale, counts, row_end, c, cfg,
+                               chunk_blocks or kgrouped_chunk_blocks(m, n, t, e))
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), e)
     _kgrouped_gemm_kernel[grid](a_q, a_scale, b_q, b_scale, c, row_end, m, n, a_q.stride(0), a_q.stride(1),
                                 a_scale.stride(0), a_scale.stride(1), b_q.stride(0), b_q.stride(1), b_scale.stride(0),
@@ -557,6 +734,37 @@ def fp8_kgrouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tenso
                                 BLOCK_N=cfg.block_n, BLOCK_K=TILE, RNE_BF16=_rne(c), INTERP=_interpreted(),
                                 num_warps=cfg.num_warps,
                                 num_stages=cfg.num_stages)
+    return c
+
+
+def _kgrouped_split(a_q, a_scale, b_q, b_scale, counts, row_end, c, cfg: GemmConfig, ck: int) -> torch.Tensor:
+    """The flattened (expert, chunk) launch: chunk counts and offsets by prefix sums on the device (no host
+    sync); the grid and the partials are sized for the worst case from the shapes alone."""
+    (m, t), n, e = a_q.shape, b_q.shape[0], counts.numel()
+    kb_total = triton.cdiv(t, TILE)
+    cnt = counts.to(torch.int64)
+    end = row_end.to(torch.int64)
+    start = end - cnt
+    blocks = torch.where(cnt > 0, (end + TILE - 1) // TILE - start // TILE, 0)
+    chunks = ((blocks + ck - 1) // ck).clamp(min=1)
+    chunk_end = chunks.cumsum(0).to(torch.int32)
+    slots = torch.where(chunks > 1, chunks, 0)
+    slot_start = (slots.cumsum(0) - slots).to(torch.int32)
+    # sum(blocks) <= kb_total + E - 1 (a block cut by a boundary counts for both experts)
+    chunk_bound = e + (kb_total + e) // ck
+    slot_bound = max(1, 2 * (kb_total + e) // ck)
+    p = torch.empty(slot_bound, m, n, dtype=torch.float32, device=a_q.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), chunk_bound)
+    _kgrouped_split_kernel[grid](a_q, a_scale, b_q, b_scale, c, p, row_end, chunk_end, slot_start, e, m, n, ck,
+                                 a_q.stride(0), a_q.stride(1), a_scale.stride(0), a_scale.stride(1), b_q.stride(0),
+                                 b_q.stride(1), b_scale.stride(0), b_scale.stride(1), c.stride(0), c.stride(1),
+                                 c.stride(2), p.stride(0), p.stride(1), p.stride(2), BLOCK_M=cfg.block_m,
+                                 BLOCK_N=cfg.block_n, BLOCK_K=TILE, BLOCK_E=triton.next_power_of_2(e),
+                                 RNE_BF16=_rne(c), INTERP=_interpreted(), num_warps=cfg.num_warps,
+                                 num_stages=cfg.num_stages)
+    _splitk_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK), e)](p, c, chunk_end, slot_start, m * n, 0, p.stride(0),
+                                                                 c.stride(0), GROUPED=True, BLOCK=REDUCE_BLOCK,
+                                                                 RNE_BF16=_rne(c), num_warps=4)
     return c
 
 
