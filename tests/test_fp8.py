@@ -352,3 +352,172 @@ def test_bench_fp8_rows_at_a_tiny_size(monkeypatch, kernels):
         times = bench.time_impls(case, bench.case_impls(case, op), torch.device("cpu"))
         rows = bench.case_rows(case, times, copy_bw=1e9)
         assert rows and all(r["TFLOPs"] > 0 and r["baselines"][baseline]["TFLOPs"] > 0 for r in rows), rows
+
+
+# -- the speed paths (`kernels.PATHS`): each new path against the old one and the float64 references --------
+
+@pytest.fixture()
+def paths(kernels):
+    old = dict(kernels.PATHS)
+    yield kernels.set_paths
+    kernels.set_paths(**old)
+    kernels.clear_weight_cache()
+
+
+def test_weight_quantized_once_with_its_transpose_bitwise(kernels):
+    g = torch.Generator().manual_seed(11)
+    for shape, dtype in (((200, 136), torch.bfloat16), ((3, 72, 260), torch.float32), ((1, 1), torch.float32)):
+        w = (torch.randn(*shape, generator=g) * 0.1).to(dtype)
+        if w.numel() > 1:
+            w.view(-1)[5] = 448.0 * 3  # a saturating block next to ordinary ones
+        q, s, qt, st = kernels.quantize_weight(w)
+        q_old, s_old = kernels.quantize(w, "128x128")
+        qt_old, st_old = kernels.quantize(w.transpose(-1, -2), "128x128")
+        assert torch.equal(_bits(q), _bits(q_old)) and torch.equal(s, s_old)
+        assert torch.equal(_bits(qt), _bits(qt_old)) and torch.equal(st, st_old)
+        # the claim the fused kernel rests on, on the float64 reference: W^T's 128x128 blocks are W's, transposed
+        for wi, qi, si, qti, sti in zip(*(t.reshape(-1, *t.shape[-2:]) for t in (w, q, s, qt, st))):
+            q_ref, s_ref = ref.fp8_quantize(wi, "128x128")
+            qt_ref, st_ref = ref.fp8_quantize(wi.t(), "128x128")
+            assert torch.equal(_bits(qt_ref), _bits(q_ref.t())) and torch.equal(st_ref, s_ref.t())
+            assert torch.equal(_bits(qi), _bits(q_ref)) and torch.equal(si, s_ref)
+            assert torch.equal(_bits(qti), _bits(qt_ref)) and torch.equal(sti, st_ref)
+
+
+def test_weight_cache_invalidates_on_any_update(kernels, paths):
+    w = torch.nn.Parameter(torch.randn(136, 130, generator=torch.Generator().manual_seed(12)) * 0.1)
+    first = kernels.cached_weight(w)
+    assert kernels.cached_weight(w) is first  # same version: no second quantization
+    with torch.no_grad():
+        w.mul_(1.5)  # an in-place optimizer-style update bumps w._version
+    second = kernels.cached_weight(w)
+    assert second is not first and torch.equal(_bits(second[0]), _bits(kernels.quantize(w.detach(), "128x128")[0]))
+    # the ZeRO optimizer writes the flat parameter buffer through another view: no version bump, so it calls
+    # weights_updated() (openseek_hal.train.zero); without that call the cache could not know
+    buf = torch.zeros(w.numel() + 8)
+    view = buf[8:].view_as(w)
+    view.copy_(w.detach())
+    w.data = view
+    buf[8:].mul_(-2.0)
+    ref.weights_updated()
+    third = kernels.cached_weight(w)
+    assert torch.equal(_bits(third[0]), _bits(kernels.quantize(w.detach(), "128x128")[0]))
+    assert torch.equal(third[1], kernels.quantize(w.detach(), "128x128")[1]) and not torch.equal(third[1], second[1])
+
+
+def _layer_run(fn, x, w, *extra, dy):
+    x = x.detach().requires_grad_()
+    y = fn(x, w, *extra)
+    y.backward(dy)
+    return y.detach(), x.grad
+
+
+def test_layers_with_cached_weights_and_fused_quantization_equal_the_old_path(kernels, paths):
+    """Gradient accumulation over micro-batches, then an in-place step, then more micro-batches: the new paths
+    (weight cache, fused quantization) give bitwise the old path's outputs and gradients at every call."""
+    g = torch.Generator().manual_seed(13)
+    counts = torch.tensor([70, 0, 2, 65])
+    cases = [(kernels.fp8_linear, torch.randn(150, 200, generator=g).bfloat16(),
+              (torch.randn(72, 200, generator=g) * 0.07).bfloat16(), (), torch.randn(150, 72, generator=g).bfloat16()),
+             (kernels.fp8_grouped_linear, torch.randn(137, 136, generator=g).bfloat16(),
+              (torch.randn(4, 40, 136, generator=g) * 0.08).bfloat16(), (counts,),
+              torch.randn(137, 40, generator=g).bfloat16())]
+    for fn, x, w0, extra, dy in cases:
+        results = {}
+        for new in (False, True):
+            paths(weight_cache=new, fused_quant=new)
+            w = torch.nn.Parameter(w0.clone())
+            out = []
+            for step in range(2):
+                for micro in range(2 - step):  # two micro-batches, the step, one more
+                    out.append(_layer_run(fn, x * (1 + micro), w, *extra, dy=dy))
+                with torch.no_grad():
+                    w.sub_(w.grad * 0.5)  # the step: an in-place update of the weight
+                out.append(w.grad.clone())
+                w.grad = None
+            results[new] = out
+        for a, b in zip(results[False], results[True], strict=True):
+            for ta, tb in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,), strict=True):
+                assert torch.equal(ta, tb)
+
+
+def test_fused_activation_quantization_bitwise(kernels):
+    g = torch.Generator().manual_seed(14)
+    special = ref._special_rows(torch.float32, "cpu", g)
+    special[1, 3], special[5, 150] = float("nan"), float("inf")
+    for x in (torch.randn(150, 200, generator=g).bfloat16() * 5, torch.randn(260, 130, generator=g).t(),
+              torch.cat([special, torch.randn(131, 160, generator=g)]), torch.randn(1, 1)):
+        q, s, qt, st = kernels.quantize_dual(x)
+        for (got_q, got_s), xx in (((q, s), x), ((qt, st), x.t())):
+            q_old, s_old = kernels.quantize(xx, "1x128")
+            assert torch.equal(_bits(got_q), _bits(q_old)) and torch.equal(got_s.isnan(), s_old.isnan())
+            assert torch.equal(torch.nan_to_num(got_s), torch.nan_to_num(s_old))
+            q_ref, s_ref = ref.fp8_quantize(xx, "1x128")
+            assert torch.equal(got_q.double().isnan(), q_ref.double().isnan())
+            assert torch.equal(_bits(got_q)[~got_q.double().isnan()], _bits(q_ref)[~q_ref.double().isnan()])
+
+
+def _kgrouped_expected(aq, as_, bq, bs, counts):
+    a, b = ref.fp8_dequantize(aq, as_.double()), ref.fp8_dequantize(bq, bs.double())
+    sizes = counts.tolist()
+    exp = torch.stack([x @ y.T for x, y in zip(a.split(sizes, 1), b.split(sizes, 1))])
+    terms = torch.stack([(x.abs() @ y.abs().T) * ref._gemm_units(x.shape[1])
+                         for x, y in zip(a.split(sizes, 1), b.split(sizes, 1))])
+    return exp, terms
+
+
+def test_kgrouped_split_chunks_within_the_bound_and_reproducible(kernels, paths):
+    """The experts' weight gradient split along each expert's tokens: skewed counts (one expert holds most
+    tokens), empty experts, segments cut inside a 128-token tile, a segment inside one tile, T not a multiple
+    of 128; chunks of 1 and 3 K-blocks (every split/boundary case) and the default; against float64 and the
+    old one-program-per-tile kernel, and bitwise the same on a second run."""
+    g = torch.Generator().manual_seed(15)
+    counts = torch.tensor([5, 0, 700, 60, 0, 3, 130])  # T = 898: 8 K-blocks, the last partial
+    t = int(counts.sum())
+    aq, as_ = ref.fp8_quantize(torch.randn(40, t, generator=g), "1x128")
+    bq, bs = ref.fp8_quantize(torch.randn(100, t, generator=g) * 0.1, "1x128")
+    exp, terms = _kgrouped_expected(aq, as_, bq, bs, counts)
+    paths(kgrouped_split=False)
+    old = kernels.fp8_kgrouped_gemm(aq, as_, bq, bs, counts, torch.float32)
+    assert _within_bound(old, exp, terms, torch.float32) <= 1.0
+    paths(kgrouped_split=True)
+    for ck, out_dtype in ((1, torch.float32), (3, torch.bfloat16), (None, torch.float32)):
+        got = kernels.fp8_kgrouped_gemm(aq, as_, bq, bs, counts, out_dtype, chunk_blocks=ck)
+        assert got.dtype == out_dtype and got.shape == (7, 40, 100)
+        assert _within_bound(got, exp, terms, out_dtype) <= 1.0, (ck, out_dtype)
+        assert got[1].abs().max() == 0 and got[4].abs().max() == 0
+    assert torch.equal(got, kernels.fp8_kgrouped_gemm(aq, as_, bq, bs, counts, torch.float32))  # run to run
+    split3 = kernels.fp8_kgrouped_gemm(aq, as_, bq, bs, counts, torch.float32, chunk_blocks=3)
+    assert not torch.equal(split3[2], got[2])  # expert 2 (6 K-blocks) was split: another summation order
+    # a planted fault: a partial tile's contribution dropped must leave the bound (the tests can see a miss)
+    bad = counts.clone()
+    bad[2] -= 1
+    bad[3] += 1
+    got = kernels.fp8_kgrouped_gemm(aq, as_, bq, bs, bad, torch.float32, chunk_blocks=1)
+    assert _within_bound(got, exp, terms, torch.float32) > 1.0
+
+
+def test_dense_split_k_within_the_bound_and_the_shape_rule(kernels, paths):
+    g = torch.Generator().manual_seed(16)
+    for m, n, k, b_tile in ((40, 136, 1000, "1x128"), (130, 20, 700, "128x128")):
+        (aq, as_), (bq, bs) = _quantized_pair(m, n, k, b_tile, g)
+        expected = ref.fp8_gemm(aq, as_.double(), bq, bs.double())
+        terms = ref._gemm_error_scale(aq, as_.double(), bq, bs.double())
+        outs = []
+        for split in (1, 3):
+            kernels.set_config_override(kernels.GemmConfig(128, 128, 1, 1, 1, split))
+            try:
+                got = kernels.fp8_gemm(aq, as_, bq, bs, torch.bfloat16)
+                got32 = kernels.fp8_gemm(aq, as_, bq, bs, torch.float32)
+                assert torch.equal(got32, kernels.fp8_gemm(aq, as_, bq, bs, torch.float32))  # run to run
+            finally:
+                kernels.set_config_override(None)
+            assert _within_bound(got, expected, terms, torch.bfloat16) <= 1.0
+            assert _within_bound(got32, expected, terms, torch.float32) <= 1.0
+            outs.append(got32)
+        assert not torch.equal(outs[0], outs[1])  # the split path ran (another summation order)
+    cuda = torch.device("cuda")  # the rule only (no GPU needed)
+    assert kernels.gemm_config(8192, 8192, 8192, cuda).split_k == 1
+    assert kernels.gemm_config(16384, 576, 1280, cuda).split_k == 1  # forward: many tiles, short K
+    assert kernels.gemm_config(1280, 576, 16380, cuda).split_k == 5  # weight gradient: 50 tiles, K = tokens
+    assert kernels.gemm_config(576, 1280, 2048, cuda).split_k == 2

@@ -4,8 +4,10 @@ torch's bf16 GEMMs (same process), and one OpenSeek-Small block's forward+backwa
     OPENSEEK_HAL_COMMIT=$(git rev-parse HEAD) python benchmarks/ops/fp8_gpu.py OUT_DIR [--quick]
 
 Writes OUT_DIR/fp8_gpu.json (card, versions, commit via `openseek_hal.provenance`, every number) and prints a
-short table last. About 2-3 minutes on an H100 (Triton compiles each config once). ``--smoke-cpu`` runs every
-code path at tiny shapes on ``triton-interpret`` (no GPU; the numbers mean nothing) to check the script.
+short table last. About 2-3 minutes on an H100 (Triton compiles each config once); the "paths" part times every
+layer with the old and new code paths of `kernels.fp8.PATHS` (one at a time and all) in the same process
+(``--parts`` picks parts). ``--smoke-cpu`` runs every code path at tiny shapes on ``triton-interpret`` (no GPU;
+the numbers mean nothing) to check the script.
 """
 
 from __future__ import annotations
@@ -214,7 +216,83 @@ def sweep(backend, dev, quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
-# -- (c) one block's forward + backward -----------------------------------------------------------
+# -- (c) old vs new code paths (`kernels.fp8.PATHS`), one process ---------------------------------------
+
+OLD = {"weight_cache": False, "fused_quant": False, "kgrouped_split": False, "split_k": False}
+VARIANTS = (("old", {}), ("+weight_cache", {"weight_cache": True}), ("+fused_quant", {"fused_quant": True}),
+            ("+kgrouped_split", {"kgrouped_split": True}), ("+split_k", {"split_k": True}),
+            ("new", {k: True for k in OLD}))
+
+
+def skewed_counts(rows: int, experts: int, dev, power: float = 1.2) -> torch.Tensor:
+    """A skewed routing: expert i gets a share ~ 1/(i+1)^power of ``rows`` (the busiest ~25% at E=64)."""
+    w = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64) ** power
+    counts = (w / w.sum() * rows).floor().to(torch.int64)
+    counts[0] += rows - int(counts.sum())
+    return counts.to(torch.int32).to(dev)
+
+
+def paths_compare(backend, dev) -> list[dict[str, Any]]:
+    """Each layer forward+backward at OpenSeek-Small shapes with every path old, one path new at a time, and all
+    new; plus the numerics of all-new against all-old (pure refactors bitwise; the split GEMMs within the
+    float64 bound)."""
+    from openseek_hal.ops import fp8 as ref
+    from openseek_hal.ops.bench_cases import expert_counts
+
+    k8 = _kernels()
+    rows: list[dict[str, Any]] = []
+    g = torch.Generator(device=dev).manual_seed(1)
+    tokens, e = D(16384), (8 if SMOKE["on"] else 64)
+    cases = []
+    for n_out, k_in in ((D(1792), D(1280)), (D(576), D(1280)), (D(1280), D(896))):
+        x = torch.randn(tokens, k_in, device=dev, generator=g).to(torch.bfloat16)
+        w = (torch.randn(n_out, k_in, device=dev, generator=g) * k_in ** -0.5).to(torch.bfloat16)
+        cases.append((f"linear {tokens}x{k_in}->{n_out}", k8.fp8_linear, x, w, ()))
+    routed = D(8192) * 6
+    for label, counts in (("balanced", expert_counts(D(8192), 6, e, dev)), ("skewed", skewed_counts(routed, e, dev))):
+        x = torch.randn(int(counts.sum()), D(1280), device=dev, generator=g).to(torch.bfloat16)
+        w = (torch.randn(e, D(1792), D(1280), device=dev, generator=g) * D(1280) ** -0.5).to(torch.bfloat16)
+        cases.append((f"grouped E{e} {label} max {int(counts.max())} {D(1280)}->{D(1792)}", k8.fp8_grouped_linear, x, w,
+                      (counts,)))
+    saved = dict(k8.PATHS)
+    try:
+        for name, fn, x, w0, extra in cases:
+            w = torch.nn.Parameter(w0.clone())
+            xr = x.detach().requires_grad_()
+            dy = torch.randn(x.shape[0], w.shape[-2], device=dev, generator=g).to(torch.bfloat16)
+            outs = {}
+            base = None
+            for label, flags in VARIANTS:
+                k8.set_paths(**{**OLD, **flags})
+                k8.clear_weight_cache()
+
+                def run(fn=fn, xr=xr, w=w, extra=extra, dy=dy):
+                    return torch.autograd.grad(fn(xr, w, *extra), (xr, w), dy)
+
+                if label in ("old", "new"):
+                    y = fn(xr, w, *extra)
+                    outs[label] = (y.detach(), *torch.autograd.grad(y, (xr, w), dy))
+                ms = _ms(run)
+                base = base or ms
+                rows.append(dict(case=f"paths {name}", impl=f"fp8 {label}", ms=ms, speedup=base / ms))
+            # numerics: y and dx bitwise (weight cache and fused quantization are refactors; split-K changes
+            # only dW's summation order), dW within the float64 bound
+            same = all(torch.equal(a, b) for a, b in zip(outs["old"][:2], outs["new"][:2]))
+            if extra:
+                bound = ref._grouped_linear_grad_error_scale((x.double(), w.double(), *extra), {}, [dy.double()])[1]
+                exp = _fwd_bwd(ref.fp8_grouped_linear, x.double(), w.double(), extra, dy.double())[2]
+            else:
+                bound = ref._linear_grad_error_scale((x.double(), w.double()), {}, [dy.double()])[1]
+                exp = _fwd_bwd(ref.fp8_linear, x.double(), w.double(), extra, dy.double())[2]
+            r = _ratio(outs["new"][2], exp, bound, torch.bfloat16)
+            rows.append(dict(check=f"new vs old paths {name}", ok=same and r <= 1,
+                             detail=f"y, dx bitwise {same}; dW err/bound {r:.3g}"))
+    finally:
+        k8.set_paths(**saved)
+    return rows
+
+
+# -- (d) one block's forward + backward -----------------------------------------------------------
 
 def block_step(backend, dev) -> list[dict[str, Any]]:
     """OpenSeek-Small with 2 layers (a dense one and a MoE one), 4 x 4096 tokens, bf16: loss forward+backward
@@ -225,7 +303,10 @@ def block_step(backend, dev) -> list[dict[str, Any]]:
     rows = []
     preset, vocab, seq = ("tiny", 4096, 64) if SMOKE["on"] else ("openseek-small", 151872, 4096)
     ids = torch.randint(0, vocab, (4, seq), device=dev)
-    for fp8 in (False, True):
+    k8 = _kernels()
+    saved = dict(k8.PATHS)
+    for fp8 in (False, "old", True):
+        k8.set_paths(**(OLD if fp8 == "old" else saved))
         model = build_model(preset, backend, dtype=torch.bfloat16, seed=0, num_hidden_layers=2,
                             num_nextn_predict_layers=0)
         if fp8:
@@ -237,15 +318,21 @@ def block_step(backend, dev) -> list[dict[str, Any]]:
 
         try:
             ms = _ms(step)
-            rows.append(dict(case=f"{preset} 2 layers 4x{seq - 1} fwd+bwd", impl="fp8" if fp8 else "bf16", ms=ms))
+            rows.append(dict(case=f"{preset} 2 layers 4x{seq - 1} fwd+bwd", impl=_impl(fp8), ms=ms))
         except Exception as e:
-            rows.append(dict(case=f"{preset} 2 layers fwd+bwd", impl="fp8" if fp8 else "bf16",
+            rows.append(dict(case=f"{preset} 2 layers fwd+bwd", impl=_impl(fp8),
                              error=traceback.format_exception_only(e)[-1][:300]))
         del model
         torch.cuda.empty_cache()
-    if all("ms" in r for r in rows):
-        rows[1]["speedup"] = rows[0]["ms"] / rows[1]["ms"]
+    k8.set_paths(**saved)
+    for r in rows[1:]:
+        if "ms" in r and "ms" in rows[0]:
+            r["speedup"] = rows[0]["ms"] / r["ms"]
     return rows
+
+
+def _impl(fp8) -> str:
+    return {False: "bf16", "old": "fp8 old paths", True: "fp8 new paths"}[fp8]
 
 
 def main() -> None:
@@ -253,6 +340,8 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--quick", action="store_true", help="three configs instead of all")
     ap.add_argument("--smoke-cpu", action="store_true", help="tiny shapes on triton-interpret: checks the script")
+    ap.add_argument("--parts", default="numerics,sweep,paths,block",
+                    help="comma-separated subset of numerics,sweep,paths,block")
     args = ap.parse_args()
     SMOKE["on"] = args.smoke_cpu
     args.out.mkdir(parents=True, exist_ok=True)
@@ -265,8 +354,12 @@ def main() -> None:
                                   capability=torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None,
                                   fp8_capability=backend.capabilities().fp8, provenance=provenance())
     parts = (("numerics", lambda: check_numerics(backend, dev)), ("sweep", lambda: sweep(backend, dev, args.quick)),
-             ("block", lambda: block_step(backend, dev)))
+             ("paths", lambda: paths_compare(backend, dev)), ("block", lambda: block_step(backend, dev)))
+    wanted = set(args.parts.split(","))
     for key, fn in parts:
+        if key not in wanted:
+            result[key] = []
+            continue
         t = time.time()
         try:
             result[key] = fn()
@@ -278,10 +371,10 @@ def main() -> None:
     result["total_s"] = round(time.time() - started, 1)
     (args.out / "fp8_gpu.json").write_text(json.dumps(result, indent=1, default=str))
     print(f"\nFP8 on {result['device']} (torch {torch.__version__}, commit {result['provenance'].get('commit')})")
-    for r in result["numerics"]:
+    for r in result["numerics"] + [r for r in result["paths"] if "check" in r or "ms" not in r]:
         print(f"  {'PASS' if r.get('ok') else 'FAIL'}  {r.get('check', '')}  {r.get('detail', r.get('error', ''))}")
     print(f"  {'case':<40} {'impl':<34} {'ms':>8} {'TFLOP/s':>8} {'vs bf16':>8}")
-    for r in result["sweep"] + result["block"]:
+    for r in result["sweep"] + [r for r in result["paths"] if "ms" in r] + result["block"]:
         if "error" in r:
             print(f"  {r.get('case', ''):<40} {r.get('impl', ''):<34} error: {r['error'][:80]}")
             continue

@@ -28,7 +28,8 @@ FP8, F32 = "*fp8e4nv", "*fp32"
 # strides become the constant 1, pointers and multiples of 16 get ``tt.divisibility = 16``. Without
 # this the compile has no vectorized, pipelined loads (one stage of shared memory, heavy spills).
 UNIT = ("stride_ak", "stride_bk", "stride_cn", "stride_ask", "stride_bsk", "stride_qk", "stride_xk")
-DIV16 = ("M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_be", "stride_ce", "stride_xm", "stride_qm")
+DIV16 = ("M", "N", "K", "stride_tk", "stride_ps", "stride_pm",
+         "stride_am", "stride_bn", "stride_cm", "stride_be", "stride_ce", "stride_xm", "stride_qm")
 
 
 def compile_kernel(fn, constexprs: dict, pointers: dict, warps: int, stages: int):
@@ -52,12 +53,23 @@ def kernels_for(cfg: F.GemmConfig, out: str = "*bf16"):
     yield ("grouped", F._grouped_gemm_kernel, grouped, dict(gemm, TILE_END="*i32", ROW_END="*i32"), cfg.num_warps,
            cfg.num_stages)
     yield ("kgrouped", F._kgrouped_gemm_kernel, common, dict(gemm, ROW_END="*i32"), cfg.num_warps, cfg.num_stages)
+    # the new paths (`F.PATHS`): the split K-grouped weight gradient (its unmasked interior loop pipelines:
+    # 4 stages of shared memory where the old kernel had one) and the dense split-K
+    yield ("kgrouped_split", F._kgrouped_split_kernel, dict(common, BLOCK_E=64),
+           dict(gemm, P=F32, ROW_END="*i32", CHUNK_END="*i32", SLOT_START="*i32"), cfg.num_warps, cfg.num_stages)
+    splitk = {k: v for k, v in common.items() if k != "RNE_BF16"}
+    yield ("gemm_splitk", F._gemm_splitk_kernel, dict(splitk, B_ROW_SCALE=True, MASK_K=True, GROUP_M=cfg.group_m),
+           dict(gemm, P=F32), cfg.num_warps, cfg.num_stages)
 
 
 def quant_kernels():
     for tile_m, rows, warps in ((1, 32, 4), (128, 128, 8)):
         yield (f"quant{tile_m}x128", F._quant_kernel, dict(TILE_M=tile_m, ROWS=rows, BLOCK_K=128),
                dict(X="*bf16", Q="*u8", S=F32), warps, 1)
+    for name, fn in (("quant_dual", F._quant_dual_kernel), ("quant_wt", F._quant_wt_kernel)):
+        yield (name, fn, dict(BLOCK=128), dict(X="*bf16", Q="*u8", S=F32, QT="*u8", ST=F32), 8, 1)
+    yield ("splitk_reduce", F._splitk_reduce_kernel, dict(GROUPED=True, BLOCK=F.REDUCE_BLOCK, RNE_BF16=False),
+           dict(P=F32, C="*bf16", CHUNK_END="*i32", SLOT_START="*i32"), 4, 1)
 
 
 def main() -> None:

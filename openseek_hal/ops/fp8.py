@@ -49,6 +49,21 @@ OUT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": t
 GEMM_ACC_UNITS = 2 ** 13
 
 
+# Bumped whenever weights may have changed behind their tensors' version counters (the ZeRO optimizer writes
+# the flat parameter buffer through other views, and NCCL's all-gather writes it directly): the fp8 kernels'
+# per-weight quantization cache checks it along with ``weight._version``.
+_WEIGHT_GENERATION = [0]
+
+
+def weights_updated() -> None:
+    """Tell the fp8 layers' weight cache that weights may have changed (after an optimizer step or a load)."""
+    _WEIGHT_GENERATION[0] += 1
+
+
+def weight_generation() -> int:
+    return _WEIGHT_GENERATION[0]
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

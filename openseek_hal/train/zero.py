@@ -40,6 +40,7 @@ from torch import nn
 
 from ..backend import Backend
 from ..comm import Communicator, Work
+from ..ops.fp8 import weights_updated
 
 ALIGN = 64  # elements: every parameter starts on a 128-byte boundary in bf16
 
@@ -333,6 +334,7 @@ class DistributedOptimizer:
                         dst.copy_(src[0])
             b.reduced = None
             self._gather(b)
+        weights_updated()  # the weights changed behind their version counters (fp8 weight cache)
         return StepStats(grad_norm=norm, clip_coef=coef)
 
     def wait_weights(self, lazy: bool = False) -> None:
@@ -368,6 +370,7 @@ class DistributedOptimizer:
         if b.gather is not None:
             b.gather.wait()
             b.gather = None
+            weights_updated()
 
     def step(self, lr: float, grad_clip: float | None) -> StepStats:
         """`update` then `wait_weights`."""
@@ -400,6 +403,7 @@ class DistributedOptimizer:
             self._gather(b)
         for b in self.buckets:
             self._wait_gather(b)
+        weights_updated()
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for weights, gradients and optimizer state (master + moments)."""

@@ -21,8 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.weak  # noqa: F401  (WeakIdKeyDictionary)
 import triton
 import triton.language as tl
+
+from openseek_hal.ops import fp8 as _ref
 
 FP8 = torch.float8_e4m3fn
 TILE = 128
@@ -102,6 +105,146 @@ def quantize(x: torch.Tensor, tile: str = "1x128") -> tuple[torch.Tensor, torch.
     return (q, s) if batched else (q[0], s[0])
 
 
+# Old and new code paths, each selectable so one GPU process can time both (`benchmarks/ops/fp8_gpu.py`).
+# Every new path is tested on the CPU against the old one (bitwise where it is a pure refactor) and the
+# float64 references. ``weight_cache``: W and W^T quantized once per weight version (one kernel, one read of
+# W); ``fused_quant``: x (and dy) read once for both the row and the along-the-tokens quantization;
+# ``kgrouped_split``: the experts' weight gradient split along each expert's tokens (flattened expert x chunk
+# grid, fixed-order reduction); ``split_k``: split-K for dense GEMMs with few output tiles and a long K.
+PATHS: dict[str, bool] = {"weight_cache": True, "fused_quant": True, "kgrouped_split": True, "split_k": True}
+
+
+def set_paths(**flags: bool) -> dict[str, bool]:
+    """Select old (False) or new (True) code paths by name (`PATHS`); returns the previous selection."""
+    unknown = set(flags) - set(PATHS)
+    if unknown:
+        raise ValueError(f"unknown fp8 paths {sorted(unknown)}; known: {sorted(PATHS)}")
+    old = dict(PATHS)
+    PATHS.update({k: bool(v) for k, v in flags.items()})
+    return old
+
+
+@triton.jit
+def _block_scale(amax, nan, SHAPE: tl.constexpr):
+    """The tile scale from its float32 amax and NaN flag (`_quant_kernel`'s rule, op for op)."""
+    scale = tl.math.div_rn(amax, tl.zeros([SHAPE], tl.float32) + 448.0)
+    scale = tl.where(scale < 1.1754943508222875e-38, 1.1754943508222875e-38, scale)  # NaN stays NaN
+    return tl.where(nan > 0, float("nan"), scale)
+
+
+@triton.jit
+def _quant_wt_kernel(X, Q, QT, S, ST, M, K, stride_xb, stride_xm, stride_xk, stride_qb, stride_qm, stride_tb,
+                     stride_tk, stride_sb, stride_sm, stride_stb, stride_stk, BLOCK: tl.constexpr):
+    """One 128x128 block of ``X[b]`` read once -> its fp8 values in ``Q[b]`` and transposed in ``QT[b]``, its
+    scale at ``S[b, i, j]`` and ``ST[b, j, i]`` (W^T's 128x128 blocks are W's blocks transposed, same scale)."""
+    pid_m = tl.program_id(0)
+    kb = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+    cols = kb * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows < M)[:, None] & (cols < K)[None, :]
+    x = tl.load(X + b * stride_xb + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask,
+                other=0.0).to(tl.float32)
+    amax = tl.zeros([BLOCK], tl.float32) + tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    nan = tl.zeros([BLOCK], tl.int32) + tl.max(tl.max((x != x).to(tl.int32), axis=1), axis=0)
+    scale = _block_scale(amax, nan, BLOCK)
+    y = tl.math.div_rn(x, scale[:, None] + tl.zeros([BLOCK, BLOCK], tl.float32))
+    q = _e4m3_bits(y).to(tl.uint8)
+    tl.store(Q + b * stride_qb + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q, mask=mask)
+    tl.store(QT + b * stride_tb + cols[:, None].to(tl.int64) * stride_tk + rows[None, :], tl.trans(q),
+             mask=(cols < K)[:, None] & (rows < M)[None, :])
+    first = tl.arange(0, BLOCK) == 0
+    tl.store(S + b * stride_sb + pid_m * stride_sm + kb + tl.arange(0, BLOCK) * 0, scale, mask=first)
+    tl.store(ST + b * stride_stb + kb * stride_stk + pid_m + tl.arange(0, BLOCK) * 0, scale, mask=first)
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w[N, K]`` or ``w[E, N, K]`` per 128x128 block, read once -> ``(q, scale, q of w^T, scale of w^T)``:
+    bitwise ``quantize(w, "128x128") + quantize(w.transpose(-1, -2), "128x128")``."""
+    if w.dim() not in (2, 3):
+        raise ValueError(f"quantize_weight takes a 2-d or 3-d tensor, got shape {tuple(w.shape)}")
+    w3 = w if w.dim() == 3 else w.unsqueeze(0)
+    nb, m, k = w3.shape
+    mb, kb = triton.cdiv(m, TILE), triton.cdiv(k, TILE)
+    q = torch.empty(nb, m, k, dtype=FP8, device=w.device)
+    qt = torch.empty(nb, k, m, dtype=FP8, device=w.device)
+    s = torch.empty(nb, mb, kb, dtype=torch.float32, device=w.device)
+    st = torch.empty(nb, kb, mb, dtype=torch.float32, device=w.device)
+    if q.numel():
+        _quant_wt_kernel[(mb, kb, nb)](w3, q.view(torch.uint8), qt.view(torch.uint8), s, st, m, k, w3.stride(0),
+                                       w3.stride(1), w3.stride(2), q.stride(0), q.stride(1), qt.stride(0),
+                                       qt.stride(1), s.stride(0), s.stride(1), st.stride(0), st.stride(1),
+                                       BLOCK=TILE, num_warps=8)
+    return (q, s, qt, st) if w.dim() == 3 else (q[0], s[0], qt[0], st[0])
+
+
+_WEIGHT_CACHE: torch.utils.weak.WeakIdKeyDictionary = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _weight_key(w: torch.Tensor) -> tuple:
+    return (w._version, w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device, _ref.weight_generation())
+
+
+def cached_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_weight` of ``w``, computed once per weight version: the entry is keyed by the tensor's
+    identity (weakly), ``w._version`` (in-place updates bump it), its storage, shape and dtype and
+    `openseek_hal.ops.fp8.weight_generation` (bumped by the optimizer, whose writes bypass the counter)."""
+    key = _weight_key(w)
+    hit = _WEIGHT_CACHE.get(w)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = quantize_weight(w.detach())
+    _WEIGHT_CACHE[w] = (key, value)
+    return value
+
+
+def clear_weight_cache() -> None:
+    _WEIGHT_CACHE.clear()
+
+
+@triton.jit
+def _quant_dual_kernel(X, Q, S, QT, ST, M, K, stride_xm, stride_xk, stride_qm, stride_sm, stride_tk, stride_stk,
+                       BLOCK: tl.constexpr):
+    """A 128x128 tile of ``X[M, K]`` read once -> its 1x128 quantization along K (``Q``, ``S[M, K/128]``) and the
+    1x128 quantization of ``X^T`` along M (``QT[K, M]``, ``ST[K, M/128]``): both of `_quant_kernel`'s rules."""
+    pid_m = tl.program_id(0)
+    kb = tl.program_id(1)
+    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+    cols = kb * BLOCK + tl.arange(0, BLOCK)
+    row_ok, col_ok = rows < M, cols < K
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask,
+                other=0.0).to(tl.float32)
+    ax = tl.abs(x)
+    isnan = (x != x).to(tl.int32)
+    scale = _block_scale(tl.max(ax, axis=1), tl.max(isnan, axis=1), BLOCK)
+    q = _e4m3_bits(tl.math.div_rn(x, scale[:, None] + tl.zeros([BLOCK, BLOCK], tl.float32))).to(tl.uint8)
+    tl.store(Q + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q, mask=mask)
+    tl.store(S + rows * stride_sm + kb, scale, mask=row_ok)
+    scale_t = _block_scale(tl.max(ax, axis=0), tl.max(isnan, axis=0), BLOCK)
+    qt = _e4m3_bits(tl.math.div_rn(x, scale_t[None, :] + tl.zeros([BLOCK, BLOCK], tl.float32))).to(tl.uint8)
+    tl.store(QT + cols[:, None].to(tl.int64) * stride_tk + rows[None, :], tl.trans(qt),
+             mask=col_ok[:, None] & row_ok[None, :])
+    tl.store(ST + cols * stride_stk + pid_m, scale_t, mask=col_ok)
+
+
+def quantize_dual(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x[M, K]`` (any strides) read once -> ``quantize(x, "1x128") + quantize(x.t(), "1x128")``, bitwise."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_dual takes a 2-d tensor, got shape {tuple(x.shape)}")
+    m, k = x.shape
+    mb, kb = triton.cdiv(m, TILE), triton.cdiv(k, TILE)
+    q = torch.empty(m, k, dtype=FP8, device=x.device)
+    s = torch.empty(m, kb, dtype=torch.float32, device=x.device)
+    qt = torch.empty(k, m, dtype=FP8, device=x.device)
+    st = torch.empty(k, mb, dtype=torch.float32, device=x.device)
+    if q.numel():
+        _quant_dual_kernel[(mb, kb)](x, q.view(torch.uint8), s, qt.view(torch.uint8), st, m, k, x.stride(0),
+                                     x.stride(1), q.stride(0), s.stride(0), qt.stride(0), st.stride(0), BLOCK=TILE,
+                                     num_warps=8)
+    return q, s, qt, st
+
+
 # -- GEMMs -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -111,9 +254,11 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 4
+    split_k: int = 1  # >1: K cut into this many ranges, float32 partials summed in a fixed order (fp8_gemm)
 
     def text(self) -> str:
-        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages} g{self.group_m}"
+        split = f" splitk{self.split_k}" if self.split_k > 1 else ""
+        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages} g{self.group_m}{split}"
 
 
 # The configs `benchmarks/ops/fp8_gpu.py` sweeps; `gemm_config` picks one by shape (no autotuning).
@@ -124,14 +269,31 @@ CONFIGS: tuple[GemmConfig, ...] = (
 )
 
 
+# The SM count the split-K rule assumes (an H100 SXM's): a constant, not the card's, so a shape's split (and
+# so its bits) does not depend on which card runs it.
+SMS = 132
+SPLIT_MIN_BLOCKS = 8  # each split-K range takes at least 8 K-blocks (1024 of K)
+
+
+def split_k_for(tiles: int, k: int) -> int:
+    """Splits of K for a GEMM with ``tiles`` output tiles: 1 unless the tiles leave SMs idle (< `SMS`) and K is
+    long; then about two waves of programs, each range at least `SPLIT_MIN_BLOCKS` K-blocks."""
+    kb = triton.cdiv(k, TILE)
+    if tiles >= SMS or kb < 2 * SPLIT_MIN_BLOCKS:
+        return 1
+    return max(1, min(kb // SPLIT_MIN_BLOCKS, (2 * SMS) // tiles))
+
+
 def gemm_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
     """The fixed tile choice for a shape: 128x128 tiles, 8 warps, 4 stages on a GPU; smaller tiles when
-    the problem is small (keep the SMs busy); small tiles under the interpreter (it runs programs serially)."""
+    the problem is small (keep the SMs busy); small tiles under the interpreter (it runs programs serially).
+    On a GPU, split-K (`split_k_for`) when the output has fewer tiles than SMs and K is long (the weight
+    gradients: K is the token count, the output a narrow layer's weight)."""
     if device.type != "cuda":  # the interpreter: few large programs (its cost is per program and per op)
         return GemmConfig(128, 128, 1, 1, 1)
-    if m * n <= 256 * 1024:
-        return GemmConfig(64, 64, 8, 4, 3)
-    return GemmConfig(128, 128, 8, 8, 4)
+    cfg = GemmConfig(64, 64, 8, 4, 3) if m * n <= 256 * 1024 else GemmConfig(128, 128, 8, 8, 4)
+    split = split_k_for(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k)
+    return GemmConfig(cfg.block_m, cfg.block_n, cfg.group_m, cfg.num_warps, cfg.num_stages, split)
 
 
 _OVERRIDE: dict[str, GemmConfig | None] = {"config": None}
@@ -291,6 +453,124 @@ def _kgrouped_gemm_kernel(A, AS, B, BS, C, ROW_END, M, N,
              _out_cast(acc, C.dtype.element_ty, RNE_BF16), mask=row_mask[:, None] & col_mask[None, :])
 
 
+@triton.jit
+def _kgrouped_split_kernel(A, AS, B, BS, C, P, ROW_END, CHUNK_END, SLOT_START, E, M, N, CK,
+                           stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
+                           stride_ce, stride_cm, stride_cn, stride_ps, stride_pm, stride_pn,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                           RNE_BF16: tl.constexpr, INTERP: tl.constexpr):
+    """`_kgrouped_gemm_kernel` split along the tokens: program (tile, c) takes chunk c of the flattened (expert,
+    chunk) list (at most CK K-blocks of one expert's segment; the expert found from the prefix sums
+    ``CHUNK_END``, no host sync). An expert with one chunk writes ``C[e]`` directly; the chunks of a split expert
+    write float32 partials to ``P[SLOT_START[e] + j]``, summed in chunk order by `_splitk_reduce_kernel`.
+    Only the (at most two) K-blocks a segment boundary cuts are loaded with a K mask: the others load whole
+    128-wide tiles, which Triton can pipeline (a mask at a loaded, unaligned bound has no 4-byte vectors and
+    left the old kernel's loop unpipelined)."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    offs_e = tl.arange(0, BLOCK_E)
+    ends = tl.load(CHUNK_END + offs_e, mask=offs_e < E, other=2147483647)
+    e = tl.sum((ends <= c).to(tl.int32), axis=0)
+    if e < E:
+        chunk_end = tl.load(CHUNK_END + e)
+        chunks = chunk_end - tl.load(CHUNK_END + e - 1, mask=e > 0, other=0)
+        j = c - (chunk_end - chunks)
+        k_hi = tl.load(ROW_END + e)
+        k_lo = tl.load(ROW_END + e - 1, mask=e > 0, other=0)
+        kb_lo = k_lo // BLOCK_K
+        kb_hi = tl.cdiv(k_hi, BLOCK_K)
+        c0 = kb_lo + j * CK
+        c1 = tl.minimum(c0 + CK, kb_hi)
+        full_lo = tl.cdiv(k_lo, BLOCK_K)  # the blocks wholly inside [k_lo, k_hi): [full_lo, full_hi)
+        full_hi = k_hi // BLOCK_K
+        i0 = tl.maximum(c0, full_lo)
+        i1 = tl.maximum(tl.minimum(c1, full_hi), i0)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask, col_mask = rows < M, cols < N
+        acc = _scaled_k_loop(A, AS, B, BS, rows, cols, row_mask, col_mask, pid_n, k_lo, k_hi, i0, i1, stride_am,
+                             stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk, True,
+                             False, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+        nonempty = k_lo < k_hi
+        head_cut = (k_lo % BLOCK_K) != 0
+        head_on = (nonempty & head_cut & (kb_lo >= c0) & (kb_lo < c1)).to(tl.int32)
+        tail_on = (nonempty & ((k_hi % BLOCK_K) != 0) & (full_hi >= c0) & (full_hi < c1)
+                   & ((full_hi != kb_lo) | (~head_cut))).to(tl.int32)
+        acc += _scaled_k_loop(A, AS, B, BS, rows, cols, row_mask, col_mask, pid_n, k_lo, k_hi, kb_lo,
+                              kb_lo + head_on, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk,
+                              stride_bsn, stride_bsk, True, True, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+        acc += _scaled_k_loop(A, AS, B, BS, rows, cols, row_mask, col_mask, pid_n, k_lo, k_hi, full_hi,
+                              full_hi + tail_on, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk,
+                              stride_bsn, stride_bsk, True, True, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+        out_mask = row_mask[:, None] & col_mask[None, :]
+        if chunks > 1:
+            slot = tl.load(SLOT_START + e) + j
+            tl.store(P + slot.to(tl.int64) * stride_ps + rows[:, None].to(tl.int64) * stride_pm
+                     + cols[None, :] * stride_pn, acc, mask=out_mask)
+        else:
+            tl.store(C + e.to(tl.int64) * stride_ce + rows[:, None].to(tl.int64) * stride_cm
+                     + cols[None, :] * stride_cn, _out_cast(acc, C.dtype.element_ty, RNE_BF16), mask=out_mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(P, C, CHUNK_END, SLOT_START, MN, NSLOT, stride_ps, stride_ce,
+                          GROUPED: tl.constexpr, BLOCK: tl.constexpr, RNE_BF16: tl.constexpr):
+    """``C[g] = sum_j P[first + j]`` over group g's float32 partials, j ascending (a fixed order: bitwise the same
+    every run), rounded once to C's dtype. GROUPED: group g = expert g with ``chunks > 1`` (the others wrote C
+    themselves); else one group of NSLOT partials."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    if GROUPED:
+        count = tl.load(CHUNK_END + g) - tl.load(CHUNK_END + g - 1, mask=g > 0, other=0)
+        first = tl.load(SLOT_START + g)
+    else:
+        count = NSLOT
+        first = g * 0
+    if count > 1:
+        acc = tl.load(P + first.to(tl.int64) * stride_ps + offs, mask=mask, other=0.0)
+        for j in range(1, count):
+            acc += tl.load(P + (first + j).to(tl.int64) * stride_ps + offs, mask=mask, other=0.0)
+        tl.store(C + g.to(tl.int64) * stride_ce + offs, _out_cast(acc, C.dtype.element_ty, RNE_BF16), mask=mask)
+
+
+@triton.jit
+def _gemm_splitk_kernel(A, AS, B, BS, P, M, N, K, CK,
+                        stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
+                        stride_ps, stride_pm, stride_pn,
+                        B_ROW_SCALE: tl.constexpr, MASK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INTERP: tl.constexpr):
+    """`_gemm_kernel` over K-blocks ``[s * CK, (s + 1) * CK)`` for split s = program_id(1): float32 partials
+    ``P[s]`` (summed in split order by `_splitk_reduce_kernel`)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, col_mask = rows < M, cols < N
+    kb0 = split * CK
+    kb1 = tl.minimum(kb0 + CK, tl.cdiv(K, BLOCK_K))
+    acc = _scaled_k_loop(A, AS, B, BS, rows, cols, row_mask, col_mask, pid_n, 0, K, kb0, kb1,
+                         stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
+                         B_ROW_SCALE, MASK_K, BLOCK_M, BLOCK_N, BLOCK_K, INTERP)
+    tl.store(P + split.to(tl.int64) * stride_ps + rows[:, None].to(tl.int64) * stride_pm + cols[None, :] * stride_pn,
+             acc, mask=row_mask[:, None] & col_mask[None, :])
+
+
+REDUCE_BLOCK = 1024
+
+
 _OUT = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -331,6 +611,8 @@ def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scal
     if k == 0:
         return c.zero_()
     cfg = _config(m, n, k, a_q.device)
+    if PATHS["split_k"] and cfg.split_k > 1:
+        return _gemm_split_k(a_q, a_scale, b_q, b_scale, c, row_scale, cfg)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _gemm_kernel[grid](a_q, a_scale, b_q, b_scale, c, m, n, k, a_q.stride(0), a_q.stride(1), a_scale.stride(0),
                        a_scale.stride(1), b_q.stride(0), b_q.stride(1), b_scale.stride(0), b_scale.stride(1),
@@ -338,6 +620,27 @@ def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scal
                        BLOCK_N=cfg.block_n, BLOCK_K=TILE, GROUP_M=cfg.group_m, RNE_BF16=_rne(c), INTERP=_interpreted(),
                        num_warps=cfg.num_warps,
                        num_stages=cfg.num_stages)
+    return c
+
+
+def _gemm_split_k(a_q, a_scale, b_q, b_scale, c, row_scale: bool, cfg: GemmConfig) -> torch.Tensor:
+    (m, k), n = a_q.shape, b_q.shape[0]
+    kb = triton.cdiv(k, TILE)
+    ck = triton.cdiv(kb, cfg.split_k)
+    splits = triton.cdiv(kb, ck)
+    p = torch.empty(splits, m, n, dtype=torch.float32, device=a_q.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), splits)
+    _gemm_splitk_kernel[grid](a_q, a_scale, b_q, b_scale, p, m, n, k, ck, a_q.stride(0), a_q.stride(1),
+                              a_scale.stride(0), a_scale.stride(1), b_q.stride(0), b_q.stride(1), b_scale.stride(0),
+                              b_scale.stride(1), p.stride(0), p.stride(1), p.stride(2), B_ROW_SCALE=row_scale,
+                              MASK_K=k % TILE != 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=TILE,
+                              GROUP_M=cfg.group_m, INTERP=_interpreted(), num_warps=cfg.num_warps,
+                              num_stages=cfg.num_stages)
+    if splits == 1:
+        return c.copy_(p[0])
+    _splitk_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK), 1)](p, c, p, p, m * n, splits, p.stride(0), 0,
+                                                                 GROUPED=False, BLOCK=REDUCE_BLOCK, RNE_BF16=_rne(c),
+                                                                 num_warps=4)
     return c
 
 
@@ -391,10 +694,24 @@ def fp8_grouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor
     return c
 
 
+KGROUPED_PARTIAL_BYTES = 256 << 20  # the split experts' float32 partials stay under this
+
+
+def kgrouped_chunk_blocks(m: int, n: int, t: int, experts: int) -> int:
+    """K-blocks per chunk of the split K-grouped GEMM: at least 8 (1024 tokens), and large enough that the
+    partials' worst case (``2 * (ceil(T/128) + E) / chunk`` slots of ``M x N`` float32) fits
+    `KGROUPED_PARTIAL_BYTES` (at most 64 slots)."""
+    slots = max(2, min(64, KGROUPED_PARTIAL_BYTES // max(1, m * n * 4)))
+    return max(8, triton.cdiv(2 * (triton.cdiv(t, TILE) + experts), slots))
+
+
 def fp8_kgrouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
-                      counts: torch.Tensor, out_dtype: str | torch.dtype = "float32") -> torch.Tensor:
+                      counts: torch.Tensor, out_dtype: str | torch.dtype = "float32",
+                      chunk_blocks: int | None = None) -> torch.Tensor:
     """``C[e] = A[:, seg_e] @ B[:, seg_e]^T`` for ``A[M, T]``, ``B[N, T]`` (1x128 scales along T) and the token
-    segments given by ``counts[E]`` -> ``C[E, M, N]`` (the routed experts' weight gradient)."""
+    segments given by ``counts[E]`` -> ``C[E, M, N]`` (the routed experts' weight gradient). With
+    ``PATHS["kgrouped_split"]`` each expert's segment is cut into chunks of ``chunk_blocks`` K-blocks (default
+    `kgrouped_chunk_blocks`) run by separate programs, their partials summed in chunk order."""
     a_q, b_q = _fp8(a_q, "a_q"), _fp8(b_q, "b_q")
     (m, t), n, e = a_q.shape, b_q.shape[0], counts.numel()
     kb = triton.cdiv(t, TILE)
@@ -407,6 +724,9 @@ def fp8_kgrouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tenso
         return c.zero_()
     cfg = _config(m, n, t, a_q.device)
     row_end = _row_ends(counts, e)
+    if PATHS["kgrouped_split"]:
+        return _kgrouped_split(a_q, a_scale, b_q, b_scale, counts, row_end, c, cfg,
+                               chunk_blocks or kgrouped_chunk_blocks(m, n, t, e))
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), e)
     _kgrouped_gemm_kernel[grid](a_q, a_scale, b_q, b_scale, c, row_end, m, n, a_q.stride(0), a_q.stride(1),
                                 a_scale.stride(0), a_scale.stride(1), b_q.stride(0), b_q.stride(1), b_scale.stride(0),
@@ -414,6 +734,37 @@ def fp8_kgrouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tenso
                                 BLOCK_N=cfg.block_n, BLOCK_K=TILE, RNE_BF16=_rne(c), INTERP=_interpreted(),
                                 num_warps=cfg.num_warps,
                                 num_stages=cfg.num_stages)
+    return c
+
+
+def _kgrouped_split(a_q, a_scale, b_q, b_scale, counts, row_end, c, cfg: GemmConfig, ck: int) -> torch.Tensor:
+    """The flattened (expert, chunk) launch: chunk counts and offsets by prefix sums on the device (no host
+    sync); the grid and the partials are sized for the worst case from the shapes alone."""
+    (m, t), n, e = a_q.shape, b_q.shape[0], counts.numel()
+    kb_total = triton.cdiv(t, TILE)
+    cnt = counts.to(torch.int64)
+    end = row_end.to(torch.int64)
+    start = end - cnt
+    blocks = torch.where(cnt > 0, (end + TILE - 1) // TILE - start // TILE, 0)
+    chunks = ((blocks + ck - 1) // ck).clamp(min=1)
+    chunk_end = chunks.cumsum(0).to(torch.int32)
+    slots = torch.where(chunks > 1, chunks, 0)
+    slot_start = (slots.cumsum(0) - slots).to(torch.int32)
+    # sum(blocks) <= kb_total + E - 1 (a block cut by a boundary counts for both experts)
+    chunk_bound = e + (kb_total + e) // ck
+    slot_bound = max(1, 2 * (kb_total + e) // ck)
+    p = torch.empty(slot_bound, m, n, dtype=torch.float32, device=a_q.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), chunk_bound)
+    _kgrouped_split_kernel[grid](a_q, a_scale, b_q, b_scale, c, p, row_end, chunk_end, slot_start, e, m, n, ck,
+                                 a_q.stride(0), a_q.stride(1), a_scale.stride(0), a_scale.stride(1), b_q.stride(0),
+                                 b_q.stride(1), b_scale.stride(0), b_scale.stride(1), c.stride(0), c.stride(1),
+                                 c.stride(2), p.stride(0), p.stride(1), p.stride(2), BLOCK_M=cfg.block_m,
+                                 BLOCK_N=cfg.block_n, BLOCK_K=TILE, BLOCK_E=triton.next_power_of_2(e),
+                                 RNE_BF16=_rne(c), INTERP=_interpreted(), num_warps=cfg.num_warps,
+                                 num_stages=cfg.num_stages)
+    _splitk_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK), e)](p, c, chunk_end, slot_start, m * n, 0, p.stride(0),
+                                                                 c.stride(0), GROUPED=True, BLOCK=REDUCE_BLOCK,
+                                                                 RNE_BF16=_rne(c), num_warps=4)
     return c
 
 
@@ -432,30 +783,52 @@ def _dtype_name(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def _weight_quant(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                 torch.Tensor | None]:
+    """W per 128x128 for the forward, and W^T's blocks for dx when the path computes them at once (cached)."""
+    if PATHS["weight_cache"]:
+        return cached_weight(weight)
+    wq, ws = quantize(weight, "128x128")
+    return wq, ws, None, None
+
+
+def _act_quant(x: torch.Tensor, rows: bool, tokens: bool) -> tuple[torch.Tensor | None, ...]:
+    """``x[T, K]``'s 1x128 quantization along K (``rows``) and along the tokens (``tokens``, of x^T)."""
+    if rows and tokens and PATHS["fused_quant"]:
+        return quantize_dual(x)
+    q, s = quantize(x, "1x128") if rows else (None, None)
+    qt, st = quantize(x.t(), "1x128") if tokens else (None, None)
+    return q, s, qt, st
+
+
+def _weight_t_quant(weight: torch.Tensor, wtq: torch.Tensor | None, wts: torch.Tensor | None):
+    if wtq is not None:
+        return wtq, wts
+    return quantize(weight.transpose(-1, -2), "128x128")  # W^T's 128x128 blocks: W's, transposed
+
+
 class _FP8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         x2 = x.reshape(-1, x.shape[-1])
-        xq, xs = quantize(x2, "1x128")
-        wq, ws = quantize(weight, "128x128")
-        y = fp8_gemm(xq, xs, wq, ws, _dtype_name(x.dtype))
         # the weight gradient reads x along the tokens: keep it quantized that way (fp8, not x itself)
-        xtq, xts = quantize(x2.t(), "1x128") if weight.requires_grad else (None, None)
-        ctx.save_for_backward(xtq, xts, weight)
+        xq, xs, xtq, xts = _act_quant(x2, True, weight.requires_grad)
+        wq, ws, wtq, wts = _weight_quant(weight)
+        y = fp8_gemm(xq, xs, wq, ws, _dtype_name(x.dtype))
+        ctx.save_for_backward(xtq, xts, weight, wtq, wts)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        xtq, xts, weight = ctx.saved_tensors
+        xtq, xts, weight, wtq, wts = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = None
+        dyq, dys, dytq, dyts = _act_quant(dy2, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if ctx.needs_input_grad[0]:
-            dyq, dys = quantize(dy2, "1x128")
-            wtq, wts = quantize(weight.t(), "128x128")  # W^T's 128x128 blocks: W's, transposed
+            wtq, wts = _weight_t_quant(weight, wtq, wts)
             dx = fp8_gemm(dyq, dys, wtq, wts, ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dytq, dyts = quantize(dy2.t(), "1x128")
             dw = fp8_gemm(dytq, dyts, xtq, xts, weight.dtype)
         return dx, dw
 
@@ -471,24 +844,22 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class _FP8GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, counts):
-        xq, xs = quantize(x, "1x128")
-        wq, ws = quantize(weight, "128x128")
+        xq, xs, xtq, xts = _act_quant(x, True, weight.requires_grad)
+        wq, ws, wtq, wts = _weight_quant(weight)
         y = fp8_grouped_gemm(xq, xs, wq, ws, counts, _dtype_name(x.dtype))
-        xtq, xts = quantize(x.t(), "1x128") if weight.requires_grad else (None, None)
-        ctx.save_for_backward(xtq, xts, weight, counts)
+        ctx.save_for_backward(xtq, xts, weight, counts, wtq, wts)
         ctx.x_dtype = x.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xtq, xts, weight, counts = ctx.saved_tensors
+        xtq, xts, weight, counts, wtq, wts = ctx.saved_tensors
         dx = dw = None
+        dyq, dys, dytq, dyts = _act_quant(dy, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if ctx.needs_input_grad[0]:
-            dyq, dys = quantize(dy, "1x128")
-            wtq, wts = quantize(weight.transpose(1, 2), "128x128")
+            wtq, wts = _weight_t_quant(weight, wtq, wts)
             dx = fp8_grouped_gemm(dyq, dys, wtq, wts, counts, ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            dytq, dyts = quantize(dy.t(), "1x128")
             dw = fp8_kgrouped_gemm(dytq, dyts, xtq, xts, counts, weight.dtype)
         return dx, dw, None
 
