@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from minhash_bench import chinese_sentences, english_sentences  # noqa: E402
+from record import provenance  # noqa: E402
 
 
 def build(path: Path, target_bytes: int, seed: int = 0) -> dict:
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/exbench"))
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--low-memory", action="store_true")
+    ap.add_argument("--record", type=Path, help="also append the result, with provenance, to this JSON-lines file")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     corpus = args.work / f"corpus_{args.mb}mb.jsonl"
@@ -136,6 +138,10 @@ def main() -> None:
         json.dumps(result, indent=2)
     )
     print(json.dumps(result, indent=2))
+    if args.record:
+        args.record.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.record, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({**result, "provenance": provenance([corpus], ("numpy", "pydivsufsort"))}) + "\n")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,6 @@ import gettext
 import glob
 import gzip
 import json
-import os
-import platform
 import random
 import re
 import resource
@@ -39,6 +37,8 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+
+from record import provenance  # noqa: E402 (this folder is on sys.path when run as a script)
 
 HAN = re.compile(r"[\u4e00-\u9fff]")
 
@@ -409,31 +409,8 @@ def main() -> None:
     print(json.dumps(rows, indent=2))
     if args.record:
         args.record.parent.mkdir(parents=True, exist_ok=True)
-        args.record.write_text(json.dumps({"provenance": provenance(), "docs": args.docs, "results": rows}, indent=2))
-
-
-def provenance() -> dict[str, object]:
-    """Where the numbers come from: commit (and whether the tree had changes), command, machine, versions."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    root = Path(__file__).resolve().parents[2]
-    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    versions = {}
-    for pkg in ("numpy", "datatrove", "datasketch"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/data/results")),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": f"2-core CPU sandbox shared with other jobs: {cpu}, {os.cpu_count()} CPUs, {platform.platform()}",
-        "python": platform.python_version(),
-        "versions": versions,
-        "load_average_at_end": os.getloadavg(),
-    }
+        args.record.write_text(json.dumps({"provenance": provenance([corpus], ("numpy", "datatrove", "datasketch")),
+                                           "docs": args.docs, "results": rows}, indent=2))
 
 
 if __name__ == "__main__":

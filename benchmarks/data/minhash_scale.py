@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from record import provenance  # noqa: E402 (this folder is on sys.path when run as a script)
+
 WORDS = [
     "".join(random.Random(i).choice("abcdefghijklmnopqrstuvwxyz") for _ in range(3 + i % 6)) for i in range(5000)
 ]
@@ -123,14 +125,7 @@ def main() -> None:
     }
     print(json.dumps(row))
     if args.record:
-        git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
-        row["provenance"] = {
-            "commit": git("rev-parse", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/data/results")),
-            "script": " ".join([Path(sys.executable).name, *sys.argv]),
-            "machine": f"2-core CPU sandbox shared with other jobs, {os.cpu_count()} CPUs",
-            "load_average_at_end": os.getloadavg(),
-        }
+        row["provenance"] = provenance([inputs])
         args.record.parent.mkdir(parents=True, exist_ok=True)
         with open(args.record, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")

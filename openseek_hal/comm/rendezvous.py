@@ -16,6 +16,7 @@ names the store's address.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
@@ -325,8 +326,15 @@ class _Heartbeat:
     def counters(self) -> list[int]:
         return [int(self.store.add(f"{_HEARTBEAT_PREFIX}{r}", 0)) for r in range(self.world_size)]
 
-    def stop(self) -> None:
+    def stop(self, join: bool = True) -> None:
+        """Stop beating; with ``join``, wait (a few beats at most) until the thread is out of the store.
+
+        A process must not exit while the thread is inside a store call: interpreter teardown then destroys
+        the store client under it, and the C++ runtime aborts the process ("terminate called without an
+        active exception", seen once under torchrun in CI)."""
         self._stop.set()
+        if join and self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=4 * HEARTBEAT_S)
 
 
 def _start_heartbeat(store: Any, rank: int, world_size: int) -> None:
@@ -334,6 +342,12 @@ def _start_heartbeat(store: Any, rank: int, world_size: int) -> None:
     if _heartbeat is not None:
         _heartbeat.stop()
     _heartbeat = _Heartbeat(store, rank, world_size) if world_size > 1 else None
+
+
+@atexit.register
+def _stop_heartbeat_at_exit() -> None:  # atexit runs while daemon threads still do: join it before teardown
+    if _heartbeat is not None:
+        _heartbeat.stop()
 
 
 def silent_ranks(beats: float = 2.0) -> str:
