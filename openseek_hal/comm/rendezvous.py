@@ -283,6 +283,7 @@ def gloo_group(pg: Any, pg_backend: str, global_ranks: list[int], timeout: float
 
 # -- liveness: naming the rank that died when a collective fails -----------------------------------
 HEARTBEAT_S = 0.5
+_CLIENT_TIMEOUT_S = 5.0  # the heartbeat's own store connection: its calls return (or fail) within this
 _HEARTBEAT_PREFIX = "openseek_hal/heartbeat/"
 _heartbeat: _Heartbeat | None = None
 
@@ -310,7 +311,8 @@ class _Heartbeat:
         if host is None:
             return store
         try:
-            return dist.TCPStore(host, port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=10))
+            return dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
+                                 timeout=timedelta(seconds=_CLIENT_TIMEOUT_S))
         except (RuntimeError, ValueError):
             return store
 
@@ -331,10 +333,12 @@ class _Heartbeat:
 
         A process must not exit while the thread is inside a store call: interpreter teardown then destroys
         the store client under it, and the C++ runtime aborts the process ("terminate called without an
-        active exception", seen once under torchrun in CI)."""
+        active exception": a daemon thread that wakes up during finalization is ended with pthread_exit,
+        whose unwinding through pybind11's frames calls std::terminate; seen twice under torchrun in CI)."""
         self._stop.set()
         if join and self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=4 * HEARTBEAT_S)
+            # a store call returns within the client's timeout (a gone store host included)
+            self._thread.join(timeout=_CLIENT_TIMEOUT_S + 1.0)
 
 
 def _start_heartbeat(store: Any, rank: int, world_size: int) -> None:
