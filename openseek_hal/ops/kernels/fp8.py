@@ -397,6 +397,21 @@ def _gemm_kernel(A, AS, B, BS, C, M, N, K,
 
 
 @triton.jit
+def _segment_of(ENDS, E, i, BLOCK_E: tl.constexpr):
+    """The segment holding item ``i`` of ``E`` segments given by their inclusive prefix-sum ends ``ENDS``
+    (E when ``i`` is past the last one): a device-side search, no host sync."""
+    offs = tl.arange(0, BLOCK_E)
+    ends = tl.load(ENDS + offs, mask=offs < E, other=2147483647)
+    return tl.sum((ends <= i).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _segment_bounds(ENDS, e):
+    """``[start, end)`` of segment ``e`` from the inclusive prefix-sum ends ``ENDS``."""
+    return tl.load(ENDS + e - 1, mask=e > 0, other=0), tl.load(ENDS + e)
+
+
+@triton.jit
 def _grouped_gemm_kernel(A, AS, B, BS, C, TILE_END, ROW_END, E, N, K,
                          stride_am, stride_ak, stride_asm, stride_ask, stride_be, stride_bn, stride_bk,
                          stride_bse, stride_bsn, stride_bsk, stride_cm, stride_cn,
@@ -408,13 +423,10 @@ def _grouped_gemm_kernel(A, AS, B, BS, C, TILE_END, ROW_END, E, N, K,
     num_n = tl.cdiv(N, BLOCK_N)
     t = pid // num_n
     pid_n = pid % num_n
-    offs_e = tl.arange(0, BLOCK_E)
-    ends = tl.load(TILE_END + offs_e, mask=offs_e < E, other=2147483647)
-    e = tl.sum((ends <= t).to(tl.int32), axis=0)
+    e = _segment_of(TILE_END, E, t, BLOCK_E)
     if e < E:
         tile_end = tl.load(TILE_END + e)
-        row_end = tl.load(ROW_END + e)
-        row_start = tl.load(ROW_END + e - 1, mask=e > 0, other=0)
+        row_start, row_end = _segment_bounds(ROW_END, e)
         tiles = tl.cdiv(row_end - row_start, BLOCK_M)
         local = t - (tile_end - tiles)
         rows = row_start + local * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -441,8 +453,7 @@ def _kgrouped_gemm_kernel(A, AS, B, BS, C, ROW_END, M, N,
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_n
     pid_n = pid % num_n
-    k_hi = tl.load(ROW_END + e)
-    k_lo = tl.load(ROW_END + e - 1, mask=e > 0, other=0)
+    k_lo, k_hi = _segment_bounds(ROW_END, e)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < M, cols < N
@@ -471,15 +482,12 @@ def _kgrouped_split_kernel(A, AS, B, BS, C, P, ROW_END, CHUNK_END, SLOT_START, E
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_n
     pid_n = pid % num_n
-    offs_e = tl.arange(0, BLOCK_E)
-    ends = tl.load(CHUNK_END + offs_e, mask=offs_e < E, other=2147483647)
-    e = tl.sum((ends <= c).to(tl.int32), axis=0)
+    e = _segment_of(CHUNK_END, E, c, BLOCK_E)
     if e < E:
-        chunk_end = tl.load(CHUNK_END + e)
-        chunks = chunk_end - tl.load(CHUNK_END + e - 1, mask=e > 0, other=0)
-        j = c - (chunk_end - chunks)
-        k_hi = tl.load(ROW_END + e)
-        k_lo = tl.load(ROW_END + e - 1, mask=e > 0, other=0)
+        chunk_start, chunk_end = _segment_bounds(CHUNK_END, e)
+        chunks = chunk_end - chunk_start
+        j = c - chunk_start
+        k_lo, k_hi = _segment_bounds(ROW_END, e)
         kb_lo = k_lo // BLOCK_K
         kb_hi = tl.cdiv(k_hi, BLOCK_K)
         c0 = kb_lo + j * CK
@@ -526,7 +534,8 @@ def _splitk_reduce_kernel(P, C, CHUNK_END, SLOT_START, MN, NSLOT, stride_ps, str
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     if GROUPED:
-        count = tl.load(CHUNK_END + g) - tl.load(CHUNK_END + g - 1, mask=g > 0, other=0)
+        g_start, g_end = _segment_bounds(CHUNK_END, g)
+        count = g_end - g_start
         first = tl.load(SLOT_START + g)
     else:
         count = NSLOT
