@@ -36,7 +36,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -809,6 +809,29 @@ def _doc_id(doc: dict, raw: RawLine, id_key: str | None) -> object:
     return f"{raw.file}:{raw.line}"
 
 
+@contextmanager
+def _kept_output(out_dir: Path, out: OutputOptions) -> Iterator[tuple[ShardWriter, Any]]:
+    """The last pass's outputs: the kept documents' shards and ``clusters.jsonl`` (written to a temporary
+    name). Both are published only if the block finishes; on any error both are discarded."""
+    writer = ShardWriter(out_dir, out.shard_docs, out.compression)
+    report_path = out_dir / "clusters.jsonl"
+    report_tmp = report_path.with_name(f".clusters.jsonl.tmp{os.getpid()}")
+    try:
+        with open(report_tmp, "w", encoding="utf-8") as rep:
+            yield writer, rep
+    except BaseException:
+        writer.abort()
+        report_tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
+    os.replace(report_tmp, report_path)
+
+
+def _cluster_line(removed: object, kept: object) -> str:
+    """One line of ``clusters.jsonl``: a removed document's id and the id of the member its cluster kept."""
+    return json.dumps({"removed": removed, "kept": kept}, ensure_ascii=False, default=str) + "\n"
+
+
 def _write_kept(
     files: list[Path],
     labels: np.ndarray,
@@ -830,59 +853,39 @@ def _write_kept(
     if bad is None:
         return _write_kept_parsed(files, labels, roots, out_dir, out, text_key, id_key, stats)
     root_ids: dict[int, object] = {}
-    writer = ShardWriter(out_dir, out.shard_docs, out.compression)
-    report_path = out_dir / "clusters.jsonl"
-    report_tmp = report_path.with_name(f".clusters.jsonl.tmp{os.getpid()}")
     n, i, record, next_bad, removed_bytes = len(labels), 0, 0, next(bad, -1), 0
     chunk = 1 << 16
     lab: list[int] = []
     is_root: list[bool] = []
     lo = 0
-    try:
-        with (
-            open(report_tmp, "w", encoding="utf-8") as rep,
-            progress("writing kept", out.quiet, total=n) as advance,
-        ):
-            for path in files:
-                name = str(path)
-                for lineno, line, row in _records(path):
-                    if record == next_bad:
-                        record, next_bad = record + 1, next(bad, -1)
-                        continue
-                    record += 1
-                    if i >= n:
-                        raise UserError("the input changed while it was being deduplicated; rerun")
-                    if i - lo >= len(lab):
-                        lo = i
-                        lab, is_root = labels[lo : lo + chunk].tolist(), roots[lo : lo + chunk].tolist()
-                        advance(len(lab))
-                    root = lab[i - lo]
-                    if root == i:
-                        if is_root[i - lo]:
-                            root_ids[i] = _record_id(name, lineno, line, row, id_key)
-                        if row is None:
-                            writer.write_bytes(line.rstrip(b"\r\n") + b"\n")
-                        else:
-                            writer.write(dumps(row))
+    with _kept_output(out_dir, out) as (writer, rep), progress("writing kept", out.quiet, total=n) as advance:
+        for path in files:
+            name = str(path)
+            for lineno, line, row in _records(path):
+                if record == next_bad:
+                    record, next_bad = record + 1, next(bad, -1)
+                    continue
+                record += 1
+                if i >= n:
+                    raise UserError("the input changed while it was being deduplicated; rerun")
+                if i - lo >= len(lab):
+                    lo = i
+                    lab, is_root = labels[lo : lo + chunk].tolist(), roots[lo : lo + chunk].tolist()
+                    advance(len(lab))
+                root = lab[i - lo]
+                if root == i:
+                    if is_root[i - lo]:
+                        root_ids[i] = _record_id(name, lineno, line, row, id_key)
+                    if row is None:
+                        writer.write_bytes(line.rstrip(b"\r\n") + b"\n")
                     else:
-                        doc = row if row is not None else json.loads(line)
-                        removed_bytes += len(doc[text_key].encode("utf-8"))
-                        stats.removed["minhash_duplicate"] += 1
-                        rep.write(
-                            json.dumps(
-                                {"removed": _doc_id(doc, RawLine(name, lineno), id_key), "kept": root_ids[root]},
-                                ensure_ascii=False,
-                                default=str,
-                            )
-                            + "\n"
-                        )
-                    i += 1
-    except BaseException:
-        writer.abort()
-        report_tmp.unlink(missing_ok=True)
-        raise
-    writer.close()
-    os.replace(report_tmp, report_path)
+                        writer.write(dumps(row))
+                else:
+                    doc = row if row is not None else json.loads(line)
+                    removed_bytes += len(doc[text_key].encode("utf-8"))
+                    stats.removed["minhash_duplicate"] += 1
+                    rep.write(_cluster_line(_doc_id(doc, RawLine(name, lineno), id_key), root_ids[root]))
+                i += 1
     stats.docs_out = writer.docs
     stats.bytes_out = stats.bytes_in - removed_bytes
     return writer.documents
@@ -940,46 +943,29 @@ def _write_kept_parsed(
 ) -> dict[str, int]:
     """``_write_kept`` parsing every record again (a work folder without ``bad-*.bin``)."""
     root_ids: dict[int, object] = {}
-    writer = ShardWriter(out_dir, out.shard_docs, out.compression)
-    report_path = out_dir / "clusters.jsonl"
-    report_tmp = report_path.with_name(f".clusters.jsonl.tmp{os.getpid()}")
     i = 0
-    try:
-        with (
-            open(report_tmp, "w", encoding="utf-8") as rep,
-            progress("writing kept", out.quiet, total=len(labels)) as advance,
-        ):
-            for raw in iter_raw(files):
-                doc = parse(raw, text_key, Malformed())
-                if doc is None:
-                    continue
-                if i >= len(labels):
-                    raise UserError("the input changed while it was being deduplicated; rerun")
-                root = int(labels[i])
-                if root == i:
-                    if roots[i]:
-                        root_ids[i] = _doc_id(doc, raw, id_key)
-                    writer.write(raw.text.rstrip("\r\n") + "\n" if raw.text is not None else dumps(doc))
-                    stats.bytes_out += len(doc[text_key].encode("utf-8"))
-                else:
-                    stats.removed["minhash_duplicate"] += 1
-                    rep.write(
-                        json.dumps(
-                            {"removed": _doc_id(doc, raw, id_key), "kept": root_ids[root]},
-                            ensure_ascii=False,
-                            default=str,
-                        )
-                        + "\n"
-                    )
-                i += 1
-                if i % 1024 == 0:
-                    advance(1024)
-            advance(i % 1024)
-    except BaseException:
-        writer.abort()
-        report_tmp.unlink(missing_ok=True)
-        raise
-    writer.close()
-    os.replace(report_tmp, report_path)
+    with (
+        _kept_output(out_dir, out) as (writer, rep),
+        progress("writing kept", out.quiet, total=len(labels)) as advance,
+    ):
+        for raw in iter_raw(files):
+            doc = parse(raw, text_key, Malformed())
+            if doc is None:
+                continue
+            if i >= len(labels):
+                raise UserError("the input changed while it was being deduplicated; rerun")
+            root = int(labels[i])
+            if root == i:
+                if roots[i]:
+                    root_ids[i] = _doc_id(doc, raw, id_key)
+                writer.write(raw.text.rstrip("\r\n") + "\n" if raw.text is not None else dumps(doc))
+                stats.bytes_out += len(doc[text_key].encode("utf-8"))
+            else:
+                stats.removed["minhash_duplicate"] += 1
+                rep.write(_cluster_line(_doc_id(doc, raw, id_key), root_ids[root]))
+            i += 1
+            if i % 1024 == 0:
+                advance(1024)
+        advance(i % 1024)
     stats.docs_out = writer.docs
     return writer.documents
