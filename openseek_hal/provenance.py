@@ -75,3 +75,12 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
         info[name] = getattr(module, "__version__", None) or _package_version(name)
     info.update(git_state())
     return info
+
+
+def cuda_devices() -> dict[str, Any]:
+    """The first CUDA card's name and how many are visible ({} without CUDA): what a GPU benchmark ran on."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"card": torch.cuda.get_device_name(0), "gpus_visible": torch.cuda.device_count()}

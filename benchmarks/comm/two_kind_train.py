@@ -59,16 +59,9 @@ def run(name: str, out: Path, extra: list[str], args: argparse.Namespace, env: d
 
 
 def environment() -> dict:
-    import torch
+    from openseek_hal.provenance import cuda_devices, provenance
 
-    from openseek_hal.provenance import provenance
-
-    env = provenance()
-    env["cpu_count"] = os.cpu_count()
-    if torch.cuda.is_available():
-        env["card"] = torch.cuda.get_device_name(0)
-        env["gpus_visible"] = torch.cuda.device_count()
-    return env
+    return {**provenance(), "cpu_count": os.cpu_count(), **cuda_devices()}
 
 
 def main() -> None:

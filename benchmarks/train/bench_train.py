@@ -113,15 +113,9 @@ def run_row(name: str, data: Path, out: Path, steps: int, micro: int, seq: int) 
 
 
 def environment() -> dict:
-    import torch
+    from openseek_hal.provenance import cuda_devices, provenance
 
-    from openseek_hal.provenance import provenance
-
-    env = provenance()
-    if torch.cuda.is_available():
-        env["card"] = torch.cuda.get_device_name(0)
-        env["gpus_visible"] = torch.cuda.device_count()
-    return env
+    return {**provenance(), **cuda_devices()}
 
 
 def main() -> None:
