@@ -205,14 +205,19 @@ def _gemm_k_tail_dropped(a_q, a_scale, b_q, b_scale, out_dtype="bfloat16"):
     return _ref("fp8_gemm")(_drop_k_tail(a_q), a_scale, b_q, b_scale, out_dtype)
 
 
-def _grouped_gemm_boundary_off_by_one(a_q, a_scale, b_q, b_scale, counts, out_dtype="bfloat16"):
+def _boundary_off_by_one(counts):
+    """The first expert with tokens gives its last row to the next expert (an off-by-one expert boundary)."""
     counts = counts.clone()
     nonzero = (counts > 0).nonzero()
     if nonzero.numel() and int(nonzero[0]) + 1 < counts.numel():
         i = int(nonzero[0])
         counts[i] -= 1
         counts[i + 1] += 1
-    return _ref("fp8_grouped_gemm")(a_q, a_scale, b_q, b_scale, counts, out_dtype)
+    return counts
+
+
+def _grouped_gemm_boundary_off_by_one(a_q, a_scale, b_q, b_scale, counts, out_dtype="bfloat16"):
+    return _ref("fp8_grouped_gemm")(a_q, a_scale, b_q, b_scale, _boundary_off_by_one(counts), out_dtype)
 
 
 def _grouped_gemm_expert_scales_reversed(a_q, a_scale, b_q, b_scale, counts, out_dtype="bfloat16"):
@@ -248,13 +253,7 @@ def _linear_dx_tail_dropped(x, weight):
 
 
 def _grouped_linear_boundary_off_by_one(x, weight, counts):
-    counts = counts.clone()
-    nonzero = (counts > 0).nonzero()
-    if nonzero.numel() and int(nonzero[0]) + 1 < counts.numel():
-        i = int(nonzero[0])
-        counts[i] -= 1
-        counts[i + 1] += 1
-    return _ref("fp8_grouped_linear")(x, weight, counts)
+    return _ref("fp8_grouped_linear")(x, weight, _boundary_off_by_one(counts))
 
 
 def _grouped_linear_dx_tail_dropped(x, weight, counts):
