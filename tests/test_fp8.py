@@ -311,23 +311,10 @@ def test_fp8_kernels_compile_for_h100_without_spills(monkeypatch):
     """The interpreter never runs Triton's GPU compiler: compile the quantizer and the GEMMs at the GPU's default
     config for sm_90 with the installed Triton (the launcher's specializations applied), check they fit the
     shared memory of an H100 and that the forward GEMMs use wgmma without spilling registers."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from benchmark_scripts import load_script, require_sm90_compiler
 
-    import triton
-
-    from openseek_hal.ops.kernel_loader import interpreter_enabled
-
-    if interpreter_enabled():
-        pytest.skip("TRITON_INTERPRET is set for the whole process: there are no compiled kernels to build")
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
-        pytest.skip("this Triton has no NVIDIA toolchain")
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ops" / "fp8_sm90_resources.py"
-    spec = importlib.util.spec_from_file_location("fp8_sm90_resources", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    require_sm90_compiler("cuobjdump")
+    module = load_script("ops/fp8_sm90_resources.py")
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
     from openseek_hal.ops.kernels import fp8 as compiled
 

@@ -267,24 +267,10 @@ def test_attention_kernels_compile_for_h100(monkeypatch):
     """The interpreter does not run Triton's GPU compiler: compile every attention kernel for sm_90
     (H100/H200) with the installed Triton, as the cuda backend launches them, and check each fits the
     227 KiB of shared memory a block may have there. No GPU needed (ptxas ships in Triton's wheel)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from benchmark_scripts import load_script, require_sm90_compiler
 
-    import triton
-
-    from openseek_hal.ops.kernel_loader import interpreter_enabled
-
-    if interpreter_enabled():
-        pytest.skip("TRITON_INTERPRET is set for the whole process: there are no compiled kernels to build")
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    if not (tools / "ptxas").exists() or not (tools / "cuobjdump").exists():
-        pytest.skip("this Triton has no NVIDIA toolchain")
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ops" / "attention_sm90_resources.py"
-    spec = importlib.util.spec_from_file_location("attention_sm90_resources", path)
-    resources = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = resources
-    spec.loader.exec_module(resources)
+    require_sm90_compiler("ptxas", "cuobjdump")
+    resources = load_script("ops/attention_sm90_resources.py")
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
     for dtype, varlen in (("bf16", False), ("bf16", True), ("fp32", False)):
         for name, fn, consts, pointers, warps, stages in resources.kernels_for(192, 128, varlen, dtype):

@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("triton")
 
 from openseek_hal.ops import get  # noqa: E402
-from openseek_hal.ops.kernel_loader import interpreter_enabled, load_kernels  # noqa: E402
+from openseek_hal.ops.kernel_loader import load_kernels  # noqa: E402
 from openseek_hal.ops.moe import _route_outputs, _route_scores  # noqa: E402
 
 PKG = load_kernels(interpret=True)
@@ -148,34 +148,16 @@ def test_norm_backward_is_bitwise_reproducible():
 
 # -- no kernel warns when compiled ------------------------------------------------------------------
 
-def _resources_script():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ops" / "memops_sm90_resources.py"
-    spec = importlib.util.spec_from_file_location("memops_sm90_resources", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_no_kernel_warns_when_compiled_for_h100(monkeypatch, tmp_path):
     """Each kernel the op samples launch (attention's have their own compile test), compiled for
     sm_90 as launched, must emit no warning (e.g. "Logical operators 'and' and 'or' are deprecated
     for non-scalar tensors"); the default memops configs are among them."""
-    from pathlib import Path
+    from benchmark_scripts import load_script, require_sm90_compiler
 
-    import triton
-
-    if interpreter_enabled():
-        pytest.skip("TRITON_INTERPRET is set for the whole process: there are no compiled kernels to build")
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this Triton has no NVIDIA toolchain")
+    require_sm90_compiler("ptxas")
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its own warning
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # a cached kernel is not compiled again (nor warns)
-    script = _resources_script()
+    script = load_script("ops/memops_sm90_resources.py")
     seen = script.record_launches(_one_sample_per_op)
     compiled = {}
     for name, module, args, kwargs in seen:
@@ -210,16 +192,13 @@ def _one_sample_per_op() -> None:
 def test_memops_sweep_runs_a_row_on_the_cpu(monkeypatch, tmp_path, capsys):
     """The GPU sweep script's plumbing (cases, overrides, checks, best config, table line) on the
     interpreter at 8 rows, with a fake clock-free timer; no numbers are meaningful here."""
-    import importlib.util
     import json
-    from pathlib import Path
+
+    from benchmark_scripts import load_script
 
     from openseek_hal.ops import bench, bench_cases
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ops" / "memops_sweep.py"
-    spec = importlib.util.spec_from_file_location("memops_sweep", path)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_script("ops/memops_sweep.py")
     original = bench_cases._randn
 
     def small(*shape, **kw):  # 8 rows of the case's own width
