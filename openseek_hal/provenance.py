@@ -27,8 +27,10 @@ def _package_version(name: str) -> str:
         return "-"
 
 
-def git_state(root: str | Path | None = None) -> dict[str, Any]:
-    """``{"commit", "dirty", "commit_source"}`` of the checkout at ``root`` (default: this package's)."""
+def git_state(root: str | Path | None = None, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``{"commit", "dirty", "commit_source"}`` of the checkout at ``root`` (default: this package's);
+    changes under the ``ignore`` paths (relative to ``root``: e.g. the results a benchmark writes) do not
+    count as dirty."""
     if os.environ.get(ENV_COMMIT):
         return {"commit": os.environ[ENV_COMMIT], "dirty": None, "commit_source": ENV_COMMIT}
     root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
@@ -43,7 +45,8 @@ def git_state(root: str | Path | None = None) -> dict[str, Any]:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None, "commit_source": "not a git checkout"}
-    status = git("status", "--porcelain", "--untracked-files=no")
+    excluded = [f":!{path}" for path in ignore]
+    status = git("status", "--porcelain", "--untracked-files=no", *(["--", ".", *excluded] if excluded else []))
     return {"commit": commit, "dirty": bool(status) if status is not None else None, "commit_source": "git"}
 
 

@@ -39,3 +39,23 @@ def test_conformance_reports_carry_provenance(tmp_path):
     assert "--seed 3" in env["command"]
     markdown = next(tmp_path.glob("*.md")).read_text()
     assert env["commit"] in markdown
+
+
+def test_changes_under_ignored_paths_do_not_make_a_checkout_dirty(monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENSEEK_HAL_COMMIT", raising=False)
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "code.py").write_text("a\n")
+    (tmp_path / "results" / "r.json").write_text("{}\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "results" / "r.json").write_text('{"new": 1}\n')  # a benchmark rewrote its record
+    assert git_state(tmp_path)["dirty"] is True
+    assert git_state(tmp_path, ignore=("results",))["dirty"] is False
+    (tmp_path / "code.py").write_text("b\n")
+    assert git_state(tmp_path, ignore=("results",))["dirty"] is True

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,8 +34,7 @@ def provenance(corpus: Iterable[Path], versions: Iterable[str] = ("numpy",)) -> 
     the corpus hash."""
     from importlib.metadata import PackageNotFoundError, version
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    from openseek_hal.provenance import cpu_model, git_state
 
     found = {}
     for pkg in versions:
@@ -44,15 +42,12 @@ def provenance(corpus: Iterable[Path], versions: Iterable[str] = ("numpy",)) -> 
             found[pkg] = version(pkg)
         except PackageNotFoundError:
             pass
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    except OSError:
-        cpu = "?"
+    state = git_state(ROOT, ignore=("benchmarks/data/results",))
     return {
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/data/results")),
+        "commit": state["commit"],
+        "dirty": state["dirty"],
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": f"{cpu}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "machine": f"{cpu_model() or '?'}, {os.cpu_count()} CPUs, {platform.platform()}",
         "python": platform.python_version(),
         "versions": found,
         "load_average_at_end": os.getloadavg(),
