@@ -42,6 +42,24 @@ def _time(step, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def device_busy(prof) -> dict:
+    """Union of the device kernels' intervals over the profiled window: how much of it the GPU computed."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+    if not spans:
+        return {}
+    busy, cur_s, cur_e = 0.0, *spans[0]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    window = spans[-1][1] - spans[0][0]
+    return {"profiled_window_ms": window / 1e3, "device_busy_ms": busy / 1e3, "device_busy_fraction": busy / window}
+
+
 def run_regime(regime: str, args: argparse.Namespace, be) -> dict:
     dev = be.device.torch_device
     model = build_model("openseek-small", be, dtype=torch.bfloat16, seed=0, num_nextn_predict_layers=args.mtp)
@@ -81,6 +99,7 @@ def run_regime(regime: str, args: argparse.Namespace, be) -> dict:
             step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70)
+    row.update(device_busy(prof))
     (args.out / f"profile-{regime}.txt").write_text(table)
     print(f"== {regime}\n{table}", flush=True)
     return row
@@ -104,10 +123,10 @@ def main() -> None:
 
     (args.out / "step_profile.json").write_text(json.dumps(
         {"card": torch.cuda.get_device_name(0), **provenance(), "rows": rows}, indent=1))
-    print(f"{'regime':<8} {'step ms':>8} {'tok/s':>9} {'MFU':>6} {'peak MiB':>9}")
+    print(f"{'regime':<8} {'step ms':>8} {'tok/s':>9} {'MFU':>6} {'peak MiB':>9} {'busy':>6}")
     for name, r in rows.items():
         print(f"{name:<8} {r['step_ms']:>8.1f} {r['tokens_per_s']:>9,.0f} {100 * r['mfu']:>5.1f}% "
-              f"{r['peak_memory_mib']:>9,.0f}")
+              f"{r['peak_memory_mib']:>9,.0f} {100 * r.get('device_busy_fraction', float('nan')):>5.1f}%")
 
 
 if __name__ == "__main__":
