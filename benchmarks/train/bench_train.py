@@ -62,6 +62,8 @@ ROWS = {
     "1gpu-mtp": (1, []),
     # FP8 linear layers and routed experts (DeepSeek-V3's recipe); compare with "1gpu" in the same run
     "1gpu-fp8": (1, ["model.num_nextn_predict_layers=0", "fp8=true"]),
+    # the optimizer update in line (before the default side-stream update beside the next forward)
+    "1gpu-serial-opt": (1, ["model.num_nextn_predict_layers=0", "optimizer_overlap=false"]),
     "1gpu-bf16moments": (1, ["model.num_nextn_predict_layers=0", "moment_dtype=bf16"]),
     "1gpu-mtp-bf16moments": (1, ["moment_dtype=bf16"]),
     "1gpu-autocast-mtp": (1, ["dtype=autocast"]),
@@ -143,7 +145,8 @@ def main() -> None:
         (args.out / "train_bench.json").write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
     base = next((r.get("tokens_per_s") for r in rows if r["row"] == "1gpu"), None)
     print(f"\n{'row':<20} {'GPUs':>4} {'tok/s':>10} {'x 1gpu':>7} {'MFU/dev':>8} {'peak MiB':>9} "
-          f"{'fwd':>6} {'bwd':>6} {'gsync':>6} {'opt':>6} {'wsync':>6} {'a2a/layer':>9} {'hidden':>6}")
+          f"{'fwd':>6} {'bwd':>6} {'gsync':>6} {'opt':>6} {'opt side':>8} {'wsync':>6} {'a2a/layer':>9} {'hidden':>6} "
+          f"{'last loss':>10}")
     for r in rows:
         if r["rc"]:
             print(f"{r['row']:<20} failed: {r.get('error')}")
@@ -152,8 +155,10 @@ def main() -> None:
         print(f"{r['row']:<20} {r['gpus']:>4} {r['tokens_per_s']:>10,.0f} {speedup:>7.2f} "
               f"{100 * r.get('mfu', float('nan')):>7.1f}% {r.get('peak_memory_mib', 0):>9,.0f} "
               f"{r.get('forward_ms', 0):>6.1f} {r.get('backward_ms', 0):>6.1f} {r.get('grad_sync_ms', 0):>6.1f} "
-              f"{r.get('optimizer_ms', 0):>6.1f} {r.get('weight_sync_ms', 0):>6.1f} "
-              f"{r.get('a2a_ms_per_layer', float('nan')):>9.2f} {r.get('a2a_hidden_fraction', float('nan')):>6.2f}")
+              f"{r.get('optimizer_ms', 0):>6.1f} {r.get('optimizer_overlapped_ms', 0):>8.1f} "
+              f"{r.get('weight_sync_ms', 0):>6.1f} "
+              f"{r.get('a2a_ms_per_layer', float('nan')):>9.2f} {r.get('a2a_hidden_fraction', float('nan')):>6.2f} "
+              f"{r.get('loss', float('nan')):>10.6f}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ class TrainConfig:
     # the AdamW moments: "master" (the master weights' dtype: fp32, fp64 in verification runs) or
     # "bf16" (as DeepSeek-V3 trains: half the optimizer's moment memory and traffic)
     moment_dtype: str = "master"
+    # accelerators: update the buckets no collective touches on a side stream, beside the next forward
+    # (each block waits for its own weights); the same kernels, so the same weights as the serial update
+    optimizer_overlap: bool = True
     comm_adaptor: str = ""  # the Communicator adaptor every collective goes through ("": the backend's own)
     comm_timeout: float = 300.0  # seconds any collective or the rendezvous may wait before failing
     recompute: bool = False  # recompute each transformer block's activations in backward
@@ -77,7 +80,7 @@ class TrainConfig:
 # Fields that a resumed run may change; any other change would break its exactness and is refused.
 RESUMABLE = frozenset({"steps", "out", "backend", "log_every", "save_every", "save", "eval_batches", "sample_tokens",
                        "wandb", "comm_adaptor", "comm_timeout", "bucket_mb", "micro_batch_size", "expert_parallel",
-                       "expert_overlap", "recompute", "compile", "reduce_dtype", "profile_step"})
+                       "expert_overlap", "optimizer_overlap", "recompute", "compile", "reduce_dtype", "profile_step"})
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -320,7 +320,8 @@ class _Run:
                                               weight_decay=cfg.weight_decay, bucket_mb=cfg.bucket_mb,
                                               master_dtype=master, reduce_dtype=reduce, moment_dtype=moments,
                                               # one micro-batch: the gradient autograd made, in its own dtype
-                                              grad_dtype=self.dtype if self.accum == 1 else None)
+                                              grad_dtype=self.dtype if self.accum == 1 else None,
+                                              overlap_update=cfg.optimizer_overlap)
         # each block, MTP module and the final norm waits for its weights when the forward reaches it;
         # the embedding's bucket (gathered first) is waited for before the forward
         self.optimizer.gather_before_use([*model.layers, *model.mtp, model.norm])
@@ -409,6 +410,8 @@ class _Run:
                 phases.mark("grad_sync")
                 stats = self.optimizer.update(lr, cfg.grad_clip)
                 phases.mark("optimizer")
+                if self.optimizer.update_span is not None:  # the update queued beside the next forward
+                    phases.span("optimizer_overlapped", *self.optimizer.update_span)
                 self.optimizer.wait_weights(lazy=True)  # each block waits for its own weights on first use
                 phases.mark("weight_sync")
                 # The loss and the gradient norm stay on the device until they are read (to log, or before a
@@ -532,12 +535,13 @@ class _PhaseTimer:
     timing costs no host-device round trip.
     """
 
-    PHASES = ("forward", "backward", "grad_sync", "optimizer", "weight_sync")
+    PHASES = ("forward", "backward", "grad_sync", "optimizer", "weight_sync", "optimizer_overlapped")
 
     def __init__(self, backend: Backend):
         self._device = backend.device
         self._marks: list[tuple[str, Any]] = []
-        self._steps_pending: list[list[tuple[str, Any]]] = []
+        self._spans: list[tuple[str, Any, Any]] = []
+        self._steps_pending: list[tuple[list[tuple[str, Any]], list[tuple[str, Any, Any]]]] = []
         self._sums = dict.fromkeys(self.PHASES, 0.0)
         self._steps = 0
         self._window = dict.fromkeys(self.PHASES, 0.0)
@@ -548,18 +552,24 @@ class _PhaseTimer:
         event.record()
         self._marks.append((phase, event))
 
+    def span(self, phase: str, start: Any, end: Any) -> None:
+        """Add ``phase``'s time between two timing events recorded elsewhere (another stream's work,
+        which runs beside the marked phases and so is not part of their sum)."""
+        self._spans.append((phase, start, end))
+
     def end_step(self, count: bool = True) -> None:
         """Close the step; ``count=False`` drops it (the first step, which pays for warm-up)."""
         if count:
-            self._steps_pending.append(self._marks)
-        self._marks = []
+            self._steps_pending.append((self._marks, self._spans))
+        self._marks, self._spans = [], []
 
     def _flush(self) -> None:
         if not self._steps_pending:
             return
-        self._steps_pending[-1][-1][1].synchronize()
-        for marks in self._steps_pending:
-            for (_, start), (phase, end) in zip(marks, marks[1:]):
+        self._device.synchronize()
+        for marks, spans in self._steps_pending:
+            pairs = [(phase, start, end) for (_, start), (phase, end) in zip(marks, marks[1:])]
+            for phase, start, end in pairs + spans:
                 ms = start.elapsed_time(end)
                 self._sums[phase] += ms
                 self._window[phase] += ms

@@ -23,6 +23,13 @@ the parameter buffer (rounded to the weight dtype) and the buckets are all-gathe
 first; with `gather_before_use` each module waits for its own weights when the next forward calls
 it. With one rank the same code runs with no communication and the shard is the whole bucket.
 
+With ``overlap_update`` (accelerators), the buckets that no collective touches (every bucket of a
+one-rank run; the routed experts of an expert-parallel run without expert replicas) are updated on a
+side stream instead: the update is queued after the norm, and each module of the next forward waits
+(a stream wait, not a host wait) only for its own buckets, exactly like for a weight all-gather, so
+the memory-bound update runs beside the next forward's first layers. The kernels and their inputs
+are the same, so the weights are bitwise those of the serial update.
+
 Parameters fall in *spaces*: the dense parameters (and shared experts) are replicated on every
 rank and reduced over all of them; the routed experts of an expert-parallel run are replicated
 only over the ranks that hold the same expert shard. Each space has its own communicator; both
@@ -106,6 +113,18 @@ class StepStats:
     clip_coef: torch.Tensor
 
 
+class _SideWork:
+    """A bucket's update queued on the side stream; ``wait()`` makes the current stream wait for it
+    (no host wait) and then lets go of the compute-stream tensors the update read."""
+
+    def __init__(self, event: Any, keep: tuple[Any, ...]):
+        self._event, self._keep = event, keep
+
+    def wait(self) -> None:
+        self._event.wait()
+        self._keep = ()
+
+
 class DistributedOptimizer:
     """AdamW with ZeRO-1 sharding and bucketed, overlapped gradient reduce-scatter.
 
@@ -120,12 +139,13 @@ class DistributedOptimizer:
                  eps: float, weight_decay: float, bucket_mb: float = 128.0, master_dtype: torch.dtype = torch.float32,
                  reduce_dtype: torch.dtype = torch.float32, moment_dtype: torch.dtype | None = None,
                  grad_dtype: torch.dtype | None = None,
-                 no_decay: Callable[[str, nn.Parameter], bool] | None = None):
+                 no_decay: Callable[[str, nn.Parameter], bool] | None = None, overlap_update: bool = False):
         """``moment_dtype`` defaults to ``master_dtype``. The gradient buffers are in the wider of the
         master and weight dtypes, which accumulation needs, unless ``grad_dtype`` is given (the weight
         dtype, when every step has one micro-batch: `start_step` then refuses more): a bucket that is
         not reduced then keeps that dtype, and one that is reduced takes the reduce dtype, so that the
-        hook's copy is the only conversion on the way to the wire."""
+        hook's copy is the only conversion on the way to the wire. ``overlap_update``: see the module
+        docstring (ignored on the CPU, which has one stream)."""
         self.backend, self.world = backend, world
         self.world_size = world.world_size if world is not None else 1
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
@@ -140,6 +160,10 @@ class DistributedOptimizer:
         self._hooks: list[Any] = []
         self._lazy: set[int] = set()  # buckets whose all-gather a block waits for on first use
         self._seen: set[int] = set()  # parameters whose gradient this step has written
+        device = backend.device
+        self._device = device
+        self._side = device.stream() if overlap_update and device.type != "cpu" else None
+        self.update_span: tuple[Any, Any] | None = None  # timing events around the side stream's update
         self.buckets: list[Bucket] = []
         for space, (comm, named) in spaces.items():
             self._build_buckets(space, comm, named, int(bucket_mb * 2**20))
@@ -275,6 +299,7 @@ class DistributedOptimizer:
             b.pending = 0
             for _, p, offset in b.params:
                 if id(p) not in self._seen:  # no gradient this step: zero, not last step's
+                    self._wait_gather(b)  # a side-stream update may still read the buffer
                     b.grad_buffer[offset:offset + p.numel()].zero_()
         self._launch_ready()
         for b in self.buckets:
@@ -310,32 +335,53 @@ class DistributedOptimizer:
             coef = torch.where(norm > grad_clip, grad_clip / (norm + 1e-6), coef)
         grad_scale = (coef * self._scale).reshape(1)  # in the accumulation dtype: fp64 runs stay fp64
         self.step_count += 1
-        beta1, beta2 = self.betas
+        side = self._side if any(not self._communicates(b) for b in self.buckets) else None
+        if side is not None:
+            ready = self._device.event()
+            ready.record()  # the gradients and the norm, on the compute stream
+            side.wait_event(ready)
+            start, end = self._device.event(enable_timing=True), self._device.event(enable_timing=True)
+            start.record(side)
         for b in reversed(self.buckets):
             # a weight all-gather still in flight (a module that was not called) would write the old
             # shard back over the update
             self._wait_gather(b)
-            grads = b.step_grad
-            lo, hi = b.shard_start, b.shard_start + b.shard_numel
-            split = min(max(b.decay_end, lo), hi) - lo  # shard offset where no-decay elements start
-            # alignment padding updates to zero: its weight, gradient and moments are all zero
-            for start, end, decay in ((0, split, True), (split, b.shard_numel, False)):
-                if start == end:
-                    continue
-                master, param, grad, m, v = (t[start:end] for t in
-                                             (b.master, b.param_shard, grads, b.exp_avg, b.exp_avg_sq))
-                new = self._adamw([master if b.aliased else param], [grad], [m], [v], lr=lr, beta1=beta1,
-                                  beta2=beta2, eps=self.eps, weight_decay=self.weight_decay if decay else 0.0,
-                                  step=self.step_count, master_params=None if b.aliased else [master],
-                                  grad_scale=grad_scale)
-                targets = [master if b.aliased else param, m, v] + ([] if b.aliased else [master])
-                for dst, src in zip(targets, new):
-                    if src[0] is not dst:
-                        dst.copy_(src[0])
+            if side is not None and not self._communicates(b):
+                with side:
+                    self._update_bucket(b, lr, grad_scale)
+                    done = self._device.event()
+                    done.record(side)
+                # the compute stream frees what it allocated (the scale) only after it waited for the update
+                b.gather = _SideWork(done, keep=(grad_scale, b.reduced))
+            else:
+                self._update_bucket(b, lr, grad_scale)
             b.reduced = None
             self._gather(b)
+        if side is not None:
+            end.record(side)
+            self.update_span = (start, end)
         weights_updated()  # the weights changed behind their version counters (fp8 weight cache)
         return StepStats(grad_norm=norm, clip_coef=coef)
+
+    def _update_bucket(self, b: Bucket, lr: float, grad_scale: torch.Tensor) -> None:
+        beta1, beta2 = self.betas
+        grads = b.step_grad
+        lo, hi = b.shard_start, b.shard_start + b.shard_numel
+        split = min(max(b.decay_end, lo), hi) - lo  # shard offset where no-decay elements start
+        # alignment padding updates to zero: its weight, gradient and moments are all zero
+        for start, end, decay in ((0, split, True), (split, b.shard_numel, False)):
+            if start == end:
+                continue
+            master, param, grad, m, v = (t[start:end] for t in
+                                         (b.master, b.param_shard, grads, b.exp_avg, b.exp_avg_sq))
+            new = self._adamw([master if b.aliased else param], [grad], [m], [v], lr=lr, beta1=beta1,
+                              beta2=beta2, eps=self.eps, weight_decay=self.weight_decay if decay else 0.0,
+                              step=self.step_count, master_params=None if b.aliased else [master],
+                              grad_scale=grad_scale)
+            targets = [master if b.aliased else param, m, v] + ([] if b.aliased else [master])
+            for dst, src in zip(targets, new):
+                if src[0] is not dst:
+                    dst.copy_(src[0])
 
     def wait_weights(self, lazy: bool = False) -> None:
         """Wait for the weights' all-gathers; ``lazy``: only those no block's pre-hook will wait for."""
