@@ -111,7 +111,8 @@ def test_wandb_logs_offline(tmp_path, monkeypatch):
     train(_cfg(tmp_path, steps=5, wandb="true"), console=_quiet())
     assert calls[0] == ("init", "offline", "openseek-hal")
     logged = {"aux_loss", "grad_norm", "loss", "lr", "mtp_loss", "tokens_per_s", "tokens_per_s_per_device",
-              "peak_memory_mib", "forward_ms", "backward_ms", "grad_sync_ms", "optimizer_ms", "weight_sync_ms"}
+              "peak_memory_mib", "forward_ms", "backward_ms", "grad_sync_ms", "optimizer_ms", "weight_sync_ms",
+              "optimizer_overlapped_ms"}
     assert ("log", 5, sorted(logged)) in calls
     assert calls[-1] == ("finish",)
 
