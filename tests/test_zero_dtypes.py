@@ -44,8 +44,9 @@ def test_one_micro_batch_keeps_bf16_gradients_and_updates_as_fp32_buffers_do():
     wide_model, narrow_model = _model(torch.bfloat16), _model(torch.bfloat16)
     wide, narrow = _opt(wide_model), _opt(narrow_model, grad_dtype=torch.bfloat16)
     assert {b.grad_buffer.dtype for b in wide.buckets} == {torch.float32}
-    assert {b.grad_buffer.dtype for b in narrow.buckets} == {torch.bfloat16}
-    assert narrow.memory_bytes()["gradients"] * 2 == wide.memory_bytes()["gradients"]
+    # one rank, one micro-batch: no buffer, the update reads autograd's bf16 gradients in place
+    assert all(b.grad_buffer is None for b in narrow.buckets)
+    assert narrow.memory_bytes()["gradients"] == sum(2 * p.numel() for p in narrow_model.parameters())
     # a bf16 gradient widened to fp32 is the same number: the unclipped updates are identical
     _train(wide_model, wide, 3)
     _train(narrow_model, narrow, 3)
@@ -53,6 +54,26 @@ def test_one_micro_batch_keeps_bf16_gradients_and_updates_as_fp32_buffers_do():
         assert torch.equal(p, q)
     for a, b in zip(wide.buckets, narrow.buckets, strict=True):
         assert torch.equal(a.master, b.master) and torch.equal(a.exp_avg_sq, b.exp_avg_sq)
+
+
+def test_a_bucket_without_buffer_reads_autograds_gradients_and_zero_for_a_parameter_without_one():
+    model = _model(torch.bfloat16)
+    opt = _opt(model, grad_dtype=torch.bfloat16)
+    first, unused = model[0].weight, model[2].bias
+    x = torch.randint(-4, 5, (4, 16)).to(torch.bfloat16)  # small integers: every sum is exact
+    opt.start_step(1)
+    (model[0](x).sum() + model[2].weight.sum()).backward()  # model[2].bias gets no gradient
+    expected = x.float().sum(0).expand(32, 16).to(torch.bfloat16)
+    opt.finish_gradients()
+    grads = {id(p): g for b in opt.buckets for p_id, g in b.grads.items() for p in [first, unused] if id(p) == p_id}
+    assert torch.equal(grads[id(first)], expected)
+    assert torch.equal(grads[id(unused)], torch.zeros_like(unused))
+    assert first.grad is None  # handed to the optimizer, not kept twice
+    before = unused.detach().clone()
+    opt.step(LR, None)
+    assert all(not b.grads for b in opt.buckets)  # freed with the update
+    # a zero gradient: only the weight decay moves it (no decay on a bias: it stays)
+    assert torch.equal(unused, before)
 
 
 def test_gradient_norm_of_bf16_buffers_matches_fp32_buffers_within_the_summation_bound():

@@ -62,8 +62,8 @@ ROWS = {
     "1gpu-mtp": (1, []),
     # FP8 linear layers and routed experts (DeepSeek-V3's recipe); compare with "1gpu" in the same run
     "1gpu-fp8": (1, ["model.num_nextn_predict_layers=0", "fp8=true"]),
-    # the optimizer update in line (before the default side-stream update beside the next forward)
-    "1gpu-serial-opt": (1, ["model.num_nextn_predict_layers=0", "optimizer_overlap=false"]),
+    # the update of the buckets no collective touches on a side stream, beside the next forward
+    "1gpu-overlap": (1, ["model.num_nextn_predict_layers=0", "optimizer_overlap=true"]),
     "1gpu-bf16moments": (1, ["model.num_nextn_predict_layers=0", "moment_dtype=bf16"]),
     "1gpu-mtp-bf16moments": (1, ["moment_dtype=bf16"]),
     "1gpu-autocast-mtp": (1, ["dtype=autocast"]),

@@ -64,8 +64,9 @@ class TrainConfig:
     # "bf16" (as DeepSeek-V3 trains: half the optimizer's moment memory and traffic)
     moment_dtype: str = "master"
     # accelerators: update the buckets no collective touches on a side stream, beside the next forward
-    # (each block waits for its own weights); the same kernels, so the same weights as the serial update
-    optimizer_overlap: bool = True
+    # (each block waits for its own weights); the same kernels, so the same weights as the serial update.
+    # Off by default: on one H100 the forward slowed by what the update saved (docs/train.md)
+    optimizer_overlap: bool = False
     comm_adaptor: str = ""  # the Communicator adaptor every collective goes through ("": the backend's own)
     comm_timeout: float = 300.0  # seconds any collective or the rendezvous may wait before failing
     recompute: bool = False  # recompute each transformer block's activations in backward

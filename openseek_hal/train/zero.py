@@ -16,6 +16,12 @@ device scalar handed to the backend's ``adamw`` (``grad_scale``), and the global
 on the device too, so the step makes no pass over the gradients just to scale them and never
 waits for the host.
 
+A bucket that no collective touches, in an optimizer built for one micro-batch per step
+(``grad_dtype``), has no gradient buffer at all: the hook keeps the gradient autograd made and the
+update reads it in place, one `adamw` call over the bucket's parameters, so the step neither copies
+the gradients nor holds them twice (on one GPU: a copy of every gradient and the buffers' memory, 2
+bytes a parameter in bf16, saved).
+
 Every replica rank owns ``1/N`` of each bucket (padded to a multiple of N): the fp32 master copy
 of those elements and their AdamW moments (in the master dtype, or bf16 as DeepSeek-V3 keeps them,
 ``moment_dtype``). After the step a rank writes its updated slice into
@@ -73,7 +79,9 @@ class Bucket:
     params: list[tuple[str, nn.Parameter, int]]  # (name, param, offset in the bucket)
     numel: int  # padded to a multiple of the space's world size
     param_buffer: torch.Tensor = field(repr=False)
-    grad_buffer: torch.Tensor = field(repr=False)
+    grad_buffer: torch.Tensor | None = field(repr=False)  # None: the bucket keeps autograd's gradients
+    # the gradients autograd made this step, by parameter id (buckets without a gradient buffer)
+    grads: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     shard_start: int = 0
     shard_numel: int = 0
     segments: list[Segment] = field(default_factory=list)
@@ -90,6 +98,11 @@ class Bucket:
     master: torch.Tensor | None = field(default=None, repr=False)
     exp_avg: torch.Tensor | None = field(default=None, repr=False)
     exp_avg_sq: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def direct(self) -> bool:
+        """Whether this bucket keeps autograd's gradients instead of a gradient buffer."""
+        return self.grad_buffer is None
 
     @property
     def grad_shard(self) -> torch.Tensor:
@@ -197,9 +210,11 @@ class DistributedOptimizer:
             p0 = members[0][1]
             param_buffer = torch.zeros(total, dtype=p0.dtype, device=p0.device)
             grad_dtype = torch.promote_types(self.master_dtype, p0.dtype)
+            reduced = comm is not None and comm.world_size > 1
             if self.grad_dtype is not None:
-                grad_dtype = self.reduce_dtype if comm is not None and comm.world_size > 1 else self.grad_dtype
-            grad_buffer = torch.zeros(total, dtype=grad_dtype, device=p0.device)
+                grad_dtype = self.reduce_dtype if reduced else self.grad_dtype
+            direct = self.grad_dtype is not None and not reduced
+            grad_buffer = None if direct else torch.zeros(total, dtype=grad_dtype, device=p0.device)
             params = []
             for (name, p), offset in zip(members, offsets):
                 if p.dtype != p0.dtype:
@@ -244,12 +259,16 @@ class DistributedOptimizer:
             if param.grad is None:
                 return
             with torch.no_grad():
-                view = b.grad_buffer[offset:offset + param.numel()].view_as(param)
-                if id(param) in self._seen:
-                    view.add_(param.grad)
-                else:  # the step's first gradient overwrites: the buffer needs no clearing between steps
-                    view.copy_(param.grad)
+                if b.direct:  # one micro-batch a step: keep autograd's gradient (the update reads it flat)
+                    b.grads[id(param)] = param.grad.contiguous()
                     self._seen.add(id(param))
+                else:
+                    view = b.grad_buffer[offset:offset + param.numel()].view_as(param)
+                    if id(param) in self._seen:
+                        view.add_(param.grad)
+                    else:  # the step's first gradient overwrites: the buffer needs no clearing between steps
+                        view.copy_(param.grad)
+                        self._seen.add(id(param))
             param.grad = None
             if self._micro == self._micro_batches - 1:
                 b.pending -= 1
@@ -258,11 +277,12 @@ class DistributedOptimizer:
 
     def start_step(self, micro_batches: int) -> None:
         """Expect ``micro_batches`` backwards before `finish_gradients`."""
-        narrow = [b.index for b in self.buckets if b.grad_buffer.dtype != self.master_dtype
-                  and torch.promote_types(b.grad_buffer.dtype, self.master_dtype) == self.master_dtype]
+        narrow = [b.grad_buffer.dtype if b.grad_buffer is not None else self.grad_dtype for b in self.buckets
+                  if b.direct or (b.grad_buffer.dtype != self.master_dtype and
+                                  torch.promote_types(b.grad_buffer.dtype, self.master_dtype) == self.master_dtype)]
         if micro_batches > 1 and narrow:
             raise ValueError(f"accumulating {micro_batches} micro-batches needs {self.master_dtype} gradient "
-                             f"buffers, not {self.buckets[narrow[0]].grad_buffer.dtype} (grad_dtype)")
+                             f"buffers, not {narrow[0]} gradients of an optimizer built for one (grad_dtype)")
         self._micro_batches = micro_batches
         self._micro = 0
         self._next_launch = 0
@@ -271,6 +291,7 @@ class DistributedOptimizer:
             b.pending = len(b.params)
             b.work = None
             b.reduced = b.send = None
+            b.grads = {}
 
     @property
     def _scale(self) -> float:
@@ -299,6 +320,9 @@ class DistributedOptimizer:
             b.pending = 0
             for _, p, offset in b.params:
                 if id(p) not in self._seen:  # no gradient this step: zero, not last step's
+                    if b.direct:
+                        b.grads[id(p)] = torch.zeros_like(p)
+                        continue
                     self._wait_gather(b)  # a side-stream update may still read the buffer
                     b.grad_buffer[offset:offset + p.numel()].zero_()
         self._launch_ready()
@@ -314,7 +338,8 @@ class DistributedOptimizer:
         acc = torch.promote_types(self.master_dtype, torch.float32)
         if not self.buckets:
             return torch.zeros((), dtype=acc)
-        squares = torch.stack([_sum_of_squares(b.step_grad, acc) for b in self.buckets]).sum()
+        grads = [g for b in self.buckets for g in (b.grads.values() if b.direct else [b.step_grad])]
+        squares = _sum_of_squares(grads, acc)
         if self.world is not None and self.world.world_size > 1:
             squares = squares.reshape(1).to(torch.float64)
             self.world.all_reduce(squares, op="sum")
@@ -352,10 +377,11 @@ class DistributedOptimizer:
                     done = self._device.event()
                     done.record(side)
                 # the compute stream frees what it allocated (the scale) only after it waited for the update
-                b.gather = _SideWork(done, keep=(grad_scale, b.reduced))
+                b.gather = _SideWork(done, keep=(grad_scale, b.reduced, b.grads))
             else:
                 self._update_bucket(b, lr, grad_scale)
             b.reduced = None
+            b.grads = {}  # autograd's gradients are freed as soon as their bucket is updated
             self._gather(b)
         if side is not None:
             end.record(side)
@@ -364,24 +390,34 @@ class DistributedOptimizer:
         return StepStats(grad_norm=norm, clip_coef=coef)
 
     def _update_bucket(self, b: Bucket, lr: float, grad_scale: torch.Tensor) -> None:
+        """AdamW over the bucket's shard: decayed and not decayed elements, one `adamw` call each, over
+        the flat shard (one tensor) or, for a bucket without a gradient buffer, over its parameters
+        (alignment padding is then not touched: it stays zero, as an update of zeros would leave it)."""
         beta1, beta2 = self.betas
-        grads = b.step_grad
-        lo, hi = b.shard_start, b.shard_start + b.shard_numel
-        split = min(max(b.decay_end, lo), hi) - lo  # shard offset where no-decay elements start
-        # alignment padding updates to zero: its weight, gradient and moments are all zero
-        for start, end, decay in ((0, split, True), (split, b.shard_numel, False)):
-            if start == end:
+        if b.direct:
+            runs = [[(s.shard_offset, s.shard_offset + s.numel, b.grads[id(s.param)].view(-1)[
+                s.param_offset:s.param_offset + s.numel]) for s in b.segments if s.decay == decay]
+                for decay in (True, False)]
+        else:
+            lo, hi = b.shard_start, b.shard_start + b.shard_numel
+            split = min(max(b.decay_end, lo), hi) - lo  # shard offset where no-decay elements start
+            # alignment padding updates to zero: its weight, gradient and moments are all zero
+            runs = [[(0, split, b.step_grad[:split])], [(split, b.shard_numel, b.step_grad[split:])]]
+        for decay, run in zip((True, False), runs):
+            run = [(start, end, grad) for start, end, grad in run if start < end]
+            if not run:
                 continue
-            master, param, grad, m, v = (t[start:end] for t in
-                                         (b.master, b.param_shard, grads, b.exp_avg, b.exp_avg_sq))
-            new = self._adamw([master if b.aliased else param], [grad], [m], [v], lr=lr, beta1=beta1,
+            master, param, m, v = ([t[start:end] for start, end, _ in run]
+                                   for t in (b.master, b.param_shard, b.exp_avg, b.exp_avg_sq))
+            new = self._adamw(master if b.aliased else param, [g for _, _, g in run], m, v, lr=lr, beta1=beta1,
                               beta2=beta2, eps=self.eps, weight_decay=self.weight_decay if decay else 0.0,
-                              step=self.step_count, master_params=None if b.aliased else [master],
+                              step=self.step_count, master_params=None if b.aliased else master,
                               grad_scale=grad_scale)
             targets = [master if b.aliased else param, m, v] + ([] if b.aliased else [master])
-            for dst, src in zip(targets, new):
-                if src[0] is not dst:
-                    dst.copy_(src[0])
+            for dsts, srcs in zip(targets, new):
+                for dst, src in zip(dsts, srcs):
+                    if src is not dst:
+                        dst.copy_(src)
 
     def wait_weights(self, lazy: bool = False) -> None:
         """Wait for the weights' all-gathers; ``lazy``: only those no block's pre-hook will wait for."""
@@ -455,8 +491,11 @@ class DistributedOptimizer:
         """Bytes this rank holds for weights, gradients and optimizer state (master + moments)."""
         opt = sum(b.exp_avg.numel() * b.exp_avg.element_size() * 2 for b in self.buckets)
         opt += sum(b.master.numel() * b.master.element_size() for b in self.buckets if not b.aliased)
+        # a bucket without a buffer holds autograd's gradients from its backward to its update
+        grads = sum(b.grad_buffer.numel() * b.grad_buffer.element_size() if b.grad_buffer is not None else
+                    sum(p.numel() * p.element_size() for _, p, _ in b.params) for b in self.buckets)
         return {"weights": sum(b.param_buffer.numel() * b.param_buffer.element_size() for b in self.buckets),
-                "gradients": sum(b.grad_buffer.numel() * b.grad_buffer.element_size() for b in self.buckets),
+                "gradients": grads,
                 "optimizer": opt}
 
     def close(self) -> None:
@@ -465,13 +504,16 @@ class DistributedOptimizer:
         self._hooks.clear()
 
 
-def _sum_of_squares(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """``sum(t**2)`` in ``acc``. Device reductions are trees (a few roundings deep); the CPU's sum in
-    fp32 runs long sequential chunks (2.6e-4 relative off over 3M elements, measured), so on the CPU
-    the sum is taken in float64, which costs nothing there."""
-    if t.device.type == "cpu":
-        return t.to(torch.float64).square().sum().to(acc)
-    return torch.linalg.vector_norm(t, dtype=acc).square()
+def _sum_of_squares(tensors: list[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
+    """``sum(t**2)`` over all ``tensors`` in ``acc``. Device reductions are trees (a few roundings
+    deep), here one multi-tensor norm kernel; the CPU's sum in fp32 runs long sequential chunks
+    (2.6e-4 relative off over 3M elements, measured), so on the CPU it is taken in float64, which
+    costs nothing there."""
+    if not tensors:
+        return torch.zeros((), dtype=acc)
+    if tensors[0].device.type == "cpu":
+        return torch.stack([t.to(torch.float64).square().sum() for t in tensors]).sum().to(acc)
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=acc)).square().sum()
 
 
 def named_spaces(model: nn.Module, dense: Communicator | None, expert: Communicator | None,
