@@ -27,12 +27,12 @@ PKG = load_kernels(interpret=True)
 launch = PKG.launch
 SIZES = (64, 256, 1280, 2048, 2560, 4096, 7168)  # the model's row lengths (hidden, ffn, experts)
 KERNEL_SIZES = {"rms_norm": (1280, 4096, 7168), "add_rms_norm": (1280, 4096, 7168), "silu_and_mul": (2048, 2560, 4096),
-                "moe_route": (64, 256)}
+                "moe_route": (64, 256), "rope": (64,)}
 PARAMS = {"rms_norm_fwd": {"ROWS", "num_warps"}, "add_rms_norm_fwd": {"ROWS", "num_warps"},
           "rms_norm_bwd": {"ROWS", "num_warps", "per_sm", "num_stages"},
           "add_rms_norm_bwd": {"ROWS", "num_warps", "per_sm", "num_stages"},
           "silu_and_mul_fwd": {"BLOCK", "ROWS", "num_warps"}, "silu_and_mul_bwd": {"BLOCK", "ROWS", "num_warps"},
-          "moe_route_bwd": {"ROWS", "num_warps"}}
+          "moe_route_bwd": {"ROWS", "num_warps"}, "rope": {"ROWS", "num_warps"}}
 
 
 def _all_candidates(kernel: str) -> list[dict[str, int]]:
@@ -99,9 +99,26 @@ def _check_route_backward(tokens: int = 11) -> None:
         _close(ours, expected, "moe_route", experts, f"moe_route grad E{experts} k{top_k} {score_func}")
 
 
+def _check_rope(batch: int = 2, heads: int = 3, seq: int = 37, dim: int = 64) -> None:
+    """Both layouts, a transposed (batch, seq, heads, dim) input as the model hands it, rows
+    (batch x heads x seq = 222) that leave every candidate a partial last block; forward and backward."""
+    g = torch.Generator().manual_seed(3)
+    cos, sin = torch.randn(seq, dim // 2, generator=g), torch.randn(seq, dim // 2, generator=g)
+    for interleaved in (False, True):
+        x = torch.randn(batch, seq, heads, dim, generator=g).transpose(1, 2)
+        ours, ref = x.clone().requires_grad_(), x.double().requires_grad_()
+        out = PKG.rope.rope(ours, cos, sin, interleaved=interleaved)
+        expected = get("rope").reference(ref, cos.double(), sin.double(), interleaved=interleaved)
+        _close(out.detach(), expected.detach(), "rope", dim, f"rope output interleaved={interleaved}")
+        cot = torch.randn(out.shape, generator=g)
+        (grad,), (ref_grad,) = torch.autograd.grad(out, ours, cot), torch.autograd.grad(expected, ref, cot.double())
+        _close(grad, ref_grad, "rope", dim, f"rope grad interleaved={interleaved}")
+
+
 CHECKS = {"rms_norm_fwd": lambda: _check_norm(False), "rms_norm_bwd": lambda: _check_norm(False),
           "add_rms_norm_fwd": lambda: _check_norm(True), "add_rms_norm_bwd": lambda: _check_norm(True),
-          "silu_and_mul_fwd": _check_silu, "silu_and_mul_bwd": _check_silu, "moe_route_bwd": _check_route_backward}
+          "silu_and_mul_fwd": _check_silu, "silu_and_mul_bwd": _check_silu, "moe_route_bwd": _check_route_backward,
+          "rope": _check_rope}
 
 
 @pytest.mark.parametrize("kernel,cfg", CASES, ids=[f"{k}-{'-'.join(f'{a}{v}' for a, v in c.items())}"
@@ -212,7 +229,7 @@ def test_memops_sweep_runs_a_row_on_the_cpu(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(launch, "candidates", lambda kernel, n: candidates(kernel, n)[:3])
     rows = [r for r in sweep.ROWS if r[4] <= 4096 and r[3] in ("rms_norm_fwd", "add_rms_norm_bwd", "silu_and_mul_fwd",
                                                                  "moe_route_bwd")]
-    assert len(rows) == 5
+    assert len(rows) == 6
     for row in rows:
         out = sweep.sweep_row(row, torch.device("cpu"), 1e12, float("inf"), float("inf"), interpret=True)
         configs = out["configs"]

@@ -95,6 +95,8 @@ def _run_op(pkg, op: str, n: int, direction: str) -> None:
         args.append(torch.ones(n, dtype=torch.bfloat16))
     elif op == "silu_and_mul":
         args = [torch.randn(2, 2 * n, dtype=torch.bfloat16)]
+    elif op == "rope":  # (batch, heads, seq, dim) with tables (seq, dim / 2)
+        args = [torch.randn(1, 1, 2, n, dtype=torch.bfloat16), torch.randn(2, n // 2), torch.randn(2, n // 2)]
     else:
         args = [torch.randn(2, n), None]
     args = [a.requires_grad_() if a is not None and a.is_floating_point() and i == 0 or
@@ -123,8 +125,8 @@ def main(only: list[str]) -> None:
         for cfg in pkg.launch.candidates(kernel, n):
             with pkg.launch.override(kernel, cfg):
                 seen = record_launches(functools.partial(_run_op, pkg, op, n, direction))
-            wanted = {"fwd": ("_rms_norm_fwd", "_silu_and_mul_fwd"),
-                      "bwd": ("_rms_norm_bwd", "_silu_and_mul_bwd", "_route_bwd")}[direction]
+            wanted = {"fwd": ("_rms_norm_fwd", "_silu_and_mul_fwd", "_rope_kernel"),
+                      "bwd": ("_rms_norm_bwd", "_silu_and_mul_bwd", "_route_bwd", "_rope_kernel")}[direction]
             for name, module, args, kwargs in seen:
                 if name in wanted:
                     try:

@@ -21,6 +21,8 @@ takes its parameters from `config` ``(kernel, n)``, a fixed function of the shap
 * ``silu_and_mul_fwd``, ``silu_and_mul_bwd``: ``BLOCK`` (columns per program, a power of two,
   capped at ``next_pow2(d)``), ``ROWS`` (rows per program), ``num_warps``.
 * ``moe_route_bwd``: ``ROWS`` (tokens per program), ``num_warps``.
+* ``rope`` (forward and backward: the same kernel): ``ROWS`` (rows of ``n``, the head dim, per
+  program), ``num_warps``.
 
 `override` (a context manager) replaces the choice for one kernel; the sweep and the tests use it
 to run every entry of `candidates`. Each copy of the kernel package (compiled for the GPU,
@@ -37,7 +39,7 @@ import triton
 Config = dict[str, int]
 
 KERNELS = ("rms_norm_fwd", "rms_norm_bwd", "add_rms_norm_fwd", "add_rms_norm_bwd", "silu_and_mul_fwd",
-           "silu_and_mul_bwd", "moe_route_bwd")
+           "silu_and_mul_bwd", "moe_route_bwd", "rope")
 
 # (kernel, n) -> launch parameters: measured winners at the model's sizes (OpenSeek-Small hidden 1280,
 # ffn 2560, 64 experts; DeepSeek-V3 hidden 7168, ffn 2048, 256 experts; the issue's 4096). Empty
@@ -92,6 +94,9 @@ def _rule(kernel: str, n: int) -> Config:
         # A token's row is tiny (64-256 float32): several tokens per program.
         rows = max(1, min(8, 256 // block))
         return dict(ROWS=rows, num_warps=max(1, min(4, rows * block // 128)))
+    if kernel == "rope":
+        # ~4096 elements of x per program (a head dim of 64: 64 rows), 4 warps
+        return dict(ROWS=max(1, min(64, 4096 // block)), num_warps=4)
     raise KeyError(f"no launch rule for kernel {kernel!r}")
 
 
@@ -107,6 +112,8 @@ def previous(kernel: str, n: int) -> Config:
         return dict(BLOCK=cols, ROWS=1, num_warps=max(1, min(16, cols * 4 // 512)))
     if kernel == "moe_route_bwd":  # the launch only: that kernel's algorithm is gone (see kernels/moe.py)
         return dict(ROWS=1, num_warps=1 if n <= 64 else 4)
+    if kernel == "rope":
+        return _rule(kernel, n)
     raise KeyError(f"no launch rule for kernel {kernel!r}")
 
 
@@ -117,7 +124,10 @@ _ALTERNATIVES: dict[str, list[Config]] = {
                      ((1, 8), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))],
     "rms_norm_bwd": [dict(ROWS=r, num_warps=w, per_sm=p, num_stages=s) for r, w, p, s in
                      ((1, 32, 2, 1), (1, 32, 1, 1), (1, 32, 4, 1), (1, 32, 2, 3), (1, 16, 4, 1), (1, 16, 2, 1),
-                      (1, 16, 8, 1), (1, 8, 4, 1), (2, 32, 2, 1), (2, 16, 2, 1), (4, 32, 2, 1))],
+                      (1, 16, 8, 1), (1, 8, 4, 1), (2, 32, 2, 1), (2, 16, 2, 1), (4, 32, 2, 1),
+                      # narrow rows (hidden 1280): more rows in flight per SM, fewer threads per row
+                      (1, 8, 8, 1), (1, 4, 8, 1), (2, 8, 4, 1), (2, 8, 8, 1), (2, 16, 4, 1), (4, 16, 2, 1),
+                      (4, 16, 4, 1), (1, 8, 4, 2), (2, 8, 4, 2), (2, 16, 2, 2))],
     "silu_and_mul_fwd": [dict(BLOCK=b, ROWS=r, num_warps=w) for b, r, w in
                          ((512, 4, 8), (512, 4, 4), (512, 8, 8), (1024, 2, 8), (1024, 1, 4), (2048, 1, 8),
                           (2048, 1, 4), (256, 8, 8))],
@@ -126,6 +136,8 @@ _ALTERNATIVES: dict[str, list[Config]] = {
                           (2048, 2, 8), (4096, 1, 8))],
     "moe_route_bwd": [dict(ROWS=r, num_warps=w) for r, w in
                       ((1, 1), (1, 2), (1, 4), (2, 2), (4, 1), (4, 2), (4, 4), (8, 4), (16, 4))],
+    "rope": [dict(ROWS=r, num_warps=w) for r, w in
+             ((16, 2), (32, 2), (32, 4), (64, 2), (64, 8), (128, 4), (128, 8), (256, 8), (256, 16))],
 }
 _ALTERNATIVES["add_rms_norm_fwd"] = _ALTERNATIVES["rms_norm_fwd"]
 _ALTERNATIVES["add_rms_norm_bwd"] = _ALTERNATIVES["rms_norm_bwd"]
@@ -134,14 +146,17 @@ _ALTERNATIVES["add_rms_norm_bwd"] = _ALTERNATIVES["rms_norm_bwd"]
 def _spills(kernel: str, n: int, cfg: Config) -> bool:
     """Whether an alternative is too large to try at ``n``: more elements per thread than compiled
     without spilling for sm_90 (`benchmarks/ops/memops_sm90_resources.py`; norm backward: 16 a
-    tensor for one row per iteration, 8 for more; router backward: 64 of its ``tokens x experts x
-    top-8`` match)."""
+    tensor for one row per iteration or rows up to 2048 wide, 8 for more; router backward: 64 of its
+    ``tokens x experts x top-8`` match; rope: 32 of x)."""
     block = triton.next_power_of_2(max(n, 1))
     threads = 32 * cfg["num_warps"]
-    if kernel in ("rms_norm_bwd", "add_rms_norm_bwd"):  # 2+ rows at 16 a thread spilled at 4096 and 7168
-        return cfg["ROWS"] * block > (16 if cfg["ROWS"] == 1 else 8) * threads
+    if kernel in ("rms_norm_bwd", "add_rms_norm_bwd"):
+        # 2+ rows at 16 a thread spilled at 4096 and 7168, not at 2048 (hidden 1280: 105-125 registers)
+        return cfg["ROWS"] * block > (16 if cfg["ROWS"] == 1 or block <= 2048 else 8) * threads
     if kernel == "moe_route_bwd":
         return cfg["ROWS"] * block * 8 > 64 * threads
+    if kernel == "rope":  # 64 elements a thread spilled; so did 256 rows at 16 warps (head dim 64)
+        return cfg["ROWS"] * block > 32 * threads or cfg["ROWS"] > 128
     return False
 
 

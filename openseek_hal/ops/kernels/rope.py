@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from ._common import acc_type
 
 
@@ -72,11 +73,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
     cos, sin = cos.contiguous(), sin.contiguous()
     n_rows = x4.shape[0] * x4.shape[1] * seq
     block_half = triton.next_power_of_2(dim // 2)
-    block_rows = max(1, min(64, 2048 // block_half))
+    cfg = launch.config("rope", dim)
+    block_rows = cfg["ROWS"]
     _rope_kernel[(triton.cdiv(n_rows, block_rows),)](
         x4, cos, sin, y4, n_rows, x4.shape[1], seq, dim // 2, x4.stride(0), x4.stride(1), x4.stride(2),
         cos.stride(0), y4.stride(0), y4.stride(1), y4.stride(2), SIGN=sign, INTERLEAVED=interleaved,
-        ACC=acc_type(x.dtype), BLOCK_ROWS=block_rows, BLOCK_HALF=block_half, num_warps=4)
+        ACC=acc_type(x.dtype), BLOCK_ROWS=block_rows, BLOCK_HALF=block_half, num_warps=cfg["num_warps"])
     return y
 
 
