@@ -17,6 +17,7 @@ Prints tokens/s, MFU and per-phase device time of each, then the top device kern
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -108,6 +109,8 @@ def run_regime(regime: str, args: argparse.Namespace, be) -> dict:
     row.update(device_busy(prof))
     (args.out / f"profile-{regime}.txt").write_text(table)
     print(f"== {regime}\n{table}", flush=True)
+    if regime != "plain":
+        zero.close()  # its gradient hooks hold the buckets: let the next regime start from free memory
     return row
 
 
@@ -123,6 +126,7 @@ def main() -> None:
     rows = {}
     for regime in ("plain", "zero1", "zero1-overlap"):
         rows[regime] = run_regime(regime, args, be)
+        gc.collect()  # parameters and their hooks form cycles
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     from openseek_hal.provenance import provenance
