@@ -123,10 +123,8 @@ def _backward(dy: torch.Tensor, ds: torch.Tensor | None, x2: torch.Tensor, weigh
                                ACC=acc_type(x2.dtype), BLOCK=block, ROWS=cfg["ROWS"], num_warps=cfg["num_warps"],
                                num_stages=cfg["num_stages"])
     dw = torch.empty_like(weight)
-    # up to 256 partial rows per iteration: the loop is latency-bound, so a few wide loads beat many
-    block_p = min(256, max(64, triton.next_power_of_2(programs) // 4))
-    _sum_partials[(triton.cdiv(n, _SUM_COLS),)](dw_part, dw, programs, n, ACC=acc_type(x2.dtype), BLOCK_P=block_p,
-                                                BLOCK_N=_SUM_COLS, num_warps=4 if block_p <= 64 else 8)
+    _sum_partials[(triton.cdiv(n, _SUM_COLS),)](dw_part, dw, programs, n, ACC=acc_type(x2.dtype), BLOCK_P=64,
+                                                BLOCK_N=_SUM_COLS, num_warps=4)
     return dx, dw
 
 
