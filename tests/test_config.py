@@ -34,6 +34,7 @@ def test_yaml_and_overrides(tmp_path):
     ("model: 5\n", "model: expected a mapping"),
     ("model_preset: huge\n", "neither a preset"),
     ("dtype: fp8\n", "dtype must be"),
+    ("expert_dispatch: experts\n", "expert_dispatch must be one of pairs, tokens"),
 ])
 def test_bad_config_gives_one_clear_error(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

@@ -54,6 +54,48 @@ def test_expert_parallel_with_skewed_routing(world_size, ep_size):
         assert results[0].ep_ranks_receiving[-1] == 0
 
 
+@pytest.mark.parametrize("world_size,ep_size,skewed", [(2, 2, False), (4, 4, False), (4, 2, False), (4, 4, True)],
+                         ids=["ep2", "ep4", "ep2xdp2", "ep4-skewed"])
+def test_token_dispatch_matches_one_rank(world_size, ep_size, skewed):
+    """``dispatch="tokens"``: one row per (token, rank) travels; the same loss, gradients (routing
+    weights' included, through the metadata all-to-all), grad norm and loads as one rank."""
+    case = epc.Case(ep_size=ep_size, world_size=world_size, skewed=skewed, batch=max(4, world_size),
+                    dispatch="tokens")
+    results = _check(case)
+    if skewed:  # the last EP rank owns experts 6 and 7, which nobody picked: it received no token
+        assert results[0].ep_ranks_receiving[-1] == 0
+    else:
+        assert all(n > 0 for n in results[0].ep_ranks_receiving)
+
+
+def _token_rows(comm):
+    """Rows each dispatch sends for the same routing: per (token, expert) pair vs per (token, rank)."""
+    case = epc.Case(ep_size=2, world_size=2)
+    sent = {}
+    for dispatch in ("pairs", "tokens"):
+        model = epc.build(case, "cpu", torch.float64)
+        apply_expert_parallel(model, comm, dispatch=dispatch)
+        layer = next(iter(model.moe_layers())).experts
+        rows = []
+        original = layer._dispatch
+        layer._dispatch = lambda r, *a, _o=original, _rows=rows: (_rows.append(r.shape[0]), _o(r, *a))[1]
+        ids, labels = epc.batch(case, model.config.vocab_size)
+        model.loss(ids[comm.rank::2], labels[comm.rank::2]).total.backward()
+        sent[dispatch] = rows[0]
+    return sent
+
+
+def test_token_dispatch_sends_each_token_once_per_rank():
+    case = epc.Case(ep_size=2, world_size=2)
+    tokens = case.batch // 2 * case.seq  # each rank's own
+    top_k = epc.build(case, "cpu", torch.float64).config.num_experts_per_tok
+    for sent in launch(_token_rows, 2):
+        # one row per pick (top-2 here), or one per rank a token needs (1 or 2 of the 2 ranks); the seeded
+        # routing has tokens whose two experts sit on one rank, so fewer rows travel
+        assert sent["pairs"] == tokens * top_k
+        assert tokens <= sent["tokens"] < sent["pairs"]
+
+
 def test_expert_parallel_on_the_host_adaptor():
     _check(epc.Case(ep_size=2, world_size=2), adaptor="host")
 

@@ -245,13 +245,14 @@ def test_resume_refuses_changes_that_break_exactness(tmp_path):
     assert CheckpointReader(tmp_path / "a").step == 4  # untouched
 
 
-@pytest.mark.parametrize("ranks,ep", [(2, 2), (4, 2)])
-def test_expert_parallel_training_matches_one_rank(tmp_path, ranks, ep):
-    """EP 2 (and EP 2 x DP 2) trains the same model as one rank with the whole batch, and its
-    checkpoint (expert shards written by their owners) holds the same full weights."""
+@pytest.mark.parametrize("ranks,ep,dispatch", [(2, 2, "pairs"), (4, 2, "pairs"), (2, 2, "tokens")])
+def test_expert_parallel_training_matches_one_rank(tmp_path, ranks, ep, dispatch):
+    """EP 2 (and EP 2 x DP 2; and EP 2 sending one row per token and rank) trains the same model as
+    one rank with the whole batch, and its checkpoint (expert shards written by their owners) holds
+    the same full weights."""
     steps = 3
     one = _train(_cfg(tmp_path / "one", steps=steps))
-    ep_run = _train(_cfg(tmp_path / "ep", steps=steps, expert_parallel=ep), ranks)
+    ep_run = _train(_cfg(tmp_path / "ep", steps=steps, expert_parallel=ep, expert_dispatch=dispatch), ranks)
     # the router runs in float32 whatever the weights' dtype: losses agree to float32 rounding of the
     # routing weights (relative 2**-24 per term, a few terms per token), far below one step's change
     assert ep_run.losses == pytest.approx(one.losses, rel=1e-6)

@@ -43,11 +43,13 @@ class Case:
     seed: int = 0
     batch: int = 4  # sequences in the global batch (divisible by the world size)
     seq: int = 8
+    dispatch: str = "pairs"  # `ExpertParallelExperts`'s: one row per (token, expert) or per (token, rank)
 
     @property
     def name(self) -> str:
         dp = self.world_size // self.ep_size
-        return f"ep{self.ep_size}xdp{dp}" + ("-skewed" if self.skewed else "")
+        return (f"ep{self.ep_size}xdp{dp}" + ("-skewed" if self.skewed else "")
+                + ("" if self.dispatch == "pairs" else f"-{self.dispatch}"))
 
 
 def tiny_overrides() -> dict[str, Any]:
@@ -131,7 +133,7 @@ def rank_step(comm, case: Case, backend: str, dtype_name: str) -> dict[str, Any]
     model = build(case, backend, dtype)
     groups = expert_parallel_groups(comm, case.ep_size)
     if groups.ep is not None:
-        apply_expert_parallel(model, groups.ep)
+        apply_expert_parallel(model, groups.ep, dispatch=case.dispatch)
     ids, labels = batch(case, model.config.vocab_size)
     per = case.batch // comm.world_size
     rows = slice(comm.rank * per, (comm.rank + 1) * per)

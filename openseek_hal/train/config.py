@@ -58,6 +58,9 @@ class TrainConfig:
     # parallelism: the world (torchrun / SLURM / --nproc-per-node) is data-parallel x expert-parallel
     expert_parallel: int = 1  # ranks one MoE layer's routed experts are spread over
     expert_overlap: bool = False  # run the shared experts while the routed tokens travel (measured: no gain on NVLink)
+    # what the expert all-to-alls carry: "pairs" (a row per token and expert) or "tokens" (a row per
+    # token and rank, with the routing for that rank's experts: fewer rows, one small extra exchange)
+    expert_dispatch: str = "pairs"
     bucket_mb: float = 128.0  # gradient bucket size (fp32 bytes); reduce-scattered as soon as it is ready
     reduce_dtype: str = "fp32"  # the dtype gradients are reduced in: fp32 or bf16
     # the AdamW moments: "master" (the master weights' dtype: fp32, fp64 in verification runs) or
@@ -81,7 +84,8 @@ class TrainConfig:
 # Fields that a resumed run may change; any other change would break its exactness and is refused.
 RESUMABLE = frozenset({"steps", "out", "backend", "log_every", "save_every", "save", "eval_batches", "sample_tokens",
                        "wandb", "comm_adaptor", "comm_timeout", "bucket_mb", "micro_batch_size", "expert_parallel",
-                       "expert_overlap", "optimizer_overlap", "recompute", "compile", "reduce_dtype", "profile_step"})
+                       "expert_overlap", "expert_dispatch", "optimizer_overlap", "recompute", "compile", "reduce_dtype",
+                       "profile_step"})
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -194,7 +198,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"min_lr_ratio must be at most 1, got {cfg.min_lr_ratio}")
     choices = {"dtype": ("auto", "bf16", "autocast", "fp32", "fp64"), "lr_schedule": ("cosine", "wsd", "constant"),
                "decay_shape": ("linear", "cosine", "sqrt"), "reduce_dtype": ("fp32", "bf16"),
-               "moment_dtype": ("master", "bf16")}
+               "expert_dispatch": ("pairs", "tokens"), "moment_dtype": ("master", "bf16")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")

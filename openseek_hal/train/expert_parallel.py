@@ -25,6 +25,15 @@ replacing ``moe.experts``):
 Backward mirrors it: each all-to-all's gradient is the all-to-all with the splits swapped. All
 traffic goes through the `Communicator`, so every adaptor (torch, nccl, host, hier) runs it.
 
+``dispatch="tokens"`` sends each token once to each rank that holds any of its experts, instead of
+one copy per (token, expert) pair (with top-6 of 64 experts on 2 ranks, about 3 copies to the peer
+become 1), together with its local expert ids and routing weights for that rank (one small extra
+all-to-all). The receiver expands a token to its local experts (a permute with a sentinel group for
+the slots that are not its own, cut off at the exact pair count the count exchange already gave),
+sums its experts' weighted outputs per token and sends one row back; the sender adds the rows from
+each rank in rank order. The same single host sync; the combine is rounded once per rank instead of
+once per token, so results differ from ``pairs`` by rounding only.
+
 Gradients: each rank's loss is the mean over its own tokens, and the global loss is the mean of
 the N ranks' losses. An expert's gradient after backward already sums the contributions of its
 whole EP group (the all-to-all carries them home), so the trainer sums expert gradients over the
@@ -46,6 +55,7 @@ from ..device import Device
 from ..models.deepseek_v3.config import DeepseekV3Config
 from ..models.deepseek_v3.model import DeepseekV3, Experts
 
+DISPATCH = ("pairs", "tokens")  # what travels: one row per (token, expert) pair, or per (token, rank)
 EXPERT_SHARD_ATTR = "_expert_shard"  # on each sharded parameter: (expert_offset, num_global_experts)
 
 
@@ -164,8 +174,12 @@ class ExpertParallelExperts(nn.Module):
     ``timing`` (default False) records device events around the all-to-alls for `timings`.
     """
 
-    def __init__(self, experts: Experts, ep_comm: Communicator, *, overlap: bool = True, timing: bool = False):
+    def __init__(self, experts: Experts, ep_comm: Communicator, *, overlap: bool = True, timing: bool = False,
+                 dispatch: str = "pairs"):
         super().__init__()
+        if dispatch not in DISPATCH:
+            raise ValueError(f"unknown expert dispatch {dispatch!r}: one of {', '.join(DISPATCH)}")
+        self.dispatch = dispatch
         num_global = experts.gate_up_proj.shape[0]
         size = ep_comm.world_size
         if num_global % size:
@@ -187,7 +201,7 @@ class ExpertParallelExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"experts [{self.expert_offset}, {self.expert_offset + self.num_local_experts}) of "
                 f"{self.num_global_experts}, ep rank {self.ep_comm.rank}/{self.ep_comm.world_size}, "
-                f"overlap={self.overlap}")
+                f"overlap={self.overlap}, dispatch={self.dispatch}")
 
     def timings(self) -> AllToAllTimes:
         """The all-to-all times since the last call (needs ``timing=True``); syncs the device once."""
@@ -201,19 +215,17 @@ class ExpertParallelExperts(nn.Module):
             self._timer = _Timer(Device(d.type, d.index))
         return self._timer
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                shared: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-        comm, size = self.ep_comm, self.ep_comm.world_size
-        local_e = self.num_local_experts
-        timer = self._get_timer()
-
-        x_sorted, order, counts = self._permute(x, indices, self.num_global_experts)
+    def _exchange_counts(self, counts: torch.Tensor, shared: Callable[[], torch.Tensor] | None,
+                         timer: _Timer | None) -> tuple[list[int], list[int], torch.Tensor, torch.Tensor | None, Any]:
+        """Send ``counts`` (an even split: one equal block per peer), receive the peers' blocks for
+        this rank, and bring both to the host: the layer's one host sync. Returns (sent, received)
+        as lists, the received counts on the device, the shared experts' output if they ran while the
+        host waited, and the event that closes the count exchange's span."""
         t0 = timer.mark() if timer else None
-        # counts[e] rows for global expert e; peer j gets experts [j*L, (j+1)*L), L each: an even split
         counts = counts.to(torch.int64).contiguous()
-        recv_counts = torch.empty_like(counts)  # [src rank, local expert] rows this rank will receive
-        comm.all_to_all_single(recv_counts, counts)
-        both = torch.cat([counts, recv_counts])
+        recv_counts = torch.empty_like(counts)
+        self.ep_comm.all_to_all_single(recv_counts, counts)
+        both = torch.cat([counts.reshape(-1), recv_counts.reshape(-1)])
         shared_out = t1 = None
         if self.overlap and shared is not None and both.device.type == "cuda":
             # the one host sync, made late: the counts travel to pinned memory, the shared experts are
@@ -228,16 +240,18 @@ class ExpertParallelExperts(nn.Module):
             ready.synchronize()
             both = host
         sizes = both.tolist()  # the host sync (buffers need their sizes) unless it happened above
-        send = [sum(sizes[j * local_e:(j + 1) * local_e]) for j in range(size)]
-        recv_per = sizes[len(sizes) // 2:]
-        recv = [sum(recv_per[j * local_e:(j + 1) * local_e]) for j in range(size)]
         if timer:
             if t1 is None:
                 t1 = timer.mark()
             timer.add("counts_s", t0, t1)
+        return sizes[:len(sizes) // 2], sizes[len(sizes) // 2:], recv_counts, shared_out, t1
 
+    def _dispatch(self, rows: torch.Tensor, recv: list[int], send: list[int], shared_out: torch.Tensor | None,
+                  shared: Callable[[], torch.Tensor] | None, timer: _Timer | None,
+                  t1: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The uneven all-to-all of ``rows`` (async), the shared experts during it if not run yet."""
         handle: list = []
-        received = _AllToAll.apply(x_sorted, comm, recv, send, handle, timer)
+        received = _AllToAll.apply(rows, self.ep_comm, recv, send, handle, timer)
         if self.overlap and shared is not None and shared_out is None:
             shared_out = shared()  # not on CUDA: the shared experts run during the dispatch instead
         t2 = timer.mark() if timer else None
@@ -247,26 +261,88 @@ class ExpertParallelExperts(nn.Module):
             t3 = timer.mark()
             timer.add("dispatch_s", t1, t3)
             timer.add("dispatch_exposed_s", t2, t3)
+        return received, shared_out
 
+    def _experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        hidden = self._silu_and_mul(self._grouped_linear(rows, self.gate_up_proj, counts))
+        return self._grouped_linear(hidden, self.down_proj, counts)
+
+    def _combine(self, rows: torch.Tensor, send: list[int], recv: list[int], timer: _Timer | None) -> torch.Tensor:
+        t4 = timer.mark() if timer else None
+        back = _AllToAll.apply(rows, self.ep_comm, send, recv, None, timer)
+        if timer:
+            timer.add("combine_s", t4, timer.mark())
+            timer.times.forwards += 1
+        return back
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                shared: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        out, shared_out = (self._forward_tokens if self.dispatch == "tokens" else self._forward_pairs)(
+            x, indices, weights, shared)
+        if shared is not None:
+            out = out + (shared_out if shared_out is not None else shared())
+        return out
+
+    def _forward_pairs(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                       shared: Callable[[], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        size, local_e = self.ep_comm.world_size, self.num_local_experts
+        timer = self._get_timer()
+        x_sorted, order, counts = self._permute(x, indices, self.num_global_experts)
+        # counts[e] rows for global expert e; peer j gets experts [j*L, (j+1)*L), L each: an even split;
+        # received: [src rank, local expert] rows this rank will get
+        sent, received_counts, recv_counts, shared_out, t1 = self._exchange_counts(counts, shared, timer)
+        send = [sum(sent[j * local_e:(j + 1) * local_e]) for j in range(size)]
+        recv = [sum(received_counts[j * local_e:(j + 1) * local_e]) for j in range(size)]
+
+        received, shared_out = self._dispatch(x_sorted, recv, send, shared_out, shared, timer, t1)
         # received rows are ordered (source rank, local expert): regroup them by local expert
         # (stable, so each expert's rows stay in source-rank order) with the HAL's permute
         local_ids = torch.repeat_interleave(torch.arange(local_e, device=x.device).repeat(size), recv_counts,
                                             output_size=sum(recv))
         grouped, regroup, local_counts = self._permute(received, local_ids.unsqueeze(1), local_e)
-        hidden = self._silu_and_mul(self._grouped_linear(grouped, self.gate_up_proj, local_counts))
-        y = self._grouped_linear(hidden, self.down_proj, local_counts)
+        y = self._experts(grouped, local_counts)
         # back to (source rank, local expert) order: unpermute with unit weights is the inverse permutation
         y = self._unpermute(y, regroup, torch.ones(y.shape[0], 1, dtype=y.dtype, device=y.device))
+        y = self._combine(y, send, recv, timer)
+        return self._unpermute(y, order, weights), shared_out
 
-        t4 = timer.mark() if timer else None
-        y = _AllToAll.apply(y, comm, send, recv, None, timer)
-        if timer:
-            timer.add("combine_s", t4, timer.mark())
-            timer.times.forwards += 1
-        out = self._unpermute(y, order, weights)
-        if shared is not None:
-            out = out + (shared_out if shared_out is not None else shared())
-        return out
+    def _forward_tokens(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                        shared: Callable[[], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        size, local_e = self.ep_comm.world_size, self.num_local_experts
+        timer = self._get_timer()
+        tokens, k = indices.shape
+        dest = torch.div(indices, local_e, rounding_mode="floor")  # the rank of each pick
+        need = torch.zeros(tokens, size, dtype=torch.bool, device=x.device).scatter_(1, dest, True)
+        # per peer: the pairs for each of its local experts, then the number of tokens it gets
+        pairs = torch.bincount(indices.reshape(-1), minlength=self.num_global_experts).view(size, local_e)
+        counts = torch.cat([pairs, need.sum(0).unsqueeze(1).to(pairs.dtype)], dim=1)  # [P, L + 1]
+        sent, received_counts, _, shared_out, t1 = self._exchange_counts(counts, shared, timer)
+        block = local_e + 1
+        send = [sent[j * block + local_e] for j in range(size)]
+        recv = [received_counts[j * block + local_e] for j in range(size)]
+        valid = sum(received_counts[j * block + e] for j in range(size) for e in range(local_e))
+        # the (rank, token) pairs to send, rank-major, tokens in order: a stable sort puts them first
+        flat = need.t().reshape(-1)
+        sel = torch.argsort((~flat).to(torch.int8), stable=True)[:sum(send)]
+        rank_of = torch.div(sel, tokens, rounding_mode="floor")
+        token_of = sel - rank_of * tokens
+        mine = dest.index_select(0, token_of) == rank_of.unsqueeze(1)  # [sent, k]: the picks on that rank
+        ids = torch.where(mine, indices.index_select(0, token_of) - rank_of.unsqueeze(1) * local_e, local_e)
+        acc = torch.promote_types(weights.dtype, torch.float32)  # holds the expert ids exactly
+        w = torch.where(mine, weights.index_select(0, token_of).to(acc), 0.0)
+        meta = _AllToAll.apply(torch.cat([ids.to(acc), w], dim=1), self.ep_comm, recv, send, None, None)
+        received, shared_out = self._dispatch(x.index_select(0, token_of), recv, send, shared_out, shared,
+                                              timer, t1)
+        # each received token to its local experts; the slots of other ranks' experts form group L,
+        # sorted last, cut off at the pair count the count exchange gave
+        grouped, order, local_counts = self._permute(received, meta[:, :k].detach().long(), local_e + 1)
+        y = self._experts(grouped[:valid], local_counts[:local_e])
+        y = torch.cat([y, y.new_zeros(grouped.shape[0] - valid, y.shape[1])])
+        part = self._unpermute(y, order, meta[:, k:].to(weights.dtype))  # this rank's share of each token
+        back = self._combine(part, send, recv, timer)
+        # each token's shares from the ranks, added in rank order (no atomics: bitwise reproducible)
+        full = back.new_zeros(size * tokens, back.shape[1]).index_copy(0, sel, back)
+        return full.view(size, tokens, -1).sum(0), shared_out
 
 
 def _shard(full: nn.Parameter, local: slice, num_global: int) -> nn.Parameter:
@@ -277,7 +353,7 @@ def _shard(full: nn.Parameter, local: slice, num_global: int) -> nn.Parameter:
 
 # -- applying it -----------------------------------------------------------------------------------
 def apply_expert_parallel(model: DeepseekV3, ep_comm: Communicator, *, overlap: bool = True,
-                          timing: bool = False) -> None:
+                          timing: bool = False, dispatch: str = "pairs") -> None:
     """Shard every MoE layer's routed experts over ``ep_comm`` (this rank's EP group), in place.
 
     Call it after the weights are initialized or loaded (each rank keeps its slice of the full
@@ -289,7 +365,7 @@ def apply_expert_parallel(model: DeepseekV3, ep_comm: Communicator, *, overlap: 
     for moe in model.moe_layers():
         if isinstance(moe.experts, ExpertParallelExperts):
             raise ValueError("expert parallelism is already applied to this model")
-        moe.experts = ExpertParallelExperts(moe.experts, ep_comm, overlap=overlap, timing=timing)
+        moe.experts = ExpertParallelExperts(moe.experts, ep_comm, overlap=overlap, timing=timing, dispatch=dispatch)
 
 
 def expert_parallel_modules(model: nn.Module) -> Iterator[tuple[str, ExpertParallelExperts]]:

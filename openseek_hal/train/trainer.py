@@ -303,7 +303,8 @@ class _Run:
         if layout.ep_comm is not None:
             from .expert_parallel import apply_expert_parallel, expert_shard
 
-            apply_expert_parallel(model, layout.ep_comm, overlap=cfg.expert_overlap, timing=True)
+            apply_expert_parallel(model, layout.ep_comm, overlap=cfg.expert_overlap, timing=True,
+                                  dispatch=cfg.expert_dispatch)
             self.expert_of = lambda p: ExpertSlice(*expert_shard(p)) if expert_shard(p) is not None else None
         if cfg.recompute or cfg.compile:
             from .recompute import wrap_blocks
