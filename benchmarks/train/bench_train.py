@@ -63,8 +63,6 @@ ROWS = {
     # FP8 linear layers and routed experts (DeepSeek-V3's recipe); compare with "1gpu" in the same run
     "1gpu-fp8": (1, ["model.num_nextn_predict_layers=0", "fp8=true"]),
     # the update of the buckets no collective touches on a side stream, beside the next forward
-    # expert parallelism with one row per (token, rank) in the all-to-alls instead of per (token, expert)
-    "ep2-tokens": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2", "expert_dispatch=tokens"]),
     "1gpu-overlap": (1, ["model.num_nextn_predict_layers=0", "optimizer_overlap=true"]),
     "1gpu-bf16moments": (1, ["model.num_nextn_predict_layers=0", "moment_dtype=bf16"]),
     "1gpu-mtp-bf16moments": (1, ["moment_dtype=bf16"]),
@@ -73,6 +71,8 @@ ROWS = {
     "dp2-bf16reduce": (2, ["model.num_nextn_predict_layers=0", "reduce_dtype=bf16"]),
     "ep2": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2"]),
     "ep2-overlap": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2", "expert_overlap=true"]),
+    # one row per (token, rank) in the all-to-alls instead of one per (token, expert)
+    "ep2-tokens": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2", "expert_dispatch=tokens"]),
     "ep2-mtp": (2, ["expert_parallel=2"]),
     "1gpu-compile": (1, ["model.num_nextn_predict_layers=0", "compile=true"]),
     "ep2-compile": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2", "compile=true"]),
