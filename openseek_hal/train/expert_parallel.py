@@ -314,7 +314,10 @@ class ExpertParallelExperts(nn.Module):
         dest = torch.div(indices, local_e, rounding_mode="floor")  # the rank of each pick
         need = torch.zeros(tokens, size, dtype=torch.bool, device=x.device).scatter_(1, dest, True)
         # per peer: the pairs for each of its local experts, then the number of tokens it gets
-        pairs = torch.bincount(indices.reshape(-1), minlength=self.num_global_experts).view(size, local_e)
+        # (index_add, not bincount: bincount's output size comes from the data, a host sync on a GPU)
+        flat_ids = indices.reshape(-1)
+        pairs = torch.zeros(self.num_global_experts, dtype=torch.int64, device=x.device).index_add_(
+            0, flat_ids, torch.ones_like(flat_ids)).view(size, local_e)
         counts = torch.cat([pairs, need.sum(0).unsqueeze(1).to(pairs.dtype)], dim=1)  # [P, L + 1]
         sent, received_counts, _, shared_out, t1 = self._exchange_counts(counts, shared, timer)
         block = local_e + 1
