@@ -6,7 +6,9 @@ word, summary prompts get ``SUMMARY[<first 3 words>]``, chain prompts ``COT[<n s
 prompts ``QUERY[...]``; tag prompts the listed tags whose last part occurs in the document plus an
 invented one; forward/refine/RAG chains end in ``Final answer: <last word>``; RL prompts holding
 ``K=k`` answer 42 for seeds below k and 41 otherwise; the reward judge answers min(10, words).
-Every third request fails with 503 (before any reply for that prompt), to exercise retries.
+The first attempt of every third distinct request (by a hash of prompt and seed) fails with 503,
+to exercise retries; its retry succeeds. (A global "every third request" counter made a request
+fail over and over when concurrent workers' requests interleaved in step, exhausting its retries.)
 ``GET /count`` returns how many chat requests were answered successfully; a prompt containing
 ``FAIL-ALWAYS`` always gets 503; a request with ``Authorization: Bearer bad`` gets 401.
 """
@@ -16,9 +18,11 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 STATE = {"requests": 0, "ok": 0}
+SEEN: set[tuple[str, object]] = set()  # (prompt, seed) of requests that have been answered or failed once
 LOCK = threading.Lock()
 
 
@@ -78,9 +82,11 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Authorization") == "Bearer bad":
             return self._send(401, {"error": "bad key"})
         prompt = body["messages"][-1]["content"]
+        key = (prompt, body.get("seed"))
         with LOCK:
             STATE["requests"] += 1
-            flaky = STATE["requests"] % 3 == 0
+            flaky = key not in SEEN and zlib.crc32(repr(key).encode()) % 3 == 0
+            SEEN.add(key)
         if flaky or "FAIL-ALWAYS" in prompt:
             return self._send(503, {"error": "busy"})
         with LOCK:
