@@ -1,10 +1,10 @@
 """ZeRO-1 data parallelism over the HAL's `Communicator` (Megatron's distributed optimizer).
 
 Parameters live in flat, contiguous per-bucket buffers (each parameter is a view), in the run's
-weight dtype (bf16 on accelerators). Each bucket has a gradient buffer: in the master dtype (fp32)
-when micro-batches are accumulated; when a step has one micro-batch, in the dtype the bucket is
-reduced in, or in the weight dtype if it is not reduced (autograd made the gradient in that dtype: a
-wider copy would hold the same values at twice the traffic). A post-accumulate-grad hook copies
+weight dtype (bf16 on accelerators). A bucket that is reduced, or that accumulates micro-batches,
+has a gradient buffer: in the master dtype (fp32) when micro-batches are accumulated; when a step
+has one micro-batch, in the dtype the bucket is reduced in (a bucket that is not reduced then has
+none: see below). A post-accumulate-grad hook copies
 (first micro-batch) or adds (later ones) a parameter's ``.grad`` into it and frees ``.grad``. On the
 last micro-batch of a step, a bucket whose parameters all have their gradient is reduce-scattered at
 once (in the reduce dtype), asynchronously, so communication overlaps the rest of backward; buckets
@@ -156,9 +156,10 @@ class DistributedOptimizer:
         """``moment_dtype`` defaults to ``master_dtype``. The gradient buffers are in the wider of the
         master and weight dtypes, which accumulation needs, unless ``grad_dtype`` is given (the weight
         dtype, when every step has one micro-batch: `start_step` then refuses more): a bucket that is
-        not reduced then keeps that dtype, and one that is reduced takes the reduce dtype, so that the
-        hook's copy is the only conversion on the way to the wire. ``overlap_update``: see the module
-        docstring (ignored on the CPU, which has one stream)."""
+        reduced then takes the reduce dtype, so that the hook's copy is the only conversion on the way
+        to the wire, and one that is not reduced has no buffer (the update reads autograd's gradients,
+        in ``grad_dtype``). ``overlap_update``: see the module docstring (ignored on the CPU, which has
+        one stream)."""
         self.backend, self.world = backend, world
         self.world_size = world.world_size if world is not None else 1
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
@@ -277,12 +278,14 @@ class DistributedOptimizer:
 
     def start_step(self, micro_batches: int) -> None:
         """Expect ``micro_batches`` backwards before `finish_gradients`."""
-        narrow = [b.grad_buffer.dtype if b.grad_buffer is not None else self.grad_dtype for b in self.buckets
-                  if b.direct or (b.grad_buffer.dtype != self.master_dtype and
-                                  torch.promote_types(b.grad_buffer.dtype, self.master_dtype) == self.master_dtype)]
-        if micro_batches > 1 and narrow:
-            raise ValueError(f"accumulating {micro_batches} micro-batches needs {self.master_dtype} gradient "
-                             f"buffers, not {narrow[0]} gradients of an optimizer built for one (grad_dtype)")
+        if micro_batches > 1:  # sums need buffers at least as wide as the master weights
+            for b in self.buckets:
+                held = self.grad_dtype if b.direct else b.grad_buffer.dtype
+                if b.direct or (held != self.master_dtype
+                                and torch.promote_types(held, self.master_dtype) == self.master_dtype):
+                    raise ValueError(f"accumulating {micro_batches} micro-batches needs {self.master_dtype} "
+                                     f"gradient buffers, not {held} gradients of an optimizer built for one "
+                                     "(grad_dtype)")
         self._micro_batches = micro_batches
         self._micro = 0
         self._next_launch = 0
