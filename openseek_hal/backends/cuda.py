@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ..backend import Backend, Capabilities, ExpectedFailure
 from ..ops.attention import sdpa_causal_attention
 from ..ops.attention_select import FastestAttention
+from ..ops.fp8_select import FastestFP8Gemm, cublas_fp8_gemm
 from ..ops.grouped import grouped_mm_linear
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s and HBM bandwidth in bytes/s, from NVIDIA's
@@ -66,7 +67,23 @@ class CUDABackend(Backend):
             ops.update(kernels, causal_attention=FastestAttention(
                 {"triton": kernels["causal_attention"], "sdpa": sdpa_causal_attention}, varlen=("triton",),
                 untimed="sdpa"))
+            ops.update(self._fp8_ops(kernels))
         return ops
+
+    def _fp8_ops(self, kernels: Mapping[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+        """The FP8 GEMM: per shape, the faster of our Triton kernel and cuBLAS's block-scaled GEMM
+        (``torch._scaled_mm`` with 1x128 / 128x128 scales: Hopper, CUDA 12.9+); `fp8_linear`'s three GEMMs
+        go through the same choice. The grouped (experts') GEMMs stay Triton: cuBLAS has no block-scaled
+        grouped GEMM."""
+        if not (hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(self.device.index) >= (9, 0)):
+            return {}
+        gemm = FastestFP8Gemm({"triton": kernels["fp8_gemm"], "cublas": cublas_fp8_gemm})
+        triton_linear = kernels["fp8_linear"]
+
+        def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return triton_linear(x, weight, gemm)
+
+        return {"fp8_gemm": gemm, "fp8_linear": fp8_linear}
 
     @staticmethod
     def _has_triton() -> bool:
@@ -77,6 +94,11 @@ class CUDABackend(Backend):
         """Which attention ran for each shape seen so far, with the timings that decided it (for reports)."""
         impl = self._native_table().get("causal_attention")
         return impl.report() if isinstance(impl, FastestAttention) else []
+
+    def fp8_gemm_choices(self) -> list[dict[str, Any]]:
+        """Which FP8 GEMM (Triton or cuBLAS) ran for each shape seen so far, with the timings that decided it."""
+        impl = self._native_table().get("fp8_gemm")
+        return impl.report() if isinstance(impl, FastestFP8Gemm) else []
 
     def capabilities(self) -> Capabilities:
         name = self.device.name()

@@ -182,6 +182,8 @@ def run_bench(backend_name: str, op: str | None, progress: Callable[[str], None]
             args, kwargs = case.make(device)
             backend.op(case.op)(*args, **kwargs)
             results["attention_choices"] = backend.attention_choices()
+        if case.op in ("fp8_gemm", "fp8_linear") and hasattr(backend, "fp8_gemm_choices"):
+            results["fp8_gemm_choices"] = backend.fp8_gemm_choices()  # decided while "ours" was timed
         if case.op == "cross_entropy":
             impls = case_impls(case, backend.op(case.op))
             mem = {"ours_inplace": _extra_peak_bytes(case, impls["ours"], device, inplace_backward=True),

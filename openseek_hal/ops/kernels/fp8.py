@@ -18,6 +18,7 @@ the promotion is one FMA per accumulator element. Tiles are chosen per shape by 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -818,14 +819,14 @@ def _weight_t_quant(weight: torch.Tensor, wtq: torch.Tensor | None, wts: torch.T
 
 class _FP8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight):
+    def forward(ctx, x, weight, gemm):
         x2 = x.reshape(-1, x.shape[-1])
         # the weight gradient reads x along the tokens: keep it quantized that way (fp8, not x itself)
         xq, xs, xtq, xts = _act_quant(x2, True, weight.requires_grad)
         wq, ws, wtq, wts = _weight_quant(weight)
-        y = fp8_gemm(xq, xs, wq, ws, _dtype_name(x.dtype))
+        y = gemm(xq, xs, wq, ws, _dtype_name(x.dtype))
         ctx.save_for_backward(xtq, xts, weight, wtq, wts)
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.x_shape, ctx.x_dtype, ctx.gemm = x.shape, x.dtype, gemm
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -836,18 +837,22 @@ class _FP8Linear(torch.autograd.Function):
         dyq, dys, dytq, dyts = _act_quant(dy2, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if ctx.needs_input_grad[0]:
             wtq, wts = _weight_t_quant(weight, wtq, wts)
-            dx = fp8_gemm(dyq, dys, wtq, wts, ctx.x_dtype).reshape(ctx.x_shape)
+            dx = ctx.gemm(dyq, dys, wtq, wts, ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dw = fp8_gemm(dytq, dyts, xtq, xts, weight.dtype)
-        return dx, dw
+            dw = ctx.gemm(dytq, dyts, xtq, xts, weight.dtype)
+        return dx, dw, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x[..., K] @ weight[N, K]^T`` through fp8 forward and backward (see `openseek_hal.ops.fp8`)."""
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, gemm: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """``x[..., K] @ weight[N, K]^T`` through fp8 forward and backward (see `openseek_hal.ops.fp8`).
+
+    ``gemm``: the block-scaled GEMM of all three products, with `fp8_gemm`'s signature and contract
+    (default: this module's Triton kernel; the ``cuda`` backend passes its per-shape choice between
+    that kernel and cuBLAS's)."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
-    return _FP8Linear.apply(x, weight)
+    return _FP8Linear.apply(x, weight, gemm or fp8_gemm)
 
 
 class _FP8GroupedLinear(torch.autograd.Function):

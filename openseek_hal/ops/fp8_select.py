@@ -1,0 +1,139 @@
+"""Pick, once per shape, the faster of several block-scaled FP8 GEMMs by timing them.
+
+`fp8_gemm`'s contract (``C = dequant(A) @ dequant(B)^T``, A per 1x128 tile, B per 128x128 block or per
+1x128 tile, `openseek_hal.ops.fp8`) has two implementations on NVIDIA Hopper: our Triton kernel
+(``ops/kernels/fp8.py``, portable to every Triton chip) and cuBLAS's block-scaled FP8 GEMM, reached
+through ``torch._scaled_mm`` with 1x128 / 128x128 scales (CUDA 12.9+, compute capability 9.0).
+`cublas_fp8_gemm` adapts the operands (A's scales outer-dimension-major, B passed transposed, which
+is the column-major layout cuBLAS wants, without a copy) and refuses shapes cuBLAS does not take.
+
+`FastestFP8Gemm` dispatches each key ``(M, N, K, B's tile, output dtype)`` to the candidate that ran
+fastest on the first call with that key (timed on that call's own operands: a GEMM has no side
+effects), and records the decision with every candidate's time (`FastestFP8Gemm.report`). A
+candidate that raises is recorded with its error and skipped. A call that cannot be timed (inside
+``torch.compile`` tracing, during CUDA graph capture) uses the key's recorded choice, else the first
+candidate. Training calls each GEMM shape thousands of times with the same key, so the timing is paid
+once per shape, in the first step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from .attention_select import _untimeable
+
+GemmKey = tuple[int, int, int, str, str]
+GemmTimer = Callable[[Callable[..., torch.Tensor], tuple[Any, ...]], float]
+BLOCK = 128
+
+
+def _dtype(out_dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(out_dtype, torch.dtype):
+        return out_dtype
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[out_dtype]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def b_tile(b_q: torch.Tensor, b_scale: torch.Tensor) -> str:
+    """``"128x128"`` or ``"1x128"``: how B is scaled (a B of at most 128 rows' two layouts coincide: 128x128)."""
+    n = b_q.shape[0]
+    return "1x128" if b_scale.shape[0] == n and n != _cdiv(n, BLOCK) else "128x128"
+
+
+def cublas_fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+                    out_dtype: str | torch.dtype = "bfloat16") -> torch.Tensor:
+    """`fp8_gemm`'s contract through cuBLAS's block-scaled FP8 GEMM (``torch._scaled_mm``).
+
+    Raises ValueError for what cuBLAS does not take (K or N not a multiple of 16, A not row-major,
+    empty operands): the per-shape choice then keeps the Triton kernel."""
+    if a_q.dim() != 2 or b_q.dim() != 2 or a_q.shape[1] != b_q.shape[1]:
+        raise ValueError(f"fp8_gemm: a {tuple(a_q.shape)} and b {tuple(b_q.shape)} must be [M, K] and [N, K]")
+    (m, k), n = a_q.shape, b_q.shape[0]
+    if min(m, n, k) == 0 or k % 16 or n % 16:
+        raise ValueError(f"cuBLAS's block-scaled GEMM needs K and N multiples of 16 (got M={m} N={n} K={k})")
+    a_q = a_q if a_q.stride(1) == 1 else a_q.contiguous()
+    b_q = b_q if b_q.stride(1) == 1 else b_q.contiguous()
+    # 1x128 scales are read outer-dimension-major ([M, K/128] with unit stride along M)
+    a_s = a_scale.float().t().contiguous().t()
+    b_s = b_scale.float()
+    b_s = b_s.t().contiguous() if b_tile(b_q, b_scale) == "1x128" else b_s.t()
+    return torch._scaled_mm(a_q, b_q.t(), scale_a=a_s, scale_b=b_s, out_dtype=_dtype(out_dtype))
+
+
+def cuda_time_gemm(fn: Callable[..., torch.Tensor], args: tuple[Any, ...], warmup: int = 2, reps: int = 5) -> float:
+    """Median milliseconds of ``fn(*args)`` (CUDA events, after ``warmup`` calls that compile/plan)."""
+    for _ in range(warmup):
+        fn(*args)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(statistics.median(times))
+
+
+class FastestFP8Gemm:
+    """An `fp8_gemm` that dispatches each shape to the fastest of ``candidates`` (see the module doc).
+
+    ``candidates``: ``{name: implementation}`` with `fp8_gemm`'s signature, the default first.
+    ``timer``: ``timer(fn, args) -> milliseconds`` (default: CUDA events); tests inject timings through it.
+    """
+
+    def __init__(self, candidates: Mapping[str, Callable[..., torch.Tensor]], *, timer: GemmTimer | None = None):
+        if not candidates:
+            raise ValueError("FastestFP8Gemm needs at least one candidate")
+        self.candidates = dict(candidates)
+        self.default = next(iter(self.candidates))
+        self.timer: GemmTimer = timer or cuda_time_gemm
+        self.decisions: dict[GemmKey, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(a_q: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor, out_dtype: str | torch.dtype) -> GemmKey:
+        return (a_q.shape[0], b_q.shape[0], a_q.shape[1], b_tile(b_q, b_scale),
+                str(_dtype(out_dtype)).removeprefix("torch."))
+
+    def choose(self, a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+               out_dtype: str | torch.dtype = "bfloat16") -> str:
+        """The candidate for this call's key: timed on these operands and recorded on first use."""
+        key = self.key(a_q, b_q, b_scale, out_dtype)
+        decision = self.decisions.get(key)
+        if decision is not None:
+            return decision["choice"]
+        if len(self.candidates) == 1 or _untimeable() or a_q.numel() == 0 or b_q.numel() == 0:
+            return self.default
+        with self._lock:
+            if key not in self.decisions:
+                args = (a_q, a_scale, b_q, b_scale, out_dtype)
+                times: dict[str, float] = {}
+                errors: dict[str, str] = {}
+                for name, fn in self.candidates.items():
+                    try:
+                        times[name] = float(self.timer(fn, args))
+                    except Exception as e:  # a candidate without this shape is skipped, not fatal
+                        errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                choice = min(times, key=times.__getitem__) if times else self.default
+                self.decisions[key] = {"choice": choice, "ms": times, "errors": errors}
+            return self.decisions[key]["choice"]
+
+    def __call__(self, a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+                 out_dtype: str | torch.dtype = "bfloat16") -> torch.Tensor:
+        name = self.choose(a_q, a_scale, b_q, b_scale, out_dtype)
+        return self.candidates[name](a_q, a_scale, b_q, b_scale, out_dtype)
+
+    def report(self) -> list[dict[str, Any]]:
+        """The decisions so far, JSON-ready: one row per key, with every candidate's milliseconds."""
+        return [{"M": m, "N": n, "K": k, "b_tile": tile, "out_dtype": out, "choice": d["choice"],
+                 "ms": dict(d["ms"]), "errors": dict(d["errors"])}
+                for (m, n, k, tile, out), d in sorted(self.decisions.items())]

@@ -1,0 +1,161 @@
+"""The cuda backend's per-shape choice between FP8 GEMMs (on the CPU with injected timings), the cuBLAS
+adaptor against an emulation of ``torch._scaled_mm``'s block-scaled contract, and `fp8_linear`'s GEMM hook."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openseek_hal.ops import fp8 as ref
+from openseek_hal.ops import fp8_select
+from openseek_hal.ops.fp8_select import FastestFP8Gemm, b_tile, cublas_fp8_gemm
+
+
+def _operands(m, n, k, tile, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    aq, as_ = ref.fp8_quantize(torch.randn(m, k, generator=g))
+    bq, bs = ref.fp8_quantize(torch.randn(n, k, generator=g) * 0.1, tile)
+    return aq, as_.float(), bq, bs.float()
+
+
+def _reference(aq, as_, bq, bs, out_dtype="bfloat16"):
+    return ref.fp8_gemm(aq, as_.double(), bq, bs.double()).to(fp8_select._dtype(out_dtype))
+
+
+def _selector(ms, calls, timed):
+    def tagged(tag):
+        def impl(*args):
+            calls.append(tag)
+            return _reference(*args)
+        return impl
+
+    def timer(fn, args):
+        name = next(n for n, f in sel.candidates.items() if f is fn)
+        timed.append((name, FastestFP8Gemm.key(args[0], args[2], args[3], args[4])))
+        if isinstance(ms[name], Exception):
+            raise ms[name]
+        return ms[name]
+
+    sel = FastestFP8Gemm({"triton": tagged("triton"), "cublas": tagged("cublas")}, timer=timer)
+    return sel
+
+
+def test_the_faster_gemm_is_chosen_once_per_shape_and_recorded():
+    calls, timed = [], []
+    sel = _selector({"triton": 2.0, "cublas": 1.0}, calls, timed)
+    ops = _operands(130, 256, 384, "128x128")
+    out = sel(*ops)
+    assert torch.equal(out, _reference(*ops))
+    sel(*ops)
+    assert [name for name, _ in timed] == ["triton", "cublas"]  # timed once, not again for the same key
+    assert calls == ["cublas", "cublas"]
+    sel(*ops, torch.float32)  # another output dtype is another key
+    assert len(timed) == 4
+    wgrad = _operands(130, 256, 384, "1x128")  # B per 1x128 (a weight gradient's): another key too
+    sel(*wgrad)
+    assert len(timed) == 6
+    rows = sel.report()
+    assert [(r["M"], r["N"], r["K"], r["b_tile"], r["out_dtype"], r["choice"]) for r in rows] == [
+        (130, 256, 384, "128x128", "bfloat16", "cublas"), (130, 256, 384, "128x128", "float32", "cublas"),
+        (130, 256, 384, "1x128", "bfloat16", "cublas")]
+    assert rows[0]["ms"] == {"triton": 2.0, "cublas": 1.0} and rows[0]["errors"] == {}
+
+
+def test_a_failing_candidate_is_recorded_and_skipped():
+    calls, timed = [], []
+    sel = _selector({"triton": 3.0, "cublas": ValueError("K must be a multiple of 16\nmore")}, calls, timed)
+    ops = _operands(4, 32, 200, "128x128")
+    sel(*ops)
+    row = sel.report()[0]
+    assert row["choice"] == "triton" and row["ms"] == {"triton": 3.0}
+    assert row["errors"] == {"cublas": "ValueError: K must be a multiple of 16"}
+    # every candidate failing: the default (first) runs, and raises its own error if it cannot
+    sel2 = _selector({"triton": RuntimeError("x"), "cublas": RuntimeError("y")}, [], [])
+    sel2(*ops)
+    assert sel2.report()[0]["choice"] == "triton"
+
+
+def test_an_untimeable_call_takes_the_recorded_choice_or_the_default(monkeypatch):
+    calls, timed = [], []
+    sel = _selector({"triton": 2.0, "cublas": 1.0}, calls, timed)
+    ops = _operands(8, 16, 128, "128x128")
+    monkeypatch.setattr(fp8_select, "_untimeable", lambda: True)
+    sel(*ops)
+    assert calls == ["triton"] and timed == [] and sel.report() == []
+    monkeypatch.setattr(fp8_select, "_untimeable", lambda: False)
+    sel(*ops)
+    monkeypatch.setattr(fp8_select, "_untimeable", lambda: True)
+    sel(*ops)
+    assert calls == ["triton", "cublas", "cublas"]
+
+
+def test_b_tile_tells_the_two_scalings_apart():
+    assert b_tile(*_operands(4, 256, 128, "128x128")[2:]) == "128x128"
+    assert b_tile(*_operands(4, 256, 128, "1x128")[2:]) == "1x128"
+    assert b_tile(*_operands(4, 1, 128, "1x128")[2:]) == "128x128"  # one row: both layouts are [1, K/128]
+
+
+def _emulated_scaled_mm(mat_a, mat_b, *, scale_a, scale_b, out_dtype):
+    """``torch._scaled_mm``'s block-scaled contract (what cuBLAS computes), in float64, with its layout checks:
+    A row-major [M, K]; B column-major [K, N]; scale_a [M, K/128] outer-dimension-major (1x128); scale_b
+    [K/128, N/128] (128x128) or [K/128, N] (1x128)."""
+    (m, k), n = mat_a.shape, mat_b.shape[1]
+    kb = -(-k // 128)
+    assert mat_a.stride(1) == 1 and mat_b.stride(0) == 1, "A row-major, B column-major"
+    assert scale_a.shape == (m, kb) and scale_a.stride(0) == 1, "1x128 scales outer-dimension-major"
+    assert scale_b.shape in ((kb, -(-n // 128)), (kb, n))
+    a = mat_a.to(torch.float64) * scale_a.double().repeat_interleave(128, 1)[:, :k]
+    sb = scale_b.double().repeat_interleave(128, 0)[:k]
+    if scale_b.shape[1] != n:
+        sb = sb.repeat_interleave(128, 1)[:, :n]
+    return (a @ (mat_b.to(torch.float64) * sb)).to(out_dtype)
+
+
+@pytest.mark.parametrize("tile", ["128x128", "1x128"])
+def test_cublas_adaptor_passes_the_contract_to_scaled_mm(monkeypatch, tile):
+    monkeypatch.setattr(torch, "_scaled_mm", _emulated_scaled_mm)
+    for m, n, k in [(130, 256, 384), (7, 272, 144), (256, 48, 1280)]:
+        ops = _operands(m, n, k, tile, seed=m)
+        for out_dtype in ("bfloat16", torch.float32):
+            got = cublas_fp8_gemm(*ops, out_dtype)
+            assert got.dtype == fp8_select._dtype(out_dtype)
+            # the emulation is float64 like the reference: equal up to the output rounding
+            assert torch.equal(got, _reference(*ops, out_dtype))
+
+
+def test_cublas_adaptor_refuses_what_cublas_does_not_take():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        cublas_fp8_gemm(*_operands(4, 32, 200, "128x128"))  # K 200
+    with pytest.raises(ValueError, match="multiples of 16"):
+        cublas_fp8_gemm(*_operands(4, 24, 128, "128x128"))  # N 24
+    with pytest.raises(ValueError, match=r"\[M, K\] and \[N, K\]"):
+        aq, as_, bq, bs = _operands(4, 32, 128, "128x128")
+        cublas_fp8_gemm(aq, as_, bq[:, :64], bs)
+
+
+def test_fp8_linear_runs_all_three_gemms_through_the_given_gemm():
+    pytest.importorskip("triton")
+    from openseek_hal.ops.kernel_loader import load_kernels
+
+    kernels = load_kernels(interpret=True).fp8
+    calls = []
+
+    def counting(a_q, a_scale, b_q, b_scale, out_dtype):
+        calls.append((tuple(a_q.shape), tuple(b_q.shape), b_tile(b_q, b_scale)))
+        return kernels.fp8_gemm(a_q, a_scale, b_q, b_scale, out_dtype)
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 80, 128, generator=g).bfloat16()
+    w = (torch.randn(144, 128, generator=g) * 0.1).bfloat16()
+    dy = torch.randn(2, 80, 144, generator=g).bfloat16()
+    outs = []
+    for gemm in (None, counting):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = kernels.fp8_linear(xi, wi, gemm)
+        y.backward(dy)
+        outs.append((y, xi.grad, wi.grad))
+    # forward [160, 128] x [144, 128]; dx [160, 144] x [128, 144]; dW [144, 160] x [128, 160] per 1x128
+    assert calls == [((160, 128), (144, 128), "128x128"), ((160, 144), (128, 144), "128x128"),
+                     ((144, 160), (128, 160), "1x128")]
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
