@@ -159,3 +159,31 @@ def test_fp8_linear_runs_all_three_gemms_through_the_given_gemm():
                      ((144, 160), (128, 160), "1x128")]
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_cuda_backend_routes_fp8_gemms_through_the_selector_on_hopper(monkeypatch):
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from openseek_hal.backends.cuda import CUDABackend
+
+    backend = CUDABackend.__new__(CUDABackend)  # the op table needs no device
+    backend.device = SimpleNamespace(index=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    table = CUDABackend.native_ops(backend)
+    gemm = table["fp8_gemm"]
+    assert isinstance(gemm, FastestFP8Gemm) and list(gemm.candidates) == ["triton", "cublas"]
+    assert gemm.candidates["cublas"] is cublas_fp8_gemm
+    # the layer hands its three GEMMs to that selector
+    from openseek_hal.ops.kernels import fp8 as kfp8
+
+    seen = []
+
+    monkeypatch.setattr(kfp8, "_FP8Linear", SimpleNamespace(apply=lambda x, w, g: seen.append(g) or x))
+    table["fp8_linear"](torch.zeros(2, 128), torch.zeros(16, 128))
+    assert seen == [gemm]
+    # before Hopper (or without CUDA) the Triton kernel alone
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 9))
+    assert CUDABackend.native_ops(backend)["fp8_gemm"] is not gemm
+    assert not isinstance(CUDABackend.native_ops(backend)["fp8_gemm"], FastestFP8Gemm)

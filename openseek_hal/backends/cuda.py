@@ -75,7 +75,8 @@ class CUDABackend(Backend):
         (``torch._scaled_mm`` with 1x128 / 128x128 scales: Hopper, CUDA 12.9+); `fp8_linear`'s three GEMMs
         go through the same choice. The grouped (experts') GEMMs stay Triton: cuBLAS has no block-scaled
         grouped GEMM."""
-        if not (hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(self.device.index) >= (9, 0)):
+        if not (hasattr(torch, "_scaled_mm") and torch.cuda.is_available()
+                and torch.cuda.get_device_capability(self.device.index) >= (9, 0)):
             return {}
         gemm = FastestFP8Gemm({"triton": kernels["fp8_gemm"], "cublas": cublas_fp8_gemm})
         triton_linear = kernels["fp8_linear"]

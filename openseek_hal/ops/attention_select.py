@@ -68,6 +68,22 @@ def cuda_time_fwd_bwd(fn: Callable[..., Any], q: torch.Tensor, k: torch.Tensor, 
     return float(statistics.median(times))
 
 
+def pick_fastest(candidates: Mapping[str, Callable[..., Any]], time_one: Callable[[Callable[..., Any]], float],
+                 default: str) -> dict[str, Any]:
+    """Time every candidate (``time_one(fn) -> ms``) and return the decision ``{"choice", "ms", "errors"}``:
+    the fastest, or ``default`` if none could run. A candidate that raises is recorded with its error and
+    skipped (one without this shape or dtype is not fatal)."""
+    times: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    for name, fn in candidates.items():
+        try:
+            times[name] = float(time_one(fn))
+        except Exception as e:
+            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    choice = min(times, key=times.__getitem__) if times else default
+    return {"choice": choice, "ms": times, "errors": errors}
+
+
 def _untimeable() -> bool:
     if torch.compiler.is_compiling():
         return True
@@ -118,19 +134,13 @@ class FastestAttention:
             if key in self.decisions:
                 return self.decisions[key]["choice"]
             names = [n for n in self.candidates if cu_seqlens is None or n in self.varlen]
-            times: dict[str, float] = {}
-            errors: dict[str, str] = {}
             if len(names) == 1:
-                choice = names[0]
+                self.decisions[key] = {"choice": names[0], "ms": {}, "errors": {}}
             else:
-                for name in names:
-                    try:
-                        times[name] = float(self.timer(self.candidates[name], q, k, v, scale, cu_seqlens))
-                    except Exception as e:  # a candidate without this shape/dtype is skipped, not fatal
-                        errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                choice = min(times, key=times.__getitem__) if times else self.default
-            self.decisions[key] = {"choice": choice, "ms": times, "errors": errors}
-            return choice
+                self.decisions[key] = pick_fastest(
+                    {n: self.candidates[n] for n in names},
+                    lambda fn: self.timer(fn, q, k, v, scale, cu_seqlens), self.default)
+            return self.decisions[key]["choice"]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                  cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .attention_select import _untimeable
+from .attention_select import _untimeable, pick_fastest
 
 GemmKey = tuple[int, int, int, str, str]
 GemmTimer = Callable[[Callable[..., torch.Tensor], tuple[Any, ...]], float]
@@ -116,15 +116,7 @@ class FastestFP8Gemm:
         with self._lock:
             if key not in self.decisions:
                 args = (a_q, a_scale, b_q, b_scale, out_dtype)
-                times: dict[str, float] = {}
-                errors: dict[str, str] = {}
-                for name, fn in self.candidates.items():
-                    try:
-                        times[name] = float(self.timer(fn, args))
-                    except Exception as e:  # a candidate without this shape is skipped, not fatal
-                        errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                choice = min(times, key=times.__getitem__) if times else self.default
-                self.decisions[key] = {"choice": choice, "ms": times, "errors": errors}
+                self.decisions[key] = pick_fastest(self.candidates, lambda fn: self.timer(fn, args), self.default)
             return self.decisions[key]["choice"]
 
     def __call__(self, a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
