@@ -104,6 +104,11 @@ def _emulated_scaled_mm(mat_a, mat_b, *, scale_a, scale_b, out_dtype):
     assert mat_a.stride(1) == 1 and mat_b.stride(0) == 1, "A row-major, B column-major"
     assert scale_a.shape == (m, kb) and scale_a.stride(0) == 1, "1x128 scales outer-dimension-major"
     assert scale_b.shape in ((kb, -(-n // 128)), (kb, n))
+    if scale_b.shape == (kb, n) and n != -(-n // 128):
+        assert scale_b.stride(1) == 1, "1x128 scales of B^T: unit stride along N"
+    else:
+        # cuBLAS reads 128x128 scales with a leading dimension of round_up(K/128, 4), whatever the strides say
+        assert scale_b.stride() == (1, -(-kb // 4) * 4), f"128x128 scales' strides {scale_b.stride()}"
     a = mat_a.to(torch.float64) * scale_a.double().repeat_interleave(128, 1)[:, :k]
     sb = scale_b.double().repeat_interleave(128, 0)[:k]
     if scale_b.shape[1] != n:
@@ -114,7 +119,7 @@ def _emulated_scaled_mm(mat_a, mat_b, *, scale_a, scale_b, out_dtype):
 @pytest.mark.parametrize("tile", ["128x128", "1x128"])
 def test_cublas_adaptor_passes_the_contract_to_scaled_mm(monkeypatch, tile):
     monkeypatch.setattr(torch, "_scaled_mm", _emulated_scaled_mm)
-    for m, n, k in [(130, 256, 384), (7, 272, 144), (256, 48, 1280)]:
+    for m, n, k in [(130, 256, 384), (7, 384, 640), (256, 128, 1280)]:
         ops = _operands(m, n, k, tile, seed=m)
         for out_dtype in ("bfloat16", torch.float32):
             got = cublas_fp8_gemm(*ops, out_dtype)
@@ -123,11 +128,13 @@ def test_cublas_adaptor_passes_the_contract_to_scaled_mm(monkeypatch, tile):
             assert torch.equal(got, _reference(*ops, out_dtype))
 
 
-def test_cublas_adaptor_refuses_what_cublas_does_not_take():
-    with pytest.raises(ValueError, match="multiples of 16"):
-        cublas_fp8_gemm(*_operands(4, 32, 200, "128x128"))  # K 200
-    with pytest.raises(ValueError, match="multiples of 16"):
-        cublas_fp8_gemm(*_operands(4, 24, 128, "128x128"))  # N 24
+def test_cublas_adaptor_refuses_what_it_does_not_take():
+    with pytest.raises(ValueError, match="K a multiple of 128"):
+        cublas_fp8_gemm(*_operands(4, 256, 576, "128x128"))  # K 576: a partial K block
+    with pytest.raises(ValueError, match="N of 128"):
+        cublas_fp8_gemm(*_operands(4, 576, 256, "128x128"))  # N 576: a partial 128x128 block
+    with pytest.raises(ValueError, match="N of 16"):
+        cublas_fp8_gemm(*_operands(4, 24, 128, "1x128"))  # N 24
     with pytest.raises(ValueError, match=r"\[M, K\] and \[N, K\]"):
         aq, as_, bq, bs = _operands(4, 32, 128, "128x128")
         cublas_fp8_gemm(aq, as_, bq[:, :64], bs)

@@ -52,19 +52,28 @@ def cublas_fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor,
                     out_dtype: str | torch.dtype = "bfloat16") -> torch.Tensor:
     """`fp8_gemm`'s contract through cuBLAS's block-scaled FP8 GEMM (``torch._scaled_mm``).
 
-    Raises ValueError for what cuBLAS does not take (K or N not a multiple of 16, A not row-major,
+    The scales go in the layouts cuBLAS reads (whatever strides the tensors say): 1x128 scales
+    ``[rows, K/128]`` with unit stride along the rows; 128x128 scales ``[K/128, N/128]`` with unit stride
+    along K and a leading dimension rounded up to a multiple of 4 blocks. Raises ValueError for what this
+    path does not take (K, or N of a 128x128-scaled B, not a multiple of 128; N not a multiple of 16;
     empty operands): the per-shape choice then keeps the Triton kernel."""
     if a_q.dim() != 2 or b_q.dim() != 2 or a_q.shape[1] != b_q.shape[1]:
         raise ValueError(f"fp8_gemm: a {tuple(a_q.shape)} and b {tuple(b_q.shape)} must be [M, K] and [N, K]")
     (m, k), n = a_q.shape, b_q.shape[0]
-    if min(m, n, k) == 0 or k % 16 or n % 16:
-        raise ValueError(f"cuBLAS's block-scaled GEMM needs K and N multiples of 16 (got M={m} N={n} K={k})")
+    tile = b_tile(b_q, b_scale)
+    if min(m, n, k) == 0 or k % BLOCK or n % (BLOCK if tile == "128x128" else 16):
+        raise ValueError(f"cuBLAS's block-scaled GEMM here needs K a multiple of 128 and N of "
+                         f"{BLOCK if tile == '128x128' else 16} (got M={m} N={n} K={k}, B per {tile})")
     a_q = a_q if a_q.stride(1) == 1 else a_q.contiguous()
     b_q = b_q if b_q.stride(1) == 1 else b_q.contiguous()
-    # 1x128 scales are read outer-dimension-major ([M, K/128] with unit stride along M)
     a_s = a_scale.float().t().contiguous().t()
-    b_s = b_scale.float()
-    b_s = b_s.t().contiguous() if b_tile(b_q, b_scale) == "1x128" else b_s.t()
+    if tile == "1x128":
+        b_s = b_scale.float().t().contiguous()  # [K/128, N]: B^T's 1x128 scales, unit stride along N
+    else:
+        kb = b_scale.shape[1]
+        padded = torch.empty(b_scale.shape[0], -(-kb // 4) * 4, dtype=torch.float32, device=b_scale.device)
+        padded[:, :kb] = b_scale
+        b_s = padded[:, :kb].t()  # [K/128, N/128], strides (1, round_up(K/128, 4))
     return torch._scaled_mm(a_q, b_q.t(), scale_a=a_s, scale_b=b_s, out_dtype=_dtype(out_dtype))
 
 
