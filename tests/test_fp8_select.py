@@ -107,8 +107,14 @@ def _emulated_scaled_mm(mat_a, mat_b, *, scale_a, scale_b, out_dtype):
     if scale_b.shape == (kb, n) and n != -(-n // 128):
         assert scale_b.stride(1) == 1, "1x128 scales of B^T: unit stride along N"
     else:
-        # cuBLAS reads 128x128 scales with a leading dimension of round_up(K/128, 4), whatever the strides say
-        assert scale_b.stride() == (1, -(-kb // 4) * 4), f"128x128 scales' strides {scale_b.stride()}"
+        # cuBLAS reads 128x128 scales with a leading dimension of round_up(K/128, 4), whatever the strides say;
+        # torch._scaled_mm accepts only the unpadded view, so only K/128 % 4 == 0 is right through it
+        assert kb % 4 == 0 and scale_b.stride() == (1, kb), f"128x128 scales {scale_b.shape} {scale_b.stride()}"
+    return _blockwise_product(mat_a, mat_b, scale_a, scale_b, out_dtype)
+
+
+def _blockwise_product(mat_a, mat_b, scale_a, scale_b, out_dtype):
+    k, n = mat_a.shape[1], mat_b.shape[1]
     a = mat_a.to(torch.float64) * scale_a.double().repeat_interleave(128, 1)[:, :k]
     sb = scale_b.double().repeat_interleave(128, 0)[:k]
     if scale_b.shape[1] != n:
@@ -119,13 +125,46 @@ def _emulated_scaled_mm(mat_a, mat_b, *, scale_a, scale_b, out_dtype):
 @pytest.mark.parametrize("tile", ["128x128", "1x128"])
 def test_cublas_adaptor_passes_the_contract_to_scaled_mm(monkeypatch, tile):
     monkeypatch.setattr(torch, "_scaled_mm", _emulated_scaled_mm)
-    for m, n, k in [(130, 256, 384), (7, 384, 640), (256, 128, 1280)]:
+    for m, n, k in [(130, 256, 512), (7, 384, 1024), (256, 128, 2048)] + ([(9, 128, 384)] if tile == "1x128" else []):
         ops = _operands(m, n, k, tile, seed=m)
         for out_dtype in ("bfloat16", torch.float32):
             got = cublas_fp8_gemm(*ops, out_dtype)
             assert got.dtype == fp8_select._dtype(out_dtype)
             # the emulation is float64 like the reference: equal up to the output rounding
             assert torch.equal(got, _reference(*ops, out_dtype))
+
+
+def _emulated_scaled_mm_v2(mat_a, mat_b, scale_a, recipe_a, scale_b, recipe_b, output_dtype):
+    """``torch.nn.functional.scaled_mm`` for 1x128 x 128x128: scale_b is ``[round_up(K/128, 4), N/128]`` with
+    strides ``(1, round_up(K/128, 4))`` (the padded layout cuBLAS reads)."""
+    st = torch.nn.functional.ScalingType
+    assert recipe_a == st.BlockWise1x128 and recipe_b == st.BlockWise128x128
+    kb = -(-mat_a.shape[1] // 128)
+    l4 = -(-kb // 4) * 4
+    assert scale_b.shape == (l4, mat_b.shape[1] // 128) and scale_b.stride() == (1, l4)
+    assert scale_a.shape == (mat_a.shape[0], kb) and scale_a.stride(0) == 1
+    return _blockwise_product(mat_a, mat_b, scale_a, scale_b[:kb], output_dtype)
+
+
+def test_cublas_adaptor_pads_the_128x128_scales_through_the_newer_api(monkeypatch):
+    if not hasattr(torch.nn.functional, "scaled_mm"):
+        pytest.skip("this torch has no torch.nn.functional.scaled_mm")
+    calls = []
+
+    def v1(*args, **kwargs):
+        calls.append("v1")
+        return _emulated_scaled_mm(*args, **kwargs)
+
+    def v2(*args, **kwargs):
+        calls.append("v2")
+        return _emulated_scaled_mm_v2(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", v1)
+    monkeypatch.setattr(torch.nn.functional, "scaled_mm", v2)
+    for k, api in [(1280, "v2"), (640, "v2"), (512, "v1"), (1024, "v1")]:
+        ops = _operands(64, 256, k, "128x128", seed=k)
+        assert torch.equal(cublas_fp8_gemm(*ops, torch.float32), _reference(*ops, torch.float32))
+        assert calls[-1] == api
 
 
 def test_cublas_adaptor_refuses_what_it_does_not_take():

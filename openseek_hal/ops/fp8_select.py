@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .attention_select import _untimeable, pick_fastest
 
@@ -52,11 +53,13 @@ def cublas_fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor,
                     out_dtype: str | torch.dtype = "bfloat16") -> torch.Tensor:
     """`fp8_gemm`'s contract through cuBLAS's block-scaled FP8 GEMM (``torch._scaled_mm``).
 
-    The scales go in the layouts cuBLAS reads (whatever strides the tensors say): 1x128 scales
-    ``[rows, K/128]`` with unit stride along the rows; 128x128 scales ``[K/128, N/128]`` with unit stride
-    along K and a leading dimension rounded up to a multiple of 4 blocks. Raises ValueError for what this
-    path does not take (K, or N of a 128x128-scaled B, not a multiple of 128; N not a multiple of 16;
-    empty operands): the per-shape choice then keeps the Triton kernel."""
+    The scales go in the layouts cuBLAS reads: 1x128 scales ``[rows, K/128]`` with unit stride along the
+    rows; 128x128 scales with unit stride along K and a leading dimension of ``round_up(K/128, 4)``, whatever
+    the strides say. ``torch._scaled_mm`` checks only the shape ``[K/128, N/128]`` and refuses that padding,
+    so it gets them when K/128 is a multiple of 4 (padded and unpadded coincide), and
+    ``torch.nn.functional.scaled_mm`` (which takes ``[round_up(K/128, 4), N/128]`` explicitly) otherwise.
+    Raises ValueError for what this path does not take (K, or N of a 128x128-scaled B, not a multiple of
+    128; N not a multiple of 16; empty operands): the per-shape choice then keeps the Triton kernel."""
     if a_q.dim() != 2 or b_q.dim() != 2 or a_q.shape[1] != b_q.shape[1]:
         raise ValueError(f"fp8_gemm: a {tuple(a_q.shape)} and b {tuple(b_q.shape)} must be [M, K] and [N, K]")
     (m, k), n = a_q.shape, b_q.shape[0]
@@ -67,14 +70,20 @@ def cublas_fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor,
     a_q = a_q if a_q.stride(1) == 1 else a_q.contiguous()
     b_q = b_q if b_q.stride(1) == 1 else b_q.contiguous()
     a_s = a_scale.float().t().contiguous().t()
+    dtype = _dtype(out_dtype)
     if tile == "1x128":
         b_s = b_scale.float().t().contiguous()  # [K/128, N]: B^T's 1x128 scales, unit stride along N
-    else:
-        kb = b_scale.shape[1]
-        padded = torch.empty(b_scale.shape[0], -(-kb // 4) * 4, dtype=torch.float32, device=b_scale.device)
-        padded[:, :kb] = b_scale
-        b_s = padded[:, :kb].t()  # [K/128, N/128], strides (1, round_up(K/128, 4))
-    return torch._scaled_mm(a_q, b_q.t(), scale_a=a_s, scale_b=b_s, out_dtype=_dtype(out_dtype))
+        return torch._scaled_mm(a_q, b_q.t(), scale_a=a_s, scale_b=b_s, out_dtype=dtype)
+    kb = b_scale.shape[1]
+    if kb % 4 == 0:  # the [K/128, N/128] view already has the leading dimension cuBLAS reads
+        return torch._scaled_mm(a_q, b_q.t(), scale_a=a_s, scale_b=b_scale.float().t(), out_dtype=dtype)
+    # torch._scaled_mm refuses the padded layout; its successor takes it explicitly
+    if not hasattr(F, "scaled_mm"):
+        raise ValueError(f"K/128 = {kb} is not a multiple of 4 and this torch has no torch.nn.functional.scaled_mm")
+    padded = torch.zeros(b_scale.shape[0], -(-kb // 4) * 4, dtype=torch.float32, device=b_scale.device)
+    padded[:, :kb] = b_scale
+    st = F.ScalingType
+    return F.scaled_mm(a_q, b_q.t(), a_s, st.BlockWise1x128, padded.t(), st.BlockWise128x128, output_dtype=dtype)
 
 
 def cuda_time_gemm(fn: Callable[..., torch.Tensor], args: tuple[Any, ...], warmup: int = 2, reps: int = 5) -> float:
