@@ -22,7 +22,7 @@ def _reference(aq, as_, bq, bs, out_dtype="bfloat16"):
     return ref.fp8_gemm(aq, as_.double(), bq, bs.double()).to(fp8_select._dtype(out_dtype))
 
 
-def _selector(ms, calls, timed):
+def _selector(ms, calls, timed, check=None):
     def tagged(tag):
         def impl(*args):
             calls.append(tag)
@@ -36,7 +36,7 @@ def _selector(ms, calls, timed):
             raise ms[name]
         return ms[name]
 
-    sel = FastestFP8Gemm({"triton": tagged("triton"), "cublas": tagged("cublas")}, timer=timer)
+    sel = FastestFP8Gemm({"triton": tagged("triton"), "cublas": tagged("cublas")}, timer=timer, check=check)
     return sel
 
 
@@ -87,6 +87,49 @@ def test_an_untimeable_call_takes_the_recorded_choice_or_the_default(monkeypatch
     monkeypatch.setattr(fp8_select, "_untimeable", lambda: True)
     sel(*ops)
     assert calls == ["triton", "cublas", "cublas"]
+
+
+def _misreading_scaled_mm(mat_a, mat_b, *, scale_a, scale_b, out_dtype):
+    """What cuBLAS computes from ``torch._scaled_mm``'s unpadded 128x128 view when K/128 is not a multiple of
+    4: it reads B's scale (kb, nb) at offset ``kb + nb * round_up(K/128, 4)`` of the buffer (past its end:
+    NaN here)."""
+    kb, nb = scale_b.shape
+    l4 = -(-kb // 4) * 4
+    flat = torch.full((l4 * nb,), float("nan"))
+    flat[: kb * nb] = scale_b.t().contiguous().reshape(-1)  # the storage of the [K/128, N/128] view, strides (1, kb)
+    read = flat.reshape(nb, l4)[:, :kb].t()
+    return _blockwise_product(mat_a, mat_b, scale_a, read, out_dtype)
+
+
+@pytest.mark.parametrize("tile", ["128x128", "1x128"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_exact_check_passes_correct_gemms(tile, out_dtype):
+    for m, n, k in [(5, 256, 1280), (130, 200, 300), (1, 16, 128)]:
+        fp8_select.exact_check(_reference, m, n, k, tile, out_dtype, "cpu")
+
+
+def test_the_exact_check_catches_misplaced_scales_and_the_selector_skips_them():
+    def misreading(aq, as_, bq, bs, out_dtype):
+        return _misreading_scaled_mm(aq, bq.t(), scale_a=as_, scale_b=bs.t(), out_dtype=fp8_select._dtype(out_dtype))
+
+    fp8_select.exact_check(misreading, 64, 256, 1024, "128x128", torch.bfloat16, "cpu")  # 8 blocks: reads right
+    with pytest.raises(fp8_select.WrongResult, match="exact check failed"):
+        fp8_select.exact_check(misreading, 64, 256, 1280, "128x128", torch.bfloat16, "cpu")
+
+    def swapped_a_scales(aq, as_, bq, bs, out_dtype):  # the 1x128 scales read row for row of another layout
+        return _reference(aq, as_.t().reshape(as_.shape), bq, bs, out_dtype)
+
+    with pytest.raises(fp8_select.WrongResult):
+        fp8_select.exact_check(swapped_a_scales, 64, 256, 1280, "1x128", torch.float32, "cpu")
+    # in the selector: the failing candidate is recorded and never timed, even when it would be faster
+    timed = []
+    sel = FastestFP8Gemm({"triton": _reference, "cublas": misreading}, check=fp8_select.exact_check,
+                         timer=lambda fn, args: timed.append(fn) or (1.0 if fn is misreading else 2.0))
+    ops = _operands(64, 256, 1280, "128x128")
+    assert torch.equal(sel(*ops), _reference(*ops))
+    row = sel.report()[0]
+    assert row["choice"] == "triton" and timed == [_reference]
+    assert row["errors"]["cublas"].startswith("WrongResult: exact check failed")
 
 
 def test_b_tile_tells_the_two_scalings_apart():
@@ -233,3 +276,13 @@ def test_cuda_backend_routes_fp8_gemms_through_the_selector_on_hopper(monkeypatc
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 9))
     assert CUDABackend.native_ops(backend)["fp8_gemm"] is not gemm
     assert not isinstance(CUDABackend.native_ops(backend)["fp8_gemm"], FastestFP8Gemm)
+
+
+@pytest.mark.parametrize("tile", ["128x128", "1x128"])
+def test_the_triton_kernel_passes_the_exact_check(tile):
+    pytest.importorskip("triton")
+    from openseek_hal.ops.kernel_loader import load_kernels
+
+    kernels = load_kernels(interpret=True).fp8
+    for out_dtype in (torch.bfloat16, torch.float32):
+        fp8_select.exact_check(kernels.fp8_gemm, 130, 144, 300, tile, out_dtype, "cpu")

@@ -19,7 +19,7 @@ import torch
 import triton
 
 from openseek_hal.ops import fp8 as ref
-from openseek_hal.ops.fp8_select import cublas_fp8_gemm
+from openseek_hal.ops.fp8_select import cublas_fp8_gemm, exact_check
 from openseek_hal.ops.kernels import fp8 as kfp8
 from openseek_hal.provenance import provenance
 
@@ -79,6 +79,12 @@ def main() -> None:
                 row[name] = ((got - want).abs() / bound).max().item()
             except Exception as exc:  # noqa: BLE001 - a probe: record why
                 row[name] = f"{type(exc).__name__}: {exc}"[:300]
+        for out_dtype in (torch.bfloat16, torch.float32):
+            try:
+                exact_check(cublas_fp8_gemm, m, n, k, b_tile, out_dtype, dev)
+                row[f"cublas exact check {out_dtype}"] = "pass"
+            except Exception as exc:  # noqa: BLE001 - a probe: record why
+                row[f"cublas exact check {out_dtype}"] = f"{type(exc).__name__}: {exc}"[:300]
         result["layouts"][key] = row
         print(key, "error / bound:", row, flush=True)
 

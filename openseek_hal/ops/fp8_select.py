@@ -9,11 +9,14 @@ is the column-major layout cuBLAS wants, without a copy) and refuses shapes cuBL
 
 `FastestFP8Gemm` dispatches each key ``(M, N, K, B's tile, output dtype)`` to the candidate that ran
 fastest on the first call with that key (timed on that call's own operands: a GEMM has no side
-effects), and records the decision with every candidate's time (`FastestFP8Gemm.report`). A
-candidate that raises is recorded with its error and skipped. A call that cannot be timed (inside
-``torch.compile`` tracing, during CUDA graph capture) uses the key's recorded choice, else the first
-candidate. Training calls each GEMM shape thousands of times with the same key, so the timing is paid
-once per shape, in the first step.
+effects), among those that first pass `exact_check` at that shape (operands whose product is exact in
+any summation order, so a library that reads a scale from the wrong place is caught rather than timed:
+the one way this contract has gone wrong, see `cublas_fp8_gemm`). It records the decision with every
+candidate's time (`FastestFP8Gemm.report`); a candidate that raises or fails the check is recorded with
+its error and skipped. A call that cannot be timed (inside ``torch.compile`` tracing, during CUDA graph
+capture) uses the key's recorded choice, else the first candidate. Training calls each GEMM shape
+thousands of times with the same key, so the check and the timing are paid once per shape, in the
+first step.
 """
 
 from __future__ import annotations
@@ -101,19 +104,62 @@ def cuda_time_gemm(fn: Callable[..., torch.Tensor], args: tuple[Any, ...], warmu
     return float(statistics.median(times))
 
 
+E4M3_ONE = 0x38  # the float8_e4m3fn byte of 1.0
+
+
+class WrongResult(RuntimeError):
+    """A candidate GEMM failed the exact check (`exact_check`)."""
+
+
+def exact_check(fn: Callable[..., torch.Tensor], m: int, n: int, k: int, tile: str, out_dtype: str | torch.dtype,
+                device: torch.device | str) -> None:
+    """Run ``fn`` at shape ``(M, N, K)`` with B scaled per ``tile`` on operands whose product is known exactly;
+    raise `WrongResult` if any output element differs from it.
+
+    Row ``r`` of A is 1.0 on K block ``r % ceil(K/128)`` and 0 elsewhere, B is all 1.0, and every scale is a
+    power of two drawn from 2^-4..2^4 (fixed seed). So ``C[r, c]`` is one block's element count times one A
+    scale times one B scale: exact in float32, bfloat16 and float16, whatever the summation order or the
+    accumulator's precision, and a scale read from another tile (a layout the library reads otherwise than
+    documented) changes it by a factor of 2^d with probability 8/9 per element. Costs one GEMM of the shape."""
+    dtype = _dtype(out_dtype)
+    kb, rows_b = _cdiv(k, BLOCK), (n if tile == "1x128" else _cdiv(n, BLOCK))
+    gen = torch.Generator().manual_seed(20261206)
+    a_exp = torch.randint(-4, 5, (m, kb), generator=gen)
+    b_exp = torch.randint(-4, 5, (rows_b, kb), generator=gen)
+    blk = torch.arange(m, device=device) % kb
+    a_q = ((torch.arange(k, device=device) // BLOCK)[None, :] == blk[:, None]).to(torch.uint8) * E4M3_ONE
+    a_q = a_q.view(torch.float8_e4m3fn)
+    b_q = torch.full((n, k), E4M3_ONE, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
+    a_s, b_s = torch.exp2(a_exp.float()).to(device), torch.exp2(b_exp.float()).to(device)
+    count = (k - torch.arange(kb, device=device) * BLOCK).clamp(max=BLOCK).float()
+    b_rows = b_s if tile == "1x128" else b_s.repeat_interleave(BLOCK, 0)[:n]  # [N, K/128]
+    a_sel = a_s.gather(1, blk[:, None])[:, 0] * count[blk]  # [M]
+    expected = a_sel[:, None] * b_rows.t()[blk]  # [M, N], powers of two times counts <= 128: exact
+    got = fn(a_q, a_s, b_q, b_s, dtype).float()
+    bad = got != expected
+    if bad.any():
+        r, c = (int(i) for i in bad.nonzero()[0])
+        raise WrongResult(f"exact check failed at {int(bad.sum())} of {bad.numel()} elements "
+                          f"(C[{r}, {c}] = {got[r, c].item()}, expected {expected[r, c].item()})")
+
+
 class FastestFP8Gemm:
     """An `fp8_gemm` that dispatches each shape to the fastest of ``candidates`` (see the module doc).
 
     ``candidates``: ``{name: implementation}`` with `fp8_gemm`'s signature, the default first.
     ``timer``: ``timer(fn, args) -> milliseconds`` (default: CUDA events); tests inject timings through it.
+    ``check``: run on every candidate but the default before it is timed, ``check(fn, M, N, K, tile,
+    out_dtype, device)``, raising if the candidate computes something else (default: `exact_check`).
     """
 
-    def __init__(self, candidates: Mapping[str, Callable[..., torch.Tensor]], *, timer: GemmTimer | None = None):
+    def __init__(self, candidates: Mapping[str, Callable[..., torch.Tensor]], *, timer: GemmTimer | None = None,
+                 check: Callable[..., None] | None = exact_check):
         if not candidates:
             raise ValueError("FastestFP8Gemm needs at least one candidate")
         self.candidates = dict(candidates)
         self.default = next(iter(self.candidates))
         self.timer: GemmTimer = timer or cuda_time_gemm
+        self.check = check
         self.decisions: dict[GemmKey, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
@@ -134,7 +180,13 @@ class FastestFP8Gemm:
         with self._lock:
             if key not in self.decisions:
                 args = (a_q, a_scale, b_q, b_scale, out_dtype)
-                self.decisions[key] = pick_fastest(self.candidates, lambda fn: self.timer(fn, args), self.default)
+
+                def time_one(fn: Callable[..., torch.Tensor]) -> float:
+                    if self.check is not None and fn is not self.candidates[self.default]:
+                        self.check(fn, key[0], key[1], key[2], key[3], out_dtype, a_q.device)
+                    return self.timer(fn, args)
+
+                self.decisions[key] = pick_fastest(self.candidates, time_one, self.default)
             return self.decisions[key]["choice"]
 
     def __call__(self, a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
