@@ -148,10 +148,32 @@ class Backend(ABC):
         shows it); empty by default: every native op is the backend's own."""
         return {}
 
+    def op_choices(self) -> dict[str, list[dict[str, Any]]]:
+        """The per-shape choices made so far by native ops that time their candidates, by op name (JSON-ready).
+
+        Such an op (e.g. `openseek_hal.ops.attention_select.FastestAttention`) has ``report()`` (its decisions
+        as rows) and ``preset(rows)`` (take decisions without timing). The trainer saves these with each
+        checkpoint and presets them on resume and on every rank, so a resumed run computes with the kernels of
+        the run it continues (a second timing can come out the other way where two candidates are close)."""
+        return {name: impl.report() for name, impl in self._native_table().items() if _timed_choice(impl)}
+
+    def preset_op_choices(self, choices: Mapping[str, list[dict[str, Any]]]) -> None:
+        """Take the decisions of `op_choices` (e.g. a checkpoint's) without timing; ops this backend does not
+        time, and rows naming a candidate it does not have, are ignored (they are timed again when met)."""
+        table = self._native_table()
+        for name, rows in choices.items():
+            impl = table.get(name)
+            if _timed_choice(impl):
+                impl.preset(rows)
+
     def coverage(self) -> dict[str, str]:
         """``{op name: "native" | "fallback"}`` over every registered op."""
         native = self._native_table()
         return {name: ("native" if name in native else "fallback") for name in _ops.names()}
+
+
+def _timed_choice(impl: Any) -> bool:
+    return callable(getattr(impl, "report", None)) and callable(getattr(impl, "preset", None))
 
 
 # -- discovery --------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -223,3 +225,40 @@ def test_the_selector_traces_with_fullgraph_compile():
     torch.testing.assert_close(fn(q, k, v, None), REF(q, k, v, 0.3))  # the decision is guarded: a new graph
     assert ops_in(graphs[-1]) == (True, False) and len(graphs) == 3
     torch._dynamo.reset()
+
+
+def test_decisions_round_trip_through_the_backend_without_timing():
+    """`Backend.op_choices` / `preset_op_choices` (what a checkpoint carries): a fresh backend takes the
+    decisions of another without timing; rows naming a candidate it lacks are timed again when met."""
+    from openseek_hal.backends.cpu import CPUBackend
+
+    class Timed(CPUBackend):
+        name = "cpu-timed-attention"
+
+        def __init__(self, ms, calls, timed):
+            super().__init__()
+            self.sel = _selector(ms, calls, timed)
+
+        def native_ops(self):
+            return {**super().native_ops(), "causal_attention": self.sel}
+
+    calls, timed = [], []
+    first = Timed({"triton": 2.0, "sdpa": 1.0}, calls, timed)
+    first.op("causal_attention")(*_qkv())
+    first.op("causal_attention")(*_qkv(s=12))
+    choices = first.op_choices()
+    assert list(choices) == ["causal_attention"] and len(choices["causal_attention"]) == 2
+    assert json.loads(json.dumps(choices)) == choices  # JSON-ready (the checkpoint's state.json)
+    # a second run where the timings would come out the other way keeps the first run's kernels
+    calls2, timed2 = [], []
+    second = Timed({"triton": 1.0, "sdpa": 2.0}, calls2, timed2)
+    second.preset_op_choices(choices)
+    second.op("causal_attention")(*_qkv())
+    second.op("causal_attention")(*_qkv(s=12))
+    assert calls2 == ["sdpa", "sdpa"] and timed2 == []
+    assert second.op_choices() == choices
+    # an unknown candidate, and an op this backend does not time, are ignored
+    third = Timed({"triton": 1.0, "sdpa": 2.0}, [], [])
+    rows = [dict(choices["causal_attention"][0], choice="flash9")]
+    third.preset_op_choices({"causal_attention": rows, "rms_norm": rows})
+    assert third.op_choices() == {"causal_attention": []}

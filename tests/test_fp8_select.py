@@ -286,3 +286,13 @@ def test_the_triton_kernel_passes_the_exact_check(tile):
     kernels = load_kernels(interpret=True).fp8
     for out_dtype in (torch.bfloat16, torch.float32):
         fp8_select.exact_check(kernels.fp8_gemm, 130, 144, 300, tile, out_dtype, "cpu")
+
+
+def test_decisions_preset_from_a_report_skip_the_timing():
+    calls, timed = [], []
+    sel = _selector({"triton": 2.0, "cublas": 1.0}, calls, timed)
+    ops = _operands(130, 256, 512, "128x128")
+    sel(*ops)
+    fresh = _selector({"triton": 1.0, "cublas": 2.0}, [], timed2 := [])
+    fresh.preset(sel.report() + [dict(sel.report()[0], K=1024, choice="cutlass")])
+    assert fresh.report() == sel.report() and fresh.choose(*ops) == "cublas" and timed2 == []

@@ -203,3 +203,23 @@ def test_profile_step_writes_a_trace_and_tables_of_the_profiled_steps(tmp_path):
     names = {e.get("name", "") for e in trace["traceEvents"]}
     assert {"aten::embedding", "aten::mm"} <= names  # the model's forward and backward ran inside the span
     assert "aten::mm" in (folder / "rank0-host.txt").read_text()
+
+
+def test_checkpoints_carry_the_kernel_choices_and_a_resume_presets_them(tmp_path, monkeypatch):
+    """A backend that picks kernels by timing (cuda: attention, the FP8 GEMM) reports its decisions; each
+    checkpoint saves them, and a resume presets them before its first step, so it computes like the run it
+    continues."""
+    from openseek_hal.backends.cpu import CPUBackend
+
+    saved = {"causal_attention": [{"B": 2, "H": 4, "S": 64, "Dqk": 24, "Dv": 16, "dtype": "float32",
+                                   "cu_seqlens": False, "choice": "sdpa", "fwd_bwd_ms": {"sdpa": 1.0},
+                                   "errors": {}}]}
+    preset = []
+    monkeypatch.setattr(CPUBackend, "op_choices", lambda self: saved)
+    monkeypatch.setattr(CPUBackend, "preset_op_choices", lambda self, choices: preset.append(choices))
+    train(_cfg(tmp_path / "a", steps=4, save_every=2), console=_quiet())
+    ckpt = tmp_path / "a" / "run" / "checkpoints" / "step_000002"
+    assert json.loads((ckpt / "state.json").read_text())["op_choices"] == saved
+    assert preset == []
+    train(_cfg(tmp_path / "b", steps=4), resume=ckpt, console=_quiet())
+    assert preset == [saved]

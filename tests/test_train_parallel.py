@@ -365,3 +365,36 @@ def test_eight_ranks_expert_parallel_4_by_data_parallel_2_match_one_rank(tmp_pat
     bound = weight_bound(_cfg(tmp_path), steps)  # Adam's amplification of the reduction order, as for ZeRO-1
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=bound, msg=name)
+
+
+def _share_choices(comm):
+    from openseek_hal.backends.cpu import CPUBackend
+    from openseek_hal.train.trainer import share_op_choices
+
+    class Choosy(CPUBackend):
+        name = "cpu-choosy"
+
+        def __init__(self):
+            super().__init__()
+            self.choices = {"fp8_gemm": [{"M": 8, "N": 128, "K": 128, "b_tile": "128x128", "out_dtype": "bfloat16",
+                                          "choice": "cublas" if comm.rank == 0 else "triton", "ms": {}, "errors": {}}]}
+            self.preset = []
+
+        def op_choices(self):
+            return self.choices
+
+        def preset_op_choices(self, choices):
+            self.preset.append(choices)
+
+    backend = Choosy()
+    share_op_choices(backend, comm)
+    return backend.preset
+
+
+def test_every_rank_takes_rank_0s_kernel_choices():
+    from openseek_hal.comm import launch
+
+    presets = launch(_share_choices, 3)
+    assert presets[0] == []  # rank 0 keeps its own
+    for got in presets[1:]:
+        assert [r["choice"] for r in got[0]["fp8_gemm"]] == ["cublas"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import statistics
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -193,6 +193,14 @@ class FastestFP8Gemm:
                  out_dtype: str | torch.dtype = "bfloat16") -> torch.Tensor:
         name = self.choose(a_q, a_scale, b_q, b_scale, out_dtype)
         return self.candidates[name](a_q, a_scale, b_q, b_scale, out_dtype)
+
+    def preset(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Take decisions in `report`'s row format without timing (rows naming an unknown candidate are skipped)."""
+        for r in rows:
+            if r.get("choice") in self.candidates:
+                key = (int(r["M"]), int(r["N"]), int(r["K"]), str(r["b_tile"]), str(r["out_dtype"]))
+                self.decisions[key] = {"choice": r["choice"], "ms": dict(r.get("ms", {})),
+                                       "errors": dict(r.get("errors", {}))}
 
     def report(self) -> list[dict[str, Any]]:
         """The decisions so far, JSON-ready: one row per key, with every candidate's milliseconds."""

@@ -220,6 +220,24 @@ def _check_same_config(cfg: TrainConfig, comm: Communicator, backend_name: str) 
             for r in rows]
 
 
+def share_op_choices(backend: Backend, comm: Communicator) -> None:
+    """Give every rank rank 0's kernel choices (`Backend.op_choices`, e.g. cuda's timed attention and FP8
+    GEMM picks). Called after the first step, when each rank has timed its shapes on its own: from then on
+    all ranks compute with the same kernels, as a resume (which presets rank 0's saved choices) does."""
+    device = getattr(comm, "device", torch.device("cpu"))
+    payload = json.dumps(backend.op_choices(), sort_keys=True).encode() if comm.rank == 0 else b""
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    comm.broadcast(size, src=0)
+    n = int(size.item())
+    if n == 0:
+        return
+    buf = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device) if comm.rank == 0
+           else torch.empty(n, dtype=torch.uint8, device=device))
+    comm.broadcast(buf, src=0)
+    if comm.rank != 0:
+        backend.preset_op_choices(json.loads(bytes(buf.cpu().tolist())))
+
+
 @torch.no_grad()
 def broadcast_weights(model: torch.nn.Module, comm: Communicator, chunk_bytes: int = 64 * 2**20) -> None:
     """Copy rank 0's parameters and buffers to every rank (a job whose ranks draw their initial weights
@@ -350,6 +368,7 @@ class _Run:
         self._build()
         losses = list(self.reader.state.get("losses", []))[:self.start_step] if self.reader is not None else []
         if self.reader is not None:
+            self.backend.preset_op_choices(self.reader.state.get("op_choices", {}))
             console.print(f"resumed from {self.reader.path} at step {self.start_step}")
         if layout.is_main:
             atomic_write_text(self.out / "tokenizer.json", Path(self.tok_path).read_text(encoding="utf-8"))
@@ -384,6 +403,8 @@ class _Run:
             t_timed = None
             for step in range(self.start_step, cfg.steps):
                 if step == self.start_step + 1:
+                    if layout.world is not None and layout.world_size > 1 and not self.mixed:
+                        share_op_choices(self.backend, layout.world)
                     self.backend.device.synchronize()
                     t_timed = time.perf_counter()
                 lr = lr_at(step, cfg)
@@ -507,7 +528,9 @@ class _Run:
     def _save(self, step: int, losses: list[float]) -> Path:
         layout = self.layout
         self.optimizer.wait_weights()
-        state = {"config": to_dict(self.cfg), "losses": losses, "tokenizer": str(self.tok_path)}
+        # the kernels the backend chose by timing (rank 0's): a resume presets them, so it computes the same way
+        state = {"config": to_dict(self.cfg), "losses": losses, "tokenizer": str(self.tok_path),
+                 "op_choices": self.backend.op_choices()}
         return save_checkpoint(self.out, step, self.model, self.optimizer, state, rank=layout.rank,
                                world_size=layout.world_size, barrier=layout.barrier, expert_of=self.expert_of,
                                expert_parallel=self.cfg.expert_parallel, writes_dense=layout.is_main,
