@@ -192,6 +192,17 @@ def _gemm_first_a_scale_doubled(a_q, a_scale, b_q, b_scale, out_dtype="bfloat16"
     return _ref("fp8_gemm")(a_q, a_scale, b_q, b_scale, out_dtype)
 
 
+def _gemm_b_scales_read_padded(a_q, a_scale, b_q, b_scale, out_dtype="bfloat16"):
+    """B's 128x128 scales read as cuBLAS reads an unpadded ``[K/128, N/128]`` view: block (nb, kb) at
+    ``nb * round_up(K/128, 4) + kb`` of the storage (wrapped: past its end is other memory)."""
+    nb, kb = b_scale.shape
+    if b_scale.shape[0] == b_q.shape[0] and b_q.shape[0] > 1:  # B per 1x128: another layout
+        return _ref("fp8_gemm")(a_q, a_scale, b_q, b_scale, out_dtype)
+    flat = b_scale.reshape(-1)
+    idx = (torch.arange(nb)[:, None] * (-(-kb // 4) * 4) + torch.arange(kb)[None, :]) % flat.numel()
+    return _ref("fp8_gemm")(a_q, a_scale, b_q, flat[idx.to(flat.device)], out_dtype)
+
+
 def _drop_k_tail(q):
     k = q.shape[-1]
     if k % 128 == 0 or k < 128:
@@ -287,7 +298,8 @@ SPECIFIC: dict[str, dict[str, Callable[..., Any]]] = {
     "fp8_quantize": {"one_tile_scale_doubled": _quantize_first_scale_doubled,
                      "ties_away_from_zero": _quantize_ties_away_from_zero,
                      "tile_kind_ignored": _with("fp8_quantize", tile=lambda t: "1x128")},
-    "fp8_gemm": {"one_tile_scale_doubled": _gemm_first_a_scale_doubled, "k_tail_dropped": _gemm_k_tail_dropped},
+    "fp8_gemm": {"one_tile_scale_doubled": _gemm_first_a_scale_doubled, "k_tail_dropped": _gemm_k_tail_dropped,
+                 "b_scales_read_padded": _gemm_b_scales_read_padded},
     "fp8_grouped_gemm": {"boundary_off_by_one": _grouped_gemm_boundary_off_by_one,
                          "expert_scales_reversed": _grouped_gemm_expert_scales_reversed},
     "fp8_linear": {"one_tile_scale_doubled": _linear_first_tile_doubled, "dx_tail_dropped": _linear_dx_tail_dropped},

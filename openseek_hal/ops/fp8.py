@@ -315,12 +315,30 @@ def _quantized(x: torch.Tensor, tile: str, device) -> tuple[torch.Tensor, torch.
     return q.to(device), s.to(device)
 
 
+def _spread_tiles(x: torch.Tensor, rows: int, gen) -> torch.Tensor:
+    """``x`` with each (rows x 128) tile multiplied by 2^e, e uniform in -6..6: tile scales up to 2^12 apart, so
+    a scale applied to another tile than its own (a misread layout) is off by a large factor on most tiles, not
+    by the few percent that separate the scales of plain random tiles."""
+    m, k = x.shape
+    e = torch.randint(-6, 7, (-(-m // rows), -(-k // TILE)), generator=gen).to(x.dtype)
+    return x * torch.exp2(e).repeat_interleave(rows, 0)[:m].repeat_interleave(TILE, 1)[:, :k]
+
+
 def _gemm_samples(dtype, device, gen):
     for m, n, k, b_tile in ((5, 16, 128, "128x128"), (130, 136, 256, "128x128"), (9, 20, 200, "1x128"),
                             (64, 200, 72, "128x128")):
         a = _quantized(randn(m, k, dtype=torch.float64, device="cpu", generator=gen), "1x128", device)
         b = _quantized(randn(n, k, dtype=torch.float64, device="cpu", generator=gen, scale=0.05), b_tile, device)
         yield Sample((*a, *b, _out_name(dtype)), {}, f"M{m}N{n}K{k}:b{b_tile}", k)
+    # tiles of very different magnitudes, at shapes a library GEMM takes (K, N multiples of 128; K/128 not
+    # a multiple of 4, and several B blocks; the samples above are too narrow or too short for cuBLAS's
+    # block-scaled path): every scale must be applied to its own tile
+    for m, n, k, b_tile in ((48, 256, 640, "128x128"), (130, 384, 256, "128x128"), (33, 128, 384, "1x128")):
+        a = _spread_tiles(randn(m, k, dtype=torch.float64, device="cpu", generator=gen), 1, gen)
+        b = _spread_tiles(randn(n, k, dtype=torch.float64, device="cpu", generator=gen, scale=0.05),
+                          TILE if b_tile == "128x128" else 1, gen)
+        yield Sample((*_quantized(a, "1x128", device), *_quantized(b, b_tile, device), _out_name(dtype)), {},
+                     f"spread:M{m}N{n}K{k}:b{b_tile}", k)
 
 
 def _grouped_gemm_samples(dtype, device, gen):
