@@ -296,3 +296,12 @@ def test_decisions_preset_from_a_report_skip_the_timing():
     fresh = _selector({"triton": 1.0, "cublas": 2.0}, [], timed2 := [])
     fresh.preset(sel.report() + [dict(sel.report()[0], K=1024, choice="cutlass")])
     assert fresh.report() == sel.report() and fresh.choose(*ops) == "cublas" and timed2 == []
+
+
+def test_cublas_adaptor_takes_scales_in_any_strides(monkeypatch):
+    """A weight's scales may arrive as a view (W^T's blocks are W's transposed): the adaptor lays them out."""
+    monkeypatch.setattr(torch, "_scaled_mm", _emulated_scaled_mm)
+    aq, as_, bq, bs = _operands(64, 256, 1024, "128x128")
+    strided_b = bs.t().contiguous().t()  # same values, column-major
+    strided_a = as_.t().contiguous().t()
+    assert torch.equal(cublas_fp8_gemm(aq, strided_a, bq, strided_b), _reference(aq, as_, bq, bs))

@@ -79,7 +79,8 @@ def cublas_fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor,
         return torch._scaled_mm(a_q, b_q.t(), scale_a=a_s, scale_b=b_s, out_dtype=dtype)
     kb = b_scale.shape[1]
     if kb % 4 == 0:  # the [K/128, N/128] view already has the leading dimension cuBLAS reads
-        return torch._scaled_mm(a_q, b_q.t(), scale_a=a_s, scale_b=b_scale.float().t(), out_dtype=dtype)
+        b_s = b_scale.float().contiguous().t()  # [K/128, N/128], strides (1, K/128), whatever b_scale's were
+        return torch._scaled_mm(a_q, b_q.t(), scale_a=a_s, scale_b=b_s, out_dtype=dtype)
     # torch._scaled_mm refuses the padded layout; its successor takes it explicitly
     if not hasattr(F, "scaled_mm"):
         raise ValueError(f"K/128 = {kb} is not a multiple of 4 and this torch has no torch.nn.functional.scaled_mm")
