@@ -19,7 +19,7 @@ def _operands(m, n, k, tile, seed=0):
 
 
 def _reference(aq, as_, bq, bs, out_dtype="bfloat16"):
-    return ref.fp8_gemm(aq, as_.double(), bq, bs.double()).to(fp8_select._dtype(out_dtype))
+    return ref.fp8_gemm(aq, as_.double(), bq, bs.double()).to(ref.out_dtype_of(out_dtype))
 
 
 def _selector(ms, calls, timed, check=None):
@@ -110,7 +110,7 @@ def test_the_exact_check_passes_correct_gemms(tile, out_dtype):
 
 def test_the_exact_check_catches_misplaced_scales_and_the_selector_skips_them():
     def misreading(aq, as_, bq, bs, out_dtype):
-        return _misreading_scaled_mm(aq, bq.t(), scale_a=as_, scale_b=bs.t(), out_dtype=fp8_select._dtype(out_dtype))
+        return _misreading_scaled_mm(aq, bq.t(), scale_a=as_, scale_b=bs.t(), out_dtype=ref.out_dtype_of(out_dtype))
 
     fp8_select.exact_check(misreading, 64, 256, 1024, "128x128", torch.bfloat16, "cpu")  # 8 blocks: reads right
     with pytest.raises(fp8_select.WrongResult, match="exact check failed"):
@@ -172,7 +172,7 @@ def test_cublas_adaptor_passes_the_contract_to_scaled_mm(monkeypatch, tile):
         ops = _operands(m, n, k, tile, seed=m)
         for out_dtype in ("bfloat16", torch.float32):
             got = cublas_fp8_gemm(*ops, out_dtype)
-            assert got.dtype == fp8_select._dtype(out_dtype)
+            assert got.dtype == ref.out_dtype_of(out_dtype)
             # the emulation is float64 like the reference: equal up to the output rounding
             assert torch.equal(got, _reference(*ops, out_dtype))
 

@@ -93,13 +93,11 @@ class CUDABackend(Backend):
 
     def attention_choices(self) -> list[dict[str, Any]]:
         """Which attention ran for each shape seen so far, with the timings that decided it (for reports)."""
-        impl = self._native_table().get("causal_attention")
-        return impl.report() if isinstance(impl, FastestAttention) else []
+        return self.op_choices().get("causal_attention", [])
 
     def fp8_gemm_choices(self) -> list[dict[str, Any]]:
         """Which FP8 GEMM (Triton or cuBLAS) ran for each shape seen so far, with the timings that decided it."""
-        impl = self._native_table().get("fp8_gemm")
-        return impl.report() if isinstance(impl, FastestFP8Gemm) else []
+        return self.op_choices().get("fp8_gemm", [])
 
     def capabilities(self) -> Capabilities:
         name = self.device.name()

@@ -177,13 +177,13 @@ def run_bench(backend_name: str, op: str | None, progress: Callable[[str], None]
         progress(f"{case.op} {case.label}")
         times = time_impls(case, case_impls(case, backend.op(case.op)), device)
         results["rows"].extend(case_rows(case, times, copy_bw))
-        if case.op == "causal_attention" and hasattr(backend, "attention_choices"):
+        if case.op == "causal_attention" and "causal_attention" in backend.op_choices():
             # what the backend's own op would run at this shape (its per-shape timing), for the report
             args, kwargs = case.make(device)
             backend.op(case.op)(*args, **kwargs)
-            results["attention_choices"] = backend.attention_choices()
-        if case.op in ("fp8_gemm", "fp8_linear") and hasattr(backend, "fp8_gemm_choices"):
-            results["fp8_gemm_choices"] = backend.fp8_gemm_choices()  # decided while "ours" was timed
+            results["attention_choices"] = backend.op_choices()["causal_attention"]
+        if case.op in ("fp8_gemm", "fp8_linear") and "fp8_gemm" in backend.op_choices():
+            results["fp8_gemm_choices"] = backend.op_choices()["fp8_gemm"]  # decided while "ours" was timed
         if case.op == "cross_entropy":
             impls = case_impls(case, backend.op(case.op))
             mem = {"ours_inplace": _extra_peak_bytes(case, impls["ours"], device, inplace_backward=True),

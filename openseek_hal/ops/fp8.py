@@ -74,7 +74,10 @@ def tile_rows(tile: str) -> int:
     return TILES[tile]
 
 
-def out_dtype_of(out_dtype: str) -> torch.dtype:
+def out_dtype_of(out_dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of an ``out_dtype`` argument (a name of `OUT_DTYPES`, or a torch dtype as is)."""
+    if isinstance(out_dtype, torch.dtype):
+        return out_dtype
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {', '.join(OUT_DTYPES)}, got {out_dtype!r}")
     return OUT_DTYPES[out_dtype]
@@ -86,6 +89,13 @@ def e4m3_round(y: torch.Tensor) -> torch.Tensor:
     _, e = torch.frexp(a)  # a = m * 2**e with m in [0.5, 1): the binade's exponent is e - 1
     ulp = torch.ldexp(torch.ones_like(a), (e - 1).clamp(min=-6) - 3)
     return torch.copysign(torch.round(a / ulp) * ulp, y)  # torch.round rounds half to even
+
+
+def b_tile(b_q: torch.Tensor, b_scale: torch.Tensor) -> str:
+    """How a GEMM's B is scaled: ``"1x128"`` (``b_scale[N, K/128]``) or ``"128x128"`` (``[N/128, K/128]``); a B of
+    one row, where both layouts are ``[1, K/128]``, counts as 128x128."""
+    n = b_q.shape[0]
+    return "1x128" if b_scale.shape[0] == n and n != _cdiv(n, TILE) else "128x128"
 
 
 def scale_shape(m: int, k: int, tile: str) -> tuple[int, int]:

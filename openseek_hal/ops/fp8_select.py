@@ -30,26 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from .attention_select import _untimeable, pick_fastest
+from .fp8 import TILE, _cdiv, b_tile, out_dtype_of
 
 GemmKey = tuple[int, int, int, str, str]
 GemmTimer = Callable[[Callable[..., torch.Tensor], tuple[Any, ...]], float]
-BLOCK = 128
-
-
-def _dtype(out_dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(out_dtype, torch.dtype):
-        return out_dtype
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[out_dtype]
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def b_tile(b_q: torch.Tensor, b_scale: torch.Tensor) -> str:
-    """``"128x128"`` or ``"1x128"``: how B is scaled (a B of at most 128 rows' two layouts coincide: 128x128)."""
-    n = b_q.shape[0]
-    return "1x128" if b_scale.shape[0] == n and n != _cdiv(n, BLOCK) else "128x128"
 
 
 def cublas_fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
@@ -67,13 +51,13 @@ def cublas_fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor,
         raise ValueError(f"fp8_gemm: a {tuple(a_q.shape)} and b {tuple(b_q.shape)} must be [M, K] and [N, K]")
     (m, k), n = a_q.shape, b_q.shape[0]
     tile = b_tile(b_q, b_scale)
-    if min(m, n, k) == 0 or k % BLOCK or n % (BLOCK if tile == "128x128" else 16):
+    if min(m, n, k) == 0 or k % TILE or n % (TILE if tile == "128x128" else 16):
         raise ValueError(f"cuBLAS's block-scaled GEMM here needs K a multiple of 128 and N of "
-                         f"{BLOCK if tile == '128x128' else 16} (got M={m} N={n} K={k}, B per {tile})")
+                         f"{TILE if tile == '128x128' else 16} (got M={m} N={n} K={k}, B per {tile})")
     a_q = a_q if a_q.stride(1) == 1 else a_q.contiguous()
     b_q = b_q if b_q.stride(1) == 1 else b_q.contiguous()
     a_s = a_scale.float().t().contiguous().t()
-    dtype = _dtype(out_dtype)
+    dtype = out_dtype_of(out_dtype)
     if tile == "1x128":
         b_s = b_scale.float().t().contiguous()  # [K/128, N]: B^T's 1x128 scales, unit stride along N
         return torch._scaled_mm(a_q, b_q.t(), scale_a=a_s, scale_b=b_s, out_dtype=dtype)
@@ -84,7 +68,7 @@ def cublas_fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor,
     # torch._scaled_mm refuses the padded layout; its successor takes it explicitly
     if not hasattr(F, "scaled_mm"):
         raise ValueError(f"K/128 = {kb} is not a multiple of 4 and this torch has no torch.nn.functional.scaled_mm")
-    padded = torch.zeros(b_scale.shape[0], -(-kb // 4) * 4, dtype=torch.float32, device=b_scale.device)
+    padded = torch.zeros(b_scale.shape[0], _cdiv(kb, 4) * 4, dtype=torch.float32, device=b_scale.device)
     padded[:, :kb] = b_scale
     st = F.ScalingType
     return F.scaled_mm(a_q, b_q.t(), a_s, st.BlockWise1x128, padded.t(), st.BlockWise128x128, output_dtype=dtype)
@@ -122,18 +106,18 @@ def exact_check(fn: Callable[..., torch.Tensor], m: int, n: int, k: int, tile: s
     scale times one B scale: exact in float32, bfloat16 and float16, whatever the summation order or the
     accumulator's precision, and a scale read from another tile (a layout the library reads otherwise than
     documented) changes it by a factor of 2^d with probability 8/9 per element. Costs one GEMM of the shape."""
-    dtype = _dtype(out_dtype)
-    kb, rows_b = _cdiv(k, BLOCK), (n if tile == "1x128" else _cdiv(n, BLOCK))
+    dtype = out_dtype_of(out_dtype)
+    kb, rows_b = _cdiv(k, TILE), (n if tile == "1x128" else _cdiv(n, TILE))
     gen = torch.Generator().manual_seed(20261206)
     a_exp = torch.randint(-4, 5, (m, kb), generator=gen)
     b_exp = torch.randint(-4, 5, (rows_b, kb), generator=gen)
     blk = torch.arange(m, device=device) % kb
-    a_q = ((torch.arange(k, device=device) // BLOCK)[None, :] == blk[:, None]).to(torch.uint8) * E4M3_ONE
+    a_q = ((torch.arange(k, device=device) // TILE)[None, :] == blk[:, None]).to(torch.uint8) * E4M3_ONE
     a_q = a_q.view(torch.float8_e4m3fn)
     b_q = torch.full((n, k), E4M3_ONE, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
     a_s, b_s = torch.exp2(a_exp.float()).to(device), torch.exp2(b_exp.float()).to(device)
-    count = (k - torch.arange(kb, device=device) * BLOCK).clamp(max=BLOCK).float()
-    b_rows = b_s if tile == "1x128" else b_s.repeat_interleave(BLOCK, 0)[:n]  # [N, K/128]
+    count = (k - torch.arange(kb, device=device) * TILE).clamp(max=TILE).float()
+    b_rows = b_s if tile == "1x128" else b_s.repeat_interleave(TILE, 0)[:n]  # [N, K/128]
     a_sel = a_s.gather(1, blk[:, None])[:, 0] * count[blk]  # [M]
     expected = a_sel[:, None] * b_rows.t()[blk]  # [M, N], powers of two times counts <= 128: exact
     got = fn(a_q, a_s, b_q, b_s, dtype).float()
@@ -167,7 +151,7 @@ class FastestFP8Gemm:
     @staticmethod
     def key(a_q: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor, out_dtype: str | torch.dtype) -> GemmKey:
         return (a_q.shape[0], b_q.shape[0], a_q.shape[1], b_tile(b_q, b_scale),
-                str(_dtype(out_dtype)).removeprefix("torch."))
+                str(out_dtype_of(out_dtype)).removeprefix("torch."))
 
     def choose(self, a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
                out_dtype: str | torch.dtype = "bfloat16") -> str:

@@ -581,15 +581,7 @@ def _gemm_splitk_kernel(A, AS, B, BS, P, M, N, K, CK,
 REDUCE_BLOCK = 1024
 
 
-_OUT = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
-
-def _out(out_dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(out_dtype, torch.dtype):
-        return out_dtype
-    if out_dtype not in _OUT:
-        raise ValueError(f"out_dtype must be one of {', '.join(_OUT)}, got {out_dtype!r}")
-    return _OUT[out_dtype]
+_out = _ref.out_dtype_of
 
 
 def _fp8(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -614,7 +606,7 @@ def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scal
     kb = triton.cdiv(k, TILE)
     a_scale = _scale(a_scale, [(m, kb)], "a_scale")
     b_scale = _scale(b_scale, [(triton.cdiv(n, TILE), kb), (n, kb)], "b_scale")
-    row_scale = b_scale.shape[0] == n and n != triton.cdiv(n, TILE)
+    row_scale = _ref.b_tile(b_q, b_scale) == "1x128"
     c = torch.empty(m, n, dtype=_out(out_dtype), device=a_q.device)
     if not c.numel():
         return c
