@@ -34,7 +34,8 @@ def test_yaml_and_overrides(tmp_path):
     ("model: 5\n", "model: expected a mapping"),
     ("model_preset: huge\n", "neither a preset"),
     ("dtype: fp8\n", "dtype must be"),
-    ("expert_dispatch: experts\n", "expert_dispatch must be one of pairs, tokens"),
+    ("expert_dispatch: experts\n", "expert_dispatch must be one of pairs, tokens, allgather"),
+    ("fp8: true\nexpert_parallel: 2\nexpert_dispatch: allgather\n", "allgather does not run with fp8"),
 ])
 def test_bad_config_gives_one_clear_error(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

@@ -10,13 +10,16 @@ takes its slice of one global batch, runs forward, backward and `average_gradien
 from __future__ import annotations
 
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from openseek_hal.comm import launch
 from openseek_hal.conformance import expert_parallel as epc
 from openseek_hal.models import preset
+from openseek_hal.ops.grouped import grouped_linear
 from openseek_hal.train.expert_parallel import (
     ExpertParallelExperts,
     apply_expert_parallel,
@@ -54,18 +57,98 @@ def test_expert_parallel_with_skewed_routing(world_size, ep_size):
         assert results[0].ep_ranks_receiving[-1] == 0
 
 
+@pytest.mark.parametrize("dispatch", ["tokens", "allgather"])
 @pytest.mark.parametrize("world_size,ep_size,skewed", [(2, 2, False), (4, 4, False), (4, 2, False), (4, 4, True)],
                          ids=["ep2", "ep4", "ep2xdp2", "ep4-skewed"])
-def test_token_dispatch_matches_one_rank(world_size, ep_size, skewed):
-    """``dispatch="tokens"``: one row per (token, rank) travels; the same loss, gradients (routing
-    weights' included, through the metadata all-to-all), grad norm and loads as one rank."""
+def test_token_dispatch_matches_one_rank(world_size, ep_size, skewed, dispatch):
+    """``dispatch="tokens"`` (one row per (token, rank) travels) and ``"allgather"`` (every token to every
+    rank, no split sizes): the same loss, gradients (routing weights' included, through the routing's
+    exchange), grad norm and loads as one rank."""
     case = epc.Case(ep_size=ep_size, world_size=world_size, skewed=skewed, batch=max(4, world_size),
-                    dispatch="tokens")
+                    dispatch=dispatch)
     results = _check(case)
     if skewed:  # the last EP rank owns experts 6 and 7, which nobody picked: it received no token
         assert results[0].ep_ranks_receiving[-1] == 0
     else:
         assert all(n > 0 for n in results[0].ep_ranks_receiving)
+
+
+@pytest.mark.parametrize("world_size,ep_size", [(2, 2), (4, 2)], ids=["ep2", "ep2xdp2"])
+def test_allgather_dispatch_ignores_rows_past_the_counts(world_size, ep_size):
+    """The allgather dispatch hands `grouped_linear` a buffer with rows past ``sum(counts)``, which the op
+    leaves unspecified (a grouped GEMM leaves them unwritten): with NaN there, forward and backward, the
+    step still equals one rank's."""
+    _check(epc.Case(ep_size=ep_size, world_size=world_size, batch=max(4, world_size), dispatch="allgather",
+                    unspecified_rows=True))
+
+
+def test_nan_rows_reach_a_layer_that_reads_them():
+    """The NaN wrapper is not a no-op: a layer that used rows past the counts would return NaN."""
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 4, dtype=torch.float64)
+    y = epc.nan_past_counts(grouped_linear)(x, w, torch.tensor([2, 1]))
+    assert y[:3].isfinite().all() and y[3:].isnan().all()
+    y.sum().backward()
+    assert x.grad[:3].isfinite().all() and x.grad[3:].isnan().all()
+
+
+# operators whose result the host must wait for on a GPU (a value read, or an output sized by the data)
+_SYNCING = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.bincount.default",
+            "aten.masked_select.default", "aten._unique2.default", "aten.unique_consecutive.default",
+            "aten.repeat_interleave.Tensor"}
+
+
+class _SyncRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name in _SYNCING and not (name == "aten.repeat_interleave.Tensor" and (kwargs or {}).get("output_size")):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _sync_free_permute(x, indices, num_experts):  # what the cuda backend's permute does: no host sync
+    k = indices.shape[1]
+    flat = indices.flatten()
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.zeros(num_experts, dtype=torch.int64).index_add_(0, flat, torch.ones_like(flat))
+    return x.index_select(0, order // k), order, counts
+
+
+def _sync_free_grouped(x, weight, counts):  # each row's group on the device, every group masked in
+    group = torch.searchsorted(counts.cumsum(0), torch.arange(x.shape[0]), right=True)
+    return sum((group == e).unsqueeze(1) * torch.nn.functional.linear(x, weight[e]) for e in range(weight.shape[0]))
+
+
+def _host_syncs(comm, dispatch):
+    case = epc.Case(ep_size=2, world_size=2)
+    model = epc.build(case, "cpu", torch.float64)
+    apply_expert_parallel(model, comm, dispatch=dispatch)
+    layer = next(iter(model.moe_layers())).experts
+    layer._permute, layer._grouped_linear = _sync_free_permute, _sync_free_grouped
+    gen = torch.Generator().manual_seed(comm.rank)
+    x = torch.randn(16, model.config.hidden_size, dtype=torch.float64, generator=gen, requires_grad=True)
+    indices = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(16)])
+    weights = torch.rand(16, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    reads = []
+    recorder = _SyncRecorder()
+    with patch.object(torch.Tensor, "tolist", lambda t: reads.append("tolist") or t.detach().numpy().tolist()), recorder:
+        out = layer(x, indices, weights)
+        out.square().sum().backward()
+    return recorder.seen + reads
+
+
+def test_allgather_dispatch_never_waits_for_the_device():
+    """No operator in the allgather layer's forward or backward needs the host to wait for the device
+    (the other dispatches read the split sizes: the detector sees that, so it is not blind). The
+    communicator's cross-rank check, which reads host fingerprints, is off as in training."""
+    for seen in launch(_host_syncs, 2, args=("allgather",), check=False):
+        assert seen == []
+    for seen in launch(_host_syncs, 2, args=("tokens",), check=False):
+        assert "tolist" in seen
 
 
 def _token_rows(comm):

@@ -245,11 +245,12 @@ def test_resume_refuses_changes_that_break_exactness(tmp_path):
     assert CheckpointReader(tmp_path / "a").step == 4  # untouched
 
 
-@pytest.mark.parametrize("ranks,ep,dispatch", [(2, 2, "pairs"), (4, 2, "pairs"), (2, 2, "tokens")])
+@pytest.mark.parametrize("ranks,ep,dispatch", [(2, 2, "pairs"), (4, 2, "pairs"), (2, 2, "tokens"),
+                                               (2, 2, "allgather")])
 def test_expert_parallel_training_matches_one_rank(tmp_path, ranks, ep, dispatch):
-    """EP 2 (and EP 2 x DP 2; and EP 2 sending one row per token and rank) trains the same model as
-    one rank with the whole batch, and its checkpoint (expert shards written by their owners) holds
-    the same full weights."""
+    """EP 2 (and EP 2 x DP 2; and EP 2 sending one row per token and rank, or every token to every rank)
+    trains the same model as one rank with the whole batch, and its checkpoint (expert shards written by
+    their owners) holds the same full weights."""
     steps = 3
     one = _train(_cfg(tmp_path / "one", steps=steps))
     ep_run = _train(_cfg(tmp_path / "ep", steps=steps, expert_parallel=ep, expert_dispatch=dispatch), ranks)

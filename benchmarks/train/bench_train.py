@@ -73,6 +73,12 @@ ROWS = {
     "ep2-overlap": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2", "expert_overlap=true"]),
     # one row per (token, rank) in the all-to-alls instead of one per (token, expert)
     "ep2-tokens": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2", "expert_dispatch=tokens"]),
+    # every token to every rank (all-gather), no split sizes: no host sync per MoE layer
+    "ep2-allgather": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2", "expert_dispatch=allgather"]),
+    "ep2-allgather-overlap": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2",
+                                  "expert_dispatch=allgather", "expert_overlap=true"]),
+    "ep2-allgather-compile": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2",
+                                  "expert_dispatch=allgather", "compile=true"]),
     "ep2-mtp": (2, ["expert_parallel=2"]),
     "1gpu-compile": (1, ["model.num_nextn_predict_layers=0", "compile=true"]),
     "ep2-compile": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2", "compile=true"]),

@@ -15,6 +15,7 @@ by none (with 4 EP ranks, the last rank receives no token at all: every split to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +44,17 @@ class Case:
     seed: int = 0
     batch: int = 4  # sequences in the global batch (divisible by the world size)
     seq: int = 8
-    dispatch: str = "pairs"  # `ExpertParallelExperts`'s: one row per (token, expert) or per (token, rank)
+    dispatch: str = "pairs"  # `ExpertParallelExperts`'s: what travels (`expert_parallel.DISPATCH`)
+    # the EP ranks' grouped_linear writes NaN where its contract leaves rows unspecified (past sum(counts)),
+    # as a grouped GEMM that leaves them unwritten may: the result must not depend on them
+    unspecified_rows: bool = False
 
     @property
     def name(self) -> str:
         dp = self.world_size // self.ep_size
         return (f"ep{self.ep_size}xdp{dp}" + ("-skewed" if self.skewed else "")
-                + ("" if self.dispatch == "pairs" else f"-{self.dispatch}"))
+                + ("" if self.dispatch == "pairs" else f"-{self.dispatch}")
+                + ("-nan-rows" if self.unspecified_rows else ""))
 
 
 def tiny_overrides() -> dict[str, Any]:
@@ -60,6 +65,35 @@ def tiny_overrides() -> dict[str, Any]:
                 n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
                 kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                 num_nextn_predict_layers=1, max_position_embeddings=64)
+
+
+class _NaNPast(torch.autograd.Function):
+    """NaN in the rows from ``used`` on: of the value (``grad=False``) or of the gradient (``grad=True``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, used: int, grad: bool) -> torch.Tensor:
+        ctx.used, ctx.grad = used, grad
+        if grad:
+            return x.view_as(x)
+        out = x.clone()
+        out[used:] = float("nan")
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple:
+        if ctx.grad:
+            g = g.clone()
+            g[ctx.used:] = float("nan")
+        return g, None, None
+
+
+def nan_past_counts(grouped_linear: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``grouped_linear`` whose output rows and input-gradient rows past ``sum(counts)`` are NaN: the
+    worst a kernel may leave where the op's contract says "unspecified" (`openseek_hal.ops.grouped`)."""
+    def run(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        used = int(counts.sum())
+        return _NaNPast.apply(grouped_linear(_NaNPast.apply(x, used, True), weight, counts), used, False)
+    return run
 
 
 def build(case: Case, backend: str, dtype: torch.dtype):
@@ -134,6 +168,9 @@ def rank_step(comm, case: Case, backend: str, dtype_name: str) -> dict[str, Any]
     groups = expert_parallel_groups(comm, case.ep_size)
     if groups.ep is not None:
         apply_expert_parallel(model, groups.ep, dispatch=case.dispatch)
+        if case.unspecified_rows:
+            for moe in model.moe_layers():
+                moe.experts._grouped_linear = nan_past_counts(moe.experts._grouped_linear)
     ids, labels = batch(case, model.config.vocab_size)
     per = case.batch // comm.world_size
     rows = slice(comm.rank * per, (comm.rank + 1) * per)

@@ -4,6 +4,12 @@ After `moe_permute` the rows of expert ``e`` are contiguous and ``counts[e]`` lo
 multiplies them by ``weight[e]`` (stored ``[out, in]`` as ``nn.Linear`` does). The reference loops
 over experts (one host sync for the split sizes); a backend can run all groups in one grouped GEMM
 (`torch._grouped_mm` on Hopper), which needs no host sync.
+
+``x`` may have more rows than ``counts`` sums to: a buffer sized for the worst case, whose used
+length is known only on the device (the expert-parallel ``allgather`` dispatch). Rows past the sum
+belong to no group: they add nothing to ``weight``'s gradient, and their rows of ``y`` and of
+``x``'s gradient are unspecified (zero in the reference; a grouped GEMM leaves them unwritten), so
+a caller that passes such rows masks them.
 """
 
 from __future__ import annotations
@@ -15,9 +21,15 @@ from .opdef import OpDef, Sample, randn
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """``x[N, K]`` (rows grouped by ``counts[E]``, which sums to N), ``weight[E, M, K]`` -> ``y[N, M]``."""
-    groups = x.split(counts.tolist())
-    return torch.cat([F.linear(rows, w) for rows, w in zip(groups, weight.unbind(0))])
+    """``x[N, K]`` (rows grouped by ``counts[E]``, which sums to at most N), ``weight[E, M, K]`` -> ``y[N, M]``."""
+    sizes = counts.tolist()
+    used = sum(sizes)
+    if used > x.shape[0]:
+        raise ValueError(f"grouped_linear: counts sum to {used}, more than the {x.shape[0]} rows of x")
+    outs = [F.linear(rows, w) for rows, w in zip(x[:used].split(sizes), weight.unbind(0))]
+    if used < x.shape[0]:  # rows of no group (see the module docstring)
+        outs.append(torch.zeros(x.shape[0] - used, weight.shape[1], dtype=outs[0].dtype, device=x.device))
+    return torch.cat(outs)
 
 
 def grouped_mm_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

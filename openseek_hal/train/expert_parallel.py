@@ -55,7 +55,8 @@ from ..device import Device
 from ..models.deepseek_v3.config import DeepseekV3Config
 from ..models.deepseek_v3.model import DeepseekV3, Experts
 
-DISPATCH = ("pairs", "tokens")  # what travels: one row per (token, expert) pair, or per (token, rank)
+# what travels: one row per (token, expert) pair, per (token, rank), or every token to every rank
+DISPATCH = ("pairs", "tokens", "allgather")
 EXPERT_SHARD_ATTR = "_expert_shard"  # on each sharded parameter: (expert_offset, num_global_experts)
 
 
@@ -160,6 +161,73 @@ class _AllToAll(torch.autograd.Function):
 def all_to_all(x: torch.Tensor, comm: Communicator, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
     """Differentiable uneven ``all_to_all_single`` of the rows of ``x`` (synchronous)."""
     return _AllToAll.apply(x, comm, out_splits, in_splits, None, None)
+
+
+def _sum_blocks(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """``x[P*T, ...]``: block j (rows ``[j*T, (j+1)*T)``) goes to rank j, which adds the P blocks it
+    receives in rank order (an even all-to-all, then one sum: a reduce-scatter whose order is fixed)."""
+    x = x.contiguous()
+    received = torch.empty_like(x)
+    comm.all_to_all_single(received, x)
+    return received.view(comm.world_size, -1, *x.shape[1:]).sum(0)
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """``all_gather`` of the rows of ``x[T, ...]`` into ``[P*T, ...]`` (rank-major); backward: each rank
+    gets the sum over ranks of the gradient rows of its own ``T`` (`_sum_blocks`). With ``handle`` (a
+    list) the forward is asynchronous, as in `_AllToAll`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Communicator, handle: list | None,
+                timer: _Timer | None) -> torch.Tensor:
+        ctx.comm, ctx.timer = comm, timer
+        out = x.new_empty((comm.world_size * x.shape[0], *x.shape[1:]))
+        work = comm.all_gather(out, x.contiguous(), async_op=handle is not None)
+        if handle is not None:
+            handle.append(work)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        start = ctx.timer.mark() if ctx.timer is not None else None
+        out = _sum_blocks(grad, ctx.comm)
+        if start is not None:
+            ctx.timer.add("backward_s", start, ctx.timer.mark())
+        return out, None, None, None
+
+
+class _SumToOwners(torch.autograd.Function):
+    """The adjoint of `_AllGatherRows`: ``[P*T, ...]`` partial results -> ``[T, ...]``, each rank's rows
+    summed over the ranks (`_sum_blocks`); backward all-gathers the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Communicator, timer: _Timer | None) -> torch.Tensor:
+        ctx.comm, ctx.timer = comm, timer
+        return _sum_blocks(x, comm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        start = ctx.timer.mark() if ctx.timer is not None else None
+        out = grad.new_empty((ctx.comm.world_size * grad.shape[0], *grad.shape[1:]))
+        ctx.comm.all_gather(out, grad.contiguous())
+        if start is not None:
+            ctx.timer.add("backward_s", start, ctx.timer.mark())
+        return out, None, None
+
+
+class _MaskGrad(torch.autograd.Function):
+    """Identity forward; backward zeroes the gradient rows where ``keep`` is False (rows a grouped GEMM
+    left unwritten must not reach the permute's backward, which sums them into tokens)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        (keep,) = ctx.saved_tensors
+        return grad.masked_fill(~keep, 0), None
 
 
 # -- the expert-parallel experts -----------------------------------------------------------------
@@ -277,8 +345,9 @@ class ExpertParallelExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                 shared: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-        out, shared_out = (self._forward_tokens if self.dispatch == "tokens" else self._forward_pairs)(
-            x, indices, weights, shared)
+        run = {"pairs": self._forward_pairs, "tokens": self._forward_tokens,
+               "allgather": self._forward_allgather}[self.dispatch]
+        out, shared_out = run(x, indices, weights, shared)
         if shared is not None:
             out = out + (shared_out if shared_out is not None else shared())
         return out
@@ -346,6 +415,47 @@ class ExpertParallelExperts(nn.Module):
         # each token's shares from the ranks, added in rank order (no atomics: bitwise reproducible)
         full = back.new_zeros(size * tokens, back.shape[1]).index_copy(0, sel, back)
         return full.view(size, tokens, -1).sum(0), shared_out
+
+    def _forward_allgather(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                           shared: Callable[[], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every token to every rank of the group, no split sizes, so no host sync: an all-gather of the
+        tokens and their routing, each rank's experts on the picks that are its own (the others form a
+        sentinel group sorted last), and the weighted partial outputs summed back to their owners.
+
+        The experts' buffer has a slot per (gathered token, pick): ``P*T*k`` rows, of which only the
+        first ``sum(counts)`` (known on the device only) are this rank's. `grouped_linear` leaves the
+        rows past them unspecified, so the output rows there are zeroed and their gradient rows dropped.
+        Needs the same token count on every rank of the group (the trainer's micro-batches are).
+        """
+        size, local_e, rank = self.ep_comm.world_size, self.num_local_experts, self.ep_comm.rank
+        timer = self._get_timer()
+        k = indices.shape[1]
+        acc = torch.promote_types(weights.dtype, torch.float32)  # holds the expert ids exactly
+        routing = _AllGatherRows.apply(torch.cat([indices.to(acc), weights.to(acc)], dim=1), self.ep_comm,
+                                       None, None)
+        t1 = timer.mark() if timer else None
+        handle: list = []
+        gathered = _AllGatherRows.apply(x, self.ep_comm, handle, timer)
+        shared_out = shared() if self.overlap and shared is not None else None
+        t2 = timer.mark() if timer else None
+        with torch.no_grad():  # the transfer fills `gathered` in place; not an autograd operation
+            handle[0].wait()
+        if timer:
+            t3 = timer.mark()
+            timer.add("dispatch_s", t1, t3)
+            timer.add("dispatch_exposed_s", t2, t3)
+        ids = routing[:, :k].detach().long() - rank * local_e
+        mine = (ids >= 0) & (ids < local_e)
+        grouped, order, counts = self._permute(gathered, torch.where(mine, ids, local_e), local_e + 1)
+        keep = (torch.arange(grouped.shape[0], device=x.device) < counts[:local_e].sum()).unsqueeze(1)
+        y = self._experts(_MaskGrad.apply(grouped, keep), counts[:local_e]).masked_fill(~keep, 0)
+        part = self._unpermute(y, order, torch.where(mine, routing[:, k:], 0.0).to(weights.dtype))
+        t4 = timer.mark() if timer else None
+        out = _SumToOwners.apply(part, self.ep_comm, timer)
+        if timer:
+            timer.add("combine_s", t4, timer.mark())
+            timer.times.forwards += 1
+        return out, shared_out
 
 
 def _shard(full: nn.Parameter, local: slice, num_global: int) -> nn.Parameter:
