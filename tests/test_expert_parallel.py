@@ -135,7 +135,11 @@ def _host_syncs(comm, dispatch):
     weights = torch.rand(16, 2, dtype=torch.float64, generator=gen, requires_grad=True)
     reads = []
     recorder = _SyncRecorder()
-    with patch.object(torch.Tensor, "tolist", lambda t: reads.append("tolist") or t.detach().numpy().tolist()), recorder:
+    def tolist(t):
+        reads.append("tolist")
+        return t.detach().numpy().tolist()
+
+    with patch.object(torch.Tensor, "tolist", tolist), recorder:
         out = layer(x, indices, weights)
         out.square().sum().backward()
     return recorder.seen + reads

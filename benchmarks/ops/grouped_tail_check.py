@@ -42,7 +42,8 @@ def check(experts: int, used_rows: int, tail: int, k: int, m: int, seed: int) ->
     row = {"experts": experts, "used_rows": used_rows, "tail_rows": tail, "k": k, "m": m,
            "y_rel": rel(y[:used_rows], ry), "dx_rel": rel(a.grad[:used_rows], ra.grad),
            "dw_rel": rel(b.grad, rb.grad),
-           "tail_y_nonzero": int((y[used_rows:] != 0).sum()), "tail_y_nonfinite": int((~y[used_rows:].isfinite()).sum()),
+           "tail_y_nonzero": int((y[used_rows:] != 0).sum()),
+           "tail_y_nonfinite": int((~y[used_rows:].isfinite()).sum()),
            "tail_dx_nonfinite": int((~a.grad[used_rows:].isfinite()).sum())}
     # bf16 operands, fp32 accumulation: relative error a few bf16 roundings (2^-8) at most, norm-wise
     row["ok"] = max(row["y_rel"], row["dx_rel"], row["dw_rel"]) < 2 ** -6

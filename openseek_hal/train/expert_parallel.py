@@ -427,7 +427,7 @@ class ExpertParallelExperts(nn.Module):
         rows past them unspecified, so the output rows there are zeroed and their gradient rows dropped.
         Needs the same token count on every rank of the group (the trainer's micro-batches are).
         """
-        size, local_e, rank = self.ep_comm.world_size, self.num_local_experts, self.ep_comm.rank
+        local_e, rank = self.num_local_experts, self.ep_comm.rank
         timer = self._get_timer()
         k = indices.shape[1]
         acc = torch.promote_types(weights.dtype, torch.float32)  # holds the expert ids exactly
