@@ -34,6 +34,12 @@ sums its experts' weighted outputs per token and sends one row back; the sender 
 each rank in rank order. The same single host sync; the combine is rounded once per rank instead of
 once per token, so results differ from ``pairs`` by rounding only.
 
+``dispatch="allgather"`` needs no sizes, hence no host sync: tokens and routing are all-gathered over
+the EP group, each rank runs its experts on the picks that are its own (a fixed ``P*T*k``-row buffer
+whose used rows are known on the device only; the rows past them are masked), and the weighted
+partial outputs are summed back to their owners (an even all-to-all and a sum in rank order). Every
+token travels to every rank, which suits small groups on fast links.
+
 Gradients: each rank's loss is the mean over its own tokens, and the global loss is the mean of
 the N ranks' losses. An expert's gradient after backward already sums the contributions of its
 whole EP group (the all-to-all carries them home), so the trainer sums expert gradients over the
