@@ -183,8 +183,9 @@ def test_token_dispatch_sends_each_token_once_per_rank():
         assert tokens <= sent["tokens"] < sent["pairs"]
 
 
-def test_expert_parallel_on_the_host_adaptor():
-    _check(epc.Case(ep_size=2, world_size=2), adaptor="host")
+@pytest.mark.parametrize("dispatch", ["pairs", "allgather"])
+def test_expert_parallel_on_the_host_adaptor(dispatch):
+    _check(epc.Case(ep_size=2, world_size=2, dispatch=dispatch), adaptor="host")
 
 
 def _overlap_and_timings(comm):
