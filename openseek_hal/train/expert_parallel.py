@@ -156,17 +156,31 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:
-        start = ctx.timer.mark() if ctx.timer is not None else None
-        out = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
-        ctx.comm.all_to_all_single(out, grad.contiguous(), ctx.in_splits, ctx.out_splits)
-        if start is not None:
-            ctx.timer.add("backward_s", start, ctx.timer.mark())
-        return out, None, None, None, None, None
+        def run() -> torch.Tensor:
+            out = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
+            ctx.comm.all_to_all_single(out, grad.contiguous(), ctx.in_splits, ctx.out_splits)
+            return out
+        return _timed_backward(ctx.timer, run), None, None, None, None, None
+
+
+def _timed_backward(timer: _Timer | None, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``run()``, its span added to the timer's ``backward_s``."""
+    start = timer.mark() if timer is not None else None
+    out = run()
+    if start is not None:
+        timer.add("backward_s", start, timer.mark())
+    return out
 
 
 def all_to_all(x: torch.Tensor, comm: Communicator, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
     """Differentiable uneven ``all_to_all_single`` of the rows of ``x`` (synchronous)."""
     return _AllToAll.apply(x, comm, out_splits, in_splits, None, None)
+
+
+def _gather_rows(x: torch.Tensor, comm: Communicator, async_op: bool = False) -> tuple[torch.Tensor, Any]:
+    """``all_gather`` of the rows of ``x[T, ...]`` into a new ``[P*T, ...]`` (rank-major), and its `Work`."""
+    out = x.new_empty((comm.world_size * x.shape[0], *x.shape[1:]))
+    return out, comm.all_gather(out, x.contiguous(), async_op=async_op)
 
 
 def _sum_blocks(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
@@ -187,19 +201,14 @@ class _AllGatherRows(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, comm: Communicator, handle: list | None,
                 timer: _Timer | None) -> torch.Tensor:
         ctx.comm, ctx.timer = comm, timer
-        out = x.new_empty((comm.world_size * x.shape[0], *x.shape[1:]))
-        work = comm.all_gather(out, x.contiguous(), async_op=handle is not None)
+        out, work = _gather_rows(x, comm, async_op=handle is not None)
         if handle is not None:
             handle.append(work)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:
-        start = ctx.timer.mark() if ctx.timer is not None else None
-        out = _sum_blocks(grad, ctx.comm)
-        if start is not None:
-            ctx.timer.add("backward_s", start, ctx.timer.mark())
-        return out, None, None, None
+        return _timed_backward(ctx.timer, lambda: _sum_blocks(grad, ctx.comm)), None, None, None
 
 
 class _SumToOwners(torch.autograd.Function):
@@ -213,12 +222,7 @@ class _SumToOwners(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:
-        start = ctx.timer.mark() if ctx.timer is not None else None
-        out = grad.new_empty((ctx.comm.world_size * grad.shape[0], *grad.shape[1:]))
-        ctx.comm.all_gather(out, grad.contiguous())
-        if start is not None:
-            ctx.timer.add("backward_s", start, ctx.timer.mark())
-        return out, None, None
+        return _timed_backward(ctx.timer, lambda: _gather_rows(grad, ctx.comm)[0]), None, None
 
 
 class _MaskGrad(torch.autograd.Function):
