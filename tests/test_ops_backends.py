@@ -268,3 +268,42 @@ def test_grouped_mm_linear_matches_the_reference_loop(dtype):
     torch.testing.assert_close(y, y_ref, **tol)
     torch.testing.assert_close(x.grad, x_ref.grad, **tol)
     torch.testing.assert_close(w.grad, w_ref.grad, **tol)
+
+
+@pytest.mark.parametrize("impl", ["reference", "grouped_mm"])
+def test_grouped_linear_rows_past_the_counts(impl):
+    """Rows past ``sum(counts)`` belong to no group: the used rows' output and input gradient and the
+    weight gradient equal those of the call without them (the reference returns zeros there; the grouped
+    GEMM leaves whatever it leaves), and counts summing past the rows are refused."""
+    from openseek_hal.ops.grouped import grouped_linear, grouped_mm_linear
+
+    if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    op, dtype = (grouped_linear, torch.float64) if impl == "reference" else (grouped_mm_linear, torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.tensor([4, 0, 7, 2])
+    used, tail = int(counts.sum()), 9
+    x = torch.randn(used + tail, 16, generator=gen).to(dtype)
+    w = (torch.randn(4, 24, 16, generator=gen) / 4).to(dtype)
+    upstream = torch.randn(used + tail, 24, generator=gen).to(dtype)
+    a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+    a0, b0 = x[:used].clone().requires_grad_(), w.clone().requires_grad_()
+    try:
+        y = op(a, b, counts)
+    except RuntimeError as e:  # a torch whose _grouped_mm has no CPU kernel
+        pytest.skip(f"no CPU grouped GEMM here: {e}")
+    y.backward(upstream)
+    y0 = op(a0, b0, counts)
+    y0.backward(upstream[:used])
+    assert y.shape == (used + tail, 24)
+    if impl == "reference":  # the same float64 loop over the same used rows: equal bit for bit
+        assert torch.equal(y[:used], y0) and torch.equal(a.grad[:used], a0.grad) and torch.equal(b.grad, b0.grad)
+        assert (y[used:] == 0).all() and (a.grad[used:] == 0).all()
+    else:  # a blocked kernel may sum in another order for another row count: bf16 rounding, while a tail row
+        # leaking into the weight gradient would move it by O(1) (the rows are unit normals)
+        tol = dict(rtol=1.6e-2, atol=1e-2)
+        torch.testing.assert_close(y[:used], y0, **tol)
+        torch.testing.assert_close(a.grad[:used], a0.grad, **tol)
+        torch.testing.assert_close(b.grad, b0.grad, **tol)
+    with pytest.raises(ValueError, match="counts sum to 13, more than the 12 rows"):
+        grouped_linear(x[:12], w, counts)
