@@ -23,8 +23,8 @@ from openseek_hal.provenance import cuda_devices, provenance
 
 def check(experts: int, used_rows: int, tail: int, k: int, m: int, seed: int) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    counts = torch.multinomial(torch.ones(experts, device="cuda"), used_rows, replacement=True, generator=gen)
-    counts = torch.bincount(counts, minlength=experts)
+    picks = torch.randint(0, experts, (used_rows,), device="cuda", generator=gen)
+    counts = torch.bincount(picks, minlength=experts)
     x = torch.randn(used_rows + tail, k, device="cuda", generator=gen).bfloat16()
     w = (torch.randn(experts, m, k, device="cuda", generator=gen) * k ** -0.5).bfloat16()
     g = torch.randn(used_rows + tail, m, device="cuda", generator=gen).bfloat16()
