@@ -282,3 +282,26 @@ def test_attention_kernels_compile_for_h100(monkeypatch):
             if dtype == "bf16" and name == "bwd_dkdv":  # wgmma; dK + dV fill the registers: a few bytes spill
                 usage = resources.resources(kernel)
                 assert "wgmma" in usage and int(usage.split("STACK:")[1].split()[0]) <= 64, usage
+
+
+def test_round_to_float32_matches_torch_and_compiles_to_a_constant():
+    """The kernels' float32 scalar split: the same value as torch's float32 conversion (ties to even,
+    subnormals) and no graph break under torch.compile (a `Tensor.item()` there broke compiled blocks)."""
+    import random
+    import struct
+
+    from openseek_hal.ops.kernels._common import round_to_float32, split_float
+
+    rng = random.Random(0)
+    values = [1e-6, 1e-5, 0.1, 1 / 3, -2.5, 3.0e38, 1e-40, 1e-45, 7e-46, 0.0]
+    values += [rng.choice((-1, 1)) * 2 ** rng.uniform(-149, 127) for _ in range(20000)]
+    for _ in range(2000):  # midpoints between neighbouring float32 numbers: the ties
+        bits = rng.randrange(1, 0x7F000000)
+        lo, hi = (struct.unpack("<f", struct.pack("<I", b))[0] for b in (bits, bits + 1))
+        values.append((lo + hi) / 2)
+    got = torch.tensor([round_to_float32(v) for v in values], dtype=torch.float64)
+    expected = torch.tensor(values, dtype=torch.float64).to(torch.float32).to(torch.float64)
+    assert torch.equal(got, expected)
+    hi, lo = split_float(1e-6)
+    assert hi + lo == 1e-6 or abs(hi + lo - 1e-6) < 1e-6 * 2 ** -45
+    assert torch.compile(lambda: split_float(1e-6), fullgraph=True, backend="eager")() == (hi, lo)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -40,8 +42,21 @@ def persistent_programs(device: torch.device, rows: int, per_sm: int = 4) -> int
     return max(1, min(rows, per_sm * _sm_count(device)))
 
 
+def round_to_float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (ties to even), in plain float arithmetic: under
+    ``torch.compile`` this folds to a constant, where ``float(torch.tensor(x, dtype=float32))`` would be
+    a ``Tensor.item()`` graph break (whose resumed frame then passed the launch's ints on as symbols,
+    which Triton's ``num_warps`` refuses). Finite ``x`` within float32's range."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    mantissa, exponent = math.frexp(x)  # x = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
+    # 24 significant bits for normal float32 numbers (exponent >= -125), fewer below (subnormals)
+    bits = 24 - max(0, -125 - exponent)
+    return math.ldexp(round(math.ldexp(mantissa, bits)), exponent - bits)  # round(): ties to even, exact here
+
+
 def split_float(x: float) -> tuple[float, float]:
     """``x`` as two float32 numbers whose sum is ``x`` to ~48 bits: a kernel's float scalar argument is
     float32, and a float64 kernel that needs the constant exactly adds the two halves in float64."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+    hi = round_to_float32(x)
+    return hi, round_to_float32(x - hi)
