@@ -269,3 +269,30 @@ def test_config_loading_and_errors(tmp_path):
                                     "transformers_version": "5.0", "model_type": "deepseek_v3"})
     assert hf5.rope_theta == 5e4 and hf5.rope_scaling["factor"] == 4.0
     assert DeepseekV3Config.from_hf(hf5.to_hf()) == hf5
+
+
+def test_training_step_reads_nothing_back_to_the_host():
+    """A bf16 forward and backward of the model on ``triton-interpret`` (the Triton kernels and wrappers
+    the ``cuda`` backend runs) reads no device value on the host: on a GPU each read would stall the host,
+    and under ``compile: true`` it breaks the block's graph (a `Tensor.item()` in the norm wrapper did both:
+    its resumed frame handed Triton a symbolic ``num_warps``). The recorder is not blind: the old wrapper
+    is caught."""
+    import sys
+    from unittest.mock import patch
+
+    from host_reads import HostReads
+
+    from openseek_hal.conformance.expert_parallel import tiny_overrides
+
+    model = build_model("tiny", "triton-interpret", dtype=torch.bfloat16, seed=0, **tiny_overrides())
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    ids, labels = (torch.randint(0, model.config.vocab_size, (2, 16), generator=gen) for _ in range(2))
+    with HostReads() as reads:
+        model.loss(ids, labels).total.backward()
+    assert reads.seen == []
+    norm = sys.modules[model.norm._rms_norm.__module__]  # the backend's (interpreted) copy of the kernels
+    with patch.object(norm, "split_float", lambda x: (float(torch.tensor(x, dtype=torch.float32)), 0.0)), \
+            HostReads() as reads:
+        model.loss(ids, labels)
+    assert "aten._local_scalar_dense.default" in reads.seen
