@@ -248,7 +248,7 @@ class ExpertParallelExperts(nn.Module):
     ``down_proj[E/P, h, I]``) and carry ``_expert_shard = (expert_offset, num_global_experts)``.
     ``overlap`` (default True) runs the shared experts while the host waits for the split sizes (on
     CUDA: the device then has work queued when the host resumes) or else while the dispatch
-    all-to-all is in flight;
+    all-to-all (``allgather``: the tokens' all-gather) is in flight; ``dispatch``: what travels (`DISPATCH`);
     ``timing`` (default False) records device events around the all-to-alls for `timings`.
     """
 
