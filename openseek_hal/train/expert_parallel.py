@@ -328,10 +328,18 @@ class ExpertParallelExperts(nn.Module):
                   shared: Callable[[], torch.Tensor] | None, timer: _Timer | None,
                   t1: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The uneven all-to-all of ``rows`` (async), the shared experts during it if not run yet."""
+        return self._transfer(lambda handle: _AllToAll.apply(rows, self.ep_comm, recv, send, handle, timer),
+                              shared_out, shared, timer, t1)
+
+    def _transfer(self, start: Callable[[list], torch.Tensor], shared_out: torch.Tensor | None,
+                  shared: Callable[[], torch.Tensor] | None, timer: _Timer | None,
+                  t1: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``start(handle)`` issues an asynchronous transfer; the shared experts run while it is in flight
+        (with overlap, unless they already ran while the host waited for the split sizes); then wait."""
         handle: list = []
-        received = _AllToAll.apply(rows, self.ep_comm, recv, send, handle, timer)
+        received = start(handle)
         if self.overlap and shared is not None and shared_out is None:
-            shared_out = shared()  # not on CUDA: the shared experts run during the dispatch instead
+            shared_out = shared()
         t2 = timer.mark() if timer else None
         with torch.no_grad():  # the transfer fills `received` in place; not an autograd operation
             handle[0].wait()
@@ -444,16 +452,8 @@ class ExpertParallelExperts(nn.Module):
         routing = _AllGatherRows.apply(torch.cat([indices.to(acc), weights.to(acc)], dim=1), self.ep_comm,
                                        None, None)
         t1 = timer.mark() if timer else None
-        handle: list = []
-        gathered = _AllGatherRows.apply(x, self.ep_comm, handle, timer)
-        shared_out = shared() if self.overlap and shared is not None else None
-        t2 = timer.mark() if timer else None
-        with torch.no_grad():  # the transfer fills `gathered` in place; not an autograd operation
-            handle[0].wait()
-        if timer:
-            t3 = timer.mark()
-            timer.add("dispatch_s", t1, t3)
-            timer.add("dispatch_exposed_s", t2, t3)
+        gathered, shared_out = self._transfer(lambda handle: _AllGatherRows.apply(x, self.ep_comm, handle, timer),
+                                              None, shared, timer, t1)
         ids = routing[:, :k].detach().long() - rank * local_e
         mine = (ids >= 0) & (ids < local_e)
         grouped, order, counts = self._permute(gathered, torch.where(mine, ids, local_e), local_e + 1)
