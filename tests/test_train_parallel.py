@@ -64,11 +64,12 @@ def _assert_same_weights(a, b, bound):
         torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=bound, msg=name)
 
 
-@pytest.mark.parametrize("ranks", [2, 4, 8])
-def test_zero1_ranks_match_one_rank_with_the_whole_batch(tmp_path, ranks):
+@pytest.mark.parametrize("ranks,exchange", [(2, "reduce_scatter"), (4, "reduce_scatter"), (8, "reduce_scatter"),
+                                            (4, "all_to_all")])
+def test_zero1_ranks_match_one_rank_with_the_whole_batch(tmp_path, ranks, exchange):
     steps = 3
     one = _train(_cfg(tmp_path / "one", steps=steps))
-    many = _train(_cfg(tmp_path / "many", steps=steps), ranks)
+    many = _train(_cfg(tmp_path / "many", steps=steps, grad_exchange=exchange), ranks)
     bound = weight_bound(_cfg(tmp_path), steps)
     assert bound < 1e-5  # far below one update (lr = 1e-2): the comparison means something
     assert many.losses == pytest.approx(one.losses, rel=1e-9)
@@ -86,11 +87,13 @@ def test_accumulation_matches_one_big_batch(tmp_path):
     _assert_same_weights(tmp_path / "big", tmp_path / "acc", weight_bound(_cfg(tmp_path), steps))
 
 
+@pytest.mark.parametrize("exchange", ["reduce_scatter", "all_to_all"])
 @pytest.mark.parametrize("clip", [None, 0.05])
-def test_distributed_optimizer_matches_torch_adamw(clip):
+def test_distributed_optimizer_matches_torch_adamw(clip, exchange):
     """Two steps of the sharded optimizer on 2 ranks equal torch.optim.AdamW on the averaged gradient,
-    clipped by its global norm as ``torch.nn.utils.clip_grad_norm_`` does."""
-    results = launch(_zero_step, 2, args=(clip,), timeout=60)
+    clipped by its global norm as ``torch.nn.utils.clip_grad_norm_`` does (gradients reduce-scattered,
+    or exchanged by all-to-all and summed by their owner)."""
+    results = launch(_zero_step, 2, args=(clip, exchange), timeout=60)
     ref_params, grads = _reference_model()
     decay = [p for p in ref_params if p.dim() >= 2]
     no_decay = [p for p in ref_params if p.dim() < 2]
@@ -117,14 +120,14 @@ def _reference_model():
     return params, grads
 
 
-def _zero_step(comm, clip):
+def _zero_step(comm, clip, exchange="reduce_scatter"):
     params, grads = _reference_model()
     model = torch.nn.Module()
     for i, p in enumerate(params):
         model.register_parameter(f"p{i}", p)
     opt = DistributedOptimizer(named_spaces(model, comm, comm, lambda p: False), get_backend("cpu"), world=comm,
                                lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, bucket_mb=0.0005,
-                               master_dtype=torch.float64, reduce_dtype=torch.float64)
+                               master_dtype=torch.float64, reduce_dtype=torch.float64, exchange=exchange)
     assert len(opt.buckets) > 1
     norms = []
     for step in range(2):

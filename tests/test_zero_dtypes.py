@@ -116,3 +116,57 @@ def test_bf16_moments_are_the_fp32_moments_rounded_and_move_the_weights_within_b
     for p, q, p0 in zip(ref_model.parameters(), bf_model.parameters(), before, strict=True):
         assert (p - p0).abs().max() > 10 * LR * 2.0**-6  # the bound is far below one update
         assert (p - q).abs().max() <= LR * 2.0**-6
+
+
+def _exchanged_gradients(comm, steps):
+    """Each rank's shard sums after one backward, for both exchanges, from bf16 weights and gradients
+    (every rank sees other data), and the exact float64 sums of the ranks' bf16 gradients."""
+    from openseek_hal.train.zero import named_spaces as spaces
+
+    out = {}
+    for exchange in ("reduce_scatter", "all_to_all"):
+        model = _model(torch.bfloat16)
+        opt = DistributedOptimizer(spaces(model, comm, comm, lambda p: False), get_backend("cpu"), world=comm,
+                                   lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, bucket_mb=0.001,
+                                   grad_dtype=torch.bfloat16, exchange=exchange)
+        gen = torch.Generator().manual_seed(100 + comm.rank)
+        sums = []
+        for _ in range(steps):
+            opt.start_step(1)
+            model(torch.randn(4, 16, generator=gen).to(torch.bfloat16)).square().mean().backward()
+            opt.next_micro_batch()
+            wire = {b.grad_buffer.dtype for b in opt.buckets}
+            opt.finish_gradients()
+            sums.append([b.step_grad.clone() for b in opt.buckets])
+            opt.step(LR, None)
+        everyone = []
+        for b in opt.buckets:  # the last step's bf16 buffers of every rank, summed exactly
+            gathered = b.grad_buffer.new_empty(comm.world_size * b.numel)
+            comm.all_gather(gathered, b.grad_buffer)
+            shard = gathered.view(comm.world_size, comm.world_size, -1)[:, comm.rank]
+            everyone.append((shard.double().sum(0), shard.double().abs().sum(0)))
+        out[exchange] = ([[t.numpy() for t in s] for s in sums], wire,
+                         [(e.numpy(), a.numpy()) for e, a in everyone],
+                         [p.detach().float().numpy() for p in model.parameters()])
+    return out
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_all_to_all_exchange_sums_bf16_gradients_in_fp32(ranks):
+    """``exchange="all_to_all"``: the buckets travel in bf16 and each owner sums the copies in fp32. On
+    2 ranks that is the float32 reduce-scatter's sum exactly (one addition of two bf16 numbers), so the
+    trained weights are identical; on 4 the order may differ, and each sum is within the recursive
+    summation bound (3 roundings of 2**-24 relative to the sum of magnitudes) of the exact float64 sum."""
+    from openseek_hal.comm import launch
+
+    for rank_out in launch(_exchanged_gradients, ranks, args=(3,)):
+        rs_sums, rs_wire, _, rs_weights = rank_out["reduce_scatter"]
+        a2a_sums, a2a_wire, exact, a2a_weights = rank_out["all_to_all"]
+        assert rs_wire == {torch.float32} and a2a_wire == {torch.bfloat16}  # half the bytes on the wire
+        for (ref, magnitude), got in zip(exact, a2a_sums[-1], strict=True):
+            assert str(got.dtype) == "float32"
+            assert (abs(got.astype("float64") - ref) <= (ranks - 1) * 2.0 ** -24 * magnitude).all()
+        if ranks == 2:
+            for a, b in zip(rs_sums, a2a_sums, strict=True):
+                assert all((x == y).all() for x, y in zip(a, b, strict=True))
+            assert all((x == y).all() for x, y in zip(rs_weights, a2a_weights, strict=True))

@@ -69,6 +69,8 @@ ROWS = {
     "1gpu-autocast-mtp": (1, ["dtype=autocast"]),
     "dp2": (2, ["model.num_nextn_predict_layers=0"]),
     "dp2-bf16reduce": (2, ["model.num_nextn_predict_layers=0", "reduce_dtype=bf16"]),
+    # fp32 sums at bf16 traffic: buckets exchanged by all-to-all in bf16, summed by their owners in fp32
+    "dp2-a2a": (2, ["model.num_nextn_predict_layers=0", "grad_exchange=all_to_all"]),
     "ep2": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2"]),
     "ep2-overlap": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2", "expert_overlap=true"]),
     # one row per (token, rank) in the all-to-alls instead of one per (token, expert)

@@ -64,6 +64,10 @@ class TrainConfig:
     expert_dispatch: str = "pairs"
     bucket_mb: float = 128.0  # gradient bucket size (fp32 bytes); reduce-scattered as soon as it is ready
     reduce_dtype: str = "fp32"  # the dtype gradients are reduced in: fp32 or bf16
+    # how gradient buckets reach their shard owners: "reduce_scatter" (summed on the wire, in reduce_dtype) or
+    # "all_to_all" (each rank gets the others' copies of its shard in the gradients' dtype and sums them in
+    # reduce_dtype itself: fp32 sums at bf16 traffic when a step has one micro-batch)
+    grad_exchange: str = "reduce_scatter"
     # the AdamW moments: "master" (the master weights' dtype: fp32, fp64 in verification runs) or
     # "bf16" (as DeepSeek-V3 trains: half the optimizer's moment memory and traffic)
     moment_dtype: str = "master"
@@ -86,7 +90,7 @@ class TrainConfig:
 RESUMABLE = frozenset({"steps", "out", "backend", "log_every", "save_every", "save", "eval_batches", "sample_tokens",
                        "wandb", "comm_adaptor", "comm_timeout", "bucket_mb", "micro_batch_size", "expert_parallel",
                        "expert_overlap", "expert_dispatch", "optimizer_overlap", "recompute", "compile", "reduce_dtype",
-                       "profile_step"})
+                       "grad_exchange", "profile_step"})
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -199,6 +203,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"min_lr_ratio must be at most 1, got {cfg.min_lr_ratio}")
     choices = {"dtype": ("auto", "bf16", "autocast", "fp32", "fp64"), "lr_schedule": ("cosine", "wsd", "constant"),
                "decay_shape": ("linear", "cosine", "sqrt"), "reduce_dtype": ("fp32", "bf16"),
+               "grad_exchange": ("reduce_scatter", "all_to_all"),
                "expert_dispatch": ("pairs", "tokens", "allgather"), "moment_dtype": ("master", "bf16")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:

@@ -340,7 +340,7 @@ class _Run:
                                               master_dtype=master, reduce_dtype=reduce, moment_dtype=moments,
                                               # one micro-batch: the gradient autograd made, in its own dtype
                                               grad_dtype=self.dtype if self.accum == 1 else None,
-                                              overlap_update=cfg.optimizer_overlap)
+                                              overlap_update=cfg.optimizer_overlap, exchange=cfg.grad_exchange)
         # each block, MTP module and the final norm waits for its weights when the forward reaches it;
         # the embedding's bucket (gathered first) is waited for before the forward
         self.optimizer.gather_before_use([*model.layers, *model.mtp, model.norm])

@@ -11,6 +11,11 @@ once (in the reduce dtype), asynchronously, so communication overlaps the rest o
 are launched strictly in their fixed order, so every rank issues the same collectives in the same
 order whatever order its autograd finishes them in.
 
+With ``exchange="all_to_all"`` a bucket travels in its buffer's dtype instead (bf16 with one micro-batch:
+autograd's gradients, copied without conversion): an even all-to-all hands every rank the other ranks'
+copies of its shard, and the rank adds them in the reduce dtype, in rank order. Float32 sums of bf16
+gradients are then exact to float32 rounding as with a float32 reduce-scatter, at half its traffic.
+
 The buffers hold gradient *sums*; the averaging factor and the clipping coefficient are one
 device scalar handed to the backend's ``adamw`` (``grad_scale``), and the global norm is computed
 on the device too, so the step makes no pass over the gradients just to scale them and never
@@ -56,6 +61,7 @@ from ..comm import Communicator, Work
 from ..ops.fp8 import weights_updated
 
 ALIGN = 64  # elements: every parameter starts on a 128-byte boundary in bf16
+EXCHANGES = ("reduce_scatter", "all_to_all")  # how a bucket's gradient sums reach the shard owners
 
 
 @dataclass
@@ -95,6 +101,7 @@ class Bucket:
     gather: Work | None = None
     reduced: torch.Tensor | None = field(default=None, repr=False)  # reduce-scatter output (reduce dtype)
     send: torch.Tensor | None = field(default=None, repr=False)  # reduce-scatter input, alive until it is done
+    received: torch.Tensor | None = field(default=None, repr=False)  # all-to-all: every rank's copy of the shard
     master: torch.Tensor | None = field(default=None, repr=False)
     exp_avg: torch.Tensor | None = field(default=None, repr=False)
     exp_avg_sq: torch.Tensor | None = field(default=None, repr=False)
@@ -152,14 +159,21 @@ class DistributedOptimizer:
                  eps: float, weight_decay: float, bucket_mb: float = 128.0, master_dtype: torch.dtype = torch.float32,
                  reduce_dtype: torch.dtype = torch.float32, moment_dtype: torch.dtype | None = None,
                  grad_dtype: torch.dtype | None = None,
-                 no_decay: Callable[[str, nn.Parameter], bool] | None = None, overlap_update: bool = False):
+                 no_decay: Callable[[str, nn.Parameter], bool] | None = None, overlap_update: bool = False,
+                 exchange: str = "reduce_scatter"):
         """``moment_dtype`` defaults to ``master_dtype``. The gradient buffers are in the wider of the
         master and weight dtypes, which accumulation needs, unless ``grad_dtype`` is given (the weight
         dtype, when every step has one micro-batch: `start_step` then refuses more): a bucket that is
         reduced then takes the reduce dtype, so that the hook's copy is the only conversion on the way
         to the wire, and one that is not reduced has no buffer (the update reads autograd's gradients,
         in ``grad_dtype``). ``overlap_update``: see the module docstring (ignored on the CPU, which has
-        one stream)."""
+        one stream). ``exchange``: ``"reduce_scatter"`` reduces each bucket in ``reduce_dtype`` on the wire;
+        ``"all_to_all"`` sends every rank its shard of the bucket in the buffer's own dtype (with
+        ``grad_dtype``, the weights': bf16) and each rank sums the copies it receives in ``reduce_dtype``,
+        in rank order: the sums of a float32 reduction at the traffic of the weights' dtype."""
+        if exchange not in EXCHANGES:
+            raise ValueError(f"unknown gradient exchange {exchange!r}: one of {', '.join(EXCHANGES)}")
+        self.exchange = exchange
         self.backend, self.world = backend, world
         self.world_size = world.world_size if world is not None else 1
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
@@ -212,8 +226,9 @@ class DistributedOptimizer:
             param_buffer = torch.zeros(total, dtype=p0.dtype, device=p0.device)
             grad_dtype = torch.promote_types(self.master_dtype, p0.dtype)
             reduced = comm is not None and comm.world_size > 1
-            if self.grad_dtype is not None:
-                grad_dtype = self.reduce_dtype if reduced else self.grad_dtype
+            if self.grad_dtype is not None:  # one micro-batch: the dtype that goes on the wire
+                wire = self.reduce_dtype if self.exchange == "reduce_scatter" else self.grad_dtype
+                grad_dtype = wire if reduced else self.grad_dtype
             direct = self.grad_dtype is not None and not reduced
             grad_buffer = None if direct else torch.zeros(total, dtype=grad_dtype, device=p0.device)
             params = []
@@ -293,7 +308,7 @@ class DistributedOptimizer:
         for b in self.buckets:
             b.pending = len(b.params)
             b.work = None
-            b.reduced = b.send = None
+            b.reduced = b.send = b.received = None
             b.grads = {}
 
     @property
@@ -312,6 +327,11 @@ class DistributedOptimizer:
 
     def _launch(self, b: Bucket) -> None:
         if not self._communicates(b):
+            return
+        if self.exchange == "all_to_all":  # block j of the buffer to rank j; summed when it has arrived
+            b.send = b.grad_buffer
+            b.received = torch.empty_like(b.grad_buffer)
+            b.work = b.comm.all_to_all_single(b.received, b.send, async_op=True)
             return
         b.send = b.grad_buffer if b.grad_buffer.dtype == self.reduce_dtype else b.grad_buffer.to(self.reduce_dtype)
         b.reduced = torch.empty(b.shard_numel, dtype=b.send.dtype, device=b.send.device)
@@ -333,6 +353,9 @@ class DistributedOptimizer:
             if b.work is not None:
                 b.work.wait()
                 b.work = None
+            if b.received is not None:  # every rank's copy of this rank's shard, added in rank order
+                b.reduced = b.received.view(b.comm.world_size, b.shard_numel).sum(0, dtype=self.reduce_dtype)
+                b.received = None
             b.send = None
 
     # -- the update ----------------------------------------------------------------------------
