@@ -91,14 +91,6 @@ class CUDABackend(Backend):
         # the fp8 ops are Triton kernels (fp8 tensor-core dots: sm89 Ada and sm90 Hopper and newer)
         return importlib.util.find_spec("triton") is not None
 
-    def attention_choices(self) -> list[dict[str, Any]]:
-        """Which attention ran for each shape seen so far, with the timings that decided it (for reports)."""
-        return self.op_choices().get("causal_attention", [])
-
-    def fp8_gemm_choices(self) -> list[dict[str, Any]]:
-        """Which FP8 GEMM (Triton or cuBLAS) ran for each shape seen so far, with the timings that decided it."""
-        return self.op_choices().get("fp8_gemm", [])
-
     def capabilities(self) -> Capabilities:
         name = self.device.name()
         major, minor = torch.cuda.get_device_capability(self.device.index)

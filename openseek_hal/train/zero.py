@@ -99,8 +99,9 @@ class Bucket:
     # is written again; it may outlive the step that launched it (a block waits on first use), so no
     # step boundary may drop it
     gather: Work | None = None
-    reduced: torch.Tensor | None = field(default=None, repr=False)  # reduce-scatter output (reduce dtype)
-    send: torch.Tensor | None = field(default=None, repr=False)  # reduce-scatter input, alive until it is done
+    # this rank's summed shard (reduce dtype): the reduce-scatter's output, or the all-to-all's copies added up
+    reduced: torch.Tensor | None = field(default=None, repr=False)
+    send: torch.Tensor | None = field(default=None, repr=False)  # the exchange's input, alive until it is done
     received: torch.Tensor | None = field(default=None, repr=False)  # all-to-all: every rank's copy of the shard
     master: torch.Tensor | None = field(default=None, repr=False)
     exp_avg: torch.Tensor | None = field(default=None, repr=False)
