@@ -53,6 +53,7 @@ class Capabilities:
     peak_flops: Mapping[torch.dtype, float] = field(default_factory=dict)  # dense FLOP/s per dtype
     memory_bandwidth: float | None = None  # bytes/s
     compile: bool = False  # torch.compile traces this backend's ops and generates code for its device
+    graphs: bool = False  # Device.graph() captures and replays this backend's work (CUDA graphs)
 
 
 @dataclass(frozen=True)

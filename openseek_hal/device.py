@@ -117,6 +117,15 @@ class Device:
             return HostEvent()
         return torch.Event(device=self.torch_device, enable_timing=enable_timing)
 
+    # -- graphs -------------------------------------------------------------------------------
+    def graph(self) -> DeviceGraph:
+        """A new `DeviceGraph` (CUDA graphs on ``cuda``); a device type without them raises ``RuntimeError``.
+        A backend whose chip has its own graph API overrides this."""
+        mod = self._module()
+        if self.type != "cuda" or mod is None or not hasattr(mod, "CUDAGraph"):
+            raise RuntimeError(f"{self.type} has no device graphs here")
+        return _CudaGraph(self)
+
     # -- memory -------------------------------------------------------------------------------
     def memory_stats(self) -> dict[str, int]:
         """Bytes allocated now, reserved now and the peak allocation since the last reset.
@@ -144,3 +153,33 @@ class Device:
         mod = self._module()
         if mod is not None and hasattr(mod, "manual_seed_all"):
             mod.manual_seed_all(seed)
+
+
+class DeviceGraph:
+    """Work recorded once and replayed: ``with graph.capture(): ...`` records what is queued inside
+    (nothing runs), ``replay()`` runs it again on the same memory. Warm up (run the same work once,
+    eagerly) under ``with graph.stream():``, the stream the capture uses, before capturing."""
+
+    def stream(self) -> Any:
+        raise NotImplementedError
+
+    def capture(self) -> Any:
+        raise NotImplementedError
+
+    def replay(self) -> None:
+        raise NotImplementedError
+
+
+class _CudaGraph(DeviceGraph):
+    def __init__(self, device: Device):
+        self._graph = torch.cuda.CUDAGraph()
+        self._stream = torch.cuda.Stream(device.torch_device)
+
+    def stream(self) -> Any:
+        return torch.cuda.stream(self._stream)
+
+    def capture(self) -> Any:
+        return torch.cuda.graph(self._graph, stream=self._stream)
+
+    def replay(self) -> None:
+        self._graph.replay()

@@ -102,4 +102,4 @@ class CUDABackend(Backend):
         dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
         fp8 = (major, minor) >= (8, 9) and self._has_triton()
         return Capabilities(device_name=name, dtypes=dtypes, fp8=fp8, peak_flops=flops,
-                            memory_bandwidth=bandwidth, compile=True)
+                            memory_bandwidth=bandwidth, compile=True, graphs=True)

@@ -65,13 +65,21 @@ def _expert_mask(group_mask: torch.Tensor, experts: int) -> torch.Tensor:
     return group_mask.unsqueeze(-1).expand(tokens, n_group, experts // n_group).reshape(tokens, experts)
 
 
+def expert_counts(flat_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Picks per expert (int64 ``[num_experts]``) of the expert ids ``flat_ids``. ``index_add_``, not
+    ``torch.bincount``: bincount sizes its output from the data, which on a GPU makes the host wait for
+    the device (and breaks graph capture and ``torch.compile``); integer sums are exact in any order."""
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat_ids.device).index_add_(
+        0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int64))
+
+
 def _route_outputs(scores: torch.Tensor, indices: torch.Tensor, top_k: int, norm_topk_prob: bool,
                    routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     weights = scores.gather(1, indices)
     if norm_topk_prob and top_k > 1:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     weights = weights * routed_scaling_factor
-    counts = torch.bincount(indices.flatten(), minlength=scores.shape[1])
+    counts = expert_counts(indices.flatten(), scores.shape[1])
     return indices, weights, counts
 
 
@@ -137,7 +145,7 @@ def moe_permute(x: torch.Tensor, indices: torch.Tensor,
     k = indices.shape[-1]
     flat = indices.flatten()
     sorted_order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = expert_counts(flat, num_experts)
     return x.index_select(0, sorted_order // k), sorted_order, counts
 
 

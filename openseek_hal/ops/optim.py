@@ -15,8 +15,8 @@ from .opdef import OpDef, Sample, randn
 
 
 def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
-          exp_avg_sqs: Sequence[torch.Tensor], *, lr: float, beta1: float = 0.9, beta2: float = 0.999,
-          eps: float = 1e-8, weight_decay: float = 0.0, step: int,
+          exp_avg_sqs: Sequence[torch.Tensor], *, lr: float | torch.Tensor, beta1: float = 0.9, beta2: float = 0.999,
+          eps: float = 1e-8, weight_decay: float = 0.0, step: int | torch.Tensor,
           master_params: Sequence[torch.Tensor] | None = None, grad_scale: torch.Tensor | float | None = None
           ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """One decoupled-weight-decay Adam step (``torch.optim.AdamW``'s update) with ``step`` >= 1.
@@ -26,9 +26,12 @@ def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avg
     ``grad_scale`` (a number or a one-element tensor on the parameters' device) multiplies every
     gradient before it is used: the trainer passes the averaging and clipping factor as a device
     tensor, so the step needs no pass over the gradients and no wait for the host.
+
+    ``lr`` and ``step`` may also be 0-d float64 tensors on the parameters' device (a step captured in a
+    device graph reads each step's values from there); the bias corrections are then computed from
+    ``step`` in float64 on the device.
     """
-    bias_c1 = 1.0 - beta1 ** step
-    bias_c2_sqrt = (1.0 - beta2 ** step) ** 0.5
+    bias_c1, bias_c2_sqrt = _bias_corrections(beta1, beta2, step)
     out_p, out_m, out_v, out_master = [], [], [], []
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
         base = master_params[i] if master_params is not None else p
@@ -48,6 +51,15 @@ def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avg
     return out_p, out_m, out_v, out_master
 
 
+def _bias_corrections(beta1: float, beta2: float, step: int | torch.Tensor) -> tuple[float | torch.Tensor, ...]:
+    """``1 - beta1**step`` and ``sqrt(1 - beta2**step)``: floats for an int step, 0-d float64 tensors for a
+    tensor step."""
+    if isinstance(step, torch.Tensor):
+        step = step.to(torch.float64)
+        return 1.0 - torch.pow(beta1, step), (1.0 - torch.pow(beta2, step)).sqrt()
+    return 1.0 - beta1 ** step, (1.0 - beta2 ** step) ** 0.5
+
+
 def adamw_error_scale(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
                       weight_decay=0.0, step, master_params=None, grad_scale=None):
     """`OpDef.error_scale` of `adamw`: each output element's rounding-error bound in units of roundoff.
@@ -59,8 +71,8 @@ def adamw_error_scale(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1=0.9, be
     through the update's division, and the final rounding.
     """
     s = 1.0 if grad_scale is None else abs(float(grad_scale))
-    bias_c1 = 1.0 - beta1 ** step
-    bias_c2_sqrt = (1.0 - beta2 ** step) ** 0.5
+    lr = float(lr)
+    bias_c1, bias_c2_sqrt = _bias_corrections(beta1, beta2, int(step))
     out_p, out_m, out_v = [], [], []
     for i, (g, m, v) in enumerate(zip(grads, exp_avgs, exp_avg_sqs, strict=True)):
         base = (master_params[i] if master_params is not None else params[i]).double()
@@ -116,6 +128,16 @@ def _samples(dtype, device, gen):
                          {**hyper, "step": 1, "weight_decay": decay, "grad_scale": scale,
                           **({"master_params": masters} if master else {})},
                          f"5-tensors:step1{'-master' if master else ''}-scaled{'' if decay else '-no-decay'}")
+    # a step captured in a device graph: lr and the step number read from device tensors
+    for master in (False, True):
+        masters = tensors(1.0, state)
+        params = [m.to(dtype) for m in masters] if master else tensors(1.0, dtype)
+        schedule = {"lr": torch.tensor(2e-2, dtype=torch.float64, device=device),
+                    "step": torch.tensor(6.0, dtype=torch.float64, device=device),
+                    "grad_scale": torch.tensor([0.5], dtype=state, device=device)}
+        yield Sample((params, tensors(1.0, dtype), tensors(0.1, state), tensors(0.01, state, True)),
+                     {**hyper, **schedule, **({"master_params": masters} if master else {})},
+                     f"5-tensors:step6{'-master' if master else ''}-device-schedule")
 
 
 OPDEFS = [OpDef(name="adamw",
@@ -125,4 +147,5 @@ OPDEFS = [OpDef(name="adamw",
                 reference=adamw, samples=_samples, differentiable=False, error_scale=adamw_error_scale,
                 doc="Fast implementations update in place and return the same tensors; the reference returns "
                     "new ones. Lists of tensors are pytrees (torch.utils._pytree). grad_scale is a number "
-                    "or a one-element tensor that multiplies every gradient (read on the device).")]
+                    "or a one-element tensor that multiplies every gradient (read on the device). lr and step are "
+                    "numbers, or both 0-d float64 device tensors (a captured step's schedule).")]

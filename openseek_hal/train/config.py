@@ -79,6 +79,10 @@ class TrainConfig:
     comm_timeout: float = 300.0  # seconds any collective or the rendezvous may wait before failing
     recompute: bool = False  # recompute each transformer block's activations in backward
     compile: bool = False  # torch.compile each block (where the backend supports it)
+    # capture the whole training step (forward, backward, optimizer) as one device graph after one eager
+    # warm-up step, and replay it: no per-kernel launches from the host (backends with device graphs: cuda).
+    # One rank, no fp8, no optimizer_overlap
+    graph_step: bool = False
     # FP8 training as DeepSeek-V3 does it: the linear layers of attention, the MLPs, the shared and routed
     # experts compute in e4m3 with per-tile scales (activations 1x128, weights 128x128), fp32 accumulation;
     # embedding, output head, norms and router stay in the model's dtype. Needs a backend with FP8 support.
@@ -89,8 +93,8 @@ class TrainConfig:
 # Fields that a resumed run may change; any other change would break its exactness and is refused.
 RESUMABLE = frozenset({"steps", "out", "backend", "log_every", "save_every", "save", "eval_batches", "sample_tokens",
                        "wandb", "comm_adaptor", "comm_timeout", "bucket_mb", "micro_batch_size", "expert_parallel",
-                       "expert_overlap", "expert_dispatch", "optimizer_overlap", "recompute", "compile", "reduce_dtype",
-                       "grad_exchange", "profile_step"})
+                       "expert_overlap", "expert_dispatch", "optimizer_overlap", "recompute", "compile", "graph_step",
+                       "reduce_dtype", "grad_exchange", "profile_step"})
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -221,6 +225,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("expert_dispatch=allgather does not run with fp8: its buffer has rows past the experts' "
                           "counts, which the fp8 grouped GEMM's weight gradient does not yet leave out; use "
                           "expert_dispatch=pairs or tokens with fp8")
+    if cfg.graph_step:
+        for name, why in (("fp8", "its weight cache is refreshed by the host between steps"),
+                          ("optimizer_overlap", "a captured step is one stream's work")):
+            if getattr(cfg, name):
+                raise ConfigError(f"graph_step does not run with {name}: {why}")
     mc = model_config(cfg)  # a bad model field fails here, before any data is read
     if mc.n_routed_experts and mc.n_routed_experts % cfg.expert_parallel:
         raise ConfigError(f"expert_parallel={cfg.expert_parallel} does not divide the {mc.n_routed_experts} "

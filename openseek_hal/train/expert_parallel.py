@@ -60,6 +60,7 @@ from ..comm import Communicator
 from ..device import Device
 from ..models.deepseek_v3.config import DeepseekV3Config
 from ..models.deepseek_v3.model import DeepseekV3, Experts
+from ..ops.moe import expert_counts
 
 # what travels: one row per (token, expert) pair, per (token, rank), or every token to every rank
 DISPATCH = ("pairs", "tokens", "allgather")
@@ -401,10 +402,7 @@ class ExpertParallelExperts(nn.Module):
         dest = torch.div(indices, local_e, rounding_mode="floor")  # the rank of each pick
         need = torch.zeros(tokens, size, dtype=torch.bool, device=x.device).scatter_(1, dest, True)
         # per peer: the pairs for each of its local experts, then the number of tokens it gets
-        # (index_add, not bincount: bincount's output size comes from the data, a host sync on a GPU)
-        flat_ids = indices.reshape(-1)
-        pairs = torch.zeros(self.num_global_experts, dtype=torch.int64, device=x.device).index_add_(
-            0, flat_ids, torch.ones_like(flat_ids)).view(size, local_e)
+        pairs = expert_counts(indices.reshape(-1), self.num_global_experts).view(size, local_e)
         counts = torch.cat([pairs, need.sum(0).unsqueeze(1).to(pairs.dtype)], dim=1)  # [P, L + 1]
         sent, received_counts, _, shared_out, t1 = self._exchange_counts(counts, shared, timer)
         block = local_e + 1

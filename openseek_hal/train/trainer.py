@@ -44,12 +44,13 @@ from .checkpoint import (
 )
 from .config import TrainConfig, check_resumable, check_world, model_config, to_dict
 from .corpus import TokenSequence, iter_windows, load_training_tokens
+from .graphs import GraphedStep
 from .kinds import describe_kinds, device_type_of, job_adaptor, job_weight_mode, rank_backend
 from .metrics import MetricsLogger
 from .parallel import ParallelLayout
 from .profile import StepProfiler
 from .schedule import lr_at
-from .zero import DistributedOptimizer, named_spaces
+from .zero import DeviceSchedule, DistributedOptimizer, named_spaces
 
 __all__ = ["TrainResult", "batch_at", "lr_at", "train"]
 
@@ -398,48 +399,38 @@ class _Run:
         per_rank = cfg.global_batch_size // self.dp
         first = layout.rank * per_rank
         ckpt_path = self.out / "checkpoints" / f"step_{cfg.steps:06d}"
-        with metrics, Progress(*columns, console=console, transient=True, disable=not layout.is_main) as progress:
+        graphed = self._graphed_step(autocast)
+        # the first step pays for warm-up (allocator, kernel compilation, timed op choices); a graphed run's
+        # second step for the capture
+        timed_from = self.start_step + (2 if graphed is not None else 1)
+        with metrics, Progress(*columns, console=console, transient=True, disable=not layout.is_main) as progress, \
+                (graphed.stream() if graphed is not None else contextlib.nullcontext()):
             task = progress.add_task("training", total=cfg.steps, completed=self.start_step)
             t_timed = None
             for step in range(self.start_step, cfg.steps):
-                if step == self.start_step + 1:
-                    if layout.world is not None and layout.world_size > 1 and not self.mixed:
-                        share_op_choices(self.backend, layout.world)
+                if step == self.start_step + 1 and layout.world is not None and layout.world_size > 1 \
+                        and not self.mixed:
+                    share_op_choices(self.backend, layout.world)
+                if step == timed_from:
                     self.backend.device.synchronize()
                     t_timed = time.perf_counter()
                 lr = lr_at(step, cfg)
                 if profiler is not None:
                     profiler.before(step + 1)
                 phases.mark("start")
-                self.optimizer.start_step(self.accum)
-                loss_sum = aux_sum = mtp_sum = None
-                for m in range(self.accum):
-                    rows = slice(first + m * self.micro, first + (m + 1) * self.micro)
-                    x, y = (t.to(self.device, non_blocking=True) for t in batch_at(self.train_tokens, step, cfg, rows))
-                    with autocast:
-                        loss = self.model.loss(x, y)
-                    phases.mark("forward")
-                    loss.total.backward()
-                    phases.mark("backward")
-                    self.optimizer.next_micro_batch()
-                    loss_sum = _add(loss_sum, loss.main.detach())
-                    aux_sum, mtp_sum = _add(aux_sum, loss.aux), _add(mtp_sum, loss.mtp)
-                self.optimizer.finish_gradients()  # every rank has now issued every reduce-scatter, in order
-                # the step's small all-reduces (expert loads, loss) go before the weight all-gathers are
-                # queued: on the same communicator they would wait for all of them
-                self.model.update_expert_bias(layout.world)  # aux-loss-free balancing, loads summed over all ranks
-                pending.append(layout.mean_tensor(loss_sum / self.accum))
-                phases.mark("grad_sync")
-                stats = self.optimizer.update(lr, cfg.grad_clip)
-                phases.mark("optimizer")
-                if self.optimizer.update_span is not None:  # the update queued beside the next forward
-                    phases.span("optimizer_overlapped", *self.optimizer.update_span)
-                self.optimizer.wait_weights(lazy=True)  # each block waits for its own weights on first use
-                phases.mark("weight_sync")
+                batches = [batch_at(self.train_tokens, step, cfg, slice(lo, lo + self.micro))
+                           for lo in range(first, first + self.accum * self.micro, self.micro)]
+                if graphed is None:
+                    inputs = [tuple(t.to(self.device, non_blocking=True) for t in b) for b in batches]
+                    loss_mean, norm, aux_sum, mtp_sum = self._step(inputs, lr, autocast, phases)
+                else:
+                    loss_mean, norm, aux_sum, mtp_sum = graphed(batches, lr)
+                    phases.mark("step")
                 # The loss and the gradient norm stay on the device until they are read (to log, or before a
                 # checkpoint is written), so the host queues the next steps while the device works.
-                pending_norms.append(stats.grad_norm.detach().reshape(()).to(torch.float64))
-                phases.end_step(count=step > self.start_step)
+                pending.append(loss_mean)
+                pending_norms.append(norm.detach().reshape(()).to(torch.float64))
+                phases.end_step(count=step >= timed_from)
                 done = step + 1
                 if profiler is not None and (folder := profiler.after(done)) is not None and layout.is_main:
                     progress.console.print(f"profile of steps {cfg.profile_step}-{done}: {folder}")
@@ -458,9 +449,9 @@ class _Run:
                             raise RunError(f"{what} at step {done - len(read) + i + 1}; lower lr or check the data")
                     losses.extend(read)
                     grad_norm = norms[-1]
-                    if t_timed is not None:  # the first step pays for warm-up (allocator, kernel compilation)
+                    if t_timed is not None:
                         timed_seconds = time.perf_counter() - t_timed
-                        timed_tokens = (done - self.start_step - 1) * tokens_per_step
+                        timed_tokens = (done - timed_from) * tokens_per_step
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     row = self._log_row(losses[-1], lr, grad_norm, timed_tokens, timed_seconds, phases)
                     extra = (("mtp_loss", mtp_sum), ("aux_loss", aux_sum))
@@ -496,6 +487,56 @@ class _Run:
                  "weight_dtype": str(self.dtype).replace("torch.", "")}
         return TrainResult(losses=losses, val_loss=val_loss, tokens_per_second=tps, checkpoint=ckpt_path,
                            sample=sample, backend=self.backend.name, parameters=self.n_params, mfu=mfu, extra=extra)
+
+    def _step(self, inputs: list[tuple[torch.Tensor, ...]], lr: float, autocast: Any, phases: _PhaseTimer | None,
+              schedule: DeviceSchedule | None = None) -> tuple[torch.Tensor, ...]:
+        """One optimizer step over the micro-batches ``inputs`` (device tensors): forward and backward of each,
+        the gradient exchange, the expert-bias update and the optimizer's. Returns the step's mean loss, the
+        gradient norm, and the aux and MTP loss sums (device tensors; None where the model has none)."""
+        cfg, layout = self.cfg, self.layout
+        mark = phases.mark if phases is not None else (lambda phase: None)
+        self.optimizer.start_step(self.accum)
+        loss_sum = aux_sum = mtp_sum = None
+        for x, y in inputs:
+            with autocast:
+                loss = self.model.loss(x, y)
+            mark("forward")
+            loss.total.backward()
+            mark("backward")
+            self.optimizer.next_micro_batch()
+            loss_sum = _add(loss_sum, loss.main.detach())
+            aux_sum, mtp_sum = _add(aux_sum, loss.aux), _add(mtp_sum, loss.mtp)
+        self.optimizer.finish_gradients()  # every rank has now issued every reduce-scatter, in order
+        # the step's small all-reduces (expert loads, loss) go before the weight all-gathers are
+        # queued: on the same communicator they would wait for all of them
+        self.model.update_expert_bias(layout.world)  # aux-loss-free balancing, loads summed over all ranks
+        loss_mean = layout.mean_tensor(loss_sum / self.accum)
+        mark("grad_sync")
+        stats = self.optimizer.update(lr, cfg.grad_clip, schedule)
+        mark("optimizer")
+        if phases is not None and self.optimizer.update_span is not None:  # the update beside the next forward
+            phases.span("optimizer_overlapped", *self.optimizer.update_span)
+        self.optimizer.wait_weights(lazy=True)  # each block waits for its own weights on first use
+        mark("weight_sync")
+        return loss_mean, stats.grad_norm, aux_sum, mtp_sum
+
+    def _graphed_step(self, autocast: Any) -> GraphedStep | None:
+        """`graph_step`: the step as a `GraphedStep` on this backend's device; None when not asked for, or
+        (with a notice) when the backend has no device graphs."""
+        cfg = self.cfg
+        if not cfg.graph_step:
+            return None
+        if self.layout.world_size > 1:
+            raise ConfigError(f"graph_step runs on one rank; this job has {self.layout.world_size} (a step's "
+                              "collectives are not captured yet)")
+        if not self.backend.capabilities().graphs:
+            self.console.print(f"[yellow]graph_step: the {self.backend.name} backend has no device graphs; "
+                               "running eagerly[/]")
+            return None
+        schedule = DeviceSchedule(self.device)
+        return GraphedStep(self.backend.device.graph(),
+                           lambda inputs: self._step(inputs, 0.0, autocast, None, schedule),
+                           self.optimizer, schedule, self.device)
 
     def _log_row(self, loss: float, lr: float, grad_norm: float, tokens: int, seconds: float,
                  phases: _PhaseTimer) -> dict[str, float]:
@@ -547,9 +588,11 @@ def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor
 def _log_line(done: int, steps: int, row: dict[str, float]) -> str:
     mfu = f"  mfu {100 * row['mfu']:.1f}%" if "mfu" in row else ""
     comm = row.get("grad_sync_ms", 0.0) + row.get("weight_sync_ms", 0.0)
+    times = (f"graph {row['step_ms']:.0f} ms" if row.get("step_ms") else
+             f"fwd {row.get('forward_ms', 0):.0f} bwd {row.get('backward_ms', 0):.0f} "
+             f"opt {row.get('optimizer_ms', 0):.0f} comm {comm:.0f} ms")
     return (f"step {done:>5}/{steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  grad {row['grad_norm']:.3f}  "
-            f"tok/s {row['tokens_per_s']:,.0f}{mfu}  fwd {row.get('forward_ms', 0):.0f} bwd "
-            f"{row.get('backward_ms', 0):.0f} opt {row.get('optimizer_ms', 0):.0f} comm {comm:.0f} ms")
+            f"tok/s {row['tokens_per_s']:,.0f}{mfu}  {times}")
 
 
 class _PhaseTimer:
@@ -559,7 +602,8 @@ class _PhaseTimer:
     timing costs no host-device round trip.
     """
 
-    PHASES = ("forward", "backward", "grad_sync", "optimizer", "weight_sync", "optimizer_overlapped")
+    # "step": a captured step (graph_step), which has no finer breakdown
+    PHASES = ("forward", "backward", "grad_sync", "optimizer", "weight_sync", "optimizer_overlapped", "step")
 
     def __init__(self, backend: Backend):
         self._device = backend.device
@@ -570,6 +614,8 @@ class _PhaseTimer:
         self._steps = 0
         self._window = dict.fromkeys(self.PHASES, 0.0)
         self._window_steps = 0
+        # reported: the eager phases always (as before), a captured step's once one was timed
+        self._seen = set(self.PHASES) - {"step"}
 
     def mark(self, phase: str) -> None:
         event = self._device.event(enable_timing=True)
@@ -594,6 +640,7 @@ class _PhaseTimer:
         for marks, spans in self._steps_pending:
             pairs = [(phase, start, end) for (_, start), (phase, end) in zip(marks, marks[1:])]
             for phase, start, end in pairs + spans:
+                self._seen.add(phase)
                 ms = start.elapsed_time(end)
                 self._sums[phase] += ms
                 self._window[phase] += ms
@@ -604,11 +651,11 @@ class _PhaseTimer:
     def mean_ms(self) -> dict[str, float]:
         """Mean per step since the last call (synchronizes with the device)."""
         self._flush()
-        out = {k: v / max(1, self._window_steps) for k, v in self._window.items()}
+        out = {k: v / max(1, self._window_steps) for k, v in self._window.items() if k in self._seen}
         self._window = dict.fromkeys(self.PHASES, 0.0)
         self._window_steps = 0
         return out
 
     def totals_ms(self) -> dict[str, float]:
         self._flush()
-        return {k: v / max(1, self._steps) for k, v in self._sums.items()}
+        return {k: v / max(1, self._steps) for k, v in self._sums.items() if k in self._seen}

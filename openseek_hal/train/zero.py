@@ -134,6 +134,20 @@ class StepStats:
     clip_coef: torch.Tensor
 
 
+class DeviceSchedule:
+    """The learning rate and the step number in device memory (0-d float64 tensors), written before each
+    step (a fill: no copy from the host): an update captured in a device graph reads them there, so a
+    replay applies each step's own values."""
+
+    def __init__(self, device: torch.device):
+        self.lr = torch.zeros((), dtype=torch.float64, device=device)
+        self.step = torch.zeros((), dtype=torch.float64, device=device)
+
+    def set(self, lr: float, step: int) -> None:
+        self.lr.fill_(lr)
+        self.step.fill_(step)
+
+
 class _SideWork:
     """A bucket's update queued on the side stream; ``wait()`` makes the current stream wait for it
     (no host wait) and then lets go of the compute-stream tensors the update read."""
@@ -374,8 +388,11 @@ class DistributedOptimizer:
         return squares.sqrt() * self._scale
 
     @torch.no_grad()
-    def update(self, lr: float, grad_clip: float | None) -> StepStats:
+    def update(self, lr: float, grad_clip: float | None, schedule: DeviceSchedule | None = None) -> StepStats:
         """Clip by the global norm, update the owned shards (AdamW) and start all-gathering the new weights.
+
+        With ``schedule`` (already set to this step's lr and ``step_count + 1``) the `adamw` calls read the
+        lr and the step number from the device instead of taking ``lr`` and ``step_count`` as numbers.
 
         Buckets are updated last to first, so the weights the next forward needs first (embedding,
         first layers) start gathering first; each bucket's all-gather starts as soon as its shard is
@@ -387,6 +404,7 @@ class DistributedOptimizer:
             coef = torch.where(norm > grad_clip, grad_clip / (norm + 1e-6), coef)
         grad_scale = (coef * self._scale).reshape(1)  # in the accumulation dtype: fp64 runs stay fp64
         self.step_count += 1
+        hyper = (schedule.lr, schedule.step) if schedule is not None else (lr, self.step_count)
         side = self._side if any(not self._communicates(b) for b in self.buckets) else None
         if side is not None:
             ready = self._device.event()
@@ -400,13 +418,13 @@ class DistributedOptimizer:
             self._wait_gather(b)
             if side is not None and not self._communicates(b):
                 with side:
-                    self._update_bucket(b, lr, grad_scale)
+                    self._update_bucket(b, hyper, grad_scale)
                     done = self._device.event()
                     done.record(side)
                 # the compute stream frees what it allocated (the scale) only after it waited for the update
                 b.gather = _SideWork(done, keep=(grad_scale, b.reduced, b.grads))
             else:
-                self._update_bucket(b, lr, grad_scale)
+                self._update_bucket(b, hyper, grad_scale)
             b.reduced = None
             b.grads = {}  # autograd's gradients are freed as soon as their bucket is updated
             self._gather(b)
@@ -416,11 +434,13 @@ class DistributedOptimizer:
         weights_updated()  # the weights changed behind their version counters (fp8 weight cache)
         return StepStats(grad_norm=norm, clip_coef=coef)
 
-    def _update_bucket(self, b: Bucket, lr: float, grad_scale: torch.Tensor) -> None:
+    def _update_bucket(self, b: Bucket, hyper: tuple[float | torch.Tensor, int | torch.Tensor],
+                       grad_scale: torch.Tensor) -> None:
         """AdamW over the bucket's shard: decayed and not decayed elements, one `adamw` call each, over
         the flat shard (one tensor) or, for a bucket without a gradient buffer, over its parameters
         (alignment padding is then not touched: it stays zero, as an update of zeros would leave it)."""
         beta1, beta2 = self.betas
+        lr, step = hyper
         if b.direct:
             runs = [[(s.shard_offset, s.shard_offset + s.numel, b.grads[id(s.param)].view(-1)[
                 s.param_offset:s.param_offset + s.numel]) for s in b.segments if s.decay == decay]
@@ -438,7 +458,7 @@ class DistributedOptimizer:
                                    for t in (b.master, b.param_shard, b.exp_avg, b.exp_avg_sq))
             new = self._adamw(master if b.aliased else param, [g for _, _, g in run], m, v, lr=lr, beta1=beta1,
                               beta2=beta2, eps=self.eps, weight_decay=self.weight_decay if decay else 0.0,
-                              step=self.step_count, master_params=None if b.aliased else master,
+                              step=step, master_params=None if b.aliased else master,
                               grad_scale=grad_scale)
             targets = [master if b.aliased else param, m, v] + ([] if b.aliased else [master])
             for dsts, srcs in zip(targets, new):
@@ -481,9 +501,9 @@ class DistributedOptimizer:
             b.gather = None
             weights_updated()
 
-    def step(self, lr: float, grad_clip: float | None) -> StepStats:
+    def step(self, lr: float, grad_clip: float | None, schedule: DeviceSchedule | None = None) -> StepStats:
         """`update` then `wait_weights`."""
-        stats = self.update(lr, grad_clip)
+        stats = self.update(lr, grad_clip, schedule)
         self.wait_weights()
         return stats
 

@@ -2,6 +2,11 @@
 
 One launch per tensor; with ``master_params`` the float32 master copy takes the update and the
 (bf16) parameter is rewritten from it in the same pass, so the step reads and writes each byte once.
+
+``lr`` and ``step`` given as device tensors are read by the kernel itself (the bias corrections computed
+from ``step`` in float64 by squaring), and the constant hyperparameters come from a device tensor made
+once per set of values: nothing is copied from the host per call, so the calls can be captured in a
+device graph and replayed with new values.
 """
 
 from __future__ import annotations
@@ -16,16 +21,36 @@ from ._common import acc_type
 
 
 @triton.jit
-def _adamw_kernel(P, G, M, V, MASTER, HYPER, SCALE, n, HAS_MASTER: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _power(base, exponent):
+    """``base ** exponent`` for an int64 ``exponent`` >= 0, by squaring (float64)."""
+    result = base * 0.0 + 1.0
+    while exponent > 0:
+        if exponent % 2 == 1:
+            result = result * base
+        base = base * base
+        exponent = exponent // 2
+    return result
+
+
+@triton.jit
+def _adamw_kernel(P, G, M, V, MASTER, HYPER, LR, STEP, SCALE, n, HAS_MASTER: tl.constexpr,
+                  DEVICE_SCHEDULE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     # Hyperparameters come from a float64 tensor: a float argument would be rounded to float32.
-    lr = tl.load(HYPER).to(ACC)
-    beta1 = tl.load(HYPER + 1).to(ACC)
-    beta2 = tl.load(HYPER + 2).to(ACC)
+    beta1 = tl.load(HYPER + 1)
+    beta2 = tl.load(HYPER + 2)
     eps = tl.load(HYPER + 3).to(ACC)
     weight_decay = tl.load(HYPER + 4).to(ACC)
-    bias_c1 = tl.load(HYPER + 5).to(ACC)
-    bias_c2_sqrt = tl.load(HYPER + 6).to(ACC)
+    if DEVICE_SCHEDULE:
+        lr = tl.load(LR).to(tl.float64).to(ACC)
+        step = tl.load(STEP).to(tl.int64)
+        bias_c1 = (1.0 - _power(beta1, step)).to(ACC)
+        bias_c2_sqrt = tl.sqrt(1.0 - _power(beta2, step)).to(ACC)
+    else:
+        lr = tl.load(HYPER).to(ACC)
+        bias_c1 = tl.load(HYPER + 5).to(ACC)
+        bias_c2_sqrt = tl.load(HYPER + 6).to(ACC)
+    beta1 = beta1.to(ACC)
+    beta2 = beta2.to(ACC)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     if HAS_MASTER:
@@ -46,14 +71,33 @@ def _adamw_kernel(P, G, M, V, MASTER, HYPER, SCALE, n, HAS_MASTER: tl.constexpr,
     tl.store(P + offs, p.to(P.dtype.element_ty), mask=mask)
 
 
+_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (device, values) -> (pinned source, device copy)
+
+
+def _constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``values`` as a float64 device tensor, made once: its pinned source stays alive with it, so a copy
+    recorded into a device graph reads the same values on every replay."""
+    key = (str(device), values)
+    if key not in _CONSTANTS:
+        host = torch.tensor(values, dtype=torch.float64)
+        if device.type != "cpu":
+            host = host.pin_memory()
+        _CONSTANTS[key] = (host, host.to(device, non_blocking=True))
+    return _CONSTANTS[key][1]
+
+
 def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
-          exp_avg_sqs: Sequence[torch.Tensor], *, lr: float, beta1: float = 0.9, beta2: float = 0.999,
-          eps: float = 1e-8, weight_decay: float = 0.0, step: int,
+          exp_avg_sqs: Sequence[torch.Tensor], *, lr: float | torch.Tensor, beta1: float = 0.9, beta2: float = 0.999,
+          eps: float = 1e-8, weight_decay: float = 0.0, step: int | torch.Tensor,
           master_params: Sequence[torch.Tensor] | None = None, grad_scale: torch.Tensor | float | None = None):
     """In-place AdamW; returns ``(params, exp_avgs, exp_avg_sqs, master_params or [])``, the same tensors."""
     masters = list(master_params) if master_params is not None else []
-    bias_c1 = 1.0 - beta1 ** step
-    bias_c2_sqrt = (1.0 - beta2 ** step) ** 0.5
+    device_schedule = isinstance(lr, torch.Tensor) or isinstance(step, torch.Tensor)
+    if device_schedule and not (isinstance(lr, torch.Tensor) and isinstance(step, torch.Tensor)):
+        raise ValueError("adamw: lr and step are both numbers or both device tensors")
+    if not device_schedule:
+        bias_c1 = 1.0 - beta1 ** step
+        bias_c2_sqrt = (1.0 - beta2 ** step) ** 0.5
     block = 1024
     hyper = None
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
@@ -66,13 +110,19 @@ def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avg
         master = masters[i] if masters else p
         if hyper is None:
             number = 1.0 if grad_scale is None or isinstance(grad_scale, torch.Tensor) else float(grad_scale)
-            hyper = torch.tensor([lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2_sqrt, number],
-                                 dtype=torch.float64)
-            if p.device.type != "cpu":
-                # from pinned memory the copy is asynchronous; from pageable memory it would make the host
-                # wait for every kernel queued before it, leaving the device idle once per call
-                hyper = hyper.pin_memory().to(p.device, non_blocking=True)
+            if device_schedule:
+                hyper = _constants((0.0, beta1, beta2, eps, weight_decay, 0.0, 0.0, number), p.device)
+                lr_ptr, step_ptr = lr.reshape(1), step.reshape(1)
+            else:
+                hyper = torch.tensor([lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2_sqrt, number],
+                                     dtype=torch.float64)
+                if p.device.type != "cpu":
+                    # from pinned memory the copy is asynchronous; from pageable memory it would make the host
+                    # wait for every kernel queued before it, leaving the device idle once per call
+                    hyper = hyper.pin_memory().to(p.device, non_blocking=True)
+                lr_ptr = step_ptr = hyper
             scale = grad_scale.reshape(1) if isinstance(grad_scale, torch.Tensor) else hyper[7:]
-        _adamw_kernel[(triton.cdiv(n, block),)](p, g, m, v, master, hyper, scale, n, HAS_MASTER=bool(masters),
+        _adamw_kernel[(triton.cdiv(n, block),)](p, g, m, v, master, hyper, lr_ptr, step_ptr, scale, n,
+                                                HAS_MASTER=bool(masters), DEVICE_SCHEDULE=device_schedule,
                                                 ACC=acc_type(master.dtype), BLOCK=block, num_warps=4)
     return list(params), list(exp_avgs), list(exp_avg_sqs), masters

@@ -1,0 +1,79 @@
+"""One training step as one device graph (``graph_step: true``).
+
+A step of `openseek-small` launches a few thousand kernels; on a GPU that is fast enough to finish
+them sooner than Python can queue them, the device waits for the host. `GraphedStep` runs the step
+eagerly once (the warm-up: Triton compiles its kernels, the backend times its op choices), captures
+the next one into a `DeviceGraph` and from then on replays it: one launch per step.
+
+What makes a step replayable, and how the trainer provides it:
+
+- Its inputs live at fixed addresses: the batch is copied into static device tensors before each
+  call, and the optimizer reads the learning rate and the step number from a `DeviceSchedule`
+  written before each call (a fill, not a copy from host memory).
+- It never reads a device value on the host (a capture fails if it does; tests/host_reads.py
+  checks the forward and backward on the CPU).
+- Everything it does on the host is the same every step: the capture records the kernels of one
+  pass through the Python code, and the replays repeat exactly those. The Python-side state the
+  step changes (the optimizer's step count) is advanced here for each replay.
+- Its outputs (loss, gradient norm) are overwritten by every replay, so each call returns copies.
+
+Warm-up, capture and replays all run on the graph's own stream, which the caller enters for the
+whole loop (`stream`), so the caching allocator and the libraries' per-stream workspaces are the ones
+the capture sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..device import DeviceGraph
+from .zero import DeviceSchedule, DistributedOptimizer
+
+StepOutputs = tuple[torch.Tensor | None, ...]
+
+
+class GraphedStep:
+    """``step(host_inputs, lr)``: the first call runs ``body`` eagerly, the second captures and replays it,
+    later calls replay. ``body(device_inputs)`` runs one training step on the static device inputs,
+    with the optimizer reading ``schedule``, and returns device tensors (or None)."""
+
+    def __init__(self, graph: DeviceGraph, body: Callable[[list[tuple[torch.Tensor, ...]]], StepOutputs],
+                 optimizer: DistributedOptimizer, schedule: DeviceSchedule, device: torch.device):
+        self.graph, self.body, self.optimizer, self.schedule = graph, body, optimizer, schedule
+        self.device = device
+        self.calls = 0
+        self._inputs: list[tuple[torch.Tensor, ...]] | None = None
+        self._outputs: StepOutputs | None = None
+
+    def stream(self) -> Any:
+        """The context every step (and anything else queued between steps) runs under."""
+        return self.graph.stream()
+
+    @property
+    def captured(self) -> bool:
+        return self._outputs is not None
+
+    def __call__(self, host_inputs: Sequence[tuple[torch.Tensor, ...]], lr: float) -> StepOutputs:
+        if self._inputs is None:
+            self._inputs = [tuple(torch.empty_like(t, device=self.device) for t in group) for group in host_inputs]
+        for static, group in zip(self._inputs, host_inputs, strict=True):
+            for dst, src in zip(static, group, strict=True):
+                if dst.shape != src.shape:
+                    raise ValueError(f"a captured step takes inputs of shape {tuple(dst.shape)}, "
+                                     f"got {tuple(src.shape)}")
+                dst.copy_(src, non_blocking=True)
+        # the update about to run is the optimizer's next step (its count advances in `update`, or below)
+        self.schedule.set(lr, self.optimizer.step_count + 1)
+        self.calls += 1
+        if self.calls == 1:  # warm-up, eagerly
+            return self.body(self._inputs)
+        if self._outputs is None:
+            with self.graph.capture():  # records; runs nothing (the Python code runs once, here)
+                self._outputs = self.body(self._inputs)
+        else:
+            self.optimizer.step_count += 1  # the replay's update, which ran no Python
+        self.graph.replay()
+        return tuple(o.clone() if o is not None else None for o in self._outputs)

@@ -1,0 +1,169 @@
+"""`graph_step: true`: the step captured once and replayed, checked on the CPU with an emulated device graph
+(tests/graph_emulator.py: CUDA graphs' semantics, aten operators for kernels)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from graph_emulator import RecordingGraph
+from rich.console import Console
+
+from openseek_hal.backends.cpu import CPUBackend
+from openseek_hal.device import Device
+from openseek_hal.errors import ConfigError
+from openseek_hal.train import trainer as trainer_module
+from openseek_hal.train.checkpoint import resolve_checkpoint
+from openseek_hal.train.config import load_config
+from openseek_hal.train.trainer import train
+from openseek_hal.train.zero import DeviceSchedule, DistributedOptimizer
+
+# fp64 weights (a verification run): the captured step reads lr and the step number from the device, where
+# the bias corrections 1 - beta**step are computed again (torch.pow instead of Python's **, each within an ulp
+# of float64); everything else runs the same operators in the same order. Differences start at ~1e-16
+# relative and a few steps cannot grow them past 1e-12; a replay that used the capture's numbers (its lr,
+# its step) or skipped an operator differs at the size of one step's update (> 1e-4 here).
+TINY = {"global_batch_size": 4, "seq_len": 16, "lr": 2e-2, "warmup_steps": 4, "tokenizer_vocab_size": 300,
+        "sample_tokens": 4, "eval_batches": 1, "log_every": 3, "model.num_hidden_layers": 2, "dtype": "fp64",
+        "steps": 7, "grad_clip": 0.5}
+RTOL = 1e-12
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENSEEK_HAL_CACHE", str(tmp_path / "cache"))
+
+
+def _run(tmp_path, name, **kw):
+    out = Console(file=open(tmp_path / f"{name}.log", "w"))  # noqa: SIM115
+    return train(load_config(None, {**TINY, "out": str(tmp_path / name), **kw}), console=out)
+
+
+def _grouped_linear_without_reads(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """`grouped_linear` with no host read (the reference splits by ``counts.tolist()``): every row times every
+    expert's matrix, masked by the row's group (rows past ``counts``' sum: zero, as in the reference)."""
+    ends = counts.cumsum(0)
+    group = (torch.arange(x.shape[0])[:, None] >= ends[None, :]).sum(1)
+    return sum((group == e).unsqueeze(1).to(x.dtype) * (x @ w.T) for e, w in enumerate(weight.unbind(0)))
+
+
+@pytest.fixture
+def graphs(monkeypatch) -> list[RecordingGraph]:
+    """Give the cpu backend (emulated) device graphs; the list collects the graphs the trainer makes. Its
+    `grouped_linear` (for the eager runs too) reads nothing on the host, as the GPU backends' grouped GEMMs."""
+    made: list[RecordingGraph] = []
+    capabilities, op = CPUBackend.capabilities, CPUBackend.op
+    monkeypatch.setattr(CPUBackend, "capabilities", lambda self: dataclasses.replace(capabilities(self), graphs=True))
+    monkeypatch.setattr(CPUBackend, "op", lambda self, name: _grouped_linear_without_reads
+                        if name == "grouped_linear" else op(self, name))
+    monkeypatch.setattr(Device, "graph", lambda self: made.append(RecordingGraph()) or made[-1])
+    return made
+
+
+def _weights(tmp_path, name) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(resolve_checkpoint(tmp_path / name) / "rank_00000.safetensors")
+
+
+def _close(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= RTOL * abs(y) for x, y in zip(a, b))
+
+
+def test_replayed_steps_equal_eager_ones(tmp_path, graphs):
+    eager = _run(tmp_path, "eager")
+    replayed = _run(tmp_path, "graph", graph_step=True)
+    assert len(graphs) == 1 and graphs[0].replays == TINY["steps"] - 1  # warm-up eager, then capture + replays
+    assert len(set(eager.losses)) == len(eager.losses)  # every step moved the weights (lr warms up, clipping on)
+    assert _close(replayed.losses, eager.losses), (replayed.losses, eager.losses)
+    a, b = _weights(tmp_path, "graph"), _weights(tmp_path, "eager")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=RTOL, atol=RTOL * b[k].abs().max().item()), k
+    assert abs(replayed.val_loss - eager.val_loss) <= RTOL * abs(eager.val_loss)
+
+
+def test_accumulated_micro_batches_replay_too(tmp_path, graphs):
+    eager = _run(tmp_path, "eager", micro_batch_size=2, steps=5)
+    replayed = _run(tmp_path, "graph", micro_batch_size=2, steps=5, graph_step=True)
+    assert graphs[0].replays == 4
+    assert _close(replayed.losses, eager.losses), (replayed.losses, eager.losses)
+
+
+def test_a_number_baked_into_the_capture_is_caught(tmp_path, graphs, monkeypatch):
+    """The emulation is not blind: an update that takes lr and the step as numbers (the eager path) inside
+    the capture replays the capture's values, and the losses leave the eager run's."""
+    eager = _run(tmp_path, "eager")
+    update, set_schedule = DistributedOptimizer.update, DeviceSchedule.set
+
+    def remember(self, lr, step):
+        self.numbers = (lr, step)
+        set_schedule(self, lr, step)
+
+    monkeypatch.setattr(DeviceSchedule, "set", remember)
+    monkeypatch.setattr(DistributedOptimizer, "update",  # the step's lr as a number: right when the Python runs
+                        lambda self, lr, clip, schedule=None: update(self, schedule.numbers[0], clip))
+    baked = _run(tmp_path, "graph", graph_step=True)
+    assert baked.losses[:3] == pytest.approx(eager.losses[:3], rel=RTOL)  # warm-up, capture: still right
+    assert max(abs(x - y) / abs(y) for x, y in zip(baked.losses, eager.losses)) > 1e-4
+
+
+@pytest.mark.parametrize("read", [lambda x: x.sum().item(), lambda x: x.tolist(), lambda x: x.nonzero()])
+def test_a_host_read_inside_the_capture_fails(read):
+    with pytest.raises(RuntimeError, match="reads a device value on the host"), RecordingGraph().capture():
+        read(torch.ones(3) * 2)
+
+
+def test_the_reference_grouped_linear_would_fail_a_capture(tmp_path, monkeypatch):
+    """Why the fixture swaps `grouped_linear`: the cpu backend's reference reads the split sizes."""
+    capabilities = CPUBackend.capabilities
+    monkeypatch.setattr(CPUBackend, "capabilities", lambda self: dataclasses.replace(capabilities(self), graphs=True))
+    monkeypatch.setattr(Device, "graph", lambda self: RecordingGraph())
+    with pytest.raises(RuntimeError, match="Tensor.tolist reads a device value"):
+        _run(tmp_path, "graph", steps=3, graph_step=True)
+
+
+def test_the_grouped_linear_without_reads_is_the_reference():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(11, 5, generator=gen, dtype=torch.float64)
+    w = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
+    counts = torch.tensor([4, 0, 5])
+    from openseek_hal.ops.grouped import grouped_linear
+
+    assert torch.allclose(_grouped_linear_without_reads(x, w, counts), grouped_linear(x, w, counts), rtol=1e-14)
+
+
+def test_capture_runs_nothing_and_replay_runs_it(tmp_path):
+    graph = RecordingGraph()
+    w = torch.zeros(3)
+    with graph.capture():
+        w.add_(torch.ones(3))
+    assert w.tolist() == [0.0, 0.0, 0.0]
+    graph.replay()
+    graph.replay()
+    assert w.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_without_device_graphs_the_step_runs_eagerly_with_a_notice(tmp_path):
+    eager = _run(tmp_path, "eager", steps=3)
+    fallback = _run(tmp_path, "fallback", steps=3, graph_step=True)
+    assert fallback.losses == eager.losses
+    assert "has no device graphs; running eagerly" in (tmp_path / "fallback.log").read_text()
+
+
+@pytest.mark.parametrize("key", ["fp8", "optimizer_overlap"])
+def test_graph_step_refuses_what_a_capture_cannot_hold(key):
+    with pytest.raises(ConfigError, match=f"graph_step does not run with {key}"):
+        load_config(None, {**TINY, "graph_step": True, key: True})
+
+
+def test_graph_step_refuses_more_than_one_rank(tmp_path, graphs, monkeypatch):
+    class TwoRanks:  # only what `_graphed_step` asks of the layout
+        world_size = 2
+
+    t = trainer_module._Run.__new__(trainer_module._Run)
+    t.cfg = load_config(None, {**TINY, "graph_step": True})
+    t.layout = TwoRanks()
+    with pytest.raises(ConfigError, match="graph_step runs on one rank; this job has 2"):
+        t._graphed_step(None)
