@@ -83,6 +83,9 @@ ROWS = {
                                   "expert_dispatch=allgather", "compile=true"]),
     "ep2-mtp": (2, ["expert_parallel=2"]),
     "1gpu-compile": (1, ["model.num_nextn_predict_layers=0", "compile=true"]),
+    "1gpu-graph": (1, ["model.num_nextn_predict_layers=0", "graph_step=true"]),
+    "1gpu-graph-compile": (1, ["model.num_nextn_predict_layers=0", "graph_step=true", "compile=true"]),
+    "1gpu-graph-mtp": (1, ["graph_step=true"]),
     "ep2-compile": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2", "compile=true"]),
     # steps 10-11 under torch.profiler (run-<row>/profile/): where the time goes, not a throughput row
     "1gpu-profile": (1, ["model.num_nextn_predict_layers=0", "profile_step=10"]),
@@ -155,7 +158,8 @@ def main() -> None:
         (args.out / "train_bench.json").write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
     base = next((r.get("tokens_per_s") for r in rows if r["row"] == "1gpu"), None)
     print(f"\n{'row':<20} {'GPUs':>4} {'tok/s':>10} {'x 1gpu':>7} {'MFU/dev':>8} {'peak MiB':>9} "
-          f"{'fwd':>6} {'bwd':>6} {'gsync':>6} {'opt':>6} {'opt side':>8} {'wsync':>6} {'a2a/layer':>9} {'hidden':>6} "
+          f"{'step':>6} {'fwd':>6} {'bwd':>6} {'gsync':>6} {'opt':>6} {'opt side':>8} {'wsync':>6} "
+          f"{'a2a/layer':>9} {'hidden':>6} "
           f"{'last loss':>10}")
     for r in rows:
         if r["rc"]:
@@ -164,11 +168,20 @@ def main() -> None:
         speedup = r["tokens_per_s"] / base if base else float("nan")
         print(f"{r['row']:<20} {r['gpus']:>4} {r['tokens_per_s']:>10,.0f} {speedup:>7.2f} "
               f"{100 * r.get('mfu', float('nan')):>7.1f}% {r.get('peak_memory_mib', 0):>9,.0f} "
-              f"{r.get('forward_ms', 0):>6.1f} {r.get('backward_ms', 0):>6.1f} {r.get('grad_sync_ms', 0):>6.1f} "
+              f"{step_ms(r):>6.1f} {r.get('forward_ms', 0):>6.1f} {r.get('backward_ms', 0):>6.1f} "
+              f"{r.get('grad_sync_ms', 0):>6.1f} "
               f"{r.get('optimizer_ms', 0):>6.1f} {r.get('optimizer_overlapped_ms', 0):>8.1f} "
               f"{r.get('weight_sync_ms', 0):>6.1f} "
               f"{r.get('a2a_ms_per_layer', float('nan')):>9.2f} {r.get('a2a_hidden_fraction', float('nan')):>6.2f} "
               f"{r.get('loss', float('nan')):>10.6f}")
+
+
+def step_ms(row: dict) -> float:
+    """Device time of a step: a captured step's (graph_step) as timed, else the sum of the phases on the
+    compute stream."""
+    if row.get("step_ms"):
+        return row["step_ms"]
+    return sum(row.get(f"{k}_ms", 0.0) for k in ("forward", "backward", "grad_sync", "optimizer", "weight_sync"))
 
 
 if __name__ == "__main__":
