@@ -69,7 +69,8 @@ _REQUIRED = inspect.Parameter.empty
 @dataclass(frozen=True)
 class ArgSchema:
     """One argument of an op: its name, type (``Tensor``, ``Tensor[]`` for a list, ``| None`` when it
-    may be absent, ``int``, ``float``, ``bool``, ``str``), default, and whether it is keyword-only."""
+    may be absent, ``int``, ``float``, ``bool``, ``str``; ``float | Tensor`` / ``int | Tensor``: a number
+    or a 0-d device tensor), default, and whether it is keyword-only."""
 
     name: str
     type: str
