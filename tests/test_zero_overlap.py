@@ -1,4 +1,5 @@
-"""The distributed optimizer's side-stream update (``overlap_update``), checked on the CPU.
+"""The distributed optimizer's side streams (the ``overlap_update`` update; the gradient norm's per-bucket
+sums during backward), checked on the CPU.
 
 The CPU has one stream, so the real path never runs here. These tests give the optimizer a recording
 stand-in for a device's stream and events and check the protocol the GPU relies on: the side stream
@@ -51,7 +52,7 @@ class _Stream:
         event.wait(self)
 
     def __enter__(self) -> _Stream:
-        self.log.current = "side"
+        self.log.current = self.name
         return self
 
     def __exit__(self, *exc) -> None:
@@ -171,3 +172,54 @@ def test_cpu_ignores_the_overlap():
     assert opt._side is None
     _train(model, opt, 1)
     assert opt.update_span is None
+
+
+class _NormStream(_Stream):
+    name = "norm"
+
+
+def test_bucket_norms_run_beside_backward_and_the_update_waits_for_them(monkeypatch):
+    """Each complete bucket's sum of squares runs on the norm stream after an event the compute stream
+    recorded when the bucket completed; the compute stream waits for every one of them before the first
+    update. The sums are the serial ones, so the weights are bitwise a run without the stream's."""
+    from openseek_hal.train import zero
+
+    serial_model, model = _model(), _model()
+    serial = _optimizer(serial_model, None)
+    log = _Log()
+    opt = _optimizer(model, None)
+    opt._norm_side, opt._device = _NormStream(log), _Device(log)
+    squares = zero._sum_of_squares
+
+    def logged_squares(tensors, acc):
+        log.entries.append(("squares", log.current))
+        return squares(tensors, acc)
+
+    monkeypatch.setattr(zero, "_sum_of_squares", logged_squares)
+    adamw = opt._adamw
+
+    def logged(params, *args, **kw):
+        log.entries.append(("adamw", log.current))
+        return adamw(params, *args, **kw)
+
+    opt._adamw = logged
+    _train(serial_model, serial, 3)
+    log.entries.clear()
+    _train(model, opt, 3, log)
+    for p, q in zip(serial_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    entries = log.entries
+    starts = [i for i, e in enumerate(entries) if e[0] == "step"] + [len(entries)]
+    for a, b in zip(starts, starts[1:]):
+        part = entries[a:b]
+        sums = [i for i, e in enumerate(part) if e[0] == "squares"]
+        assert len(sums) == len(opt.buckets) and all(part[i][1] == "norm" for i in sums)
+        first_update = next(i for i, e in enumerate(part) if e[0] == "adamw")
+        assert all(e[1] == "main" for e in part if e[0] == "adamw")
+        assert max(sums) < part.index(("norm",))  # all during backward, before `update`
+        for i in sums:
+            waited = part[i - 1]  # the norm stream waited for the compute stream's event just before
+            assert waited[0] == "wait" and waited[2] == "norm" and ("record", waited[1], "main") in part[:i - 1]
+            done = part[i + 1]
+            assert done[0] == "record" and done[2] == "norm"
+            assert ("wait", done[1], "main") in part[i + 1:first_update]

@@ -106,6 +106,10 @@ class Bucket:
     master: torch.Tensor | None = field(default=None, repr=False)
     exp_avg: torch.Tensor | None = field(default=None, repr=False)
     exp_avg_sq: torch.Tensor | None = field(default=None, repr=False)
+    # a bucket without a gradient buffer: its gradients' sum of squares, taken as soon as the bucket is
+    # complete (on accelerators on a side stream, beside the rest of backward), and that work's event
+    squares: torch.Tensor | None = field(default=None, repr=False)
+    squares_done: Any = None
 
     @property
     def direct(self) -> bool:
@@ -206,6 +210,8 @@ class DistributedOptimizer:
         device = backend.device
         self._device = device
         self._side = device.stream() if overlap_update and device.type != "cpu" else None
+        # the gradient norm's partial sums of complete buckets run here during backward (accelerators)
+        self._norm_side = device.stream() if device.type != "cpu" else None
         self.update_span: tuple[Any, Any] | None = None  # timing events around the side stream's update
         self.buckets: list[Bucket] = []
         for space, (comm, named) in spaces.items():
@@ -325,6 +331,7 @@ class DistributedOptimizer:
             b.work = None
             b.reduced = b.send = b.received = None
             b.grads = {}
+            b.squares = b.squares_done = None
 
     @property
     def _scale(self) -> float:
@@ -341,6 +348,8 @@ class DistributedOptimizer:
             self._next_launch += 1
 
     def _launch(self, b: Bucket) -> None:
+        if b.direct:
+            self._bucket_squares(b)
         if not self._communicates(b):
             return
         if self.exchange == "all_to_all":  # block j of the buffer to rank j; summed when it has arrived
@@ -373,14 +382,39 @@ class DistributedOptimizer:
                 b.received = None
             b.send = None
 
+    def _bucket_squares(self, b: Bucket) -> None:
+        """The complete bucket's share of the gradient norm, beside the rest of backward where there is a
+        side stream (its gradients stay alive until `update`, which waits for this first)."""
+        acc = torch.promote_types(self.master_dtype, torch.float32)
+        grads = list(b.grads.values())
+        if self._norm_side is None:
+            b.squares = _sum_of_squares(grads, acc)
+            return
+        ready = self._device.event()
+        ready.record()
+        self._norm_side.wait_event(ready)
+        with self._norm_side:
+            b.squares = _sum_of_squares(grads, acc)
+            b.squares_done = self._device.event()
+            b.squares_done.record(self._norm_side)
+
     # -- the update ----------------------------------------------------------------------------
     def grad_norm(self) -> torch.Tensor:
-        """The global L2 norm of the averaged gradient (each element counted once over all ranks), on the device."""
+        """The global L2 norm of the averaged gradient (each element counted once over all ranks), on the device:
+        one partial sum of squares per bucket (a bucket without a gradient buffer has its own from backward),
+        added in bucket order."""
         acc = torch.promote_types(self.master_dtype, torch.float32)
         if not self.buckets:
             return torch.zeros((), dtype=acc)
-        grads = [g for b in self.buckets for g in (b.grads.values() if b.direct else [b.step_grad])]
-        squares = _sum_of_squares(grads, acc)
+        parts = []
+        for b in self.buckets:
+            if b.squares is None:  # a reduced shard (or a bucket finished without `_launch`)
+                parts.append(_sum_of_squares(list(b.grads.values()) if b.direct else [b.step_grad], acc))
+                continue
+            if b.squares_done is not None:
+                b.squares_done.wait()
+            parts.append(b.squares)
+        squares = torch.stack(parts).sum()
         if self.world is not None and self.world.world_size > 1:
             squares = squares.reshape(1).to(torch.float64)
             self.world.all_reduce(squares, op="sum")
