@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..device import DeviceGraph
+from ..errors import RunError
 from .zero import DeviceSchedule, DistributedOptimizer
 
 StepOutputs = tuple[torch.Tensor | None, ...]
@@ -71,8 +72,13 @@ class GraphedStep:
         if self.calls == 1:  # warm-up, eagerly
             return self.body(self._inputs)
         if self._outputs is None:
-            with self.graph.capture():  # records; runs nothing (the Python code runs once, here)
-                self._outputs = self.body(self._inputs)
+            try:
+                with self.graph.capture():  # records; runs nothing (the Python code runs once, here)
+                    self._outputs = self.body(self._inputs)
+            except RuntimeError as e:
+                raise RunError(f"graph_step: the training step could not be captured ({str(e).splitlines()[0]}); "
+                               "something in it reads a device value on the host or copies from pageable "
+                               "memory. Run without graph_step") from e
         else:
             self.optimizer.step_count += 1  # the replay's update, which ran no Python
         self.graph.replay()
