@@ -167,3 +167,19 @@ def test_graph_step_refuses_more_than_one_rank(tmp_path, graphs, monkeypatch):
     t.layout = TwoRanks()
     with pytest.raises(ConfigError, match="graph_step runs on one rank; this job has 2"):
         t._graphed_step(None)
+
+
+def test_a_graphed_run_resumes_from_its_checkpoint(tmp_path, graphs):
+    """Checkpoints written between replays hold the replayed weights: a graphed run resumed from step 4
+    continues as the uninterrupted one (its first step after the resume is again an eager warm-up)."""
+    straight = _run(tmp_path, "straight", graph_step=True, save_every=4)
+    ckpt = tmp_path / "straight" / "checkpoints" / "step_000004"
+    resumed = train(load_config(None, {**TINY, "out": str(tmp_path / "resumed"), "graph_step": True}), resume=ckpt,
+                    console=Console(file=open(tmp_path / "resumed.log", "w")))  # noqa: SIM115
+    assert _close(resumed.losses, straight.losses), (resumed.losses, straight.losses)
+
+
+def test_recomputed_blocks_replay_too(tmp_path, graphs):
+    eager = _run(tmp_path, "eager", recompute=True, steps=5)
+    replayed = _run(tmp_path, "graph", recompute=True, steps=5, graph_step=True)
+    assert _close(replayed.losses, eager.losses), (replayed.losses, eager.losses)
