@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -82,6 +83,11 @@ def test_replayed_steps_equal_eager_ones(tmp_path, graphs):
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=RTOL, atol=RTOL * b[k].abs().max().item()), k
     assert abs(replayed.val_loss - eager.val_loss) <= RTOL * abs(eager.val_loss)
+    # the captured step's device time, with no phase breakdown; tokens/s left out the capture step too
+    logged = [json.loads(line) for line in (tmp_path / "graph" / "metrics.jsonl").read_text().splitlines()]
+    logged = [row for row in logged if "loss" in row]
+    assert logged and all(row["step_ms"] > 0 and "forward_ms" not in row for row in logged)
+    assert replayed.extra["phases_ms"].keys() == {"step"}
 
 
 def test_accumulated_micro_batches_replay_too(tmp_path, graphs):

@@ -383,7 +383,8 @@ class _Run:
         autocast = _autocast(self.backend, cfg)
         tokens_per_step = cfg.global_batch_size * cfg.seq_len
         timed_tokens, timed_seconds = 0, 0.0
-        phases = _PhaseTimer(self.backend)
+        graphed = self._graphed_step(autocast)
+        phases = _PhaseTimer(self.backend, graphed=graphed is not None)
         profiler = StepProfiler(self.out, layout.rank, self.backend.device, cfg.profile_step) \
             if cfg.profile_step else None
         self.model.train()
@@ -399,7 +400,6 @@ class _Run:
         per_rank = cfg.global_batch_size // self.dp
         first = layout.rank * per_rank
         ckpt_path = self.out / "checkpoints" / f"step_{cfg.steps:06d}"
-        graphed = self._graphed_step(autocast)
         # the first step pays for warm-up (allocator, kernel compilation, timed op choices); a graphed run's
         # second step for the capture
         timed_from = self.start_step + (2 if graphed is not None else 1)
@@ -605,7 +605,7 @@ class _PhaseTimer:
     # "step": a captured step (graph_step), which has no finer breakdown
     PHASES = ("forward", "backward", "grad_sync", "optimizer", "weight_sync", "optimizer_overlapped", "step")
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, graphed: bool = False):
         self._device = backend.device
         self._marks: list[tuple[str, Any]] = []
         self._spans: list[tuple[str, Any, Any]] = []
@@ -614,8 +614,8 @@ class _PhaseTimer:
         self._steps = 0
         self._window = dict.fromkeys(self.PHASES, 0.0)
         self._window_steps = 0
-        # reported: the eager phases always (as before), a captured step's once one was timed
-        self._seen = set(self.PHASES) - {"step"}
+        # reported: the eager phases always, or (``graphed``) the captured step's, which has no others
+        self._seen = {"step"} if graphed else set(self.PHASES) - {"step"}
 
     def mark(self, phase: str) -> None:
         event = self._device.event(enable_timing=True)
