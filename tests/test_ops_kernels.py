@@ -305,3 +305,26 @@ def test_round_to_float32_matches_torch_and_compiles_to_a_constant():
     hi, lo = split_float(1e-6)
     assert hi + lo == 1e-6 or abs(hi + lo - 1e-6) < 1e-6 * 2 ** -45
     assert torch.compile(lambda: split_float(1e-6), fullgraph=True, backend="eager")() == (hi, lo)
+
+
+@pytest.mark.parametrize("step", [1, 2, 7, 1000, 123457])
+def test_adamw_kernel_reads_lr_and_step_from_the_device_as_the_numbers_give_them(step):
+    """The device-schedule form computes ``beta**step`` in float64 by squaring (<= 2*log2(step) roundings,
+    ~1e-15 relative) where the number form takes Python's ``**``; both reach float32 arithmetic as the
+    same values except within ~1e-15 of a float32 rounding boundary, so the updates agree to one rounding
+    of each stored dtype at every step count, and a wrong exponent or a swapped beta would miss by far
+    more."""
+    adamw = KERNELS["adamw"]
+    gen = torch.Generator().manual_seed(step)
+    masters = [torch.randn(700, generator=gen)]
+    state = [[m.to(torch.bfloat16) for m in masters], [torch.randn(700, generator=gen).to(torch.bfloat16)],
+             [torch.randn(700, generator=gen) * 0.1], [torch.rand(700, generator=gen) * 0.01], masters]
+    a, b = ([[t.clone() for t in group] for group in state] for _ in range(2))
+    hyper = dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_scale=torch.tensor([0.5]))
+    adamw(*a[:4], lr=3e-3, step=step, master_params=a[4], **hyper)
+    adamw(*b[:4], lr=torch.tensor(3e-3, dtype=torch.float64), step=torch.tensor(float(step), dtype=torch.float64),
+          master_params=b[4], **hyper)
+    for x, y in zip(a, b, strict=True):  # one rounding of each stored dtype (bf16 weights, fp32 state)
+        assert torch.allclose(x[0].float(), y[0].float(), rtol=torch.finfo(x[0].dtype).eps, atol=0), step
+    with pytest.raises(ValueError, match="both numbers or both device tensors"):
+        adamw(*b[:4], lr=3e-3, step=torch.tensor(2.0, dtype=torch.float64), master_params=b[4], **hyper)
