@@ -53,11 +53,17 @@ def _grouped_linear_without_reads(x: torch.Tensor, weight: torch.Tensor, counts:
 def graphs(monkeypatch) -> list[RecordingGraph]:
     """Give the cpu backend (emulated) device graphs; the list collects the graphs the trainer makes. Its
     `grouped_linear` (for the eager runs too) reads nothing on the host, as the GPU backends' grouped GEMMs."""
-    made: list[RecordingGraph] = []
-    capabilities, op = CPUBackend.capabilities, CPUBackend.op
-    monkeypatch.setattr(CPUBackend, "capabilities", lambda self: dataclasses.replace(capabilities(self), graphs=True))
+    op = CPUBackend.op
     monkeypatch.setattr(CPUBackend, "op", lambda self, name: _grouped_linear_without_reads
                         if name == "grouped_linear" else op(self, name))
+    return _emulate_graphs(monkeypatch)
+
+
+def _emulate_graphs(monkeypatch) -> list[RecordingGraph]:
+    """The cpu backend declares device graphs, and `Device.graph()` makes `RecordingGraph`s (returned)."""
+    made: list[RecordingGraph] = []
+    capabilities = CPUBackend.capabilities
+    monkeypatch.setattr(CPUBackend, "capabilities", lambda self: dataclasses.replace(capabilities(self), graphs=True))
     monkeypatch.setattr(Device, "graph", lambda self: made.append(RecordingGraph()) or made[-1])
     return made
 
@@ -123,9 +129,7 @@ def test_a_host_read_inside_the_capture_fails(read):
 
 def test_the_reference_grouped_linear_would_fail_a_capture(tmp_path, monkeypatch):
     """Why the fixture swaps `grouped_linear`: the cpu backend's reference reads the split sizes."""
-    capabilities = CPUBackend.capabilities
-    monkeypatch.setattr(CPUBackend, "capabilities", lambda self: dataclasses.replace(capabilities(self), graphs=True))
-    monkeypatch.setattr(Device, "graph", lambda self: RecordingGraph())
+    _emulate_graphs(monkeypatch)
     with pytest.raises(RunError, match=r"graph_step: the training step could not be captured \(Tensor.tolist reads"):
         _run(tmp_path, "graph", steps=3, graph_step=True)
 

@@ -55,10 +55,6 @@ class GraphedStep:
         """The context every step (and anything else queued between steps) runs under."""
         return self.graph.stream()
 
-    @property
-    def captured(self) -> bool:
-        return self._outputs is not None
-
     def __call__(self, host_inputs: Sequence[tuple[torch.Tensor, ...]], lr: float) -> StepOutputs:
         if self._inputs is None:
             self._inputs = [tuple(torch.empty_like(t, device=self.device) for t in group) for group in host_inputs]

@@ -534,6 +534,7 @@ class _Run:
                                "running eagerly[/]")
             return None
         schedule = DeviceSchedule(self.device)
+        # the update reads lr from `schedule` (GraphedStep fills it before each step), not the number passed
         return GraphedStep(self.backend.device.graph(),
                            lambda inputs: self._step(inputs, 0.0, autocast, None, schedule),
                            self.optimizer, schedule, self.device)
@@ -614,8 +615,8 @@ class _PhaseTimer:
         self._steps = 0
         self._window = dict.fromkeys(self.PHASES, 0.0)
         self._window_steps = 0
-        # reported: the eager phases always, or (``graphed``) the captured step's, which has no others
-        self._seen = {"step"} if graphed else set(self.PHASES) - {"step"}
+        # reported: the eager phases, or (``graphed``) the captured step's, which has no others
+        self._reported = {"step"} if graphed else set(self.PHASES) - {"step"}
 
     def mark(self, phase: str) -> None:
         event = self._device.event(enable_timing=True)
@@ -640,7 +641,6 @@ class _PhaseTimer:
         for marks, spans in self._steps_pending:
             pairs = [(phase, start, end) for (_, start), (phase, end) in zip(marks, marks[1:])]
             for phase, start, end in pairs + spans:
-                self._seen.add(phase)
                 ms = start.elapsed_time(end)
                 self._sums[phase] += ms
                 self._window[phase] += ms
@@ -651,11 +651,11 @@ class _PhaseTimer:
     def mean_ms(self) -> dict[str, float]:
         """Mean per step since the last call (synchronizes with the device)."""
         self._flush()
-        out = {k: v / max(1, self._window_steps) for k, v in self._window.items() if k in self._seen}
+        out = {k: v / max(1, self._window_steps) for k, v in self._window.items() if k in self._reported}
         self._window = dict.fromkeys(self.PHASES, 0.0)
         self._window_steps = 0
         return out
 
     def totals_ms(self) -> dict[str, float]:
         self._flush()
-        return {k: v / max(1, self._steps) for k, v in self._sums.items() if k in self._seen}
+        return {k: v / max(1, self._steps) for k, v in self._sums.items() if k in self._reported}

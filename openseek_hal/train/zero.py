@@ -382,10 +382,15 @@ class DistributedOptimizer:
                 b.received = None
             b.send = None
 
+    @property
+    def _norm_dtype(self) -> torch.dtype:
+        """The dtype the gradient norm's sums of squares are taken in."""
+        return torch.promote_types(self.master_dtype, torch.float32)
+
     def _bucket_squares(self, b: Bucket) -> None:
         """The complete bucket's share of the gradient norm, beside the rest of backward where there is a
         side stream (its gradients stay alive until `update`, which waits for this first)."""
-        acc = torch.promote_types(self.master_dtype, torch.float32)
+        acc = self._norm_dtype
         grads = list(b.grads.values())
         if self._norm_side is None:
             b.squares = _sum_of_squares(grads, acc)
@@ -403,7 +408,7 @@ class DistributedOptimizer:
         """The global L2 norm of the averaged gradient (each element counted once over all ranks), on the device:
         one partial sum of squares per bucket (a bucket without a gradient buffer has its own from backward),
         added in bucket order."""
-        acc = torch.promote_types(self.master_dtype, torch.float32)
+        acc = self._norm_dtype
         if not self.buckets:
             return torch.zeros((), dtype=acc)
         parts = []

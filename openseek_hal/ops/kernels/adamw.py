@@ -71,6 +71,17 @@ def _adamw_kernel(P, G, M, V, MASTER, HYPER, LR, STEP, SCALE, n, HAS_MASTER: tl.
     tl.store(P + offs, p.to(P.dtype.element_ty), mask=mask)
 
 
+def _float64_on(values: Sequence[float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values`` as a float64 tensor on ``device``, with the host tensor it was copied from. From pinned
+    memory the copy is asynchronous; from pageable memory it would make the host wait for every kernel
+    queued before it, leaving the device idle once per call."""
+    host = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cpu":
+        return host, host
+    host = host.pin_memory()
+    return host, host.to(device, non_blocking=True)
+
+
 _CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (device, values) -> (pinned source, device copy)
 
 
@@ -79,10 +90,7 @@ def _constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     recorded into a device graph reads the same values on every replay."""
     key = (str(device), values)
     if key not in _CONSTANTS:
-        host = torch.tensor(values, dtype=torch.float64)
-        if device.type != "cpu":
-            host = host.pin_memory()
-        _CONSTANTS[key] = (host, host.to(device, non_blocking=True))
+        _CONSTANTS[key] = _float64_on(values, device)
     return _CONSTANTS[key][1]
 
 
@@ -114,12 +122,8 @@ def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avg
                 hyper = _constants((0.0, beta1, beta2, eps, weight_decay, 0.0, 0.0, number), p.device)
                 lr_ptr, step_ptr = lr.reshape(1), step.reshape(1)
             else:
-                hyper = torch.tensor([lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2_sqrt, number],
-                                     dtype=torch.float64)
-                if p.device.type != "cpu":
-                    # from pinned memory the copy is asynchronous; from pageable memory it would make the host
-                    # wait for every kernel queued before it, leaving the device idle once per call
-                    hyper = hyper.pin_memory().to(p.device, non_blocking=True)
+                _, hyper = _float64_on([lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2_sqrt, number],
+                                       p.device)
                 lr_ptr = step_ptr = hyper
             scale = grad_scale.reshape(1) if isinstance(grad_scale, torch.Tensor) else hyper[7:]
         _adamw_kernel[(triton.cdiv(n, block),)](p, g, m, v, master, hyper, lr_ptr, step_ptr, scale, n,
