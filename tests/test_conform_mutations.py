@@ -108,6 +108,29 @@ def _with(name: str, **changes: Any) -> Callable[..., Any]:
     return fn
 
 
+def _adamw_remainders_ignored(*args, **kwargs):
+    """Masters kept as remainders updated as if the bf16 weights were the whole master."""
+    remainders = kwargs.pop("param_remainders", None)
+    out = _ref("adamw")(*args, **kwargs)
+    if remainders is None:
+        return out
+    return out[0], out[1], out[2], [torch.zeros_like(r) for r in remainders]
+
+
+def _adamw_remainders_rounded_to_even(*args, **kwargs):
+    """The weight rounded to nearest even and the remainder taken from it: an exact half rounded down
+    needs +2**15, which wraps in int16 (the master then moves by one bf16 unit)."""
+    remainders = kwargs.get("param_remainders")
+    out = _ref("adamw")(*args, **kwargs)
+    if remainders is None:
+        return out
+    masters = [ops.optim.join_master(w, r) for w, r in zip(out[0], out[3])]
+    weights = [m.to(torch.bfloat16) for m in masters]
+    rests = [(m.view(torch.int32) - (w.view(torch.int16).to(torch.int32) << 16)).to(torch.int16)
+             for m, w in zip(masters, weights)]
+    return [w.to(p.dtype) for w, p in zip(weights, out[0])], out[1], out[2], rests
+
+
 def _ce_mean_over_all_rows(logits, target, ignore_index=-100, reduction="mean", z_loss=0.0, inplace_backward=False):
     total = ops.get("cross_entropy").reference(logits, target, ignore_index, "sum", z_loss)
     return total if reduction == "sum" else total / max(1, target.numel())
@@ -294,7 +317,9 @@ SPECIFIC: dict[str, dict[str, Callable[..., Any]]] = {
     "grouped_linear": {"boundary_off_by_one": _counts_off_by_one},
     "adamw": {"weight_decay_ignored": _with("adamw", weight_decay=0.0),
               "grad_scale_ignored": _with("adamw", grad_scale=None),
-              "no_bias_correction": _with("adamw", step=lambda s: 10**6)},
+              "no_bias_correction": _with("adamw", step=lambda s: 10**6),
+              "remainders_ignored": _adamw_remainders_ignored,
+              "remainders_rounded_to_even": _adamw_remainders_rounded_to_even},
     "fp8_quantize": {"one_tile_scale_doubled": _quantize_first_scale_doubled,
                      "ties_away_from_zero": _quantize_ties_away_from_zero,
                      "tile_kind_ignored": _with("fp8_quantize", tile=lambda t: "1x128")},

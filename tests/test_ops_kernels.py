@@ -328,3 +328,65 @@ def test_adamw_kernel_reads_lr_and_step_from_the_device_as_the_numbers_give_them
         assert torch.allclose(x[0].float(), y[0].float(), rtol=torch.finfo(x[0].dtype).eps, atol=0), step
     with pytest.raises(ValueError, match="both numbers or both device tensors"):
         adamw(*b[:4], lr=3e-3, step=torch.tensor(2.0, dtype=torch.float64), master_params=b[4], **hyper)
+
+
+def _masters_at_the_edges(gen: torch.Generator) -> torch.Tensor:
+    """fp32 masters over many binades, plus every kind of edge of the bf16-plus-remainder encoding: exact
+    halves between two bf16 numbers (even and odd upper halves, both signs), the largest remainders either
+    way, powers of two and the numbers just below them, zero, subnormals."""
+    spread = torch.randn(3000, generator=gen) * torch.exp2(torch.randint(-60, 60, (3000,), generator=gen).float())
+    uppers = torch.cat([torch.arange(0, 300), torch.arange(0x3F70, 0x3F90), torch.arange(0x7F70, 0x7F7F)])
+    halves = (uppers << 16 | 0x8000).to(torch.int64)  # an exact half above upper halves of either parity
+    halves = torch.cat([halves, halves | 2**31, halves - 1, halves + 1]).to(torch.int32)  # both signs, near
+    edges = torch.tensor([1.0, 1.0 - 2**-24, 2.0 - 2**-23, 2**-130, 2**-149, 65504.0, 3.0e38])
+    return torch.cat([spread, halves.view(torch.float32), edges, -edges, torch.zeros(1)])  # (-0 - 0 is +0)
+
+
+def test_adamw_kernel_remainder_form_with_lr_zero_splits_masters_exactly_as_the_reference():
+    """With lr 0 the update leaves every master as it was, so the kernel's join and split must give back the
+    very bits `split_master` gives, ties included: one upper half off, or a remainder one unit off, fails."""
+    from openseek_hal.ops.optim import split_master
+
+    masters = _masters_at_the_edges(torch.Generator().manual_seed(0))
+    weights, remainders = split_master(masters)
+    n = masters.numel()
+    adamw = KERNELS["adamw"]
+    p, r = [weights.clone()], [remainders.clone()]
+    adamw(p, [torch.randn(n).to(torch.bfloat16)], [torch.zeros(n)], [torch.zeros(n)], lr=0.0, beta1=0.9,
+          beta2=0.95, eps=1e-8, weight_decay=0.1, step=3, param_remainders=r)
+    assert torch.equal(p[0].view(torch.int16), weights.view(torch.int16))
+    assert torch.equal(r[0], remainders)
+
+
+@pytest.mark.parametrize("device_schedule", [False, True])
+def test_adamw_kernel_remainder_form_updates_the_master_as_the_full_fp32_master_does(device_schedule):
+    """The same arithmetic on the same fp32 master: the decoded masters and the moments are bitwise those of
+    the ``master_params`` form, and each weight is its master rounded to nearest (halves away from zero)."""
+    from openseek_hal.ops.optim import join_master, split_master
+
+    gen = torch.Generator().manual_seed(1)
+    masters = _masters_at_the_edges(gen)
+    masters = torch.where(masters.abs() > 1e30, torch.ones_like(masters), masters)  # no overflow in the update
+    n = masters.numel()
+    grads = torch.randn(n, generator=gen).to(torch.bfloat16)
+    m, v = torch.randn(n, generator=gen) * 0.1, torch.rand(n, generator=gen) * 0.01
+    weights, remainders = split_master(masters)
+    hyper = dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_scale=torch.tensor([0.5]))
+    if device_schedule:
+        hyper.update(lr=torch.tensor(3e-3, dtype=torch.float64), step=torch.tensor(5.0, dtype=torch.float64))
+    else:
+        hyper.update(lr=3e-3, step=5)
+    adamw = KERNELS["adamw"]
+    full = [[masters.to(torch.bfloat16)], [grads], [m.clone()], [v.clone()], [masters.clone()]]
+    adamw(*full[:4], master_params=full[4], **hyper)
+    split = [[weights.clone()], [grads], [m.clone()], [v.clone()], [remainders.clone()]]
+    adamw(*split[:4], param_remainders=split[4], **hyper)
+    decoded = join_master(split[0][0], split[4][0])
+    assert torch.equal(decoded.view(torch.int32), full[4][0].view(torch.int32))
+    assert torch.equal(split[2][0], full[2][0]) and torch.equal(split[3][0], full[3][0])
+    assert torch.equal(split[0][0].view(torch.int16), split_master(decoded)[0].view(torch.int16))
+    assert (split[0][0].float() - decoded).abs().le((full[0][0].float() - decoded).abs()).all()  # nearest
+    with pytest.raises(ValueError, match="two forms of the master"):
+        adamw(*split[:4], param_remainders=split[4], master_params=full[4], **hyper)
+    with pytest.raises(ValueError, match="int16 tensors shaped like"):
+        adamw(*split[:4], param_remainders=[split[4][0].float()], **hyper)

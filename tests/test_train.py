@@ -64,11 +64,12 @@ def test_loss_falls_and_checkpoint_reloads(backend_name, tmp_path):
     assert rows[-2]["loss"] == result.losses[-1] and rows[-1]["val_loss"] == result.val_loss
 
 
-def test_resume_is_exact(tmp_path):
-    straight = train(_cfg(tmp_path / "a", steps=8, save_every=4), console=_quiet())
+@pytest.mark.parametrize("dtype", ["auto", "bf16"])  # bf16: fp32 masters kept as remainders of the weights
+def test_resume_is_exact(tmp_path, dtype):
+    straight = train(_cfg(tmp_path / "a", steps=8, save_every=4, dtype=dtype), console=_quiet())
     ckpt = tmp_path / "a" / "run" / "checkpoints" / "step_000004"
     assert json.loads((ckpt / "state.json").read_text())["step"] == 4
-    resumed = train(_cfg(tmp_path / "b", steps=8), resume=ckpt, console=_quiet())
+    resumed = train(_cfg(tmp_path / "b", steps=8, dtype=dtype), resume=ckpt, console=_quiet())
     assert resumed.losses == straight.losses  # bitwise: same batches, same optimizer state
 
 

@@ -170,3 +170,93 @@ def test_all_to_all_exchange_sums_bf16_gradients_in_fp32(ranks):
             for a, b in zip(rs_sums, a2a_sums, strict=True):
                 assert all((x == y).all() for x, y in zip(a, b, strict=True))
             assert all((x == y).all() for x, y in zip(rs_weights, a2a_weights, strict=True))
+
+
+def _set_grads(model: torch.nn.Module, step: int) -> None:
+    """The same gradients for every model built by `_model` (no forward: the runs compared must not feed
+    their own weights back into their gradients)."""
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+def _step_with_grads(model: torch.nn.Module, opt: DistributedOptimizer, steps: int) -> None:
+    for step in range(steps):
+        opt.start_step(1)
+        _set_grads(model, step)
+        for p in model.parameters():  # the hooks run on backward's accumulation; call them as autograd would
+            for hook in p._post_accumulate_grad_hooks.values():
+                hook(p)
+        opt.finish_gradients()
+        opt.step(LR, 1.0)
+
+
+def _masters(opt: DistributedOptimizer) -> list[torch.Tensor]:
+    return [values["master"] for _, values in opt.state_segments()]
+
+
+def test_master_remainders_are_the_fp32_masters_exactly_in_half_the_memory():
+    """Masters kept as remainders of the bf16 weights take the same updates bit for bit (same arithmetic,
+    the same fp32 numbers stored otherwise); each weight is its master's upper half rounded to nearest,
+    where the whole-master run rounds to nearest even: the two weights differ only at exact halves."""
+    from openseek_hal.ops.optim import split_master
+
+    full_model, split_model = _model(torch.bfloat16), _model(torch.bfloat16)
+    full = _opt(full_model, grad_dtype=torch.bfloat16)
+    split = _opt(split_model, grad_dtype=torch.bfloat16, master_remainder=True)
+    assert all(b.master is None and b.remainder.dtype == torch.int16 for b in split.buckets)
+    n = sum(p.numel() for p in full_model.parameters())
+    moments = 2 * 4 * sum(b.shard_numel for b in full.buckets)
+    assert full.memory_bytes()["optimizer"] - moments == 4 * sum(b.shard_numel for b in full.buckets) >= 4 * n
+    assert split.memory_bytes()["optimizer"] - moments == 2 * sum(b.shard_numel for b in split.buckets)
+    _step_with_grads(full_model, full, 5)
+    _step_with_grads(split_model, split, 5)
+    for a, b in zip(_masters(full), _masters(split), strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    for a, b in zip(full.buckets, split.buckets, strict=True):
+        assert torch.equal(a.exp_avg, b.exp_avg) and torch.equal(a.exp_avg_sq, b.exp_avg_sq)
+    moved = 0
+    for (seg, values), p in zip(split.state_segments(), [s.param for s in full.segments()], strict=True):
+        master = values["master"]
+        weight = seg.param.detach().view(-1)[seg.param_offset:seg.param_offset + seg.numel]
+        assert torch.equal(weight.view(torch.int16), split_master(master)[0].view(torch.int16))
+        rounded = p.detach().view(-1)[seg.param_offset:seg.param_offset + seg.numel]
+        assert torch.equal(rounded, master.to(torch.bfloat16))
+        tie = (master.view(torch.int32) & 0xFFFF) == 0x8000
+        assert torch.equal(weight[~tie], rounded[~tie])
+        moved += int((master != master.to(torch.bfloat16).float()).sum())
+    assert moved > n // 2  # the masters carry bits the weights do not: the remainders are in use
+
+
+def test_master_remainders_apply_only_to_bf16_weights_with_fp32_masters():
+    opt = _opt(_model(torch.float32), master_remainder=True)  # fp32 weights are their own masters
+    assert all(b.remainder is None and b.aliased for b in opt.buckets)
+
+
+def test_master_remainders_load_from_and_save_to_whole_fp32_masters():
+    """Optimizer state moves between the two forms through `state_segments` / `load_segment` (what a
+    checkpoint does): masters equal bitwise, and a loaded remainder sets the weight to the master's upper
+    half."""
+    full_model, split_model = _model(torch.bfloat16), _model(torch.bfloat16)
+    full = _opt(full_model, grad_dtype=torch.bfloat16)
+    _step_with_grads(full_model, full, 3)
+    split = _opt(split_model, grad_dtype=torch.bfloat16, master_remainder=True)
+    for seg, (_, values) in zip(split.segments(), full.state_segments(), strict=True):
+        for key, value in values.items():
+            split.load_segment(seg, key, value.clone())
+    split.step_count = full.step_count
+    split.gather_weights()
+    for a, b in zip(_masters(full), _masters(split), strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    back_model = _model(torch.bfloat16)
+    back = _opt(back_model, grad_dtype=torch.bfloat16)
+    for seg, (_, values) in zip(back.segments(), split.state_segments(), strict=True):
+        for key, value in values.items():
+            back.load_segment(seg, key, value)
+    back.gather_weights()
+    for p, q in zip(full_model.parameters(), back_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    _step_with_grads(full_model, full, 2)
+    _step_with_grads(split_model, split, 2)
+    for a, b in zip(_masters(full), _masters(split), strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))

@@ -65,6 +65,9 @@ ROWS = {
     # the update of the buckets no collective touches on a side stream, beside the next forward
     "1gpu-overlap": (1, ["model.num_nextn_predict_layers=0", "optimizer_overlap=true"]),
     "1gpu-bf16moments": (1, ["model.num_nextn_predict_layers=0", "moment_dtype=bf16"]),
+    # whole fp32 masters (the default keeps them as int16 remainders of the bf16 weights)
+    "1gpu-full-master": (1, ["model.num_nextn_predict_layers=0", "master_remainder=false"]),
+    "1gpu-graph-bf16moments": (1, ["model.num_nextn_predict_layers=0", "graph_step=true", "moment_dtype=bf16"]),
     "1gpu-mtp-bf16moments": (1, ["moment_dtype=bf16"]),
     "1gpu-autocast-mtp": (1, ["dtype=autocast"]),
     "dp2": (2, ["model.num_nextn_predict_layers=0"]),

@@ -267,7 +267,7 @@ class OpLevel:
     def run_variant(self, opdef: OpDef, fn: Callable[..., Any], dtype: torch.dtype, variant: Variant, seed: int,
                     base: dict[str, Any]) -> list[CheckResult]:
         sample = variant.sample
-        rtol, atol = opdef.tol(dtype, sample.reduction_length)
+        rtol, atol = opdef.tol(sample.tolerance_dtype or dtype, sample.reduction_length)
         info = dict(base, sample=variant.label, shape=_shape_text(sample.args), rtol=rtol, atol=atol,
                     replay=f"{base['replay']} --sample '{variant.label}'")
         grad_pos = grad_positions(opdef, sample.args)
@@ -306,7 +306,9 @@ class OpLevel:
                 reference = chosen
                 expected_fwd = self._reference(opdef, sample, grad_pos, seed, fn=reference)
         floor = self._floor(opdef, sample, dtype, seed, got, backward_args, fn=reference)
-        norm_rtol = None if sample.ill_conditioned else opdef.norm_tol(dtype)
+        got_fwd, expected, floor_fwd = (_decoded(opdef, ref_args, ref_kwargs, outputs) for outputs in
+                                        (got.outputs, expected_fwd.outputs, floor.outputs if floor else None))
+        norm_rtol = None if sample.ill_conditioned else opdef.norm_tol(sample.tolerance_dtype or dtype)
         scale = None
         if opdef.error_scale is not None:
             try:
@@ -314,8 +316,7 @@ class OpLevel:
             except Exception as e:  # a broken bound is the suite's bug: say so instead of guessing
                 return [CheckResult(**info, check="forward", status="error",
                                     message=f"the op's error_scale raised {error_text(e)}")]
-        fwd = compare_all(got.outputs, expected_fwd.outputs, rtol, atol, floor=floor.outputs if floor else None,
-                          norm_rtol=norm_rtol, error_scale=scale)
+        fwd = compare_all(got_fwd, expected, rtol, atol, floor=floor_fwd, norm_rtol=norm_rtol, error_scale=scale)
         results = [self._result(info, "forward", fwd, started)]
         if do_backward:
             started = time.perf_counter()
@@ -326,7 +327,8 @@ class OpLevel:
                 try:
                     expected_bwd = self._reference(opdef, sample, grad_pos, seed, got.outputs, diff_outputs,
                                                    fn=reference)
-                    bwd_rtol, bwd_atol = opdef.tol(dtype, _backward_reduction(sample, grad_pos, got.outputs))
+                    bwd_rtol, bwd_atol = opdef.tol(sample.tolerance_dtype or dtype,
+                                                   _backward_reduction(sample, grad_pos, got.outputs))
                     grad_scale = None
                     if opdef.grad_error_scale is not None:
                         ups = [_upstream(seed, i, got.outputs[i]).cpu().to(torch.float64) for i in diff_outputs]
@@ -359,7 +361,7 @@ class OpLevel:
         flat[0], flat[-1] = float("nan"), float("inf")
         args[position] = poisoned
         sample = replace(variant.sample, args=tuple(args))
-        rtol, atol = opdef.tol(dtype, sample.reduction_length)
+        rtol, atol = opdef.tol(sample.tolerance_dtype or dtype, sample.reduction_length)
         info = dict(base, check="nan_inf", sample=f"{variant.label}:nan@0,inf@-1 in arg {position}",
                     shape=_shape_text(sample.args), rtol=rtol, atol=atol,
                     replay=f"{base['replay']} --sample '{variant.label}'")
@@ -375,12 +377,13 @@ class OpLevel:
         # the finite elements are held to the same bound as in the forward check, the op's own error
         # bound included (fp8 GEMMs accumulate with ~14 bits on Hopper: the dtype's rtol alone is too tight)
         scale = None
+        ref_args, ref_kwargs = tree_map(to_reference, sample.args), tree_map(to_reference, sample.kwargs)
         if opdef.error_scale is not None:
             try:
-                scale = flatten(opdef.error_scale(*tree_map(to_reference, sample.args),
-                                                  **tree_map(to_reference, sample.kwargs)))
+                scale = flatten(opdef.error_scale(*ref_args, **ref_kwargs))
             except Exception as e:
                 return CheckResult(**info, status="error", message=f"the op's error_scale raised {error_text(e)}")
+        expected, got = (_decoded(opdef, ref_args, ref_kwargs, outputs) for outputs in (expected, got))
         # integer outputs computed from NaN (say, a top-k over NaN scores) are unspecified: floats only
         floating = [i for i, e in enumerate(expected) if isinstance(e, torch.Tensor) and e.is_floating_point()]
         comparison = compare_all([got[i] for i in floating if i < len(got)], [expected[i] for i in floating],
@@ -394,6 +397,14 @@ class OpLevel:
         return CheckResult(**info, check=check, status="pass" if c.ok else "fail", max_abs_err=c.max_abs_err,
                            max_rel_err=c.max_rel_err, err_ratio=c.err_ratio, message=c.message,
                            duration_s=round(time.perf_counter() - started, 4))
+
+
+def _decoded(opdef: OpDef, args: tuple[Any, ...], kwargs: dict[str, Any], outputs: list[Any] | None
+             ) -> list[Any] | None:
+    """``outputs`` on the CPU with the op's encoded values decoded (`OpDef.decode`), for comparing."""
+    if outputs is None or opdef.decode is None:
+        return outputs
+    return opdef.decode(args, kwargs, [o.detach().cpu() if isinstance(o, torch.Tensor) else o for o in outputs])
 
 
 def _backward_reduction(sample: Sample, grad_pos: list[int], outputs: list[Any]) -> int:

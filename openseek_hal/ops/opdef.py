@@ -59,6 +59,10 @@ class Sample:
     # a result dominated by cancellation (rms_norm's input gradient at hidden size 1 is about
     # eps / |x|**3): held to the element-wise bounds and the rounding floor, not the norm-wise one
     ill_conditioned: bool = False
+    # the dtype whose tolerances hold this sample's outputs, where not the dtype under test: a sample whose
+    # compared outputs are all computed and kept in a wider dtype (adamw's fp32 masters, kept as remainders
+    # of bf16 weights, and its fp32 moments) is held to that dtype's bounds in every run
+    tolerance_dtype: torch.dtype | None = None
 
 
 SampleFn = Callable[[torch.dtype, torch.device, torch.Generator], Iterable[Sample]]
@@ -123,6 +127,11 @@ class OpDef:
     # inputs and the upstream gradients of the differentiable outputs) returns one entry per
     # positional argument (None where there is no bound).
     grad_error_scale: Callable[..., list[Any]] | None = None
+    # Ops that return some values in an encoded form (adamw's master remainders: int16 bits that stand
+    # for an fp32 number with the weights): ``decode(args, kwargs, outputs)`` gets the float64 reference
+    # inputs and the flat outputs (the backend's, or the reference's, on the CPU) and returns the flat
+    # outputs with those values decoded. Every forward comparison sees the decoded outputs.
+    decode: Callable[..., list[Any]] | None = None
 
     def schema(self) -> tuple[ArgSchema, ...]:
         """The op's typed arguments, read from its reference's signature (the contract a kernel implements)."""

@@ -275,10 +275,10 @@ def load_weights(reader: CheckpointReader, model: nn.Module, expert_of: ExpertOf
 def load_optimizer(reader: CheckpointReader, optimizer: DistributedOptimizer,
                    expert_of: ExpertOf = _no_experts) -> None:
     """Fill this rank's master weights and moments from the checkpoint's pieces, then gather the weights."""
-    for seg, values in optimizer.state_segments():
+    for seg in optimizer.segments():
         start = _global_start(seg.param, expert_of(seg.param)) + seg.param_offset
         for key in STATE_KEYS:
-            values[key].copy_(reader.state_range(seg.name, key, start, seg.numel).to(values[key].dtype))
+            optimizer.load_segment(seg, key, reader.state_range(seg.name, key, start, seg.numel))
     optimizer.step_count = int(reader.manifest["optimizer_step"])
     optimizer.gather_weights()
 

@@ -341,7 +341,8 @@ class _Run:
                                               master_dtype=master, reduce_dtype=reduce, moment_dtype=moments,
                                               # one micro-batch: the gradient autograd made, in its own dtype
                                               grad_dtype=self.dtype if self.accum == 1 else None,
-                                              overlap_update=cfg.optimizer_overlap, exchange=cfg.grad_exchange)
+                                              overlap_update=cfg.optimizer_overlap, exchange=cfg.grad_exchange,
+                                              master_remainder=cfg.master_remainder)
         # each block, MTP module and the final norm waits for its weights when the forward reaches it;
         # the embedding's bucket (gathered first) is waited for before the forward
         self.optimizer.gather_before_use([*model.layers, *model.mtp, model.norm])

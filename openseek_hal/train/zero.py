@@ -29,7 +29,11 @@ bytes a parameter in bf16, saved).
 
 Every replica rank owns ``1/N`` of each bucket (padded to a multiple of N): the fp32 master copy
 of those elements and their AdamW moments (in the master dtype, or bf16 as DeepSeek-V3 keeps them,
-``moment_dtype``). After the step a rank writes its updated slice into
+``moment_dtype``). With ``master_remainder`` (bf16 weights, fp32 masters) a master is not kept whole:
+the rank's slice of the bf16 weights is its upper half and an int16 *remainder* the rest (see
+`openseek_hal.ops.optim`), the same fp32 number in 2 bytes instead of 4, and the update reads and
+writes 2 bytes of master a parameter fewer (its bf16 result is the weight itself). After the step a
+rank writes its updated slice into
 the parameter buffer (rounded to the weight dtype) and the buckets are all-gathered, last bucket
 first; with `gather_before_use` each module waits for its own weights when the next forward calls
 it. With one rank the same code runs with no communication and the shard is the whole bucket.
@@ -59,6 +63,7 @@ from torch import nn
 from ..backend import Backend
 from ..comm import Communicator, Work
 from ..ops.fp8 import weights_updated
+from ..ops.optim import join_master, split_master
 
 ALIGN = 64  # elements: every parameter starts on a 128-byte boundary in bf16
 EXCHANGES = ("reduce_scatter", "all_to_all")  # how a bucket's gradient sums reach the shard owners
@@ -75,6 +80,7 @@ class Segment:
     param_offset: int  # where it starts in the parameter's flattened elements
     numel: int
     decay: bool
+    bucket: int = 0  # the index of the bucket it is in
 
 
 @dataclass
@@ -104,6 +110,9 @@ class Bucket:
     send: torch.Tensor | None = field(default=None, repr=False)  # the exchange's input, alive until it is done
     received: torch.Tensor | None = field(default=None, repr=False)  # all-to-all: every rank's copy of the shard
     master: torch.Tensor | None = field(default=None, repr=False)
+    # with a master remainder: the int16 low halves of the fp32 masters whose upper halves are the
+    # param shard itself (``master`` is then None)
+    remainder: torch.Tensor | None = field(default=None, repr=False)
     exp_avg: torch.Tensor | None = field(default=None, repr=False)
     exp_avg_sq: torch.Tensor | None = field(default=None, repr=False)
     # a bucket without a gradient buffer: its gradients' sum of squares, taken as soon as the bucket is
@@ -179,7 +188,7 @@ class DistributedOptimizer:
                  reduce_dtype: torch.dtype = torch.float32, moment_dtype: torch.dtype | None = None,
                  grad_dtype: torch.dtype | None = None,
                  no_decay: Callable[[str, nn.Parameter], bool] | None = None, overlap_update: bool = False,
-                 exchange: str = "reduce_scatter"):
+                 exchange: str = "reduce_scatter", master_remainder: bool = False):
         """``moment_dtype`` defaults to ``master_dtype``. The gradient buffers are in the wider of the
         master and weight dtypes, which accumulation needs, unless ``grad_dtype`` is given (the weight
         dtype, when every step has one micro-batch: `start_step` then refuses more): a bucket that is
@@ -189,7 +198,9 @@ class DistributedOptimizer:
         one stream). ``exchange``: ``"reduce_scatter"`` reduces each bucket in ``reduce_dtype`` on the wire;
         ``"all_to_all"`` sends every rank its shard of the bucket in the buffer's own dtype (with
         ``grad_dtype``, the weights': bf16) and each rank sums the copies it receives in ``reduce_dtype``,
-        in rank order: the sums of a float32 reduction at the traffic of the weights' dtype."""
+        in rank order: the sums of a float32 reduction at the traffic of the weights' dtype.
+        ``master_remainder``: keep each fp32 master as the remainder of its bf16 weight (module docstring);
+        it applies where the weights are bf16 and the masters fp32, elsewhere masters are kept whole."""
         if exchange not in EXCHANGES:
             raise ValueError(f"unknown gradient exchange {exchange!r}: one of {', '.join(EXCHANGES)}")
         self.exchange = exchange
@@ -199,6 +210,7 @@ class DistributedOptimizer:
         self.master_dtype, self.reduce_dtype = master_dtype, reduce_dtype
         self.moment_dtype = moment_dtype or master_dtype
         self.grad_dtype = grad_dtype
+        self.master_remainder = master_remainder
         self.step_count = 0
         self._adamw = backend.op("adamw")
         self._no_decay = no_decay or (lambda name, p: p.dim() < 2)
@@ -278,12 +290,15 @@ class DistributedOptimizer:
             if start < end:
                 b.segments.append(Segment(name=name, param=p, bucket_offset=start, shard_offset=start - lo,
                                           param_offset=start - offset, numel=end - start,
-                                          decay=not self._no_decay(name, p)))
+                                          decay=not self._no_decay(name, p), bucket=b.index))
 
     def _init_state(self, b: Bucket) -> None:
         shard = b.param_shard
         b.aliased = shard.dtype == self.master_dtype
-        b.master = shard if b.aliased else shard.to(self.master_dtype)
+        if self.master_remainder and shard.dtype == torch.bfloat16 and self.master_dtype == torch.float32:
+            b.remainder = torch.zeros(b.shard_numel, dtype=torch.int16, device=shard.device)  # master = weight
+        else:
+            b.master = shard if b.aliased else shard.to(self.master_dtype)
         b.exp_avg = torch.zeros(b.shard_numel, dtype=self.moment_dtype, device=shard.device)
         b.exp_avg_sq = torch.zeros_like(b.exp_avg)
 
@@ -493,12 +508,14 @@ class DistributedOptimizer:
             run = [(start, end, grad) for start, end, grad in run if start < end]
             if not run:
                 continue
+            kept = b.remainder if b.remainder is not None else b.master  # the master's own storage
             master, param, m, v = ([t[start:end] for start, end, _ in run]
-                                   for t in (b.master, b.param_shard, b.exp_avg, b.exp_avg_sq))
+                                   for t in (kept, b.param_shard, b.exp_avg, b.exp_avg_sq))
+            form = ({"param_remainders": master} if b.remainder is not None else
+                    {"master_params": None if b.aliased else master})
             new = self._adamw(master if b.aliased else param, [g for _, _, g in run], m, v, lr=lr, beta1=beta1,
                               beta2=beta2, eps=self.eps, weight_decay=self.weight_decay if decay else 0.0,
-                              step=step, master_params=None if b.aliased else master,
-                              grad_scale=grad_scale)
+                              step=step, grad_scale=grad_scale, **form)
             targets = [master if b.aliased else param, m, v] + ([] if b.aliased else [master])
             for dsts, srcs in zip(targets, new):
                 for dst, src in zip(dsts, srcs):
@@ -552,21 +569,41 @@ class DistributedOptimizer:
         b.gather = b.comm.all_gather(b.param_buffer, b.param_shard.clone(), async_op=True)
 
     # -- state ---------------------------------------------------------------------------------
+    def segments(self) -> list[Segment]:
+        """The parts of parameters whose optimizer state this rank owns."""
+        return [s for b in self.buckets for s in b.segments]
+
     def state_segments(self) -> list[tuple[Segment, dict[str, torch.Tensor]]]:
-        """Each owned segment with its master, exp_avg and exp_avg_sq (views into the shards)."""
+        """Each owned segment with its master, exp_avg and exp_avg_sq (views into the shards; a master kept as
+        a remainder is decoded into a new tensor). Write them with `load_segment`."""
         out = []
         for b in self.buckets:
             for s in b.segments:
                 sl = slice(s.shard_offset, s.shard_offset + s.numel)
-                out.append((s, {"master": b.master[sl], "exp_avg": b.exp_avg[sl], "exp_avg_sq": b.exp_avg_sq[sl]}))
+                master = b.master[sl] if b.remainder is None else join_master(b.param_shard[sl], b.remainder[sl])
+                out.append((s, {"master": master, "exp_avg": b.exp_avg[sl], "exp_avg_sq": b.exp_avg_sq[sl]}))
         return out
+
+    @torch.no_grad()
+    def load_segment(self, segment: Segment, key: str, value: torch.Tensor) -> None:
+        """Set one owned segment's ``master``, ``exp_avg`` or ``exp_avg_sq`` (any dtype: converted). A master
+        kept as a remainder sets the weights' slice too (its upper half); `gather_weights` after loading."""
+        b = self.buckets[segment.bucket]
+        sl = slice(segment.shard_offset, segment.shard_offset + segment.numel)
+        if key == "master" and b.remainder is not None:
+            weight, remainder = split_master(value.to(device=b.remainder.device, dtype=torch.float32))
+            b.param_shard[sl].copy_(weight)
+            b.remainder[sl].copy_(remainder)
+            return
+        target = {"master": b.master, "exp_avg": b.exp_avg, "exp_avg_sq": b.exp_avg_sq}[key]
+        target[sl].copy_(value.to(target.dtype))
 
     @torch.no_grad()
     def gather_weights(self) -> None:
         """Round the masters into the weights and all-gather them (after loading optimizer state)."""
         for b in self.buckets:
             self._wait_gather(b)
-            if not b.aliased:
+            if b.master is not None and not b.aliased:  # (a remainder's weights are already its masters' upper halves)
                 b.param_shard.copy_(b.master)
             self._gather(b)
         for b in self.buckets:
@@ -574,9 +611,10 @@ class DistributedOptimizer:
         weights_updated()
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes this rank holds for weights, gradients and optimizer state (master + moments)."""
+        """Bytes this rank holds for weights, gradients and optimizer state (master or remainder + moments)."""
         opt = sum(b.exp_avg.numel() * b.exp_avg.element_size() * 2 for b in self.buckets)
-        opt += sum(b.master.numel() * b.master.element_size() for b in self.buckets if not b.aliased)
+        kept = [b.remainder if b.remainder is not None else b.master for b in self.buckets if not b.aliased]
+        opt += sum(t.numel() * t.element_size() for t in kept)
         # a bucket without a buffer holds autograd's gradients from its backward to its update
         grads = sum(b.grad_buffer.numel() * b.grad_buffer.element_size() if b.grad_buffer is not None else
                     sum(p.numel() * p.element_size() for _, p, _ in b.params) for b in self.buckets)

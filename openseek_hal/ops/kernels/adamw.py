@@ -2,6 +2,9 @@
 
 One launch per tensor; with ``master_params`` the float32 master copy takes the update and the
 (bf16) parameter is rewritten from it in the same pass, so the step reads and writes each byte once.
+With ``param_remainders`` the master is the bf16 parameter's bits and an int16 remainder's (see
+`openseek_hal.ops.optim`): 2 bytes of master read and written a parameter instead of 4, and no
+separate rounded weight to write.
 
 ``lr`` and ``step`` given as device tensors are read by the kernel itself (the bias corrections computed
 from ``step`` in float64 by squaring), and the constant hyperparameters come from a device tensor made
@@ -34,7 +37,8 @@ def _power(base, exponent):
 
 @triton.jit
 def _adamw_kernel(P, G, M, V, MASTER, HYPER, LR, STEP, SCALE, n, HAS_MASTER: tl.constexpr,
-                  DEVICE_SCHEDULE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                  HAS_REMAINDER: tl.constexpr, DEVICE_SCHEDULE: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK: tl.constexpr):
     # Hyperparameters come from a float64 tensor: a float argument would be rounded to float32.
     beta1 = tl.load(HYPER + 1)
     beta2 = tl.load(HYPER + 2)
@@ -53,7 +57,10 @@ def _adamw_kernel(P, G, M, V, MASTER, HYPER, LR, STEP, SCALE, n, HAS_MASTER: tl.
     beta2 = beta2.to(ACC)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    if HAS_MASTER:
+    if HAS_REMAINDER:  # MASTER holds the int16 remainders of bf16 P: the fp32 master is the pair's bits
+        high = tl.load(P + offs, mask=mask).to(tl.int16, bitcast=True).to(tl.int32)
+        p = ((high << 16) + tl.load(MASTER + offs, mask=mask).to(tl.int32)).to(tl.float32, bitcast=True)
+    elif HAS_MASTER:
         p = tl.load(MASTER + offs, mask=mask).to(ACC)
     else:
         p = tl.load(P + offs, mask=mask).to(ACC)
@@ -66,9 +73,15 @@ def _adamw_kernel(P, G, M, V, MASTER, HYPER, LR, STEP, SCALE, n, HAS_MASTER: tl.
     p = p - (lr / bias_c1) * m / (tl.sqrt(v) / bias_c2_sqrt + eps)
     tl.store(M + offs, m.to(M.dtype.element_ty), mask=mask)
     tl.store(V + offs, v.to(V.dtype.element_ty), mask=mask)
-    if HAS_MASTER:
-        tl.store(MASTER + offs, p.to(MASTER.dtype.element_ty), mask=mask)
-    tl.store(P + offs, p.to(P.dtype.element_ty), mask=mask)
+    if HAS_REMAINDER:  # the upper half rounded (halves away from zero), and what it leaves
+        bits = p.to(tl.float32).to(tl.int32, bitcast=True)
+        high = (bits + 0x8000) >> 16
+        tl.store(MASTER + offs, (bits - (high << 16)).to(tl.int16), mask=mask)
+        tl.store(P + offs, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        if HAS_MASTER:
+            tl.store(MASTER + offs, p.to(MASTER.dtype.element_ty), mask=mask)
+        tl.store(P + offs, p.to(P.dtype.element_ty), mask=mask)
 
 
 def _float64_on(values: Sequence[float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,9 +110,17 @@ def _constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
 def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
           exp_avg_sqs: Sequence[torch.Tensor], *, lr: float | torch.Tensor, beta1: float = 0.9, beta2: float = 0.999,
           eps: float = 1e-8, weight_decay: float = 0.0, step: int | torch.Tensor,
-          master_params: Sequence[torch.Tensor] | None = None, grad_scale: torch.Tensor | float | None = None):
-    """In-place AdamW; returns ``(params, exp_avgs, exp_avg_sqs, master_params or [])``, the same tensors."""
-    masters = list(master_params) if master_params is not None else []
+          master_params: Sequence[torch.Tensor] | None = None, grad_scale: torch.Tensor | float | None = None,
+          param_remainders: Sequence[torch.Tensor] | None = None):
+    """In-place AdamW; returns ``(params, exp_avgs, exp_avg_sqs, master_params or param_remainders or [])``,
+    the same tensors."""
+    if master_params is not None and param_remainders is not None:
+        raise ValueError("adamw: master_params and param_remainders are two forms of the master: give one")
+    remainder = param_remainders is not None
+    masters = list(param_remainders if remainder else master_params if master_params is not None else [])
+    if remainder and any(p.dtype != torch.bfloat16 or r.dtype != torch.int16 or r.shape != p.shape
+                         for p, r in zip(params, masters, strict=True)):
+        raise ValueError("adamw: param_remainders are int16 tensors shaped like their bf16 params")
     device_schedule = isinstance(lr, torch.Tensor) or isinstance(step, torch.Tensor)
     if device_schedule and not (isinstance(lr, torch.Tensor) and isinstance(step, torch.Tensor)):
         raise ValueError("adamw: lr and step are both numbers or both device tensors")
@@ -127,6 +148,8 @@ def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avg
                 lr_ptr = step_ptr = hyper
             scale = grad_scale.reshape(1) if isinstance(grad_scale, torch.Tensor) else hyper[7:]
         _adamw_kernel[(triton.cdiv(n, block),)](p, g, m, v, master, hyper, lr_ptr, step_ptr, scale, n,
-                                                HAS_MASTER=bool(masters), DEVICE_SCHEDULE=device_schedule,
-                                                ACC=acc_type(master.dtype), BLOCK=block, num_warps=4)
+                                                HAS_MASTER=bool(masters) and not remainder,
+                                                HAS_REMAINDER=remainder, DEVICE_SCHEDULE=device_schedule,
+                                                ACC=tl.float32 if remainder else acc_type(master.dtype), BLOCK=block,
+                                                num_warps=4)
     return list(params), list(exp_avgs), list(exp_avg_sqs), masters
