@@ -131,6 +131,22 @@ def _adamw_remainders_rounded_to_even(*args, **kwargs):
     return [w.to(p.dtype) for w, p in zip(weights, out[0])], out[1], out[2], rests
 
 
+def _mla_key_rope_unrotated(q, kv, k_rope, cos, sin, interleaved=False):
+    """The shared rotary key joined as it came from the projection (the query's part still rotated)."""
+    q_out, _, v = _ref("mla_qkv")(q, kv, k_rope, cos, sin, interleaved)
+    b, s, h, _ = q.shape
+    nope = q.shape[-1] - k_rope.shape[-1]
+    k_out = torch.cat([kv[..., :nope], k_rope.unsqueeze(2).expand(b, s, h, k_rope.shape[-1])], dim=-1)
+    return q_out, k_out, v
+
+
+def _mla_value_one_late(q, kv, k_rope, cos, sin, interleaved=False):
+    """v read one element late (the key's last element in, the value's last out)."""
+    q_out, k_out, _ = _ref("mla_qkv")(q, kv, k_rope, cos, sin, interleaved)
+    nope = q.shape[-1] - k_rope.shape[-1]
+    return q_out, k_out, kv[..., nope - 1:-1]
+
+
 def _ce_mean_over_all_rows(logits, target, ignore_index=-100, reduction="mean", z_loss=0.0, inplace_backward=False):
     total = ops.get("cross_entropy").reference(logits, target, ignore_index, "sum", z_loss)
     return total if reduction == "sum" else total / max(1, target.numel())
@@ -304,6 +320,8 @@ SPECIFIC: dict[str, dict[str, Callable[..., Any]]] = {
                       "ignore_index_ignored": _with("cross_entropy", ignore_index=-12345),
                       "mean_over_all_rows": _ce_mean_over_all_rows},
     "embedding": {"off_by_one_row": _embedding_next_row},
+    "mla_qkv": {"layout_flipped": _with("mla_qkv", interleaved=lambda i: not i),
+                "key_rope_unrotated": _mla_key_rope_unrotated, "value_one_late": _mla_value_one_late},
     "causal_attention": {"scale_ignored": _with("causal_attention", scale=None),
                          "mask_off_by_one": _attention_sees_next_token,
                          "cu_seqlens_ignored": _with("causal_attention", cu_seqlens=None),

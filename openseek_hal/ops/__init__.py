@@ -5,12 +5,12 @@ Triton kernels shared by every Triton-capable backend live beside the OpDefs in 
 
 from __future__ import annotations
 
-from . import activation, attention, cross_entropy, embedding, fp8, grouped, moe, norm, optim, rope
+from . import activation, attention, cross_entropy, embedding, fp8, grouped, mla, moe, norm, optim, rope
 from .opdef import ATOL_PER_ELEMENT, RTOL, OpDef, Sample
 
 REGISTRY: dict[str, OpDef] = {
     op.name: op
-    for module in (norm, activation, rope, cross_entropy, embedding, attention, moe, grouped, optim, fp8)
+    for module in (norm, activation, rope, mla, cross_entropy, embedding, attention, moe, grouped, optim, fp8)
     for op in module.OPDEFS
 }
 

@@ -206,6 +206,16 @@ def _cases_for(preset: str, p: dict[str, int]) -> list[Case]:
                               (_randn(4, hh, s, 64, device=dev), *rope_tables(64, s, device=dev)),
                               {"interleaved": il}), hh=heads, s=seq, il=interleaved),
                           (0,), 2 * numel * bf, 2 * numel * bf))
+    # MLA's q, k, v from the projections (nope 128, rope 64, v 128), as the model calls it: q and kv viewed from
+    # the projections' (B, S, H * D) outputs, the shared rotary key a strided tail of the compressed projection
+    width, kv_width = heads * 192, heads * 256
+    cases.append(Case("mla_qkv", f"{preset} 4x{seq}x{heads} qk 128+64 v 128", functools.partial(
+        lambda dev, hh, s: ((_randn(4, s, hh * 192, device=dev).view(4, s, hh, 192),
+                             _randn(4, s, hh * 256, device=dev).view(4, s, hh, 256),
+                             _randn(4, s, 512 + 64, device=dev)[..., 512:], *rope_tables(64, s, device=dev)),
+                            {"interleaved": True}), hh=heads, s=seq),
+        (0, 1, 2), 4 * seq * (width + heads * 128 + 64 + 2 * width) * bf,
+        4 * seq * (2 * width + heads * 128 + width + kv_width + 64) * bf))
     rows = 8192 if preset == "deepseek-v3" else 4096
     cases.append(Case("cross_entropy", f"{preset} {rows}x{v}", functools.partial(
         lambda dev, r, vv: ((_randn(r, vv, device=dev, scale=3.0),

@@ -70,7 +70,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, backend)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
-        self._rope = backend.op("rope")
+        self._qkv = backend.op("mla_qkv")
         self._attention = backend.op("causal_attention")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -79,16 +79,12 @@ class MLA(nn.Module):
         # (batch, heads, seq, dim) views of them: no transposing copy of q, k, v or their gradients
         # (the attention output and its gradient come back in the same layout).
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q_nope, q_rope = q.view(b, s, self.heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, s, self.heads, -1)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        # The rope op keeps the interleaved pair order where HF de-interleaves; q and k get the same
-        # layout, so the scores q.k are the same. It rotates (..., seq, dim): a heads-first view.
-        q_rope = self._rope(q_rope.transpose(1, 2), cos, sin, self.interleaved).transpose(1, 2)
-        k_rope = self._rope(k_rope.unsqueeze(1), cos, sin, self.interleaved).transpose(1, 2)
-        q = torch.cat([q_nope, q_rope], dim=-1)
-        k = torch.cat([k_nope, k_rope.expand(b, s, self.heads, self.rope_dim)], dim=-1)
+        # whole query and key heads: the parts without position joined to the rotated parts (the key's
+        # shared by every head). The rotation keeps the interleaved pair order where HF de-interleaves;
+        # q and k get the same layout, so the scores q.k are the same.
+        q, k, v = self._qkv(q.view(b, s, self.heads, -1), kv, k_rope, cos, sin, self.interleaved)
         out = self._attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.v_dim))
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import activation, adamw, attention, cross_entropy, fp8, moe, norm, rope
+from . import activation, adamw, attention, cross_entropy, fp8, mla, moe, norm, rope
 
 KERNELS: dict[str, Callable] = {
     "rms_norm": norm.rms_norm,
     "add_rms_norm": norm.add_rms_norm,
     "silu_and_mul": activation.silu_and_mul,
     "rope": rope.rope,
+    "mla_qkv": mla.mla_qkv,
     "cross_entropy": cross_entropy.cross_entropy,
     "moe_route": moe.moe_route,
     "moe_permute": moe.moe_permute,
