@@ -45,8 +45,8 @@ def mla_qkv(q: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor, cos: torch.
 def _samples(dtype, device, gen):
     # (B, S, H, Dn, Dr, Dv): openseek-small's ratios at a small size, sizes that are not powers of two, one head,
     # one position, no positions
-    for b, s, h, dn, dr, dv in [(2, 16, 3, 32, 16, 32), (1, 9, 2, 24, 12, 40), (2, 5, 1, 16, 16, 16), (1, 1, 4, 8, 4, 8),
-                                (1, 0, 2, 8, 4, 8)]:
+    for b, s, h, dn, dr, dv in [(2, 16, 3, 32, 16, 32), (1, 9, 2, 24, 12, 40), (2, 5, 1, 16, 16, 16),
+                                (1, 1, 4, 8, 4, 8), (1, 0, 2, 8, 4, 8)]:
         cos, sin = rope_tables(dr, s, device=device)
         for interleaved in (False, True):
             # the projections as the model makes them: q and kv viewed from (B, S, H * D) outputs, k_rope the
