@@ -95,10 +95,10 @@ def _record_model(backend: Recording, name: str) -> None:
     model.update_expert_bias()
 
 
-def _record_optimizer(backend: Recording, dtype: torch.dtype) -> None:
+def _record_optimizer(backend: Recording, dtype: torch.dtype, master_remainder: bool = False) -> None:
     model = torch.nn.Linear(4, 3).to(dtype)
     opt = DistributedOptimizer(named_spaces(model, None, None, lambda p: False), backend, world=None, lr=1e-3,
-                               betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+                               betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_remainder=master_remainder)
     opt.start_step(1)
     model(torch.randn(2, 4).to(dtype)).sum().backward()
     opt.finish_gradients()
@@ -110,8 +110,9 @@ def recorded() -> dict[tuple[str, tuple], int]:
     backend = Recording()
     for name in PRESETS:
         _record_model(backend, name)
-    for dtype in (torch.float32, torch.bfloat16):  # the CPU regime, and the accelerators' (fp32 masters)
-        _record_optimizer(backend, dtype)
+    # the CPU regime, and the accelerators' (fp32 masters: whole, and as remainders of the weights)
+    for dtype, remainder in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+        _record_optimizer(backend, dtype, remainder)
     return backend.calls
 
 
@@ -122,13 +123,15 @@ def test_every_mode_the_model_and_trainer_call_has_a_sample(recorded):
 
 
 def test_the_recording_sees_the_modes_it_must():
-    """The recording is real: the in-place cross entropy, both rope layouts, routing with and without
-    groups and the master-weight optimizer step all show up."""
+    """The recording is real: the in-place cross entropy, the interleaved rotation, routing with and without
+    groups and the master-weight optimizer step (whole masters and remainders) all show up."""
     backend = Recording()
     for name in PRESETS:
         _record_model(backend, name)
     _record_optimizer(backend, torch.bfloat16)
-    seen = {(name, dict(m).get(key)) for name, m in backend.calls for key in
-            ("inplace_backward", "interleaved", "n_group", "master_params")}
-    assert {("cross_entropy", "True"), ("rope", "True"), ("moe_route", "1"), ("moe_route", "other"),
-            ("adamw", "[tensor]")} <= seen
+    _record_optimizer(backend, torch.bfloat16, master_remainder=True)
+    seen = {(name, key, dict(m).get(key)) for name, m in backend.calls for key in
+            ("inplace_backward", "interleaved", "n_group", "master_params", "param_remainders")}
+    assert {("cross_entropy", "inplace_backward", "True"), ("mla_qkv", "interleaved", "True"),
+            ("moe_route", "n_group", "1"), ("moe_route", "n_group", "other"), ("adamw", "master_params", "[tensor]"),
+            ("adamw", "param_remainders", "[tensor]")} <= seen

@@ -207,6 +207,8 @@ def _samples(dtype, device, gen):
     for label, extra in (("step2-remainder-lr0", {"step": 2, "lr": 0.0}),
                          ("step3-remainder", {"step": 3}),
                          ("step1-remainder-scaled", {"step": 1, "grad_scale": torch.tensor([0.125], device=device)}),
+                         ("step1-remainder-scaled-no-decay", {"step": 1, "weight_decay": 0.0,
+                                                              "grad_scale": torch.tensor([0.125], device=device)}),
                          ("step6-remainder-device-schedule",
                           {"lr": torch.tensor(2e-2, dtype=torch.float64, device=device),
                            "step": torch.tensor(6.0, dtype=torch.float64, device=device)})):
