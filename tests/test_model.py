@@ -296,3 +296,36 @@ def test_training_step_reads_nothing_back_to_the_host():
             HostReads() as reads:
         model.loss(ids, labels)
     assert "aten._local_scalar_dense.default" in reads.seen
+
+
+def test_bf16_router_logits_on_tensor_cores_match_the_fp32_router(monkeypatch):
+    """The CUDA path of the router (bf16 products into an fp32 accumulator, the fp32 upstream gradient split
+    into two bf16 terms) against the fp32 router: logits to fp32 summation order (emulated here by float64
+    products rounded once to fp32), gradients within one bf16 rounding of the float64 truth."""
+    from openseek_hal.models.deepseek_v3 import model as m
+
+    monkeypatch.setattr(m, "_mm_fp32", lambda a, b: (a.double() @ b.double()).float())
+    monkeypatch.setattr(m, "_tensor_core_logits", lambda x, w: True)
+    gen = torch.Generator().manual_seed(0)
+    hidden, experts, tokens = 96, 16, 40
+    router = m.Router(m.DeepseekV3Config(hidden_size=hidden, n_routed_experts=experts)).to(torch.bfloat16)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(experts, hidden, generator=gen) * 0.05)
+    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).requires_grad_()
+    upstream = torch.randn(tokens, experts, generator=gen) * torch.logspace(-6, 2, experts)  # fp32, 8 decades
+    logits = router(x)
+    assert logits.dtype == torch.float32
+    logits.backward(upstream)
+    x64, w64 = x.detach().double().requires_grad_(), router.weight.detach().double().requires_grad_()
+    exact = x64 @ w64.t()
+    exact.backward(upstream.double())
+    # fp32 sums of `hidden` exact products: within hidden * 2**-24 of the sum of magnitudes
+    bound = hidden * 2.0**-24 * (x64.abs() @ w64.abs().t())
+    assert ((logits.double() - exact).abs() <= bound).all()
+    up = upstream.double().abs()
+    for got, truth, magnitudes in ((x.grad, x64.grad, up @ w64.abs()),
+                                   (router.weight.grad, w64.grad, up.t() @ x64.abs())):
+        assert got.dtype == torch.bfloat16
+        # the final bf16 rounding (2**-8 of the value), plus the split (2**-16) and the fp32 sums
+        # (<= 40 * 2**-24) of the sum of the terms' magnitudes
+        assert ((got.double() - truth).abs() <= 2.0**-8 * truth.abs() + 2.0**-15 * magnitudes).all()
