@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from openseek_hal.backend import register_backend, unregister_backend
 from openseek_hal.backends.cpu import CPUBackend
 from openseek_hal.conformance import SuiteConfig, run_suite
-from openseek_hal.ops import cross_entropy, moe, norm, rope
+from openseek_hal.ops import cross_entropy, mla, moe, norm, rope
 
 
 def _wrong_eps(x, weight, eps=1e-6):
@@ -25,6 +25,10 @@ def _wrong_eps(x, weight, eps=1e-6):
 
 def _rope_reversed(x, cos, sin, interleaved=False):
     return rope.rope(x, cos, -sin, interleaved)
+
+
+def _mla_rope_reversed(q, kv, k_rope, cos, sin, interleaved=False):
+    return mla.mla_qkv(q, kv, k_rope, cos, -sin, interleaved)
 
 
 def _ignore_index_dropped(logits, target, ignore_index=-100, reduction="mean", z_loss=0.0):
@@ -125,7 +129,7 @@ def test_routing_that_breaks_ties_the_other_way_passes():
 def test_model_level_catches_a_wrong_op():
     cls = type("FaultyModel", (CPUBackend,), {
         "name": "faulty-model-rope",
-        "native_ops": lambda self: {**CPUBackend.native_ops(self), "rope": _rope_reversed}})
+        "native_ops": lambda self: {**CPUBackend.native_ops(self), "mla_qkv": _mla_rope_reversed}})
     register_backend(cls)
     try:
         result = run_suite(SuiteConfig(backend=cls.name, levels=("model",), dtypes=[torch.float32], seed=0,
@@ -136,7 +140,7 @@ def test_model_level_catches_a_wrong_op():
     assert {"logits", "loss_curve"} <= failed and all(c.level == "model" for c in result.failures())
     # the failure names the op: a captured forward on both backends, compared call by call
     curves = [c for c in result.failures() if c.check in ("logits", "loss_curve", "grad_norm_curve")]
-    assert curves and all("first divergence: op rope in layers.0.self_attn" in c.message for c in curves)
+    assert curves and all("first divergence: op mla_qkv in layers.0.self_attn" in c.message for c in curves)
 
 
 _DOUBLE_RANK0 = """
