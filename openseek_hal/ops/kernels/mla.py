@@ -42,24 +42,33 @@ def _rope_offsets(d, half, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
 
 
 @triton.jit
-def _mla_qkv_fwd(Q, KV, KR, COS, SIN, QO, KO, n_tok, seq, heads, nope, half,
-                 sq_b, sq_s, sq_h, skv_b, skv_s, skv_h, skr_b, skr_s, s_cs,
-                 INTERLEAVED: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_HALF: tl.constexpr):
+def _tokens(COS, SIN, n_tok, seq, nope, half, s_cs, ACC: tl.constexpr, INTERLEAVED: tl.constexpr,
+            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """This program's tokens (flat index, mask, batch and position), the lanes and masks of a head's part
+    without position and of its rotary part, and the rotation tables of the tokens' positions (lane pairs,
+    interleaved, or halves share an angle)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = t < n_tok
     t = tl.where(t_mask, t, 0).to(tl.int64)
     b, s = t // seq, t % seq
     n = tl.arange(0, BLOCK_N)
     n_mask = t_mask[:, None] & (n < nope)[None, :]
-    d = tl.arange(0, 2 * BLOCK_HALF)
-    r_off, r_ok = _rope_offsets(d, half, INTERLEAVED, BLOCK_HALF)
+    r_off, r_ok = _rope_offsets(tl.arange(0, 2 * BLOCK_HALF), half, INTERLEAVED, BLOCK_HALF)
     r_mask = t_mask[:, None] & r_ok[None, :]
-    # the tables per lane: lane pairs (interleaved) or halves share an angle
     i = tl.arange(0, BLOCK_HALF)
     i_mask = t_mask[:, None] & (i < half)[None, :]
     c = tl.load(COS + s[:, None] * s_cs + i[None, :], mask=i_mask, other=0.0).to(ACC)
     sn = tl.load(SIN + s[:, None] * s_cs + i[None, :], mask=i_mask, other=0.0).to(ACC)
+    return t, t_mask, b, s, n, n_mask, r_off, r_mask, c, sn
+
+
+@triton.jit
+def _mla_qkv_fwd(Q, KV, KR, COS, SIN, QO, KO, n_tok, seq, heads, nope, half,
+                 sq_b, sq_s, sq_h, skv_b, skv_s, skv_h, skr_b, skr_s, s_cs,
+                 INTERLEAVED: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_HALF: tl.constexpr):
+    t, t_mask, b, s, n, n_mask, r_off, r_mask, c, sn = _tokens(COS, SIN, n_tok, seq, nope, half, s_cs, ACC,
+                                                               INTERLEAVED, BLOCK_T, BLOCK_N, BLOCK_HALF)
     kr = tl.load(KR + (b * skr_b + s * skr_s)[:, None] + r_off[None, :], mask=r_mask, other=0.0).to(ACC)
     kr = _rotate(kr, c, sn, INTERLEAVED, BLOCK_T, BLOCK_HALF).to(KO.dtype.element_ty)
     width = nope + 2 * half  # q_out's and k_out's head size; both are contiguous (B, S, H, width)
@@ -82,21 +91,11 @@ def _mla_qkv_bwd(DQO, DKO, DV, COS, SIN, DQ, DKV, DKR, n_tok, seq, heads, nope, 
                  sdq_b, sdq_s, sdq_h, sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, s_cs,
                  INTERLEAVED: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_V: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = t < n_tok
-    t = tl.where(t_mask, t, 0).to(tl.int64)
-    b, s = t // seq, t % seq
-    n = tl.arange(0, BLOCK_N)
-    n_mask = t_mask[:, None] & (n < nope)[None, :]
+    t, t_mask, b, s, n, n_mask, r_off, r_mask, c, sn = _tokens(COS, SIN, n_tok, seq, nope, half, s_cs, ACC,
+                                                               INTERLEAVED, BLOCK_T, BLOCK_N, BLOCK_HALF)
+    sn = -sn  # back: the opposite angle
     e = tl.arange(0, BLOCK_V)
     e_mask = t_mask[:, None] & (e < v_dim)[None, :]
-    d = tl.arange(0, 2 * BLOCK_HALF)
-    r_off, r_ok = _rope_offsets(d, half, INTERLEAVED, BLOCK_HALF)
-    r_mask = t_mask[:, None] & r_ok[None, :]
-    i = tl.arange(0, BLOCK_HALF)
-    i_mask = t_mask[:, None] & (i < half)[None, :]
-    c = tl.load(COS + s[:, None] * s_cs + i[None, :], mask=i_mask, other=0.0).to(ACC)
-    sn = -tl.load(SIN + s[:, None] * s_cs + i[None, :], mask=i_mask, other=0.0).to(ACC)  # the opposite angle
     q_width = nope + 2 * half
     kv_width = nope + v_dim
     k_sum = tl.zeros([BLOCK_T, 2 * BLOCK_HALF], dtype=ACC)
