@@ -329,3 +329,21 @@ def test_bf16_router_logits_on_tensor_cores_match_the_fp32_router(monkeypatch):
         # the final bf16 rounding (2**-8 of the value), plus the split (2**-16) and the fp32 sums
         # (<= 40 * 2**-24) of the sum of the terms' magnitudes
         assert ((got.double() - truth).abs() <= 2.0**-8 * truth.abs() + 2.0**-15 * magnitudes).all()
+
+
+def test_router_takes_the_fp32_path_where_torch_has_no_fp32_output_matmul(monkeypatch):
+    """The tensor-core router is tried once per device; a torch whose ``mm`` refuses ``out_dtype`` keeps the
+    fp32 router (the CUDA path's one precondition that can fail at run time)."""
+    from openseek_hal.models.deepseek_v3 import model as m
+
+    monkeypatch.setattr(m, "_FP32_OUT_MM", {})
+
+    def refused(a, b):
+        raise NotImplementedError("Could not run 'aten::mm.dtype' with arguments from the 'CPU' backend")
+
+    monkeypatch.setattr(m, "_mm_fp32", refused)
+    assert m._fp32_out_mm(torch.device("cpu")) is False
+    calls = []
+    monkeypatch.setattr(m, "_mm_fp32", lambda a, b: calls.append(1) or (a.double() @ b.double()).float())
+    m._FP32_OUT_MM.clear()
+    assert m._fp32_out_mm(torch.device("cpu")) and m._fp32_out_mm(torch.device("cpu")) and len(calls) == 1

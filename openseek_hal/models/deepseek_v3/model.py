@@ -136,11 +136,28 @@ class _BF16RouterLogits(torch.autograd.Function):
         return dx, dw
 
 
+_FP32_OUT_MM: dict[torch.device, bool] = {}  # per device: does torch's mm give bf16 products an fp32 output
+
+
+def _fp32_out_mm(device: torch.device) -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` runs on ``device``, tried once (eagerly: a traced
+    call never tries, it takes the fp32 path unless an eager call found the answer)."""
+    if device not in _FP32_OUT_MM:
+        if torch.compiler.is_compiling():
+            return False
+        one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+        try:
+            _FP32_OUT_MM[device] = _mm_fp32(one, one).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FP32_OUT_MM[device] = False
+    return _FP32_OUT_MM[device]
+
+
 def _tensor_core_logits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the router's logits can take `_BF16RouterLogits`: bf16 on a CUDA device whose torch has
     ``mm`` with an fp32 output (the fp32 matmul it replaces runs on the CUDA cores, ~10x slower)."""
-    return (x.is_cuda and x.dtype == weight.dtype == torch.bfloat16 and hasattr(torch.ops.aten.mm, "dtype")
-            and not torch.is_autocast_enabled("cuda"))
+    return (x.is_cuda and x.dtype == weight.dtype == torch.bfloat16 and not torch.is_autocast_enabled("cuda")
+            and _fp32_out_mm(x.device))
 
 
 class Router(nn.Module):
