@@ -140,6 +140,48 @@ def _zero_step(comm, clip, exchange="reduce_scatter"):
     return [p.detach().numpy().copy() for p in model.parameters()], norms  # tensors do not survive the rank's exit
 
 
+def _zero_bf16_steps(comm, remainder):
+    """Three steps of the sharded optimizer over bf16 weights; each rank returns its owned masters (decoded)
+    and every weight."""
+    params, grads = _reference_model()
+    model = torch.nn.Module()
+    for i, p in enumerate(params):
+        model.register_parameter(f"p{i}", torch.nn.Parameter(p.detach().to(torch.bfloat16)))
+    opt = DistributedOptimizer(named_spaces(model, comm, comm, lambda p: False), get_backend("cpu"), world=comm,
+                               lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, bucket_mb=0.0005,
+                               grad_dtype=torch.bfloat16, master_remainder=remainder)
+    assert len(opt.buckets) > 1 and all((b.remainder is not None) == remainder for b in opt.buckets)
+    for step in range(3):
+        opt.start_step(1)
+        loss = sum((p.float() * (g[step % 2].float() * (1 + comm.rank))).sum()
+                   for p, g in zip(model.parameters(), zip(*grads)))
+        loss.backward()
+        opt.finish_gradients()
+        opt.step(1e-2, 1.0)
+    masters = {(s.name, s.param_offset): v["master"].view(torch.int32).numpy().copy()
+               for s, v in opt.state_segments()}
+    return masters, [p.detach().view(torch.int16).numpy().copy() for p in model.parameters()]
+
+
+def test_zero1_masters_kept_as_remainders_over_two_ranks_are_the_whole_masters():
+    """ZeRO-1 over 2 ranks with bf16 weights: each rank's shard of masters kept as remainders of its slice of
+    the weights is bitwise the whole-master run's, and the all-gathered weights are the masters' upper
+    halves on both ranks."""
+    from openseek_hal.ops.optim import split_master
+
+    whole = launch(_zero_bf16_steps, 2, args=(False,), timeout=60)
+    split = launch(_zero_bf16_steps, 2, args=(True,), timeout=60)
+    for (whole_masters, _), (split_masters, _) in zip(whole, split, strict=True):
+        assert whole_masters.keys() == split_masters.keys() and whole_masters
+        for key, bits in whole_masters.items():
+            assert (bits == split_masters[key]).all(), key
+    for masters, weights in split:  # each rank's owned masters against its (gathered) weights
+        for (name, offset), bits in masters.items():
+            weight = torch.from_numpy(weights[int(name[1:])]).view(-1)[offset:offset + bits.size]
+            assert torch.equal(weight, split_master(torch.from_numpy(bits).view(torch.float32))[0].view(torch.int16))
+    assert all((a == b).all() for a, b in zip(split[0][1], split[1][1], strict=True))  # the same weights everywhere
+
+
 class _DeferredGathers:
     """A communicator whose async all-gathers run only when waited for: a handle that is dropped
     instead of waited leaves the weights ungathered, deterministically (with a real transport the
