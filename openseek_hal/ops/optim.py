@@ -10,8 +10,9 @@ already holds the master's sign, exponent and top 7 mantissa bits; an int16 rema
 The master's bits are ``(weight_bits << 16) + remainder`` (int32 arithmetic), with the remainder in
 [-2**15, 2**15): the weight is the master rounded to the nearest bf16 (exact halves away from zero,
 where round-to-even would go to the even neighbour), and every fp32 value has exactly one such pair.
-The step then reads and writes 4 bytes of master a parameter where the whole master costs 6 (4, plus
-the 2 of the rounded weight written after it), and the masters take half the memory.
+The step then moves 8 bytes of weight and master a parameter (the pair read and written) where a whole
+master moves 10 (the master read and written, the rounded weight written), and the masters take half
+the memory.
 """
 
 from __future__ import annotations
