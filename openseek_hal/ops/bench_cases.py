@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from . import get
+from .optim import split_master
 from .rope_scaling import rope_tables
 
 # name: (hidden, vocab, tokens, experts, top_k, n_group, topk_group, moe_intermediate)
@@ -251,15 +252,23 @@ def _cases_for(preset: str, p: dict[str, int]) -> list[Case]:
     return cases
 
 
-def _adamw_case(params_millions: int) -> Case:
+def _adamw_case(params_millions: int, remainders: bool = False) -> Case:
     n = params_millions * 1_000_000
     sizes = [n // 64] * 64  # 64 tensors: a model's parameters in one multi-tensor step
 
     def make(dev):
         masters = [torch.randn(s, device=dev) for s in sizes]
-        return ([m.to(torch.bfloat16) for m in masters], [_randn(s, device=dev) for s in sizes],
-                [torch.zeros(s, device=dev) for s in sizes], [torch.zeros(s, device=dev) for s in sizes]), dict(
-            lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=10, master_params=masters)
+        tensors = ([m.to(torch.bfloat16) for m in masters], [_randn(s, device=dev) for s in sizes],
+                   [torch.zeros(s, device=dev) for s in sizes], [torch.zeros(s, device=dev) for s in sizes])
+        hyper = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=10)
+        if remainders:  # the same masters as (bf16 weight, int16 remainder) pairs
+            pairs = [split_master(m) for m in masters]
+            return ([w for w, _ in pairs], *tensors[1:]), dict(hyper, param_remainders=[r for _, r in pairs])
+        return tensors, dict(hyper, master_params=masters)
+
+    if remainders:  # bf16 weight and int16 remainder read+write, bf16 grad read, fp32 m/v read+write
+        return Case("adamw", f"{params_millions}M params bf16 + fp32 master as remainders, 64 tensors", make, (),
+                    n * (4 + 4 + 2 + 2 * 8), 0, compile_baseline=False)
 
     grads32: dict[int, list[torch.Tensor]] = {}
 
@@ -376,7 +385,8 @@ def fp8_cases() -> list[Case]:
 
 def cases(op: str | None = None) -> list[Case]:
     """Every case (or those of ``op``), with the external baselines that are installed."""
-    out = [c for preset, p in PRESETS.items() for c in _cases_for(preset, p)] + [_adamw_case(256)] + fp8_cases()
+    out = [c for preset, p in PRESETS.items() for c in _cases_for(preset, p)]
+    out += [_adamw_case(256), _adamw_case(256, remainders=True)] + fp8_cases()
     if op is not None:
         get(op)  # a clear KeyError for an unknown op name
         out = [c for c in out if c.op == op]
