@@ -306,7 +306,7 @@ class OpLevel:
                 reference = chosen
                 expected_fwd = self._reference(opdef, sample, grad_pos, seed, fn=reference)
         floor = self._floor(opdef, sample, dtype, seed, got, backward_args, fn=reference)
-        got_fwd, expected, floor_fwd = (_decoded(opdef, ref_args, ref_kwargs, outputs) for outputs in
+        got_fwd, expected, floor_fwd = (opdef.decoded(ref_args, ref_kwargs, outputs) for outputs in
                                         (got.outputs, expected_fwd.outputs, floor.outputs if floor else None))
         norm_rtol = None if sample.ill_conditioned else opdef.norm_tol(sample.tolerance_dtype or dtype)
         scale = None
@@ -383,7 +383,7 @@ class OpLevel:
                 scale = flatten(opdef.error_scale(*ref_args, **ref_kwargs))
             except Exception as e:
                 return CheckResult(**info, status="error", message=f"the op's error_scale raised {error_text(e)}")
-        expected, got = (_decoded(opdef, ref_args, ref_kwargs, outputs) for outputs in (expected, got))
+        expected, got = (opdef.decoded(ref_args, ref_kwargs, outputs) for outputs in (expected, got))
         # integer outputs computed from NaN (say, a top-k over NaN scores) are unspecified: floats only
         floating = [i for i, e in enumerate(expected) if isinstance(e, torch.Tensor) and e.is_floating_point()]
         comparison = compare_all([got[i] for i in floating if i < len(got)], [expected[i] for i in floating],
@@ -397,14 +397,6 @@ class OpLevel:
         return CheckResult(**info, check=check, status="pass" if c.ok else "fail", max_abs_err=c.max_abs_err,
                            max_rel_err=c.max_rel_err, err_ratio=c.err_ratio, message=c.message,
                            duration_s=round(time.perf_counter() - started, 4))
-
-
-def _decoded(opdef: OpDef, args: tuple[Any, ...], kwargs: dict[str, Any], outputs: list[Any] | None
-             ) -> list[Any] | None:
-    """``outputs`` on the CPU with the op's encoded values decoded (`OpDef.decode`), for comparing."""
-    if outputs is None or opdef.decode is None:
-        return outputs
-    return opdef.decode(args, kwargs, [o.detach().cpu() if isinstance(o, torch.Tensor) else o for o in outputs])
 
 
 def _backward_reduction(sample: Sample, grad_pos: list[int], outputs: list[Any]) -> int:

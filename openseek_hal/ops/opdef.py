@@ -133,6 +133,13 @@ class OpDef:
     # outputs with those values decoded. Every forward comparison sees the decoded outputs.
     decode: Callable[..., list[Any]] | None = None
 
+    def decoded(self, args: tuple[Any, ...], kwargs: dict[str, Any], outputs: list[Any] | None) -> list[Any] | None:
+        """Flat ``outputs`` as they are compared: on the CPU with encoded values decoded (`decode`); as given
+        for an op without a decode (and None as None)."""
+        if outputs is None or self.decode is None:
+            return outputs
+        return self.decode(args, kwargs, [o.detach().cpu() if isinstance(o, torch.Tensor) else o for o in outputs])
+
     def schema(self) -> tuple[ArgSchema, ...]:
         """The op's typed arguments, read from its reference's signature (the contract a kernel implements)."""
         out = []

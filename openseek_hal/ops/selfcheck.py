@@ -65,10 +65,8 @@ def check_op(name: str, impl: Callable[..., Any], dtype: torch.dtype, device: to
             assert chosen is not None, f"{label}: the kernel's choice is not a top-k of the reference's scores"
             ref = pytree.tree_leaves(chosen(*ref_args, **ref_kwargs))
         assert len(out) == len(ref), f"{label}: {len(out)} outputs, the reference has {len(ref)}"
-        shown_out, shown_ref = out, ref
-        if opdef.decode is not None:  # values stored encoded (adamw's master remainders) compared decoded
-            shown_out = opdef.decode(ref_args, ref_kwargs, [_detach(o).cpu() for o in out])
-            shown_ref = opdef.decode(ref_args, ref_kwargs, [_detach(r) for r in ref])
+        # values stored encoded (adamw's master remainders) are compared decoded
+        shown_out, shown_ref = (opdef.decoded(ref_args, ref_kwargs, outs) for outs in (out, ref))
         for j, (o, r) in enumerate(zip(shown_out, shown_ref)):
             _close(o, r, rtol, atol, f"{label} output {j}")
         if grad_pos:
