@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 VOCAB = 151_872
@@ -28,28 +29,37 @@ VOCAB = 151_872
 
 def make_data(folder: Path, n_tokens: int, seed: int = 0) -> Path:
     """A token-shard folder of about ``n_tokens`` tokens over the whole vocabulary (Zipf-like ids)."""
+    rng = random.Random(seed)
+    ids = range(1, VOCAB)
+    cum, total = [], 0.0
+    for i in ids:
+        total += 1.0 / (i + 9)
+        cum.append(total)
+    docs, written = [], 0
+    while written < n_tokens:
+        n = rng.randint(500, 3000)
+        docs.append(rng.choices(ids, cum_weights=cum, k=n))
+        written += n + 1
+    return write_corpus(folder, docs, VOCAB)
+
+
+def write_corpus(folder: Path, docs: Iterable[Sequence[int]], vocab: int) -> Path:
+    """Documents of ids in ``[1, vocab)`` as a token-shard folder (``folder/shards``), through a word-level
+    tokenizer whose word ``w<i>`` is id ``i`` (0 is the end of a document) and ``openseek-hal data
+    tokenize``: the path a user's data takes. A folder already written is used as it is."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     shards = folder / "shards"
     if (shards / "index.json").is_file():
         return shards
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    words = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(folder / "tokenizer.json"))
-    rng = random.Random(seed)
-    words = [f"w{i}" for i in range(1, VOCAB)]
-    cum, total = [], 0.0
-    for i in range(len(words)):
-        total += 1.0 / (i + 10)
-        cum.append(total)
     with (folder / "docs.jsonl").open("w") as f:
-        written = 0
-        while written < n_tokens:
-            n = rng.randint(500, 3000)
-            f.write(json.dumps({"text": " ".join(rng.choices(words, cum_weights=cum, k=n))}) + "\n")
-            written += n + 1
+        for doc in docs:
+            f.write(json.dumps({"text": " ".join(f"w{i}" for i in doc)}) + "\n")
     subprocess.run([sys.executable, "-m", "openseek_hal", "data", "tokenize", str(folder / "docs.jsonl"), "-o",
                     str(shards), "--tokenizer", str(folder / "tokenizer.json"), "--workers", "8", "-q"], check=True)
     return shards
