@@ -390,3 +390,36 @@ def test_adamw_kernel_remainder_form_updates_the_master_as_the_full_fp32_master_
         adamw(*split[:4], param_remainders=split[4], master_params=full[4], **hyper)
     with pytest.raises(ValueError, match="int16 tensors shaped like"):
         adamw(*split[:4], param_remainders=[split[4][0].float()], **hyper)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unpermute_kernel_with_constant_weights_keeps_no_copy_of_its_input(dtype):
+    """The expert-parallel regroup unpermutes with unit weights that need no gradient: the kernel's autograd
+    then saves no copy of ``y`` (one [pairs, hidden] activation per MoE layer) and its input gradient is the
+    weighted scatter the reference gives; with weights needing a gradient ``y`` is kept, and dw is right too."""
+    from openseek_hal.ops.moe import moe_unpermute as reference
+
+    gen = torch.Generator().manual_seed(5)
+    tokens, k, hidden = 7, 3, 40
+    order = torch.randperm(tokens * k, generator=gen)
+    dout = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    saved: list[torch.Tensor] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    for needs_w in (False, True):
+        y = torch.randn(tokens * k, hidden, generator=gen).to(dtype).requires_grad_()
+        w = torch.rand(tokens, k, generator=gen).to(dtype).requires_grad_(needs_w)
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = KERNELS["moe_unpermute"](y, order, w)
+        assert any(t.shape == y.shape for t in saved) == needs_w
+        grads = torch.autograd.grad(out, [y, w] if needs_w else [y], dout)
+        y64 = y.detach().double().requires_grad_()
+        w64 = w.detach().double().requires_grad_(needs_w)
+        want = torch.autograd.grad(reference(y64, order, w64), [y64, w64] if needs_w else [y64], dout.double())
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        for got, ref in zip(grads, want, strict=True):
+            torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)

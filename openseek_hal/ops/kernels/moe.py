@@ -257,8 +257,9 @@ def _combine_rows(SRC, INV, W, DST, stride_src, stride_dst, n_cols, top_k, HAS_W
 
 @triton.jit
 def _unpermute_bwd(DOUT, Y, INV, W, DY, DW, stride_dout, stride_y, stride_dy, n_cols, top_k,
-                   ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """Per token: ``dy[inv[t, j]] = w[t, j] * dout[t]`` and ``dw[t, j] = <dout[t], y[inv[t, j]]>``."""
+                   HAS_DW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Per token: ``dy[inv[t, j]] = w[t, j] * dout[t]`` and, with HAS_DW, ``dw[t, j] = <dout[t], y[inv[t, j]]>``
+    (without it ``y`` is not read: the weights are constants, as the expert-parallel regroup's ones are)."""
     t = tl.program_id(0).to(tl.int64)
     for j in range(top_k):
         p = tl.load(INV + t * top_k + j)
@@ -268,10 +269,12 @@ def _unpermute_bwd(DOUT, Y, INV, W, DY, DW, stride_dout, stride_y, stride_dy, n_
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             g = tl.load(DOUT + t * stride_dout + cols, mask=mask, other=0.0).to(ACC)
-            y = tl.load(Y + p * stride_y + cols, mask=mask, other=0.0).to(ACC)
             tl.store(DY + p * stride_dy + cols, (g * w).to(DY.dtype.element_ty), mask=mask)
-            dot += g * y
-        tl.store(DW + t * top_k + j, tl.sum(dot, axis=0).to(DW.dtype.element_ty))
+            if HAS_DW:
+                y = tl.load(Y + p * stride_y + cols, mask=mask, other=0.0).to(ACC)
+                dot += g * y
+        if HAS_DW:
+            tl.store(DW + t * top_k + j, tl.sum(dot, axis=0).to(DW.dtype.element_ty))
 
 
 def _row_block(n_cols: int) -> tuple[int, int]:
@@ -331,21 +334,25 @@ class MoEUnpermute(torch.autograd.Function):
         y = _rows(y_sorted)
         inv = _inverse(sorted_order)
         w = weights.contiguous()
-        ctx.save_for_backward(y, inv, w)
+        # y is needed only for the weights' gradient: constant weights (a plain permutation) keep no copy of it
+        ctx.save_for_backward(y if ctx.needs_input_grad[2] else None, inv, w)
+        ctx.y_meta = (y.shape, y.dtype)
         return _combine(y, inv, w, tokens, top_k, y.dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         y, inv, w = ctx.saved_tensors
         tokens, top_k = w.shape
+        shape, dtype = ctx.y_meta
         d_out = _rows(d_out)
-        dy = torch.empty_like(y, memory_format=torch.contiguous_format)
-        dw = torch.empty_like(w)
+        dy = torch.empty(shape, dtype=dtype, device=d_out.device)
+        dw = torch.empty_like(w) if y is not None else None
         if tokens:
-            block, warps = _row_block(y.shape[1])
-            _unpermute_bwd[(tokens,)](d_out, y, inv, w, dy, dw, d_out.stride(0), y.stride(0), dy.stride(0),
-                                      y.shape[1], top_k, ACC=acc_type(torch.promote_types(y.dtype, w.dtype)),
-                                      BLOCK=block, num_warps=warps)
+            block, warps = _row_block(shape[1])
+            _unpermute_bwd[(tokens,)](d_out, y if y is not None else dy, inv, w, dy, dw if dw is not None else w,
+                                      d_out.stride(0), dy.stride(0) if y is None else y.stride(0), dy.stride(0),
+                                      shape[1], top_k, HAS_DW=y is not None,
+                                      ACC=acc_type(torch.promote_types(dtype, w.dtype)), BLOCK=block, num_warps=warps)
         return dy, None, dw
 
 
