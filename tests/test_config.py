@@ -47,3 +47,26 @@ def test_bad_config_gives_one_clear_error(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_moment_dtype_auto_is_bf16_only_in_the_accelerator_regime():
+    """`moment_dtype: auto` (the default): bf16 moments where `dtype: auto` gives bf16 weights (a GPU job),
+    the master's dtype in every other regime; `master` and `bf16` hold everywhere."""
+    import torch
+
+    from openseek_hal.train.trainer import moment_dtype
+
+    def resolve(weights: torch.dtype, **fields) -> torch.dtype:
+        return moment_dtype(load_config(overrides=fields), weights)
+
+    assert load_config().moment_dtype == "auto"
+    assert resolve(torch.bfloat16) == torch.bfloat16  # dtype auto on an accelerator
+    assert resolve(torch.float32) == torch.float32  # dtype auto on the CPU (or a mixed cuda+cpu job)
+    assert resolve(torch.bfloat16, dtype="bf16") == torch.float32  # explicit bf16: fp32 master and moments
+    assert resolve(torch.float32, dtype="autocast") == torch.float32
+    assert resolve(torch.float64, dtype="fp64") == torch.float64
+    assert resolve(torch.bfloat16, moment_dtype="master") == torch.float32
+    assert resolve(torch.float32, moment_dtype="bf16") == torch.bfloat16
+    assert resolve(torch.float64, dtype="fp64", moment_dtype="bf16") == torch.bfloat16
+    with pytest.raises(ConfigError, match="moment_dtype must be one of auto, master, bf16, got 'fp16'"):
+        load_config(overrides={"moment_dtype": "fp16"})

@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 from rich.console import Console
+from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from openseek_hal.errors import RunError
@@ -64,12 +65,18 @@ def test_loss_falls_and_checkpoint_reloads(backend_name, tmp_path):
     assert rows[-2]["loss"] == result.losses[-1] and rows[-1]["val_loss"] == result.val_loss
 
 
-@pytest.mark.parametrize("dtype", ["auto", "bf16"])  # bf16: fp32 masters kept as remainders of the weights
-def test_resume_is_exact(tmp_path, dtype):
-    straight = train(_cfg(tmp_path / "a", steps=8, save_every=4, dtype=dtype), console=_quiet())
+# bf16: fp32 masters kept as remainders of the weights; with bf16 moments: a GPU's default regime, on the CPU
+@pytest.mark.parametrize("dtype,moments", [("auto", "auto"), ("bf16", "auto"), ("bf16", "bf16")])
+def test_resume_is_exact(tmp_path, dtype, moments):
+    straight = train(_cfg(tmp_path / "a", steps=8, save_every=4, dtype=dtype, moment_dtype=moments),
+                     console=_quiet())
     ckpt = tmp_path / "a" / "run" / "checkpoints" / "step_000004"
     assert json.loads((ckpt / "state.json").read_text())["step"] == 4
-    resumed = train(_cfg(tmp_path / "b", steps=8, dtype=dtype), resume=ckpt, console=_quiet())
+    with safe_open(str(ckpt / "rank_00000.safetensors"), "pt") as f:  # the moments as the run kept them
+        kept = {f.get_tensor(k).dtype for k in f.keys() if k.startswith("optim/") and "/exp_avg" in k}
+    assert kept == {torch.bfloat16 if moments == "bf16" else torch.float32}
+    resumed = train(_cfg(tmp_path / "b", steps=8, dtype=dtype, moment_dtype=moments), resume=ckpt,
+                    console=_quiet())
     assert resumed.losses == straight.losses  # bitwise: same batches, same optimizer state
 
 

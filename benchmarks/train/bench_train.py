@@ -74,11 +74,11 @@ ROWS = {
     "1gpu-fp8": (1, ["model.num_nextn_predict_layers=0", "fp8=true"]),
     # the update of the buckets no collective touches on a side stream, beside the next forward
     "1gpu-overlap": (1, ["model.num_nextn_predict_layers=0", "optimizer_overlap=true"]),
-    "1gpu-bf16moments": (1, ["model.num_nextn_predict_layers=0", "moment_dtype=bf16"]),
+    # fp32 AdamW moments (the default keeps them in bf16 on GPUs, as DeepSeek-V3 does)
+    "1gpu-fp32moments": (1, ["model.num_nextn_predict_layers=0", "moment_dtype=master"]),
     # whole fp32 masters (the default keeps them as int16 remainders of the bf16 weights)
     "1gpu-full-master": (1, ["model.num_nextn_predict_layers=0", "master_remainder=false"]),
-    "1gpu-graph-bf16moments": (1, ["model.num_nextn_predict_layers=0", "graph_step=true", "moment_dtype=bf16"]),
-    "1gpu-mtp-bf16moments": (1, ["moment_dtype=bf16"]),
+    "1gpu-graph-fp32moments": (1, ["model.num_nextn_predict_layers=0", "graph_step=true", "moment_dtype=master"]),
     "1gpu-autocast-mtp": (1, ["dtype=autocast"]),
     "dp2": (2, ["model.num_nextn_predict_layers=0"]),
     "dp2-bf16reduce": (2, ["model.num_nextn_predict_layers=0", "reduce_dtype=bf16"]),

@@ -1,7 +1,7 @@
 """Does a training variant's loss curve stay inside the baseline's seed-to-seed band?
 
     OPENSEEK_HAL_COMMIT=<sha> python benchmarks/train/loss_band.py --out DIR [--steps 300] [--seeds 0,1,2]
-        [--candidates fp8,bf16moments]
+        [--candidates fp8,fp32moments]
 
 The baseline (the trainer's default regime) trains once per seed; each candidate (a named set of config
 overrides, below) trains at the first seed. Each curve is smoothed by a trailing mean over ``--window`` steps
@@ -33,7 +33,8 @@ from bench_train import VOCAB, environment, write_corpus
 CANDIDATES = {
     # name: config overrides on top of the baseline's
     "fp8": ["fp8=true"],
-    "bf16moments": ["moment_dtype=bf16"],
+    "bf16moments": ["moment_dtype=bf16"],  # the GPU default (moment_dtype: auto); on the CPU a candidate
+    "fp32moments": ["moment_dtype=master"],
     "full-master": ["master_remainder=false"],
     "autocast": ["dtype=autocast"],
 }
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", default="0,1,2", help="the baseline's seeds; candidates train at the first")
-    ap.add_argument("--candidates", default="fp8,bf16moments", help=f"comma-separated, of {', '.join(CANDIDATES)}")
+    ap.add_argument("--candidates", default="fp8,fp32moments", help=f"comma-separated, of {', '.join(CANDIDATES)}")
     ap.add_argument("--window", type=int, default=20, help="steps of the trailing mean")
     ap.add_argument("--backend", default="cuda")
     ap.add_argument("--model", default="openseek-small")

@@ -45,8 +45,9 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float | None = 1.0  # global gradient-norm clip; null: none
     seed: int = 0
-    # "auto": bf16 weights + fp32 master on accelerators, fp32 on the CPU. "bf16": bf16 weights, fp32
-    # master and moments. "autocast": fp32 weights, bf16 autocast. "fp32". "fp64" (verification runs).
+    # "auto": bf16 weights + fp32 master (+ bf16 moments, `moment_dtype`) on accelerators, fp32 on the CPU.
+    # "bf16": bf16 weights, fp32 master and moments. "autocast": fp32 weights, bf16 autocast. "fp32".
+    # "fp64" (verification runs).
     dtype: str = "auto"
     log_every: int = 10
     save_every: int = 0  # 0: save only at the end
@@ -68,9 +69,11 @@ class TrainConfig:
     # "all_to_all" (each rank gets the others' copies of its shard in the gradients' dtype and sums them in
     # reduce_dtype itself: fp32 sums at bf16 traffic when a step has one micro-batch)
     grad_exchange: str = "reduce_scatter"
-    # the AdamW moments: "master" (the master weights' dtype: fp32, fp64 in verification runs) or
-    # "bf16" (as DeepSeek-V3 trains: half the optimizer's moment memory and traffic)
-    moment_dtype: str = "master"
+    # the AdamW moments: "auto" (bf16 where `dtype: auto` gives bf16 weights, i.e. on accelerators, as
+    # DeepSeek-V3 trains: half the moments' memory and traffic, loss inside the fp32-moment runs' band, see
+    # docs/train.md; else the master's dtype), "master" (the master weights' dtype: fp32, fp64 in
+    # verification runs) or "bf16"
+    moment_dtype: str = "auto"
     # bf16 weights with fp32 masters: keep each master as an int16 remainder of its bf16 weight (the weight
     # is the master's upper half; together they are the same fp32 number) instead of a whole fp32 copy:
     # 2 bytes a parameter less memory and optimizer traffic. The weights are then their masters rounded
@@ -213,7 +216,7 @@ def validate(cfg: TrainConfig) -> None:
     choices = {"dtype": ("auto", "bf16", "autocast", "fp32", "fp64"), "lr_schedule": ("cosine", "wsd", "constant"),
                "decay_shape": ("linear", "cosine", "sqrt"), "reduce_dtype": ("fp32", "bf16"),
                "grad_exchange": ("reduce_scatter", "all_to_all"),
-               "expert_dispatch": ("pairs", "tokens", "allgather"), "moment_dtype": ("master", "bf16")}
+               "expert_dispatch": ("pairs", "tokens", "allgather"), "moment_dtype": ("auto", "master", "bf16")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")

@@ -92,6 +92,17 @@ def weight_dtype(cfg: TrainConfig, backend: Backend, device_types: set[str] | No
     return {"bf16": torch.bfloat16, "fp64": torch.float64}.get(mode, torch.float32)
 
 
+def moment_dtype(cfg: TrainConfig, weights: torch.dtype) -> torch.dtype:
+    """The AdamW moments' dtype for weights of dtype ``weights`` (`weight_dtype`): ``moment_dtype: auto`` gives
+    bf16 moments in the accelerator regime (``dtype: auto`` resolved to bf16 weights), the master's dtype
+    anywhere else; ``master`` the master's; ``bf16`` bf16."""
+    master = torch.float64 if weights == torch.float64 else torch.float32
+    if cfg.moment_dtype == "bf16" or (cfg.moment_dtype == "auto" and cfg.dtype == "auto"
+                                      and weights == torch.bfloat16):
+        return torch.bfloat16
+    return master
+
+
 def _autocast(backend: Backend, cfg: TrainConfig) -> contextlib.AbstractContextManager:
     if cfg.dtype != "autocast":
         return contextlib.nullcontext()
@@ -333,7 +344,7 @@ class _Run:
         self.model = model
         master = torch.float64 if self.dtype == torch.float64 else torch.float32
         reduce = torch.bfloat16 if cfg.reduce_dtype == "bf16" else master
-        moments = torch.bfloat16 if cfg.moment_dtype == "bf16" else master
+        moments = moment_dtype(cfg, self.dtype)
         spaces = named_spaces(model, layout.world, layout.expert_dp_comm, lambda p: self.expert_of(p) is not None)
         self.optimizer = DistributedOptimizer(spaces, self.backend, world=layout.world, lr=cfg.lr,
                                               betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
