@@ -520,3 +520,19 @@ def test_dense_split_k_within_the_bound_and_the_shape_rule(kernels, paths):
     assert kernels.gemm_config(16384, 576, 1280, cuda).split_k == 1  # forward: many tiles, short K
     assert kernels.gemm_config(1280, 576, 16380, cuda).split_k == 5  # weight gradient: 50 tiles, K = tokens
     assert kernels.gemm_config(576, 1280, 2048, cuda).split_k == 2
+
+
+def test_fp8_gradient_error_is_uniform_and_bounded():
+    """benchmarks/ops/fp8_grad_error.py on a small model: FP8 training's gradients differ from float64's
+    by e4m3's rounding (a few times bf16's error, in every layer), not by a broken tile or scale, which
+    would put a layer's relative error near or above 1."""
+    from benchmark_scripts import load_script
+
+    script = load_script("ops/fp8_grad_error.py")
+    result = script.gradient_errors(hidden=128, seq=128, batch=1, experts=4)
+    loss = result["loss"]
+    assert abs(loss["fp8"] - loss["fp64"]) < 0.01 * loss["fp64"]
+    rows = result["rows"]
+    assert len(rows) > 15 and all(0 < r["fp8"] < 0.6 for r in rows), rows
+    # FP8 is the coarser arithmetic in (nearly) every layer
+    assert sum(r["fp8"] > r["bf16"] for r in rows) >= len(rows) - 1, rows
