@@ -9,7 +9,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from openseek_hal.backend import Capabilities, get_backend, register_backend, unregister_backend
+from openseek_hal.backend import get_backend, register_backend, unregister_backend
 from openseek_hal.backends.cpu import CPUBackend
 from openseek_hal.conformance import SuiteConfig, run_suite
 from openseek_hal.errors import ConfigError
@@ -230,21 +230,11 @@ def test_conformance_passes_on_triton_interpret_and_catches_a_wrong_scale(kernel
     assert not bad.ok
 
 
-class _FP8Interpret(CPUBackend):
-    """The CPU references everywhere except the fp8 layers, which are the interpreted Triton kernels: the
-    FP8 training path of triton-interpret at the cost of a CPU run (the full interpreter takes minutes)."""
+def _fp8_interpret() -> type[CPUBackend]:
+    """The CPU backend with interpreted Triton FP8 layers (benchmarks/ops/fp8_grad_error.py's)."""
+    from benchmark_scripts import load_script
 
-    name = "cpu-fp8-interpret"
-
-    def native_ops(self):
-        from openseek_hal.ops.kernel_loader import kernel_table
-
-        table = kernel_table(interpret=True)
-        return {**CPUBackend.native_ops(self), "fp8_linear": table["fp8_linear"],
-                "fp8_grouped_linear": table["fp8_grouped_linear"]}
-
-    def capabilities(self):
-        return Capabilities(device_name="CPU + interpreted fp8 kernels", dtypes=(torch.float32,), fp8=True)
+    return load_script("ops/fp8_grad_error.py").FP8Interpret
 
 
 def test_enable_fp8_swaps_the_right_layers():
@@ -281,7 +271,8 @@ def test_training_with_fp8_tracks_the_fp32_run(tmp_path, monkeypatch):
     from openseek_hal.ops.kernel_loader import kernel_table
 
     kernels = sys.modules[kernel_table(interpret=True)["fp8_linear"].__module__]
-    register_backend(_FP8Interpret)
+    fp8_backend = _fp8_interpret()
+    register_backend(fp8_backend)
     try:
         losses = {}
         for fp8, cache in ((False, True), (True, True), ("nocache", False)):
@@ -289,13 +280,13 @@ def test_training_with_fp8_tracks_the_fp32_run(tmp_path, monkeypatch):
             cfg = load_config(None, {"global_batch_size": 4, "seq_len": 32, "lr": 1e-2, "warmup_steps": 2,
                                      "tokenizer_vocab_size": 512, "sample_tokens": 1, "eval_batches": 1,
                                      "log_every": 5, "model.num_hidden_layers": 2, "save": False, "steps": 3,
-                                     "backend": _FP8Interpret.name, "fp8": bool(fp8), "out": str(tmp_path / f"r{fp8}")})
+                                     "backend": fp8_backend.name, "fp8": bool(fp8), "out": str(tmp_path / f"r{fp8}")})
             try:
                 losses[fp8] = train(cfg, console=Console(file=open("/dev/null", "w"))).losses  # noqa: SIM115
             finally:
                 kernels.set_paths(**previous)
     finally:
-        unregister_backend(_FP8Interpret.name)
+        unregister_backend(fp8_backend.name)
     # the weight cache must never serve weights from before an optimizer step (ZeRO writes them behind
     # their version counters): with it the losses are the same bits as without it
     assert losses[True] == losses["nocache"]

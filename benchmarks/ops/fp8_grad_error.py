@@ -30,9 +30,10 @@ from openseek_hal.provenance import provenance
 
 
 class FP8Interpret(CPUBackend):
-    """The CPU references, with the interpreted Triton FP8 layers."""
+    """The CPU references everywhere except the FP8 layers, which are the interpreted Triton kernels: the FP8
+    training path of triton-interpret at the cost of a CPU run (the full interpreter takes minutes)."""
 
-    name = "cpu-fp8-interpret-diag"
+    name = "cpu-fp8-interpret"
 
     def native_ops(self):
         table = kernel_table(interpret=True)
