@@ -142,7 +142,7 @@ def test_two_nodes_started_with_their_own_backend_train_fp32_and_match_one_rank(
     assert one.returncode == 0, one.stderr
     outs = _two_nodes(tmp_path / "two", env, [["--backend", "cpu", *eps], ["--backend", "cpu-twin", *eps]])
     assert [o[0] for o in outs] == [0, 0], outs[0][2][-2000:] + outs[1][2][-2000:]
-    assert "weights float32" in outs[0][1]
+    assert "weights float32, moments float32" in outs[0][1]  # dtype auto: the job's one regime
     bound = _fp32_bound()
     assert bound < 1e-5  # a thousandth of one update (lr = 1e-2)
     # a loss is a mean over the batch: its terms in another order move it by about n * u

@@ -390,6 +390,7 @@ class _Run:
         console.print(f"model: {self.n_params / 1e6:.2f}M parameters, {cfg.steps} steps of "
                       f"{cfg.global_batch_size}x{cfg.seq_len} tokens; {self.dp} data-parallel ranks x "
                       f"{self.accum} micro-batch(es) of {self.micro}; weights {str(self.dtype)[6:]}, "
+                      f"moments {str(self.optimizer.moment_dtype)[6:]}, "
                       f"optimizer state {mem['optimizer'] / 2**20:,.1f} MiB per rank")
         self.backend.device.reset_peak_memory()
         autocast = _autocast(self.backend, cfg)
