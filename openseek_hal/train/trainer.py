@@ -2,8 +2,8 @@
 
 Under torchrun, SLURM or ``openseek-hal train --nproc-per-node G`` every rank runs `train`: it
 joins the job's communicator, builds the same model from the same seed, applies expert
-parallelism, and trains with the ZeRO-1 `DistributedOptimizer` (bf16 weights, fp32 master and
-moments sharded over the replicas, gradients reduce-scattered in buckets during backward).
+parallelism, and trains with the ZeRO-1 `DistributedOptimizer` (bf16 weights, fp32 masters and bf16
+moments sharded over the replicas on accelerators, gradients reduce-scattered in buckets during backward).
 Batches are a pure function of ``(seed, step)`` and a rank reads only its own rows of each, so a
 resumed run replays exactly the batches an uninterrupted run would have seen, at any world size.
 """
