@@ -121,23 +121,32 @@ def row_spec(name: str) -> tuple[int, list[str]]:
 def run_row(name: str, data: Path, out: Path, steps: int, micro: int, seq: int) -> dict:
     gpus, sets = row_spec(name)
     run_dir = out / f"run-{name}"
-    cmd = [sys.executable, "-m", "openseek_hal", "train", "--backend", "cuda", "--model", "openseek-small",
-           "--data", str(data), "--steps", str(steps), "--batch-size", str(micro * gpus), "--seq-len", str(seq),
-           "--out", str(run_dir), "--nproc-per-node", str(gpus)]
-    for s in ["save=false", "log_every=" + str(steps), "eval_batches=1", "sample_tokens=1", "warmup_steps=2",
-              "lr=3e-4", *sets]:
+    args = ["--backend", "cuda", "--model", "openseek-small", "--data", str(data), "--steps", str(steps),
+            "--batch-size", str(micro * gpus), "--seq-len", str(seq), "--nproc-per-node", str(gpus)]
+    settings = ["save=false", "log_every=" + str(steps), "eval_batches=1", "sample_tokens=1", "warmup_steps=2",
+                "lr=3e-4", *sets]
+    record, metrics = run_train(args, settings, run_dir, out / f"{name}.log")
+    row = {"row": name, "gpus": gpus, **record}
+    if metrics:
+        row.update(next(m for m in reversed(metrics) if "tokens_per_s" in m))
+    return row
+
+
+def run_train(args: list[str], settings: list[str], run_dir: Path, log: Path) -> tuple[dict, list[dict]]:
+    """One ``openseek-hal train`` subprocess (``args``, each of ``settings`` as a ``--set``) writing to
+    ``run_dir``, its output kept in ``log``. Returns its record (command, exit status, wall time and, when it
+    failed, the last line of its output as ``error``) and the rows of its ``metrics.jsonl`` ([] on failure)."""
+    cmd = [sys.executable, "-m", "openseek_hal", "train", *args, "--out", str(run_dir)]
+    for s in settings:
         cmd += ["--set", s]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    row = {"row": name, "gpus": gpus, "command": " ".join(cmd[1:]), "rc": proc.returncode,
-           "wall_s": time.perf_counter() - t0}
+    log.write_text(proc.stdout + proc.stderr)
+    record = {"command": " ".join(cmd[1:]), "rc": proc.returncode, "wall_s": time.perf_counter() - t0}
     if proc.returncode != 0:
-        row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-        return row
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    row.update(next(m for m in reversed(metrics) if "tokens_per_s" in m))
-    return row
+        record["error"] = ((proc.stderr or proc.stdout).strip().splitlines() or ["?"])[-1]
+        return record, []
+    return record, [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def environment() -> dict:

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from bench_train import VOCAB, environment, write_corpus
+from bench_train import VOCAB, environment, run_train, write_corpus
 
 CANDIDATES = {
     # name: config overrides on top of the baseline's
@@ -78,7 +77,7 @@ def structured_ids(n_tokens: int, vocab: int, seed: int = 0) -> list[np.ndarray]
 
 
 def smooth(losses: list[float], window: int) -> np.ndarray:
-    """Trailing mean over ``window`` steps: element t is the mean of steps t-window+1..t (None before)."""
+    """Trailing mean over ``window`` steps: element t is the mean of steps t-window+1..t (NaN before)."""
     x = np.asarray(losses, dtype=np.float64)
     c = np.concatenate([[0.0], np.cumsum(x)])
     out = np.full(len(x), np.nan)
@@ -104,13 +103,13 @@ def band_verdict(baseline: list[list[float]], candidate: list[float], window: in
     if n < 2:
         raise ValueError("a band needs at least two baseline runs")
     steps = np.arange(window - 1, len(candidate))
-    mean = curves[:, steps].mean(axis=0)
-    half = T975.get(n - 1, 1.96) * curves[:, steps].std(axis=0, ddof=1) * np.sqrt(1 + 1 / n)
-    half = np.maximum(half, 1e-12)
+    seeds = curves[:, steps]
+    mean = seeds.mean(axis=0)
+    half = np.maximum(T975.get(n - 1, 1.96) * seeds.std(axis=0, ddof=1) * np.sqrt(1 + 1 / n), 1e-12)
     cand = smooth(candidate, window)[steps]
     outside = np.maximum(np.abs(cand - mean) - half, 0.0) / half
     inside = outside == 0.0
-    in_range = (cand >= curves[:, steps].min(axis=0)) & (cand <= curves[:, steps].max(axis=0))
+    in_range = (cand >= seeds.min(axis=0)) & (cand <= seeds.max(axis=0))
     return {"inside": bool(inside.mean() >= need), "fraction_inside": float(inside.mean()),
             "fraction_inside_seed_range": float(in_range.mean()),
             "worst_excursion_half_widths": float(outside.max()),
@@ -120,22 +119,15 @@ def band_verdict(baseline: list[list[float]], candidate: list[float], window: in
 
 
 def run(name: str, sets: list[str], seed: int, args: argparse.Namespace, data: Path) -> dict:
-    run_dir = args.out / f"run-{name}-seed{seed}"
-    cmd = [sys.executable, "-m", "openseek_hal", "train", "--backend", args.backend, "--model", args.model,
-           "--data", str(data), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--seq-len", str(args.seq_len), "--out", str(run_dir)]
-    for s in ["save=false", "log_every=1", f"eval_batches={args.eval_batches}", "sample_tokens=1",
-              f"warmup_steps={args.warmup}", f"lr={args.lr}", f"seed={seed}", *args.set, *sets]:
-        cmd += ["--set", s]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    (args.out / f"{name}-seed{seed}.log").write_text(proc.stdout + proc.stderr)
-    result = {"name": name, "seed": seed, "command": " ".join(cmd[1:]), "rc": proc.returncode,
-              "wall_s": time.perf_counter() - t0}
-    if proc.returncode != 0:
-        result["error"] = ((proc.stderr or proc.stdout).strip().splitlines() or ["?"])[-1]
+    train_args = ["--backend", args.backend, "--model", args.model, "--data", str(data), "--steps", str(args.steps),
+                  "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+    settings = ["save=false", "log_every=1", f"eval_batches={args.eval_batches}", "sample_tokens=1",
+                f"warmup_steps={args.warmup}", f"lr={args.lr}", f"seed={seed}", *args.set, *sets]
+    record, rows = run_train(train_args, settings, args.out / f"run-{name}-seed{seed}",
+                             args.out / f"{name}-seed{seed}.log")
+    result = {"name": name, "seed": seed, **record}
+    if not rows:
         return result
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
     result["losses"] = [losses[s] for s in range(1, args.steps + 1)]
     result["val_loss"] = next(r["val_loss"] for r in reversed(rows) if "val_loss" in r)

@@ -8,8 +8,8 @@
 # Rows (ROWS= overrides): 1 GPU: 1gpu, 1gpu-fp32moments, 1gpu-graph, 1gpu-graph-fp32moments, 1gpu-mtp, then
 # 1gpu-again; 2 GPUs also dp2, dp2-a2a, dp2-bf16reduce, ep2, ep2-allgather, ep2-tokens. Before them, the
 # conformance of the ops the default step's update and attention inputs run (adamw, mla_qkv) on the GPU
-# and their bench rows. STEPS (20), TRAIN_TIMEOUT (300 s), CHECK_TIMEOUT (120 s; 60 for the bench) and TITAN_TIMEOUT (120 s)
-# bound the job to one 600-second device call.
+# and their bench rows. STEPS (20), CHECK_TIMEOUT (120 s), BENCH_TIMEOUT (60 s), TRAIN_TIMEOUT (300 s) and
+# TITAN_TIMEOUT (120 s) bound the job to one 600-second device call.
 set -uo pipefail
 : "${OPENSEEK_HAL_COMMIT:?set OPENSEEK_HAL_COMMIT to the commit being measured}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$work/gpus.t
 python3 -m pip install -q --no-deps .whl/*.whl > /dev/null 2>&1 || echo "no wheels in .whl/: torchtitan's row will fail"
 timeout "${CHECK_TIMEOUT:-120}" python3 -m openseek_hal conform --backend cuda --level ops --op adamw,mla_qkv \
     --report "$work/conform" > "$work/conform_log.txt" 2>&1 || echo "conform: exit $?" >> "$work/conform_log.txt"
-timeout "${CHECK_TIMEOUT:-60}" python3 -m openseek_hal bench --backend cuda --op mla_qkv \
+timeout "${BENCH_TIMEOUT:-60}" python3 -m openseek_hal bench --backend cuda --op mla_qkv \
     --json "$work/bench_mla_qkv.json" > "$work/bench_log.txt" 2>&1
 timeout "${TRAIN_TIMEOUT:-300}" python3 benchmarks/train/bench_train.py --out "$work/train" --rows "$rows" \
     --steps "$steps" --data-tokens 3000000 > "$work/train_log.txt" 2>&1

@@ -92,12 +92,11 @@ class Trajectory:
 
 def train_steps(model: nn.Module, backend: Backend, batches: list[torch.Tensor], lr: float,
                 advance: Callable[[str], None] = lambda _: None) -> Trajectory:
-    from ..train.zero import DistributedOptimizer, named_spaces
+    from ..train.zero import DistributedOptimizer, master_dtype, named_spaces
 
     device = backend.device.torch_device
     cross_entropy = backend.op("cross_entropy")
-    weights = next(model.parameters()).dtype
-    master = torch.float64 if weights == torch.float64 else torch.float32
+    master = master_dtype(next(model.parameters()).dtype)
     optimizer = DistributedOptimizer(named_spaces(model, None, None, lambda p: False), backend, world=None, lr=lr,
                                      betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, master_dtype=master)
     has_loss = callable(getattr(model, "loss", None))

@@ -50,7 +50,7 @@ from .metrics import MetricsLogger
 from .parallel import ParallelLayout
 from .profile import StepProfiler
 from .schedule import lr_at
-from .zero import DeviceSchedule, DistributedOptimizer, named_spaces
+from .zero import DeviceSchedule, DistributedOptimizer, master_dtype, named_spaces
 
 __all__ = ["TrainResult", "batch_at", "lr_at", "train"]
 
@@ -96,11 +96,10 @@ def moment_dtype(cfg: TrainConfig, weights: torch.dtype) -> torch.dtype:
     """The AdamW moments' dtype for weights of dtype ``weights`` (`weight_dtype`): ``moment_dtype: auto`` gives
     bf16 moments in the accelerator regime (``dtype: auto`` resolved to bf16 weights), the master's dtype
     anywhere else; ``master`` the master's; ``bf16`` bf16."""
-    master = torch.float64 if weights == torch.float64 else torch.float32
     if cfg.moment_dtype == "bf16" or (cfg.moment_dtype == "auto" and cfg.dtype == "auto"
                                       and weights == torch.bfloat16):
         return torch.bfloat16
-    return master
+    return master_dtype(weights)
 
 
 def _autocast(backend: Backend, cfg: TrainConfig) -> contextlib.AbstractContextManager:
@@ -342,7 +341,7 @@ class _Run:
             wrap_blocks(model, recompute=cfg.recompute, compile=cfg.compile, backend=self.backend,
                         console=self.console)
         self.model = model
-        master = torch.float64 if self.dtype == torch.float64 else torch.float32
+        master = master_dtype(self.dtype)
         reduce = torch.bfloat16 if cfg.reduce_dtype == "bf16" else master
         moments = moment_dtype(cfg, self.dtype)
         spaces = named_spaces(model, layout.world, layout.expert_dp_comm, lambda p: self.expert_of(p) is not None)

@@ -628,6 +628,12 @@ class DistributedOptimizer:
         self._hooks.clear()
 
 
+def master_dtype(weights: torch.dtype) -> torch.dtype:
+    """The master weights' dtype for weights of dtype ``weights``: float64 for float64 (verification runs),
+    float32 for everything else."""
+    return torch.float64 if weights == torch.float64 else torch.float32
+
+
 def _sum_of_squares(tensors: list[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
     """``sum(t**2)`` over all ``tensors`` in ``acc``. Device reductions are trees (a few roundings
     deep), here one multi-tensor norm kernel; the CPU's sum in fp32 runs long sequential chunks

@@ -349,9 +349,9 @@ class MoEUnpermute(torch.autograd.Function):
         dw = torch.empty_like(w) if y is not None else None
         if tokens:
             block, warps = _row_block(shape[1])
-            _unpermute_bwd[(tokens,)](d_out, y if y is not None else dy, inv, w, dy, dw if dw is not None else w,
-                                      d_out.stride(0), dy.stride(0) if y is None else y.stride(0), dy.stride(0),
-                                      shape[1], top_k, HAS_DW=y is not None,
+            src = y if y is not None else dy  # without dw the kernel reads no y: any tensor holds the argument
+            _unpermute_bwd[(tokens,)](d_out, src, inv, w, dy, dw if dw is not None else w, d_out.stride(0),
+                                      src.stride(0), dy.stride(0), shape[1], top_k, HAS_DW=dw is not None,
                                       ACC=acc_type(torch.promote_types(dtype, w.dtype)), BLOCK=block, num_warps=warps)
         return dy, None, dw
 
