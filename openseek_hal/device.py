@@ -168,6 +168,12 @@ class DeviceGraph:
     def replay(self) -> None:
         raise NotImplementedError
 
+    def timing_event(self) -> Any | None:
+        """A timing event that, recorded inside ``capture()``, becomes part of the graph: every replay records
+        it again, so pairs of them time parts of a replay. None where the graph API has no such events (a
+        replay is then timed only as a whole, from outside)."""
+        return None
+
 
 class _CudaGraph(DeviceGraph):
     def __init__(self, device: Device):
@@ -182,3 +188,9 @@ class _CudaGraph(DeviceGraph):
 
     def replay(self) -> None:
         self._graph.replay()
+
+    def timing_event(self) -> Any | None:
+        try:  # an event record node (cudaEventRecordExternal), not a fork/join of the captured streams
+            return torch.cuda.Event(enable_timing=True, external=True)
+        except TypeError:  # a torch before external events (2.8)
+            return None

@@ -7,7 +7,8 @@ same tensors, writing each result into the tensor the capture produced, without 
 Python that issued them. So, as on a GPU, a replay repeats the capture's arguments: a number the Python code passed
 (a learning rate, a step count) is the capture's, and tensors are the only way in. A host read inside
 the capture raises (the operators tests/host_reads.py names, and `Tensor.tolist`), as a CUDA capture
-fails on a synchronizing call.
+fails on a synchronizing call. Its timing events, recorded inside the capture, record the host clock at
+their place in each replay (a CUDA graph's event record nodes).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from host_reads import SYNCING
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from openseek_hal.device import DeviceGraph
+from openseek_hal.device import DeviceGraph, HostEvent
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -70,10 +71,30 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
+class _GraphEvent(HostEvent):
+    """A `HostEvent` that, recorded inside its graph's capture, is recorded by each replay instead (as a CUDA
+    event record node): before the first replay it has no time."""
+
+    def __init__(self, graph: RecordingGraph):
+        super().__init__()
+        self.graph = graph
+
+    def record(self, stream: Any = None) -> None:
+        if self.graph.capturing:
+            self.graph.ops.append((HostEvent.record.__get__(self), (), {}, None))
+        else:
+            super().record()
+
+
 class RecordingGraph(DeviceGraph):
-    def __init__(self) -> None:
+    def __init__(self, timing: bool = True) -> None:
         self.ops: list[tuple[Any, tuple, dict, Any]] = []
         self.replays = 0
+        self.capturing = False
+        self.timing = timing
+
+    def timing_event(self) -> HostEvent | None:
+        return _GraphEvent(self) if self.timing else None
 
     def stream(self) -> Any:
         return contextlib.nullcontext()
@@ -86,8 +107,12 @@ class RecordingGraph(DeviceGraph):
             raise RuntimeError("Tensor.tolist reads a device value on the host inside a graph capture")
 
         recorder = _Recorder(self.ops)
-        with recorder, patch.object(torch.Tensor, "tolist", tolist):
-            yield
+        self.capturing = True
+        try:
+            with recorder, patch.object(torch.Tensor, "tolist", tolist):
+                yield
+        finally:
+            self.capturing = False
         recorder.restore()
 
     def replay(self) -> None:

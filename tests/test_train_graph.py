@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -89,10 +90,24 @@ def test_replayed_steps_equal_eager_ones(tmp_path, graphs):
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=RTOL, atol=RTOL * b[k].abs().max().item()), k
     assert abs(replayed.val_loss - eager.val_loss) <= RTOL * abs(eager.val_loss)
-    # the captured step's device time, with no phase breakdown; tokens/s left out the capture step too
+    # the captured step's device time, and its phases as the latest replay's timing events give them (on a
+    # GPU, event record nodes; here host clocks read at the same places of each replay)
     logged = [json.loads(line) for line in (tmp_path / "graph" / "metrics.jsonl").read_text().splitlines()]
     logged = [row for row in logged if "loss" in row]
-    assert logged and all(row["step_ms"] > 0 and "forward_ms" not in row for row in logged)
+    assert logged and all(row["step_ms"] > 0 and row["forward_ms"] > 0 and row["backward_ms"] > 0
+                          and row["optimizer_ms"] > 0 for row in logged)
+    assert replayed.extra["phases_ms"].keys() == {"step", "forward", "backward", "grad_sync", "optimizer",
+                                                  "weight_sync"}
+    log = " ".join((tmp_path / "graph.log").read_text().split())  # the console wraps at 80 columns
+    assert re.search(r"graph \d+ ms \(fwd \d+ bwd \d+ opt \d+ comm \d+ ms\)", log), log
+
+
+def test_a_graph_without_timing_events_reports_the_whole_step(tmp_path, graphs, monkeypatch):
+    """A device graph API that cannot time parts of a replay (`timing_event` None): the step as a whole."""
+    monkeypatch.setattr(Device, "graph", lambda self: graphs.append(RecordingGraph(timing=False)) or graphs[-1])
+    replayed = _run(tmp_path, "graph", graph_step=True, steps=4)
+    logged = [json.loads(line) for line in (tmp_path / "graph" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["step_ms"] > 0 and "forward_ms" not in row for row in logged if "loss" in row)
     assert replayed.extra["phases_ms"].keys() == {"step"}
 
 

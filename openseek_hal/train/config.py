@@ -89,7 +89,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block (where the backend supports it)
     # capture the whole training step (forward, backward, optimizer) as one device graph after one eager
     # warm-up step, and replay it: no per-kernel launches from the host (backends with device graphs: cuda).
-    # One rank, no fp8, no optimizer_overlap
+    # One rank, no fp8, no optimizer_overlap. The phases logged are the latest replay's
     graph_step: bool = False
     # FP8 training as DeepSeek-V3 does it: the linear layers of attention, the MLPs, the shared and routed
     # experts compute in e4m3 with per-tile scales (activations 1x128, weights 128x128), fp32 accumulation;

@@ -22,6 +22,11 @@ What makes a step replayable, and how the trainer provides it:
 Warm-up, capture and replays all run on the graph's own stream, which the caller enters for the
 whole loop (`stream`), so the caching allocator and the libraries' per-stream workspaces are the ones
 the capture sees.
+
+The step's phases (forward, backward, optimizer, ...) are marked inside the capture with the graph's
+timing events (`DeviceGraph.timing_event`: event record nodes on CUDA), which every replay records
+again: `last_replay_ms` reads the most recent replay's breakdown, so a captured step reports the same
+phases as an eager one.
 """
 
 from __future__ import annotations
@@ -38,18 +43,51 @@ from .zero import DeviceSchedule, DistributedOptimizer
 StepOutputs = tuple[torch.Tensor | None, ...]
 
 
+class CapturedMarks:
+    """Phase marks for a step being captured: ``mark(phase)`` ends ``phase`` with one of the graph's timing
+    events (`GraphedStep` marks the start). Outside a capture (the eager warm-up) it marks nothing."""
+
+    def __init__(self, graph: DeviceGraph):
+        self.graph = graph
+        self.capturing = False
+        self.marks: list[tuple[str, Any]] = []
+
+    def mark(self, phase: str) -> None:
+        if self.capturing and (event := self.graph.timing_event()) is not None:
+            event.record()
+            self.marks.append((phase, event))
+
+
+Body = Callable[[list[tuple[torch.Tensor, ...]], CapturedMarks], StepOutputs]
+
+
 class GraphedStep:
     """``step(host_inputs, lr)``: the first call runs ``body`` eagerly, the second captures and replays it,
-    later calls replay. ``body(device_inputs)`` runs one training step on the static device inputs,
-    with the optimizer reading ``schedule``, and returns device tensors (or None)."""
+    later calls replay. ``body(device_inputs, marks)`` runs one training step on the static device inputs,
+    with the optimizer reading ``schedule``, calls ``marks.mark(phase)`` at the end of each phase, and
+    returns device tensors (or None)."""
 
-    def __init__(self, graph: DeviceGraph, body: Callable[[list[tuple[torch.Tensor, ...]]], StepOutputs],
-                 optimizer: DistributedOptimizer, schedule: DeviceSchedule, device: torch.device):
+    def __init__(self, graph: DeviceGraph, body: Body, optimizer: DistributedOptimizer, schedule: DeviceSchedule,
+                 device: torch.device):
         self.graph, self.body, self.optimizer, self.schedule = graph, body, optimizer, schedule
         self.device = device
         self.calls = 0
         self._inputs: list[tuple[torch.Tensor, ...]] | None = None
         self._outputs: StepOutputs | None = None
+        self._marks = CapturedMarks(graph)
+
+    def last_replay_ms(self) -> dict[str, float]:
+        """Each phase's device time (milliseconds) in the latest replay, summed over its marks (forward and
+        backward once per micro-batch); waits for that replay. Empty before the first replay, or where the
+        graph has no timing events."""
+        marks = self._marks.marks
+        if self.calls < 2 or len(marks) < 2:
+            return {}
+        marks[-1][1].synchronize()
+        out: dict[str, float] = {}
+        for (_, start), (phase, end) in zip(marks, marks[1:]):
+            out[phase] = out.get(phase, 0.0) + start.elapsed_time(end)
+        return out
 
     def stream(self) -> Any:
         """The context every step (and anything else queued between steps) runs under."""
@@ -68,15 +106,19 @@ class GraphedStep:
         self.schedule.set(lr, self.optimizer.step_count + 1)
         self.calls += 1
         if self.calls == 1:  # warm-up, eagerly
-            return self.body(self._inputs)
+            return self.body(self._inputs, self._marks)
         if self._outputs is None:
             try:
                 with self.graph.capture():  # records; runs nothing (the Python code runs once, here)
-                    self._outputs = self.body(self._inputs)
+                    self._marks.capturing = True
+                    self._marks.mark("start")
+                    self._outputs = self.body(self._inputs, self._marks)
             except RuntimeError as e:
                 raise RunError(f"graph_step: the training step could not be captured ({str(e).splitlines()[0]}); "
                                "something in it reads a device value on the host or copies from pageable "
                                "memory. Run without graph_step") from e
+            finally:
+                self._marks.capturing = False
         else:
             self.optimizer.step_count += 1  # the replay's update, which ran no Python
         self.graph.replay()

@@ -44,7 +44,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, check_resumable, check_world, model_config, to_dict
 from .corpus import TokenSequence, iter_windows, load_training_tokens
-from .graphs import GraphedStep
+from .graphs import CapturedMarks, GraphedStep
 from .kinds import describe_kinds, device_type_of, job_adaptor, job_weight_mode, rank_backend
 from .metrics import MetricsLogger
 from .parallel import ParallelLayout
@@ -396,7 +396,7 @@ class _Run:
         tokens_per_step = cfg.global_batch_size * cfg.seq_len
         timed_tokens, timed_seconds = 0, 0.0
         graphed = self._graphed_step(autocast)
-        phases = _PhaseTimer(self.backend, graphed=graphed is not None)
+        phases = _PhaseTimer(self.backend, graphed)
         profiler = StepProfiler(self.out, layout.rank, self.backend.device, cfg.profile_step) \
             if cfg.profile_step else None
         self.model.train()
@@ -500,8 +500,9 @@ class _Run:
         return TrainResult(losses=losses, val_loss=val_loss, tokens_per_second=tps, checkpoint=ckpt_path,
                            sample=sample, backend=self.backend.name, parameters=self.n_params, mfu=mfu, extra=extra)
 
-    def _step(self, inputs: list[tuple[torch.Tensor, ...]], lr: float, autocast: Any, phases: _PhaseTimer | None,
-              schedule: DeviceSchedule | None = None) -> tuple[torch.Tensor, ...]:
+    def _step(self, inputs: list[tuple[torch.Tensor, ...]], lr: float, autocast: Any,
+              phases: _PhaseTimer | CapturedMarks | None, schedule: DeviceSchedule | None = None
+              ) -> tuple[torch.Tensor, ...]:
         """One optimizer step over the micro-batches ``inputs`` (device tensors): forward and backward of each,
         the gradient exchange, the expert-bias update and the optimizer's. Returns the step's mean loss, the
         gradient norm, and the aux and MTP loss sums (device tensors; None where the model has none)."""
@@ -526,7 +527,7 @@ class _Run:
         mark("grad_sync")
         stats = self.optimizer.update(lr, cfg.grad_clip, schedule)
         mark("optimizer")
-        if phases is not None and self.optimizer.update_span is not None:  # the update beside the next forward
+        if isinstance(phases, _PhaseTimer) and self.optimizer.update_span is not None:  # beside the next forward
             phases.span("optimizer_overlapped", *self.optimizer.update_span)
         self.optimizer.wait_weights(lazy=True)  # each block waits for its own weights on first use
         mark("weight_sync")
@@ -548,7 +549,7 @@ class _Run:
         schedule = DeviceSchedule(self.device)
         # the update reads lr from `schedule` (GraphedStep fills it before each step), not the number passed
         return GraphedStep(self.backend.device.graph(),
-                           lambda inputs: self._step(inputs, 0.0, autocast, None, schedule),
+                           lambda inputs, marks: self._step(inputs, 0.0, autocast, marks, schedule),
                            self.optimizer, schedule, self.device)
 
     def _log_row(self, loss: float, lr: float, grad_norm: float, tokens: int, seconds: float,
@@ -601,9 +602,10 @@ def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor
 def _log_line(done: int, steps: int, row: dict[str, float]) -> str:
     mfu = f"  mfu {100 * row['mfu']:.1f}%" if "mfu" in row else ""
     comm = row.get("grad_sync_ms", 0.0) + row.get("weight_sync_ms", 0.0)
-    times = (f"graph {row['step_ms']:.0f} ms" if row.get("step_ms") else
-             f"fwd {row.get('forward_ms', 0):.0f} bwd {row.get('backward_ms', 0):.0f} "
+    times = (f"fwd {row.get('forward_ms', 0):.0f} bwd {row.get('backward_ms', 0):.0f} "
              f"opt {row.get('optimizer_ms', 0):.0f} comm {comm:.0f} ms")
+    if row.get("step_ms"):  # a captured step: its device time, and its phases where the graph could time them
+        times = f"graph {row['step_ms']:.0f} ms" + (f" ({times})" if "forward_ms" in row else "")
     return (f"step {done:>5}/{steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  grad {row['grad_norm']:.3f}  "
             f"tok/s {row['tokens_per_s']:,.0f}{mfu}  {times}")
 
@@ -615,10 +617,11 @@ class _PhaseTimer:
     timing costs no host-device round trip.
     """
 
-    # "step": a captured step (graph_step), which has no finer breakdown
+    # "step": a captured step (graph_step), timed from outside each replay; its phases are those of the
+    # latest replay (`GraphedStep.last_replay_ms`: the capture's own timing events)
     PHASES = ("forward", "backward", "grad_sync", "optimizer", "weight_sync", "optimizer_overlapped", "step")
 
-    def __init__(self, backend: Backend, graphed: bool = False):
+    def __init__(self, backend: Backend, graphed: GraphedStep | None = None):
         self._device = backend.device
         self._marks: list[tuple[str, Any]] = []
         self._spans: list[tuple[str, Any, Any]] = []
@@ -627,8 +630,9 @@ class _PhaseTimer:
         self._steps = 0
         self._window = dict.fromkeys(self.PHASES, 0.0)
         self._window_steps = 0
-        # reported: the eager phases, or (``graphed``) the captured step's, which has no others
-        self._reported = {"step"} if graphed else set(self.PHASES) - {"step"}
+        self._graphed = graphed
+        # marked here: the eager phases, or (``graphed``) the captured step as a whole
+        self._reported = {"step"} if graphed is not None else set(self.PHASES) - {"step"}
 
     def mark(self, phase: str) -> None:
         event = self._device.event(enable_timing=True)
@@ -666,8 +670,12 @@ class _PhaseTimer:
         out = {k: v / max(1, self._window_steps) for k, v in self._window.items() if k in self._reported}
         self._window = dict.fromkeys(self.PHASES, 0.0)
         self._window_steps = 0
-        return out
+        return out | self._replayed()
 
     def totals_ms(self) -> dict[str, float]:
         self._flush()
-        return {k: v / max(1, self._steps) for k, v in self._sums.items() if k in self._reported}
+        return {k: v / max(1, self._steps) for k, v in self._sums.items() if k in self._reported} | self._replayed()
+
+    def _replayed(self) -> dict[str, float]:
+        """A captured step's phases, from its latest replay."""
+        return self._graphed.last_replay_ms() if self._graphed is not None else {}
