@@ -28,7 +28,7 @@ from openseek_hal.train.zero import DeviceSchedule, DistributedOptimizer
 # its step) or skipped an operator differs at the size of one step's update (> 1e-4 here).
 TINY = {"global_batch_size": 4, "seq_len": 16, "lr": 2e-2, "warmup_steps": 4, "tokenizer_vocab_size": 300,
         "sample_tokens": 4, "eval_batches": 1, "log_every": 3, "model.num_hidden_layers": 2, "dtype": "fp64",
-        "steps": 7, "grad_clip": 0.5}
+        "steps": 7, "grad_clip": 0.5, "graph_step": False}
 RTOL = 1e-12
 
 
@@ -183,15 +183,58 @@ def test_graph_step_refuses_what_a_capture_cannot_hold(key):
         load_config(None, {**TINY, "graph_step": True, key: True})
 
 
-def test_graph_step_refuses_more_than_one_rank(tmp_path, graphs, monkeypatch):
-    class TwoRanks:  # only what `_graphed_step` asks of the layout
-        world_size = 2
+def _resolve(graph_step, world_size: int = 1, **kw):
+    """What `_graphed_step` makes of ``graph_step`` on the cpu backend (graphs as the fixture gives them)."""
+    class Ranks:  # only what `_graphed_step` asks of the layout
+        pass
 
     t = trainer_module._Run.__new__(trainer_module._Run)
-    t.cfg = load_config(None, {**TINY, "graph_step": True})
-    t.layout = TwoRanks()
+    t.cfg = load_config(None, {**TINY, "graph_step": graph_step, **kw})
+    t.layout = Ranks()
+    t.layout.world_size = world_size
+    t.backend, t.console = CPUBackend(), Console(file=open("/dev/null", "w"))  # noqa: SIM115
+    t.optimizer, t.device = None, torch.device("cpu")
+    return t._graphed_step(None)
+
+
+def test_graph_step_refuses_more_than_one_rank(graphs):
     with pytest.raises(ConfigError, match="graph_step runs on one rank; this job has 2"):
-        t._graphed_step(None)
+        _resolve(True, world_size=2)
+
+
+def test_auto_captures_where_true_would_and_runs_the_rest_eagerly(graphs):
+    """The default: one rank on a backend with device graphs is captured; more ranks, what `true` refuses
+    (here `optimizer_overlap`; fp8 the same way) and a profiled run are eager, without an error."""
+    assert load_config(None, {}).graph_step == "auto"
+    assert _resolve("auto") is not None and _resolve(True) is not None
+    assert _resolve("auto", world_size=2) is None
+    assert _resolve("auto", optimizer_overlap=True) is None
+    assert _resolve("auto", profile_step=3) is None
+    assert _resolve(False) is None
+
+
+def test_auto_is_eager_without_device_graphs():
+    assert _resolve("auto") is None  # the cpu backend as it is: no device graphs (and no notice)
+
+
+def test_the_default_run_is_the_graphed_one(tmp_path, graphs):
+    """`graph_step` left at its default on a backend with graphs: the same run as `graph_step: true`."""
+    default = train(load_config(None, {**{k: v for k, v in TINY.items() if k != "graph_step"}, "steps": 4,
+                                       "out": str(tmp_path / "default")}),
+                    console=Console(file=open(tmp_path / "default.log", "w")))  # noqa: SIM115
+    assert len(graphs) == 1 and graphs[0].replays == 3
+    assert "graph_step=auto: the step is captured" in " ".join((tmp_path / "default.log").read_text().split())
+    assert default.losses == _run(tmp_path, "graph", graph_step=True, steps=4).losses
+
+
+@pytest.mark.parametrize("value, expected", [(True, "true"), (False, "false"), ("auto", "auto"), ("true", "true")])
+def test_graph_step_takes_yaml_booleans_and_words(value, expected):
+    assert load_config(None, {"graph_step": value}).graph_step == expected
+
+
+def test_graph_step_rejects_other_values():
+    with pytest.raises(ConfigError, match="graph_step must be one of auto, true, false"):
+        load_config(None, {"graph_step": "sometimes"})
 
 
 def test_a_graphed_run_resumes_from_its_checkpoint(tmp_path, graphs):

@@ -67,7 +67,8 @@ def write_corpus(folder: Path, docs: Iterable[Sequence[int]], vocab: int) -> Pat
 
 ROWS = {
     # name: (GPUs, extra --set options)
-    "1gpu": (1, ["model.num_nextn_predict_layers=0"]),
+    "1gpu": (1, ["model.num_nextn_predict_layers=0"]),  # the default regime: the step captured (graph_step auto)
+    "1gpu-eager": (1, ["model.num_nextn_predict_layers=0", "graph_step=false"]),  # every step launched eagerly
     "1gpu-again": (1, ["model.num_nextn_predict_layers=0"]),  # the baseline once more, last: drift shows
     "1gpu-mtp": (1, []),
     # FP8 linear layers and routed experts (DeepSeek-V3's recipe); compare with "1gpu" in the same run
@@ -78,7 +79,6 @@ ROWS = {
     "1gpu-fp32moments": (1, ["model.num_nextn_predict_layers=0", "moment_dtype=master"]),
     # whole fp32 masters (the default keeps them as int16 remainders of the bf16 weights)
     "1gpu-full-master": (1, ["model.num_nextn_predict_layers=0", "master_remainder=false"]),
-    "1gpu-graph-fp32moments": (1, ["model.num_nextn_predict_layers=0", "graph_step=true", "moment_dtype=master"]),
     "1gpu-autocast-mtp": (1, ["dtype=autocast"]),
     "dp2": (2, ["model.num_nextn_predict_layers=0"]),
     "dp2-bf16reduce": (2, ["model.num_nextn_predict_layers=0", "reduce_dtype=bf16"]),
@@ -95,10 +95,8 @@ ROWS = {
     "ep2-allgather-compile": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2",
                                   "expert_dispatch=allgather", "compile=true"]),
     "ep2-mtp": (2, ["expert_parallel=2"]),
-    "1gpu-compile": (1, ["model.num_nextn_predict_layers=0", "compile=true"]),
-    "1gpu-graph": (1, ["model.num_nextn_predict_layers=0", "graph_step=true"]),
-    "1gpu-graph-compile": (1, ["model.num_nextn_predict_layers=0", "graph_step=true", "compile=true"]),
-    "1gpu-graph-mtp": (1, ["graph_step=true"]),
+    "1gpu-compile": (1, ["model.num_nextn_predict_layers=0", "compile=true", "graph_step=false"]),
+    "1gpu-graph-compile": (1, ["model.num_nextn_predict_layers=0", "compile=true"]),
     "ep2-compile": (2, ["model.num_nextn_predict_layers=0", "expert_parallel=2", "compile=true"]),
     # steps 10-11 under torch.profiler (run-<row>/profile/): where the time goes, not a throughput row
     "1gpu-profile": (1, ["model.num_nextn_predict_layers=0", "profile_step=10"]),

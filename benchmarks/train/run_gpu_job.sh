@@ -5,8 +5,8 @@
 # commit being measured (a device copy's git metadata may be stale), and the wheels of torchtitan 0.2.2 and
 # its pure-Python dependencies (tyro, docstring_parser) in .whl/ (`pip download --no-deps`):
 #   OPENSEEK_HAL_COMMIT=$(git rev-parse --short=8 HEAD) bash benchmarks/train/run_gpu_job.sh
-# Rows (ROWS= overrides): 1 GPU: 1gpu, 1gpu-fp32moments, 1gpu-graph, 1gpu-graph-fp32moments, 1gpu-mtp, then
-# 1gpu-again; 2 GPUs also dp2, dp2-a2a, dp2-bf16reduce, ep2, ep2-allgather, ep2-tokens. Before them, the
+# Rows (ROWS= overrides): 1 GPU: 1gpu (the default regime: captured step, bf16 moments), 1gpu-eager,
+# 1gpu-fp32moments, 1gpu-mtp, then 1gpu-again; 2 GPUs also dp2, dp2-a2a, dp2-bf16reduce, ep2, ep2-allgather, ep2-tokens. Before them, the
 # conformance of the ops the default step's update and attention inputs run (adamw, mla_qkv) on the GPU
 # and their bench rows. STEPS (20), CHECK_TIMEOUT (120 s), BENCH_TIMEOUT (60 s), TRAIN_TIMEOUT (300 s) and
 # TITAN_TIMEOUT (120 s) bound the job to one 600-second device call.
@@ -18,7 +18,7 @@ work="$out/train_job"
 mkdir -p "$work"
 steps="${STEPS:-20}"
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
-rows="${ROWS:-1gpu,1gpu-fp32moments,1gpu-graph,1gpu-graph-fp32moments,1gpu-mtp}"
+rows="${ROWS:-1gpu,1gpu-eager,1gpu-fp32moments,1gpu-mtp}"
 if [ "$gpus" -ge 2 ] && [ -z "${ROWS:-}" ]; then
     rows="$rows,dp2,dp2-a2a,dp2-bf16reduce,ep2,ep2-allgather,ep2-tokens"
 fi

@@ -89,8 +89,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block (where the backend supports it)
     # capture the whole training step (forward, backward, optimizer) as one device graph after one eager
     # warm-up step, and replay it: no per-kernel launches from the host (backends with device graphs: cuda).
-    # One rank, no fp8, no optimizer_overlap. The phases logged are the latest replay's
-    graph_step: bool = False
+    # "true": one rank, no fp8, no optimizer_overlap (refused otherwise). "auto" (default): captured where
+    # "true" would run and no profile is asked for, eager elsewhere. The phases logged are the latest replay's
+    graph_step: str = "auto"
     # FP8 training as DeepSeek-V3 does it: the linear layers of attention, the MLPs, the shared and routed
     # experts compute in e4m3 with per-tile scales (activations 1x128, weights 128x128), fp32 accumulation;
     # embedding, output head, norms and router stay in the model's dtype. Needs a backend with FP8 support.
@@ -131,7 +132,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp in (int, float, str):
-        if isinstance(value, bool) and tp is not str:
+        if isinstance(value, bool) and tp is str:  # YAML's true/false for a field that also takes words
+            return "true" if value else "false"
+        if isinstance(value, bool):
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
         try:
             converted = tp(value)
@@ -216,7 +219,8 @@ def validate(cfg: TrainConfig) -> None:
     choices = {"dtype": ("auto", "bf16", "autocast", "fp32", "fp64"), "lr_schedule": ("cosine", "wsd", "constant"),
                "decay_shape": ("linear", "cosine", "sqrt"), "reduce_dtype": ("fp32", "bf16"),
                "grad_exchange": ("reduce_scatter", "all_to_all"),
-               "expert_dispatch": ("pairs", "tokens", "allgather"), "moment_dtype": ("auto", "master", "bf16")}
+               "expert_dispatch": ("pairs", "tokens", "allgather"), "moment_dtype": ("auto", "master", "bf16"),
+               "graph_step": ("auto", "true", "false")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
@@ -233,9 +237,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("expert_dispatch=allgather does not run with fp8: its buffer has rows past the experts' "
                           "counts, which the fp8 grouped GEMM's weight gradient does not yet leave out; use "
                           "expert_dispatch=pairs or tokens with fp8")
-    if cfg.graph_step:
-        for name, why in (("fp8", "its weight cache is refreshed by the host between steps"),
-                          ("optimizer_overlap", "a captured step is one stream's work")):
+    if cfg.graph_step == "true":
+        for name, why in GRAPH_EXCLUDES.items():
             if getattr(cfg, name):
                 raise ConfigError(f"graph_step does not run with {name}: {why}")
     mc = model_config(cfg)  # a bad model field fails here, before any data is read
@@ -245,6 +248,9 @@ def validate(cfg: TrainConfig) -> None:
 
 
 MIN_VOCAB = 257
+# what a captured step cannot hold: `graph_step: true` refuses these, "auto" runs them eagerly
+GRAPH_EXCLUDES = {"fp8": "its weight cache is refreshed by the host between steps",
+                  "optimizer_overlap": "a captured step is one stream's work"}
 
 
 def check_world(cfg: TrainConfig, world_size: int) -> tuple[int, int, int]:

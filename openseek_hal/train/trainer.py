@@ -42,7 +42,7 @@ from .checkpoint import (
     remove_partials,
     save_checkpoint,
 )
-from .config import TrainConfig, check_resumable, check_world, model_config, to_dict
+from .config import GRAPH_EXCLUDES, TrainConfig, check_resumable, check_world, model_config, to_dict
 from .corpus import TokenSequence, iter_windows, load_training_tokens
 from .graphs import CapturedMarks, GraphedStep
 from .kinds import describe_kinds, device_type_of, job_adaptor, job_weight_mode, rank_backend
@@ -535,9 +535,13 @@ class _Run:
 
     def _graphed_step(self, autocast: Any) -> GraphedStep | None:
         """`graph_step`: the step as a `GraphedStep` on this backend's device; None when not asked for, or
-        (with a notice) when the backend has no device graphs."""
+        (with a notice) when the backend has no device graphs. "auto" captures where "true" would run, on a
+        backend with device graphs, unless a profile is asked for (it would see one launch a step)."""
         cfg = self.cfg
-        if not cfg.graph_step:
+        if cfg.graph_step == "false":
+            return None
+        if cfg.graph_step == "auto" and (self.layout.world_size > 1 or not self.backend.capabilities().graphs
+                                         or cfg.profile_step or any(getattr(cfg, k) for k in GRAPH_EXCLUDES)):
             return None
         if self.layout.world_size > 1:
             raise ConfigError(f"graph_step runs on one rank; this job has {self.layout.world_size} (a step's "
@@ -546,6 +550,8 @@ class _Run:
             self.console.print(f"[yellow]graph_step: the {self.backend.name} backend has no device graphs; "
                                "running eagerly[/]")
             return None
+        self.console.print(f"graph_step={cfg.graph_step}: the step is captured as one device graph after one "
+                           "eager step, then replayed (graph_step=false runs every step eagerly)")
         schedule = DeviceSchedule(self.device)
         # the update reads lr from `schedule` (GraphedStep fills it before each step), not the number passed
         return GraphedStep(self.backend.device.graph(),
