@@ -66,6 +66,22 @@ def test_band_accepts_another_seed_and_rejects_a_shift():
         band.band_verdict(baseline[:1], same, window=20)
 
 
+def test_a_steady_gap_to_the_twin_shows_inside_a_wide_band():
+    """Three seeds far apart make a wide band: a candidate 0.2 above its own seed's run is inside it, and the
+    paired difference names the gap exactly (smoothing is linear: the gap of the smoothed curves is 0.2)."""
+    rng = np.random.default_rng(1)
+    t = np.arange(300)
+    baseline = [list(11.0 * np.exp(-t / 80) + 4.0 + offset + 0.05 * rng.standard_normal(300))
+                for offset in (-0.5, 0.0, 0.5)]
+    candidate = list(np.asarray(baseline[1]) + 0.2)
+    v = band.band_verdict(baseline, candidate, window=20, twin=1)
+    assert v["inside"]
+    assert v["paired_gap_last_window"] == pytest.approx(0.2) and v["paired_gap_mean"] == pytest.approx(0.2)
+    sd = np.std([np.mean(b[-20:]) for b in baseline], ddof=1)  # ~0.5: the offsets
+    assert v["paired_gap_mean_in_seed_sd"] == pytest.approx(0.2 / sd, rel=0.05)
+    assert "paired_gap_mean" not in band.band_verdict(baseline, candidate, window=20, twin=None)
+
+
 def test_tiny_run_on_the_cpu(tmp_path):
     out = tmp_path / "out"
     rc = band.main(["--out", str(out), "--data", str(tmp_path / "data"), "--backend", "cpu", "--model", "tiny",

@@ -89,7 +89,8 @@ def smooth(losses: list[float], window: int) -> np.ndarray:
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def band_verdict(baseline: list[list[float]], candidate: list[float], window: int, need: float = 0.95) -> dict:
+def band_verdict(baseline: list[list[float]], candidate: list[float], window: int, need: float = 0.95,
+                 twin: int | None = 0) -> dict:
     """Compare a candidate's smoothed curve with the baseline seeds' band.
 
     The band at step t is the 95% prediction interval of one more baseline run from the seeds' smoothed
@@ -97,6 +98,11 @@ def band_verdict(baseline: list[list[float]], candidate: list[float], window: in
     curve lands 19 times in 20 if it is the same regime. The candidate is inside when its smoothed loss is
     in the band at ``need`` of the steps from ``window`` on. Also reported: the fraction inside the seeds'
     plain range (min..max), and the worst excursion in units of the band's half-width.
+
+    With ``twin`` (the index of the baseline run with the candidate's seed: the same initial weights and
+    batches), the paired difference too: candidate minus twin, smoothed, at the last step and on average,
+    and that average in units of the seeds' mean sd. Few seeds make a wide band; a twin cancels the
+    seed's own luck, so a steady gap shows there long before it leaves the band.
     """
     curves = np.stack([smooth(b, window) for b in baseline])
     n = len(curves)
@@ -110,12 +116,17 @@ def band_verdict(baseline: list[list[float]], candidate: list[float], window: in
     outside = np.maximum(np.abs(cand - mean) - half, 0.0) / half
     inside = outside == 0.0
     in_range = (cand >= seeds.min(axis=0)) & (cand <= seeds.max(axis=0))
-    return {"inside": bool(inside.mean() >= need), "fraction_inside": float(inside.mean()),
-            "fraction_inside_seed_range": float(in_range.mean()),
-            "worst_excursion_half_widths": float(outside.max()),
-            "first_step_outside": None if inside.all() else int(steps[np.argmin(inside)]) + 1,
-            "mean_half_width": float(half.mean()), "last_window_mean": float(cand[-1]),
-            "baseline_last_window_mean": float(mean[-1])}
+    out = {"inside": bool(inside.mean() >= need), "fraction_inside": float(inside.mean()),
+           "fraction_inside_seed_range": float(in_range.mean()),
+           "worst_excursion_half_widths": float(outside.max()),
+           "first_step_outside": None if inside.all() else int(steps[np.argmin(inside)]) + 1,
+           "mean_half_width": float(half.mean()), "last_window_mean": float(cand[-1]),
+           "baseline_last_window_mean": float(mean[-1])}
+    if twin is not None:
+        gap = cand - seeds[twin]
+        out |= {"paired_gap_last_window": float(gap[-1]), "paired_gap_mean": float(gap.mean()),
+                "paired_gap_mean_in_seed_sd": float(gap.mean() / seeds.std(axis=0, ddof=1).mean())}
+    return out
 
 
 def run(name: str, sets: list[str], seed: int, args: argparse.Namespace, data: Path) -> dict:
@@ -181,10 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     ok = [b["losses"] for b in baseline if b["rc"] == 0]
     for name in filter(None, args.candidates.split(",")):
         cand = record(run(name, CANDIDATES[name], seeds[0], args, data))
-        if cand["rc"] == 0 and len(ok) >= 2:
-            report["verdicts"][name] = band_verdict(ok, cand["losses"], args.window)
+        if cand["rc"] == 0 and len(ok) >= 2:  # the candidate trains at the first seed: its twin, if that ran
+            report["verdicts"][name] = band_verdict(ok, cand["losses"], args.window,
+                                                    twin=0 if baseline[0]["rc"] == 0 else None)
     (args.out / "loss_band.json").write_text(json.dumps(report, indent=1))
-    print(f"\n{'run':<16} {'seed':>4} {'tok/s':>10} {'loss@end':>9} {'val loss':>9} {'inside':>7} {'worst':>6}")
+    print(f"\n{'run':<16} {'seed':>4} {'tok/s':>10} {'loss@end':>9} {'val loss':>9} {'inside':>7} {'worst':>6} "
+          f"{'vs twin':>8}")
     for r in runs:
         if r["rc"]:
             print(f"{r['name']:<16} {r['seed']:>4} failed: {r.get('error')}")
@@ -193,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         tail = smooth(r["losses"], args.window)[-1]
         inside = f"{100 * v['fraction_inside']:>6.1f}%" if v else f"{'band':>7}"
         worst = f"{v['worst_excursion_half_widths']:>6.2f}" if v else f"{'':>6}"
+        gap = f"{v['paired_gap_last_window']:>+8.4f}" if v and "paired_gap_last_window" in v else f"{'':>8}"
         print(f"{r['name']:<16} {r['seed']:>4} {r.get('tokens_per_s') or float('nan'):>10,.0f} {tail:>9.4f} "
-              f"{r['val_loss']:>9.4f} {inside} {worst}")
+              f"{r['val_loss']:>9.4f} {inside} {worst} {gap}")
     failed = any(r["rc"] for r in runs) or len(ok) < 2
     return 1 if failed or not all(v["inside"] for v in report["verdicts"].values()) else 0
 
