@@ -17,6 +17,7 @@ from openseek_hal.errors import ConfigError
 from openseek_hal.models import build_model
 from openseek_hal.models.deepseek_v3 import FP8Linear, enable_fp8
 from openseek_hal.ops import fp8 as ref
+from openseek_hal.train.config import load_config
 
 pytest.importorskip("triton")
 
@@ -251,6 +252,50 @@ def test_enable_fp8_swaps_the_right_layers():
     assert names == {n for n, _ in build_model("tiny", backend, seed=0).named_parameters()}
 
 
+def test_enable_fp8_keeps_the_excluded_layers():
+    """`fp8_exclude`: the layers a glob names keep the model's dtype (linear and routed experts alike); a glob
+    that names nothing is an error, not a silent no-op."""
+    from openseek_hal.models.deepseek_v3.model import Experts
+
+    backend = get_backend("triton-interpret")
+    model = build_model("tiny", backend, seed=0)
+    everything = enable_fp8(build_model("tiny", backend, seed=0), backend)
+    changed = enable_fp8(model, backend, exclude=["*.o_proj", "layers.1.mlp.experts"])
+    kept = {n for n in everything if n.endswith(".o_proj")} | {"layers.1.mlp.experts"}
+    assert len(kept) == 6 and set(changed) == set(everything) - kept  # 5 blocks (MTP's too) + one experts
+    assert type(model.layers[0].self_attn.o_proj) is torch.nn.Linear
+    assert isinstance(model.layers[0].self_attn.q_proj, FP8Linear)
+    experts = [m for n, m in model.named_modules() if isinstance(m, Experts)]
+    grouped = backend.op("fp8_grouped_linear")
+    assert experts[0]._grouped_linear is not grouped and experts[1]._grouped_linear is grouped
+    # only the routed experts in fp8: every linear layer's name has "proj" in it
+    only_experts = enable_fp8(build_model("tiny", backend, seed=0), backend, exclude=["*proj*"])
+    assert only_experts and all(n.endswith(".experts") for n in only_experts)
+    with pytest.raises(ConfigError, match=r"fp8_exclude: \*\.out_proj matches none"):
+        enable_fp8(build_model("tiny", backend, seed=0), backend, exclude=["*.out_proj"])
+    with pytest.raises(ConfigError, match="fp8 is off"):
+        load_config(None, {"fp8_exclude": "*.o_proj"})
+
+
+def test_the_trainer_hands_fp8_exclude_to_enable_fp8(tmp_path, monkeypatch):
+    from openseek_hal.cli import main
+    from openseek_hal.train import trainer as trainer_module
+
+    seen = []
+
+    def record(model, backend, exclude=()):
+        seen.append(list(exclude))
+        raise ConfigError("stop here")
+
+    monkeypatch.setenv("OPENSEEK_HAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(trainer_module, "enable_fp8", record)
+    with pytest.raises(SystemExit):
+        main(["train", "--backend", "triton-interpret", "--steps", "1", "--out", str(tmp_path / "run"),
+              "--set", "fp8=true",
+              "--set", "fp8_exclude=*.o_proj, *proj*", "--set", "model.num_hidden_layers=2"])
+    assert seen == [["*.o_proj", "*proj*"]]
+
+
 def test_cpu_backend_refuses_fp8_training_in_one_line(tmp_path, monkeypatch):
     from openseek_hal.cli import main
 
@@ -265,7 +310,6 @@ def test_cpu_backend_refuses_fp8_training_in_one_line(tmp_path, monkeypatch):
 
 
 def test_training_with_fp8_tracks_the_fp32_run(tmp_path, monkeypatch):
-    from openseek_hal.train.config import load_config
     from openseek_hal.train.trainer import train
 
     monkeypatch.setenv("OPENSEEK_HAL_CACHE", str(tmp_path / "cache"))

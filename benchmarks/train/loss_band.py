@@ -32,6 +32,12 @@ from bench_train import VOCAB, environment, run_train, write_corpus
 CANDIDATES = {
     # name: config overrides on top of the baseline's
     "fp8": ["fp8=true"],
+    # where FP8's loss goes (`fp8_exclude`): only the routed experts in fp8 (every linear layer's name has
+    # "proj"), only attention (the MLPs and experts excluded), and all but attention's output projection
+    # (whose input DeepSeek-V3 keeps in a wider format)
+    "fp8-experts-only": ["fp8=true", "fp8_exclude=*proj*"],
+    "fp8-attention-only": ["fp8=true", "fp8_exclude=*.mlp.*"],
+    "fp8-keep-oproj": ["fp8=true", "fp8_exclude=*.o_proj"],
     "bf16moments": ["moment_dtype=bf16"],  # the GPU default (moment_dtype: auto); on the CPU a candidate
     "fp32moments": ["moment_dtype=master"],
     "full-master": ["master_remainder=false"],

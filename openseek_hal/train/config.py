@@ -96,6 +96,9 @@ class TrainConfig:
     # experts compute in e4m3 with per-tile scales (activations 1x128, weights 128x128), fp32 accumulation;
     # embedding, output head, norms and router stay in the model's dtype. Needs a backend with FP8 support.
     fp8: bool = False
+    # with fp8: layers kept in the model's dtype, as comma-separated globs over the layer names
+    # (e.g. "*.o_proj,*.experts": attention's output projection and the routed experts); "" keeps none
+    fp8_exclude: str = ""
     profile_step: int = 0  # > 0: profile this step and the next (torch.profiler) into <out>/profile/
 
 
@@ -233,6 +236,8 @@ def validate(cfg: TrainConfig) -> None:
         from .kinds import parse_backends
 
         parse_backends(cfg.backend)  # one backend, or one per local rank: a typo fails here
+    if cfg.fp8_exclude and not cfg.fp8:
+        raise ConfigError("fp8_exclude names layers to keep out of fp8, but fp8 is off")
     if cfg.fp8 and cfg.expert_parallel > 1 and cfg.expert_dispatch == "allgather":
         raise ConfigError("expert_dispatch=allgather does not run with fp8: its buffer has rows past the experts' "
                           "counts, which the fp8 grouped GEMM's weight gradient does not yet leave out; use "

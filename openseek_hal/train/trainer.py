@@ -326,7 +326,7 @@ class _Run:
             broadcast_weights(model, layout.world)
         self.n_params = model.num_parameters()  # before expert parallelism: the model's whole size
         if cfg.fp8:  # before expert parallelism, whose shards take the experts' grouped op
-            enable_fp8(model, self.backend)
+            enable_fp8(model, self.backend, exclude=[g.strip() for g in cfg.fp8_exclude.split(",") if g.strip()])
         self.flops_per_token = model.flops_per_token(cfg.seq_len)
         self.expert_of = lambda p: None
         if layout.ep_comm is not None:

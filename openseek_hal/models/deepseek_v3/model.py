@@ -14,7 +14,8 @@ MTP modules live under ``mtp.{d}`` and share the embedding and output head of th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import fnmatch
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -504,25 +505,38 @@ def require_fp8(backend: Backend) -> None:
                           f"triton-interpret to run the FP8 kernels on a CPU)")
 
 
-def enable_fp8(model: nn.Module, backend: Backend) -> list[str]:
+def enable_fp8(model: nn.Module, backend: Backend, exclude: Sequence[str] = ()) -> list[str]:
     """Run the linear layers of attention, the dense MLPs, the shared experts and MTP's projection through
     ``fp8_linear`` and the routed experts through ``fp8_grouped_linear`` (DeepSeek-V3's FP8 recipe). The
-    embedding, the output head, the norms and the router stay in the model's dtype. Parameters are
-    unchanged (the optimizer keeps its higher-precision masters). Returns the names of the layers changed.
+    embedding, the output head, the norms and the router stay in the model's dtype, and so does every
+    layer whose name matches one of the ``exclude`` globs (`fnmatch`, e.g. ``*.o_proj``, ``*.experts``,
+    ``mtp.*``). Parameters are unchanged (the optimizer keeps its higher-precision masters). Returns the
+    names of the layers changed.
 
-    Raises `ConfigError` when the backend does not declare FP8 support (``capabilities().fp8``).
+    Raises `ConfigError` when the backend does not declare FP8 support (``capabilities().fp8``), or when
+    a glob matches no layer that FP8 would change (a typo would otherwise exclude nothing, silently).
     """
     require_fp8(backend)
     linear_op, grouped_op = backend.op("fp8_linear"), backend.op("fp8_grouped_linear")
+    candidates = [name for name, module in model.named_modules() if isinstance(module, Experts)]
+    candidates += [f"{name}.{child_name}" if name else child_name for name, module in model.named_modules()
+                   for child_name, child in module.named_children()
+                   if type(child) is nn.Linear and child_name != "lm_head"]
+    unused = [g for g in exclude if not any(fnmatch.fnmatchcase(n, g) for n in candidates)]
+    if unused:
+        raise ConfigError(f"fp8_exclude: {', '.join(unused)} matches none of the layers fp8 changes "
+                          f"(e.g. {', '.join(candidates[:3])}, ...)")
+    kept = {n for n in candidates if any(fnmatch.fnmatchcase(n, g) for g in exclude)}
     changed = []
     for name, module in list(model.named_modules()):
         if isinstance(module, Experts):
-            module._grouped_linear = grouped_op
-            changed.append(name)
+            if name not in kept:
+                module._grouped_linear = grouped_op
+                changed.append(name)
             continue
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and child_name != "lm_head":
+            if type(child) is nn.Linear and child_name != "lm_head" and full not in kept:
                 setattr(module, child_name, FP8Linear(child, linear_op))
                 changed.append(full)
     return changed
