@@ -116,7 +116,7 @@ class GraphedStep:
             except RuntimeError as e:
                 raise RunError(f"graph_step: the training step could not be captured ({str(e).splitlines()[0]}); "
                                "something in it reads a device value on the host or copies from pageable "
-                               "memory. Run without graph_step") from e
+                               "memory. Run it eagerly with graph_step=false") from e
             finally:
                 self._marks.capturing = False
         else:
