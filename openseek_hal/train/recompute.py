@@ -55,5 +55,8 @@ def _recomputed(forward):
     def run(*args):
         if not torch.is_grad_enabled():
             return forward(*args)
-        return checkpoint(forward, *args, use_reentrant=False, context_fn=_contexts)
+        # the blocks draw no random numbers (no dropout; tests/test_recompute.py checks), so the re-run needs no
+        # saved RNG state, and saving it would read the device generator's state, which a CUDA graph
+        # capture (graph_step) refuses on the torch versions before 2.10
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=_contexts, preserve_rng_state=False)
     return run
