@@ -247,6 +247,16 @@ def test_a_graphed_run_resumes_from_its_checkpoint(tmp_path, graphs):
     assert _close(resumed.losses, straight.losses), (resumed.losses, straight.losses)
 
 
+def test_autocast_steps_replay_too(tmp_path, graphs):
+    """`dtype: autocast` (fp32 weights, bf16 compute): the autocast region opens and closes inside the captured
+    step, so its cast cache never outlives the capture; the replayed losses equal the eager ones."""
+    eager = _run(tmp_path, "eager", dtype="autocast", steps=4)
+    replayed = _run(tmp_path, "graph", dtype="autocast", steps=4, graph_step=True)
+    assert len(graphs) == 1 and graphs[0].replays == 3
+    # the same bf16 operators in the same order; only the bias corrections' float64 pow differs (~1e-16)
+    assert all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(replayed.losses, eager.losses, strict=True))
+
+
 def test_recomputed_blocks_replay_too(tmp_path, graphs):
     eager = _run(tmp_path, "eager", recompute=True, steps=5)
     replayed = _run(tmp_path, "graph", recompute=True, steps=5, graph_step=True)
