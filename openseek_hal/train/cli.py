@@ -50,7 +50,8 @@ def train(backend, steps, config_path, data, out, resume, batch_size, seq_len, l
 
     Many devices: -n G on one host, or run this command under torchrun or srun. Data parallelism is
     ZeRO-1; --set expert_parallel=E spreads the routed experts over E ranks; --set micro_batch_size=M
-    accumulates gradients. Every config field is in docs/train.md.
+    accumulates gradients. One rank on a GPU captures the step as a device graph after one eager step
+    (--set graph_step=false runs every step eagerly). Every config field is in docs/train.md.
     """
     from .launch import die_with_parent, spawn_local, world_from_env
 
