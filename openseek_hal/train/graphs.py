@@ -43,6 +43,15 @@ from .zero import DeviceSchedule, DistributedOptimizer
 StepOutputs = tuple[torch.Tensor | None, ...]
 
 
+def phase_ms(marks: Sequence[tuple[str, Any]]) -> dict[str, float]:
+    """Milliseconds of each phase from timing events ``(phase, event)`` in the order recorded: each event
+    ends the phase it names, which began at the event before it; a phase marked again adds up."""
+    out: dict[str, float] = {}
+    for (_, start), (phase, end) in zip(marks, marks[1:]):
+        out[phase] = out.get(phase, 0.0) + start.elapsed_time(end)
+    return out
+
+
 class CapturedMarks:
     """Phase marks for a step being captured: ``mark(phase)`` ends ``phase`` with one of the graph's timing
     events (`GraphedStep` marks the start). Outside a capture (the eager warm-up) it marks nothing."""
@@ -84,10 +93,7 @@ class GraphedStep:
         if self.calls < 2 or len(marks) < 2:
             return {}
         marks[-1][1].synchronize()
-        out: dict[str, float] = {}
-        for (_, start), (phase, end) in zip(marks, marks[1:]):
-            out[phase] = out.get(phase, 0.0) + start.elapsed_time(end)
-        return out
+        return phase_ms(marks)
 
     def stream(self) -> Any:
         """The context every step (and anything else queued between steps) runs under."""

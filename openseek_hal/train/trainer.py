@@ -44,7 +44,7 @@ from .checkpoint import (
 )
 from .config import GRAPH_EXCLUDES, TrainConfig, check_resumable, check_world, model_config, to_dict
 from .corpus import TokenSequence, iter_windows, load_training_tokens
-from .graphs import CapturedMarks, GraphedStep
+from .graphs import CapturedMarks, GraphedStep, phase_ms
 from .kinds import describe_kinds, device_type_of, job_adaptor, job_weight_mode, rank_backend
 from .metrics import MetricsLogger
 from .parallel import ParallelLayout
@@ -540,15 +540,18 @@ class _Run:
         cfg = self.cfg
         if cfg.graph_step == "false":
             return None
-        if cfg.graph_step == "auto" and (self.layout.world_size > 1 or not self.backend.capabilities().graphs
-                                         or cfg.profile_step or any(getattr(cfg, k) for k in GRAPH_EXCLUDES)):
-            return None
+        auto = cfg.graph_step == "auto"  # eager, without a word, wherever "true" would refuse or warn
         if self.layout.world_size > 1:
+            if auto:
+                return None
             raise ConfigError(f"graph_step runs on one rank; this job has {self.layout.world_size} (a step's "
                               "collectives are not captured yet)")
         if not self.backend.capabilities().graphs:
-            self.console.print(f"[yellow]graph_step: the {self.backend.name} backend has no device graphs; "
-                               "running eagerly[/]")
+            if not auto:
+                self.console.print(f"[yellow]graph_step: the {self.backend.name} backend has no device graphs; "
+                                   "running eagerly[/]")
+            return None
+        if auto and (cfg.profile_step or any(getattr(cfg, k) for k in GRAPH_EXCLUDES)):
             return None
         self.console.print(f"graph_step={cfg.graph_step}: the step is captured as one device graph after one "
                            "eager step, then replayed (graph_step=false runs every step eagerly)")
@@ -661,9 +664,10 @@ class _PhaseTimer:
             return
         self._device.synchronize()
         for marks, spans in self._steps_pending:
-            pairs = [(phase, start, end) for (_, start), (phase, end) in zip(marks, marks[1:])]
-            for phase, start, end in pairs + spans:
-                ms = start.elapsed_time(end)
+            times = phase_ms(marks)
+            for phase, start, end in spans:
+                times[phase] = times.get(phase, 0.0) + start.elapsed_time(end)
+            for phase, ms in times.items():
                 self._sums[phase] += ms
                 self._window[phase] += ms
             self._steps += 1

@@ -518,25 +518,26 @@ def enable_fp8(model: nn.Module, backend: Backend, exclude: Sequence[str] = ()) 
     """
     require_fp8(backend)
     linear_op, grouped_op = backend.op("fp8_linear"), backend.op("fp8_grouped_linear")
-    candidates = [name for name, module in model.named_modules() if isinstance(module, Experts)]
-    candidates += [f"{name}.{child_name}" if name else child_name for name, module in model.named_modules()
+    # (layer name, the module holding it, its attribute there; None: the module is the routed experts)
+    layers: list[tuple[str, nn.Module, str | None]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, Experts):
+            layers.append((name, module, None))
+            continue
+        layers += [(f"{name}.{child_name}" if name else child_name, module, child_name)
                    for child_name, child in module.named_children()
                    if type(child) is nn.Linear and child_name != "lm_head"]
-    unused = [g for g in exclude if not any(fnmatch.fnmatchcase(n, g) for n in candidates)]
+    unused = [g for g in exclude if not any(fnmatch.fnmatchcase(n, g) for n, _, _ in layers)]
     if unused:
         raise ConfigError(f"fp8_exclude: {', '.join(unused)} matches none of the layers fp8 changes "
-                          f"(e.g. {', '.join(candidates[:3])}, ...)")
-    kept = {n for n in candidates if any(fnmatch.fnmatchcase(n, g) for g in exclude)}
+                          f"(e.g. {', '.join(n for n, _, _ in layers[:3])}, ...)")
     changed = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Experts):
-            if name not in kept:
-                module._grouped_linear = grouped_op
-                changed.append(name)
+    for full, module, child_name in layers:
+        if any(fnmatch.fnmatchcase(full, g) for g in exclude):
             continue
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and child_name != "lm_head" and full not in kept:
-                setattr(module, child_name, FP8Linear(child, linear_op))
-                changed.append(full)
+        if child_name is None:
+            module._grouped_linear = grouped_op
+        else:
+            setattr(module, child_name, FP8Linear(getattr(module, child_name), linear_op))
+        changed.append(full)
     return changed
