@@ -17,7 +17,8 @@ from ._common import acc_dtype, acc_type, as_rows
 
 
 @triton.jit
-def _ce_fwd(X, T, LOSS, LSE, stride_x, n_cols, ignore_index, z_loss, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _ce_fwd(X, T, LOSS, LSE, SCALE, stride_x, n_cols, ignore_index, z_loss, ACC: tl.constexpr, BLOCK: tl.constexpr,
+            GRAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     cols = tl.arange(0, BLOCK)
@@ -37,6 +38,16 @@ def _ce_fwd(X, T, LOSS, LSE, stride_x, n_cols, ignore_index, z_loss, ACC: tl.con
     loss = lse - x_t + tl.where(z_loss != 0, z_loss * lse * lse, 0.0)  # 0 * inf would be NaN
     tl.store(LOSS + row, tl.where(keep, loss, 0.0))
     tl.store(LSE + row, lse)
+    if GRAD:  # the gradient of SCALE * loss, written over the logits, last chunk first (still in L2)
+        scale = tl.where(keep, tl.load(SCALE).to(ACC), 0.0)
+        p_scale = scale * (1.0 + tl.where(z_loss != 0, 2.0 * z_loss * lse, 0.0))
+        last = ((n_cols - 1) // BLOCK) * BLOCK
+        for i in range(0, n_cols, BLOCK):
+            offs = last - i + cols
+            mask = offs < n_cols
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
+            dx = tl.exp(x - lse) * p_scale - tl.where(offs == target, scale, 0.0)
+            tl.store(x_row + offs, dx.to(X.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -75,8 +86,8 @@ class CrossEntropy(torch.autograd.Function):
         target = target.reshape(-1).contiguous()  # read as a dense vector by the kernels
         if rows:
             block, warps = _block(n_cols)
-            _ce_fwd[(rows,)](x2, target, losses, lse, x2.stride(0), n_cols, ignore_index, z_loss,
-                             ACC=acc_type(logits.dtype), BLOCK=block, num_warps=warps)
+            _ce_fwd[(rows,)](x2, target, losses, lse, lse, x2.stride(0), n_cols, ignore_index, z_loss,
+                             ACC=acc_type(logits.dtype), BLOCK=block, GRAD=False, num_warps=warps)
         total = losses.sum()
         if reduction == "mean":
             kept = (target != ignore_index).sum().clamp(min=1).to(acc)
