@@ -1,8 +1,10 @@
-"""Token cross entropy over large vocabularies, with ``ignore_index`` and optional z-loss."""
+"""Token cross entropy over large vocabularies, with ``ignore_index`` and optional z-loss; and the output
+head's matmul with its loss as one op (``linear_cross_entropy``)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .opdef import OpDef, Sample, randn
 
@@ -34,6 +36,18 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     return total / keep.sum().clamp(min=1).to(acc)
 
 
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
+                         z_loss: float = 0.0) -> torch.Tensor:
+    """``cross_entropy(x @ weight.T, target)``, the mean over non-ignored rows: an output head (``x[N, H]``,
+    ``weight[V, H]``) and its loss in one op, so that an implementation may compute the logits' gradient
+    while it computes the loss (the logits exist only for this loss) and never read the logits again.
+
+    The logits are rounded to ``x``'s dtype, as a separate linear layer's output would be, before the loss
+    (taken in float32 or wider).
+    """
+    return cross_entropy(F.linear(x, weight), target, ignore_index, "mean", z_loss)
+
+
 def _samples(dtype, device, gen):
     for rows, vocab in [(8, 100), (1, 1), (5, 4099), (0, 16), (16, 32000)]:
         logits = randn(rows, vocab, dtype=dtype, device=device, generator=gen, scale=3.0)
@@ -58,7 +72,29 @@ def _samples(dtype, device, gen):
     yield Sample((wide, target), {"ignore_index": -100}, "4x1000-strided", 1000)
 
 
+def _linear_samples(dtype, device, gen):
+    for rows, hidden, vocab in [(8, 32, 100), (1, 16, 1), (5, 64, 4099), (0, 16, 16), (33, 128, 1000)]:
+        x = randn(rows, hidden, dtype=dtype, device=device, generator=gen)
+        weight = randn(vocab, hidden, dtype=dtype, device=device, generator=gen, scale=0.5)
+        target = torch.randint(0, vocab, (rows,), generator=gen)
+        if rows > 2:
+            target[::3] = -100
+        yield Sample((x, weight, target.to(device)), {}, f"{rows}x{hidden}->{vocab}", max(rows, hidden, vocab))
+    x = randn(6, 48, dtype=dtype, device=device, generator=gen)
+    weight = randn(500, 48, dtype=dtype, device=device, generator=gen, scale=0.5)
+    target = torch.tensor([3, -100, 499, 0, 7, 7]).to(device)
+    yield Sample((x, weight, target), {"z_loss": 1e-2}, "6x48->500:z1e-2", 500)
+    # every row ignored: loss 0 and zero gradients
+    x = randn(4, 32, dtype=dtype, device=device, generator=gen)
+    weight = randn(64, 32, dtype=dtype, device=device, generator=gen)
+    yield Sample((x, weight, torch.full((4,), -100).to(device)), {}, "4x32->64:all-ignored", 64)
+
+
 OPDEFS = [OpDef(name="cross_entropy",
                 signature="cross_entropy(logits[N, V], target[N], ignore_index=-100, reduction='mean', "
                           "z_loss=0.0, inplace_backward=False) -> loss",
-                reference=cross_entropy, samples=_samples, grad_inputs=(0,))]
+                reference=cross_entropy, samples=_samples, grad_inputs=(0,)),
+          OpDef(name="linear_cross_entropy",
+                signature="linear_cross_entropy(x[N, H], weight[V, H], target[N], ignore_index=-100, "
+                          "z_loss=0.0) -> loss",
+                reference=linear_cross_entropy, samples=_linear_samples, grad_inputs=(0, 1))]

@@ -341,6 +341,10 @@ class DeepseekV3(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(c, d, backend) for d in range(c.num_nextn_predict_layers))
         self._embedding = backend.op("embedding")
         self._cross_entropy = backend.op("cross_entropy")
+        # the head and its loss in one op where the backend has it (its forward writes the logits'
+        # gradient; nothing reads the logits again); else the head, then the backend's cross_entropy
+        self._linear_cross_entropy = backend.op("linear_cross_entropy") \
+            if backend.has_native("linear_cross_entropy") else None
         self._rope_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- pieces --------------------------------------------------------------------------------
@@ -402,13 +406,13 @@ class DeepseekV3(nn.Module):
         """
         c = self.config
         hidden, auxes, rope = self._trunk(input_ids)
-        main = self._token_loss(self.head(hidden), labels, ignore_index)
+        main = self._head_loss(hidden, labels, ignore_index)
         mtp = None
         if len(self.mtp) and c.mtp_loss_weight > 0:
             shifted, losses = labels, []
             for h in self._mtp(input_ids, hidden, rope, auxes):
                 shifted = F.pad(shifted[:, 1:], (0, 1), value=ignore_index)
-                losses.append(self._token_loss(self.head(h), shifted, ignore_index))
+                losses.append(self._head_loss(h, shifted, ignore_index))
             mtp = torch.stack(losses).mean()
         aux = torch.stack(auxes).sum() if auxes else None
         total = main
@@ -418,8 +422,14 @@ class DeepseekV3(nn.Module):
             total = total + aux
         return ModelLoss(total=total, main=main, mtp=mtp, aux=aux)
 
-    def _token_loss(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        # the logits exist only for this loss, so a fast kernel may write their gradient in place
+    def _head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        """The mean token loss of the output head on ``hidden`` (the logits exist only for this loss)."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if (self._linear_cross_entropy is not None and hidden.dtype == weight.dtype
+                and not torch.is_autocast_enabled(hidden.device.type)):
+            return self._linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                              ignore_index=ignore_index)
+        logits = self.head(hidden)  # a fast kernel may write the gradient into the logits' storage
         return self._cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
                                    inplace_backward=True)
 

@@ -18,6 +18,7 @@ KERNELS: dict[str, Callable] = {
     "rope": rope.rope,
     "mla_qkv": mla.mla_qkv,
     "cross_entropy": cross_entropy.cross_entropy,
+    "linear_cross_entropy": cross_entropy.linear_cross_entropy,
     "moe_route": moe.moe_route,
     "moe_permute": moe.moe_permute,
     "moe_unpermute": moe.moe_unpermute,

@@ -5,11 +5,17 @@ in registers: no float32 copy of the logits is ever made. It saves only ``logsum
 backward reads the logits again and writes the gradient chunk by chunk; with
 ``inplace_backward=True`` it writes into the logits' own storage, so the whole loss adds almost no
 memory (use it when nothing else needs the logits after the loss, as in training).
+
+``linear_cross_entropy`` (an output head and its loss) needs no second pass at all: its forward kernel
+writes the gradient of the mean loss over the logits right after their ``logsumexp`` (``GRAD``: the
+row's last chunks are still in L2), and the backward only runs the two matmuls, folding the upstream
+gradient into the small operands (the input and its gradient, ``N x H``) instead of the logits.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -115,3 +121,39 @@ class CrossEntropy(torch.autograd.Function):
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
                   z_loss: float = 0.0, inplace_backward: bool = False) -> torch.Tensor:
     return CrossEntropy.apply(logits, target, ignore_index, reduction, z_loss, inplace_backward)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, target, ignore_index, z_loss):
+        x2 = x.reshape(-1, x.shape[-1])
+        logits = F.linear(x2, weight)  # [N, V], x's dtype: overwritten below by the loss's gradient
+        rows, n_cols = logits.shape
+        acc = acc_dtype(logits.dtype)
+        target = target.reshape(-1).contiguous()
+        scale = 1.0 / (target != ignore_index).sum().clamp(min=1).to(acc).reshape(1)
+        losses = torch.empty(rows, dtype=acc, device=x.device)
+        lse = torch.empty(rows, dtype=acc, device=x.device)
+        if rows and n_cols:
+            block, warps = _block(n_cols)
+            _ce_fwd[(rows,)](logits, target, losses, lse, scale, logits.stride(0), n_cols, ignore_index, z_loss,
+                             ACC=acc_type(logits.dtype), BLOCK=block, GRAD=True, num_warps=warps)
+        ctx.save_for_backward(x2, weight, logits)
+        ctx.shape = x.shape
+        return losses.sum() * scale[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, weight, dlogits = ctx.saved_tensors  # dlogits: d(mean loss)/d(logits), upstream gradient 1
+        g = grad_out.to(acc_dtype(x2.dtype))
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(dlogits, weight).mul_(g).view(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            dw = torch.mm(dlogits.t(), x2 * g)  # x2 * g is x2 itself (no rounding) when g == 1
+        return dx, dw, None, None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
+                         z_loss: float = 0.0) -> torch.Tensor:
+    return LinearCrossEntropy.apply(x, weight, target, ignore_index, z_loss)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Training rows of two versions of the package in one device call (the change and its baseline on the
+# same warm GPU): the working tree's `openseek_hal` and a base copy of it in $BASE (a directory holding
+# an `openseek_hal/` package, e.g. `git archive <commit> openseek_hal | tar -x -C $BASE`), whose rows run
+# with PYTHONPATH=$BASE. Order: new, base, new again (drift shows). Run from the repository root:
+#   OPENSEEK_HAL_COMMIT=<new sha> BASE=.ab_base BASE_COMMIT=<base sha> ROWS=1gpu bash benchmarks/train/ab_job.sh
+# Writes $OUT/ab_job.tgz (each pass's bench_train JSON and logs) and prints the passes' tables.
+set -uo pipefail
+: "${OPENSEEK_HAL_COMMIT:?}" "${BASE:?}" "${BASE_COMMIT:?}"
+out="${OUT:-/tmp/ab_job_out}"
+work="$out/ab_job"
+rows="${ROWS:-1gpu}"
+steps="${STEPS:-20}"
+mkdir -p "$work"
+bench() {  # $1: pass name; the rest: environment for the pass
+    local name=$1; shift
+    env "$@" timeout "${PASS_TIMEOUT:-150}" python3 benchmarks/train/bench_train.py --out "$work/$name" \
+        --rows "$rows" --steps "$steps" --data-tokens 3000000 > "$work/$name.log" 2>&1
+    echo "== $name"; tail -n 4 "$work/$name.log"
+}
+bench new
+bench base PYTHONPATH="$BASE" OPENSEEK_HAL_COMMIT="$BASE_COMMIT"
+bench new-again
+rm -f "$work"/*/run-*/tokenizer.json "$work"/*/warmup/run-*/tokenizer.json
+tar czf "$out/ab_job.tgz" -C "$out" ab_job
