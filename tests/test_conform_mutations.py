@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from openseek_hal import ops
 from openseek_hal.backend import register_backend, unregister_backend
@@ -93,7 +94,7 @@ def _generic_applies(fault: str, name: str) -> bool:
     if fault == "gradient_scaled":
         return opdef.differentiable
     if fault == "shifted":  # adamw's outputs are lists in the caller's order; a loss is one number
-        return name not in ("adamw", "cross_entropy")
+        return name not in ("adamw", "cross_entropy", "linear_cross_entropy")
     return True
 
 
@@ -150,6 +151,11 @@ def _mla_value_one_late(q, kv, k_rope, cos, sin, interleaved=False):
 def _ce_mean_over_all_rows(logits, target, ignore_index=-100, reduction="mean", z_loss=0.0, inplace_backward=False):
     total = ops.get("cross_entropy").reference(logits, target, ignore_index, "sum", z_loss)
     return total if reduction == "sum" else total / max(1, target.numel())
+
+
+def _lce_mean_over_all_rows(x, weight, target, ignore_index=-100, z_loss=0.0):
+    total = ops.get("cross_entropy").reference(F.linear(x, weight), target, ignore_index, "sum", z_loss)
+    return total / max(1, target.numel())
 
 
 def _attention_sees_next_token(q, k, v, scale=None, cu_seqlens=None):
@@ -319,6 +325,9 @@ SPECIFIC: dict[str, dict[str, Callable[..., Any]]] = {
     "cross_entropy": {"z_loss_ignored": _with("cross_entropy", z_loss=0.0),
                       "ignore_index_ignored": _with("cross_entropy", ignore_index=-12345),
                       "mean_over_all_rows": _ce_mean_over_all_rows},
+    "linear_cross_entropy": {"z_loss_ignored": _with("linear_cross_entropy", z_loss=0.0),
+                             "ignore_index_ignored": _with("linear_cross_entropy", ignore_index=-12345),
+                             "mean_over_all_rows": _lce_mean_over_all_rows},
     "embedding": {"off_by_one_row": _embedding_next_row},
     "mla_qkv": {"layout_flipped": _with("mla_qkv", interleaved=lambda i: not i),
                 "key_rope_unrotated": _mla_key_rope_unrotated, "value_one_late": _mla_value_one_late},

@@ -61,7 +61,7 @@ def test_every_backend_passes_the_op_level(backend_name):
     assert result.ok, [(c.op, c.check, c.dtype, c.sample, c.message) for c in result.failures()][:10]
     checks = {(c.op, c.check) for c in result.checks}
     # every op got forward checks, every differentiable op backward and NaN/Inf checks
-    for op in ("rms_norm", "rope", "cross_entropy", "moe_route", "causal_attention"):
+    for op in ("rms_norm", "rope", "cross_entropy", "linear_cross_entropy", "moe_route", "causal_attention"):
         assert {(op, "forward"), (op, "backward"), (op, "nan_inf")} <= checks
     assert ("rms_norm", "determinism") in checks and ("embedding", "determinism") not in checks
     samples = {c.sample for c in result.checks if c.op == "rms_norm"}

@@ -98,7 +98,9 @@ def test_model_runs_every_op_through_the_backend():
     assert backend.calls["moe_route"] == backend.calls["moe_permute"] == backend.calls["moe_unpermute"] == layers - 1
     assert backend.calls["grouped_linear"] == 2 * (layers - 1)  # gate/up and down of the routed experts
     assert backend.calls["add_rms_norm"] == layers
-    assert backend.calls["cross_entropy"] == 1 + SMALL["num_nextn_predict_layers"]
+    # the head and its loss: one op per head pass (main and each MTP depth)
+    assert backend.calls["linear_cross_entropy"] == 1 + SMALL["num_nextn_predict_layers"]
+    assert "cross_entropy" not in backend.calls
     assert backend.calls["embedding"] == 1 + SMALL["num_nextn_predict_layers"]
     assert backend.calls["silu_and_mul"] > 0 and backend.calls["rms_norm"] > 0
 

@@ -110,6 +110,16 @@ def attention_flops(b: int, h: int, s: int, dqk: int, dv: int) -> tuple[int, int
     return 2 * pairs * (dqk + dv), 2 * pairs * (3 * dqk + 2 * dv)
 
 
+def _head_then_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
+                             z_loss: float = 0.0) -> torch.Tensor:
+    """The output head's matmul, then our cross entropy kernel writing the logits' gradient in place: the
+    two-op path that ``linear_cross_entropy`` replaces."""
+    from .kernel_loader import kernel_table
+
+    ce = kernel_table(x.device.type == "cpu")["cross_entropy"]
+    return ce(torch.nn.functional.linear(x, weight), target, ignore_index, "mean", z_loss, inplace_backward=True)
+
+
 def _flash_kernel(interpret: bool) -> Callable[..., Any]:
     from .kernel_loader import kernel_table
 
@@ -222,6 +232,12 @@ def _cases_for(preset: str, p: dict[str, int]) -> list[Case]:
         lambda dev, r, vv: ((_randn(r, vv, device=dev, scale=3.0),
                              torch.randint(0, vv, (r,), device=dev)), {}), r=rows, vv=v),
         (0,), rows * v * bf, 2 * rows * v * bf, fused_fwd_bwd=True))
+    # the output head and its loss over a training step's 8192 tokens, against the two-op path it replaces
+    cases.append(Case("linear_cross_entropy", f"{preset} 8192x{h}->{v}", functools.partial(
+        lambda dev, hh, vv: ((_randn(8192, hh, device=dev), _randn(vv, hh, device=dev, scale=hh ** -0.5),
+                              torch.randint(0, vv, (8192,), device=dev)), {}), hh=h, vv=v),
+        (0, 1), 8192 * v * bf, 2 * 8192 * v * bf, flops=2 * 8192 * h * v, bwd_flops=4 * 8192 * h * v,
+        fused_fwd_bwd=True, eager_baseline=False, baselines={"head+cross_entropy": _head_then_cross_entropy}))
     route_kw = dict(top_k=k, n_group=p["n_group"], topk_group=p["topk_group"], score_func="sigmoid",
                     norm_topk_prob=True, routed_scaling_factor=2.5)
     cases.append(Case("moe_route", f"{preset} {t}x{e} top{k}", functools.partial(
