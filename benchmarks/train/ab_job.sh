@@ -2,7 +2,8 @@
 # Training rows of two versions of the package in one device call (the change and its baseline on the
 # same warm GPU): the working tree's `openseek_hal` and a base copy of it in $BASE (a directory holding
 # an `openseek_hal/` package, e.g. `git archive <commit> openseek_hal | tar -x -C $BASE`), whose rows run
-# with PYTHONPATH=$BASE. Order: new, base, new again (drift shows). Run from the repository root:
+# with PYTHONPATH=$BASE. Passes (PASSES=, default "new base new-again": drift shows) in that order. From the
+# repository root:
 #   OPENSEEK_HAL_COMMIT=<new sha> BASE=.ab_base BASE_COMMIT=<base sha> ROWS=1gpu bash benchmarks/train/ab_job.sh
 # Writes $OUT/ab_job.tgz (each pass's bench_train JSON and logs) and prints the passes' tables.
 set -uo pipefail
@@ -18,8 +19,12 @@ bench() {  # $1: pass name; the rest: environment for the pass
         --rows "$rows" --steps "$steps" --data-tokens 3000000 > "$work/$name.log" 2>&1
     echo "== $name"; tail -n 4 "$work/$name.log"
 }
-bench new
-bench base PYTHONPATH="$BASE" OPENSEEK_HAL_COMMIT="$BASE_COMMIT"
-bench new-again
+for pass in ${PASSES:-new base new-again}; do
+    if [ "$pass" = base ]; then
+        bench base PYTHONPATH="$BASE" OPENSEEK_HAL_COMMIT="$BASE_COMMIT"
+    else
+        bench "$pass"
+    fi
+done
 rm -f "$work"/*/run-*/tokenizer.json "$work"/*/warmup/run-*/tokenizer.json
 tar czf "$out/ab_job.tgz" -C "$out" ab_job
