@@ -8,8 +8,7 @@
 # Rows (ROWS= overrides): 1 GPU: 1gpu (the default regime: captured step, bf16 moments), 1gpu-eager,
 # 1gpu-fp32moments, 1gpu-mtp, then 1gpu-again; 2 GPUs also dp2, dp2-a2a, dp2-bf16reduce, ep2, ep2-allgather, ep2-tokens. Before them, the
 # conformance of the ops the default step's update, attention inputs and head loss run (adamw, mla_qkv,
-# linear_cross_entropy) on the GPU
-# and their bench rows. STEPS (20), CHECK_TIMEOUT (120 s), BENCH_TIMEOUT (60 s), TRAIN_TIMEOUT (300 s) and
+# linear_cross_entropy) on the GPU and mla_qkv's bench row. STEPS (20), CHECK_TIMEOUT (120 s), BENCH_TIMEOUT (60 s), TRAIN_TIMEOUT (300 s) and
 # TITAN_TIMEOUT (120 s) bound the job to one 600-second device call.
 set -uo pipefail
 : "${OPENSEEK_HAL_COMMIT:?set OPENSEEK_HAL_COMMIT to the commit being measured}"
