@@ -135,9 +135,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         losses = torch.empty(rows, dtype=acc, device=x.device)
         lse = torch.empty(rows, dtype=acc, device=x.device)
         if rows and n_cols:
-            block, warps = _block(n_cols)
+            block = min(triton.next_power_of_2(n_cols), 8192)
             _ce_fwd[(rows,)](logits, target, losses, lse, scale, logits.stride(0), n_cols, ignore_index, z_loss,
-                             ACC=acc_type(logits.dtype), BLOCK=block, GRAD=True, num_warps=warps)
+                             ACC=acc_type(logits.dtype), BLOCK=block, GRAD=True, num_warps=max(1, min(16, block // 512)))
         ctx.save_for_backward(x2, weight, logits)
         ctx.shape = x.shape
         return losses.sum() * scale[0]
