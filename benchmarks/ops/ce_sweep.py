@@ -3,8 +3,9 @@ one kernel (``GRAD``) against the forward and backward kernels run one after the
 
     python benchmarks/ops/ce_sweep.py OUT_DIR [--rows 8192] [--vocab 151872,129280]
 
-For each vocabulary: the current launch's forward, backward and both; every (BLOCK, num_warps) of the
-forward, the backward and the fused kernel; a plain copy of the logits (bandwidth reference). Times are
+For each vocabulary: forward, backward and both at the launch used before this sweep (marked "before":
+4096 x 16 warps for both kernels); every (BLOCK, num_warps) of the forward, the backward and the fused
+kernel; a plain copy of the logits (bandwidth reference). Times are
 ``triton.testing.do_bench`` medians (L2 flushed between calls). The fused kernel's gradient is checked
 against the two-kernel path's (same arithmetic, so equal up to exp's rounding). Writes
 OUT_DIR/ce_sweep.json (card, versions, commit, command) and prints a table, best first.
@@ -68,7 +69,7 @@ def main() -> None:
         results.append({"vocab": vocab, "kind": "copy", "ms": copy_ms, "GB_moved": 2 * gb})
         # correctness: fused == fwd then bwd (same arithmetic)
         a, b = logits.clone(), logits.clone()
-        block0, warps0 = ce._block(vocab)
+        block0, warps0 = ce._block(vocab, "bwd")  # the launch before the sweep (fwd and bwd alike)
         _launch("fwd", a, target, bufs, block0, warps0)
         _launch("bwd", a, target, bufs, block0, warps0)
         lse_a = bufs["lse"].clone()
@@ -97,7 +98,7 @@ def main() -> None:
             rows = sorted((r for r in mine if r["kind"] == kind), key=lambda r: r["ms"])
             cur = [r for r in rows if r.get("current")]
             for r in rows[:3] + [c for c in cur if c not in rows[:3]]:
-                tag = " (current)" if r.get("current") else ""
+                tag = " (before)" if r.get("current") else ""
                 print(f"{vocab:>7} {kind:<17} {r.get('block', ''):>6} {r.get('warps', ''):>5} {r['ms']:>8.3f} "
                       f"{r.get('pct_copy', 0):>6.0f}{tag}")
 
