@@ -7,9 +7,10 @@ backward reads the logits again and writes the gradient chunk by chunk; with
 memory (use it when nothing else needs the logits after the loss, as in training).
 
 ``linear_cross_entropy`` (an output head and its loss) needs no second pass at all: its forward kernel
-writes the gradient of the mean loss over the logits right after their ``logsumexp`` (``GRAD``: the
-row's last chunks are still in L2), and the backward only runs the two matmuls, folding the upstream
-gradient into the small operands (the input and its gradient, ``N x H``) instead of the logits.
+writes the gradient of the mean loss over the logits right after their ``logsumexp`` (``GRAD``; it walks
+the row back from its end, whose chunks were read last and are the likeliest still in L2, though with
+hundreds of 300 KB rows in flight most are not), and the backward only runs the two matmuls, folding the
+upstream gradient into the small operands (the input and its gradient, ``N x H``) instead of the logits.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _ce_fwd(X, T, LOSS, LSE, SCALE, stride_x, n_cols, ignore_index, z_loss, ACC:
     loss = lse - x_t + tl.where(z_loss != 0, z_loss * lse * lse, 0.0)  # 0 * inf would be NaN
     tl.store(LOSS + row, tl.where(keep, loss, 0.0))
     tl.store(LSE + row, lse)
-    if GRAD:  # the gradient of SCALE * loss, written over the logits, last chunk first (still in L2)
+    if GRAD:  # the gradient of SCALE * loss, written over the logits, last chunk first (read last)
         scale = tl.where(keep, tl.load(SCALE).to(ACC), 0.0)
         p_scale = scale * (1.0 + tl.where(z_loss != 0, 2.0 * z_loss * lse, 0.0))
         last = ((n_cols - 1) // BLOCK) * BLOCK
