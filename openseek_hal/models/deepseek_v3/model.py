@@ -357,9 +357,12 @@ class DeepseekV3(nn.Module):
                                                 max_position_embeddings=c.max_position_embeddings, device=device)
         return self._rope_cache[key]
 
+    @property
+    def _head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return F.linear(hidden, self._head_weight)
 
     def moe_layers(self) -> Iterator[MoE]:
         for block in [*self.layers, *(m.block for m in self.mtp)]:
@@ -424,7 +427,7 @@ class DeepseekV3(nn.Module):
 
     def _head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
         """The mean token loss of the output head on ``hidden`` (the logits exist only for this loss)."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        weight = self._head_weight
         if (self._linear_cross_entropy is not None and hidden.dtype == weight.dtype
                 and not torch.is_autocast_enabled(hidden.device.type)):
             return self._linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),

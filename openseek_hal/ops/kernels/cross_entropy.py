@@ -24,6 +24,20 @@ from ._common import acc_dtype, acc_type, as_rows
 
 
 @triton.jit
+def _grad_scales(SCALE, keep, lse, z_loss, ACC: tl.constexpr):
+    """A row's factors of d(SCALE * loss)/d(logits): on the target (``scale``) and on the softmax, where the
+    z-loss adds ``2 z lse`` (``p_scale``); both 0 for an ignored row."""
+    scale = tl.where(keep, tl.load(SCALE).to(ACC), 0.0)
+    return scale, scale * (1.0 + tl.where(z_loss != 0, 2.0 * z_loss * lse, 0.0))
+
+
+@triton.jit
+def _dlogits(x, offs, target, lse, scale, p_scale):
+    """The gradient over a chunk of a row's logits ``x`` (columns ``offs``)."""
+    return tl.exp(x - lse) * p_scale - tl.where(offs == target, scale, 0.0)
+
+
+@triton.jit
 def _ce_fwd(X, T, LOSS, LSE, SCALE, stride_x, n_cols, ignore_index, z_loss, ACC: tl.constexpr, BLOCK: tl.constexpr,
             GRAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -46,14 +60,13 @@ def _ce_fwd(X, T, LOSS, LSE, SCALE, stride_x, n_cols, ignore_index, z_loss, ACC:
     tl.store(LOSS + row, tl.where(keep, loss, 0.0))
     tl.store(LSE + row, lse)
     if GRAD:  # the gradient of SCALE * loss, written over the logits, last chunk first (read last)
-        scale = tl.where(keep, tl.load(SCALE).to(ACC), 0.0)
-        p_scale = scale * (1.0 + tl.where(z_loss != 0, 2.0 * z_loss * lse, 0.0))
+        scale, p_scale = _grad_scales(SCALE, keep, lse, z_loss, ACC)
         last = ((n_cols - 1) // BLOCK) * BLOCK
         for i in range(0, n_cols, BLOCK):
             offs = last - i + cols
             mask = offs < n_cols
             x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
-            dx = tl.exp(x - lse) * p_scale - tl.where(offs == target, scale, 0.0)
+            dx = _dlogits(x, offs, target, lse, scale, p_scale)
             tl.store(x_row + offs, dx.to(X.dtype.element_ty), mask=mask)
 
 
@@ -63,15 +76,13 @@ def _ce_bwd(X, T, LSE, SCALE, DX, stride_x, stride_dx, n_cols, ignore_index, z_l
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     target = tl.load(T + row)
-    keep = target != ignore_index
-    scale = tl.where(keep, tl.load(SCALE).to(ACC), 0.0)
     lse = tl.load(LSE + row)
-    p_scale = scale * (1.0 + tl.where(z_loss != 0, 2.0 * z_loss * lse, 0.0))
+    scale, p_scale = _grad_scales(SCALE, target != ignore_index, lse, z_loss, ACC)
     for start in range(0, n_cols, BLOCK):
         offs = start + cols
         mask = offs < n_cols
         x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(ACC)
-        dx = tl.exp(x - lse) * p_scale - tl.where(offs == target, scale, 0.0)
+        dx = _dlogits(x, offs, target, lse, scale, p_scale)
         tl.store(DX + row * stride_dx + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -92,21 +103,32 @@ def _block(n_cols: int, kind: str) -> tuple[int, int]:
     return block, max(1, min(16, block // 256))
 
 
+def _row_losses(x2: torch.Tensor, target: torch.Tensor, ignore_index: int, z_loss: float,
+                grad_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's loss and ``logsumexp`` of the logits ``x2`` (rows x vocab, unit column stride; ``target``
+    a dense vector); with ``grad_scale`` (a 1-element tensor) the gradient of ``grad_scale * sum(losses)``
+    is also written over ``x2`` (the fused kernel)."""
+    rows, n_cols = x2.shape
+    acc = acc_dtype(x2.dtype)
+    losses = torch.empty(rows, dtype=acc, device=x2.device)
+    lse = torch.empty(rows, dtype=acc, device=x2.device)
+    if rows:
+        fused = grad_scale is not None
+        block, warps = _block(n_cols, "fused" if fused else "fwd")
+        _ce_fwd[(rows,)](x2, target, losses, lse, grad_scale if fused else lse, x2.stride(0), n_cols, ignore_index,
+                         z_loss, ACC=acc_type(x2.dtype), BLOCK=block, GRAD=fused, num_warps=warps)
+    return losses, lse
+
+
 class CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index, reduction, z_loss, inplace_backward):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         x2 = as_rows(logits)
-        rows, n_cols = x2.shape
         acc = acc_dtype(logits.dtype)
-        losses = torch.empty(rows, dtype=acc, device=logits.device)
-        lse = torch.empty(rows, dtype=acc, device=logits.device)
         target = target.reshape(-1).contiguous()  # read as a dense vector by the kernels
-        if rows:
-            block, warps = _block(n_cols, "fwd")
-            _ce_fwd[(rows,)](x2, target, losses, lse, lse, x2.stride(0), n_cols, ignore_index, z_loss,
-                             ACC=acc_type(logits.dtype), BLOCK=block, GRAD=False, num_warps=warps)
+        losses, lse = _row_losses(x2, target, ignore_index, z_loss)
         total = losses.sum()
         if reduction == "mean":
             kept = (target != ignore_index).sum().clamp(min=1).to(acc)
@@ -141,16 +163,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, target, ignore_index, z_loss):
         x2 = x.reshape(-1, x.shape[-1])
         logits = F.linear(x2, weight)  # [N, V], x's dtype: overwritten below by the loss's gradient
-        rows, n_cols = logits.shape
-        acc = acc_dtype(logits.dtype)
         target = target.reshape(-1).contiguous()
-        scale = 1.0 / (target != ignore_index).sum().clamp(min=1).to(acc).reshape(1)
-        losses = torch.empty(rows, dtype=acc, device=x.device)
-        lse = torch.empty(rows, dtype=acc, device=x.device)
-        if rows and n_cols:
-            block, warps = _block(n_cols, "fused")
-            _ce_fwd[(rows,)](logits, target, losses, lse, scale, logits.stride(0), n_cols, ignore_index, z_loss,
-                             ACC=acc_type(logits.dtype), BLOCK=block, GRAD=True, num_warps=warps)
+        scale = 1.0 / (target != ignore_index).sum().clamp(min=1).to(acc_dtype(logits.dtype)).reshape(1)
+        losses, _ = _row_losses(logits, target, ignore_index, z_loss, grad_scale=scale)
         ctx.save_for_backward(x2, weight, logits)
         ctx.shape = x.shape
         return losses.sum() * scale[0]
