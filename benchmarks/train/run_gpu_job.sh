@@ -35,7 +35,7 @@ timeout "${TITAN_TIMEOUT:-120}" python3 benchmarks/train/torchtitan_baseline.py 
     --micro-batch 2 --seq-len 4096 --mtp 0 --precision bf16 --json "$work/torchtitan_bf16.json" \
     > "$work/torchtitan_log.txt" 2>&1
 rm -f "$work"/train/run-*/tokenizer.json "$work"/train/warmup/run-*/tokenizer.json
-tar czf "$out/train_job.tgz" -C "$out" train_job
+tar czf "$out/train_job.tgz" --exclude="*.trace.json.gz" -C "$out" train_job
 grep -h -i -A3 "traceback\|error" "$work"/train/*.log | head -20
 tail -n 2 "$work/conform_log.txt"
 tail -n 4 "$work/bench_log.txt"
