@@ -6,6 +6,8 @@ inputs are the OpDef samples (edge shapes, non-contiguous views) in float32 and 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -390,6 +392,17 @@ def test_adamw_kernel_remainder_form_updates_the_master_as_the_full_fp32_master_
         adamw(*split[:4], param_remainders=split[4], master_params=full[4], **hyper)
     with pytest.raises(ValueError, match="int16 tensors shaped like"):
         adamw(*split[:4], param_remainders=[split[4][0].float()], **hyper)
+
+
+@pytest.mark.parametrize("experts", [8, 256, 257, 40000])
+def test_permute_sorts_narrowed_expert_ids_in_the_order_of_the_full_ids(experts):
+    """The permute's stable sort of expert ids, on ids narrowed to 8 or 16 bits where they fit, gives the
+    order of a stable sort of the int64 ids (ids at the top of each width included)."""
+    moe = sys.modules[KERNELS["moe_permute"].__module__]
+    gen = torch.Generator().manual_seed(experts)
+    flat = torch.randint(0, experts, (3000,), generator=gen)
+    flat[:4] = torch.tensor([experts - 1, 0, experts - 1, 0])
+    assert torch.equal(moe._expert_order(flat, experts), torch.sort(flat, stable=True).indices)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
