@@ -119,8 +119,11 @@ class _BF16RouterLogits(torch.autograd.Function):
 
     The forward is the fp32 reference's arithmetic (bf16 products are exact in fp32; only the order of the
     fp32 sums differs). The backward's upstream gradient is fp32: it is split into two bf16 terms (16
-    bits) for two tensor-core products each, and the results are rounded to the inputs' bf16, whose
-    rounding (2**-8) is 256 times coarser than the split's.
+    bits), and the results are rounded to the inputs' bf16, whose rounding (2**-8) is 256 times coarser
+    than the split's. The input's gradient is one product over both terms (``[high, low] @ [w; w]``, the
+    inner dimension doubled), accumulated in fp32 and rounded once, so no fp32 tokens x hidden partial
+    products are written, added and converted (about 270 MB of traffic a MoE layer at OpenSeek-Small's
+    8192 tokens).
     """
 
     @staticmethod
@@ -132,7 +135,7 @@ class _BF16RouterLogits(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         high, low = _split_bf16(grad.contiguous())
-        dx = (_mm_fp32(high, weight) + _mm_fp32(low, weight)).to(x.dtype)
+        dx = torch.mm(torch.cat([high, low], dim=1), torch.cat([weight, weight])).to(x.dtype)
         dw = (_mm_fp32(high.t(), x) + _mm_fp32(low.t(), x)).to(weight.dtype)
         return dx, dw
 
