@@ -130,6 +130,27 @@ def test_forward_and_losses_match_an_independent_computation(backend):
     assert not missing
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_loss_gradients_match_plain_autograd_of_the_logits(tied):
+    """`loss` collects the shared embedding / head weight's gradient itself (no dense embedding gradient,
+    no add of two tables) and the blocks leave their residual add to the next norm: every parameter's
+    gradient equals autograd's through `forward_with_mtp`'s logits, in float64 (repeated tokens included)."""
+    model = build_model(SMALL, "cpu", seed=0, dtype=torch.float64, tie_word_embeddings=tied,
+                        seq_aux_loss_coef=0.0).train()
+    ids, labels = ids_for(61, seq=40), ids_for(61, seq=40, seed=1)  # 80 tokens of 61: tokens repeat
+    labels[1, 5] = -100
+    model.loss(ids, labels).total.backward()
+    collected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits, mtp_logits = model.forward_with_mtp(ids)
+    main = F.cross_entropy(logits.reshape(-1, 61), labels.reshape(-1))
+    mtp = torch.stack([F.cross_entropy(m[:, : 40 - d].reshape(-1, 61), labels[:, d:].reshape(-1))
+                       for d, m in enumerate(mtp_logits, start=1)]).mean()
+    (main + 0.3 * mtp).backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(collected[name], p.grad, rtol=1e-9, atol=1e-12 * p.grad.abs().max().item()), name
+
+
 def test_mtp_is_causal_and_uses_the_shifted_future_token():
     model = build_model(SMALL, "cpu", seed=0).eval()
     ids = ids_for(61)
@@ -349,3 +370,16 @@ def test_router_takes_the_fp32_path_where_torch_has_no_fp32_output_matmul(monkey
     monkeypatch.setattr(m, "_mm_fp32", lambda a, b: calls.append(1) or (a.double() @ b.double()).float())
     m._FP32_OUT_MM.clear()
     assert m._fp32_out_mm(torch.device("cpu")) and m._fp32_out_mm(torch.device("cpu")) and len(calls) == 1
+
+
+def test_tied_gradient_refuses_a_use_that_arrives_after_collection():
+    from openseek_hal.models.deepseek_v3.tied import TiedGradient
+
+    weight = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    tied = TiedGradient(weight)
+    ids = torch.tensor([1, 3, 1])
+    tied.lookup(F.embedding, ids).sum().backward()  # the first lookup collects: rows 1 (twice) and 3
+    assert torch.equal(weight.grad, F.one_hot(ids, 7).double().sum(0)[:, None].expand(7, 4))
+    late = F.linear(torch.ones(2, 4, dtype=torch.float64), tied.head_weight()).sum()
+    with pytest.raises(RuntimeError, match="after its gradient was returned"):
+        late.backward()

@@ -26,6 +26,7 @@ from ...backend import Backend
 from ...errors import ConfigError
 from ...ops.rope_scaling import rope_tables, softmax_scale
 from .config import DeepseekV3Config
+from .tied import TiedGradient
 
 
 class _RecomputeState:
@@ -372,9 +373,20 @@ class DeepseekV3(nn.Module):
             if block.is_moe:
                 yield block.mlp
 
-    def _trunk(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], tuple]:
+    def _embed(self, ids: torch.Tensor, tied: TiedGradient | None) -> torch.Tensor:
+        return self._embedding(ids, self.embed_tokens.weight) if tied is None else tied.lookup(self._embedding, ids)
+
+    def _tied_gradient(self) -> TiedGradient | None:
+        """A collector of the shared embedding / head weight's gradient when one backward will need it."""
+        weight = self.embed_tokens.weight
+        if self.lm_head is None and weight.requires_grad and torch.is_grad_enabled():
+            return TiedGradient(weight)
+        return None
+
+    def _trunk(self, input_ids: torch.Tensor,
+               tied: TiedGradient | None = None) -> tuple[torch.Tensor, list[torch.Tensor], tuple]:
         cos, sin = self._rope_tables(input_ids.shape[1], input_ids.device)
-        x = self._embedding(input_ids, self.embed_tokens.weight)
+        x = self._embed(input_ids, tied)
         auxes = []
         for layer in self.layers:
             x, aux = layer(x, cos, sin)
@@ -383,13 +395,13 @@ class DeepseekV3(nn.Module):
         return self.norm(x), auxes, (cos, sin)
 
     def _mtp(self, input_ids: torch.Tensor, hidden: torch.Tensor, rope: tuple,
-             auxes: list[torch.Tensor]) -> list[torch.Tensor]:
+             auxes: list[torch.Tensor], tied: TiedGradient | None = None) -> list[torch.Tensor]:
         """Hidden states of each MTP depth. Inputs are shifted left one token per depth; the
         positions whose future tokens fall off the end see token 0 and are masked in the loss."""
         out, ids = [], input_ids
         for module in self.mtp:
             ids = F.pad(ids[:, 1:], (0, 1))
-            hidden, aux = module(hidden, self._embedding(ids, self.embed_tokens.weight), *rope)
+            hidden, aux = module(hidden, self._embed(ids, tied), *rope)
             if aux is not None:
                 auxes.append(aux)
             out.append(hidden)
@@ -411,14 +423,15 @@ class DeepseekV3(nn.Module):
         MTP depth ``d`` targets ``labels[:, i + d]``; its last ``d`` positions are ignored.
         """
         c = self.config
-        hidden, auxes, rope = self._trunk(input_ids)
-        main = self._head_loss(hidden, labels, ignore_index)
+        tied = self._tied_gradient()
+        hidden, auxes, rope = self._trunk(input_ids, tied)
+        main = self._head_loss(hidden, labels, ignore_index, tied)
         mtp = None
         if len(self.mtp) and c.mtp_loss_weight > 0:
             shifted, losses = labels, []
-            for h in self._mtp(input_ids, hidden, rope, auxes):
+            for h in self._mtp(input_ids, hidden, rope, auxes, tied):
                 shifted = F.pad(shifted[:, 1:], (0, 1), value=ignore_index)
-                losses.append(self._head_loss(h, shifted, ignore_index))
+                losses.append(self._head_loss(h, shifted, ignore_index, tied))
             mtp = torch.stack(losses).mean()
         aux = torch.stack(auxes).sum() if auxes else None
         total = main
@@ -428,14 +441,15 @@ class DeepseekV3(nn.Module):
             total = total + aux
         return ModelLoss(total=total, main=main, mtp=mtp, aux=aux)
 
-    def _head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    def _head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                   tied: TiedGradient | None = None) -> torch.Tensor:
         """The mean token loss of the output head on ``hidden`` (the logits exist only for this loss)."""
-        weight = self._head_weight
+        weight = self._head_weight if tied is None else tied.head_weight()
         if (self._linear_cross_entropy is not None and hidden.dtype == weight.dtype
                 and not torch.is_autocast_enabled(hidden.device.type)):
             return self._linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
                                               ignore_index=ignore_index)
-        logits = self.head(hidden)  # a fast kernel may write the gradient into the logits' storage
+        logits = F.linear(hidden, weight)  # a fast kernel may write the gradient into the logits' storage
         return self._cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
                                    inplace_backward=True)
 
