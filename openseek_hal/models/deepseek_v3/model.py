@@ -45,8 +45,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self._rms_norm = backend.op("rms_norm")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._rms_norm(x, self.weight, self.eps)
+        self._add_rms_norm = backend.op("add_rms_norm")
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``rms_norm(x)``; with ``residual``, ``(rms_norm(x + residual), x + residual)`` in one op."""
+        if residual is None:
+            return self._rms_norm(x, self.weight, self.eps)
+        return self._add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class MLA(nn.Module):
@@ -276,7 +282,14 @@ class Experts(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: MLA then a dense MLP or a MoE."""
+    """Pre-norm transformer block: MLA then a dense MLP or a MoE.
+
+    ``block(x, cos, sin, pending)`` returns ``(x', out, aux)`` and leaves the last residual add to its
+    consumer: the block's output is ``x' + out``, which the next block's input norm (or the final norm)
+    adds and normalizes in one `add_rms_norm` (the ``pending`` argument). So the residual stream is never
+    added on its own, and in backward the norm's kernel adds the residual's gradient instead of a
+    separate pass summing the two branches' gradients.
+    """
 
     def __init__(self, config: DeepseekV3Config, layer_index: int, backend: Backend):
         super().__init__()
@@ -285,17 +298,22 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.is_moe = config.is_moe_layer(layer_index)
         self.mlp = MoE(config, backend) if self.is_moe else MLP(config.hidden_size, config.intermediate_size, backend)
-        self._add_rms_norm = backend.op("add_rms_norm")
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin)
-        normed, x = self._add_rms_norm(attn, x, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pending: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(x', out, aux)``: the block's output is ``x' + out``; ``pending`` is the previous block's ``out``
+        (its residual stream is then ``x + pending``)."""
+        if pending is None:
+            h = self.input_layernorm(x)
+        else:
+            h, x = self.input_layernorm(pending, residual=x)
+        attn = self.self_attn(h, cos, sin)
+        normed, x = self.post_attention_layernorm(attn, residual=x)
         if self.is_moe:
             out, aux = self.mlp(normed)
         else:
             out, aux = self.mlp(normed), None
-        return x + out, aux
+        return x, out, aux
 
 
 class MTPModule(nn.Module):
@@ -313,8 +331,8 @@ class MTPModule(nn.Module):
     def forward(self, hidden: torch.Tensor, embedded: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(hidden)], dim=-1))
-        x, aux = self.block(x, cos, sin)
-        return self.norm(x), aux
+        x, out, aux = self.block(x, cos, sin)
+        return self.norm(out, residual=x)[0], aux
 
 
 @dataclass
@@ -387,12 +405,12 @@ class DeepseekV3(nn.Module):
                tied: TiedGradient | None = None) -> tuple[torch.Tensor, list[torch.Tensor], tuple]:
         cos, sin = self._rope_tables(input_ids.shape[1], input_ids.device)
         x = self._embed(input_ids, tied)
-        auxes = []
+        auxes, out = [], None
         for layer in self.layers:
-            x, aux = layer(x, cos, sin)
+            x, out, aux = layer(x, cos, sin, out)
             if aux is not None:
                 auxes.append(aux)
-        return self.norm(x), auxes, (cos, sin)
+        return (self.norm(x) if out is None else self.norm(out, residual=x)[0]), auxes, (cos, sin)
 
     def _mtp(self, input_ids: torch.Tensor, hidden: torch.Tensor, rope: tuple,
              auxes: list[torch.Tensor], tied: TiedGradient | None = None) -> list[torch.Tensor]:
