@@ -8,7 +8,7 @@
 # Rows (ROWS= overrides): 1 GPU: 1gpu (the default regime: captured step, bf16 moments), 1gpu-eager,
 # 1gpu-fp32moments, 1gpu-mtp, then 1gpu-again; 2 GPUs also dp2, dp2-a2a, dp2-bf16reduce, ep2, ep2-allgather, ep2-tokens. Before them, the
 # conformance of the ops the default step's update, attention inputs and head loss run (adamw, mla_qkv,
-# linear_cross_entropy) on the GPU and mla_qkv's bench row. STEPS (20), CHECK_TIMEOUT (120 s), BENCH_TIMEOUT (60 s), TRAIN_TIMEOUT (300 s) and
+# linear_cross_entropy, moe_permute) on the GPU and mla_qkv's bench row. STEPS (20), CHECK_TIMEOUT (120 s), BENCH_TIMEOUT (60 s), TRAIN_TIMEOUT (300 s) and
 # TITAN_TIMEOUT (120 s) bound the job to one 600-second device call.
 set -uo pipefail
 : "${OPENSEEK_HAL_COMMIT:?set OPENSEEK_HAL_COMMIT to the commit being measured}"
@@ -25,7 +25,7 @@ fi
 rows="$rows,1gpu-again"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$work/gpus.txt"
 python3 -m pip install -q --no-deps .whl/*.whl > /dev/null 2>&1 || echo "no wheels in .whl/: torchtitan's row will fail"
-timeout "${CHECK_TIMEOUT:-120}" python3 -m openseek_hal conform --backend cuda --level ops --op adamw,mla_qkv,linear_cross_entropy \
+timeout "${CHECK_TIMEOUT:-120}" python3 -m openseek_hal conform --backend cuda --level ops --op adamw,mla_qkv,linear_cross_entropy,moe_permute \
     --report "$work/conform" > "$work/conform_log.txt" 2>&1 || echo "conform: exit $?" >> "$work/conform_log.txt"
 timeout "${BENCH_TIMEOUT:-60}" python3 -m openseek_hal bench --backend cuda --op mla_qkv \
     --json "$work/bench_mla_qkv.json" > "$work/bench_log.txt" 2>&1
