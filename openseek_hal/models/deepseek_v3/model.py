@@ -44,7 +44,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self._rms_norm = backend.op("rms_norm")
-
         self._add_rms_norm = backend.op("add_rms_norm")
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
