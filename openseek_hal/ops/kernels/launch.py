@@ -48,6 +48,11 @@ KERNELS = ("rms_norm_fwd", "rms_norm_bwd", "add_rms_norm_fwd", "add_rms_norm_bwd
 # benchmarks/ops/results/h100_memops_sweep_937c5260.json) where they beat the rule; ms is the sweep's
 # median (rule's ms in brackets).
 TABLE: dict[tuple[str, int], Config] = {
+    # hidden 1280 and the 512-wide key-value latent (OpenSeek-Small's step), timed inside a CUDA graph
+    # (benchmarks/ops/norm_bwd_sweep.py, H100, 8192 rows; in parentheses the rule's launch)
+    ("rms_norm_bwd", 1280): dict(ROWS=1, num_warps=8, per_sm=4, num_stages=1),  # 0.036 (0.053)
+    ("add_rms_norm_bwd", 1280): dict(ROWS=1, num_warps=8, per_sm=4, num_stages=1),  # 0.046 (0.065)
+    ("rms_norm_bwd", 512): dict(ROWS=4, num_warps=16, per_sm=2, num_stages=1),  # 0.014 (0.023)
     ("rms_norm_bwd", 7168): dict(ROWS=1, num_warps=32, per_sm=1, num_stages=1),  # 0.286 (0.292)
     ("rms_norm_bwd", 4096): dict(ROWS=2, num_warps=32, per_sm=2, num_stages=1),  # 0.176 (0.244)
     ("add_rms_norm_bwd", 7168): dict(ROWS=1, num_warps=32, per_sm=1, num_stages=1),  # 0.367 (0.372)
