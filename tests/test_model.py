@@ -388,3 +388,22 @@ def test_tied_gradient_refuses_a_use_that_arrives_after_collection():
     late = F.linear(torch.ones(2, 4, dtype=torch.float64), tied.head_weight()).sum()
     with pytest.raises(RuntimeError, match="after its gradient was returned"):
         late.backward()
+
+
+def test_tied_rows_add_in_float32_once_per_row_on_the_cpu():
+    """The lookups' rows go into a bfloat16 gradient as float32 sums rounded once (not one bf16 rounding per
+    repeated token), and a float32 gradient takes them in id order (the same bits on every run)."""
+    from openseek_hal.models.deepseek_v3.tied import _add_rows
+
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.tensor([2, 0, 2, 2, 5, 2, 0])
+    rows = torch.randn(7, 6, generator=gen)
+    start = torch.randn(8, 6, generator=gen)
+    want = start.double().index_add(0, ids, rows.double())
+    got = start.to(torch.bfloat16)
+    _add_rows(got, ids, rows.to(torch.bfloat16))
+    exact = start.to(torch.bfloat16).double().index_add(0, ids, rows.to(torch.bfloat16).double())
+    assert torch.equal(got, exact.float().to(torch.bfloat16))  # float32 holds these sums exactly: one rounding
+    f32 = start.clone()
+    _add_rows(f32, ids, rows)
+    assert torch.allclose(f32.double(), want, rtol=0, atol=1e-6)
