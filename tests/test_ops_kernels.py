@@ -394,28 +394,6 @@ def test_adamw_kernel_remainder_form_updates_the_master_as_the_full_fp32_master_
         adamw(*split[:4], param_remainders=[split[4][0].float()], **hyper)
 
 
-def test_cross_entropy_kernel_on_fewer_programs_than_rows_loops_over_them():
-    """The fused loss-and-gradient kernel on a grid of fewer programs than rows (each looping over rows
-    ``pid, pid + P, ...``) writes the losses, logsumexps and gradient of one program per row, bitwise."""
-    ce = sys.modules[KERNELS["cross_entropy"].__module__]
-    gen = torch.Generator().manual_seed(3)
-    rows, vocab = 7, 300
-    logits = torch.randn(rows, vocab, generator=gen) * 4
-    target = torch.randint(0, vocab, (rows,), generator=gen)
-    target[2] = -100
-    scale = torch.tensor([1.0 / 6])
-    out = []
-    for programs in (rows, 3, 1):
-        x, loss, lse = logits.clone(), torch.empty(rows), torch.empty(rows)
-        ce._ce_fwd[(programs,)](x, target, loss, lse, scale, x.stride(0), rows, vocab, -100, 0.0,
-                                ACC=ce.acc_type(x.dtype), BLOCK=128, GRAD=True, num_warps=4)
-        out.append((x, loss, lse))
-    for x, loss, lse in out[1:]:
-        assert torch.equal(x, out[0][0]) and torch.equal(loss, out[0][1]) and torch.equal(lse, out[0][2])
-    ref = torch.nn.functional.cross_entropy(logits.double().requires_grad_(), target, reduction="none")
-    assert torch.allclose(out[0][1].double(), ref.detach(), atol=1e-5)
-
-
 @pytest.mark.parametrize("experts", [8, 256, 257, 40000])
 def test_permute_sorts_narrowed_expert_ids_in_the_order_of_the_full_ids(experts):
     """The permute's stable sort of expert ids, on ids narrowed to 8 or 16 bits where they fit, gives the

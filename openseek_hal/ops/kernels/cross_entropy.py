@@ -38,38 +38,36 @@ def _dlogits(x, offs, target, lse, scale, p_scale):
 
 
 @triton.jit
-def _ce_fwd(X, T, LOSS, LSE, SCALE, stride_x, n_rows, n_cols, ignore_index, z_loss, ACC: tl.constexpr,
-            BLOCK: tl.constexpr, GRAD: tl.constexpr):
-    """Rows ``pid, pid + P, ...`` (P programs; one row each when P is the row count)."""
+def _ce_fwd(X, T, LOSS, LSE, SCALE, stride_x, n_cols, ignore_index, z_loss, ACC: tl.constexpr, BLOCK: tl.constexpr,
+            GRAD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
     cols = tl.arange(0, BLOCK)
-    for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        row = tl.cast(r, tl.int64)
-        x_row = X + row * stride_x
-        m = tl.full([], float("-inf"), ACC)
-        total = tl.zeros([], ACC)
-        for start in range(0, n_cols, BLOCK):
-            offs = start + cols
-            x = tl.load(x_row + offs, mask=offs < n_cols, other=float("-inf")).to(ACC)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            m = m_new
-        # a +inf logit makes logsumexp +inf (as torch's); the online sum itself would be inf - inf = NaN
-        lse = tl.where(m == float("inf"), m, m + tl.log(total))
-        target = tl.load(T + row)
-        keep = target != ignore_index
-        x_t = tl.load(x_row + tl.where(keep, target, 0)).to(ACC)
-        loss = lse - x_t + tl.where(z_loss != 0, z_loss * lse * lse, 0.0)  # 0 * inf would be NaN
-        tl.store(LOSS + row, tl.where(keep, loss, 0.0))
-        tl.store(LSE + row, lse)
-        if GRAD:  # the gradient of SCALE * loss, written over the logits, last chunk first (read last)
-            scale, p_scale = _grad_scales(SCALE, keep, lse, z_loss, ACC)
-            last = ((n_cols - 1) // BLOCK) * BLOCK
-            for i in range(0, n_cols, BLOCK):
-                offs = last - i + cols
-                mask = offs < n_cols
-                x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
-                dx = _dlogits(x, offs, target, lse, scale, p_scale)
-                tl.store(x_row + offs, dx.to(X.dtype.element_ty), mask=mask)
+    m = tl.full([], float("-inf"), ACC)
+    total = tl.zeros([], ACC)
+    for start in range(0, n_cols, BLOCK):
+        offs = start + cols
+        x = tl.load(x_row + offs, mask=offs < n_cols, other=float("-inf")).to(ACC)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    # a +inf logit makes logsumexp +inf (as torch's); the online sum itself would be inf - inf = NaN
+    lse = tl.where(m == float("inf"), m, m + tl.log(total))
+    target = tl.load(T + row)
+    keep = target != ignore_index
+    x_t = tl.load(x_row + tl.where(keep, target, 0)).to(ACC)
+    loss = lse - x_t + tl.where(z_loss != 0, z_loss * lse * lse, 0.0)  # 0 * inf would be NaN
+    tl.store(LOSS + row, tl.where(keep, loss, 0.0))
+    tl.store(LSE + row, lse)
+    if GRAD:  # the gradient of SCALE * loss, written over the logits, last chunk first (read last)
+        scale, p_scale = _grad_scales(SCALE, keep, lse, z_loss, ACC)
+        last = ((n_cols - 1) // BLOCK) * BLOCK
+        for i in range(0, n_cols, BLOCK):
+            offs = last - i + cols
+            mask = offs < n_cols
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
+            dx = _dlogits(x, offs, target, lse, scale, p_scale)
+            tl.store(x_row + offs, dx.to(X.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -117,8 +115,8 @@ def _row_losses(x2: torch.Tensor, target: torch.Tensor, ignore_index: int, z_los
     if rows:
         fused = grad_scale is not None
         block, warps = _block(n_cols, "fused" if fused else "fwd")
-        _ce_fwd[(rows,)](x2, target, losses, lse, grad_scale if fused else lse, x2.stride(0), rows, n_cols,
-                         ignore_index, z_loss, ACC=acc_type(x2.dtype), BLOCK=block, GRAD=fused, num_warps=warps)
+        _ce_fwd[(rows,)](x2, target, losses, lse, grad_scale if fused else lse, x2.stride(0), n_cols, ignore_index,
+                         z_loss, ACC=acc_type(x2.dtype), BLOCK=block, GRAD=fused, num_warps=warps)
     return losses, lse
 
 
