@@ -247,3 +247,23 @@ def test_memops_sweep_runs_a_row_on_the_cpu(monkeypatch, tmp_path, capsys):
     saved = json.loads((tmp_path / "memops_sweep.json").read_text())
     assert [r["guard"] for r in saved["rows"]] == [False, True] and saved["provenance"] and "warnings" in saved
     assert len(saved["rows"][1]["configs"]) == 2  # a guard row: the default and the previous launch
+
+
+def test_norm_bwd_sweep_runs_its_rows_on_the_cpu(tmp_path, capsys):
+    """The graph-timed norm backward sweep's plumbing on the interpreter (8 rows of each training-step shape,
+    the strided latent included, timed by wall clock: no number is meaningful): every config's gradients
+    agree with the default launch's, and a `launch.TABLE` line is printed per row."""
+    import json
+
+    from benchmark_scripts import load_script
+
+    sweep = load_script("ops/norm_bwd_sweep.py")
+    sweep.main([str(tmp_path), "--interpret", "--reps", "1"])
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "norm_bwd_sweep.json").read_text())
+    assert [r["n"] for r in saved["results"]] == [1280, 512, 1280] and saved["results"][1]["stride"] == 576
+    for result in saved["results"]:
+        assert result["default"]["config"] == launch.config(result["kernel"], result["n"])
+        assert all(e.get("ok") for e in result["entries"]), [e for e in result["entries"] if not e.get("ok")]
+        assert len(result["entries"]) > len(launch.candidates(result["kernel"], result["n"]))  # the wider grids
+    assert out.count("TABLE: (") == 3 and "('rms_norm_bwd', 512): dict(" in out

@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from openseek_hal.ops.kernels import launch, norm
+from openseek_hal.ops.kernel_loader import load_kernels
 from openseek_hal.provenance import cuda_devices, provenance
 
 # (label, kernel, rows, n, row stride of the input, residual gradient present)
@@ -40,7 +41,7 @@ EXTRA = [(4, 16, 4, 1), (4, 16, 8, 1), (8, 16, 4, 1), (8, 32, 2, 1), (4, 8, 8, 1
          (8, 16, 8, 1), (2, 4, 16, 1), (1, 4, 16, 1), (4, 16, 4, 2), (2, 8, 8, 2)]
 
 
-def _configs(kernel: str, n: int) -> list[dict]:
+def _configs(launch, kernel: str, n: int) -> list[dict]:
     out = launch.candidates(kernel, n)
     for r, w, p, s in EXTRA:
         cfg = dict(ROWS=r, num_warps=w, per_sm=p, num_stages=s)
@@ -74,35 +75,31 @@ def _time_graph(fn, reps: int, replays: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--reps", type=int, default=20)
-    args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
-    results = []
-    copy_src = torch.empty(8192 * 1280 * 2, dtype=torch.bfloat16, device=dev)
+def sweep(rows: list[tuple], device: torch.device, timer, reps: int, interpret: bool = False) -> tuple[float, list]:
+    """Every row's configs timed by ``timer(fn, reps)`` (microseconds a call): (copy GB/s, results)."""
+    pkg = load_kernels(interpret=interpret)
+    launch, norm = pkg.launch, pkg.norm
+    gen = torch.Generator(device=device).manual_seed(0)
+    copy_src = torch.empty(8192 * 1280 * 2, dtype=torch.bfloat16, device=device)
     copy_dst = torch.empty_like(copy_src)
-    copy_us = _time_graph(lambda: copy_dst.copy_(copy_src), args.reps)
-    copy_gbs = 2 * copy_src.numel() * 2 / copy_us / 1e3
-    for label, kernel, rows, n, stride, has_ds in ROWS:
-        base = torch.randn(rows, stride, device=dev, generator=gen).to(torch.bfloat16)
+    copy_gbs = 2 * copy_src.numel() * 2 / timer(lambda: copy_dst.copy_(copy_src), reps) / 1e3
+    results = []
+    for label, kernel, n_rows, n, stride, has_ds in rows:
+        base = torch.randn(n_rows, stride, device=device, generator=gen).to(torch.bfloat16)
         x = base[:, :n]  # a strided view when stride > n, like the latent
-        dy = torch.randn(rows, n, device=dev, generator=gen).to(torch.bfloat16)
-        ds = torch.randn(rows, n, device=dev, generator=gen).to(torch.bfloat16) if has_ds else None
-        w = (torch.randn(n, device=dev, generator=gen) * 0.1 + 1).to(torch.bfloat16)
+        dy = torch.randn(n_rows, n, device=device, generator=gen).to(torch.bfloat16)
+        ds = torch.randn(n_rows, n, device=device, generator=gen).to(torch.bfloat16) if has_ds else None
+        w = (torch.randn(n, device=device, generator=gen) * 0.1 + 1).to(torch.bfloat16)
         rstd = torch.rsqrt(x.float().pow(2).mean(1) + 1e-6)
-        moved = (4 if has_ds else 3) * rows * n * 2  # bytes: x, dy, (ds,) dx
+        moved = (4 if has_ds else 3) * n_rows * n * 2  # bytes: x, dy, (ds,) dx
         ref = None
         entries = []
-        for cfg in _configs(kernel, n):
+        for cfg in _configs(launch, kernel, n):
             with launch.override(kernel, cfg):
                 try:
                     args_ = (dy, ds, x, w, rstd)
                     dx, dw = norm._backward(*args_)
-                    us = _time_graph(lambda a=args_: norm._backward(*a), args.reps)
+                    us = timer(lambda a=args_: norm._backward(*a), reps)
                 except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
                     entries.append(dict(config=cfg, error=f"{type(e).__name__}: {e}"[:300]))
                     continue
@@ -111,20 +108,55 @@ def main() -> None:
             ok = bool(torch.allclose(dx.float(), ref[0], rtol=2e-2, atol=2e-2)
                       and torch.allclose(dw.float(), ref[1], rtol=2e-2, atol=2e-2 * ref[1].abs().max().item()))
             entries.append(dict(config=cfg, us=us, pct_copy=100 * moved / us / 1e3 / copy_gbs, ok=ok))
-        timed = sorted((e for e in entries if "us" in e), key=lambda e: e["us"])
-        results.append(dict(row=label, kernel=kernel, rows=rows, n=n, stride=stride, bytes=moved,
+        results.append(dict(row=label, kernel=kernel, rows=n_rows, n=n, stride=stride, bytes=moved,
                             default=entries[0], entries=entries))
-        print(f"\n{label} ({kernel}, {moved / 1e6:.0f} MB moved; default {entries[0].get('us', float('nan')):.1f} us)")
+    return copy_gbs, results
+
+
+def table_line(result: dict) -> str | None:
+    """The `launch.TABLE` line of the row's fastest config whose gradients agree with the default's."""
+    timed = sorted((e for e in result["entries"] if "us" in e and e["ok"]), key=lambda e: e["us"])
+    if not timed:
+        return None
+    best, default = timed[0], result["default"].get("us", float("nan"))
+    args = ", ".join(f"{k}={v}" for k, v in best["config"].items())
+    return f"({result['kernel']!r}, {result['n']}): dict({args}),  # {best['us']:.1f} us ({default:.1f})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--interpret", action="store_true", help=argparse.SUPPRESS)  # CPU plumbing test only
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.interpret:  # the test's small rows, timed by a stand-in (no numbers are meaningful)
+        device, timer = torch.device("cpu"), _time_calls
+        rows = [(label, kernel, 8, n, stride, ds) for label, kernel, _, n, stride, ds in ROWS[:3]]
+    else:
+        device, timer, rows = torch.device("cuda"), _time_graph, ROWS
+    copy_gbs, results = sweep(rows, device, timer, args.reps, interpret=args.interpret)
+    for result in results:
+        timed = sorted((e for e in result["entries"] if "us" in e), key=lambda e: e["us"])
+        print(f"\n{result['row']} ({result['kernel']}, {result['bytes'] / 1e6:.0f} MB moved; "
+              f"default {result['default'].get('us', float('nan')):.1f} us)")
         for e in timed[:6]:
             print(f"  {e['us']:7.1f} us  {e['pct_copy']:5.1f}% of copy  ok={e['ok']}  {e['config']}")
-        best = next((e for e in timed if e["ok"]), None)
-        if best is not None:
-            print(f"  TABLE: ({kernel!r}, {n}): dict({', '.join(f'{k}={v}' for k, v in best['config'].items())}),"
-                  f"  # {best['us']:.1f} us ({entries[0].get('us', float('nan')):.1f})")
+        line = table_line(result)
+        if line is not None:
+            print(f"  TABLE: {line}")
     record = {"provenance": {**provenance(), **cuda_devices()}, "command": " ".join(sys.argv),
               "copy_gbs": copy_gbs, "reps": args.reps, "results": results}
     (args.out / "norm_bwd_sweep.json").write_text(json.dumps(record, indent=1))
     print(f"\ncopy {copy_gbs:.0f} GB/s; wrote {args.out / 'norm_bwd_sweep.json'}")
+
+
+def _time_calls(fn, reps: int) -> float:
+    """Wall-clock microseconds a call (the CPU test's stand-in for `_time_graph`)."""
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) * 1e6 / reps
 
 
 if __name__ == "__main__":
