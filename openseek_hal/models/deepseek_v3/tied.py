@@ -45,6 +45,10 @@ class TiedGradient:
         self._check_open()
         self.dense = grad if self.dense is None else self.dense + grad
 
+    def _deposit_rows(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
+        self._check_open()
+        self.rows.append((ids, grad))
+
     def _check_open(self) -> None:
         if self.collected:
             raise RuntimeError("a use of the tied embedding / head weight reached backward after its gradient was "
@@ -85,8 +89,7 @@ class _Lookup(torch.autograd.Function):
         (ids,) = ctx.saved_tensors
         tied = ctx.tied
         if not ctx.first:
-            tied._check_open()
-            tied.rows.append((ids, grad))
+            tied._deposit_rows(ids, grad)
             return None, None, None, None, None
         return None, tied._collect(ids, grad), None, None, None
 
