@@ -308,3 +308,59 @@ def test_grouped_linear_rows_past_the_counts(impl):
         torch.testing.assert_close(b.grad, b0.grad, **tol)
     with pytest.raises(ValueError, match="counts sum to 13, more than the 12 rows"):
         grouped_linear(x[:12], w, counts)
+
+
+def test_graph_timing_cycles_independent_input_sets(monkeypatch):
+    """`bench --timing graph` plumbing on the CPU (the CUDA graph itself needs a GPU): every timed call
+    works on its own input set, the backward of a set differentiates that set's own forward, a fused
+    loss is differentiated whole, and the number of sets keeps the calls in between 3x the L2 cache."""
+    from openseek_hal.ops import bench
+    from openseek_hal.ops.bench_cases import Case
+
+    gen = torch.Generator().manual_seed(3)
+
+    def make_norm(device):
+        return tuple(torch.randn(*shape, generator=gen) for shape in ((6, 40), (6, 40), (40,))), {}
+
+    def make_ce(device):
+        return (torch.randn(5, 33, generator=gen), torch.randint(0, 33, (5,), generator=gen)), {}
+
+    norm_case = Case("add_rms_norm", "t", make_norm, (0, 1, 2), fwd_bytes=4 * 6 * 40 * 4, bwd_bytes=5 * 6 * 40 * 4)
+    ce_case = Case("cross_entropy", "t", make_ce, (0,), fwd_bytes=5 * 33 * 4, bwd_bytes=10 * 33 * 4,
+                   fused_fwd_bwd=True)
+    seen: list[list] = []
+
+    def fake_graph_ms(fns, stream):
+        assert stream is None  # the CPU: no capture stream
+        seen.append([(fn, fn()) for fn in fns])
+        return 1.0
+
+    monkeypatch.setattr(bench, "_graph_ms", fake_graph_ms)
+    l2 = 4 * 6 * 40 * 4  # one forward's bytes: 3 x L2 / bwd bytes -> ceil(2.4) + 1 = 4 sets
+    assert bench._arg_sets(norm_case, l2) == 4
+    assert bench._arg_sets(norm_case, 10**9) == 16 and bench._arg_sets(norm_case, 0) == 2
+    assert bench._arg_sets(Case("x", "t", make_norm, (), 0, 0), 10**9) == 2  # no bytes counted
+    norm = ops.get("add_rms_norm").reference
+    assert bench._time_case(norm_case, norm, torch.device("cpu"), "graph", l2) == {"fwd": 1.0, "bwd": 1.0}
+    fwd, bwd = seen
+    assert len(fwd) == len(bwd) == 4
+    inputs = [fn.args[0] for fn, _ in fwd]
+    assert len({a[0].data_ptr() for a in inputs}) == 4  # four independent sets
+    for (_, out), args in zip(fwd, inputs):
+        assert not out[0].requires_grad  # the forward is timed without autograd
+        torch.testing.assert_close(out[0], norm(*args)[0])
+    for (fn, grads), args in zip(bwd, inputs):
+        outs, grad_args, cots = fn.args
+        assert [g.data_ptr() for g in grad_args] == [a.data_ptr() for a in args]  # this set's own inputs
+        fresh = [a.detach().clone().requires_grad_() for a in args]
+        expected = torch.autograd.grad(norm(*fresh), fresh, cots)
+        for g, e in zip(grads, expected):
+            torch.testing.assert_close(g, e)
+    seen.clear()
+    ce = ops.get("cross_entropy").reference
+    assert bench._time_case(ce_case, ce, torch.device("cpu"), "graph", 10**9) == {"fwd": 1.0, "fwd+bwd": 1.0}
+    for fn, _ in seen[1]:  # each fused step: the loss of its set, differentiated with the implicit 1
+        impl, args, kwargs, grad_args, cots = fn.args
+        assert impl is ce and grad_args[0] is args[0] and all(float(c) == 1.0 for c in cots)
+    with pytest.raises(Exception, match="unknown timing"):
+        bench.run_bench("cpu", None, print, timing="wall")

@@ -1,8 +1,9 @@
 """One GPU session: check every Triton kernel (fwd+bwd vs float64 reference) on the GPU, then benchmark.
 
 Usage (from the repository root, on a CUDA machine):
-    python benchmarks/ops/gpu_run.py OUT_DIR [--check OP[,OP...]|all] [--bench OP[,OP...]|all] [--flaggems]
-Writes OUT_DIR/check.json and OUT_DIR/bench.json; prints a short table last.
+    python benchmarks/ops/gpu_run.py OUT_DIR [--check OP[,OP...]|all] [--bench OP[,OP...]|all] [--timing graph]
+        [--flaggems]
+Writes OUT_DIR/check.json and OUT_DIR/bench.json (bench_graph.json with --timing graph); prints a short table last.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def flaggems_one(spec: str) -> None:
               flush=True)
 
 
-def bench(out: Path, ops: list[str] | None) -> None:
+def bench(out: Path, ops: list[str] | None, timing: str = "events") -> None:
     from openseek_hal.ops import bench as bench_mod
     from openseek_hal.ops import bench_cases
 
@@ -183,7 +184,7 @@ def bench(out: Path, ops: list[str] | None) -> None:
     merged = None
     for op in names:
         t0 = time.time()
-        res = bench_mod.run_bench("cuda", op, lambda msg: print("bench", msg, flush=True))
+        res = bench_mod.run_bench("cuda", op, lambda msg: print("bench", msg, flush=True), timing)
         print(f"  {op}: {time.time() - t0:.0f}s", flush=True)
         if merged is None:
             merged = res
@@ -191,7 +192,7 @@ def bench(out: Path, ops: list[str] | None) -> None:
             merged["rows"] += res["rows"]
             mem = res.get("cross_entropy_extra_peak_bytes", {})
             merged.setdefault("cross_entropy_extra_peak_bytes", {}).update(mem)
-        (out / "bench.json").write_text(json.dumps(merged, indent=1))
+        (out / f"bench{'_graph' if timing == 'graph' else ''}.json").write_text(json.dumps(merged, indent=1))
     bench_mod.print_table(merged)
     if "cross_entropy_extra_peak_bytes" in merged:
         print(json.dumps(merged["cross_entropy_extra_peak_bytes"], indent=1))
@@ -202,6 +203,8 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--check", default=None, help="OP[,OP...] or all: kernel checks on the GPU")
     parser.add_argument("--bench", default=None)
+    parser.add_argument("--timing", choices=("events", "graph"), default="events",
+                        help="the bench's timing (openseek-hal bench --timing); graph writes bench_graph.json")
     parser.add_argument("--flaggems", action="store_true", help="check the FlagGems-native ops (last)")
     parser.add_argument("--flaggems-one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -210,7 +213,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     lines = check(args.out, None if args.check == "all" else args.check.split(",")) if args.check else []
     if args.bench:
-        bench(args.out, None if args.bench == "all" else args.bench.split(","))
+        bench(args.out, None if args.bench == "all" else args.bench.split(","), args.timing)
     if args.flaggems:
         lines += check_flaggems(args.out)
     print("\n".join(lines))

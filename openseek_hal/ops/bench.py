@@ -4,15 +4,18 @@
 `openseek_hal.ops.bench_cases` forward and backward: median of CUDA-event timings after warm-up
 (``triton.testing.do_bench``, which also flushes the L2 cache between runs), achieved GB/s and its
 percent of the device-to-device copy bandwidth measured at the start of the same run, and the
-speedup of the backend's op over each baseline that is installed. ``bench comm`` (collectives)
-comes from `openseek_hal.comm.bench`.
+speedup of the backend's op over each baseline that is installed. ``--timing graph`` times every
+implementation inside a CUDA graph instead (device time only, as a captured training step runs
+it; see `_graph_ms`). ``bench comm`` (collectives) comes from `openseek_hal.comm.bench`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Callable
+from functools import partial
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -49,8 +52,92 @@ def _floating(outputs: Any) -> list[torch.Tensor]:
     return [o for o in pytree.tree_leaves(outputs) if isinstance(o, torch.Tensor) and o.requires_grad]
 
 
-def _time_case(case, impl: Callable[..., Any], device: torch.device) -> dict[str, float]:
+TIMINGS = ("events", "graph")
+GRAPH_CALLS, GRAPH_REPLAYS = 20, 10
+
+
+def _graph_ms(fns: list[Callable[[], Any]], stream: torch.cuda.Stream) -> float:
+    """Device milliseconds a call: ``fns`` called in turn ``GRAPH_CALLS`` times (rounded up to whole rounds)
+    inside one CUDA graph, the median over ``GRAPH_REPLAYS`` replays. Only the kernels run: no launch,
+    Python or autograd overhead, which dominates `_median_ms` for ops of a few tens of microseconds.
+    Each ``fn`` works on its own inputs (`_arg_sets`), so a call does not find its inputs in L2."""
+    for _ in range(2):  # compile (Triton, torch.compile) and warm up outside the capture
+        for fn in fns:
+            fn()
+    stream.synchronize()
+    calls = len(fns) * math.ceil(GRAPH_CALLS / len(fns))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    stream.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(GRAPH_REPLAYS):
+        start.record(stream)
+        graph.replay()
+        end.record(stream)
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return statistics.median(times)
+
+
+def _arg_sets(case, l2_bytes: int) -> int:
+    """How many independent input sets a graph-timed case cycles through: enough that the data of the
+    calls in between (``(sets - 1) x`` the bytes a call moves) is three times the L2 cache, 2 to 16 (2 for a
+    case that counts no bytes: a compute-bound one)."""
+    moved = max(case.fwd_bytes, case.bwd_bytes)
+    return 2 if moved <= 0 else max(2, min(16, math.ceil(3 * l2_bytes / moved) + 1))
+
+
+def _time_case_graph(case, impl: Callable[..., Any], device: torch.device, l2_bytes: int) -> dict[str, float]:
+    """`_time_case` with every direction timed by `_graph_ms` on `_arg_sets` input sets; forward and
+    backward run on the capture stream (autograd runs a backward on its forward's stream)."""
+    sets = [case.make(device) for _ in range(_arg_sets(case, l2_bytes))]
+    stream = None
+    if device.type == "cuda":
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        def forward(args=None, kwargs=None):
+            with torch.no_grad():
+                return impl(*args, **kwargs)
+        times = {"fwd": _graph_ms([partial(forward, a, kw) for a, kw in sets], stream)}
+        if not case.grad_args:
+            return times
+        for args, _ in sets:
+            for i in case.grad_args:
+                args[i].requires_grad_(True)
+        fns = []
+        for args, kwargs in sets:
+            grad_args = [args[i] for i in case.grad_args]
+            outs = _floating(impl(*args, **kwargs))
+            if case.fused_fwd_bwd:
+                cots = [torch.ones_like(o) for o in outs]
+                fns.append(partial(_fused_step, impl, args, kwargs, grad_args, cots))
+            else:
+                cots = [torch.randn_like(o) for o in outs]
+                fns.append(partial(torch.autograd.grad, outs, grad_args, cots, retain_graph=True))
+        try:
+            times["fwd+bwd" if case.fused_fwd_bwd else "bwd"] = _graph_ms(fns, stream)
+        except Exception as e:  # no backward (FlexAttention on a CPU): the forward time still counts
+            text = str(e).strip().splitlines()
+            times["error"] = f"{type(e).__name__}: {text[0][:160] if text else ''}"
+        return times
+
+
+def _fused_step(impl: Callable[..., Any], args: tuple, kwargs: dict, grad_args: list[torch.Tensor],
+                cots: list[torch.Tensor]) -> None:
+    torch.autograd.grad(_floating(impl(*args, **kwargs)), grad_args, cots)
+
+
+def _time_case(case, impl: Callable[..., Any], device: torch.device, timing: str = "events",
+               l2_bytes: int = 0) -> dict[str, float]:
     """``{"fwd": ms, "bwd": ms}`` (or ``{"fwd+bwd": ms}``) for one implementation of a case."""
+    if timing == "graph":
+        return _time_case_graph(case, impl, device, l2_bytes)
     args, kwargs = case.make(device)
     grad_args = [a for i, a in enumerate(args) if i in case.grad_args]
     if not grad_args:
@@ -71,10 +158,7 @@ def _time_backward(case, impl: Callable[..., Any], args: tuple, kwargs: dict,
     if case.fused_fwd_bwd:
         # upstream gradients made once, outside the timed step (a loss's is the implicit 1)
         cots = [torch.ones_like(o) for o in _floating(impl(*args, **kwargs))]
-
-        def step():
-            torch.autograd.grad(_floating(impl(*args, **kwargs)), grad_args, cots)
-        return {"fwd+bwd": _median_ms(step)}
+        return {"fwd+bwd": _median_ms(partial(_fused_step, impl, args, kwargs, grad_args, cots))}
     outs = _floating(impl(*args, **kwargs))
     cots = [torch.randn_like(o) for o in outs]
     return {"bwd": _median_ms(lambda: torch.autograd.grad(outs, grad_args, cots, retain_graph=True))}
@@ -110,12 +194,14 @@ def case_impls(case, backend_op: Callable[..., Any], interpret: bool = False) ->
     return impls
 
 
-def time_impls(case, impls: dict[str, Callable[..., Any]], device: torch.device) -> dict[str, dict[str, Any]]:
+def time_impls(case, impls: dict[str, Callable[..., Any]], device: torch.device,
+               timing: str = "events") -> dict[str, dict[str, Any]]:
     """`_time_case` for every implementation; one that fails (no such shape, no backward) gets its error."""
     times: dict[str, dict[str, Any]] = {}
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
     for name, impl in impls.items():
         try:
-            times[name] = _time_case(case, impl, device)
+            times[name] = _time_case(case, impl, device, timing, l2_bytes)
         except Exception as e:  # a baseline without this shape or a backward is reported, not fatal
             text = str(e).strip().splitlines()
             times[name] = {"error": f"{type(e).__name__}: {text[0][:160] if text else ''}"}
@@ -153,8 +239,12 @@ def case_rows(case, times: dict[str, dict[str, Any]], copy_bw: float) -> list[di
     return rows
 
 
-def run_bench(backend_name: str, op: str | None, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Benchmark ``backend_name`` on every case (or those of ``op``); returns the JSON-ready results."""
+def run_bench(backend_name: str, op: str | None, progress: Callable[[str], None],
+              timing: str = "events") -> dict[str, Any]:
+    """Benchmark ``backend_name`` on every case (or those of ``op``); returns the JSON-ready results.
+    ``timing``: "events" (`_median_ms`) or "graph" (`_graph_ms`, every implementation alike)."""
+    if timing not in TIMINGS:
+        raise UserError(f"unknown timing {timing!r}; choose one of {', '.join(TIMINGS)}")
     from ..backend import get_backend
     from . import bench_cases
 
@@ -171,11 +261,11 @@ def run_bench(backend_name: str, op: str | None, progress: Callable[[str], None]
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
         "triton": import_module("triton").__version__, "backend": backend_name,
-        "copy_bandwidth_GBps": copy_bw / 1e9, "provenance": provenance(), "rows": [],
+        "copy_bandwidth_GBps": copy_bw / 1e9, "timing": timing, "provenance": provenance(), "rows": [],
     }
     for case in cases:
         progress(f"{case.op} {case.label}")
-        times = time_impls(case, case_impls(case, backend.op(case.op)), device)
+        times = time_impls(case, case_impls(case, backend.op(case.op)), device, timing)
         results["rows"].extend(case_rows(case, times, copy_bw))
         if case.op == "causal_attention" and "causal_attention" in backend.op_choices():
             # what the backend's own op would run at this shape (its per-shape timing), for the report
@@ -207,7 +297,7 @@ def print_table(results: dict[str, Any]) -> None:
     names = sorted({n for r in results["rows"] for n in r["baselines"]},
                    key=lambda n: (order.index(n) if n in order else len(order), n))
     table = Table(title=f"openseek-hal bench: {results['backend']} on {results['device']} "
-                        f"(copy {results['copy_bandwidth_GBps']:.0f} GB/s)")
+                        f"(copy {results['copy_bandwidth_GBps']:.0f} GB/s; {results.get('timing', 'events')} timing)")
     for col in ("op", "shape", "dir", "ms", "GB/s", "% copy", "TFLOP/s", *[f"vs {n}" for n in names]):
         table.add_column(col, justify="left" if col in ("op", "shape", "dir") else "right")
     for r in results["rows"]:
@@ -244,8 +334,11 @@ class _BenchGroup(click.Group):
 @click.option("--op", default=None, help="Only this op (default: every op with a benchmark case).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the full results here.")
+@click.option("--timing", type=click.Choice(TIMINGS), default="events", show_default=True,
+              help="events: CUDA events around each call, L2 flushed (do_bench); graph: device time of calls "
+                   "captured in a CUDA graph, every implementation alike (no launch or autograd overhead).")
 @click.pass_context
-def bench(ctx: click.Context, backend_name: str, op: str | None, json_path: Path | None) -> None:
+def bench(ctx: click.Context, backend_name: str, op: str | None, json_path: Path | None, timing: str) -> None:
     """Time a backend's ops (forward, backward) against torch eager, torch.compile, FlagGems and Liger."""
     if ctx.invoked_subcommand is not None:
         return
@@ -253,7 +346,7 @@ def bench(ctx: click.Context, backend_name: str, op: str | None, json_path: Path
 
     console = Console(stderr=True)
     with console.status("benchmarking") as status:
-        results = run_bench(backend_name, op, lambda msg: status.update(f"benchmarking {msg}"))
+        results = run_bench(backend_name, op, lambda msg: status.update(f"benchmarking {msg}"), timing)
     print_table(results)
     if json_path is not None:
         json_path.write_text(json.dumps(results, indent=1))

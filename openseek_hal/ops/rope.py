@@ -27,7 +27,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
 
 
 def _samples(dtype, device, gen):
-    for shape in [(2, 4, 16, 64), (1, 1, 1, 2), (3, 7, 32), (2, 0, 8)]:
+    for shape in [(2, 4, 16, 64), (1, 1, 1, 2), (3, 7, 32), (2, 3, 5, 24), (2, 0, 8)]:  # 24: halves padded
         seq, dim = shape[-2], shape[-1]
         cos, sin = rope_tables(dim, seq, device=device)
         for interleaved in (False, True):
@@ -37,7 +37,9 @@ def _samples(dtype, device, gen):
     # non-contiguous: the rope slice of a wider per-head vector, as MLA produces it
     full = randn(2, 4, 8, 96, dtype=dtype, device=device, generator=gen)
     cos, sin = rope_tables(64, 8, device=device)
-    yield Sample((full[..., 32:], cos, sin), {"interleaved": True}, "2x4x8x64-strided:interleaved")
+    for interleaved in (False, True):
+        yield Sample((full[..., 32:], cos, sin), {"interleaved": interleaved},
+                     "2x4x8x64-strided:" + ("interleaved" if interleaved else "half"))
 
 
 OPDEFS = [OpDef(name="rope", signature="rope(x[..., S, D], cos[S, D/2], sin[S, D/2], interleaved=False) -> y",

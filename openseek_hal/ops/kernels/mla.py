@@ -17,28 +17,9 @@ import triton
 import triton.language as tl
 
 from ._common import acc_type
+from .rope import _rope_offsets, _rotate_rows
 
 BLOCK_T = 8  # tokens a program
-
-
-@triton.jit
-def _rotate(x, c, sn, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Rotate rows ``x`` ([BLOCK_T, 2 * BLOCK_HALF], as stored) by the angles of ``c``, ``sn``."""
-    if INTERLEAVED:
-        x1, x2 = tl.split(tl.reshape(x, [BLOCK_T, BLOCK_HALF, 2]))
-        return tl.reshape(tl.join(x1 * c - x2 * sn, x2 * c + x1 * sn), [BLOCK_T, 2 * BLOCK_HALF])
-    x1, x2 = tl.split(tl.permute(tl.reshape(x, [BLOCK_T, 2, BLOCK_HALF]), [0, 2, 1]))
-    return tl.reshape(tl.permute(tl.join(x1 * c - x2 * sn, x2 * c + x1 * sn), [0, 2, 1]), [BLOCK_T, 2 * BLOCK_HALF])
-
-
-@triton.jit
-def _rope_offsets(d, half, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Where lane ``d`` of a [2 * BLOCK_HALF] row block lies in a stored rotary part of ``2 * half``, and
-    whether it exists (the block is padded to powers of two per half)."""
-    if INTERLEAVED:
-        return d, d < 2 * half
-    j = d % BLOCK_HALF
-    return (d // BLOCK_HALF) * half + j, j < half
 
 
 @triton.jit
@@ -70,7 +51,7 @@ def _mla_qkv_fwd(Q, KV, KR, COS, SIN, QO, KO, n_tok, seq, heads, nope, half,
     t, t_mask, b, s, n, n_mask, r_off, r_mask, c, sn = _tokens(COS, SIN, n_tok, seq, nope, half, s_cs, ACC,
                                                                INTERLEAVED, BLOCK_T, BLOCK_N, BLOCK_HALF)
     kr = tl.load(KR + (b * skr_b + s * skr_s)[:, None] + r_off[None, :], mask=r_mask, other=0.0).to(ACC)
-    kr = _rotate(kr, c, sn, INTERLEAVED, BLOCK_T, BLOCK_HALF).to(KO.dtype.element_ty)
+    kr = _rotate_rows(kr, c, sn, INTERLEAVED, BLOCK_T, BLOCK_HALF).to(KO.dtype.element_ty)
     width = nope + 2 * half  # q_out's and k_out's head size; both are contiguous (B, S, H, width)
     for h in range(0, heads):
         q_row = Q + b * sq_b + s * sq_s + h * sq_h
@@ -78,7 +59,7 @@ def _mla_qkv_fwd(Q, KV, KR, COS, SIN, QO, KO, n_tok, seq, heads, nope, half,
         x = tl.load(q_row[:, None] + n[None, :], mask=n_mask, other=0.0)
         tl.store(QO + out_row[:, None] + n[None, :], x, mask=n_mask)
         x = tl.load(q_row[:, None] + nope + r_off[None, :], mask=r_mask, other=0.0).to(ACC)
-        x = _rotate(x, c, sn, INTERLEAVED, BLOCK_T, BLOCK_HALF)
+        x = _rotate_rows(x, c, sn, INTERLEAVED, BLOCK_T, BLOCK_HALF)
         tl.store(QO + out_row[:, None] + nope + r_off[None, :], x.to(QO.dtype.element_ty), mask=r_mask)
         kv_row = KV + b * skv_b + s * skv_s + h * skv_h
         x = tl.load(kv_row[:, None] + n[None, :], mask=n_mask, other=0.0)
@@ -105,7 +86,7 @@ def _mla_qkv_bwd(DQO, DKO, DV, COS, SIN, DQ, DKV, DKR, n_tok, seq, heads, nope, 
         x = tl.load(dq_row[:, None] + n[None, :], mask=n_mask, other=0.0)
         tl.store(DQ + q_out[:, None] + n[None, :], x, mask=n_mask)
         x = tl.load(dq_row[:, None] + nope + r_off[None, :], mask=r_mask, other=0.0).to(ACC)
-        x = _rotate(x, c, sn, INTERLEAVED, BLOCK_T, BLOCK_HALF)
+        x = _rotate_rows(x, c, sn, INTERLEAVED, BLOCK_T, BLOCK_HALF)
         tl.store(DQ + q_out[:, None] + nope + r_off[None, :], x.to(DQ.dtype.element_ty), mask=r_mask)
         dk_row = DKO + b * sdk_b + s * sdk_s + h * sdk_h
         kv_out = (t * heads + h) * kv_width
@@ -114,7 +95,7 @@ def _mla_qkv_bwd(DQO, DKO, DV, COS, SIN, DQ, DKV, DKR, n_tok, seq, heads, nope, 
         k_sum += tl.load(dk_row[:, None] + nope + r_off[None, :], mask=r_mask, other=0.0).to(ACC)
         x = tl.load((DV + b * sdv_b + s * sdv_s + h * sdv_h)[:, None] + e[None, :], mask=e_mask, other=0.0)
         tl.store(DKV + kv_out[:, None] + nope + e[None, :], x, mask=e_mask)
-    k_sum = _rotate(k_sum, c, sn, INTERLEAVED, BLOCK_T, BLOCK_HALF)
+    k_sum = _rotate_rows(k_sum, c, sn, INTERLEAVED, BLOCK_T, BLOCK_HALF)
     tl.store(DKR + (t * (2 * half))[:, None] + r_off[None, :], k_sum.to(DKR.dtype.element_ty), mask=r_mask)
 
 
