@@ -190,10 +190,13 @@ def bench(out: Path, ops: list[str] | None, timing: str = "events") -> None:
             merged = res
         else:
             merged["rows"] += res["rows"]
+            merged.setdefault("errors", []).extend(res.get("errors", []))
             mem = res.get("cross_entropy_extra_peak_bytes", {})
             merged.setdefault("cross_entropy_extra_peak_bytes", {}).update(mem)
         (out / f"bench{'_graph' if timing == 'graph' else ''}.json").write_text(json.dumps(merged, indent=1))
     bench_mod.print_table(merged)
+    for err in merged.get("errors", []):
+        print(f"no row: {err['op']} {err['shape']}: {err['error']}")
     if "cross_entropy_extra_peak_bytes" in merged:
         print(json.dumps(merged["cross_entropy_extra_peak_bytes"], indent=1))
 

@@ -266,6 +266,9 @@ def run_bench(backend_name: str, op: str | None, progress: Callable[[str], None]
     for case in cases:
         progress(f"{case.op} {case.label}")
         times = time_impls(case, case_impls(case, backend.op(case.op)), device, timing)
+        if "error" in times["ours"]:  # no row can be made: the failure is recorded instead
+            results.setdefault("errors", []).append(dict(op=case.op, shape=case.label, error=times["ours"]["error"]))
+            progress(f"{case.op} {case.label}: {times['ours']['error']}")
         results["rows"].extend(case_rows(case, times, copy_bw))
         if case.op == "causal_attention" and "causal_attention" in backend.op_choices():
             # what the backend's own op would run at this shape (its per-shape timing), for the report
