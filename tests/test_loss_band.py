@@ -100,3 +100,24 @@ def test_tiny_run_on_the_cpu(tmp_path):
     verdict = report["verdicts"]["bf16moments"]
     assert rc == (0 if verdict["inside"] else 1)
     assert report["env"]["commit"] and report["command"]
+    assert report["paired_gaps"]["bf16moments"]["seeds"] == 1 and report["paired_gaps"]["bf16moments"]["sd"] is None
+
+
+def test_candidate_at_several_seeds_is_paired_with_each_twin(tmp_path):
+    out = tmp_path / "out"
+    band.main(["--out", str(out), "--data", str(tmp_path / "data"), "--backend", "cpu", "--model", "tiny",
+               "--steps", "6", "--window", "3", "--seeds", "0,1", "--candidates", "bf16moments",
+               "--candidate-seeds", "0,1", "--vocab", "256", "--data-tokens", "60000", "--batch-size", "2",
+               "--seq-len", "32", "--lr", "3e-3", "--warmup", "2", "--eval-batches", "1"])
+    report = json.loads((out / "loss_band.json").read_text())
+    runs = {(r["name"], r["seed"]): r for r in report["runs"]}
+    assert set(runs) == {("baseline", 0), ("baseline", 1), ("bf16moments", 0), ("bf16moments", 1)}
+    assert set(report["verdicts"]) == {"bf16moments", "bf16moments@1"}
+    for key, seed in (("bf16moments", 0), ("bf16moments@1", 1)):  # each gap is to the same seed's baseline
+        twin = band.smooth(runs["baseline", seed]["losses"], 3)
+        cand = band.smooth(runs["bf16moments", seed]["losses"], 3)
+        assert report["verdicts"][key]["paired_gap_last_window"] == pytest.approx(cand[-1] - twin[-1], abs=1e-12)
+    gaps = [report["verdicts"][k]["paired_gap_mean"] for k in ("bf16moments", "bf16moments@1")]
+    summary = report["paired_gaps"]["bf16moments"]
+    assert summary["seeds"] == 2 and summary["mean_of_paired_gap_means"] == pytest.approx(np.mean(gaps))
+    assert summary["sd"] == pytest.approx(np.std(gaps, ddof=1))

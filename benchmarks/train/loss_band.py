@@ -1,15 +1,17 @@
 """Does a training variant's loss curve stay inside the baseline's seed-to-seed band?
 
     OPENSEEK_HAL_COMMIT=<sha> python benchmarks/train/loss_band.py --out DIR [--steps 300] [--seeds 0,1,2]
-        [--candidates fp8,fp32moments]
+        [--candidates fp8,fp32moments] [--candidate-seeds 0,1,2]
 
 The baseline (the trainer's default regime) trains once per seed; each candidate (a named set of config
-overrides, below) trains at the first seed. Each curve is smoothed by a trailing mean over ``--window`` steps
-(a single step's loss is mostly its batch's noise); the band at step t is where one more baseline seed's
-curve would land with 95% probability (Student t over the seeds, ``band_verdict``). A candidate is inside
-when its smoothed loss lies in the band at 95% of the steps from ``--window`` on; the report gives that
-fraction, the worst excursion in units of the band's half-width, and the validation loss at the end next to
-the baseline runs'. Three seeds give a wide band (t = 4.3); more seeds narrow it.
+overrides, below) trains at the first seed, or at each of ``--candidate-seeds`` (baseline seeds: each
+candidate run has a baseline twin with its initial weights and batches, and the paired gaps over the seeds
+give the candidate's cost with its seed-to-seed spread). Each curve is smoothed by a trailing mean over
+``--window`` steps (a single step's loss is mostly its batch's noise); the band at step t is where one more
+baseline seed's curve would land with 95% probability (Student t over the seeds, ``band_verdict``). A
+candidate is inside when its smoothed loss lies in the band at 95% of the steps from ``--window`` on; the
+report gives that fraction, the worst excursion in units of the band's half-width, and the validation loss
+at the end next to the baseline runs'. Three seeds give a wide band (t = 4.3); more seeds narrow it.
 
 Data: a generated corpus that has something to learn beyond token frequencies (``structured_ids``): Zipf
 unigrams, each token's few favoured successors, and spans copied from earlier in the document (which only
@@ -135,6 +137,11 @@ def band_verdict(baseline: list[list[float]], candidate: list[float], window: in
     return out
 
 
+def _key(name: str, seed: int, cand_seeds: list[int]) -> str:
+    """A verdict's key: the candidate's name at the first candidate seed, ``name@seed`` at the others."""
+    return name if seed == cand_seeds[0] else f"{name}@{seed}"
+
+
 def run(name: str, sets: list[str], seed: int, args: argparse.Namespace, data: Path) -> dict:
     train_args = ["--backend", args.backend, "--model", args.model, "--data", str(data), "--steps", str(args.steps),
                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
@@ -158,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", default="0,1,2", help="the baseline's seeds; candidates train at the first")
     ap.add_argument("--candidates", default="fp8,fp32moments", help=f"comma-separated, of {', '.join(CANDIDATES)}")
+    ap.add_argument("--candidate-seeds", default=None,
+                    help="baseline seeds each candidate trains at (default: the first of --seeds)")
     ap.add_argument("--window", type=int, default=20, help="steps of the trailing mean")
     ap.add_argument("--backend", default="cuda")
     ap.add_argument("--model", default="openseek-small")
@@ -180,13 +189,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--seeds needs at least two seeds (the band is their spread)")
     if args.steps < args.window:
         ap.error("--steps must be at least --window")
+    cand_seeds = [int(s) for s in args.candidate_seeds.split(",")] if args.candidate_seeds else seeds[:1]
+    if not set(cand_seeds) <= set(seeds):
+        ap.error("--candidate-seeds must be among --seeds (each candidate run is compared with its twin)")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = write_corpus(args.data, structured_ids(args.data_tokens, args.vocab), args.vocab)
     print(f"data ready in {time.perf_counter() - t0:.0f}s", flush=True)
     runs: list[dict] = []
     report = {"env": environment(), "command": " ".join(sys.argv), "window": args.window, "runs": runs,
-              "verdicts": {}}
+              "verdicts": {}, "paired_gaps": {}}
 
     def record(result: dict) -> dict:
         runs.append(result)
@@ -195,12 +207,19 @@ def main(argv: list[str] | None = None) -> int:
         return result
 
     baseline = [record(run("baseline", [], s, args, data)) for s in seeds]
+    ok_seeds = [s for s, b in zip(seeds, baseline) if b["rc"] == 0]
     ok = [b["losses"] for b in baseline if b["rc"] == 0]
     for name in filter(None, args.candidates.split(",")):
-        cand = record(run(name, CANDIDATES[name], seeds[0], args, data))
-        if cand["rc"] == 0 and len(ok) >= 2:  # the candidate trains at the first seed: its twin, if that ran
-            report["verdicts"][name] = band_verdict(ok, cand["losses"], args.window,
-                                                    twin=0 if baseline[0]["rc"] == 0 else None)
+        for seed in cand_seeds:
+            cand = record(run(name, CANDIDATES[name], seed, args, data))
+            if cand["rc"] == 0 and len(ok) >= 2:  # compared with its twin (the same seed's baseline), if that ran
+                report["verdicts"][_key(name, seed, cand_seeds)] = band_verdict(
+                    ok, cand["losses"], args.window, twin=ok_seeds.index(seed) if seed in ok_seeds else None)
+        gaps = [v["paired_gap_mean"] for seed in cand_seeds
+                if "paired_gap_mean" in (v := report["verdicts"].get(_key(name, seed, cand_seeds), {}))]
+        if gaps:
+            report["paired_gaps"][name] = {"seeds": len(gaps), "mean_of_paired_gap_means": float(np.mean(gaps)),
+                                           "sd": float(np.std(gaps, ddof=1)) if len(gaps) > 1 else None}
     (args.out / "loss_band.json").write_text(json.dumps(report, indent=1))
     print(f"\n{'run':<16} {'seed':>4} {'tok/s':>10} {'loss@end':>9} {'val loss':>9} {'inside':>7} {'worst':>6} "
           f"{'vs twin':>8}")
@@ -208,13 +227,17 @@ def main(argv: list[str] | None = None) -> int:
         if r["rc"]:
             print(f"{r['name']:<16} {r['seed']:>4} failed: {r.get('error')}")
             continue
-        v = report["verdicts"].get(r["name"]) if r["name"] != "baseline" else None
+        v = report["verdicts"].get(_key(r["name"], r["seed"], cand_seeds)) if r["name"] != "baseline" else None
         tail = smooth(r["losses"], args.window)[-1]
         inside = f"{100 * v['fraction_inside']:>6.1f}%" if v else f"{'band':>7}"
         worst = f"{v['worst_excursion_half_widths']:>6.2f}" if v else f"{'':>6}"
         gap = f"{v['paired_gap_last_window']:>+8.4f}" if v and "paired_gap_last_window" in v else f"{'':>8}"
         print(f"{r['name']:<16} {r['seed']:>4} {r.get('tokens_per_s') or float('nan'):>10,.0f} {tail:>9.4f} "
               f"{r['val_loss']:>9.4f} {inside} {worst} {gap}")
+    for name, g in report["paired_gaps"].items():
+        spread = f" +- {g['sd']:.4f} (sd over seeds)" if g["sd"] is not None else ""
+        print(f"{name}: mean paired gap to its twins {g['mean_of_paired_gap_means']:+.4f}{spread}, "
+              f"{g['seeds']} seed(s)")
     failed = any(r["rc"] for r in runs) or len(ok) < 2
     return 1 if failed or not all(v["inside"] for v in report["verdicts"].values()) else 0
 
