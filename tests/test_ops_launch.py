@@ -247,6 +247,23 @@ def test_memops_sweep_runs_a_row_on_the_cpu(monkeypatch, tmp_path, capsys):
     saved = json.loads((tmp_path / "memops_sweep.json").read_text())
     assert [r["guard"] for r in saved["rows"]] == [False, True] and saved["provenance"] and "warnings" in saved
     assert len(saved["rows"][1]["configs"]) == 2  # a guard row: the default and the previous launch
+    # --timing graph: each config and baseline timed by the bench's graph path, one direction only
+    graphs: list[int] = []
+
+    def fake_graph_ms(fns, stream):
+        for fn in fns:
+            fn()
+        graphs.append(len(fns))
+        return float(next(calls))
+
+    monkeypatch.setattr(bench, "_graph_ms", fake_graph_ms)
+    for row in (rows[0], next(r for r in rows if r[2] == "bwd")):
+        graphs.clear()
+        out = sweep.sweep_row(row, torch.device("cpu"), 1e12, float("inf"), float("inf"), interpret=True,
+                              timing="graph")
+        timed = [c for c in out["configs"] if "ms" in c] + [b for b in out["baselines"].values() if "ms" in b]
+        assert all(c["ok"] for c in out["configs"]) and len(graphs) == len(timed) >= 4  # one graph each
+        assert out["best"] == out["configs"][0]["config"]
 
 
 def test_norm_bwd_sweep_runs_its_rows_on_the_cpu(tmp_path, capsys):

@@ -2,13 +2,16 @@
 
 Usage (from the repository root, on a CUDA machine, after ``pip install --no-deps -e .``):
     python benchmarks/ops/memops_sweep.py OUT_DIR [--budget-s 190] [--rows SUBSTRING[,SUBSTRING...]] [--no-guard]
+        [--timing graph]
 
 For each row below (op, `bench_cases` shape, direction) it times every config of
 `openseek_hal.ops.kernels.launch.candidates` (the current choice first, then the launch this module
 replaced, then the alternatives) and the baselines of ``openseek-hal bench`` (torch.compile of the
 OpDef reference, Liger and FlagGems where installed), in the same process, with the bench's timing
 (`openseek_hal.ops.bench._median_ms`: ``triton.testing.do_bench`` median, L2 flushed) and its copy
-bandwidth. Each config's outputs (forward) or gradients (backward) are compared with the current
+bandwidth; with ``--timing graph`` the bench's device-time timing instead (`bench._time_case_graph`: calls
+captured in a CUDA graph, which at rows of a few tens of microseconds is the only timing that separates the
+configs from the host's overhead). Each config's outputs (forward) or gradients (backward) are compared with the current
 default's (bf16 tolerance), and the default's with the float32 eager reference, so a broken config
 is flagged (``ok: false``) and never suggested.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import time
 import warnings
@@ -113,9 +117,17 @@ def _compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[bool, float]
     return ok, worst
 
 
-def _time(case, impl, direction: str, device) -> float:
+def _time(case, impl, direction: str, device, timing: str = "events") -> float:
     from openseek_hal.ops import bench
 
+    if timing == "graph":  # device time, the bench's `--timing graph`
+        l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+        if direction == "fwd":
+            return bench._time_case_graph(dataclasses.replace(case, grad_args=()), impl, device, l2)["fwd"]
+        times = bench._time_case_graph(case, impl, device, l2, backward_only=True)
+        if "error" in times:
+            raise RuntimeError(times["error"])
+        return times["bwd"]
     args, kwargs = case.make(device)
     if direction == "fwd":
         with torch.no_grad():
@@ -130,10 +142,10 @@ def _error(e: Exception) -> str:
 
 
 def sweep_row(row, device, copy_bw: float, row_deadline: float, global_deadline: float,
-              interpret: bool = False, guard: bool = False) -> dict[str, Any]:
+              interpret: bool = False, guard: bool = False, timing: str = "events") -> dict[str, Any]:
     """One row: every candidate config (checked, timed; with ``guard`` only the default and the
     previous launch), then the baselines. ``interpret`` runs the interpreted kernels (the CPU test
-    of this script; timings then mean nothing)."""
+    of this script; timings then mean nothing). ``timing``: the bench's ("events" or "graph")."""
     from openseek_hal.ops import bench, bench_cases
     from openseek_hal.ops.kernel_loader import load_kernels
 
@@ -181,7 +193,7 @@ def sweep_row(row, device, copy_bw: float, row_deadline: float, global_deadline:
                 else:
                     entry["ok"], entry["max_abs_diff"] = _compare(result, default)
                 del result
-                entry["ms"] = _time(case, ours, direction, device)
+                entry["ms"] = _time(case, ours, direction, device, timing)
                 entry["pct_copy"] = pct(entry["ms"])
         except Exception as e:
             entry["error"] = _error(e)
@@ -198,7 +210,7 @@ def sweep_row(row, device, copy_bw: float, row_deadline: float, global_deadline:
             out["baselines"][name] = {"skipped": "time budget"}
             continue
         try:
-            ms = _time(case, impl, direction, device)
+            ms = _time(case, impl, direction, device, timing)
             out["baselines"][name] = {"ms": ms, "pct_copy": pct(ms)}
         except Exception as e:
             out["baselines"][name] = {"error": _error(e)}
@@ -229,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-s", type=float, default=190.0, help="seconds of sweeping (after start-up)")
     parser.add_argument("--rows", default=None, help="only rows whose 'op shape dir' contains one of these")
     parser.add_argument("--no-guard", action="store_true", help="skip the guard rows (default and previous only)")
+    parser.add_argument("--timing", choices=("events", "graph"), default="events",
+                        help="events: do_bench; graph: device time in a CUDA graph (openseek-hal bench --timing)")
     parser.add_argument("--interpret", action="store_true", help=argparse.SUPPRESS)  # CPU plumbing test only
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -248,7 +262,10 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {
         "device": "cpu (interpreter)" if args.interpret else torch.cuda.get_device_name(device),
         "torch": torch.__version__,        "triton": import_module("triton").__version__, "provenance": provenance(),
-        "timing": {"warmup_ms": bench.WARMUP_MS, "rep_ms": bench.REP_MS, "stat": "median, do_bench (L2 flushed)"},
+        "timing": ({"warmup_ms": bench.WARMUP_MS, "rep_ms": bench.REP_MS, "stat": "median, do_bench (L2 flushed)"}
+                   if args.timing == "events" else
+                   {"calls": bench.GRAPH_CALLS, "replays": bench.GRAPH_REPLAYS,
+                    "stat": "median replay of a CUDA graph of calls on rotating input sets"}),
         "tolerance": {"rtol": RTOL, "atol": ATOL}, "rows": [],
     }
     with warnings.catch_warnings(record=True) as seen:
@@ -262,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
             # a full row's share of the time left to full rows (its baselines need about half of it)
             row_deadline = now + 0.5 * (full_deadline - now) / max(1, n_full - i) if not guard else deadline
             print(f"[{now - t0:5.0f}s] {row[0]} {row[1]} {row[2]}{' (guard)' if guard else ''}", flush=True)
-            results["rows"].append(sweep_row(row, device, copy_bw, row_deadline, deadline, args.interpret, guard))
+            results["rows"].append(sweep_row(row, device, copy_bw, row_deadline, deadline, args.interpret, guard,
+                                             args.timing))
             for w in seen:
                 caught[(w.filename, w.lineno, str(w.message)[:120])] += 1
             seen.clear()

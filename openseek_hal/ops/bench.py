@@ -92,9 +92,11 @@ def _arg_sets(case, l2_bytes: int) -> int:
     return 2 if moved <= 0 else max(2, min(16, math.ceil(3 * l2_bytes / moved) + 1))
 
 
-def _time_case_graph(case, impl: Callable[..., Any], device: torch.device, l2_bytes: int) -> dict[str, float]:
+def _time_case_graph(case, impl: Callable[..., Any], device: torch.device, l2_bytes: int,
+                     backward_only: bool = False) -> dict[str, float]:
     """`_time_case` with every direction timed by `_graph_ms` on `_arg_sets` input sets; forward and
-    backward run on the capture stream (autograd runs a backward on its forward's stream)."""
+    backward run on the capture stream (autograd runs a backward on its forward's stream).
+    ``backward_only``: skip timing the forward (a launch sweep's backward row)."""
     sets = [case.make(device) for _ in range(_arg_sets(case, l2_bytes))]
     stream = None
     if device.type == "cuda":
@@ -104,7 +106,7 @@ def _time_case_graph(case, impl: Callable[..., Any], device: torch.device, l2_by
         def forward(args=None, kwargs=None):
             with torch.no_grad():
                 return impl(*args, **kwargs)
-        times = {"fwd": _graph_ms([partial(forward, a, kw) for a, kw in sets], stream)}
+        times = {} if backward_only else {"fwd": _graph_ms([partial(forward, a, kw) for a, kw in sets], stream)}
         if not case.grad_args:
             return times
         for args, _ in sets:
