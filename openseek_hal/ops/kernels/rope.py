@@ -56,7 +56,8 @@ def _rope_kernel(X, COS, SIN, Y, n_rows, n_mid, seq, half, stride_xa, stride_xb,
     sn = tl.load(SIN + s[:, None] * stride_cs + i[None, :], mask=i_mask, other=0.0).to(ACC) * SIGN
     # Each row is read and written as one contiguous block in either layout: two stride-2 loads of the
     # interleaved pairs ran an order of magnitude slower on an H100, and two half-row loads took 0.030-0.034
-    # ms where one interleaved row took 0.021 at the same shape (h100_memops_sweep_b0a71416.json)
+    # ms where one interleaved row took 0.021 at the same shape (h100_memops_sweep_b0a71416.json, event
+    # timing). By device time (commit 043c66e2) the half layout's one row still takes 0.019 ms to 0.016.
     d_off, d_ok = _rope_offsets(tl.arange(0, 2 * BLOCK_HALF), half, INTERLEAVED, BLOCK_HALF)
     mask = row_mask[:, None] & d_ok[None, :]
     x = tl.load(x_row[:, None] + d_off[None, :], mask=mask, other=0.0).to(ACC)
