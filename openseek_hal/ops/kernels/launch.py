@@ -22,7 +22,8 @@ takes its parameters from `config` ``(kernel, n)``, a fixed function of the shap
   capped at ``next_pow2(d)``), ``ROWS`` (rows per program), ``num_warps``.
 * ``moe_route_bwd``: ``ROWS`` (tokens per program), ``num_warps``.
 * ``rope`` (forward and backward: the same kernel): ``ROWS`` (rows of ``n``, the head dim, per
-  program), ``num_warps``.
+  program), ``num_warps``, optionally ``PARTNER`` (each lane loads the lane it pairs with instead of
+  exchanging them in registers; default False).
 
 `override` (a context manager) replaces the choice for one kernel; the sweep and the tests use it
 to run every entry of `candidates`. Each copy of the kernel package (compiled for the GPU,
@@ -144,7 +145,9 @@ _ALTERNATIVES: dict[str, list[Config]] = {
     "moe_route_bwd": [dict(ROWS=r, num_warps=w) for r, w in
                       ((1, 1), (1, 2), (1, 4), (2, 2), (4, 1), (4, 2), (4, 4), (8, 4), (16, 4), (16, 8), (32, 8))],
     "rope": [dict(ROWS=r, num_warps=w) for r, w in
-             ((16, 2), (32, 2), (32, 4), (64, 2), (64, 8), (128, 4), (128, 8), (256, 8), (256, 16))],
+             ((16, 2), (32, 2), (32, 4), (64, 2), (64, 8), (128, 4), (128, 8), (256, 8), (256, 16))]
+            # each lane loads its partner lane and its own angle: no register exchange (kernels/rope.py)
+            + [dict(ROWS=r, num_warps=w, PARTNER=True) for r, w in ((16, 2), (16, 4), (32, 4), (32, 8), (64, 8))],
 }
 _ALTERNATIVES["add_rms_norm_fwd"] = _ALTERNATIVES["rms_norm_fwd"]
 _ALTERNATIVES["add_rms_norm_bwd"] = _ALTERNATIVES["rms_norm_bwd"]
@@ -163,7 +166,8 @@ def _spills(kernel: str, n: int, cfg: Config) -> bool:
     if kernel == "moe_route_bwd":
         return cfg["ROWS"] * block * 8 > 64 * threads
     if kernel == "rope":  # 64 elements a thread spilled; so did 256 rows at 16 warps (head dim 64)
-        return cfg["ROWS"] * block > 32 * threads or cfg["ROWS"] > 128
+        per_thread = 16 if cfg.get("PARTNER") else 32  # x, its partner, cos and sin all full rows
+        return cfg["ROWS"] * block > per_thread * threads or cfg["ROWS"] > 128
     return False
 
 

@@ -40,10 +40,11 @@ def _rope_offsets(d, half, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
 @triton.jit
 def _rope_kernel(X, COS, SIN, Y, n_rows, n_mid, seq, half, stride_xa, stride_xb, stride_xs, stride_cs,
                  stride_ya, stride_yb, stride_ys, SIGN: tl.constexpr, INTERLEAVED: tl.constexpr,
-                 ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                 ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr, PARTNER: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     i = tl.arange(0, BLOCK_HALF)
     row_mask = rows < n_rows
+    mask = row_mask[:, None] & (i < half)[None, :]
     rows = tl.where(row_mask, rows, 0).to(tl.int64)
     s = rows % seq
     lead = rows // seq
@@ -51,18 +52,43 @@ def _rope_kernel(X, COS, SIN, Y, n_rows, n_mid, seq, half, stride_xa, stride_xb,
     a = lead // n_mid
     x_row = X + a * stride_xa + b * stride_xb + s * stride_xs
     y_row = Y + a * stride_ya + b * stride_yb + s * stride_ys
-    i_mask = row_mask[:, None] & (i < half)[None, :]
-    c = tl.load(COS + s[:, None] * stride_cs + i[None, :], mask=i_mask, other=0.0).to(ACC)
-    sn = tl.load(SIN + s[:, None] * stride_cs + i[None, :], mask=i_mask, other=0.0).to(ACC) * SIGN
-    # Each row is read and written as one contiguous block in either layout: two stride-2 loads of the
-    # interleaved pairs ran an order of magnitude slower on an H100, and two half-row loads took 0.030-0.034
-    # ms where one interleaved row took 0.021 at the same shape (h100_memops_sweep_b0a71416.json, event
-    # timing). By device time (commit 043c66e2) the half layout's one row still takes 0.019 ms to 0.016.
-    d_off, d_ok = _rope_offsets(tl.arange(0, 2 * BLOCK_HALF), half, INTERLEAVED, BLOCK_HALF)
-    mask = row_mask[:, None] & d_ok[None, :]
-    x = tl.load(x_row[:, None] + d_off[None, :], mask=mask, other=0.0).to(ACC)
-    y = _rotate_rows(x, c, sn, INTERLEAVED, BLOCK_ROWS, BLOCK_HALF)
-    tl.store(y_row[:, None] + d_off[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    if PARTNER:
+        # Each lane also loads the lane it pairs with (an L1 hit: the same row) and its own angle, so the
+        # rotation needs no exchange of lanes in registers: y = x * cos -+ partner * sin.
+        d = tl.arange(0, 2 * BLOCK_HALF)
+        d_off, d_ok = _rope_offsets(d, half, INTERLEAVED, BLOCK_HALF)
+        d_mask = row_mask[:, None] & d_ok[None, :]
+        if INTERLEAVED:
+            j, first = d // 2, d % 2 == 0
+            p_off = tl.where(first, d_off + 1, d_off - 1)
+        else:
+            j, first = d % BLOCK_HALF, d < BLOCK_HALF
+            p_off = tl.where(first, d_off + half, d_off - half)
+        x = tl.load(x_row[:, None] + d_off[None, :], mask=d_mask, other=0.0).to(ACC)
+        xp = tl.load(x_row[:, None] + p_off[None, :], mask=d_mask, other=0.0).to(ACC)
+        c = tl.load(COS + s[:, None] * stride_cs + j[None, :], mask=d_mask, other=0.0).to(ACC)
+        sn = tl.load(SIN + s[:, None] * stride_cs + j[None, :], mask=d_mask, other=0.0).to(ACC) * SIGN
+        y = x * c + tl.where(first, -1.0, 1.0)[None, :] * xp * sn
+        tl.store(y_row[:, None] + d_off[None, :], y.to(Y.dtype.element_ty), mask=d_mask)
+    else:
+        c = tl.load(COS + s[:, None] * stride_cs + i[None, :], mask=mask, other=0.0).to(ACC)
+        sn = tl.load(SIN + s[:, None] * stride_cs + i[None, :], mask=mask, other=0.0).to(ACC) * SIGN
+        if INTERLEAVED:
+            # One contiguous row split into its pairs in registers: two stride-2 loads ran an order of
+            # magnitude slower on an H100.
+            d = tl.arange(0, 2 * BLOCK_HALF)
+            row_d_mask = row_mask[:, None] & (d < 2 * half)[None, :]
+            x = tl.load(x_row[:, None] + d[None, :], mask=row_d_mask, other=0.0).to(ACC)
+            y = _rotate_rows(x, c, sn, True, BLOCK_ROWS, BLOCK_HALF)
+            tl.store(y_row[:, None] + d[None, :], y.to(Y.dtype.element_ty), mask=row_d_mask)
+        else:
+            # Two half-row loads. One row split by a register permute (as `mla_qkv` does on its few tokens)
+            # compiled for sm_90 to 255 registers and a 728-byte spill at 64 rows x 4 warps
+            # (memops_sm90_resources.py); `PARTNER` launches are the other way to read one row.
+            x1 = tl.load(x_row[:, None] + i[None, :], mask=mask, other=0.0).to(ACC)
+            x2 = tl.load(x_row[:, None] + half + i[None, :], mask=mask, other=0.0).to(ACC)
+            tl.store(y_row[:, None] + i[None, :], (x1 * c - x2 * sn).to(Y.dtype.element_ty), mask=mask)
+            tl.store(y_row[:, None] + half + i[None, :], (x2 * c + x1 * sn).to(Y.dtype.element_ty), mask=mask)
 
 
 def _as_4d(x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +120,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
     _rope_kernel[(triton.cdiv(n_rows, block_rows),)](
         x4, cos, sin, y4, n_rows, x4.shape[1], seq, dim // 2, x4.stride(0), x4.stride(1), x4.stride(2),
         cos.stride(0), y4.stride(0), y4.stride(1), y4.stride(2), SIGN=sign, INTERLEAVED=interleaved,
-        ACC=acc_type(x.dtype), BLOCK_ROWS=block_rows, BLOCK_HALF=block_half, num_warps=cfg["num_warps"])
+        ACC=acc_type(x.dtype), BLOCK_ROWS=block_rows, BLOCK_HALF=block_half, PARTNER=cfg.get("PARTNER", False),
+        num_warps=cfg["num_warps"])
     return y
 
 
