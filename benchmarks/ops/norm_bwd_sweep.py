@@ -49,29 +49,15 @@ def _configs(launch, kernel: str, n: int, few: bool = False) -> list[dict]:
     return out + extra[:3 if few else None]
 
 
-def _time_graph(fn, reps: int, replays: int = 10) -> float:
-    """Microseconds per call of ``fn`` captured ``reps`` times in one graph."""
+def _time_graph(fn, reps: int) -> float:
+    """Microseconds per call of ``fn`` captured ``reps`` times in one graph (`openseek_hal.ops.bench._graph_ms`,
+    with one input set, as this sweep always timed: calls in a row may find part of their inputs in L2)."""
+    from openseek_hal.ops import bench
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return sorted(times)[len(times) // 2]
+        return 1e3 * bench._graph_ms([fn], stream, min_calls=reps)
 
 
 def sweep(rows: list[tuple], device: torch.device, timer, reps: int, interpret: bool = False) -> tuple[float, list]:

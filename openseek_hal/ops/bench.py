@@ -56,8 +56,8 @@ TIMINGS = ("events", "graph")
 GRAPH_CALLS, GRAPH_REPLAYS = 20, 10
 
 
-def _graph_ms(fns: list[Callable[[], Any]], stream: torch.cuda.Stream) -> float:
-    """Device milliseconds a call: ``fns`` called in turn ``GRAPH_CALLS`` times (rounded up to whole rounds)
+def _graph_ms(fns: list[Callable[[], Any]], stream: torch.cuda.Stream, min_calls: int = GRAPH_CALLS) -> float:
+    """Device milliseconds a call: ``fns`` called in turn ``min_calls`` times (rounded up to whole rounds)
     inside one CUDA graph, the median over ``GRAPH_REPLAYS`` replays. Only the kernels run: no launch,
     Python or autograd overhead, which dominates `_median_ms` for ops of a few tens of microseconds.
     Each ``fn`` works on its own inputs (`_arg_sets`), so a call does not find its inputs in L2."""
@@ -65,7 +65,7 @@ def _graph_ms(fns: list[Callable[[], Any]], stream: torch.cuda.Stream) -> float:
         for fn in fns:
             fn()
     stream.synchronize()
-    calls = len(fns) * math.ceil(GRAPH_CALLS / len(fns))
+    calls = len(fns) * math.ceil(min_calls / len(fns))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
         for i in range(calls):
