@@ -91,10 +91,11 @@ def _route_fwd(X, BIAS, IDX, W, n_experts, group_size, scale, HAS_BIAS: tl.const
 def _route_bwd(X, IDX, DW, DX, n_tokens, n_experts, scale, SOFTMAX: tl.constexpr, NORM: tl.constexpr,
                TOP_K: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                ROWS: tl.constexpr):
-    """``ROWS`` tokens per program. Only the picked experts' weights have gradients: their scores are
-    recomputed from logits gathered at the saved indices (the same arithmetic as the tile's, so the
-    same values), and the score gradient is spread back onto the row by one ``(experts x top_k)``
-    match instead of a full-row reduction per picked expert."""
+    """``ROWS`` tokens per program. Only the picked experts' weights have gradients. One
+    ``(experts x top_k)`` match of the saved indices against the row does both gathers: the picked
+    scores are taken from the row's scores (no second, dependent load of the logits at the indices:
+    this kernel is latency-bound), and the score gradient is spread back onto the row, instead of a
+    full-row reduction per picked expert."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_tokens
     e_idx = tl.arange(0, BLOCK_E)
@@ -104,25 +105,22 @@ def _route_bwd(X, IDX, DW, DX, n_tokens, n_experts, scale, SOFTMAX: tl.constexpr
     x_row = X + rows[:, None] * n_experts
     picked = tl.load(IDX + rows[:, None] * TOP_K + k_idx[None, :], mask=k_ok, other=-1)
     dw = tl.load(DW + rows[:, None] * TOP_K + k_idx[None, :], mask=k_ok, other=0.0).to(ACC) * scale
-    xp = tl.load(x_row + picked, mask=k_ok, other=0.0).to(ACC)
     if SOFTMAX:  # the whole row's scores take part (through the normalizer)
         x = tl.load(x_row + e_idx[None, :], mask=valid, other=float("-inf")).to(ACC)
         m = tl.max(x, axis=1)
         ex = tl.exp(x - m[:, None])
         z = tl.sum(ex, axis=1)
         s = tl.where(valid, ex / z[:, None], 0.0)
-        sp = tl.exp(xp - m[:, None]) / z[:, None]
     else:
         x = tl.load(x_row + e_idx[None, :], mask=valid, other=0.0).to(ACC)
         s = tl.where(valid, 1.0 / (1.0 + tl.exp(-x)), 0.0)
-        sp = 1.0 / (1.0 + tl.exp(-xp))
-    sp = tl.where(k_ok, sp, 0.0)
+    match = e_idx[None, :, None] == picked[:, None, :]  # [ROWS, BLOCK_E, BLOCK_K]; padding k is -1
+    sp = tl.sum(tl.where(match, s[:, :, None], 0.0), axis=1)  # exact: one nonzero term per pick
     if NORM and TOP_K > 1:
         z = tl.sum(sp, axis=1) + 1e-20
         ds_picked = dw / z[:, None] - (tl.sum(dw * sp, axis=1) / (z * z))[:, None]
     else:
         ds_picked = dw
-    match = e_idx[None, :, None] == picked[:, None, :]  # [ROWS, BLOCK_E, BLOCK_K]; padding k is -1
     ds = tl.sum(tl.where(match, ds_picked[:, None, :], 0.0), axis=2)
     if SOFTMAX:
         dx = s * (ds - tl.sum(ds * s, axis=1)[:, None])
