@@ -95,8 +95,9 @@ def _run_op(pkg, op: str, n: int, direction: str) -> None:
         args.append(torch.ones(n, dtype=torch.bfloat16))
     elif op == "silu_and_mul":
         args = [torch.randn(2, 2 * n, dtype=torch.bfloat16)]
-    elif op == "rope":  # (batch, heads, seq, dim) with tables (seq, dim / 2)
-        args = [torch.randn(1, 1, 2, n, dtype=torch.bfloat16), torch.randn(2, n // 2), torch.randn(2, n // 2)]
+    elif op == "rope":  # (batch, heads, seq, dim) with tables (seq, dim / 2); rows and heads a program are
+        # capped at the sequence and the head count: enough of both for every candidate's own block
+        args = [torch.randn(1, 8, 128, n, dtype=torch.bfloat16), torch.randn(128, n // 2), torch.randn(128, n // 2)]
     else:
         args = [torch.randn(2, n), None]
     args = [a.requires_grad_() if a is not None and a.is_floating_point() and i == 0 or

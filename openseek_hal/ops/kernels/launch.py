@@ -22,8 +22,9 @@ takes its parameters from `config` ``(kernel, n)``, a fixed function of the shap
   capped at ``next_pow2(d)``), ``ROWS`` (rows per program), ``num_warps``.
 * ``moe_route_bwd``: ``ROWS`` (tokens per program), ``num_warps``.
 * ``rope`` (forward and backward: the same kernel): ``ROWS`` (rows of ``n``, the head dim, per
-  program), ``num_warps``, optionally ``PARTNER`` (each lane loads the lane it pairs with instead of
-  exchanging them in registers; default False).
+  program, positions of one head), ``num_warps``, optionally ``PARTNER`` (each lane loads the lane it
+  pairs with instead of exchanging them in registers; default False) and ``HEADS`` (heads per program,
+  which share the angles' loads; default 1).
 
 `override` (a context manager) replaces the choice for one kernel; the sweep and the tests use it
 to run every entry of `candidates`. Each copy of the kernel package (compiled for the GPU,
@@ -147,7 +148,11 @@ _ALTERNATIVES: dict[str, list[Config]] = {
     "rope": [dict(ROWS=r, num_warps=w) for r, w in
              ((16, 2), (32, 2), (32, 4), (64, 2), (64, 8), (128, 4), (128, 8), (256, 8), (256, 16))]
             # each lane loads its partner lane and its own angle: no register exchange (kernels/rope.py)
-            + [dict(ROWS=r, num_warps=w, PARTNER=True) for r, w in ((16, 2), (16, 4), (32, 4), (32, 8), (64, 8))],
+            + [dict(ROWS=r, num_warps=w, PARTNER=True) for r, w in ((16, 2), (16, 4), (32, 4), (32, 8), (64, 8))]
+            # several heads a program: the positions' angles read once for all of them (kernels/rope.py)
+            + [dict(ROWS=r, num_warps=w, HEADS=h) for r, w, h in ((64, 4, 2), (32, 4, 2), (32, 4, 4), (64, 8, 4),
+                                                                  (16, 4, 8), (32, 8, 8))]
+            + [dict(ROWS=r, num_warps=w, HEADS=h, PARTNER=True) for r, w, h in ((32, 4, 2), (16, 4, 4))],
 }
 _ALTERNATIVES["add_rms_norm_fwd"] = _ALTERNATIVES["rms_norm_fwd"]
 _ALTERNATIVES["add_rms_norm_bwd"] = _ALTERNATIVES["rms_norm_bwd"]

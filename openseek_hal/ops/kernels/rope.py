@@ -38,20 +38,21 @@ def _rope_offsets(d, half, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
 
 
 @triton.jit
-def _rope_kernel(X, COS, SIN, Y, n_rows, n_mid, seq, half, stride_xa, stride_xb, stride_xs, stride_cs,
-                 stride_ya, stride_yb, stride_ys, SIGN: tl.constexpr, INTERLEAVED: tl.constexpr,
-                 ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr, PARTNER: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    i = tl.arange(0, BLOCK_HALF)
-    row_mask = rows < n_rows
-    mask = row_mask[:, None] & (i < half)[None, :]
-    rows = tl.where(row_mask, rows, 0).to(tl.int64)
-    s = rows % seq
-    lead = rows // seq
-    b = lead % n_mid
-    a = lead // n_mid
-    x_row = X + a * stride_xa + b * stride_xb + s * stride_xs
-    y_row = Y + a * stride_ya + b * stride_yb + s * stride_ys
+def _rope_kernel(X, COS, SIN, Y, n_mid, seq, half, n_seq_blocks, n_head_blocks, stride_xa, stride_xb, stride_xs,
+                 stride_cs, stride_ya, stride_yb, stride_ys, SIGN: tl.constexpr, INTERLEAVED: tl.constexpr,
+                 ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr, PARTNER: tl.constexpr,
+                 HEADS: tl.constexpr):
+    """A program rotates ``BLOCK_ROWS`` positions of ``HEADS`` consecutive heads (the middle dim of
+    ``(A, B, S, D)``): the angles of its positions are read once and reused for each head."""
+    pid = tl.program_id(0)
+    s_block = pid % n_seq_blocks
+    head_block = ((pid // n_seq_blocks) % n_head_blocks).to(tl.int64)
+    a = (pid // (n_seq_blocks * n_head_blocks)).to(tl.int64)
+    s = s_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = s < seq
+    s = tl.where(row_mask, s, 0).to(tl.int64)
+    x_pos = X + a * stride_xa + s * stride_xs
+    y_pos = Y + a * stride_ya + s * stride_ys
     if PARTNER:
         # Each lane also loads the lane it pairs with (an L1 hit: the same row) and its own angle, so the
         # rotation needs no exchange of lanes in registers: y = x * cos -+ partner * sin.
@@ -64,31 +65,43 @@ def _rope_kernel(X, COS, SIN, Y, n_rows, n_mid, seq, half, stride_xa, stride_xb,
         else:
             j, first = d % BLOCK_HALF, d < BLOCK_HALF
             p_off = tl.where(first, d_off + half, d_off - half)
-        x = tl.load(x_row[:, None] + d_off[None, :], mask=d_mask, other=0.0).to(ACC)
-        xp = tl.load(x_row[:, None] + p_off[None, :], mask=d_mask, other=0.0).to(ACC)
         c = tl.load(COS + s[:, None] * stride_cs + j[None, :], mask=d_mask, other=0.0).to(ACC)
         sn = tl.load(SIN + s[:, None] * stride_cs + j[None, :], mask=d_mask, other=0.0).to(ACC) * SIGN
-        y = x * c + tl.where(first, -1.0, 1.0)[None, :] * xp * sn
-        tl.store(y_row[:, None] + d_off[None, :], y.to(Y.dtype.element_ty), mask=d_mask)
+        sn = tl.where(first, -1.0, 1.0)[None, :] * sn
     else:
+        i = tl.arange(0, BLOCK_HALF)
+        mask = row_mask[:, None] & (i < half)[None, :]
         c = tl.load(COS + s[:, None] * stride_cs + i[None, :], mask=mask, other=0.0).to(ACC)
         sn = tl.load(SIN + s[:, None] * stride_cs + i[None, :], mask=mask, other=0.0).to(ACC) * SIGN
         if INTERLEAVED:
+            d = tl.arange(0, 2 * BLOCK_HALF)
+            d_mask = row_mask[:, None] & (d < 2 * half)[None, :]
+    for h in tl.static_range(HEADS):
+        b = head_block * HEADS + h
+        x_row = x_pos + b * stride_xb
+        y_row = y_pos + b * stride_yb
+        head_ok = row_mask & (b + 0 * s < n_mid)  # as a vector: the interpreter's masks reject scalar & vector
+        if PARTNER:
+            m = d_mask & head_ok[:, None]
+            x = tl.load(x_row[:, None] + d_off[None, :], mask=m, other=0.0).to(ACC)
+            xp = tl.load(x_row[:, None] + p_off[None, :], mask=m, other=0.0).to(ACC)
+            tl.store(y_row[:, None] + d_off[None, :], (x * c + xp * sn).to(Y.dtype.element_ty), mask=m)
+        elif INTERLEAVED:
             # One contiguous row split into its pairs in registers: two stride-2 loads ran an order of
             # magnitude slower on an H100.
-            d = tl.arange(0, 2 * BLOCK_HALF)
-            row_d_mask = row_mask[:, None] & (d < 2 * half)[None, :]
-            x = tl.load(x_row[:, None] + d[None, :], mask=row_d_mask, other=0.0).to(ACC)
+            m = d_mask & head_ok[:, None]
+            x = tl.load(x_row[:, None] + d[None, :], mask=m, other=0.0).to(ACC)
             y = _rotate_rows(x, c, sn, True, BLOCK_ROWS, BLOCK_HALF)
-            tl.store(y_row[:, None] + d[None, :], y.to(Y.dtype.element_ty), mask=row_d_mask)
+            tl.store(y_row[:, None] + d[None, :], y.to(Y.dtype.element_ty), mask=m)
         else:
             # Two half-row loads. One row split by a register permute (as `mla_qkv` does on its few tokens)
             # compiled for sm_90 to 255 registers and a 728-byte spill at 64 rows x 4 warps
             # (memops_sm90_resources.py); `PARTNER` launches are the other way to read one row.
-            x1 = tl.load(x_row[:, None] + i[None, :], mask=mask, other=0.0).to(ACC)
-            x2 = tl.load(x_row[:, None] + half + i[None, :], mask=mask, other=0.0).to(ACC)
-            tl.store(y_row[:, None] + i[None, :], (x1 * c - x2 * sn).to(Y.dtype.element_ty), mask=mask)
-            tl.store(y_row[:, None] + half + i[None, :], (x2 * c + x1 * sn).to(Y.dtype.element_ty), mask=mask)
+            m = mask & head_ok[:, None]
+            x1 = tl.load(x_row[:, None] + i[None, :], mask=m, other=0.0).to(ACC)
+            x2 = tl.load(x_row[:, None] + half + i[None, :], mask=m, other=0.0).to(ACC)
+            tl.store(y_row[:, None] + i[None, :], (x1 * c - x2 * sn).to(Y.dtype.element_ty), mask=m)
+            tl.store(y_row[:, None] + half + i[None, :], (x2 * c + x1 * sn).to(Y.dtype.element_ty), mask=m)
 
 
 def _as_4d(x: torch.Tensor) -> torch.Tensor:
@@ -113,15 +126,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
         return y
     x4, y4 = _as_4d(x), _as_4d(y)
     cos, sin = cos.contiguous(), sin.contiguous()
-    n_rows = x4.shape[0] * x4.shape[1] * seq
     block_half = triton.next_power_of_2(dim // 2)
     cfg = launch.config("rope", dim)
-    block_rows = cfg["ROWS"]
-    _rope_kernel[(triton.cdiv(n_rows, block_rows),)](
-        x4, cos, sin, y4, n_rows, x4.shape[1], seq, dim // 2, x4.stride(0), x4.stride(1), x4.stride(2),
-        cos.stride(0), y4.stride(0), y4.stride(1), y4.stride(2), SIGN=sign, INTERLEAVED=interleaved,
+    # a program's rows are positions of one head: at most the sequence (a short one would leave most masked)
+    block_rows = min(cfg["ROWS"], triton.next_power_of_2(seq))
+    heads = min(cfg.get("HEADS", 1), triton.next_power_of_2(x4.shape[1]))
+    seq_blocks, head_blocks = triton.cdiv(seq, block_rows), triton.cdiv(x4.shape[1], heads)
+    _rope_kernel[(x4.shape[0] * head_blocks * seq_blocks,)](
+        x4, cos, sin, y4, x4.shape[1], seq, dim // 2, seq_blocks, head_blocks, x4.stride(0), x4.stride(1),
+        x4.stride(2), cos.stride(0), y4.stride(0), y4.stride(1), y4.stride(2), SIGN=sign, INTERLEAVED=interleaved,
         ACC=acc_type(x.dtype), BLOCK_ROWS=block_rows, BLOCK_HALF=block_half, PARTNER=cfg.get("PARTNER", False),
-        num_warps=cfg["num_warps"])
+        HEADS=heads, num_warps=cfg["num_warps"])
     return y
 
 
