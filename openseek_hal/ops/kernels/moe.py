@@ -91,11 +91,10 @@ def _route_fwd(X, BIAS, IDX, W, n_experts, group_size, scale, HAS_BIAS: tl.const
 def _route_bwd(X, IDX, DW, DX, n_tokens, n_experts, scale, SOFTMAX: tl.constexpr, NORM: tl.constexpr,
                TOP_K: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                ROWS: tl.constexpr):
-    """``ROWS`` tokens per program. Only the picked experts' weights have gradients. One
-    ``(experts x top_k)`` match of the saved indices against the row does both gathers: the picked
-    scores are taken from the row's scores (no second, dependent load of the logits at the indices:
-    this kernel is latency-bound), and the score gradient is spread back onto the row, instead of a
-    full-row reduction per picked expert."""
+    """``ROWS`` tokens per program. Only the picked experts' weights have gradients. The picked
+    scores are gathered in registers from the row's scores (no second, dependent load of the logits
+    at the saved indices: this kernel is latency-bound), and the score gradient is spread back onto
+    the row by one ``(experts x top_k)`` match instead of a full-row reduction per picked expert."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_tokens
     e_idx = tl.arange(0, BLOCK_E)
@@ -114,13 +113,14 @@ def _route_bwd(X, IDX, DW, DX, n_tokens, n_experts, scale, SOFTMAX: tl.constexpr
     else:
         x = tl.load(x_row + e_idx[None, :], mask=valid, other=0.0).to(ACC)
         s = tl.where(valid, 1.0 / (1.0 + tl.exp(-x)), 0.0)
-    match = e_idx[None, :, None] == picked[:, None, :]  # [ROWS, BLOCK_E, BLOCK_K]; padding k is -1
-    sp = tl.sum(tl.where(match, s[:, :, None], 0.0), axis=1)  # exact: one nonzero term per pick
+    # the picked scores, gathered in registers from the row's (padding k is -1: clamped, then zeroed)
+    sp = tl.where(k_ok, tl.gather(s, tl.maximum(picked, 0).to(tl.int32), axis=1), 0.0)
     if NORM and TOP_K > 1:
         z = tl.sum(sp, axis=1) + 1e-20
         ds_picked = dw / z[:, None] - (tl.sum(dw * sp, axis=1) / (z * z))[:, None]
     else:
         ds_picked = dw
+    match = e_idx[None, :, None] == picked[:, None, :]  # [ROWS, BLOCK_E, BLOCK_K]
     ds = tl.sum(tl.where(match, ds_picked[:, None, :], 0.0), axis=2)
     if SOFTMAX:
         dx = s * (ds - tl.sum(ds * s, axis=1)[:, None])
