@@ -20,7 +20,8 @@ takes its parameters from `config` ``(kernel, n)``, a fixed function of the shap
   ``min(row blocks, per_sm * SMs)``), ``num_stages`` (Triton's software pipelining of the row loop).
 * ``silu_and_mul_fwd``, ``silu_and_mul_bwd``: ``BLOCK`` (columns per program, a power of two,
   capped at ``next_pow2(d)``), ``ROWS`` (rows per program), ``num_warps``.
-* ``moe_route_bwd``: ``ROWS`` (tokens per program), ``num_warps``.
+* ``moe_route_bwd``: ``ROWS`` (tokens per program), ``num_warps``, optionally ``PICK`` (how the picked
+  experts' scores are found, see kernels/moe.py; default 0).
 * ``rope`` (forward and backward: the same kernel): ``ROWS`` (rows of ``n``, the head dim, per
   program, positions of one head), ``num_warps``, optionally ``PARTNER`` (each lane loads the lane it
   pairs with instead of exchanging them in registers; default False) and ``HEADS`` (heads per program,
@@ -63,10 +64,11 @@ TABLE: dict[tuple[str, int], Config] = {
     # second sweep (commit 64f474e4, h100_memops_sweep_64f474e4.json), the rows the first one cut short
     ("rms_norm_fwd", 1280): dict(ROWS=2, num_warps=4),  # 0.034 (0.051)
     ("silu_and_mul_bwd", 2048): dict(BLOCK=4096, ROWS=1, num_warps=8),  # 0.114 (0.153)
-    # event-timed, where these 20-30 us kernels measured the host (0.1 ms); by device time (commit 043c66e2)
-    # they trail torch.compile (0.021 against 0.012 ms, 0.028 against 0.024): to be swept with --timing graph
-    ("moe_route_bwd", 64): dict(ROWS=1, num_warps=4),  # 0.127 (0.166)
-    ("moe_route_bwd", 256): dict(ROWS=1, num_warps=1),  # 0.100 (0.139)
+    # graph-timed sweep (device time, commit c350f66d, H100, h100_memops_sweep_graph_c350f66d.json): ms (rule's)
+    ("moe_route_bwd", 64): dict(ROWS=4, num_warps=4, PICK=1),  # 0.0117 (0.0212; torch.compile 0.0118)
+    ("rope", 64): dict(ROWS=32, num_warps=4, HEADS=2),  # half 0.0146 / 0.0146, interleaved 0.0147 / 0.0148 (fwd / bwd)
+    # event-timed (commit 937c5260), the dependent-load pick; the register gather took 0.034 ms by device time
+    ("moe_route_bwd", 256): dict(ROWS=1, num_warps=1, PICK=0),  # 0.100 (0.139)
 }
 
 
@@ -143,9 +145,8 @@ _ALTERNATIVES: dict[str, list[Config]] = {
     "silu_and_mul_bwd": [dict(BLOCK=b, ROWS=r, num_warps=w) for b, r, w in
                          ((512, 4, 8), (512, 4, 4), (1024, 2, 8), (1024, 1, 4), (2048, 1, 8), (2048, 1, 4),
                           (2048, 2, 8), (4096, 1, 8))],
-    "moe_route_bwd": [dict(ROWS=r, num_warps=w) for r, w in
-                      ((1, 1), (1, 2), (1, 4), (2, 2), (2, 4), (4, 1), (4, 2), (4, 4), (4, 8), (8, 4), (8, 8), (16, 4),
-                       (16, 8), (32, 8))],
+    "moe_route_bwd": [dict(ROWS=r, num_warps=w, PICK=p) for p in (0, 1, 2) for r, w in
+                      ((1, 1), (1, 2), (2, 2), (4, 1), (4, 2), (4, 4), (8, 4), (8, 8), (16, 4))],
     "rope": [dict(ROWS=r, num_warps=w) for r, w in
              ((16, 2), (32, 2), (32, 4), (64, 2), (64, 8), (128, 4), (128, 8), (256, 8), (256, 16))]
             # each lane loads its partner lane and its own angle: no register exchange (kernels/rope.py)

@@ -90,11 +90,13 @@ def _route_fwd(X, BIAS, IDX, W, n_experts, group_size, scale, HAS_BIAS: tl.const
 @triton.jit
 def _route_bwd(X, IDX, DW, DX, n_tokens, n_experts, scale, SOFTMAX: tl.constexpr, NORM: tl.constexpr,
                TOP_K: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-               ROWS: tl.constexpr):
-    """``ROWS`` tokens per program. Only the picked experts' weights have gradients. The picked
-    scores are gathered in registers from the row's scores (no second, dependent load of the logits
-    at the saved indices: this kernel is latency-bound), and the score gradient is spread back onto
-    the row by one ``(experts x top_k)`` match instead of a full-row reduction per picked expert."""
+               ROWS: tl.constexpr, PICK: tl.constexpr):
+    """``ROWS`` tokens per program. Only the picked experts' weights have gradients. Their scores
+    (``PICK``, a launch parameter: the kernel is latency-bound and the fastest way depends on the expert
+    count) are recomputed from the logits loaded again at the saved indices (0, the same arithmetic
+    as the row's, so the same values), gathered from the row's scores in registers (1) or selected by
+    the ``(experts x top_k)`` match (2); that match also spreads the score gradient back onto the
+    row, instead of a full-row reduction per picked expert."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_tokens
     e_idx = tl.arange(0, BLOCK_E)
@@ -113,14 +115,23 @@ def _route_bwd(X, IDX, DW, DX, n_tokens, n_experts, scale, SOFTMAX: tl.constexpr
     else:
         x = tl.load(x_row + e_idx[None, :], mask=valid, other=0.0).to(ACC)
         s = tl.where(valid, 1.0 / (1.0 + tl.exp(-x)), 0.0)
-    # the picked scores, gathered in registers from the row's (padding k is -1: clamped, then zeroed)
-    sp = tl.where(k_ok, tl.gather(s, tl.maximum(picked, 0).to(tl.int32), axis=1), 0.0)
+    match = e_idx[None, :, None] == picked[:, None, :]  # [ROWS, BLOCK_E, BLOCK_K]; padding k is -1
+    if PICK == 0:  # the logits loaded again at the indices (a load that waits on the index load)
+        xp = tl.load(x_row + picked, mask=k_ok, other=0.0).to(ACC)
+        if SOFTMAX:
+            sp = tl.exp(xp - m[:, None]) / z[:, None]
+        else:
+            sp = 1.0 / (1.0 + tl.exp(-xp))
+        sp = tl.where(k_ok, sp, 0.0)
+    elif PICK == 1:  # gathered in registers from the row's scores (padding clamped, then zeroed)
+        sp = tl.where(k_ok, tl.gather(s, tl.maximum(picked, 0).to(tl.int32), axis=1), 0.0)
+    else:  # selected by the match (exact: one nonzero term per pick)
+        sp = tl.sum(tl.where(match, s[:, :, None], 0.0), axis=1)
     if NORM and TOP_K > 1:
         z = tl.sum(sp, axis=1) + 1e-20
         ds_picked = dw / z[:, None] - (tl.sum(dw * sp, axis=1) / (z * z))[:, None]
     else:
         ds_picked = dw
-    match = e_idx[None, :, None] == picked[:, None, :]  # [ROWS, BLOCK_E, BLOCK_K]
     ds = tl.sum(tl.where(match, ds_picked[:, None, :], 0.0), axis=2)
     if SOFTMAX:
         dx = s * (ds - tl.sum(ds * s, axis=1)[:, None])
@@ -183,7 +194,7 @@ def _moe_route_backward_op(logits: torch.Tensor, indices: torch.Tensor, d_weight
             logits, indices, d_weights.contiguous(), dx, tokens, experts, routed_scaling_factor,
             SOFTMAX=score_func == "softmax", NORM=norm_topk_prob, TOP_K=top_k, ACC=acc_type(logits.dtype),
             BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=triton.next_power_of_2(top_k), ROWS=cfg["ROWS"],
-            num_warps=cfg["num_warps"])
+            PICK=cfg.get("PICK", 0), num_warps=cfg["num_warps"])
     return dx
 
 
