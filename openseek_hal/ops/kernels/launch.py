@@ -145,7 +145,7 @@ _ALTERNATIVES: dict[str, list[Config]] = {
     "silu_and_mul_bwd": [dict(BLOCK=b, ROWS=r, num_warps=w) for b, r, w in
                          ((512, 4, 8), (512, 4, 4), (1024, 2, 8), (1024, 1, 4), (2048, 1, 8), (2048, 1, 4),
                           (2048, 2, 8), (4096, 1, 8))],
-    "moe_route_bwd": [dict(ROWS=r, num_warps=w, PICK=p) for p in (0, 1, 2) for r, w in
+    "moe_route_bwd": [dict(ROWS=r, num_warps=w, PICK=p) for p in (0, 1, 2, 3) for r, w in
                       ((1, 1), (1, 2), (2, 2), (4, 1), (4, 2), (4, 4), (8, 4), (8, 8), (16, 4))],
     "rope": [dict(ROWS=r, num_warps=w) for r, w in
              ((16, 2), (32, 2), (32, 4), (64, 2), (64, 8), (128, 4), (128, 8), (256, 8), (256, 16))]

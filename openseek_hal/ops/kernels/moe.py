@@ -96,16 +96,13 @@ def _route_bwd(X, IDX, DW, DX, n_tokens, n_experts, scale, SOFTMAX: tl.constexpr
     count) are recomputed from the logits loaded again at the saved indices (0, the same arithmetic
     as the row's, so the same values), gathered from the row's scores in registers (1) or selected by
     the ``(experts x top_k)`` match (2); that match also spreads the score gradient back onto the
-    row, instead of a full-row reduction per picked expert."""
+    row, instead of a full-row reduction per picked expert. ``PICK = 3`` takes the picks one at a
+    time (loads at the indices, a ``[ROWS, experts]`` select per pick), with no three-dimensional match."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_tokens
     e_idx = tl.arange(0, BLOCK_E)
-    k_idx = tl.arange(0, BLOCK_K)
     valid = row_ok[:, None] & (e_idx < n_experts)[None, :]
-    k_ok = row_ok[:, None] & (k_idx < TOP_K)[None, :]
     x_row = X + rows[:, None] * n_experts
-    picked = tl.load(IDX + rows[:, None] * TOP_K + k_idx[None, :], mask=k_ok, other=-1)
-    dw = tl.load(DW + rows[:, None] * TOP_K + k_idx[None, :], mask=k_ok, other=0.0).to(ACC) * scale
     if SOFTMAX:  # the whole row's scores take part (through the normalizer)
         x = tl.load(x_row + e_idx[None, :], mask=valid, other=float("-inf")).to(ACC)
         m = tl.max(x, axis=1)
@@ -115,24 +112,52 @@ def _route_bwd(X, IDX, DW, DX, n_tokens, n_experts, scale, SOFTMAX: tl.constexpr
     else:
         x = tl.load(x_row + e_idx[None, :], mask=valid, other=0.0).to(ACC)
         s = tl.where(valid, 1.0 / (1.0 + tl.exp(-x)), 0.0)
-    match = e_idx[None, :, None] == picked[:, None, :]  # [ROWS, BLOCK_E, BLOCK_K]; padding k is -1
-    if PICK == 0:  # the logits loaded again at the indices (a load that waits on the index load)
-        xp = tl.load(x_row + picked, mask=k_ok, other=0.0).to(ACC)
-        if SOFTMAX:
-            sp = tl.exp(xp - m[:, None]) / z[:, None]
-        else:
-            sp = 1.0 / (1.0 + tl.exp(-xp))
-        sp = tl.where(k_ok, sp, 0.0)
-    elif PICK == 1:  # gathered in registers from the row's scores (padding clamped, then zeroed)
-        sp = tl.where(k_ok, tl.gather(s, tl.maximum(picked, 0).to(tl.int32), axis=1), 0.0)
-    else:  # selected by the match (exact: one nonzero term per pick)
-        sp = tl.sum(tl.where(match, s[:, :, None], 0.0), axis=1)
-    if NORM and TOP_K > 1:
-        z = tl.sum(sp, axis=1) + 1e-20
-        ds_picked = dw / z[:, None] - (tl.sum(dw * sp, axis=1) / (z * z))[:, None]
+    if PICK == 3:
+        # One pick at a time: [ROWS, BLOCK_E] work per pick, no [ROWS, BLOCK_E, BLOCK_K] tensor. A first
+        # pass sums the picked scores (for the normalization's gradient), a second spreads the gradient.
+        z_sum = tl.zeros([ROWS], ACC)
+        dw_sp = tl.zeros([ROWS], ACC)
+        for k in tl.static_range(TOP_K):
+            pk = tl.load(IDX + rows * TOP_K + k, mask=row_ok, other=0)
+            dwk = tl.load(DW + rows * TOP_K + k, mask=row_ok, other=0.0).to(ACC) * scale
+            xpk = tl.load(X + rows * n_experts + pk, mask=row_ok, other=0.0).to(ACC)
+            if SOFTMAX:
+                spk = tl.exp(xpk - m) / z
+            else:
+                spk = 1.0 / (1.0 + tl.exp(-xpk))
+            z_sum += spk
+            dw_sp += dwk * spk
+        z_sum += 1e-20
+        ds = tl.zeros([ROWS, BLOCK_E], ACC)
+        for k in tl.static_range(TOP_K):
+            pk = tl.load(IDX + rows * TOP_K + k, mask=row_ok, other=-1)
+            dsk = tl.load(DW + rows * TOP_K + k, mask=row_ok, other=0.0).to(ACC) * scale
+            if NORM and TOP_K > 1:
+                dsk = dsk / z_sum - dw_sp / (z_sum * z_sum)
+            ds += tl.where(e_idx[None, :] == pk[:, None], dsk[:, None], 0.0)
     else:
-        ds_picked = dw
-    ds = tl.sum(tl.where(match, ds_picked[:, None, :], 0.0), axis=2)
+        k_idx = tl.arange(0, BLOCK_K)
+        k_ok = row_ok[:, None] & (k_idx < TOP_K)[None, :]
+        picked = tl.load(IDX + rows[:, None] * TOP_K + k_idx[None, :], mask=k_ok, other=-1)
+        dw = tl.load(DW + rows[:, None] * TOP_K + k_idx[None, :], mask=k_ok, other=0.0).to(ACC) * scale
+        match = e_idx[None, :, None] == picked[:, None, :]  # [ROWS, BLOCK_E, BLOCK_K]; padding k is -1
+        if PICK == 0:  # the logits loaded again at the indices (a load that waits on the index load)
+            xp = tl.load(x_row + picked, mask=k_ok, other=0.0).to(ACC)
+            if SOFTMAX:
+                sp = tl.exp(xp - m[:, None]) / z[:, None]
+            else:
+                sp = 1.0 / (1.0 + tl.exp(-xp))
+            sp = tl.where(k_ok, sp, 0.0)
+        elif PICK == 1:  # gathered in registers from the row's scores (padding clamped, then zeroed)
+            sp = tl.where(k_ok, tl.gather(s, tl.maximum(picked, 0).to(tl.int32), axis=1), 0.0)
+        else:  # selected by the match (exact: one nonzero term per pick)
+            sp = tl.sum(tl.where(match, s[:, :, None], 0.0), axis=1)
+        if NORM and TOP_K > 1:
+            z_sum = tl.sum(sp, axis=1) + 1e-20
+            ds_picked = dw / z_sum[:, None] - (tl.sum(dw * sp, axis=1) / (z_sum * z_sum))[:, None]
+        else:
+            ds_picked = dw
+        ds = tl.sum(tl.where(match, ds_picked[:, None, :], 0.0), axis=2)
     if SOFTMAX:
         dx = s * (ds - tl.sum(ds * s, axis=1)[:, None])
     else:
