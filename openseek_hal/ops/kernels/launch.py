@@ -170,8 +170,8 @@ def _spills(kernel: str, n: int, cfg: Config) -> bool:
     if kernel in ("rms_norm_bwd", "add_rms_norm_bwd"):
         # 2+ rows at 16 a thread spilled at 4096 and 7168, not at 2048 (hidden 1280: 105-125 registers)
         return cfg["ROWS"] * block > (16 if cfg["ROWS"] == 1 or block <= 2048 else 8) * threads
-    if kernel == "moe_route_bwd":
-        return cfg["ROWS"] * block * 8 > 64 * threads
+    if kernel == "moe_route_bwd":  # PICK 3 holds no match tensor: its rows' scores and gradients only
+        return cfg["ROWS"] * block > 16 * threads if cfg.get("PICK") == 3 else cfg["ROWS"] * block * 8 > 64 * threads
     if kernel == "rope":  # 64 elements a thread spilled; so did 256 rows at 16 warps (head dim 64)
         per_thread = 16 if cfg.get("PARTNER") else 32  # x, its partner, cos and sin all full rows
         return cfg["ROWS"] * block > per_thread * threads or cfg["ROWS"] > 128
