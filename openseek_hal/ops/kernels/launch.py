@@ -123,7 +123,7 @@ def previous(kernel: str, n: int) -> Config:
         cols = min(block, 2048)
         return dict(BLOCK=cols, ROWS=1, num_warps=max(1, min(16, cols * 4 // 512)))
     if kernel == "moe_route_bwd":  # the launch only: that kernel's algorithm is gone (see kernels/moe.py)
-        return dict(ROWS=1, num_warps=1 if n <= 64 else 4)
+        return dict(ROWS=1, num_warps=1 if n <= 64 else 4, PICK=0)
     if kernel == "rope":
         return _rule(kernel, n)
     raise KeyError(f"no launch rule for kernel {kernel!r}")
