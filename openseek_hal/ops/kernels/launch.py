@@ -66,10 +66,10 @@ TABLE: dict[tuple[str, int], Config] = {
     ("silu_and_mul_bwd", 2048): dict(BLOCK=4096, ROWS=1, num_warps=8),  # 0.114 (0.153)
     # graph-timed sweep (device time, commit c350f66d, H100, results/h100_s17/sweep_graph_c350f66d.json): ms (rule's)
     # (router 64: the second sweep, 74ee2750, h100_s17/sweep_router_graph_74ee2750.json; PICK=1 at 4 x 4 took 0.0117)
-    ("moe_route_bwd", 64): dict(ROWS=4, num_warps=1, PICK=0),  # 0.0111 (0.0212; torch.compile 0.0118)
+    ("moe_route_bwd", 64): dict(ROWS=4, num_warps=1, PICK=3),  # 0.009 (0.0212; torch.compile 0.012)
     ("rope", 64): dict(ROWS=32, num_warps=4, HEADS=2),  # half 0.0146 / 0.0146, interleaved 0.0147 / 0.0148 (fwd / bwd)
     # event-timed (commit 937c5260), the dependent-load pick; the register gather took 0.034 ms by device time
-    ("moe_route_bwd", 256): dict(ROWS=1, num_warps=1, PICK=0),  # 0.100 (0.139)
+    ("moe_route_bwd", 256): dict(ROWS=1, num_warps=1, PICK=3),  # 0.020 (torch.compile 0.024)
 }
 
 
