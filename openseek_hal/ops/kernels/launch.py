@@ -1,4 +1,4 @@
-"""Launch parameters of the memory-bound kernels (norms, SwiGLU gate, router backward): one table.
+"""Launch parameters of the memory-bound kernels (norms, SwiGLU gate, router backward, rope): one table.
 
 No ``triton.autotune`` in the training path: a kernel's reduction order depends on its launch
 parameters (rows per program, the number of weight-gradient partials), and a timing-based choice
