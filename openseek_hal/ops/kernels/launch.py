@@ -20,12 +20,10 @@ takes its parameters from `config` ``(kernel, n)``, a fixed function of the shap
   ``min(row blocks, per_sm * SMs)``), ``num_stages`` (Triton's software pipelining of the row loop).
 * ``silu_and_mul_fwd``, ``silu_and_mul_bwd``: ``BLOCK`` (columns per program, a power of two,
   capped at ``next_pow2(d)``), ``ROWS`` (rows per program), ``num_warps``.
-* ``moe_route_bwd``: ``ROWS`` (tokens per program), ``num_warps``, optionally ``PICK`` (how the picked
-  experts' scores are found, see kernels/moe.py; default 0).
+* ``moe_route_bwd``: ``ROWS`` (tokens per program), ``num_warps``.
 * ``rope`` (forward and backward: the same kernel): ``ROWS`` (rows of ``n``, the head dim, per
-  program, positions of one head), ``num_warps``, optionally ``PARTNER`` (each lane loads the lane it
-  pairs with instead of exchanging them in registers; default False) and ``HEADS`` (heads per program,
-  which share the angles' loads; default 1).
+  program, positions of one head), ``num_warps``, optionally ``HEADS`` (heads per program, which share
+  the angles' loads; default 1).
 
 `override` (a context manager) replaces the choice for one kernel; the sweep and the tests use it
 to run every entry of `candidates`. Each copy of the kernel package (compiled for the GPU,
@@ -65,11 +63,11 @@ TABLE: dict[tuple[str, int], Config] = {
     ("rms_norm_fwd", 1280): dict(ROWS=2, num_warps=4),  # 0.034 (0.051)
     ("silu_and_mul_bwd", 2048): dict(BLOCK=4096, ROWS=1, num_warps=8),  # 0.114 (0.153)
     # graph-timed sweep (device time, commit c350f66d, H100, results/h100_s17/sweep_graph_c350f66d.json): ms (rule's)
-    # (router 64: the second sweep, 74ee2750, h100_s17/sweep_router_graph_74ee2750.json; PICK=1 at 4 x 4 took 0.0117)
-    ("moe_route_bwd", 64): dict(ROWS=4, num_warps=1, PICK=3),  # 0.009 (0.0212; torch.compile 0.012)
+    # (the router: the third sweep, 2c202acc, results/h100_s17/sweep_router_graph_2c202acc.json, its kernel's
+    # one-pick-at-a-time variant, the only one kept)
+    ("moe_route_bwd", 64): dict(ROWS=4, num_warps=1),  # 0.009 (0.0212; torch.compile 0.012)
     ("rope", 64): dict(ROWS=32, num_warps=4, HEADS=2),  # half 0.0146 / 0.0146, interleaved 0.0147 / 0.0148 (fwd / bwd)
-    # event-timed (commit 937c5260), the dependent-load pick; the register gather took 0.034 ms by device time
-    ("moe_route_bwd", 256): dict(ROWS=1, num_warps=1, PICK=3),  # 0.020 (torch.compile 0.024)
+    ("moe_route_bwd", 256): dict(ROWS=1, num_warps=1),  # 0.020 (torch.compile 0.024)
 }
 
 
@@ -123,7 +121,7 @@ def previous(kernel: str, n: int) -> Config:
         cols = min(block, 2048)
         return dict(BLOCK=cols, ROWS=1, num_warps=max(1, min(16, cols * 4 // 512)))
     if kernel == "moe_route_bwd":  # the launch only: that kernel's algorithm is gone (see kernels/moe.py)
-        return dict(ROWS=1, num_warps=1 if n <= 64 else 4, PICK=0)
+        return dict(ROWS=1, num_warps=1 if n <= 64 else 4)
     if kernel == "rope":
         return _rule(kernel, n)
     raise KeyError(f"no launch rule for kernel {kernel!r}")
@@ -146,16 +144,14 @@ _ALTERNATIVES: dict[str, list[Config]] = {
     "silu_and_mul_bwd": [dict(BLOCK=b, ROWS=r, num_warps=w) for b, r, w in
                          ((512, 4, 8), (512, 4, 4), (1024, 2, 8), (1024, 1, 4), (2048, 1, 8), (2048, 1, 4),
                           (2048, 2, 8), (4096, 1, 8))],
-    "moe_route_bwd": [dict(ROWS=r, num_warps=w, PICK=p) for p in (0, 1, 2, 3) for r, w in
+    "moe_route_bwd": [dict(ROWS=r, num_warps=w) for r, w in
                       ((1, 1), (1, 2), (2, 2), (4, 1), (4, 2), (4, 4), (8, 4), (8, 8), (16, 4))],
     "rope": [dict(ROWS=r, num_warps=w) for r, w in
              ((16, 2), (32, 2), (32, 4), (64, 2), (64, 8), (128, 4), (128, 8), (256, 8), (256, 16))]
             # each lane loads its partner lane and its own angle: no register exchange (kernels/rope.py)
-            + [dict(ROWS=r, num_warps=w, PARTNER=True) for r, w in ((16, 2), (16, 4), (32, 4), (32, 8), (64, 8))]
             # several heads a program: the positions' angles read once for all of them (kernels/rope.py)
             + [dict(ROWS=r, num_warps=w, HEADS=h) for r, w, h in ((64, 4, 2), (32, 4, 2), (32, 4, 4), (64, 8, 4),
-                                                                  (16, 4, 8), (32, 8, 8))]
-            + [dict(ROWS=r, num_warps=w, HEADS=h, PARTNER=True) for r, w, h in ((32, 4, 2), (16, 4, 4))],
+                                                                  (16, 4, 8), (32, 8, 8))],
 }
 _ALTERNATIVES["add_rms_norm_fwd"] = _ALTERNATIVES["rms_norm_fwd"]
 _ALTERNATIVES["add_rms_norm_bwd"] = _ALTERNATIVES["rms_norm_bwd"]
@@ -164,18 +160,17 @@ _ALTERNATIVES["add_rms_norm_bwd"] = _ALTERNATIVES["rms_norm_bwd"]
 def _spills(kernel: str, n: int, cfg: Config) -> bool:
     """Whether an alternative is too large to try at ``n``: more elements per thread than compiled
     without spilling for sm_90 (`benchmarks/ops/memops_sm90_resources.py`; norm backward: 16 a
-    tensor for one row per iteration or rows up to 2048 wide, 8 for more; router backward: 64 of its
-    ``tokens x experts x top-8`` match; rope: 32 of x)."""
+    tensor for one row per iteration or rows up to 2048 wide, 8 for more; router backward: 16 of each
+    of its two ``tokens x experts`` tiles; rope: 32 of x)."""
     block = triton.next_power_of_2(max(n, 1))
     threads = 32 * cfg["num_warps"]
     if kernel in ("rms_norm_bwd", "add_rms_norm_bwd"):
         # 2+ rows at 16 a thread spilled at 4096 and 7168, not at 2048 (hidden 1280: 105-125 registers)
         return cfg["ROWS"] * block > (16 if cfg["ROWS"] == 1 or block <= 2048 else 8) * threads
-    if kernel == "moe_route_bwd":  # PICK 3 holds no match tensor: its rows' scores and gradients only
-        return cfg["ROWS"] * block > 16 * threads if cfg.get("PICK") == 3 else cfg["ROWS"] * block * 8 > 64 * threads
+    if kernel == "moe_route_bwd":  # its rows' scores and gradients: two [ROWS, BLOCK_E] tiles
+        return cfg["ROWS"] * block > 16 * threads
     if kernel == "rope":  # 64 elements a thread spilled; so did 256 rows at 16 warps (head dim 64)
-        per_thread = 16 if cfg.get("PARTNER") else 32  # x, its partner, cos and sin all full rows
-        return cfg["ROWS"] * block > per_thread * threads or cfg["ROWS"] > 128
+        return cfg["ROWS"] * block > 32 * threads or cfg["ROWS"] > 128
     return False
 
 

@@ -89,15 +89,13 @@ def _route_fwd(X, BIAS, IDX, W, n_experts, group_size, scale, HAS_BIAS: tl.const
 
 @triton.jit
 def _route_bwd(X, IDX, DW, DX, n_tokens, n_experts, scale, SOFTMAX: tl.constexpr, NORM: tl.constexpr,
-               TOP_K: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-               ROWS: tl.constexpr, PICK: tl.constexpr):
-    """``ROWS`` tokens per program. Only the picked experts' weights have gradients. Their scores
-    (``PICK``, a launch parameter: the kernel is latency-bound and the fastest way depends on the expert
-    count) are recomputed from the logits loaded again at the saved indices (0, the same arithmetic
-    as the row's, so the same values), gathered from the row's scores in registers (1) or selected by
-    the ``(experts x top_k)`` match (2); that match also spreads the score gradient back onto the
-    row, instead of a full-row reduction per picked expert. ``PICK = 3`` takes the picks one at a
-    time (loads at the indices, a ``[ROWS, experts]`` select per pick), with no three-dimensional match."""
+               TOP_K: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr):
+    """``ROWS`` tokens per program. Only the picked experts' weights have gradients, taken one pick at
+    a time: a first pass loads each pick's index, weight gradient and logit as ``[ROWS]`` vectors and
+    sums the picked scores (recomputed with the row's arithmetic, so the same values) for the
+    normalization's gradient; a second spreads each pick's score gradient onto the row with one
+    ``[ROWS, experts]`` select. (A ``[ROWS, experts, top_k]`` match doing both at once, or a register
+    gather of the picked scores, was 20-70% slower on an H100: docs/ops.md.)"""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_tokens
     e_idx = tl.arange(0, BLOCK_E)
@@ -112,11 +110,9 @@ def _route_bwd(X, IDX, DW, DX, n_tokens, n_experts, scale, SOFTMAX: tl.constexpr
     else:
         x = tl.load(x_row + e_idx[None, :], mask=valid, other=0.0).to(ACC)
         s = tl.where(valid, 1.0 / (1.0 + tl.exp(-x)), 0.0)
-    if PICK == 3:
-        # One pick at a time: [ROWS, BLOCK_E] work per pick, no [ROWS, BLOCK_E, BLOCK_K] tensor. A first
-        # pass sums the picked scores (for the normalization's gradient), a second spreads the gradient.
-        z_sum = tl.zeros([ROWS], ACC)
-        dw_sp = tl.zeros([ROWS], ACC)
+    z_sum = tl.zeros([ROWS], ACC)
+    dw_sp = tl.zeros([ROWS], ACC)
+    if NORM and TOP_K > 1:
         for k in tl.static_range(TOP_K):
             pk = tl.load(IDX + rows * TOP_K + k, mask=row_ok, other=0)
             dwk = tl.load(DW + rows * TOP_K + k, mask=row_ok, other=0.0).to(ACC) * scale
@@ -128,36 +124,13 @@ def _route_bwd(X, IDX, DW, DX, n_tokens, n_experts, scale, SOFTMAX: tl.constexpr
             z_sum += spk
             dw_sp += dwk * spk
         z_sum += 1e-20
-        ds = tl.zeros([ROWS, BLOCK_E], ACC)
-        for k in tl.static_range(TOP_K):
-            pk = tl.load(IDX + rows * TOP_K + k, mask=row_ok, other=-1)
-            dsk = tl.load(DW + rows * TOP_K + k, mask=row_ok, other=0.0).to(ACC) * scale
-            if NORM and TOP_K > 1:
-                dsk = dsk / z_sum - dw_sp / (z_sum * z_sum)
-            ds += tl.where(e_idx[None, :] == pk[:, None], dsk[:, None], 0.0)
-    else:
-        k_idx = tl.arange(0, BLOCK_K)
-        k_ok = row_ok[:, None] & (k_idx < TOP_K)[None, :]
-        picked = tl.load(IDX + rows[:, None] * TOP_K + k_idx[None, :], mask=k_ok, other=-1)
-        dw = tl.load(DW + rows[:, None] * TOP_K + k_idx[None, :], mask=k_ok, other=0.0).to(ACC) * scale
-        match = e_idx[None, :, None] == picked[:, None, :]  # [ROWS, BLOCK_E, BLOCK_K]; padding k is -1
-        if PICK == 0:  # the logits loaded again at the indices (a load that waits on the index load)
-            xp = tl.load(x_row + picked, mask=k_ok, other=0.0).to(ACC)
-            if SOFTMAX:
-                sp = tl.exp(xp - m[:, None]) / z[:, None]
-            else:
-                sp = 1.0 / (1.0 + tl.exp(-xp))
-            sp = tl.where(k_ok, sp, 0.0)
-        elif PICK == 1:  # gathered in registers from the row's scores (padding clamped, then zeroed)
-            sp = tl.where(k_ok, tl.gather(s, tl.maximum(picked, 0).to(tl.int32), axis=1), 0.0)
-        else:  # selected by the match (exact: one nonzero term per pick)
-            sp = tl.sum(tl.where(match, s[:, :, None], 0.0), axis=1)
+    ds = tl.zeros([ROWS, BLOCK_E], ACC)
+    for k in tl.static_range(TOP_K):
+        pk = tl.load(IDX + rows * TOP_K + k, mask=row_ok, other=-1)
+        dsk = tl.load(DW + rows * TOP_K + k, mask=row_ok, other=0.0).to(ACC) * scale
         if NORM and TOP_K > 1:
-            z_sum = tl.sum(sp, axis=1) + 1e-20
-            ds_picked = dw / z_sum[:, None] - (tl.sum(dw * sp, axis=1) / (z_sum * z_sum))[:, None]
-        else:
-            ds_picked = dw
-        ds = tl.sum(tl.where(match, ds_picked[:, None, :], 0.0), axis=2)
+            dsk = dsk / z_sum - dw_sp / (z_sum * z_sum)
+        ds += tl.where(e_idx[None, :] == pk[:, None], dsk[:, None], 0.0)
     if SOFTMAX:
         dx = s * (ds - tl.sum(ds * s, axis=1)[:, None])
     else:
@@ -218,8 +191,7 @@ def _moe_route_backward_op(logits: torch.Tensor, indices: torch.Tensor, d_weight
         _route_bwd[(triton.cdiv(tokens, cfg["ROWS"]),)](
             logits, indices, d_weights.contiguous(), dx, tokens, experts, routed_scaling_factor,
             SOFTMAX=score_func == "softmax", NORM=norm_topk_prob, TOP_K=top_k, ACC=acc_type(logits.dtype),
-            BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=triton.next_power_of_2(top_k), ROWS=cfg["ROWS"],
-            PICK=cfg.get("PICK", 0), num_warps=cfg["num_warps"])
+            BLOCK_E=triton.next_power_of_2(experts), ROWS=cfg["ROWS"], num_warps=cfg["num_warps"])
     return dx
 
 

@@ -40,8 +40,7 @@ def _rope_offsets(d, half, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
 @triton.jit
 def _rope_kernel(X, COS, SIN, Y, n_mid, seq, half, n_seq_blocks, n_head_blocks, stride_xa, stride_xb, stride_xs,
                  stride_cs, stride_ya, stride_yb, stride_ys, SIGN: tl.constexpr, INTERLEAVED: tl.constexpr,
-                 ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr, PARTNER: tl.constexpr,
-                 HEADS: tl.constexpr):
+                 ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr, HEADS: tl.constexpr):
     """A program rotates ``BLOCK_ROWS`` positions of ``HEADS`` consecutive heads (the middle dim of
     ``(A, B, S, D)``): the angles of its positions are read once and reused for each head."""
     pid = tl.program_id(0)
@@ -53,40 +52,19 @@ def _rope_kernel(X, COS, SIN, Y, n_mid, seq, half, n_seq_blocks, n_head_blocks, 
     s = tl.where(row_mask, s, 0).to(tl.int64)
     x_pos = X + a * stride_xa + s * stride_xs
     y_pos = Y + a * stride_ya + s * stride_ys
-    if PARTNER:
-        # Each lane also loads the lane it pairs with (an L1 hit: the same row) and its own angle, so the
-        # rotation needs no exchange of lanes in registers: y = x * cos -+ partner * sin.
+    i = tl.arange(0, BLOCK_HALF)
+    mask = row_mask[:, None] & (i < half)[None, :]
+    c = tl.load(COS + s[:, None] * stride_cs + i[None, :], mask=mask, other=0.0).to(ACC)
+    sn = tl.load(SIN + s[:, None] * stride_cs + i[None, :], mask=mask, other=0.0).to(ACC) * SIGN
+    if INTERLEAVED:
         d = tl.arange(0, 2 * BLOCK_HALF)
-        d_off, d_ok = _rope_offsets(d, half, INTERLEAVED, BLOCK_HALF)
-        d_mask = row_mask[:, None] & d_ok[None, :]
-        if INTERLEAVED:
-            j, first = d // 2, d % 2 == 0
-            p_off = tl.where(first, d_off + 1, d_off - 1)
-        else:
-            j, first = d % BLOCK_HALF, d < BLOCK_HALF
-            p_off = tl.where(first, d_off + half, d_off - half)
-        c = tl.load(COS + s[:, None] * stride_cs + j[None, :], mask=d_mask, other=0.0).to(ACC)
-        sn = tl.load(SIN + s[:, None] * stride_cs + j[None, :], mask=d_mask, other=0.0).to(ACC) * SIGN
-        sn = tl.where(first, -1.0, 1.0)[None, :] * sn
-    else:
-        i = tl.arange(0, BLOCK_HALF)
-        mask = row_mask[:, None] & (i < half)[None, :]
-        c = tl.load(COS + s[:, None] * stride_cs + i[None, :], mask=mask, other=0.0).to(ACC)
-        sn = tl.load(SIN + s[:, None] * stride_cs + i[None, :], mask=mask, other=0.0).to(ACC) * SIGN
-        if INTERLEAVED:
-            d = tl.arange(0, 2 * BLOCK_HALF)
-            d_mask = row_mask[:, None] & (d < 2 * half)[None, :]
+        d_mask = row_mask[:, None] & (d < 2 * half)[None, :]
     for h in tl.static_range(HEADS):
         b = head_block * HEADS + h
         x_row = x_pos + b * stride_xb
         y_row = y_pos + b * stride_yb
         head_ok = row_mask & (b + 0 * s < n_mid)  # as a vector: the interpreter's masks reject scalar & vector
-        if PARTNER:
-            m = d_mask & head_ok[:, None]
-            x = tl.load(x_row[:, None] + d_off[None, :], mask=m, other=0.0).to(ACC)
-            xp = tl.load(x_row[:, None] + p_off[None, :], mask=m, other=0.0).to(ACC)
-            tl.store(y_row[:, None] + d_off[None, :], (x * c + xp * sn).to(Y.dtype.element_ty), mask=m)
-        elif INTERLEAVED:
+        if INTERLEAVED:
             # One contiguous row split into its pairs in registers: two stride-2 loads ran an order of
             # magnitude slower on an H100.
             m = d_mask & head_ok[:, None]
@@ -96,7 +74,7 @@ def _rope_kernel(X, COS, SIN, Y, n_mid, seq, half, n_seq_blocks, n_head_blocks, 
         else:
             # Two half-row loads. One row split by a register permute (as `mla_qkv` does on its few tokens)
             # compiled for sm_90 to 255 registers and a 728-byte spill at 64 rows x 4 warps
-            # (memops_sm90_resources.py); `PARTNER` launches are the other way to read one row.
+            # (memops_sm90_resources.py); lanes loading their pair's lane as well were no faster (docs/ops.md).
             m = mask & head_ok[:, None]
             x1 = tl.load(x_row[:, None] + i[None, :], mask=m, other=0.0).to(ACC)
             x2 = tl.load(x_row[:, None] + half + i[None, :], mask=m, other=0.0).to(ACC)
@@ -135,8 +113,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
     _rope_kernel[(x4.shape[0] * head_blocks * seq_blocks,)](
         x4, cos, sin, y4, x4.shape[1], seq, dim // 2, seq_blocks, head_blocks, x4.stride(0), x4.stride(1),
         x4.stride(2), cos.stride(0), y4.stride(0), y4.stride(1), y4.stride(2), SIGN=sign, INTERLEAVED=interleaved,
-        ACC=acc_type(x.dtype), BLOCK_ROWS=block_rows, BLOCK_HALF=block_half, PARTNER=cfg.get("PARTNER", False),
-        HEADS=heads, num_warps=cfg["num_warps"])
+        ACC=acc_type(x.dtype), BLOCK_ROWS=block_rows, BLOCK_HALF=block_half, HEADS=heads,
+        num_warps=cfg["num_warps"])
     return y
 
 
