@@ -100,12 +100,14 @@ def _check_route_backward(tokens: int = 11) -> None:
         _close(ours, expected, "moe_route", experts, f"moe_route grad E{experts} k{top_k} {score_func}")
 
 
-def _check_rope(batch: int = 2, heads: int = 3, seq: int = 37) -> None:
-    """Both layouts, a transposed (batch, seq, heads, dim) input as the model hands it, rows
-    (batch x heads x seq = 222) that leave every candidate a partial last block, head dims 64 and 24 (whose
-    halves are padded to 16 lanes); forward and backward."""
+def _check_rope() -> None:
+    """Both layouts, a transposed (batch, seq, heads, dim) input as the model hands it: 3 heads x 37
+    positions leave every candidate a partial last block of heads and of positions (head dims 64 and 24,
+    whose halves are padded to 16 lanes); and one position of 5 heads (a program's positions capped at the
+    sequence); forward and backward."""
     g = torch.Generator().manual_seed(3)
-    for dim, interleaved in ((64, False), (64, True), (24, False), (24, True)):
+    for dim, interleaved, batch, heads, seq in ((64, False, 2, 3, 37), (64, True, 2, 3, 37), (24, False, 2, 3, 37),
+                                                (24, True, 2, 3, 37), (64, False, 2, 5, 1), (24, True, 2, 5, 1)):
         cos, sin = torch.randn(seq, dim // 2, generator=g), torch.randn(seq, dim // 2, generator=g)
         x = torch.randn(batch, seq, heads, dim, generator=g).transpose(1, 2)
         ours, ref = x.clone().requires_grad_(), x.double().requires_grad_()
