@@ -118,22 +118,19 @@ def _compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[bool, float]
 
 
 def _time(case, impl, direction: str, device, timing: str = "events") -> float:
+    """The bench's own timing of one direction (`bench._time_case`, events or graph)."""
     from openseek_hal.ops import bench
 
-    if timing == "graph":  # device time, the bench's `--timing graph`
-        l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
-        if direction == "fwd":
-            return bench._time_case_graph(dataclasses.replace(case, grad_args=()), impl, device, l2)["fwd"]
-        times = bench._time_case_graph(case, impl, device, l2, backward_only=True)
-        if "error" in times:
-            raise RuntimeError(times["error"])
-        return times["bwd"]
-    args, kwargs = case.make(device)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
     if direction == "fwd":
-        with torch.no_grad():
-            return bench._median_ms(lambda: impl(*args, **kwargs))
-    grad_args = [a.requires_grad_(True) for i, a in enumerate(args) if i in case.grad_args]
-    return bench._time_backward(case, impl, args, kwargs, grad_args)["bwd"]
+        return bench._time_case(dataclasses.replace(case, grad_args=()), impl, device, timing, l2)["fwd"]
+    if timing == "graph":
+        times = bench._time_case_graph(case, impl, device, l2, backward_only=True)
+    else:
+        times = bench._time_case(case, impl, device)
+    if "error" in times:
+        raise RuntimeError(times["error"])
+    return times["bwd"]
 
 
 def _error(e: Exception) -> str:
