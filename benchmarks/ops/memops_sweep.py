@@ -124,10 +124,7 @@ def _time(case, impl, direction: str, device, timing: str = "events") -> float:
     l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
     if direction == "fwd":
         return bench._time_case(dataclasses.replace(case, grad_args=()), impl, device, timing, l2)["fwd"]
-    if timing == "graph":
-        times = bench._time_case_graph(case, impl, device, l2, backward_only=True)
-    else:
-        times = bench._time_case(case, impl, device)
+    times = bench._time_case(case, impl, device, timing, l2, backward_only=True)
     if "error" in times:
         raise RuntimeError(times["error"])
     return times["bwd"]

@@ -95,8 +95,7 @@ def _arg_sets(case, l2_bytes: int) -> int:
 def _time_case_graph(case, impl: Callable[..., Any], device: torch.device, l2_bytes: int,
                      backward_only: bool = False) -> dict[str, float]:
     """`_time_case` with every direction timed by `_graph_ms` on `_arg_sets` input sets; forward and
-    backward run on the capture stream (autograd runs a backward on its forward's stream).
-    ``backward_only``: skip timing the forward (a launch sweep's backward row)."""
+    backward run on the capture stream (autograd runs a backward on its forward's stream)."""
     sets = [case.make(device) for _ in range(_arg_sets(case, l2_bytes))]
     stream = None
     if device.type == "cuda":
@@ -136,23 +135,26 @@ def _fused_step(impl: Callable[..., Any], args: tuple, kwargs: dict, grad_args: 
 
 
 def _time_case(case, impl: Callable[..., Any], device: torch.device, timing: str = "events",
-               l2_bytes: int = 0) -> dict[str, float]:
-    """``{"fwd": ms, "bwd": ms}`` (or ``{"fwd+bwd": ms}``) for one implementation of a case."""
+               l2_bytes: int = 0, backward_only: bool = False) -> dict[str, float]:
+    """``{"fwd": ms, "bwd": ms}`` (or ``{"fwd+bwd": ms}``) for one implementation of a case;
+    ``backward_only``: without the forward's time (a launch sweep's backward row)."""
     if timing == "graph":
-        return _time_case_graph(case, impl, device, l2_bytes)
+        return _time_case_graph(case, impl, device, l2_bytes, backward_only)
     args, kwargs = case.make(device)
     grad_args = [a for i, a in enumerate(args) if i in case.grad_args]
+    times: dict[str, float] = {}
+    if not backward_only:
+        with torch.no_grad():
+            times["fwd"] = _median_ms(lambda: impl(*args, **kwargs))
     if not grad_args:
-        return {"fwd": _median_ms(lambda: impl(*args, **kwargs))}
-    with torch.no_grad():
-        fwd = _median_ms(lambda: impl(*args, **kwargs))
+        return times
     for a in grad_args:
         a.requires_grad_(True)
     try:
-        return {"fwd": fwd, **_time_backward(case, impl, args, kwargs, grad_args)}
+        return {**times, **_time_backward(case, impl, args, kwargs, grad_args)}
     except Exception as e:  # no backward (FlexAttention on a CPU): the forward time still counts
         text = str(e).strip().splitlines()
-        return {"fwd": fwd, "error": f"{type(e).__name__}: {text[0][:160] if text else ''}"}
+        return {**times, "error": f"{type(e).__name__}: {text[0][:160] if text else ''}"}
 
 
 def _time_backward(case, impl: Callable[..., Any], args: tuple, kwargs: dict,

@@ -148,7 +148,6 @@ _ALTERNATIVES: dict[str, list[Config]] = {
                       ((1, 1), (1, 2), (2, 2), (4, 1), (4, 2), (4, 4), (8, 4), (8, 8), (16, 4))],
     "rope": [dict(ROWS=r, num_warps=w) for r, w in
              ((16, 2), (32, 2), (32, 4), (64, 2), (64, 8), (128, 4), (128, 8), (256, 8), (256, 16))]
-            # each lane loads its partner lane and its own angle: no register exchange (kernels/rope.py)
             # several heads a program: the positions' angles read once for all of them (kernels/rope.py)
             + [dict(ROWS=r, num_warps=w, HEADS=h) for r, w, h in ((64, 4, 2), (32, 4, 2), (32, 4, 4), (64, 8, 4),
                                                                   (16, 4, 8), (32, 8, 8))],

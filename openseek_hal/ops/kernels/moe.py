@@ -110,9 +110,9 @@ def _route_bwd(X, IDX, DW, DX, n_tokens, n_experts, scale, SOFTMAX: tl.constexpr
     else:
         x = tl.load(x_row + e_idx[None, :], mask=valid, other=0.0).to(ACC)
         s = tl.where(valid, 1.0 / (1.0 + tl.exp(-x)), 0.0)
-    z_sum = tl.zeros([ROWS], ACC)
-    dw_sp = tl.zeros([ROWS], ACC)
     if NORM and TOP_K > 1:
+        z_sum = tl.zeros([ROWS], ACC)
+        dw_sp = tl.zeros([ROWS], ACC)
         for k in tl.static_range(TOP_K):
             pk = tl.load(IDX + rows * TOP_K + k, mask=row_ok, other=0)
             dwk = tl.load(DW + rows * TOP_K + k, mask=row_ok, other=0.0).to(ACC) * scale
@@ -125,7 +125,7 @@ def _route_bwd(X, IDX, DW, DX, n_tokens, n_experts, scale, SOFTMAX: tl.constexpr
             dw_sp += dwk * spk
         z_sum += 1e-20
     ds = tl.zeros([ROWS, BLOCK_E], ACC)
-    for k in tl.static_range(TOP_K):
+    for k in tl.static_range(TOP_K):  # the pick's index and gradient loaded again (L1 hits): no per-pick list
         pk = tl.load(IDX + rows * TOP_K + k, mask=row_ok, other=-1)
         dsk = tl.load(DW + rows * TOP_K + k, mask=row_ok, other=0.0).to(ACC) * scale
         if NORM and TOP_K > 1:

@@ -57,8 +57,8 @@ def _rope_kernel(X, COS, SIN, Y, n_mid, seq, half, n_seq_blocks, n_head_blocks, 
     c = tl.load(COS + s[:, None] * stride_cs + i[None, :], mask=mask, other=0.0).to(ACC)
     sn = tl.load(SIN + s[:, None] * stride_cs + i[None, :], mask=mask, other=0.0).to(ACC) * SIGN
     if INTERLEAVED:
-        d = tl.arange(0, 2 * BLOCK_HALF)
-        d_mask = row_mask[:, None] & (d < 2 * half)[None, :]
+        d, d_ok = _rope_offsets(tl.arange(0, 2 * BLOCK_HALF), half, True, BLOCK_HALF)
+        d_mask = row_mask[:, None] & d_ok[None, :]
     for h in tl.static_range(HEADS):
         b = head_block * HEADS + h
         x_row = x_pos + b * stride_xb
