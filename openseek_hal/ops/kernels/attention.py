@@ -170,20 +170,28 @@ def _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, SEG_ROW, rows, start_n, qk_scale, 
                PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     kt_a, kt_b = _load_split(K, cols, S, stride_ks, D_QK, DA, DB, MASK_ROWS, MASK_QK, True)  # K^T: [D, BLOCK_N]
-    qk = _mm_split(q_a, q_b, kt_a, kt_b, DB, PREC, INTERP_BF16) * qk_scale
-    if CAUSAL:
-        keep = cols[None, :] <= rows[:, None]
-        if MASK_ROWS:
-            keep = keep & (cols[None, :] < S)
-        if VARLEN:
-            keep = keep & (cols[None, :] >= SEG_ROW[:, None])
+    qk = _mm_split(q_a, q_b, kt_a, kt_b, DB, PREC, INTERP_BF16)
+    if CAUSAL or VARLEN:
+        qk = qk * qk_scale
+        if CAUSAL:
+            keep = cols[None, :] <= rows[:, None]
+            if MASK_ROWS:
+                keep = keep & (cols[None, :] < S)
+            if VARLEN:
+                keep = keep & (cols[None, :] >= SEG_ROW[:, None])
+        else:
+            keep = cols[None, :] >= SEG_ROW[:, None]
         qk = tl.where(keep, qk, float("-inf"))
-    elif VARLEN:
-        qk = tl.where(cols[None, :] >= SEG_ROW[:, None], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    # a row with every key so far masked keeps m = -inf: subtract 0 there (exp2(-inf) = 0, no NaN)
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_sub[:, None])
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # a row with every key so far masked keeps m = -inf: subtract 0 there (exp2(-inf) = 0, no NaN)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_sub[:, None])
+    else:
+        # every key visible: the row max is finite, and the scale rides in the exp2 argument's FMA
+        # (max(s x) = s max(x) for the positive scale), one multiply an element fewer
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_sub = m_new
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_tile(V, cols, S, stride_vs, 0, DVB, D_V, MASK_ROWS, MASK_V, False)
