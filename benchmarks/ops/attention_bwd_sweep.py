@@ -158,7 +158,7 @@ def sweep_shape(label: str, b: int, h: int, use_flex: bool, only: str | None, lo
             record("flex", lambda q, k, v, scale: flex(q, k, v, scale), contextlib.nullcontext)
     default = flash.default_config(DQK, DV, torch.bfloat16)
     for config in flash.sweep_configs(DQK, DV):
-        if only and only not in config.name:
+        if only and not any(part in config.name for part in only.split(",")):
             continue
         record(f"ours {config.name}", flash.causal_attention, lambda config=config: flash.use_config(config),
                config=config.name, default=config == default)
@@ -196,7 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention (its compile takes ~1 min)")
-    parser.add_argument("--only", default=None, help="only our configs whose name contains this")
+    parser.add_argument("--only", default=None, help="only our configs whose name contains one of these (comma list)")
     parser.add_argument("--shapes", default="small,v3", help="comma list of: " + ",".join(SHAPES))
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -293,20 +293,81 @@ def _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start
     dk_a += _mm(dst, tl.trans(qt_a), PREC, INTERP_BF16)
     if DB > 0:
         dk_b += _mm(dst, tl.trans(qt_b), PREC, INTERP_BF16)
-    return dk_a, dk_b, dv
+    return dk_a, dk_b, dv, dst
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, SEG, SEG_END, DK, DV, qk_scale, sm_scale,
+def _wait_turn(lock, turn, ASM: tl.constexpr):
+    """Spin until the int32 at ``lock`` equals ``turn`` (acquire). On a GPU one inline-PTX loop: a
+    Triton ``while`` in the key loop would stop its software pipelining (no async loads)."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred %p; .reg .b32 %v; WAIT_${:uid}: ld.acquire.gpu.global.b32 %v, [$1]; "
+            "setp.ne.s32 %p, %v, $2; @%p bra WAIT_${:uid}; mov.b32 $0, %v; }",
+            "=r,l,r", [lock, turn], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        while tl.atomic_add(lock, 0, sem="acquire") != turn:
+            pass
+
+
+@triton.jit
+def _pass_turn(lock, turn, ASM: tl.constexpr):
+    """Hand the block on: every thread's adds before, then ``lock = turn`` (release)."""
+    if ASM:
+        tl.inline_asm_elementwise("bar.sync 0; st.release.gpu.global.b32 [$1], $2; mov.b32 $0, 0;",
+                                  "=r,l,r", [lock, turn], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.atomic_xchg(lock, turn, sem="release")
+
+
+@triton.jit
+def _dq_add_part(ACC, dqt, d0, DW: tl.constexpr, rows, S, turn, MASK_ROWS: tl.constexpr):
+    """Rows ``d0 .. d0 + DW`` of the ``[D, S]`` accumulator: stored by the first adder, added by the rest
+    (both predicated, no branch in the pipelined loop)."""
+    ptrs = ACC + (d0 + tl.arange(0, DW))[:, None] * S + rows[None, :]
+    turns = (rows * 0 + turn)[None, :]  # a vector: the interpreter rejects scalar & vector masks
+    mask = (rows < S)[None, :] if MASK_ROWS else (rows >= 0)[None, :]
+    tl.store(ptrs, dqt, mask=mask & (turns == 0))
+    tl.atomic_add(ptrs, dqt, mask=mask & (turns != 0), sem="relaxed")
+
+
+@triton.jit
+def _dq_add(ACC, LOCKS, dst, k_a, k_b, start_m, start_n, S, DA: tl.constexpr, DB: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, PREC: tl.constexpr,
+            INTERP_BF16: tl.constexpr, ASM: tl.constexpr):
+    """Add this key block's share of the query block's dQ, ``(dS K)^T = K^T dS^T``, to the float32
+    ``[D, S]`` accumulator ``ACC`` in a fixed order: the key blocks that see a query block add to it
+    from the one holding its last row down (that one stores), each waiting on the block's counter in
+    ``LOCKS`` for its turn. The sum's order is the same every run (bitwise reproducible)."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    # this key block's turn: its distance from the key block holding the query block's last row
+    turn = (tl.minimum(start_m + BLOCK_M, S) - 1) // BLOCK_N - start_n // BLOCK_N
+    lock = LOCKS + start_m // BLOCK_M
+    dqt = _mm(tl.trans(k_a), dst, PREC, INTERP_BF16)  # [DA, BLOCK_M], computed before the wait
+    _wait_turn(lock, turn, ASM)
+    _dq_add_part(ACC, dqt, 0, DA, rows, S, turn, MASK_ROWS)
+    if DB > 0:
+        _dq_add_part(ACC, _mm(tl.trans(k_b), dst, PREC, INTERP_BF16), DA, DB, rows, S, turn, MASK_ROWS)
+    _pass_turn(lock, turn + 1, ASM)
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, SEG, SEG_END, DK, DV, DQ_ACC, LOCKS, qk_scale, sm_scale,
                    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                    stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds,
                    stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                   H, S, D_QK, D_V,
+                   H, S, D_QK, D_V, N_BLOCKS,
                    VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr,
-                   MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
-    # key block 0 first: it has the most query blocks below it, so the short ones fill the tail
-    start_n = tl.program_id(0) * BLOCK_N
+                   MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr, FUSE_DQ: tl.constexpr,
+                   SPIN_ASM: tl.constexpr):
+    if FUSE_DQ:
+        # the last key block first: a block waits (`_dq_add`) only on the key block after it, which is
+        # then always started before it (no deadlock, on a GPU or in the interpreter's serial order)
+        start_n = (N_BLOCKS - 1 - tl.program_id(0)) * BLOCK_N
+    else:
+        # key block 0 first: it has the most query blocks below it, so the short ones fill the tail
+        start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -330,14 +391,23 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, SEG, SEG_END, DK, DV, qk_scale, sm_s
     if VARLEN:  # the queries that see this block end with the document of its last key
         hi = tl.load(SEG_END + b * S + tl.minimum(start_n + BLOCK_N, S) - 1)
     # the query blocks across the diagonal, masked, then the ones wholly below it
+    if FUSE_DQ:
+        DQ_ACC += bh * (DA + DB) * S
+        LOCKS += bh * tl.cdiv(S, BLOCK_M)
     for start_m in range((start_n // BLOCK_M) * BLOCK_M, tl.minimum(start_n + BLOCK_N, hi), BLOCK_M):
-        dk_a, dk_b, dv = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m, qk_scale,
-                                     stride_qs, stride_ds, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_M,
-                                     MASK_ROWS, MASK_QK, MASK_V, PREC, INTERP_BF16)
+        dk_a, dk_b, dv, dst = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m,
+                                          qk_scale, stride_qs, stride_ds, S, D_QK, D_V, True, VARLEN, DA, DB, DVB,
+                                          BLOCK_M, MASK_ROWS, MASK_QK, MASK_V, PREC, INTERP_BF16)
+        if FUSE_DQ:
+            _dq_add(DQ_ACC, LOCKS, dst, k_a, k_b, start_m, start_n, S, DA, DB, BLOCK_M, BLOCK_N, MASK_ROWS,
+                    PREC, INTERP_BF16, SPIN_ASM)
     for start_m in range(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, hi, BLOCK_M):
-        dk_a, dk_b, dv = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m, qk_scale,
-                                     stride_qs, stride_ds, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_M,
-                                     MASK_ROWS, MASK_QK, MASK_V, PREC, INTERP_BF16)
+        dk_a, dk_b, dv, dst = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m,
+                                          qk_scale, stride_qs, stride_ds, S, D_QK, D_V, False, VARLEN, DA, DB, DVB,
+                                          BLOCK_M, MASK_ROWS, MASK_QK, MASK_V, PREC, INTERP_BF16)
+        if FUSE_DQ:
+            _dq_add(DQ_ACC, LOCKS, dst, k_a, k_b, start_m, start_n, S, DA, DB, BLOCK_M, BLOCK_N, MASK_ROWS,
+                    PREC, INTERP_BF16, SPIN_ASM)
     DK += b * stride_dkb + h * stride_dkh
     DV += b * stride_dvb + h * stride_dvh
     _store_tile(DV, dv, cols, S, stride_dvs, 0, DVB, D_V, MASK_ROWS, MASK_V, INTERP_BF16)
@@ -420,6 +490,22 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, SEG, DQ, qk_scale, sm_scale,
                  INTERP_BF16)
 
 
+@triton.jit
+def _dq_store(ACC, DQ, sm_scale, stride_dqb, stride_dqh, stride_dqs, H, S, D_QK, DA: tl.constexpr,
+              DB: tl.constexpr, BLOCK_M: tl.constexpr, MASK_QK: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """dQ = scale x the fused backward's float32 ``[D, S]`` sums, transposed into dQ's own layout."""
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ACC += bh * (DA + DB) * S
+    DQ += (bh // H) * stride_dqb + (bh % H) * stride_dqh
+    acc_a = tl.load(ACC + tl.arange(0, DA)[:, None] * S + rows[None, :], mask=(rows < S)[None, :], other=0.0)
+    _store_tile(DQ, tl.trans(acc_a) * sm_scale, rows, S, stride_dqs, 0, DA, D_QK, True, MASK_QK, INTERP_BF16)
+    if DB > 0:
+        acc_b = tl.load(ACC + (DA + tl.arange(0, DB))[:, None] * S + rows[None, :], mask=(rows < S)[None, :],
+                        other=0.0)
+        _store_tile(DQ, tl.trans(acc_b) * sm_scale, rows, S, stride_dqs, DA, DB, D_QK, True, MASK_QK, INTERP_BF16)
+
+
 # -- launch configurations ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -445,10 +531,13 @@ class AttentionConfig:
     fwd: Tiles
     kv: Tiles
     dq: Tiles
+    # dQ inside the dK/dV kernel (`_dq_add`): no dQ kernel, so S and dP are computed once, not twice;
+    # ``dq`` is then unused
+    fused: bool = False
 
     @property
     def name(self) -> str:
-        return f"fwd-{self.fwd.name}_kv-{self.kv.name}_dq-{self.dq.name}"
+        return f"fwd-{self.fwd.name}_kv-{self.kv.name}_" + ("dq-fused" if self.fused else f"dq-{self.dq.name}")
 
 
 _FWD = Tiles(128, 64, 8, 3)  # 412-426 TFLOP/s at MLA's dims on an H100 (commit 269c8886)
@@ -523,14 +612,15 @@ def default_config(dqk: int, dv: int, dtype: torch.dtype = torch.bfloat16, inter
 
 def sweep_configs(dqk: int, dv: int) -> list[AttentionConfig]:
     """The default and its alternatives for `benchmarks/ops/attention_bwd_sweep.py` (bf16/fp16, sm_90):
-    each dK/dV candidate with the default dQ, each dQ candidate with the default dK/dV, and the
-    forward alternatives with the default backward. Candidates over the register budget are included
-    too (the sweep shows what spilling costs)."""
+    each dK/dV candidate with the default dQ, each dQ candidate with the default dK/dV, the
+    forward alternatives with the default backward, and each dK/dV candidate with the fused dQ.
+    Candidates over the register budget are included too (the sweep shows what spilling costs)."""
     base = default_config(dqk, dv)
     out = [base]
     out += [AttentionConfig(base.fwd, kv, base.dq) for kv in KV_CANDIDATES if kv != base.kv]
     out += [AttentionConfig(base.fwd, base.kv, dq) for dq in DQ_CANDIDATES if dq != base.dq]
     out += [AttentionConfig(f, base.kv, base.dq) for f in FWD_CANDIDATES if f != base.fwd]
+    out += [AttentionConfig(base.fwd, kv, base.dq, fused=True) for kv in KV_CANDIDATES]
     return out
 
 
@@ -586,8 +676,9 @@ def _interpreted() -> bool:
 
 
 def _config_ints(c: AttentionConfig) -> list[int]:
-    """A config as the 12 ints the custom ops take: (block_m, block_n, warps, stages) of fwd, kv, dq."""
-    return [x for t in (c.fwd, c.kv, c.dq) for x in (t.block_m, t.block_n, t.warps, t.stages)]
+    """A config as the 13 ints the custom ops take: (block_m, block_n, warps, stages) of fwd, kv, dq,
+    then 1 for a fused dQ."""
+    return [x for t in (c.fwd, c.kv, c.dq) for x in (t.block_m, t.block_n, t.warps, t.stages)] + [int(c.fused)]
 
 
 def _launch_config(config: list[int], q: torch.Tensor, v: torch.Tensor) -> AttentionConfig:
@@ -595,9 +686,9 @@ def _launch_config(config: list[int], q: torch.Tensor, v: torch.Tensor) -> Atten
     empty (resolved here, inside the op: the same for the forward and the backward of a call)."""
     if not config:
         return default_config(q.shape[-1], v.shape[-1], q.dtype, _interpreted())
-    if len(config) != 12:
-        raise ValueError(f"attention config: 12 ints (fwd, kv, dq tiles), got {list(config)}")
-    c = AttentionConfig(*(Tiles(*config[i:i + 4]) for i in (0, 4, 8)))
+    if len(config) != 13:
+        raise ValueError(f"attention config: 13 ints (fwd, kv, dq tiles, fused), got {list(config)}")
+    c = AttentionConfig(*(Tiles(*config[i:i + 4]) for i in (0, 4, 8)), fused=bool(config[12]))
     _check_config(c)
     return c
 
@@ -682,13 +773,25 @@ def _backward(do, q, k, v, o, lse, scale, seg, seg_end, config: AttentionConfig)
                                                 DVB=dvb, BLOCK_M=64)
     varlen = seg is not None
     seg_arg = seg if varlen else lse
-    common = dict(VARLEN=varlen, DA=da, DB=db, DVB=dvb,
-                  **_kernel_options(q, v, s, kv.block_m, kv.block_n, dqt.block_m, dqt.block_n))
-    _attn_bwd_dkdv[(triton.cdiv(s, kv.block_n), b * h)](
-        q, k, v, do, lse, delta, seg_arg, seg_end if varlen else lse, dk, dv, scale * LOG2E, scale,
+    blocks = (kv.block_m, kv.block_n) if config.fused else (kv.block_m, kv.block_n, dqt.block_m, dqt.block_n)
+    common = dict(VARLEN=varlen, DA=da, DB=db, DVB=dvb, **_kernel_options(q, v, s, *blocks))
+    kv_blocks = triton.cdiv(s, kv.block_n)
+    if config.fused:
+        # dQ's float32 sums as [B*H, Dqk parts, S] and one turn counter per (head, query block)
+        dq_acc = torch.empty(b * h, da + db, s, dtype=torch.float32, device=q.device)
+        locks = torch.zeros(b * h, triton.cdiv(s, kv.block_m), dtype=torch.int32, device=q.device)
+    else:
+        dq_acc = locks = lse
+    _attn_bwd_dkdv[(kv_blocks, b * h)](
+        q, k, v, do, lse, delta, seg_arg, seg_end if varlen else lse, dk, dv, dq_acc, locks, scale * LOG2E, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        h, s, dqk, dv_dim, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, num_warps=kv.warps, num_stages=kv.stages,
-        **common)
+        h, s, dqk, dv_dim, kv_blocks, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, num_warps=kv.warps,
+        num_stages=kv.stages, FUSE_DQ=config.fused, SPIN_ASM=not _interpreted(), **common)
+    if config.fused:
+        _dq_store[(triton.cdiv(s, 64), b * h)](dq_acc, dq, scale, *dq.stride()[:3], h, s, dqk, DA=da, DB=db,
+                                               BLOCK_M=64, MASK_QK=common["MASK_QK"],
+                                               INTERP_BF16=common["INTERP_BF16"])
+        return dq, dk, dv
     dq_blocks = triton.cdiv(s, dqt.block_m)
     _attn_bwd_dq[(dq_blocks, b * h)](
         q, k, v, do, lse, delta, seg_arg, dq, scale * LOG2E, scale,
