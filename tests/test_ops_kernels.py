@@ -187,8 +187,8 @@ def test_attention_every_launch_config_matches_float64(config):
                                        msg=lambda m, name=name, s=s: f"{config.name} S={s} {name}: {m}")
 
 
-@pytest.mark.parametrize("kv", [(16, 32), (32, 16)], ids=["kv16x32", "kv32x16"])
-def test_attention_fused_dq_matches_float64_and_is_reproducible(kv):
+@pytest.mark.parametrize(("kv", "mode"), [((16, 32), 1), ((32, 16), 2)], ids=["kv16x32", "kv32x16-peek"])
+def test_attention_fused_dq_matches_float64_and_is_reproducible(kv, mode):
     """The fused backward (dQ added by the dK/dV kernel in a fixed key-block order, `_dq_add`) against
     float64 and the two-kernel backward: query blocks seen by several key blocks (and key blocks by
     several query blocks), partial tiles, packed documents, head dims split or masked; a second run gives
@@ -196,7 +196,7 @@ def test_attention_fused_dq_matches_float64_and_is_reproducible(kv):
     from openseek_hal import ops
 
     T = _ATTENTION_INTERPRETED.Tiles
-    fused = _ATTENTION_INTERPRETED.AttentionConfig(T(32, 16, 1, 1), T(*kv, 1, 1), T(32, 16, 1, 1), fused=True)
+    fused = _ATTENTION_INTERPRETED.AttentionConfig(T(32, 16, 1, 1), T(*kv, 1, 1), T(32, 16, 1, 1), fused=mode)
     two_kernel = _ATTENTION_INTERPRETED.AttentionConfig(fused.fwd, fused.kv, fused.dq)
     opdef = ops.get("causal_attention")
     cases = ((1, 2, 100, 192, 128, None, torch.float16), (2, 1, 77, 24, 16, [0, 20, 21, 90, 154], torch.float16),

@@ -297,14 +297,26 @@ def _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start
 
 
 @triton.jit
-def _wait_turn(lock, turn, ASM: tl.constexpr):
-    """Spin until the int32 at ``lock`` equals ``turn`` (acquire). On a GPU one inline-PTX loop: a
-    Triton ``while`` in the key loop would stop its software pipelining (no async loads)."""
+def _peek_turn(lock, ASM: tl.constexpr):
+    """The int32 at ``lock`` (acquire), read early so its latency hides behind the block's matmuls."""
+    if ASM:
+        seen = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [lock], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+    else:
+        seen = tl.atomic_add(lock, 0, sem="acquire")
+    return seen
+
+
+@triton.jit
+def _wait_turn(lock, turn, seen, ASM: tl.constexpr):
+    """Spin until the int32 at ``lock`` equals ``turn`` (acquire), unless ``seen`` (an earlier acquire
+    read of it; -1: none) already does. On a GPU one inline-PTX loop: a Triton ``while`` in the key
+    loop would stop its software pipelining (no async loads)."""
     if ASM:
         tl.inline_asm_elementwise(
-            "{ .reg .pred %p; .reg .b32 %v; WAIT_${:uid}: ld.acquire.gpu.global.b32 %v, [$1]; "
-            "setp.ne.s32 %p, %v, $2; @%p bra WAIT_${:uid}; mov.b32 $0, %v; }",
-            "=r,l,r", [lock, turn], dtype=tl.int32, is_pure=False, pack=1)
+            "{ .reg .pred %p; .reg .b32 %v; mov.b32 %v, $3; WAIT_${:uid}: setp.ne.s32 %p, %v, $2; "
+            "@%p ld.acquire.gpu.global.b32 %v, [$1]; @%p bra WAIT_${:uid}; mov.b32 $0, %v; }",
+            "=r,l,r,r", [lock, turn, seen], dtype=tl.int32, is_pure=False, pack=1)
     else:
         while tl.atomic_add(lock, 0, sem="acquire") != turn:
             pass
@@ -332,7 +344,7 @@ def _dq_add_part(ACC, dqt, d0, DW: tl.constexpr, rows, S, turn, MASK_ROWS: tl.co
 
 
 @triton.jit
-def _dq_add(ACC, LOCKS, dst, k_a, k_b, start_m, start_n, S, DA: tl.constexpr, DB: tl.constexpr,
+def _dq_add(ACC, LOCKS, dst, k_a, k_b, start_m, start_n, seen, S, DA: tl.constexpr, DB: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, PREC: tl.constexpr,
             INTERP_BF16: tl.constexpr, ASM: tl.constexpr):
     """Add this key block's share of the query block's dQ, ``(dS K)^T = K^T dS^T``, to the float32
@@ -344,7 +356,7 @@ def _dq_add(ACC, LOCKS, dst, k_a, k_b, start_m, start_n, S, DA: tl.constexpr, DB
     turn = (tl.minimum(start_m + BLOCK_M, S) - 1) // BLOCK_N - start_n // BLOCK_N
     lock = LOCKS + start_m // BLOCK_M
     dqt = _mm(tl.trans(k_a), dst, PREC, INTERP_BF16)  # [DA, BLOCK_M], computed before the wait
-    _wait_turn(lock, turn, ASM)
+    _wait_turn(lock, turn, seen, ASM)
     _dq_add_part(ACC, dqt, 0, DA, rows, S, turn, MASK_ROWS)
     if DB > 0:
         _dq_add_part(ACC, _mm(tl.trans(k_b), dst, PREC, INTERP_BF16), DA, DB, rows, S, turn, MASK_ROWS)
@@ -395,18 +407,24 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, SEG, SEG_END, DK, DV, DQ_ACC, LOCKS,
         DQ_ACC += bh * (DA + DB) * S
         LOCKS += bh * tl.cdiv(S, BLOCK_M)
     for start_m in range((start_n // BLOCK_M) * BLOCK_M, tl.minimum(start_n + BLOCK_N, hi), BLOCK_M):
+        seen = -1
+        if FUSE_DQ == 2:
+            seen = _peek_turn(LOCKS + start_m // BLOCK_M, SPIN_ASM)
         dk_a, dk_b, dv, dst = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m,
                                           qk_scale, stride_qs, stride_ds, S, D_QK, D_V, True, VARLEN, DA, DB, DVB,
                                           BLOCK_M, MASK_ROWS, MASK_QK, MASK_V, PREC, INTERP_BF16)
         if FUSE_DQ:
-            _dq_add(DQ_ACC, LOCKS, dst, k_a, k_b, start_m, start_n, S, DA, DB, BLOCK_M, BLOCK_N, MASK_ROWS,
+            _dq_add(DQ_ACC, LOCKS, dst, k_a, k_b, start_m, start_n, seen, S, DA, DB, BLOCK_M, BLOCK_N, MASK_ROWS,
                     PREC, INTERP_BF16, SPIN_ASM)
     for start_m in range(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, hi, BLOCK_M):
+        seen = -1
+        if FUSE_DQ == 2:
+            seen = _peek_turn(LOCKS + start_m // BLOCK_M, SPIN_ASM)
         dk_a, dk_b, dv, dst = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m,
                                           qk_scale, stride_qs, stride_ds, S, D_QK, D_V, False, VARLEN, DA, DB, DVB,
                                           BLOCK_M, MASK_ROWS, MASK_QK, MASK_V, PREC, INTERP_BF16)
         if FUSE_DQ:
-            _dq_add(DQ_ACC, LOCKS, dst, k_a, k_b, start_m, start_n, S, DA, DB, BLOCK_M, BLOCK_N, MASK_ROWS,
+            _dq_add(DQ_ACC, LOCKS, dst, k_a, k_b, start_m, start_n, seen, S, DA, DB, BLOCK_M, BLOCK_N, MASK_ROWS,
                     PREC, INTERP_BF16, SPIN_ASM)
     DK += b * stride_dkb + h * stride_dkh
     DV += b * stride_dvb + h * stride_dvh
@@ -533,11 +551,12 @@ class AttentionConfig:
     dq: Tiles
     # dQ inside the dK/dV kernel (`_dq_add`): no dQ kernel, so S and dP are computed once, not twice;
     # ``dq`` is then unused
-    fused: bool = False
+    fused: int = 0  # 0: two kernels; 1: fused, the turn read when adding; 2: fused, read early (temporary)
 
     @property
     def name(self) -> str:
-        return f"fwd-{self.fwd.name}_kv-{self.kv.name}_" + ("dq-fused" if self.fused else f"dq-{self.dq.name}")
+        fused = {0: f"dq-{self.dq.name}", 1: "dq-fused", 2: "dq-fusedpeek"}[self.fused]
+        return f"fwd-{self.fwd.name}_kv-{self.kv.name}_{fused}"
 
 
 _FWD = Tiles(128, 64, 8, 3)  # 412-426 TFLOP/s at MLA's dims on an H100 (commit 269c8886)
@@ -620,7 +639,7 @@ def sweep_configs(dqk: int, dv: int) -> list[AttentionConfig]:
     out += [AttentionConfig(base.fwd, kv, base.dq) for kv in KV_CANDIDATES if kv != base.kv]
     out += [AttentionConfig(base.fwd, base.kv, dq) for dq in DQ_CANDIDATES if dq != base.dq]
     out += [AttentionConfig(f, base.kv, base.dq) for f in FWD_CANDIDATES if f != base.fwd]
-    out += [AttentionConfig(base.fwd, kv, base.dq, fused=True) for kv in KV_CANDIDATES]
+    out += [AttentionConfig(base.fwd, kv, base.dq, fused=f) for kv in KV_CANDIDATES for f in (1, 2)]
     return out
 
 
@@ -688,7 +707,7 @@ def _launch_config(config: list[int], q: torch.Tensor, v: torch.Tensor) -> Atten
         return default_config(q.shape[-1], v.shape[-1], q.dtype, _interpreted())
     if len(config) != 13:
         raise ValueError(f"attention config: 13 ints (fwd, kv, dq tiles, fused), got {list(config)}")
-    c = AttentionConfig(*(Tiles(*config[i:i + 4]) for i in (0, 4, 8)), fused=bool(config[12]))
+    c = AttentionConfig(*(Tiles(*config[i:i + 4]) for i in (0, 4, 8)), fused=int(config[12]))
     _check_config(c)
     return c
 
