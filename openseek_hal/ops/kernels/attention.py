@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -167,9 +168,17 @@ def _load_vec(ptr, rows, S, other, MASK_ROWS: tl.constexpr):
 def _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, SEG_ROW, rows, start_n, qk_scale, stride_ks, stride_vs, S, D_QK, D_V,
                CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
                BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr, MASK_V: tl.constexpr,
-               PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+               PREC: tl.constexpr, INTERP_BF16: tl.constexpr, TMA: tl.constexpr = False, KD_A=None, KD_B=None,
+               VD=None):
     cols = start_n + tl.arange(0, BLOCK_N)
-    kt_a, kt_b = _load_split(K, cols, S, stride_ks, D_QK, DA, DB, MASK_ROWS, MASK_QK, True)  # K^T: [D, BLOCK_N]
+    if TMA:
+        kt_a = KD_A.load([start_n, 0]).T
+        if DB > 0:
+            kt_b = KD_B.load([start_n, 0]).T
+        else:
+            kt_b = kt_a
+    else:
+        kt_a, kt_b = _load_split(K, cols, S, stride_ks, D_QK, DA, DB, MASK_ROWS, MASK_QK, True)  # K^T: [D, BLOCK_N]
     qk = _mm_split(q_a, q_b, kt_a, kt_b, DB, PREC, INTERP_BF16)
     if CAUSAL or VARLEN:
         qk = qk * qk_scale
@@ -194,7 +203,10 @@ def _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, SEG_ROW, rows, start_n, qk_scale, 
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_tile(V, cols, S, stride_vs, 0, DVB, D_V, MASK_ROWS, MASK_V, False)
+    if TMA:
+        v = VD.load([start_n, 0])
+    else:
+        v = _load_tile(V, cols, S, stride_vs, 0, DVB, D_V, MASK_ROWS, MASK_V, False)
     acc = acc * alpha[:, None] + _mm(_cast(p, v.dtype, INTERP_BF16), v, PREC, INTERP_BF16)
     return acc, l_i, m_new
 
@@ -206,7 +218,7 @@ def _attn_fwd(Q, K, V, OUT, LSE, SEG, qk_scale,
               H, S, D_QK, D_V, N_BLOCKS,
               VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr,
-              MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+              MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr, TMA: tl.constexpr = False):
     # the longest rows first (causal: the last query block sees every key), so the short ones fill the tail
     start_m = (N_BLOCKS - 1 - tl.program_id(0)) * BLOCK_M  # N_BLOCKS = the grid's first dim
     bh = tl.program_id(1).to(tl.int64)
@@ -226,17 +238,25 @@ def _attn_fwd(Q, K, V, OUT, LSE, SEG, qk_scale,
     if VARLEN:
         seg_row = _load_vec(SEG + b * S, rows, S, S, MASK_ROWS)
         lo = (tl.load(SEG + b * S + start_m) // BLOCK_N) * BLOCK_N  # the block's first document start
+    kd_a = None
+    kd_b = None
+    vd = None
+    if TMA:  # the key loop's K and V tiles by the tensor memory accelerator (rows past S read as zeros)
+        kd_a = tl.make_tensor_descriptor(K, [S, D_QK], [stride_ks, 1], [BLOCK_N, DA])
+        if DB > 0:
+            kd_b = tl.make_tensor_descriptor(K + DA, [S, D_QK - DA], [stride_ks, 1], [BLOCK_N, DB])
+        vd = tl.make_tensor_descriptor(V, [S, D_V], [stride_vs, 1], [BLOCK_N, DVB])
     # key blocks wholly left of the block's first row: no causal mask
     mid = (start_m // BLOCK_N) * BLOCK_N
     for start_n in range(lo, mid, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, seg_row, rows, start_n, qk_scale, stride_ks,
                                    stride_vs, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_N, False, MASK_QK,
-                                   MASK_V, PREC, INTERP_BF16)
+                                   MASK_V, PREC, INTERP_BF16, TMA, kd_a, kd_b, vd)
     # the diagonal blocks, masked
     for start_n in range(tl.maximum(lo, mid), tl.minimum(start_m + BLOCK_M, S), BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, seg_row, rows, start_n, qk_scale, stride_ks,
                                    stride_vs, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_N, MASK_ROWS, MASK_QK,
-                                   MASK_V, PREC, INTERP_BF16)
+                                   MASK_V, PREC, INTERP_BF16, TMA, kd_a, kd_b, vd)
     o = acc / l_i[:, None]
     _store_tile(OUT, o, rows, S, stride_os, 0, DVB, D_V, MASK_ROWS, MASK_V, INTERP_BF16)
     lse = m_i + tl.math.log2(l_i)
@@ -770,11 +790,19 @@ def _forward(q, k, v, scale, seg, config: AttentionConfig):
     da, db = split_head_dim(dqk)
     t = config.fwd
     grid = (triton.cdiv(s, t.block_m), b * h)
+    tma = os.environ.get("OPENSEEK_HAL_ATTN_TMA") == "1"  # temporary: the TMA forward, measured against loads
+    if tma:
+        triton.set_allocator(_descriptor_scratch)
     _attn_fwd[grid](q, k, v, o, lse, seg if seg is not None else lse, scale * LOG2E,
                     *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], h, s, dqk, dv, grid[0],
                     VARLEN=seg is not None, DA=da, DB=db, DVB=_pad_v(dv), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                    **_kernel_options(q, v, s, t.block_m), num_warps=t.warps, num_stages=t.stages)
+                    **_kernel_options(q, v, s, t.block_m), num_warps=t.warps, num_stages=t.stages, TMA=tma)
     return o, lse
+
+
+def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global memory for the tensor descriptors a kernel makes on the device (`triton.set_allocator`)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _backward(do, q, k, v, o, lse, scale, seg, seg_end, config: AttentionConfig):
