@@ -292,11 +292,19 @@ def _attn_bwd_pre(OUT, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, st
 def _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m, qk_scale, stride_qs, stride_ds,
                 S, D_QK, D_V, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                 DVB: tl.constexpr, BLOCK_M: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr,
-                MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+                MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr, TMA: tl.constexpr = False,
+                QD_A=None, QD_B=None, DOD=None):
     """One query block against the program's key block, transposed (keys on the rows): S^T = K Q^T."""
     rows = start_m + tl.arange(0, BLOCK_M)
     # Q^T: [D, BLOCK_M]; rows past S load as zeros and contribute nothing
-    qt_a, qt_b = _load_split(Q, rows, S, stride_qs, D_QK, DA, DB, MASK_ROWS, MASK_QK, True)
+    if TMA:
+        qt_a = QD_A.load([start_m, 0]).T
+        if DB > 0:
+            qt_b = QD_B.load([start_m, 0]).T
+        else:
+            qt_b = qt_a
+    else:
+        qt_a, qt_b = _load_split(Q, rows, S, stride_qs, D_QK, DA, DB, MASK_ROWS, MASK_QK, True)
     lse = _load_vec(LSE, rows, S, 0.0, MASK_ROWS)
     pt = tl.math.exp2(_mm_split(k_a, k_b, qt_a, qt_b, DB, PREC, INTERP_BF16) * qk_scale - lse[None, :])
     if MASK_ROWS:  # padding queries (zeros): P^T = exp2(0 - 0) = 1 there, not 0
@@ -305,7 +313,10 @@ def _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start
         pt = tl.where(rows[None, :] >= cols[:, None], pt, 0.0)
     if VARLEN:
         pt = tl.where(_load_vec(SEG, rows, S, S, MASK_ROWS)[None, :] <= cols[:, None], pt, 0.0)
-    do = _load_tile(DO, rows, S, stride_ds, 0, DVB, D_V, MASK_ROWS, MASK_V, False)
+    if TMA:
+        do = DOD.load([start_m, 0])
+    else:
+        do = _load_tile(DO, rows, S, stride_ds, 0, DVB, D_V, MASK_ROWS, MASK_V, False)
     dv += _mm(_cast(pt, do.dtype, INTERP_BF16), do, PREC, INTERP_BF16)
     delta = _load_vec(DELTA, rows, S, 0.0, MASK_ROWS)
     dpt = _mm(v, tl.trans(do), PREC, INTERP_BF16)
@@ -392,7 +403,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, SEG, SEG_END, DK, DV, DQ_ACC, LOCKS,
                    VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr,
                    MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr, FUSE_DQ: tl.constexpr,
-                   SPIN_ASM: tl.constexpr):
+                   SPIN_ASM: tl.constexpr, TMA: tl.constexpr = False):
     if FUSE_DQ:
         # the last key block first: a block waits (`_dq_add`) only on the key block after it, which is
         # then always started before it (no deadlock, on a GPU or in the interpreter's serial order)
@@ -426,13 +437,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, SEG, SEG_END, DK, DV, DQ_ACC, LOCKS,
     if FUSE_DQ:
         DQ_ACC += bh * (DA + DB) * S
         LOCKS += bh * tl.cdiv(S, BLOCK_M)
+    qd_a = None
+    qd_b = None
+    dod = None
+    if TMA:  # the query loop's Q and dO tiles by the tensor memory accelerator (rows past S read as zeros)
+        qd_a = tl.make_tensor_descriptor(Q, [S, D_QK], [stride_qs, 1], [BLOCK_M, DA])
+        if DB > 0:
+            qd_b = tl.make_tensor_descriptor(Q + DA, [S, D_QK - DA], [stride_qs, 1], [BLOCK_M, DB])
+        dod = tl.make_tensor_descriptor(DO, [S, D_V], [stride_ds, 1], [BLOCK_M, DVB])
     for start_m in range((start_n // BLOCK_M) * BLOCK_M, tl.minimum(start_n + BLOCK_N, hi), BLOCK_M):
         seen = -1
         if FUSE_DQ == 2:
             seen = _peek_turn(LOCKS + start_m // BLOCK_M, SPIN_ASM)
         dk_a, dk_b, dv, dst = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m,
                                           qk_scale, stride_qs, stride_ds, S, D_QK, D_V, True, VARLEN, DA, DB, DVB,
-                                          BLOCK_M, MASK_ROWS, MASK_QK, MASK_V, PREC, INTERP_BF16)
+                                          BLOCK_M, MASK_ROWS, MASK_QK, MASK_V, PREC, INTERP_BF16, TMA, qd_a, qd_b,
+                                          dod)
         if FUSE_DQ:
             _dq_add(DQ_ACC, LOCKS, dst, k_a, k_b, start_m, start_n, seen, S, DA, DB, BLOCK_M, BLOCK_N, MASK_ROWS,
                     PREC, INTERP_BF16, SPIN_ASM)
@@ -442,7 +462,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, SEG, SEG_END, DK, DV, DQ_ACC, LOCKS,
             seen = _peek_turn(LOCKS + start_m // BLOCK_M, SPIN_ASM)
         dk_a, dk_b, dv, dst = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m,
                                           qk_scale, stride_qs, stride_ds, S, D_QK, D_V, False, VARLEN, DA, DB, DVB,
-                                          BLOCK_M, MASK_ROWS, MASK_QK, MASK_V, PREC, INTERP_BF16)
+                                          BLOCK_M, MASK_ROWS, MASK_QK, MASK_V, PREC, INTERP_BF16, TMA, qd_a, qd_b,
+                                          dod)
         if FUSE_DQ:
             _dq_add(DQ_ACC, LOCKS, dst, k_a, k_b, start_m, start_n, seen, S, DA, DB, BLOCK_M, BLOCK_N, MASK_ROWS,
                     PREC, INTERP_BF16, SPIN_ASM)
@@ -823,6 +844,9 @@ def _backward(do, q, k, v, o, lse, scale, seg, seg_end, config: AttentionConfig)
     blocks = (kv.block_m, kv.block_n) if config.fused else (kv.block_m, kv.block_n, dqt.block_m, dqt.block_n)
     common = dict(VARLEN=varlen, DA=da, DB=db, DVB=dvb, **_kernel_options(q, v, s, *blocks))
     kv_blocks = triton.cdiv(s, kv.block_n)
+    tma = os.environ.get("OPENSEEK_HAL_ATTN_TMA") == "1"  # temporary, as in the forward
+    if tma:
+        triton.set_allocator(_descriptor_scratch)
     if config.fused:
         # dQ's float32 sums as [B*H, Dqk parts, S] and one turn counter per (head, query block)
         dq_acc = torch.empty(b * h, da + db, s, dtype=torch.float32, device=q.device)
@@ -833,7 +857,7 @@ def _backward(do, q, k, v, o, lse, scale, seg, seg_end, config: AttentionConfig)
         q, k, v, do, lse, delta, seg_arg, seg_end if varlen else lse, dk, dv, dq_acc, locks, scale * LOG2E, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         h, s, dqk, dv_dim, kv_blocks, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, num_warps=kv.warps,
-        num_stages=kv.stages, FUSE_DQ=config.fused, SPIN_ASM=not _interpreted(), **common)
+        num_stages=kv.stages, FUSE_DQ=config.fused, SPIN_ASM=not _interpreted(), TMA=tma, **common)
     if config.fused:
         _dq_store[(triton.cdiv(s, 64), b * h)](dq_acc, dq, scale, *dq.stride()[:3], h, s, dqk, DA=da, DB=db,
                                                BLOCK_M=64, MASK_QK=common["MASK_QK"],
