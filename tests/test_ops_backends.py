@@ -310,6 +310,32 @@ def test_grouped_linear_rows_past_the_counts(impl):
         grouped_linear(x[:12], w, counts)
 
 
+def test_graph_timing_refuses_a_call_that_syncs_before_capturing(monkeypatch):
+    """A call that synchronizes with the host (a host-built mask, ``.tolist()``) is refused before any
+    capture starts (a failed capture leaves the CUDA RNG unusable for the rest of the run), with the
+    sync debug mode restored; a call that does not sync passes the check. CUDA's sync debug mode is
+    faked: on the CPU it only raises where the real one would."""
+    from openseek_hal.ops import bench
+
+    mode = {"now": 0}
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode["now"])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: mode.update(now=2 if m == "error" else m))
+
+    def syncs():
+        if mode["now"] == 2:
+            raise RuntimeError("called a synchronizing CUDA operation")
+
+    def never_capture():
+        raise AssertionError("a capture was started")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", never_capture)
+    with pytest.raises(RuntimeError, match="cannot be timed in a CUDA graph: it synchronizes with the host"):
+        bench._graph_ms([syncs], stream=None)
+    assert mode["now"] == 0
+    bench._check_capturable([lambda: None])
+    assert mode["now"] == 0
+
+
 def test_graph_timing_cycles_independent_input_sets(monkeypatch):
     """`bench --timing graph` plumbing on the CPU (the CUDA graph itself needs a GPU): every timed call
     works on its own input set, the backward of a set differentiates that set's own forward, a fused

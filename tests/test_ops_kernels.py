@@ -187,40 +187,6 @@ def test_attention_every_launch_config_matches_float64(config):
                                        msg=lambda m, name=name, s=s: f"{config.name} S={s} {name}: {m}")
 
 
-@pytest.mark.parametrize(("kv", "mode"), [((16, 32), 1), ((32, 16), 2)], ids=["kv16x32", "kv32x16-peek"])
-def test_attention_fused_dq_matches_float64_and_is_reproducible(kv, mode):
-    """The fused backward (dQ added by the dK/dV kernel in a fixed key-block order, `_dq_add`) against
-    float64 and the two-kernel backward: query blocks seen by several key blocks (and key blocks by
-    several query blocks), partial tiles, packed documents, head dims split or masked; a second run gives
-    the same bits (the order of the float32 sums is fixed)."""
-    from openseek_hal import ops
-
-    T = _ATTENTION_INTERPRETED.Tiles
-    fused = _ATTENTION_INTERPRETED.AttentionConfig(T(32, 16, 1, 1), T(*kv, 1, 1), T(32, 16, 1, 1), fused=mode)
-    two_kernel = _ATTENTION_INTERPRETED.AttentionConfig(fused.fwd, fused.kv, fused.dq)
-    opdef = ops.get("causal_attention")
-    cases = ((1, 2, 100, 192, 128, None, torch.float16), (2, 1, 77, 24, 16, [0, 20, 21, 90, 154], torch.float16),
-             (1, 1, 144, 192, 128, [0, 37, 130, 144], torch.bfloat16), (1, 1, 1, 64, 64, None, torch.float16))
-    for b, h, s, dqk, dv, cu, dtype in cases:
-        q, k, v = _attention_inputs(b, h, s, dqk, dv, dtype, seed=s, bshd=True)
-        cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-        with _ATTENTION_INTERPRETED.use_config(fused):
-            got, do = _attention_fwd_bwd(q, k, v, 0.11, cu_seqlens)
-            again, _ = _attention_fwd_bwd(q, k, v, 0.11, cu_seqlens)
-        with _ATTENTION_INTERPRETED.use_config(two_kernel):
-            other, _ = _attention_fwd_bwd(q, k, v, 0.11, cu_seqlens)
-        assert all(torch.equal(x, y) for x, y in zip(got, again))
-        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-        ref = opdef.reference(q64, k64, v64, 0.11, cu_seqlens)
-        expected = (ref, *torch.autograd.grad(ref, (q64, k64, v64), do.double()))
-        rtol, atol = opdef.tol(dtype, max(s, dqk))
-        for name, g, o, e in zip(("out", "dq", "dk", "dv"), got, other, expected):
-            msg = f"{fused.name} {(b, h, s, dqk, dv, cu)} {name}"
-            torch.testing.assert_close(g.double(), e, rtol=rtol, atol=atol, msg=lambda m, msg=msg: f"{msg}: {m}")
-            if name != "dq":  # dK and dV come from the same kernel either way
-                assert torch.equal(g, o), msg
-
-
 def test_attention_cu_seqlens_are_checked_by_the_reference():
     from openseek_hal.ops.attention import causal_attention, document_ids
 
@@ -318,16 +284,6 @@ def test_attention_kernels_compile_for_h100(monkeypatch):
             if dtype == "bf16" and name == "bwd_dkdv":  # wgmma; dK + dV fill the registers: a few bytes spill
                 usage = resources.resources(kernel)
                 assert "wgmma" in usage and int(usage.split("STACK:")[1].split()[0]) <= 64, usage
-    # the fused dQ: the key loop still software-pipelined (async copies), the turn taken and handed on in
-    # PTX, the adds as vector reductions
-    base = resources.A.default_config(192, 128)
-    fused = resources.A.AttentionConfig(base.fwd, base.kv, base.dq, fused=True)
-    kernels = {name: resources.compile_kernel(fn, consts, pointers, warps, stages)
-               for name, fn, consts, pointers, warps, stages in resources.kernels_for(192, 128, False, "bf16", fused)}
-    assert set(kernels) == {"fwd", "bwd_pre", "bwd_dkdv", "dq_store"}
-    ptx = kernels["bwd_dkdv"].asm["ptx"]
-    assert "cp.async" in ptx and "ld.acquire.gpu" in ptx and "st.release.gpu" in ptx and "red.global" in ptx
-    assert kernels["bwd_dkdv"].metadata.shared <= 227 * 1024
 
 
 def test_round_to_float32_matches_torch_and_compiles_to_a_constant():

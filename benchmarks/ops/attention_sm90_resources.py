@@ -66,16 +66,11 @@ def kernels_for(dqk: int, dv: int, varlen: bool, dtype: str, config: A.Attention
     yield ("fwd", A._attn_fwd, dict(common, BLOCK_M=c.fwd.block_m, BLOCK_N=c.fwd.block_n),
            dict(Q=p, K=p, V=p, OUT=p, LSE="*fp32", SEG=seg), c.fwd.warps, c.fwd.stages)
     yield ("bwd_pre", A._attn_bwd_pre, dict(DVB=dvb, BLOCK_M=64), dict(OUT=p, DO=p, DELTA="*fp32"), 4, 1)
-    yield ("bwd_dkdv", A._attn_bwd_dkdv,
-           dict(common, BLOCK_M=c.kv.block_m, BLOCK_N=c.kv.block_n, FUSE_DQ=c.fused, SPIN_ASM=True),
-           dict(Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", SEG=seg, SEG_END=seg, DK=p, DV=p, DQ_ACC="*fp32",
-                LOCKS="*i32"), c.kv.warps, c.kv.stages)
-    if c.fused:
-        yield ("dq_store", A._dq_store, dict(DA=da, DB=db, BLOCK_M=64, MASK_QK=common["MASK_QK"], INTERP_BF16=False),
-               dict(ACC="*fp32", DQ=p), 4, 1)
-    else:
-        yield ("bwd_dq", A._attn_bwd_dq, dict(common, BLOCK_M=c.dq.block_m, BLOCK_N=c.dq.block_n),
-               dict(Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", SEG=seg, DQ=p), c.dq.warps, c.dq.stages)
+    yield ("bwd_dkdv", A._attn_bwd_dkdv, dict(common, BLOCK_M=c.kv.block_m, BLOCK_N=c.kv.block_n),
+           dict(Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", SEG=seg, SEG_END=seg, DK=p, DV=p),
+           c.kv.warps, c.kv.stages)
+    yield ("bwd_dq", A._attn_bwd_dq, dict(common, BLOCK_M=c.dq.block_m, BLOCK_N=c.dq.block_n),
+           dict(Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", SEG=seg, DQ=p), c.dq.warps, c.dq.stages)
 
 
 def main(dtypes: list[str]) -> None:

@@ -64,6 +64,7 @@ def _graph_ms(fns: list[Callable[[], Any]], stream: torch.cuda.Stream, min_calls
     for _ in range(2):  # compile (Triton, torch.compile) and warm up outside the capture
         for fn in fns:
             fn()
+    _check_capturable(fns)
     stream.synchronize()
     calls = len(fns) * math.ceil(min_calls / len(fns))
     graph = torch.cuda.CUDAGraph()
@@ -82,6 +83,22 @@ def _graph_ms(fns: list[Callable[[], Any]], stream: torch.cuda.Stream, min_calls
         times.append(start.elapsed_time(end) / calls)
     del graph
     return statistics.median(times)
+
+
+def _check_capturable(fns: list[Callable[[], Any]]) -> None:
+    """Raise before the capture if a call synchronizes with the host (a ``.tolist()``, a copy from
+    pageable CPU memory): under capture that call fails, and a failed capture leaves the CUDA RNG in
+    capture mode, so every later op that draws random numbers fails too (an implementation that builds
+    a document mask on the host took the rest of a graph-timed `bench` run down with it). CUDA's sync
+    debug mode "error" turns such a call into an exception on an ordinary eager call instead."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fns[0]()
+    except RuntimeError as e:
+        raise RuntimeError(f"cannot be timed in a CUDA graph: it synchronizes with the host ({str(e)[:120]})") from e
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def _arg_sets(case, l2_bytes: int) -> int:

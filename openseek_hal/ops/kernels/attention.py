@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -168,17 +167,9 @@ def _load_vec(ptr, rows, S, other, MASK_ROWS: tl.constexpr):
 def _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, SEG_ROW, rows, start_n, qk_scale, stride_ks, stride_vs, S, D_QK, D_V,
                CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
                BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr, MASK_V: tl.constexpr,
-               PREC: tl.constexpr, INTERP_BF16: tl.constexpr, TMA: tl.constexpr = False, KD_A=None, KD_B=None,
-               VD=None):
+               PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
-    if TMA:
-        kt_a = KD_A.load([start_n, 0]).T
-        if DB > 0:
-            kt_b = KD_B.load([start_n, 0]).T
-        else:
-            kt_b = kt_a
-    else:
-        kt_a, kt_b = _load_split(K, cols, S, stride_ks, D_QK, DA, DB, MASK_ROWS, MASK_QK, True)  # K^T: [D, BLOCK_N]
+    kt_a, kt_b = _load_split(K, cols, S, stride_ks, D_QK, DA, DB, MASK_ROWS, MASK_QK, True)  # K^T: [D, BLOCK_N]
     qk = _mm_split(q_a, q_b, kt_a, kt_b, DB, PREC, INTERP_BF16)
     if CAUSAL or VARLEN:
         qk = qk * qk_scale
@@ -203,10 +194,7 @@ def _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, SEG_ROW, rows, start_n, qk_scale, 
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if TMA:
-        v = VD.load([start_n, 0])
-    else:
-        v = _load_tile(V, cols, S, stride_vs, 0, DVB, D_V, MASK_ROWS, MASK_V, False)
+    v = _load_tile(V, cols, S, stride_vs, 0, DVB, D_V, MASK_ROWS, MASK_V, False)
     acc = acc * alpha[:, None] + _mm(_cast(p, v.dtype, INTERP_BF16), v, PREC, INTERP_BF16)
     return acc, l_i, m_new
 
@@ -218,7 +206,7 @@ def _attn_fwd(Q, K, V, OUT, LSE, SEG, qk_scale,
               H, S, D_QK, D_V, N_BLOCKS,
               VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr,
-              MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr, TMA: tl.constexpr = False):
+              MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
     # the longest rows first (causal: the last query block sees every key), so the short ones fill the tail
     start_m = (N_BLOCKS - 1 - tl.program_id(0)) * BLOCK_M  # N_BLOCKS = the grid's first dim
     bh = tl.program_id(1).to(tl.int64)
@@ -238,25 +226,17 @@ def _attn_fwd(Q, K, V, OUT, LSE, SEG, qk_scale,
     if VARLEN:
         seg_row = _load_vec(SEG + b * S, rows, S, S, MASK_ROWS)
         lo = (tl.load(SEG + b * S + start_m) // BLOCK_N) * BLOCK_N  # the block's first document start
-    kd_a = None
-    kd_b = None
-    vd = None
-    if TMA:  # the key loop's K and V tiles by the tensor memory accelerator (rows past S read as zeros)
-        kd_a = tl.make_tensor_descriptor(K, [S, D_QK], [stride_ks, 1], [BLOCK_N, DA])
-        if DB > 0:
-            kd_b = tl.make_tensor_descriptor(K + DA, [S, D_QK - DA], [stride_ks, 1], [BLOCK_N, DB])
-        vd = tl.make_tensor_descriptor(V, [S, D_V], [stride_vs, 1], [BLOCK_N, DVB])
     # key blocks wholly left of the block's first row: no causal mask
     mid = (start_m // BLOCK_N) * BLOCK_N
     for start_n in range(lo, mid, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, seg_row, rows, start_n, qk_scale, stride_ks,
                                    stride_vs, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_N, False, MASK_QK,
-                                   MASK_V, PREC, INTERP_BF16, TMA, kd_a, kd_b, vd)
+                                   MASK_V, PREC, INTERP_BF16)
     # the diagonal blocks, masked
     for start_n in range(tl.maximum(lo, mid), tl.minimum(start_m + BLOCK_M, S), BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, seg_row, rows, start_n, qk_scale, stride_ks,
                                    stride_vs, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_N, MASK_ROWS, MASK_QK,
-                                   MASK_V, PREC, INTERP_BF16, TMA, kd_a, kd_b, vd)
+                                   MASK_V, PREC, INTERP_BF16)
     o = acc / l_i[:, None]
     _store_tile(OUT, o, rows, S, stride_os, 0, DVB, D_V, MASK_ROWS, MASK_V, INTERP_BF16)
     lse = m_i + tl.math.log2(l_i)
@@ -292,19 +272,11 @@ def _attn_bwd_pre(OUT, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, st
 def _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m, qk_scale, stride_qs, stride_ds,
                 S, D_QK, D_V, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                 DVB: tl.constexpr, BLOCK_M: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr,
-                MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr, TMA: tl.constexpr = False,
-                QD_A=None, QD_B=None, DOD=None):
+                MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
     """One query block against the program's key block, transposed (keys on the rows): S^T = K Q^T."""
     rows = start_m + tl.arange(0, BLOCK_M)
     # Q^T: [D, BLOCK_M]; rows past S load as zeros and contribute nothing
-    if TMA:
-        qt_a = QD_A.load([start_m, 0]).T
-        if DB > 0:
-            qt_b = QD_B.load([start_m, 0]).T
-        else:
-            qt_b = qt_a
-    else:
-        qt_a, qt_b = _load_split(Q, rows, S, stride_qs, D_QK, DA, DB, MASK_ROWS, MASK_QK, True)
+    qt_a, qt_b = _load_split(Q, rows, S, stride_qs, D_QK, DA, DB, MASK_ROWS, MASK_QK, True)
     lse = _load_vec(LSE, rows, S, 0.0, MASK_ROWS)
     pt = tl.math.exp2(_mm_split(k_a, k_b, qt_a, qt_b, DB, PREC, INTERP_BF16) * qk_scale - lse[None, :])
     if MASK_ROWS:  # padding queries (zeros): P^T = exp2(0 - 0) = 1 there, not 0
@@ -313,10 +285,7 @@ def _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start
         pt = tl.where(rows[None, :] >= cols[:, None], pt, 0.0)
     if VARLEN:
         pt = tl.where(_load_vec(SEG, rows, S, S, MASK_ROWS)[None, :] <= cols[:, None], pt, 0.0)
-    if TMA:
-        do = DOD.load([start_m, 0])
-    else:
-        do = _load_tile(DO, rows, S, stride_ds, 0, DVB, D_V, MASK_ROWS, MASK_V, False)
+    do = _load_tile(DO, rows, S, stride_ds, 0, DVB, D_V, MASK_ROWS, MASK_V, False)
     dv += _mm(_cast(pt, do.dtype, INTERP_BF16), do, PREC, INTERP_BF16)
     delta = _load_vec(DELTA, rows, S, 0.0, MASK_ROWS)
     dpt = _mm(v, tl.trans(do), PREC, INTERP_BF16)
@@ -324,93 +293,20 @@ def _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start
     dk_a += _mm(dst, tl.trans(qt_a), PREC, INTERP_BF16)
     if DB > 0:
         dk_b += _mm(dst, tl.trans(qt_b), PREC, INTERP_BF16)
-    return dk_a, dk_b, dv, dst
+    return dk_a, dk_b, dv
 
 
 @triton.jit
-def _peek_turn(lock, ASM: tl.constexpr):
-    """The int32 at ``lock`` (acquire), read early so its latency hides behind the block's matmuls."""
-    if ASM:
-        seen = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [lock], dtype=tl.int32,
-                                         is_pure=False, pack=1)
-    else:
-        seen = tl.atomic_add(lock, 0, sem="acquire")
-    return seen
-
-
-@triton.jit
-def _wait_turn(lock, turn, seen, ASM: tl.constexpr):
-    """Spin until the int32 at ``lock`` equals ``turn`` (acquire), unless ``seen`` (an earlier acquire
-    read of it; -1: none) already does. On a GPU one inline-PTX loop: a Triton ``while`` in the key
-    loop would stop its software pipelining (no async loads)."""
-    if ASM:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred %p; .reg .b32 %v; mov.b32 %v, $3; WAIT_${:uid}: setp.ne.s32 %p, %v, $2; "
-            "@%p ld.acquire.gpu.global.b32 %v, [$1]; @%p bra WAIT_${:uid}; mov.b32 $0, %v; }",
-            "=r,l,r,r", [lock, turn, seen], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        while tl.atomic_add(lock, 0, sem="acquire") != turn:
-            pass
-
-
-@triton.jit
-def _pass_turn(lock, turn, ASM: tl.constexpr):
-    """Hand the block on: every thread's adds before, then ``lock = turn`` (release)."""
-    if ASM:
-        tl.inline_asm_elementwise("bar.sync 0; st.release.gpu.global.b32 [$1], $2; mov.b32 $0, 0;",
-                                  "=r,l,r", [lock, turn], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.atomic_xchg(lock, turn, sem="release")
-
-
-@triton.jit
-def _dq_add_part(ACC, dqt, d0, DW: tl.constexpr, rows, S, turn, MASK_ROWS: tl.constexpr):
-    """Rows ``d0 .. d0 + DW`` of the ``[D, S]`` accumulator: stored by the first adder, added by the rest
-    (both predicated, no branch in the pipelined loop)."""
-    ptrs = ACC + (d0 + tl.arange(0, DW))[:, None] * S + rows[None, :]
-    turns = (rows * 0 + turn)[None, :]  # a vector: the interpreter rejects scalar & vector masks
-    mask = (rows < S)[None, :] if MASK_ROWS else (rows >= 0)[None, :]
-    tl.store(ptrs, dqt, mask=mask & (turns == 0))
-    tl.atomic_add(ptrs, dqt, mask=mask & (turns != 0), sem="relaxed")
-
-
-@triton.jit
-def _dq_add(ACC, LOCKS, dst, k_a, k_b, start_m, start_n, seen, S, DA: tl.constexpr, DB: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, PREC: tl.constexpr,
-            INTERP_BF16: tl.constexpr, ASM: tl.constexpr):
-    """Add this key block's share of the query block's dQ, ``(dS K)^T = K^T dS^T``, to the float32
-    ``[D, S]`` accumulator ``ACC`` in a fixed order: the key blocks that see a query block add to it
-    from the one holding its last row down (that one stores), each waiting on the block's counter in
-    ``LOCKS`` for its turn. The sum's order is the same every run (bitwise reproducible)."""
-    rows = start_m + tl.arange(0, BLOCK_M)
-    # this key block's turn: its distance from the key block holding the query block's last row
-    turn = (tl.minimum(start_m + BLOCK_M, S) - 1) // BLOCK_N - start_n // BLOCK_N
-    lock = LOCKS + start_m // BLOCK_M
-    dqt = _mm(tl.trans(k_a), dst, PREC, INTERP_BF16)  # [DA, BLOCK_M], computed before the wait
-    _wait_turn(lock, turn, seen, ASM)
-    _dq_add_part(ACC, dqt, 0, DA, rows, S, turn, MASK_ROWS)
-    if DB > 0:
-        _dq_add_part(ACC, _mm(tl.trans(k_b), dst, PREC, INTERP_BF16), DA, DB, rows, S, turn, MASK_ROWS)
-    _pass_turn(lock, turn + 1, ASM)
-
-
-@triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, SEG, SEG_END, DK, DV, DQ_ACC, LOCKS, qk_scale, sm_scale,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, SEG, SEG_END, DK, DV, qk_scale, sm_scale,
                    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                    stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds,
                    stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                   H, S, D_QK, D_V, N_BLOCKS,
+                   H, S, D_QK, D_V,
                    VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr,
-                   MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr, FUSE_DQ: tl.constexpr,
-                   SPIN_ASM: tl.constexpr, TMA: tl.constexpr = False):
-    if FUSE_DQ:
-        # the last key block first: a block waits (`_dq_add`) only on the key block after it, which is
-        # then always started before it (no deadlock, on a GPU or in the interpreter's serial order)
-        start_n = (N_BLOCKS - 1 - tl.program_id(0)) * BLOCK_N
-    else:
-        # key block 0 first: it has the most query blocks below it, so the short ones fill the tail
-        start_n = tl.program_id(0) * BLOCK_N
+                   MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+    # key block 0 first: it has the most query blocks below it, so the short ones fill the tail
+    start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -434,39 +330,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, SEG, SEG_END, DK, DV, DQ_ACC, LOCKS,
     if VARLEN:  # the queries that see this block end with the document of its last key
         hi = tl.load(SEG_END + b * S + tl.minimum(start_n + BLOCK_N, S) - 1)
     # the query blocks across the diagonal, masked, then the ones wholly below it
-    if FUSE_DQ:
-        DQ_ACC += bh * (DA + DB) * S
-        LOCKS += bh * tl.cdiv(S, BLOCK_M)
-    qd_a = None
-    qd_b = None
-    dod = None
-    if TMA:  # the query loop's Q and dO tiles by the tensor memory accelerator (rows past S read as zeros)
-        qd_a = tl.make_tensor_descriptor(Q, [S, D_QK], [stride_qs, 1], [BLOCK_M, DA])
-        if DB > 0:
-            qd_b = tl.make_tensor_descriptor(Q + DA, [S, D_QK - DA], [stride_qs, 1], [BLOCK_M, DB])
-        dod = tl.make_tensor_descriptor(DO, [S, D_V], [stride_ds, 1], [BLOCK_M, DVB])
     for start_m in range((start_n // BLOCK_M) * BLOCK_M, tl.minimum(start_n + BLOCK_N, hi), BLOCK_M):
-        seen = -1
-        if FUSE_DQ == 2:
-            seen = _peek_turn(LOCKS + start_m // BLOCK_M, SPIN_ASM)
-        dk_a, dk_b, dv, dst = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m,
-                                          qk_scale, stride_qs, stride_ds, S, D_QK, D_V, True, VARLEN, DA, DB, DVB,
-                                          BLOCK_M, MASK_ROWS, MASK_QK, MASK_V, PREC, INTERP_BF16, TMA, qd_a, qd_b,
-                                          dod)
-        if FUSE_DQ:
-            _dq_add(DQ_ACC, LOCKS, dst, k_a, k_b, start_m, start_n, seen, S, DA, DB, BLOCK_M, BLOCK_N, MASK_ROWS,
-                    PREC, INTERP_BF16, SPIN_ASM)
+        dk_a, dk_b, dv = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m, qk_scale,
+                                     stride_qs, stride_ds, S, D_QK, D_V, True, VARLEN, DA, DB, DVB, BLOCK_M,
+                                     MASK_ROWS, MASK_QK, MASK_V, PREC, INTERP_BF16)
     for start_m in range(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, hi, BLOCK_M):
-        seen = -1
-        if FUSE_DQ == 2:
-            seen = _peek_turn(LOCKS + start_m // BLOCK_M, SPIN_ASM)
-        dk_a, dk_b, dv, dst = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m,
-                                          qk_scale, stride_qs, stride_ds, S, D_QK, D_V, False, VARLEN, DA, DB, DVB,
-                                          BLOCK_M, MASK_ROWS, MASK_QK, MASK_V, PREC, INTERP_BF16, TMA, qd_a, qd_b,
-                                          dod)
-        if FUSE_DQ:
-            _dq_add(DQ_ACC, LOCKS, dst, k_a, k_b, start_m, start_n, seen, S, DA, DB, BLOCK_M, BLOCK_N, MASK_ROWS,
-                    PREC, INTERP_BF16, SPIN_ASM)
+        dk_a, dk_b, dv = _dkdv_block(dk_a, dk_b, dv, k_a, k_b, v, Q, DO, LSE, DELTA, SEG, cols, start_m, qk_scale,
+                                     stride_qs, stride_ds, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_M,
+                                     MASK_ROWS, MASK_QK, MASK_V, PREC, INTERP_BF16)
     DK += b * stride_dkb + h * stride_dkh
     DV += b * stride_dvb + h * stride_dvh
     _store_tile(DV, dv, cols, S, stride_dvs, 0, DVB, D_V, MASK_ROWS, MASK_V, INTERP_BF16)
@@ -549,22 +420,6 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, SEG, DQ, qk_scale, sm_scale,
                  INTERP_BF16)
 
 
-@triton.jit
-def _dq_store(ACC, DQ, sm_scale, stride_dqb, stride_dqh, stride_dqs, H, S, D_QK, DA: tl.constexpr,
-              DB: tl.constexpr, BLOCK_M: tl.constexpr, MASK_QK: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """dQ = scale x the fused backward's float32 ``[D, S]`` sums, transposed into dQ's own layout."""
-    bh = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ACC += bh * (DA + DB) * S
-    DQ += (bh // H) * stride_dqb + (bh % H) * stride_dqh
-    acc_a = tl.load(ACC + tl.arange(0, DA)[:, None] * S + rows[None, :], mask=(rows < S)[None, :], other=0.0)
-    _store_tile(DQ, tl.trans(acc_a) * sm_scale, rows, S, stride_dqs, 0, DA, D_QK, True, MASK_QK, INTERP_BF16)
-    if DB > 0:
-        acc_b = tl.load(ACC + (DA + tl.arange(0, DB))[:, None] * S + rows[None, :], mask=(rows < S)[None, :],
-                        other=0.0)
-        _store_tile(DQ, tl.trans(acc_b) * sm_scale, rows, S, stride_dqs, DA, DB, D_QK, True, MASK_QK, INTERP_BF16)
-
-
 # -- launch configurations ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -590,14 +445,10 @@ class AttentionConfig:
     fwd: Tiles
     kv: Tiles
     dq: Tiles
-    # dQ inside the dK/dV kernel (`_dq_add`): no dQ kernel, so S and dP are computed once, not twice;
-    # ``dq`` is then unused
-    fused: int = 0  # 0: two kernels; 1: fused, the turn read when adding; 2: fused, read early (temporary)
 
     @property
     def name(self) -> str:
-        fused = {0: f"dq-{self.dq.name}", 1: "dq-fused", 2: "dq-fusedpeek"}[self.fused]
-        return f"fwd-{self.fwd.name}_kv-{self.kv.name}_{fused}"
+        return f"fwd-{self.fwd.name}_kv-{self.kv.name}_dq-{self.dq.name}"
 
 
 _FWD = Tiles(128, 64, 8, 3)  # 412-426 TFLOP/s at MLA's dims on an H100 (commit 269c8886)
@@ -672,15 +523,14 @@ def default_config(dqk: int, dv: int, dtype: torch.dtype = torch.bfloat16, inter
 
 def sweep_configs(dqk: int, dv: int) -> list[AttentionConfig]:
     """The default and its alternatives for `benchmarks/ops/attention_bwd_sweep.py` (bf16/fp16, sm_90):
-    each dK/dV candidate with the default dQ, each dQ candidate with the default dK/dV, the
-    forward alternatives with the default backward, and each dK/dV candidate with the fused dQ.
-    Candidates over the register budget are included too (the sweep shows what spilling costs)."""
+    each dK/dV candidate with the default dQ, each dQ candidate with the default dK/dV, and the
+    forward alternatives with the default backward. Candidates over the register budget are included
+    too (the sweep shows what spilling costs)."""
     base = default_config(dqk, dv)
     out = [base]
     out += [AttentionConfig(base.fwd, kv, base.dq) for kv in KV_CANDIDATES if kv != base.kv]
     out += [AttentionConfig(base.fwd, base.kv, dq) for dq in DQ_CANDIDATES if dq != base.dq]
     out += [AttentionConfig(f, base.kv, base.dq) for f in FWD_CANDIDATES if f != base.fwd]
-    out += [AttentionConfig(base.fwd, kv, base.dq, fused=f) for kv in KV_CANDIDATES for f in (1, 2)]
     return out
 
 
@@ -736,9 +586,8 @@ def _interpreted() -> bool:
 
 
 def _config_ints(c: AttentionConfig) -> list[int]:
-    """A config as the 13 ints the custom ops take: (block_m, block_n, warps, stages) of fwd, kv, dq,
-    then 1 for a fused dQ."""
-    return [x for t in (c.fwd, c.kv, c.dq) for x in (t.block_m, t.block_n, t.warps, t.stages)] + [int(c.fused)]
+    """A config as the 12 ints the custom ops take: (block_m, block_n, warps, stages) of fwd, kv, dq."""
+    return [x for t in (c.fwd, c.kv, c.dq) for x in (t.block_m, t.block_n, t.warps, t.stages)]
 
 
 def _launch_config(config: list[int], q: torch.Tensor, v: torch.Tensor) -> AttentionConfig:
@@ -746,9 +595,9 @@ def _launch_config(config: list[int], q: torch.Tensor, v: torch.Tensor) -> Atten
     empty (resolved here, inside the op: the same for the forward and the backward of a call)."""
     if not config:
         return default_config(q.shape[-1], v.shape[-1], q.dtype, _interpreted())
-    if len(config) != 13:
-        raise ValueError(f"attention config: 13 ints (fwd, kv, dq tiles, fused), got {list(config)}")
-    c = AttentionConfig(*(Tiles(*config[i:i + 4]) for i in (0, 4, 8)), fused=int(config[12]))
+    if len(config) != 12:
+        raise ValueError(f"attention config: 12 ints (fwd, kv, dq tiles), got {list(config)}")
+    c = AttentionConfig(*(Tiles(*config[i:i + 4]) for i in (0, 4, 8)))
     _check_config(c)
     return c
 
@@ -811,19 +660,11 @@ def _forward(q, k, v, scale, seg, config: AttentionConfig):
     da, db = split_head_dim(dqk)
     t = config.fwd
     grid = (triton.cdiv(s, t.block_m), b * h)
-    tma = os.environ.get("OPENSEEK_HAL_ATTN_TMA") == "1"  # temporary: the TMA forward, measured against loads
-    if tma:
-        triton.set_allocator(_descriptor_scratch)
     _attn_fwd[grid](q, k, v, o, lse, seg if seg is not None else lse, scale * LOG2E,
                     *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], h, s, dqk, dv, grid[0],
                     VARLEN=seg is not None, DA=da, DB=db, DVB=_pad_v(dv), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                    **_kernel_options(q, v, s, t.block_m), num_warps=t.warps, num_stages=t.stages, TMA=tma)
+                    **_kernel_options(q, v, s, t.block_m), num_warps=t.warps, num_stages=t.stages)
     return o, lse
-
-
-def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    """Global memory for the tensor descriptors a kernel makes on the device (`triton.set_allocator`)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _backward(do, q, k, v, o, lse, scale, seg, seg_end, config: AttentionConfig):
@@ -841,28 +682,13 @@ def _backward(do, q, k, v, o, lse, scale, seg, seg_end, config: AttentionConfig)
                                                 DVB=dvb, BLOCK_M=64)
     varlen = seg is not None
     seg_arg = seg if varlen else lse
-    blocks = (kv.block_m, kv.block_n) if config.fused else (kv.block_m, kv.block_n, dqt.block_m, dqt.block_n)
-    common = dict(VARLEN=varlen, DA=da, DB=db, DVB=dvb, **_kernel_options(q, v, s, *blocks))
-    kv_blocks = triton.cdiv(s, kv.block_n)
-    tma = os.environ.get("OPENSEEK_HAL_ATTN_TMA") == "1"  # temporary, as in the forward
-    if tma:
-        triton.set_allocator(_descriptor_scratch)
-    if config.fused:
-        # dQ's float32 sums as [B*H, Dqk parts, S] and one turn counter per (head, query block)
-        dq_acc = torch.empty(b * h, da + db, s, dtype=torch.float32, device=q.device)
-        locks = torch.zeros(b * h, triton.cdiv(s, kv.block_m), dtype=torch.int32, device=q.device)
-    else:
-        dq_acc = locks = lse
-    _attn_bwd_dkdv[(kv_blocks, b * h)](
-        q, k, v, do, lse, delta, seg_arg, seg_end if varlen else lse, dk, dv, dq_acc, locks, scale * LOG2E, scale,
+    common = dict(VARLEN=varlen, DA=da, DB=db, DVB=dvb,
+                  **_kernel_options(q, v, s, kv.block_m, kv.block_n, dqt.block_m, dqt.block_n))
+    _attn_bwd_dkdv[(triton.cdiv(s, kv.block_n), b * h)](
+        q, k, v, do, lse, delta, seg_arg, seg_end if varlen else lse, dk, dv, scale * LOG2E, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        h, s, dqk, dv_dim, kv_blocks, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, num_warps=kv.warps,
-        num_stages=kv.stages, FUSE_DQ=config.fused, SPIN_ASM=not _interpreted(), TMA=tma, **common)
-    if config.fused:
-        _dq_store[(triton.cdiv(s, 64), b * h)](dq_acc, dq, scale, *dq.stride()[:3], h, s, dqk, DA=da, DB=db,
-                                               BLOCK_M=64, MASK_QK=common["MASK_QK"],
-                                               INTERP_BF16=common["INTERP_BF16"])
-        return dq, dk, dv
+        h, s, dqk, dv_dim, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, num_warps=kv.warps, num_stages=kv.stages,
+        **common)
     dq_blocks = triton.cdiv(s, dqt.block_m)
     _attn_bwd_dq[(dq_blocks, b * h)](
         q, k, v, do, lse, delta, seg_arg, dq, scale * LOG2E, scale,
