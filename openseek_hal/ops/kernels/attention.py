@@ -164,6 +164,21 @@ def _load_vec(ptr, rows, S, other, MASK_ROWS: tl.constexpr):
 # -- forward ------------------------------------------------------------------------------------------
 
 @triton.jit
+def _visible(rows, cols, SEG_ROW, S, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """``[rows, cols]``: which keys each query sees (causal: not after it, and not past S; packed: not
+    before its document's start ``SEG_ROW``). For a block that needs a mask (CAUSAL or VARLEN)."""
+    if CAUSAL:
+        keep = cols[None, :] <= rows[:, None]
+        if MASK_ROWS:
+            keep = keep & (cols[None, :] < S)
+        if VARLEN:
+            keep = keep & (cols[None, :] >= SEG_ROW[:, None])
+    else:
+        keep = cols[None, :] >= SEG_ROW[:, None]
+    return keep
+
+
+@triton.jit
 def _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, SEG_ROW, rows, start_n, qk_scale, stride_ks, stride_vs, S, D_QK, D_V,
                CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
                BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr, MASK_V: tl.constexpr,
@@ -172,16 +187,7 @@ def _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, SEG_ROW, rows, start_n, qk_scale, 
     kt_a, kt_b = _load_split(K, cols, S, stride_ks, D_QK, DA, DB, MASK_ROWS, MASK_QK, True)  # K^T: [D, BLOCK_N]
     qk = _mm_split(q_a, q_b, kt_a, kt_b, DB, PREC, INTERP_BF16)
     if CAUSAL or VARLEN:
-        qk = qk * qk_scale
-        if CAUSAL:
-            keep = cols[None, :] <= rows[:, None]
-            if MASK_ROWS:
-                keep = keep & (cols[None, :] < S)
-            if VARLEN:
-                keep = keep & (cols[None, :] >= SEG_ROW[:, None])
-        else:
-            keep = cols[None, :] >= SEG_ROW[:, None]
-        qk = tl.where(keep, qk, float("-inf"))
+        qk = tl.where(_visible(rows, cols, SEG_ROW, S, CAUSAL, VARLEN, MASK_ROWS), qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # a row with every key so far masked keeps m = -inf: subtract 0 there (exp2(-inf) = 0, no NaN)
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -354,15 +360,8 @@ def _dq_block(dq_a, dq_b, q_a, q_b, do, lse, delta, K, V, SEG_ROW, rows, start_n
     k_a, k_b = _load_split(K, cols, S, stride_ks, D_QK, DA, DB, MASK_ROWS, MASK_QK, False)
     p = tl.math.exp2(_mm_split(q_a, q_b, tl.trans(k_a), tl.trans(k_b), DB, PREC, INTERP_BF16) * qk_scale
                      - lse[:, None])
-    if CAUSAL:
-        keep = cols[None, :] <= rows[:, None]
-        if MASK_ROWS:
-            keep = keep & (cols[None, :] < S)
-        if VARLEN:
-            keep = keep & (cols[None, :] >= SEG_ROW[:, None])
-        p = tl.where(keep, p, 0.0)
-    elif VARLEN:
-        p = tl.where(cols[None, :] >= SEG_ROW[:, None], p, 0.0)
+    if CAUSAL or VARLEN:
+        p = tl.where(_visible(rows, cols, SEG_ROW, S, CAUSAL, VARLEN, MASK_ROWS), p, 0.0)
     vt = _load_tile(V, cols, S, stride_vs, 0, DVB, D_V, MASK_ROWS, MASK_V, True)  # V^T: [DVB, BLOCK_N]
     dp = _mm(do, vt, PREC, INTERP_BF16)
     ds = _cast(p * (dp - delta[:, None]), k_a.dtype, INTERP_BF16)
