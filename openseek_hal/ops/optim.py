@@ -1,4 +1,5 @@
-"""The AdamW step over many tensors (reference and OpDef); fp32 master weights for bf16 parameters optional.
+"""The optimizer's ops (references and OpDefs): the AdamW step over many tensors, fp32 master weights for bf16
+parameters optional; and the sum of squares over many tensors that the gradient norm is made of.
 
 This op has no backward (``differentiable=False``). The reference is functional: it returns new
 tensors ``(params, exp_avgs, exp_avg_sqs, master_params)`` so that conformance can compare them;
@@ -223,6 +224,26 @@ def _samples(dtype, device, gen):
                      f"6-tensors:{label}", tolerance_dtype=torch.float32)
 
 
+def sum_of_squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum(t ** 2)`` over every element of every tensor, as a 0-d tensor on their device: float64 when any
+    tensor is float64, else float32 (the gradient norm's sum). The reference adds in float64 and rounds once."""
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    if not tensors:
+        return torch.zeros((), dtype=acc)
+    return torch.stack([t.to(torch.float64).square().sum() for t in tensors]).sum().to(acc)
+
+
+def _square_samples(dtype, device, gen):
+    def tensors(*shapes):
+        return [randn(*s, dtype=dtype, device=device, generator=gen) for s in shapes]
+
+    # sizes around a kernel's block (8192 elements a program in the Triton kernel), an empty tensor, 2-d
+    for label, shapes in (("one-tensor", [(1000,)]), ("4-tensors", [(3, 7), (0,), (8192,), (8193,)]),
+                          ("6-tensors:blocks", [(40, 1280), (1,), (16385,), (64, 65), (5000,), (2, 3, 4)])):
+        ts = tensors(*shapes)
+        yield Sample((ts,), {}, label, reduction_length=sum(t.numel() for t in ts))
+
+
 OPDEFS = [OpDef(name="adamw",
                 signature="adamw(params[], grads[], exp_avgs[], exp_avg_sqs[], *, lr, beta1=0.9, beta2=0.999, "
                           "eps=1e-8, weight_decay=0.0, step, master_params[]=None, grad_scale=None, "
@@ -235,4 +256,9 @@ OPDEFS = [OpDef(name="adamw",
                     "or a one-element tensor that multiplies every gradient (read on the device). lr and step are "
                     "numbers, or both 0-d float64 device tensors (a captured step's schedule). param_remainders: "
                     "int16 low halves of fp32 masters whose upper halves are the bf16 params (split_master, "
-                    "join_master); compared decoded.")]
+                    "join_master); compared decoded."),
+          OpDef(name="sum_of_squares", signature="sum_of_squares(tensors[]) -> Tensor", reference=sum_of_squares,
+                samples=_square_samples, differentiable=False,
+                doc="The sum of the squares of every element of every tensor (the global gradient norm is its "
+                    "square root): float64 when any tensor is float64, else float32. Implementations may add in any "
+                    "fixed order, but the same inputs give the same bits on every call.")]

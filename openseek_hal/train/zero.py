@@ -213,6 +213,7 @@ class DistributedOptimizer:
         self.master_remainder = master_remainder
         self.step_count = 0
         self._adamw = backend.op("adamw")
+        self._sum_of_squares = backend.op("sum_of_squares")  # float64 sums for float64 gradients, else float32
         self._no_decay = no_decay or (lambda name, p: p.dim() < 2)
         self._micro_batches, self._micro = 1, 0
         self._next_launch = 0
@@ -408,13 +409,13 @@ class DistributedOptimizer:
         acc = self._norm_dtype
         grads = list(b.grads.values())
         if self._norm_side is None:
-            b.squares = _sum_of_squares(grads, acc)
+            b.squares = self._sum_of_squares(grads).to(acc)
             return
         ready = self._device.event()
         ready.record()
         self._norm_side.wait_event(ready)
         with self._norm_side:
-            b.squares = _sum_of_squares(grads, acc)
+            b.squares = self._sum_of_squares(grads).to(acc)
             b.squares_done = self._device.event()
             b.squares_done.record(self._norm_side)
 
@@ -429,7 +430,7 @@ class DistributedOptimizer:
         parts = []
         for b in self.buckets:
             if b.squares is None:  # a reduced shard (or a bucket finished without `_launch`)
-                parts.append(_sum_of_squares(list(b.grads.values()) if b.direct else [b.step_grad], acc))
+                parts.append(self._sum_of_squares(list(b.grads.values()) if b.direct else [b.step_grad]).to(acc))
                 continue
             if b.squares_done is not None:
                 b.squares_done.wait()
@@ -632,18 +633,6 @@ def master_dtype(weights: torch.dtype) -> torch.dtype:
     """The master weights' dtype for weights of dtype ``weights``: float64 for float64 (verification runs),
     float32 for everything else."""
     return torch.float64 if weights == torch.float64 else torch.float32
-
-
-def _sum_of_squares(tensors: list[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
-    """``sum(t**2)`` over all ``tensors`` in ``acc``. Device reductions are trees (a few roundings
-    deep), here one multi-tensor norm kernel; the CPU's sum in fp32 runs long sequential chunks
-    (2.6e-4 relative off over 3M elements, measured), so on the CPU it is taken in float64, which
-    costs nothing there."""
-    if not tensors:
-        return torch.zeros((), dtype=acc)
-    if tensors[0].device.type == "cpu":
-        return torch.stack([t.to(torch.float64).square().sum() for t in tensors]).sum().to(acc)
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=acc)).square().sum()
 
 
 def named_spaces(model: nn.Module, dense: Communicator | None, expert: Communicator | None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import activation, adamw, attention, cross_entropy, fp8, mla, moe, norm, rope
+from . import activation, adamw, attention, cross_entropy, fp8, mla, moe, norm, reduce, rope
 
 KERNELS: dict[str, Callable] = {
     "rms_norm": norm.rms_norm,
@@ -23,6 +23,7 @@ KERNELS: dict[str, Callable] = {
     "moe_permute": moe.moe_permute,
     "moe_unpermute": moe.moe_unpermute,
     "adamw": adamw.adamw,
+    "sum_of_squares": reduce.sum_of_squares,
     "causal_attention": attention.causal_attention,
     "fp8_quantize": fp8.fp8_quantize,
     "fp8_gemm": fp8.fp8_gemm,

@@ -26,14 +26,13 @@ def _square_partials(X, OUT, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(OUT + tl.program_id(0), tl.sum(x * x, axis=0))
 
 
-def sum_of_squares(tensors: Sequence[torch.Tensor], acc: torch.dtype = torch.float32) -> torch.Tensor:
-    """``sum(t ** 2)`` over every element of every tensor (contiguous), accumulated in ``acc`` (float32 or
-    float64): a 0-dim tensor."""
-    tensors = [t for t in tensors if t.numel()]
+def sum_of_squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum(t ** 2)`` over every element of every tensor: a 0-d tensor, float64 when any tensor is float64,
+    else float32 (`openseek_hal.ops.optim.sum_of_squares`). A non-contiguous tensor is read from a copy."""
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors if t.numel()]
     if not tensors:
         return torch.zeros((), dtype=acc)
-    if any(not t.is_contiguous() for t in tensors):
-        raise ValueError("sum_of_squares reads its tensors as flat vectors and needs them contiguous")
     counts = [triton.cdiv(t.numel(), BLOCK) for t in tensors]
     partials = torch.empty(sum(counts), dtype=acc, device=tensors[0].device)
     start = 0
