@@ -178,24 +178,22 @@ class _NormStream(_Stream):
     name = "norm"
 
 
-def test_bucket_norms_run_beside_backward_and_the_update_waits_for_them(monkeypatch):
+def test_bucket_norms_run_beside_backward_and_the_update_waits_for_them():
     """Each complete bucket's sum of squares runs on the norm stream after an event the compute stream
     recorded when the bucket completed; the compute stream waits for every one of them before the first
     update. The sums are the serial ones, so the weights are bitwise a run without the stream's."""
-    from openseek_hal.train import zero
-
     serial_model, model = _model(), _model()
     serial = _optimizer(serial_model, None)
     log = _Log()
     opt = _optimizer(model, None)
     opt._norm_side, opt._device = _NormStream(log), _Device(log)
-    squares = zero._sum_of_squares
+    squares = opt._sum_of_squares
 
-    def logged_squares(tensors, acc):
+    def logged_squares(tensors):
         log.entries.append(("squares", log.current))
-        return squares(tensors, acc)
+        return squares(tensors)
 
-    monkeypatch.setattr(zero, "_sum_of_squares", logged_squares)
+    opt._sum_of_squares = logged_squares
     adamw = opt._adamw
 
     def logged(params, *args, **kw):
