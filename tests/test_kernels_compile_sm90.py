@@ -57,3 +57,10 @@ def test_adamw_remainder_kernel_builds_for_sm90(device_schedule, tmp_path, monke
     constexprs = {"HAS_MASTER": False, "HAS_REMAINDER": True, "DEVICE_SCHEDULE": device_schedule,
                   "ACC": tl.float32, "BLOCK": 1024}
     assert _cubin(adamw._adamw_kernel, signature, constexprs, tmp_path, monkeypatch)
+
+
+def test_sum_of_squares_kernel_builds_for_sm90(tmp_path, monkeypatch):
+    from openseek_hal.ops.kernels import reduce
+
+    constexprs = {"ACC": tl.float32, "BLOCK": reduce.BLOCK}
+    assert _cubin(reduce._square_partials, {"X": BF16, "OUT": F32, "n": "i32"}, constexprs, tmp_path, monkeypatch)
