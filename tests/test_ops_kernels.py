@@ -436,3 +436,11 @@ def test_unpermute_kernel_with_constant_weights_keeps_no_copy_of_its_input(dtype
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         for got, ref in zip(grads, want, strict=True):
             torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_cuda_backends_multi_tensor_sum_of_squares_matches_reference(dtype):
+    """`cuda`'s `sum_of_squares` (torch's multi-tensor norm, squared and added) runs on the CPU too."""
+    from openseek_hal.ops.optim import foreach_sum_of_squares
+
+    assert check_op("sum_of_squares", foreach_sum_of_squares, dtype) > 0

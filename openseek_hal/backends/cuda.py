@@ -14,6 +14,7 @@ from ..ops.attention import sdpa_causal_attention
 from ..ops.attention_select import FastestAttention
 from ..ops.fp8_select import FastestFP8Gemm, cublas_fp8_gemm
 from ..ops.grouped import grouped_mm_linear
+from ..ops.optim import foreach_sum_of_squares
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s and HBM bandwidth in bytes/s, from NVIDIA's
 # datasheets, keyed by a substring of the device name. The SXM parts are listed first.
@@ -68,6 +69,9 @@ class CUDABackend(Backend):
                 {"triton": kernels["causal_attention"], "sdpa": sdpa_causal_attention}, varlen=("triton",),
                 untimed="sdpa"))
             ops.update(self._fp8_ops(kernels))
+        # the gradient norm's sum: torch's multi-tensor norm, the path every recorded training step ran; the
+        # Triton kernel (one launch per tensor) is untimed on a GPU so far
+        ops["sum_of_squares"] = foreach_sum_of_squares
         return ops
 
     def _fp8_ops(self, kernels: Mapping[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:

@@ -88,7 +88,7 @@ class FlagGemsBackend(CUDABackend):
 
     def op_origins(self) -> dict[str, str]:
         """``{op: "flaggems" | "openseek-hal" | "torch"}`` for every native op of this backend."""
-        torch_ops = {"embedding"}
+        torch_ops = {"embedding", "sum_of_squares"}
         flaggems = {"rms_norm", "silu_and_mul"}
         # causal_attention: cuda's choice per shape between our flash kernel and torch's SDPA
         return {op: "flaggems" if op in flaggems else "torch" if op in torch_ops

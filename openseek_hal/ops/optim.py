@@ -233,6 +233,17 @@ def sum_of_squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.to(torch.float64).square().sum() for t in tensors]).sum().to(acc)
 
 
+def foreach_sum_of_squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`sum_of_squares` from torch's multi-tensor norm (one kernel for many tensors; each tensor's norm is
+    squared again, so one more rounding than the sum itself): the `cuda` backend's implementation until the
+    Triton kernel's (`kernels/reduce.py`) is timed against it on a GPU (`benchmarks/ops/grad_norm_bench.py`)."""
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.zeros((), dtype=acc)
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=acc)).square().sum()
+
+
 def _square_samples(dtype, device, gen):
     def tensors(*shapes):
         return [randn(*s, dtype=dtype, device=device, generator=gen) for s in shapes]
