@@ -28,20 +28,16 @@ from openseek_hal.provenance import cuda_devices, provenance
 
 BLOCKS = (2048, 4096, 8192)
 WARPS = (4, 8, 16)
-PER_SM = (1, 2, 3)
-PERSISTENT = ((4096, 8), (8192, 16), (8192, 32), (16384, 16), (16384, 32))
 
 
-def _launch(kind: str, x: torch.Tensor, t: torch.Tensor, bufs: dict, block: int, warps: int,
-            programs: int | None = None) -> None:
-    """One launch; ``programs`` (forward kernels): a persistent grid of that many programs looping over rows."""
+def _launch(kind: str, x: torch.Tensor, t: torch.Tensor, bufs: dict, block: int, warps: int) -> None:
     rows, n = x.shape
     acc = acc_type(x.dtype)
     if kind == "bwd":
         ce._ce_bwd[(rows,)](x, t, bufs["lse"], bufs["scale"], x, x.stride(0), x.stride(0), n, -100, 0.0,
                             ACC=acc, BLOCK=block, num_warps=warps)
     else:
-        ce._ce_fwd[(programs or rows,)](x, t, bufs["loss"], bufs["lse"], bufs["scale"], x.stride(0), rows, n, -100, 0.0,
+        ce._ce_fwd[(rows,)](x, t, bufs["loss"], bufs["lse"], bufs["scale"], x.stride(0), n, -100, 0.0,
                             ACC=acc, BLOCK=block, GRAD=kind == "fused", num_warps=warps)
 
 
@@ -91,15 +87,6 @@ def main() -> None:
                     results.append({"vocab": vocab, "kind": kind, "block": block, "warps": warps, "ms": ms,
                                     "current": (block, warps) == (block0, warps0), "GB_moved": moved * gb,
                                     "pct_copy": 100 * copy_ms / 2 / ms * moved})
-        # persistent grids: only per_sm x SMs rows in flight (132 rows of 151,872 bf16 are 40 MB), so the
-        # gradient pass may re-read its row from L2 instead of memory
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        for per_sm in PER_SM:
-            for block, warps in PERSISTENT:
-                ms = triton.testing.do_bench(functools.partial(_launch, "fused", work, target, bufs, block, warps,
-                                                               per_sm * sms))
-                results.append({"vocab": vocab, "kind": "fused-persistent", "block": block, "warps": warps,
-                                "per_sm": per_sm, "ms": ms, "GB_moved": 2 * gb, "pct_copy": 100 * copy_ms / ms})
         results.append({"vocab": vocab, "kind": "fwd+bwd(current)", "ms": triton.testing.do_bench(
             functools.partial(_fwd_bwd, work, target, bufs, block0, warps0)), "fused_check_max_abs": err})
     record = {"provenance": {**provenance(), **cuda_devices()}, "command": " ".join(sys.argv), "results": results}
@@ -107,13 +94,13 @@ def main() -> None:
     print(f"\n{'V':>7} {'kind':<17} {'BLOCK':>6} {'warps':>5} {'ms':>8} {'%copy':>6}")
     for vocab in sorted({r["vocab"] for r in results}):
         mine = [r for r in results if r["vocab"] == vocab]
-        for kind in ("copy", "fwd+bwd(current)", "fwd", "bwd", "fused", "fused-persistent"):
+        for kind in ("copy", "fwd+bwd(current)", "fwd", "bwd", "fused"):
             rows = sorted((r for r in mine if r["kind"] == kind), key=lambda r: r["ms"])
             cur = [r for r in rows if r.get("current")]
             for r in rows[:3] + [c for c in cur if c not in rows[:3]]:
                 tag = " (before)" if r.get("current") else ""
                 print(f"{vocab:>7} {kind:<17} {r.get('block', ''):>6} {r.get('warps', ''):>5} {r['ms']:>8.3f} "
-                      f"{r.get('pct_copy', 0):>6.0f}{tag}{' per_sm ' + str(r['per_sm']) if 'per_sm' in r else ''}")
+                      f"{r.get('pct_copy', 0):>6.0f}{tag}")
 
 
 if __name__ == "__main__":

@@ -38,17 +38,9 @@ def _dlogits(x, offs, target, lse, scale, p_scale):
 
 
 @triton.jit
-def _ce_fwd(X, T, LOSS, LSE, SCALE, stride_x, n_rows, n_cols, ignore_index, z_loss, ACC: tl.constexpr,
-            BLOCK: tl.constexpr, GRAD: tl.constexpr):
-    # rows pid, pid + programs, ...: one row a program on a grid of `n_rows`, or a persistent grid
-    for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
-        _ce_fwd_row(X, T, LOSS, LSE, SCALE, row, stride_x, n_cols, ignore_index, z_loss, ACC, BLOCK,
-                    GRAD)
-
-
-@triton.jit
-def _ce_fwd_row(X, T, LOSS, LSE, SCALE, row, stride_x, n_cols, ignore_index, z_loss, ACC: tl.constexpr,
-                BLOCK: tl.constexpr, GRAD: tl.constexpr):
+def _ce_fwd(X, T, LOSS, LSE, SCALE, stride_x, n_cols, ignore_index, z_loss, ACC: tl.constexpr, BLOCK: tl.constexpr,
+            GRAD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     cols = tl.arange(0, BLOCK)
     m = tl.full([], float("-inf"), ACC)
@@ -123,8 +115,8 @@ def _row_losses(x2: torch.Tensor, target: torch.Tensor, ignore_index: int, z_los
     if rows:
         fused = grad_scale is not None
         block, warps = _block(n_cols, "fused" if fused else "fwd")
-        _ce_fwd[(rows,)](x2, target, losses, lse, grad_scale if fused else lse, x2.stride(0), rows, n_cols,
-                         ignore_index, z_loss, ACC=acc_type(x2.dtype), BLOCK=block, GRAD=fused, num_warps=warps)
+        _ce_fwd[(rows,)](x2, target, losses, lse, grad_scale if fused else lse, x2.stride(0), n_cols, ignore_index,
+                         z_loss, ACC=acc_type(x2.dtype), BLOCK=block, GRAD=fused, num_warps=warps)
     return losses, lse
 
 
