@@ -179,6 +179,28 @@ def _visible(rows, cols, SEG_ROW, S, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
 
 
 @triton.jit
+def _query_block(N_BLOCKS, H, BLOCK_M: tl.constexpr):
+    """This program's first query row, its (batch x head) index, batch and head. The longest rows go first
+    (causal: the last query block sees every key), so the short ones fill the tail."""
+    start_m = (N_BLOCKS - 1 - tl.program_id(0)) * BLOCK_M  # N_BLOCKS = the grid's first dim
+    bh = tl.program_id(1).to(tl.int64)
+    return start_m, bh, bh // H, bh % H
+
+
+@triton.jit
+def _key_range(SEG, b, S, rows, start_m, VARLEN: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """For a query block: its rows' document starts (packed; else the rows, unused), the first key block any
+    row sees (packed: the block's first document start, rounded down to a key block) and the first key block
+    that reaches the diagonal (the ones before it need no causal mask)."""
+    lo = 0
+    seg_row = rows
+    if VARLEN:
+        seg_row = _load_vec(SEG + b * S, rows, S, S, MASK_ROWS)
+        lo = (tl.load(SEG + b * S + start_m) // BLOCK_N) * BLOCK_N  # the block's first document start
+    return seg_row, lo, (start_m // BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, SEG_ROW, rows, start_n, qk_scale, stride_ks, stride_vs, S, D_QK, D_V,
                CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
                BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr, MASK_V: tl.constexpr,
@@ -213,11 +235,7 @@ def _attn_fwd(Q, K, V, OUT, LSE, SEG, qk_scale,
               VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr,
               MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
-    # the longest rows first (causal: the last query block sees every key), so the short ones fill the tail
-    start_m = (N_BLOCKS - 1 - tl.program_id(0)) * BLOCK_M  # N_BLOCKS = the grid's first dim
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    start_m, bh, b, h = _query_block(N_BLOCKS, H, BLOCK_M)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -227,13 +245,8 @@ def _attn_fwd(Q, K, V, OUT, LSE, SEG, qk_scale,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DVB], tl.float32)
-    lo = 0
-    seg_row = rows
-    if VARLEN:
-        seg_row = _load_vec(SEG + b * S, rows, S, S, MASK_ROWS)
-        lo = (tl.load(SEG + b * S + start_m) // BLOCK_N) * BLOCK_N  # the block's first document start
+    seg_row, lo, mid = _key_range(SEG, b, S, rows, start_m, VARLEN, BLOCK_N, MASK_ROWS)
     # key blocks wholly left of the block's first row: no causal mask
-    mid = (start_m // BLOCK_N) * BLOCK_N
     for start_n in range(lo, mid, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q_a, q_b, K, V, seg_row, rows, start_n, qk_scale, stride_ks,
                                    stride_vs, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_N, False, MASK_QK,
@@ -380,11 +393,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, SEG, DQ, qk_scale, sm_scale,
                  VARLEN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_QK: tl.constexpr,
                  MASK_V: tl.constexpr, PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
-    # the longest rows first (causal: the last query block sees every key), so the short ones fill the tail
-    start_m = (N_BLOCKS - 1 - tl.program_id(0)) * BLOCK_M  # N_BLOCKS = the grid's first dim
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    start_m, bh, b, h = _query_block(N_BLOCKS, H, BLOCK_M)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -399,13 +408,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, SEG, DQ, qk_scale, sm_scale,
         dq_b = tl.zeros([BLOCK_M, DB], tl.float32)
     else:
         dq_b = dq_a
-    lo = 0
-    seg_row = rows
-    if VARLEN:
-        seg_row = _load_vec(SEG + b * S, rows, S, S, MASK_ROWS)
-        lo = (tl.load(SEG + b * S + start_m) // BLOCK_N) * BLOCK_N
+    seg_row, lo, mid = _key_range(SEG, b, S, rows, start_m, VARLEN, BLOCK_N, MASK_ROWS)
     # key blocks wholly left of the block's first row, unmasked, then the ones across the diagonal
-    mid = (start_m // BLOCK_N) * BLOCK_N
     for start_n in range(lo, mid, BLOCK_N):
         dq_a, dq_b = _dq_block(dq_a, dq_b, q_a, q_b, do, lse, delta, K, V, seg_row, rows, start_n, qk_scale,
                                stride_ks, stride_vs, S, D_QK, D_V, False, VARLEN, DA, DB, DVB, BLOCK_N, False,
