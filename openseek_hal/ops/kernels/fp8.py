@@ -55,6 +55,15 @@ def _e4m3_bits(y):
 
 
 @triton.jit
+def _block_scale(amax, nan, SHAPE: tl.constexpr):
+    """The tile scale from its float32 amax and NaN flag, the rule of every quantization kernel: amax / 448
+    rounded to nearest, at least the smallest normal float32 (an all-zero tile), NaN where the tile has one."""
+    scale = tl.math.div_rn(amax, tl.zeros([SHAPE], tl.float32) + 448.0)
+    scale = tl.where(scale < 1.1754943508222875e-38, 1.1754943508222875e-38, scale)  # NaN stays NaN
+    return tl.where(nan > 0, float("nan"), scale)
+
+
+@triton.jit
 def _quant_kernel(X, Q, S, M, K, stride_xb, stride_xm, stride_xk, stride_qb, stride_qm, stride_sb, stride_sm,
                   TILE_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -71,9 +80,7 @@ def _quant_kernel(X, Q, S, M, K, stride_xb, stride_xm, stride_xk, stride_qb, str
     if TILE_M != 1:
         amax = tl.zeros([ROWS], tl.float32) + tl.max(amax, axis=0)
         nan = tl.zeros([ROWS], tl.int32) + tl.max(nan, axis=0)
-    scale = tl.math.div_rn(amax, tl.zeros([ROWS], tl.float32) + 448.0)
-    scale = tl.where(scale < 1.1754943508222875e-38, 1.1754943508222875e-38, scale)  # NaN stays NaN
-    scale = tl.where(nan > 0, float("nan"), scale)
+    scale = _block_scale(amax, nan, ROWS)
     y = tl.math.div_rn(x, scale[:, None] + tl.zeros([ROWS, BLOCK_K], tl.float32))
     q = _e4m3_bits(y).to(tl.uint8)
     tl.store(Q + b * stride_qb + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q, mask=mask)
@@ -123,14 +130,6 @@ def set_paths(**flags: bool) -> dict[str, bool]:
     old = dict(PATHS)
     PATHS.update({k: bool(v) for k, v in flags.items()})
     return old
-
-
-@triton.jit
-def _block_scale(amax, nan, SHAPE: tl.constexpr):
-    """The tile scale from its float32 amax and NaN flag (`_quant_kernel`'s rule, op for op)."""
-    scale = tl.math.div_rn(amax, tl.zeros([SHAPE], tl.float32) + 448.0)
-    scale = tl.where(scale < 1.1754943508222875e-38, 1.1754943508222875e-38, scale)  # NaN stays NaN
-    return tl.where(nan > 0, float("nan"), scale)
 
 
 @triton.jit
