@@ -94,7 +94,7 @@ def _generic_applies(fault: str, name: str) -> bool:
     if fault == "gradient_scaled":
         return opdef.differentiable
     if fault == "shifted":  # adamw's outputs are lists in the caller's order; a loss is one number
-        return name not in ("adamw", "cross_entropy", "linear_cross_entropy")
+        return name not in ("adamw", "cross_entropy", "linear_cross_entropy", "sum_of_squares")
     return True
 
 
@@ -357,6 +357,8 @@ SPECIFIC: dict[str, dict[str, Callable[..., Any]]] = {
     "fp8_linear": {"one_tile_scale_doubled": _linear_first_tile_doubled, "dx_tail_dropped": _linear_dx_tail_dropped},
     "fp8_grouped_linear": {"boundary_off_by_one": _grouped_linear_boundary_off_by_one,
                            "dx_tail_dropped": _grouped_linear_dx_tail_dropped},
+    "sum_of_squares": {"first_tensor_dropped": lambda tensors: _ref("sum_of_squares")(tensors[1:]),
+                       "norm_returned": lambda tensors: _ref("sum_of_squares")(tensors).sqrt()},
 }
 
 CASES = [(name, fault, functools.partial(make, name)) for name in ops.REGISTRY for fault, make in GENERIC.items()
