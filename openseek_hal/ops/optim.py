@@ -233,6 +233,15 @@ def sum_of_squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.to(torch.float64).square().sum() for t in tensors]).sum().to(acc)
 
 
+def sum_of_squares_error_scale(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`OpDef.error_scale` of `sum_of_squares`: ``(n + 1) * sum(x ** 2)`` for ``n`` elements in all, the textbook
+    bound, in units of roundoff, of any order of summing ``n`` non-negative terms (``n - 1`` additions) that were
+    each rounded once (a float32 square) and rounded once more to the output; so a backend may add in any order,
+    sequentially included (whose error grows with ``n``; a tree's with ``log2 n``)."""
+    n = sum(t.numel() for t in tensors)
+    return ((n + 1) * sum_of_squares([t.to(torch.float64) for t in tensors])).reshape(())
+
+
 def foreach_sum_of_squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """`sum_of_squares` from torch's multi-tensor norm (one kernel for many tensors; each tensor's norm is
     squared again, so one more rounding than the sum itself): the `cuda` backend's implementation until the
@@ -271,7 +280,7 @@ OPDEFS = [OpDef(name="adamw",
                     "int16 low halves of fp32 masters whose upper halves are the bf16 params (split_master, "
                     "join_master); compared decoded."),
           OpDef(name="sum_of_squares", signature="sum_of_squares(tensors[]) -> Tensor", reference=sum_of_squares,
-                samples=_square_samples, differentiable=False,
+                samples=_square_samples, differentiable=False, error_scale=sum_of_squares_error_scale,
                 doc="The sum of the squares of every element of every tensor (the global gradient norm is its "
                     "square root): float64 when any tensor is float64, else float32. Implementations may add in any "
                     "fixed order, but the same inputs give the same bits on every call.")]

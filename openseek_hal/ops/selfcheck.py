@@ -26,10 +26,17 @@ def _reference_copy(t: Any) -> Any:
     return t.detach().to("cpu", torch.float64 if t.is_floating_point() else t.dtype, copy=True)
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str) -> None:
+def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str,
+           bound: torch.Tensor | None = None) -> None:
+    """``actual`` within ``atol + rtol * |expected|`` of ``expected``, or within ``bound`` (the op's own
+    rounding-error bound, `OpDef.error_scale` times the roundoff) where that is larger."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     actual = actual.detach().cpu()
-    if actual.is_floating_point():
+    if actual.is_floating_point() and bound is not None:
+        a, e = actual.double(), expected.detach().double()
+        allowed = torch.maximum(atol + rtol * e.abs(), bound.double().abs())
+        assert bool(((a - e).abs() <= allowed).all()), f"{what}: {a} vs {e}, allowed {allowed}"
+    elif actual.is_floating_point():
         torch.testing.assert_close(actual.double(), expected.detach().double(), rtol=rtol, atol=atol,
                                    msg=lambda m: f"{what}: {m}")
     else:
@@ -67,8 +74,14 @@ def check_op(name: str, impl: Callable[..., Any], dtype: torch.dtype, device: to
         assert len(out) == len(ref), f"{label}: {len(out)} outputs, the reference has {len(ref)}"
         # values stored encoded (adamw's master remainders) are compared decoded
         shown_out, shown_ref = (opdef.decoded(ref_args, ref_kwargs, outs) for outs in (out, ref))
+        bounds = [None] * len(shown_ref)
+        if opdef.error_scale is not None:  # in units of the roundoff of the dtype each output is computed in
+            scales = pytree.tree_leaves(opdef.error_scale(*pytree.tree_map(_detach, ref_args), **ref_kwargs))
+            bounds = [sc.double() * torch.finfo(torch.promote_types(o.dtype, torch.float32)).eps / 2
+                      if isinstance(sc, torch.Tensor) and sc.shape == o.shape else None
+                      for sc, o in zip(scales, shown_out)] + bounds[len(scales):]
         for j, (o, r) in enumerate(zip(shown_out, shown_ref)):
-            _close(o, r, rtol, atol, f"{label} output {j}")
+            _close(o, r, rtol, atol, f"{label} output {j}", bounds[j])
         if grad_pos:
             pairs = [(o, r) for o, r in zip(out, ref) if o.is_floating_point() and o.requires_grad]
             cot = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o, _ in pairs]
