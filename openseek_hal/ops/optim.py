@@ -224,10 +224,15 @@ def _samples(dtype, device, gen):
                      f"6-tensors:{label}", tolerance_dtype=torch.float32)
 
 
+def sum_of_squares_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype `sum_of_squares` returns (and accumulates in): float64 when any tensor is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def sum_of_squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``sum(t ** 2)`` over every element of every tensor, as a 0-d tensor on their device: float64 when any
     tensor is float64, else float32 (the gradient norm's sum). The reference adds in float64 and rounds once."""
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    acc = sum_of_squares_dtype(tensors)
     if not tensors:
         return torch.zeros((), dtype=acc)
     return torch.stack([t.to(torch.float64).square().sum() for t in tensors]).sum().to(acc)
@@ -246,7 +251,7 @@ def foreach_sum_of_squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """`sum_of_squares` from torch's multi-tensor norm (one kernel for many tensors; each tensor's norm is
     squared again, so one more rounding than the sum itself): the `cuda` backend's implementation until the
     Triton kernel's (`kernels/reduce.py`) is timed against it on a GPU (`benchmarks/ops/grad_norm_bench.py`)."""
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    acc = sum_of_squares_dtype(tensors)
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return torch.zeros((), dtype=acc)

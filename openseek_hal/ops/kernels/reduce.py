@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from openseek_hal.ops.optim import sum_of_squares_dtype
+
 from ._common import acc_type
 
 BLOCK = 8192  # elements a program (16 KB of bf16): a few hundred programs per 1M-element tensor
@@ -29,7 +31,7 @@ def _square_partials(X, OUT, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
 def sum_of_squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``sum(t ** 2)`` over every element of every tensor: a 0-d tensor, float64 when any tensor is float64,
     else float32 (`openseek_hal.ops.optim.sum_of_squares`). A non-contiguous tensor is read from a copy."""
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    acc = sum_of_squares_dtype(tensors)
     tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors if t.numel()]
     if not tensors:
         return torch.zeros((), dtype=acc)
