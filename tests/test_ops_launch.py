@@ -289,3 +289,25 @@ def test_norm_bwd_sweep_runs_its_rows_on_the_cpu(tmp_path, capsys):
         assert all(e.get("ok") for e in result["entries"]), [e for e in result["entries"] if not e.get("ok")]
         assert len(result["entries"]) == 6  # three candidates, three wider grids
     assert out.count("TABLE: (") == 3 and "('rms_norm_bwd', 512): dict(" in out
+
+
+def test_grad_norm_bench_runs_on_the_cpu(tmp_path, capsys):
+    """The gradient-norm benchmark's plumbing on the tiny model (interpreted Triton kernel, wall-clock stand-in
+    timer: no number is meaningful): both implementations' sums within the op's error bound of the float64 sum,
+    the gradients bucketed as the trainer buckets them."""
+    import json
+
+    from benchmark_scripts import load_script
+
+    from openseek_hal.models import build_model
+
+    bench = load_script("ops/grad_norm_bench.py")
+    bench.main([str(tmp_path), "--cpu", "--model", "tiny", "--reps", "1", "--bucket-mb", "0.25"])
+    saved = json.loads((tmp_path / "grad_norm_bench.json").read_text())
+    meta = build_model("tiny", "cpu", device="meta", num_nextn_predict_layers=0)
+    numel = sum(p.numel() for p in meta.parameters() if p.requires_grad)
+    assert saved["elements"] == numel and saved["buckets"] > 1
+    assert [r["variant"].split()[0] for r in saved["rows"]] == ["copy", "torch", "triton"]
+    for row in saved["rows"][1:]:  # (n + 1) u: the bound of any summation order in float32 (OpDef.error_scale)
+        assert row["relative_error"] <= (numel + 1) * 2.0**-24, row
+    assert "triton partials per bucket" in capsys.readouterr().out
