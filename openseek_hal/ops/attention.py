@@ -26,6 +26,23 @@ def document_ids(cu_seqlens: torch.Tensor, batch: int, seq: int) -> torch.Tensor
     return (torch.searchsorted(cu, flat, right=True) - 1).view(batch, seq)
 
 
+def eos_boundaries(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """``cu_seqlens`` for packed rows ``input_ids[B, S]`` whose documents each end with ``eos_id``: a document
+    starts at every row start and after every end-of-text token (which belongs to the document it ends).
+
+    Device ops only, and a fixed length whatever the data (``B * S + B + 1`` boundaries, repeated ones
+    standing for empty documents, which `document_ids` and the kernels allow): a captured training step
+    replays it on every batch."""
+    b, s = input_ids.shape
+    n = b * s
+    flat = torch.arange(n, device=input_ids.device, dtype=torch.int64)
+    # after an end-of-text token, unless it ends its row (the next row's start is a boundary anyway)
+    after_eos = torch.where((input_ids.reshape(-1) == eos_id) & ((flat + 1) % max(s, 1) != 0), flat + 1, n)
+    rows = torch.arange(0, n, max(s, 1), device=input_ids.device, dtype=torch.int64)[:b]
+    last = torch.full((1,), n, device=input_ids.device, dtype=torch.int64)
+    return torch.cat([rows, after_eos, last]).sort().values.to(torch.int32)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                      cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """``softmax(q k^T * scale + causal_mask) v`` on ``(batch, heads, seq, dim)`` tensors.

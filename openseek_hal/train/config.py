@@ -99,6 +99,11 @@ class TrainConfig:
     # with fp8: layers kept in the model's dtype, as comma-separated globs over the layer names
     # (e.g. "*.o_proj,*.experts": attention's output projection and the routed experts); "" keeps none
     fp8_exclude: str = ""
+    # attention stays inside each document of a packed training window: a document starts at each window's
+    # start and after each end-of-text token (the data's document separator), and no token attends to an
+    # earlier document's (the attention op's cu_seqlens; positions are not reset). Off: a window is one
+    # sequence, documents attend across their separators
+    document_mask: bool = False
     profile_step: int = 0  # > 0: profile this step and the next (torch.profiler) into <out>/profile/
 
 

@@ -165,6 +165,7 @@ class TrainingTokens:
     tokens: TokenSequence
     tokenizer: Tokenizer
     tokenizer_path: Path
+    eos_id: int  # the token that ends every document in ``tokens``
 
 
 def load_training_tokens(source: str | None, vocab_size: int, console: Console) -> TrainingTokens:
@@ -180,7 +181,7 @@ def load_training_tokens(source: str | None, vocab_size: int, console: Console) 
         tokens = shards.tokens()
         console.print(f"data: token shards {source}: {shards.num_documents:,} documents, {len(tokens):,} tokens "
                       f"(vocab {shards.vocab_size})")
-        return TrainingTokens(tokens, Tokenizer.from_file(str(path)), path)
+        return TrainingTokens(tokens, Tokenizer.from_file(str(path)), path, shards.eos_id)
     docs = read_documents(source)
     for path, lineno, why in docs.skipped[:5]:
         console.print(f"[yellow]skipped[/] {path}:{lineno}: {why}")
@@ -190,4 +191,4 @@ def load_training_tokens(source: str | None, vocab_size: int, console: Console) 
     tokens = encode_documents(tok, docs.texts)
     console.print(f"data: {docs.name}: {len(docs.texts)} documents, {len(tokens):,} tokens "
                   f"(vocab {tok.get_vocab_size()}, tokenizer {tok_path}, {time.perf_counter() - t0:.1f}s)")
-    return TrainingTokens(tokens, tok, tok_path)
+    return TrainingTokens(tokens, tok, tok_path, tok.token_to_id(EOS))

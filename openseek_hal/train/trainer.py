@@ -33,6 +33,7 @@ from ..errors import ConfigError, RunError, UserError
 from ..fileio import FolderLock, atomic_write_text
 from ..models import DeepseekV3, build_model
 from ..models.deepseek_v3 import enable_fp8, require_fp8
+from ..ops.attention import eos_boundaries
 from .checkpoint import (
     CheckpointReader,
     ExpertSlice,
@@ -120,18 +121,25 @@ def greedy_sample(model: DeepseekV3, tok: Tokenizer, prompt: str, n_tokens: int,
     return tok.decode(ids)
 
 
+def documents(input_ids: torch.Tensor, cfg: TrainConfig, eos_id: int) -> torch.Tensor | None:
+    """The document boundaries attention keeps to (``cu_seqlens``) with ``document_mask``, else None."""
+    return eos_boundaries(input_ids, eos_id) if cfg.document_mask else None
+
+
 @torch.no_grad()
 def evaluate(model: DeepseekV3, tokens: TokenSequence, cfg: TrainConfig, batch: int, device: torch.device,
-             autocast: contextlib.AbstractContextManager) -> float:
-    """Mean loss over consecutive held-out windows (up to ``eval_batches`` batches of ``batch``)."""
+             autocast: contextlib.AbstractContextManager, eos_id: int = -1) -> float:
+    """Mean loss over consecutive held-out windows (up to ``eval_batches`` batches of ``batch``), with the
+    training's document masking (``eos_id``: the data's document separator; -1: none)."""
     starts = list(iter_windows(len(tokens), cfg.seq_len))[: cfg.eval_batches * batch]
     if not starts:
         return float("nan")
     losses = []
     for i in range(0, len(starts), batch):
         x, y = _windows(tokens, starts[i:i + batch], cfg.seq_len)
+        x = x.to(device)
         with autocast:
-            losses.append(float(model.loss(x.to(device), y.to(device)).main))
+            losses.append(float(model.loss(x, y.to(device), cu_seqlens=documents(x, cfg, eos_id)).main))
     return float(np.mean(losses))
 
 
@@ -311,6 +319,7 @@ class _Run:
         if self.layout.is_main:
             self.layout.barrier()
         self.tok, self.tok_path = data.tokenizer, data.tokenizer_path
+        self.eos_id = data.eos_id
         split = int(len(data.tokens) * 0.95)
         self.train_tokens, self.val_tokens = data.tokens[:split], data.tokens[split:]
         if len(self.train_tokens) <= cfg.seq_len + 1:
@@ -480,7 +489,7 @@ class _Run:
                 ckpt_path = self.reader.path
             self.model.eval()
             eval_batch = max(1, min(self.micro, cfg.global_batch_size))
-            val_loss = evaluate(self.model, self.val_tokens, cfg, eval_batch, self.device, autocast)
+            val_loss = evaluate(self.model, self.val_tokens, cfg, eval_batch, self.device, autocast, self.eos_id)
             metrics.log(cfg.steps, {"val_loss": val_loss})
         sample = greedy_sample(self.model, self.tok, "The ", cfg.sample_tokens, cfg.seq_len, self.device, autocast)
         tps = timed_tokens / timed_seconds if timed_seconds else float("nan")
@@ -512,7 +521,7 @@ class _Run:
         loss_sum = aux_sum = mtp_sum = None
         for x, y in inputs:
             with autocast:
-                loss = self.model.loss(x, y)
+                loss = self.model.loss(x, y, cu_seqlens=documents(x, cfg, self.eos_id))
             mark("forward")
             loss.total.backward()
             mark("backward")

@@ -80,7 +80,10 @@ class MLA(nn.Module):
         self._qkv = backend.op("mla_qkv")
         self._attention = backend.op("causal_attention")
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """``cu_seqlens``: document boundaries over the flattened batch (`causal_attention`'s): no query
+        attends to a key of another document."""
         b, s, _ = x.shape
         # Activations stay in the projections' (batch, seq, heads, dim) layout and attention gets
         # (batch, heads, seq, dim) views of them: no transposing copy of q, k, v or their gradients
@@ -92,7 +95,8 @@ class MLA(nn.Module):
         # shared by every head). The rotation keeps the interleaved pair order where HF de-interleaves;
         # q and k get the same layout, so the scores q.k are the same.
         q, k, v = self._qkv(q.view(b, s, self.heads, -1), kv, k_rope, cos, sin, self.interleaved)
-        out = self._attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale)
+        out = self._attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale,
+                              cu_seqlens=cu_seqlens)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.v_dim))
 
 
@@ -283,7 +287,7 @@ class Experts(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: MLA then a dense MLP or a MoE.
 
-    ``block(x, cos, sin, pending)`` returns ``(x', out, aux)`` and leaves the last residual add to its
+    ``block(x, cos, sin, pending, cu_seqlens)`` returns ``(x', out, aux)`` and leaves the last residual add to its
     consumer: the block's output is ``x' + out``, which the next block's input norm (or the final norm)
     adds and normalizes in one `add_rms_norm` (the ``pending`` argument). So the residual stream is never
     added on its own, and in backward the norm's kernel adds the residual's gradient instead of a
@@ -298,15 +302,16 @@ class Block(nn.Module):
         self.is_moe = config.is_moe_layer(layer_index)
         self.mlp = MoE(config, backend) if self.is_moe else MLP(config.hidden_size, config.intermediate_size, backend)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pending: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pending: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(x', out, aux)``: the block's output is ``x' + out``; ``pending`` is the previous block's ``out``
-        (its residual stream is then ``x + pending``)."""
+        (its residual stream is then ``x + pending``); ``cu_seqlens``: document boundaries for attention.
+        Arguments are positional where the block is wrapped (recomputation passes them on as given)."""
         if pending is None:
             h = self.input_layernorm(x)
         else:
             h, x = self.input_layernorm(pending, residual=x)
-        attn = self.self_attn(h, cos, sin)
+        attn = self.self_attn(h, cos, sin, cu_seqlens)
         normed, x = self.post_attention_layernorm(attn, residual=x)
         if self.is_moe:
             out, aux = self.mlp(normed)
@@ -328,9 +333,9 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(h, config.rms_norm_eps, backend)  # HF: shared_head.norm
 
     def forward(self, hidden: torch.Tensor, embedded: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                sin: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(hidden)], dim=-1))
-        x, out, aux = self.block(x, cos, sin)
+        x, out, aux = self.block(x, cos, sin, None, cu_seqlens)
         return self.norm(out, residual=x)[0], aux
 
 
@@ -400,16 +405,18 @@ class DeepseekV3(nn.Module):
             return TiedGradient(weight)
         return None
 
-    def _trunk(self, input_ids: torch.Tensor,
-               tied: TiedGradient | None = None) -> tuple[torch.Tensor, list[torch.Tensor], tuple]:
+    def _trunk(self, input_ids: torch.Tensor, tied: TiedGradient | None = None,
+               cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor], tuple]:
+        """Final hidden states, the MoE balance losses, and what every block takes besides its input (the
+        rope tables and the document boundaries, for the MTP blocks)."""
         cos, sin = self._rope_tables(input_ids.shape[1], input_ids.device)
         x = self._embed(input_ids, tied)
         auxes, out = [], None
         for layer in self.layers:
-            x, out, aux = layer(x, cos, sin, out)
+            x, out, aux = layer(x, cos, sin, out, cu_seqlens)
             if aux is not None:
                 auxes.append(aux)
-        return (self.norm(x) if out is None else self.norm(out, residual=x)[0]), auxes, (cos, sin)
+        return (self.norm(x) if out is None else self.norm(out, residual=x)[0]), auxes, (cos, sin, cu_seqlens)
 
     def _mtp(self, input_ids: torch.Tensor, hidden: torch.Tensor, rope: tuple,
              auxes: list[torch.Tensor], tied: TiedGradient | None = None) -> list[torch.Tensor]:
@@ -425,23 +432,28 @@ class DeepseekV3(nn.Module):
         return out
 
     # -- public --------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden, _, _ = self._trunk(input_ids)
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits; ``cu_seqlens`` (document boundaries over the flattened batch, e.g. `eos_boundaries`): each
+        token attends only within its document."""
+        hidden, _, _ = self._trunk(input_ids, None, cu_seqlens)
         return self.head(hidden)
 
-    def forward_with_mtp(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_with_mtp(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``(logits[B, S, V], [mtp_logits_d[B, S, V] for d in 1..D])``."""
-        hidden, auxes, rope = self._trunk(input_ids)
+        hidden, auxes, rope = self._trunk(input_ids, None, cu_seqlens)
         return self.head(hidden), [self.head(h) for h in self._mtp(input_ids, hidden, rope, auxes)]
 
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100) -> ModelLoss:
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+             cu_seqlens: torch.Tensor | None = None) -> ModelLoss:
         """Losses for next-token ``labels[B, S]`` (``labels[:, i]`` is the target at position ``i``).
 
-        MTP depth ``d`` targets ``labels[:, i + d]``; its last ``d`` positions are ignored.
+        MTP depth ``d`` targets ``labels[:, i + d]``; its last ``d`` positions are ignored. ``cu_seqlens``:
+        document boundaries (see `forward`).
         """
         c = self.config
         tied = self._tied_gradient()
-        hidden, auxes, rope = self._trunk(input_ids, tied)
+        hidden, auxes, rope = self._trunk(input_ids, tied, cu_seqlens)
         main = self._head_loss(hidden, labels, ignore_index, tied)
         mtp = None
         if len(self.mtp) and c.mtp_loss_weight > 0:
