@@ -102,6 +102,53 @@ def test_replayed_steps_equal_eager_ones(tmp_path, graphs):
     assert re.search(r"graph \d+ ms \(fwd \d+ bwd \d+ opt \d+ comm \d+ ms\)", log), log
 
 
+def _attention_without_reads(q, k, v, scale=None, cu_seqlens=None):
+    """`causal_attention` with no host read (the reference checks ``cu_seqlens`` on the host): each token's
+    document start from the flash kernels' device-side bounds, and a dense masked softmax."""
+    from openseek_hal.ops.attention import causal_attention
+    from openseek_hal.ops.kernels.attention import document_bounds
+
+    if cu_seqlens is None:
+        return causal_attention(q, k, v, scale)
+    b, _, s, _ = q.shape
+    start, _ = document_bounds(cu_seqlens, b, s)
+    pos = torch.arange(s)
+    keep = (pos[None, :] <= pos[:, None])[None] & (pos[None, None, :] >= start[:, :, None].to(torch.int64))
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    return scores.masked_fill(~keep[:, None], float("-inf")).softmax(-1) @ v
+
+
+def test_document_masks_are_made_again_on_every_replay(tmp_path, graphs, monkeypatch):
+    """`document_mask`: the boundaries come from each batch's end-of-text tokens inside the captured step, so
+    every replay masks its own batch's documents: the replayed losses are the eager ones (a replay that kept
+    the capture's boundaries would mask other documents and differ from step 3 on), and they differ from an
+    unmasked run's."""
+    op = CPUBackend.op
+    monkeypatch.setattr(CPUBackend, "op", lambda self, name: _attention_without_reads if name == "causal_attention"
+                        else _grouped_linear_without_reads if name == "grouped_linear" else op(self, name))
+    data = tmp_path / "docs.jsonl"
+    words = "the quick brown fox jumps over a lazy dog while seven bakers sell warm bread".split()
+    data.write_text("".join(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(2 + i % 5))})
+                            + "\n" for i in range(300)))
+    eager = _run(tmp_path, "eager", data=str(data), document_mask=True)
+    replayed = _run(tmp_path, "graph", data=str(data), document_mask=True, graph_step=True)
+    unmasked = _run(tmp_path, "unmasked", data=str(data))
+    assert graphs and graphs[0].replays == TINY["steps"] - 1
+    assert _close(replayed.losses, eager.losses), (replayed.losses, eager.losses)
+    assert not _close(unmasked.losses, eager.losses)
+
+
+def test_the_attention_without_reads_is_the_reference():
+    from openseek_hal.ops.attention import causal_attention, eos_boundaries
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 12, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 3, 12, 4, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, 4, (2, 12), generator=gen)
+    cu = eos_boundaries(ids, 3)
+    assert torch.allclose(_attention_without_reads(q, k, v, 0.3, cu), causal_attention(q, k, v, 0.3, cu), rtol=1e-13)
+
+
 def test_a_graph_without_timing_events_reports_the_whole_step(tmp_path, graphs, monkeypatch):
     """A device graph API that cannot time parts of a replay (`timing_event` None): the step as a whole."""
     monkeypatch.setattr(Device, "graph", lambda self: graphs.append(RecordingGraph(timing=False)) or graphs[-1])
