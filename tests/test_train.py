@@ -128,8 +128,8 @@ def test_wandb_logs_offline(tmp_path, monkeypatch):
 def test_diverged_loss_is_one_clear_error(tmp_path, monkeypatch):
     real_loss = DeepseekV3.loss
 
-    def poisoned(self, x, y):
-        out = real_loss(self, x, y)
+    def poisoned(self, x, y, **kwargs):
+        out = real_loss(self, x, y, **kwargs)
         return ModelLoss(total=out.total * float("nan"), main=out.main * float("nan"), mtp=out.mtp, aux=out.aux)
 
     monkeypatch.setattr(DeepseekV3, "loss", poisoned)
@@ -153,8 +153,8 @@ def test_diverged_gradient_norm_names_its_step_and_writes_no_checkpoint(tmp_path
     real_loss = DeepseekV3.loss
     calls = []
 
-    def poisoned(self, x, y):
-        out = real_loss(self, x, y)
+    def poisoned(self, x, y, **kwargs):
+        out = real_loss(self, x, y, **kwargs)
         calls.append(1)
         if len(calls) == 4:  # the loss stays finite; the gradient norm (read on the device) does not
             return ModelLoss(total=_NanGradient.apply(out.total), main=out.main, mtp=out.mtp, aux=out.aux)
