@@ -71,6 +71,9 @@ ROWS = {
     "1gpu-eager": (1, ["model.num_nextn_predict_layers=0", "graph_step=false"]),  # every step launched eagerly
     "1gpu-again": (1, ["model.num_nextn_predict_layers=0"]),  # the baseline once more, last: drift shows
     "1gpu-mtp": (1, []),
+    # attention kept inside each document (the data's documents are 500-3,000 tokens: 2-3 a 4,096 window);
+    # every layer then takes the flash kernel with the documents' bounds
+    "1gpu-docmask": (1, ["model.num_nextn_predict_layers=0", "document_mask=true"]),
     # FP8 linear layers and routed experts (DeepSeek-V3's recipe); compare with "1gpu" in the same run
     "1gpu-fp8": (1, ["model.num_nextn_predict_layers=0", "fp8=true"]),
     # the update of the buckets no collective touches on a side stream, beside the next forward
