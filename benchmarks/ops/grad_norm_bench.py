@@ -5,11 +5,12 @@ Triton backends').
 
     python benchmarks/ops/grad_norm_bench.py OUT_DIR [--model openseek-small] [--reps 10]
 
-The gradients are bf16 tensors shaped like the model's trainable parameters (MTP off), grouped as the
-trainer's 128 MB buckets group them (one call per bucket, as backward's hooks make them). Each variant's
-calls over every bucket are captured ``--reps`` times in one CUDA graph and the graph is replayed, so the
-time is device time, as in the trainer's captured step. A device copy of one buffer as large as all the
-gradients gives the bandwidth (half its time is one read of them). Both sums are checked against a float64 one.
+The gradients are bf16 tensors shaped like the model's trainable parameters (MTP off), grouped into the
+trainer's buckets (its `bucket_mb`, 128 MiB of float32 by default; one call per bucket, as backward's hooks
+make them). Each variant's calls over every bucket are captured ``--reps`` times in one CUDA graph and the
+graph is replayed, so the time is device time, as in the trainer's captured step. A device copy of one buffer
+as large as all the gradients gives the bandwidth (half its time is one read of them). Both sums are checked
+against a float64 one.
 Writes OUT_DIR/grad_norm_bench.json (card, versions, commit, command) and prints a table.
 """
 
@@ -27,6 +28,7 @@ from openseek_hal.models import build_model
 from openseek_hal.ops.kernel_loader import kernel_table
 from openseek_hal.ops.optim import foreach_sum_of_squares
 from openseek_hal.provenance import cuda_devices, provenance
+from openseek_hal.train.zero import bucket_groups
 
 
 def _graph_ms(fn, reps: int) -> float:
@@ -62,20 +64,14 @@ def _wall_ms(fn, reps: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
-def buckets_of(shapes: list[torch.Size], bucket_mb: float, device: torch.device) -> list[list[torch.Tensor]]:
-    """bf16 gradients shaped ``shapes`` (random, ~1e-3), in backward's order (last first), grouped into buckets of
-    at most ``bucket_mb`` MiB as the trainer groups them (a larger tensor gets a bucket of its own)."""
+def buckets_of(model: torch.nn.Module, bucket_mb: float, device: torch.device) -> list[list[torch.Tensor]]:
+    """bf16 gradients (random, ~1e-3) shaped like ``model``'s trainable parameters, in the trainer's buckets of
+    ``bucket_mb`` MiB of float32 (`openseek_hal.train.zero.bucket_groups`: one data-parallel space, no experts
+    split off)."""
     gen = torch.Generator(device=device).manual_seed(0)
-    buckets: list[list[torch.Tensor]] = [[]]
-    size = 0
-    for s in reversed(shapes):
-        g = (torch.randn(s, device=device, generator=gen) * 1e-3).to(torch.bfloat16)
-        if size and size + g.numel() * 2 > bucket_mb * 2**20:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(g)
-        size += g.numel() * 2
-    return buckets
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [[(torch.randn(p.shape, device=device, generator=gen) * 1e-3).to(torch.bfloat16) for _, p in group]
+            for group in bucket_groups(named, int(bucket_mb * 2**20))]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--model", default="openseek-small")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--bucket-mb", type=float, default=128.0)
+    ap.add_argument("--bucket-mb", type=float, default=128.0, help="the trainer's bucket_mb (float32 MiB)")
     ap.add_argument("--cpu", action="store_true", help=argparse.SUPPRESS)  # CPU plumbing test: interpreted kernel
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     triton_sum = kernel_table(interpret=args.cpu)["sum_of_squares"]
     timer = _wall_ms if args.cpu else _graph_ms
     meta = build_model(args.model, "cpu", device="meta", num_nextn_predict_layers=0)
-    buckets = buckets_of([p.shape for p in meta.parameters() if p.requires_grad], args.bucket_mb, dev)
+    buckets = buckets_of(meta, args.bucket_mb, dev)
     grads = [g for b in buckets for g in b]
     numel = sum(g.numel() for g in grads)
     exact = sum(g.double().square().sum().item() for g in grads)

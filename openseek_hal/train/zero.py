@@ -237,15 +237,8 @@ class DistributedOptimizer:
     # -- layout --------------------------------------------------------------------------------
     def _build_buckets(self, space: str, comm: Communicator | None, named: list[tuple[str, nn.Parameter]],
                        cap_bytes: int) -> None:
-        """Group ``named`` (in reverse order: roughly the order backward produces gradients) into buckets."""
-        groups: list[list[tuple[str, nn.Parameter]]] = []
-        size = 0
-        for name, p in reversed(named):
-            if not groups or size >= cap_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append((name, p))
-            size += p.numel() * 4
+        """Group ``named`` into buckets (`bucket_groups`) and make their buffers."""
+        groups = bucket_groups(named, cap_bytes)
         # inside a bucket the decayed parameters come first: a rank's shard is then at most two runs of
         # elements (decayed, not decayed), each updated by one `adamw` call whatever the parameter count
         groups = [sorted(g, key=lambda item: self._no_decay(*item)) for g in groups]
@@ -403,19 +396,22 @@ class DistributedOptimizer:
         """The dtype the gradient norm's sums of squares are taken in."""
         return torch.promote_types(self.master_dtype, torch.float32)
 
+    def _squares(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The backend's `sum_of_squares` of ``tensors``, in the norm's dtype (so every bucket's part adds up)."""
+        return self._sum_of_squares(tensors).to(self._norm_dtype)
+
     def _bucket_squares(self, b: Bucket) -> None:
         """The complete bucket's share of the gradient norm, beside the rest of backward where there is a
         side stream (its gradients stay alive until `update`, which waits for this first)."""
-        acc = self._norm_dtype
         grads = list(b.grads.values())
         if self._norm_side is None:
-            b.squares = self._sum_of_squares(grads).to(acc)
+            b.squares = self._squares(grads)
             return
         ready = self._device.event()
         ready.record()
         self._norm_side.wait_event(ready)
         with self._norm_side:
-            b.squares = self._sum_of_squares(grads).to(acc)
+            b.squares = self._squares(grads)
             b.squares_done = self._device.event()
             b.squares_done.record(self._norm_side)
 
@@ -430,7 +426,7 @@ class DistributedOptimizer:
         parts = []
         for b in self.buckets:
             if b.squares is None:  # a reduced shard (or a bucket finished without `_launch`)
-                parts.append(self._sum_of_squares(list(b.grads.values()) if b.direct else [b.step_grad]).to(acc))
+                parts.append(self._squares(list(b.grads.values()) if b.direct else [b.step_grad]))
                 continue
             if b.squares_done is not None:
                 b.squares_done.wait()
@@ -633,6 +629,20 @@ def master_dtype(weights: torch.dtype) -> torch.dtype:
     """The master weights' dtype for weights of dtype ``weights``: float64 for float64 (verification runs),
     float32 for everything else."""
     return torch.float64 if weights == torch.float64 else torch.float32
+
+
+def bucket_groups(named: list[tuple[str, nn.Parameter]], cap_bytes: int) -> list[list[tuple[str, nn.Parameter]]]:
+    """``named`` in reverse order (roughly the order backward produces gradients), cut into buckets: a bucket
+    takes parameters until it holds ``cap_bytes`` of float32 (the last one may take it past)."""
+    groups: list[list[tuple[str, nn.Parameter]]] = []
+    size = 0
+    for name, p in reversed(named):
+        if not groups or size >= cap_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, p))
+        size += p.numel() * 4
+    return groups
 
 
 def named_spaces(model: nn.Module, dense: Communicator | None, expert: Communicator | None,
