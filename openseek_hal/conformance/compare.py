@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..ops.opdef import NORM_RTOL
+from ..ops.opdef import NORM_RTOL, roundoff
 
 
 @dataclass
@@ -105,8 +105,7 @@ def compare_tensor(actual: torch.Tensor, expected: torch.Tensor, rtol: float, at
     if error_scale is not None and error_scale.shape == e.shape:
         # the op's own rounding-error bound (OpDef.error_scale), in units of the roundoff of the dtype
         # it computes in; the rounding of a narrower output is the element-wise rtol's
-        unit = torch.finfo(torch.promote_types(actual.dtype, torch.float32)).eps / 2
-        bound = error_scale.detach().cpu().to(torch.float64).abs() * unit
+        bound = error_scale.detach().cpu().to(torch.float64).abs() * roundoff(actual.dtype)
         bound = torch.where(bound.isfinite(), bound, torch.zeros_like(e))
         allowed = torch.maximum(allowed, bound)
     excess = torch.where(finite, (a - e).abs() / allowed, torch.zeros_like(e))

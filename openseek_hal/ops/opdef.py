@@ -44,6 +44,12 @@ NORM_RTOL: dict[torch.dtype, float] = {
 }
 
 
+def roundoff(dtype: torch.dtype) -> float:
+    """The unit roundoff of the dtype an op producing ``dtype`` computes in (float32 for narrower outputs):
+    the unit of `OpDef.error_scale`."""
+    return torch.finfo(torch.promote_types(dtype, torch.float32)).eps / 2
+
+
 @dataclass(frozen=True)
 class Sample:
     """One call of an op: positional tensors/values, keyword arguments, and a label for reports.

@@ -128,9 +128,9 @@ def documents(input_ids: torch.Tensor, cfg: TrainConfig, eos_id: int) -> torch.T
 
 @torch.no_grad()
 def evaluate(model: DeepseekV3, tokens: TokenSequence, cfg: TrainConfig, batch: int, device: torch.device,
-             autocast: contextlib.AbstractContextManager, eos_id: int = -1) -> float:
+             autocast: contextlib.AbstractContextManager, eos_id: int) -> float:
     """Mean loss over consecutive held-out windows (up to ``eval_batches`` batches of ``batch``), with the
-    training's document masking (``eos_id``: the data's document separator; -1: none)."""
+    training's document masking (``eos_id``: the data's document separator)."""
     starts = list(iter_windows(len(tokens), cfg.seq_len))[: cfg.eval_batches * batch]
     if not starts:
         return float("nan")
