@@ -418,14 +418,14 @@ class DeepseekV3(nn.Module):
                 auxes.append(aux)
         return (self.norm(x) if out is None else self.norm(out, residual=x)[0]), auxes, (cos, sin, cu_seqlens)
 
-    def _mtp(self, input_ids: torch.Tensor, hidden: torch.Tensor, rope: tuple,
+    def _mtp(self, input_ids: torch.Tensor, hidden: torch.Tensor, block_args: tuple,
              auxes: list[torch.Tensor], tied: TiedGradient | None = None) -> list[torch.Tensor]:
         """Hidden states of each MTP depth. Inputs are shifted left one token per depth; the
         positions whose future tokens fall off the end see token 0 and are masked in the loss."""
         out, ids = [], input_ids
         for module in self.mtp:
             ids = F.pad(ids[:, 1:], (0, 1))
-            hidden, aux = module(hidden, self._embed(ids, tied), *rope)
+            hidden, aux = module(hidden, self._embed(ids, tied), *block_args)
             if aux is not None:
                 auxes.append(aux)
             out.append(hidden)
@@ -441,8 +441,8 @@ class DeepseekV3(nn.Module):
     def forward_with_mtp(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``(logits[B, S, V], [mtp_logits_d[B, S, V] for d in 1..D])``."""
-        hidden, auxes, rope = self._trunk(input_ids, None, cu_seqlens)
-        return self.head(hidden), [self.head(h) for h in self._mtp(input_ids, hidden, rope, auxes)]
+        hidden, auxes, block_args = self._trunk(input_ids, None, cu_seqlens)
+        return self.head(hidden), [self.head(h) for h in self._mtp(input_ids, hidden, block_args, auxes)]
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
              cu_seqlens: torch.Tensor | None = None) -> ModelLoss:
@@ -453,12 +453,12 @@ class DeepseekV3(nn.Module):
         """
         c = self.config
         tied = self._tied_gradient()
-        hidden, auxes, rope = self._trunk(input_ids, tied, cu_seqlens)
+        hidden, auxes, block_args = self._trunk(input_ids, tied, cu_seqlens)
         main = self._head_loss(hidden, labels, ignore_index, tied)
         mtp = None
         if len(self.mtp) and c.mtp_loss_weight > 0:
             shifted, losses = labels, []
-            for h in self._mtp(input_ids, hidden, rope, auxes, tied):
+            for h in self._mtp(input_ids, hidden, block_args, auxes, tied):
                 shifted = F.pad(shifted[:, 1:], (0, 1), value=ignore_index)
                 losses.append(self._head_loss(h, shifted, ignore_index, tied))
             mtp = torch.stack(losses).mean()
