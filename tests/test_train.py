@@ -203,14 +203,17 @@ def test_profile_step_writes_a_trace_and_tables_of_the_profiled_steps(tmp_path):
 
     train(_cfg(tmp_path, steps=4, profile_step=2), console=_quiet())
     folder = tmp_path / "run" / "profile"
-    assert sorted(p.name for p in folder.iterdir()) == ["rank0-device.txt", "rank0-host.txt", "rank0-summary.json",
-                                                         "rank0.trace.json.gz"]
+    assert sorted(p.name for p in folder.iterdir()) == ["rank0-device.txt", "rank0-host.txt", "rank0-shapes.txt",
+                                                         "rank0-summary.json", "rank0.trace.json.gz"]
     summary = json.loads((folder / "rank0-summary.json").read_text())
     assert summary["steps"] == [2, 3] and summary["wall_ms"] > 0
     trace = json.loads(gzip.decompress((folder / "rank0.trace.json.gz").read_bytes()))
     names = {e.get("name", "") for e in trace["traceEvents"]}
     assert {"aten::embedding", "aten::mm"} <= names  # the model's forward and backward ran inside the span
     assert "aten::mm" in (folder / "rank0-host.txt").read_text()
+    # operators split by input shape: several aten::mm rows, one of them the 256 tokens x hidden 128 of a step
+    mm_rows = [line for line in (folder / "rank0-shapes.txt").read_text().splitlines() if "aten::mm " in line]
+    assert len(mm_rows) > 1 and any("[[256, 128], " in row for row in mm_rows)
 
 
 def test_checkpoints_carry_the_kernel_choices_and_a_resume_presets_them(tmp_path, monkeypatch):

@@ -3,7 +3,8 @@
 Every rank records host and device activity over steps ``[first, first + count)`` and writes, under
 ``<run>/profile/``: ``rank<r>.trace.json.gz`` (a Chrome / Perfetto trace), ``rank<r>-device.txt``
 (operators and kernels by device time), ``rank<r>-host.txt`` (by host time) and
-``rank<r>-summary.json`` (wall time of the profiled steps and the device's busy time in it: a device
+``rank<r>-shapes.txt`` (operators by device time, split by their input shapes: which call of an operator
+costs what), ``rank<r>-summary.json`` (wall time of the profiled steps and the device's busy time in it: a device
 that is busy far less than the wall time waits for the host).
 """
 
@@ -34,7 +35,7 @@ class StepProfiler:
         if self.device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
         self.device.synchronize()
-        self._prof = profile(activities=activities, record_shapes=False)
+        self._prof = profile(activities=activities, record_shapes=True)
         self._prof.__enter__()
         self._t0 = time.perf_counter()
 
@@ -52,6 +53,9 @@ class StepProfiler:
         r = self.rank
         (self.folder / f"rank{r}-device.txt").write_text(
             averages.table(sort_by=device_key, row_limit=60, max_name_column_width=80))
+        (self.folder / f"rank{r}-shapes.txt").write_text(
+            prof.key_averages(group_by_input_shape=True).table(
+                sort_by=device_key, row_limit=80, max_name_column_width=60, max_shapes_column_width=100))
         (self.folder / f"rank{r}-host.txt").write_text(
             averages.table(sort_by="self_cpu_time_total", row_limit=60, max_name_column_width=80))
         prof.export_chrome_trace(str(self.folder / f"rank{r}.trace.json.gz"))
