@@ -44,13 +44,37 @@ def test_eos_boundaries_give_each_token_its_document(seed):
     assert torch.equal(flat[:, None] == flat[None, :], same)
 
 
-def test_the_flash_kernels_bounds_follow_the_same_boundaries():
-    from openseek_hal.ops.kernels.attention import document_bounds
+def _bounds_kernel():
+    from openseek_hal.ops.kernel_loader import load_kernels
 
+    return load_kernels(interpret=True).attention.document_bounds
+
+
+def test_the_flash_kernels_bounds_follow_the_same_boundaries():
     ids = torch.tensor([[5, EOS, 2, EOS, 4, 4], [EOS, 7, 7, 8, EOS, EOS]])
-    start, end = document_bounds(eos_boundaries(ids, EOS), 2, 6)
+    start, end = _bounds_kernel()(eos_boundaries(ids, EOS), 2, 6)
     assert start.tolist() == [[0, 0, 2, 2, 4, 4], [0, 1, 1, 1, 1, 5]]
     assert end.tolist() == [[2, 2, 4, 4, 6, 6], [1, 5, 5, 5, 5, 6]]
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_the_bounds_kernel_matches_a_loop_over_any_boundaries(seed, dtype):
+    """Boundaries as flash-attn's varlen callers give them (documents straddling rows, empty documents,
+    one whole-batch document) against each token's document start and end by a plain loop."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, seq = 3, 37
+    total = batch * seq
+    inner = torch.randint(0, total + 1, (int(torch.randint(0, 40, (1,), generator=gen)),), generator=gen)
+    cu = torch.cat([torch.tensor([0]), inner.sort().values, torch.tensor([total])]).to(dtype)
+    start, end = _bounds_kernel()(cu, batch, seq)
+    bounds = cu.tolist()
+    for t in range(total):
+        doc = max(i for i in range(len(bounds) - 1) if bounds[i] <= t)
+        row = t // seq
+        want_start = max(bounds[doc], row * seq) - row * seq
+        want_end = min(bounds[doc + 1], (row + 1) * seq) - row * seq
+        assert (int(start[row, t % seq]), int(end[row, t % seq])) == (want_start, want_end), (t, bounds)
 
 
 def test_a_masked_document_ignores_the_documents_before_it():

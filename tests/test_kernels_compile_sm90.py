@@ -64,3 +64,11 @@ def test_sum_of_squares_kernel_builds_for_sm90(tmp_path, monkeypatch):
 
     constexprs = {"ACC": tl.float32, "BLOCK": reduce.BLOCK}
     assert _cubin(reduce._square_partials, {"X": BF16, "OUT": F32, "n": "i32"}, constexprs, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("cu_type", ["*i32", "*i64"])
+def test_document_bounds_kernel_builds_for_sm90(cu_type, tmp_path, monkeypatch):
+    from openseek_hal.ops.kernels import attention
+
+    signature = {"CU": cu_type, "START": "*i32", "END": "*i32", "n_cu": "i32", "total": "i32", "seq": "i32"}
+    assert _cubin(attention._document_bounds_kernel, signature, {"STEPS": 14, "BLOCK": 1024}, tmp_path, monkeypatch)

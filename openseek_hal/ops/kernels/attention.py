@@ -638,19 +638,46 @@ def _like_layout(x: torch.Tensor, d: int) -> torch.Tensor:
     return torch.empty(b, h, s, d, dtype=x.dtype, device=x.device)
 
 
+@triton.jit
+def _document_bounds_kernel(CU, START, END, n_cu, total, seq, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    # per flattened token t: the last boundary index i with cu[i] <= t (a binary search over all of cu,
+    # STEPS = ceil(log2(n_cu)) halvings), its document's start and end clipped to t's row
+    t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = t < total
+    lo = tl.zeros([BLOCK], dtype=tl.int64)  # cu[lo] <= t holds throughout (cu[0] = 0)
+    hi = tl.zeros([BLOCK], dtype=tl.int64) + (n_cu - 1)
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi + 1) // 2
+        below = tl.load(CU + mid, mask=mask, other=0).to(tl.int64) <= t
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid - 1)
+    doc = tl.minimum(lo, tl.maximum(n_cu - 2, 0))
+    row_start = (t // seq) * seq
+    first = tl.load(CU + doc, mask=mask, other=0).to(tl.int64)
+    last = tl.load(CU + tl.minimum(doc + 1, n_cu - 1), mask=mask, other=0).to(tl.int64)
+    start = tl.minimum(tl.maximum(tl.maximum(first, row_start) - row_start, 0), seq)
+    end = tl.minimum(tl.maximum(tl.minimum(last, row_start + seq) - row_start, 0), seq)
+    tl.store(START + t, start.to(tl.int32), mask=mask)
+    tl.store(END + t, end.to(tl.int32), mask=mask)
+
+
 def document_bounds(cu_seqlens: torch.Tensor, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token of each row, the start and the end (exclusive) of its document within the row, as
     int32 ``[batch, seq]``, from boundaries ``cu_seqlens`` over the flattened ``batch * seq`` tokens.
-    Pure device ops (no host sync)."""
-    cu = cu_seqlens.to(torch.int64).contiguous()
-    flat = torch.arange(batch * seq, device=cu.device, dtype=torch.int64)
-    doc = torch.searchsorted(cu, flat, right=True) - 1
-    doc = doc.clamp(0, max(cu.numel() - 2, 0))
-    row_start = (flat // max(seq, 1)) * seq
-    start = torch.maximum(cu[doc], row_start) - row_start
-    end = torch.minimum(cu[(doc + 1).clamp(max=cu.numel() - 1)], row_start + seq) - row_start
-    return (start.clamp(0, seq).to(torch.int32).view(batch, seq).contiguous(),
-            end.clamp(0, seq).to(torch.int32).view(batch, seq).contiguous())
+    One kernel launch (a captured training step calls this in every attention layer's forward and
+    backward), no host sync."""
+    cu = cu_seqlens.contiguous()
+    start = torch.empty(batch, seq, dtype=torch.int32, device=cu.device)
+    end = torch.empty_like(start)
+    total, n_cu = batch * seq, cu.numel()
+    if total == 0:
+        return start, end
+    if n_cu < 2:  # no boundaries at all: every row is one document (the reference rejects this input)
+        return start.zero_(), end.fill_(seq)
+    block = 1024
+    _document_bounds_kernel[(triton.cdiv(total, block),)](cu, start, end, n_cu, total, seq,
+                                                          STEPS=max(1, math.ceil(math.log2(n_cu))), BLOCK=block)
+    return start, end
 
 
 def _forward(q, k, v, scale, seg, config: AttentionConfig):
