@@ -260,3 +260,34 @@ def test_master_remainders_load_from_and_save_to_whole_fp32_masters():
     _step_with_grads(split_model, split, 2)
     for a, b in zip(_masters(full), _masters(split), strict=True):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _float64_norm_of_bf16_shards(comm):
+    """A float64 run reducing in bf16: the optimizer's gradient norm, and the same norm from the reduced
+    shards converted to float64 (exactly) and summed in float64 here."""
+    from openseek_hal.train.zero import named_spaces as spaces
+
+    model = _model(torch.float64)
+    opt = DistributedOptimizer(spaces(model, comm, comm, lambda p: False), get_backend("cpu"), world=comm,
+                               lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, bucket_mb=0.001,
+                               master_dtype=torch.float64, reduce_dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(7 + comm.rank)
+    opt.start_step(1)
+    model(torch.randn(4, 16, generator=gen, dtype=torch.float64)).square().mean().backward()
+    opt.next_micro_batch()
+    opt.finish_gradients()
+    assert {b.step_grad.dtype for b in opt.buckets} == {torch.bfloat16}
+    mine = torch.stack([b.step_grad.double().square().sum() for b in opt.buckets]).sum().reshape(1)
+    comm.all_reduce(mine, op="sum")
+    norm = opt.grad_norm()
+    return norm.dtype, float(norm), float(mine[0].sqrt() * opt._scale)
+
+
+def test_a_float64_run_sums_bf16_reduced_gradients_in_float64():
+    """The norm's squares of bf16-reduced shards in a float64 run are summed in float64: within float64
+    roundoff of the float64 sum (a float32 sum would be off by ~1e-8 of the norm)."""
+    from openseek_hal.comm import launch
+
+    for dtype, got, want in launch(_float64_norm_of_bf16_shards, 2):
+        assert dtype == torch.float64
+        assert abs(got - want) <= 1e-13 * want

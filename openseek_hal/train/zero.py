@@ -397,7 +397,11 @@ class DistributedOptimizer:
         return torch.promote_types(self.master_dtype, torch.float32)
 
     def _squares(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """The backend's `sum_of_squares` of ``tensors``, in the norm's dtype (so every bucket's part adds up)."""
+        """The backend's `sum_of_squares` of ``tensors``, in the norm's dtype (so every bucket's part adds up).
+        A float64 norm takes float64 inputs (the op sums other dtypes in float32): a float64 run whose
+        gradients were reduced in a narrower dtype still sums their squares in float64."""
+        if self._norm_dtype == torch.float64:
+            tensors = [t if t.dtype == torch.float64 else t.to(torch.float64) for t in tensors]
         return self._sum_of_squares(tensors).to(self._norm_dtype)
 
     def _bucket_squares(self, b: Bucket) -> None:
