@@ -72,3 +72,19 @@ def test_document_bounds_kernel_builds_for_sm90(cu_type, tmp_path, monkeypatch):
 
     signature = {"CU": cu_type, "START": "*i32", "END": "*i32", "n_cu": "i32", "total": "i32", "seq": "i32"}
     assert _cubin(attention._document_bounds_kernel, signature, {"STEPS": 14, "BLOCK": 1024}, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_balance_loss_kernels_build_for_sm90(softmax, tmp_path, monkeypatch):
+    from openseek_hal.ops.kernels import moe
+
+    chunk, block_e = moe._aux_chunk(64)
+    common = {"SOFTMAX": softmax, "ACC": tl.float32, "CHUNK": chunk, "BLOCK_E": block_e}
+    assert _cubin(moe._aux_partials, {"X": F32, "IDX": "*i64", "P_PART": F32, "C_PART": F32, "seq": "i32",
+                                      "n_experts": "i32", "n_chunks": "i32"}, {**common, "TOP_K": 6},
+                  tmp_path, monkeypatch)
+    assert _cubin(moe._aux_total, {"P_PART": F32, "C_PART": F32, "F": F32, "LOSS": F32, "batch": "i32", "seq": "i32",
+                                   "n_experts": "i32", "n_chunks": "i32", "coef_hi": "fp32", "coef_lo": "fp32"},
+                  {"TOP_K": 6, "ACC": tl.float32, "BLOCK_E": block_e}, tmp_path, monkeypatch)
+    assert _cubin(moe._aux_bwd, {"X": F32, "F": F32, "G": F32, "DX": F32, "seq": "i32", "n_experts": "i32",
+                                 "batch": "i32", "coef_hi": "fp32", "coef_lo": "fp32"}, common, tmp_path, monkeypatch)

@@ -83,6 +83,35 @@ def _route_outputs(scores: torch.Tensor, indices: torch.Tensor, top_k: int, norm
     return indices, weights, counts
 
 
+def moe_seq_aux_loss(logits: torch.Tensor, indices: torch.Tensor, batch: int, *, coef: float,
+                     score_func: str = "sigmoid") -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss of one MoE layer: ``coef * mean_b sum_e f[b, e] P[b, e]``.
+
+    ``logits[B*S, E]`` are the router's, ``indices[B*S, k]`` the experts each token picked; the tokens are
+    ``batch`` sequences of ``S`` in order. ``P[b, e]`` is the mean over sequence ``b`` of the token's
+    scores normalized to sum 1 (sigmoid scores divided by their sum, or the softmax); ``f[b, e]`` is the
+    fraction of the sequence's ``S * k`` picks that went to ``e``, times ``E`` (so a uniform spread gives 1).
+    Differentiable with respect to ``logits`` only (the picks are counts). Returns a 0-d tensor in at
+    least float32."""
+    if score_func not in ("sigmoid", "softmax"):
+        raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
+    tokens, experts = logits.shape
+    if batch < 1 or tokens % batch or tokens == 0:
+        raise ValueError(f"moe_seq_aux_loss: {tokens} tokens are not {batch} sequences of at least one token")
+    seq, top_k = tokens // batch, indices.shape[1]
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32)).view(batch, seq, experts)
+    if score_func == "sigmoid":
+        scores = x.sigmoid()
+        scores = scores / scores.sum(dim=-1, keepdim=True)
+    else:
+        scores = x.softmax(dim=-1)
+    picks = indices.reshape(batch, seq * top_k)
+    picked = torch.zeros(batch, experts, dtype=x.dtype, device=x.device).scatter_add_(
+        1, picks, torch.ones_like(picks, dtype=x.dtype))
+    f = picked * (experts / (top_k * seq))
+    return coef * (f * scores.mean(dim=1)).sum(dim=-1).mean()
+
+
 def route_choice(args: tuple, kwargs: dict, outputs: list, dtype: torch.dtype) -> Callable[..., tuple] | None:
     """`moe_route`'s reference with the backend's ``indices``, if they are a top-k up to ties, else None.
 
@@ -207,6 +236,15 @@ def _unpermute_samples(dtype, device, gen):
         yield Sample((y, order, w), {}, f"T{t}H{h}E{e}k{k}", k)
 
 
+def _aux_samples(dtype, device, gen):
+    # batch, seq, experts, top_k, score_func
+    for b, s, e, k, fn in [(2, 16, 8, 2, "sigmoid"), (3, 33, 64, 6, "sigmoid"), (1, 7, 16, 4, "softmax"),
+                           (2, 1, 4, 1, "sigmoid"), (2, 130, 256, 8, "sigmoid"), (4, 9, 12, 3, "softmax")]:
+        logits = randn(b * s, e, dtype=dtype, device=device, generator=gen, scale=2.0)
+        indices = _random_routing(b * s, e, k, gen).to(device)
+        yield Sample((logits, indices, b), dict(coef=0.37, score_func=fn), f"B{b}S{s}E{e}k{k}:{fn}", s * e)
+
+
 OPDEFS = [
     OpDef(name="moe_route",
           signature="moe_route(logits[T, E], bias[E]=None, *, top_k, n_group=1, topk_group=1, "
@@ -220,4 +258,8 @@ OPDEFS = [
     OpDef(name="moe_unpermute",
           signature="moe_unpermute(y_sorted[T*k, H], sorted_order[T*k], weights[T, k]) -> out[T, H]",
           reference=moe_unpermute, samples=_unpermute_samples, grad_inputs=(0, 2)),
+    OpDef(name="moe_seq_aux_loss",
+          signature="moe_seq_aux_loss(logits[B*S, E], indices[B*S, k], batch, *, coef, score_func='sigmoid') "
+                    "-> loss[] fp32",
+          reference=moe_seq_aux_loss, samples=_aux_samples, grad_inputs=(0,)),
 ]

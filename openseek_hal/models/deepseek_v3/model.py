@@ -221,6 +221,7 @@ class MoE(nn.Module):
             if c.n_shared_experts else None
         self.register_buffer("expert_load", torch.zeros(c.n_routed_experts), persistent=False)
         self._route = backend.op("moe_route")
+        self._aux_loss = backend.op("moe_seq_aux_loss")
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # counts must stay exact: float32 holds integers up to 2**24 per step
@@ -241,21 +242,9 @@ class MoE(nn.Module):
             if not RECOMPUTE.active:  # a recomputed forward must not count its tokens twice
                 self.expert_load += counts.detach().float()
             if self.aux_coef > 0:
-                aux = self._sequence_aux_loss(logits.view(b, s, -1), indices.view(b, s, -1))
+                aux = self._aux_loss(logits, indices, b, coef=self.aux_coef,
+                                     score_func=self.route_kwargs["score_func"])
         return out, aux
-
-    def _sequence_aux_loss(self, logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        if self.route_kwargs["score_func"] == "sigmoid":
-            scores = logits.sigmoid()
-            scores = scores / scores.sum(dim=-1, keepdim=True)
-        else:
-            scores = logits.softmax(dim=-1)
-        b, s, _ = logits.shape
-        picked = torch.zeros(b, self.num_experts, device=logits.device, dtype=scores.dtype)
-        picked.scatter_add_(1, indices.reshape(b, -1), torch.ones_like(indices.reshape(b, -1), dtype=scores.dtype))
-        f = picked * (self.num_experts / (self.top_k * s))  # fraction of the sequence's picks, scaled so uniform = 1
-        p = scores.mean(dim=1)
-        return self.aux_coef * (f * p).sum(dim=-1).mean()
 
 
 class Experts(nn.Module):

@@ -22,6 +22,7 @@ KERNELS: dict[str, Callable] = {
     "moe_route": moe.moe_route,
     "moe_permute": moe.moe_permute,
     "moe_unpermute": moe.moe_unpermute,
+    "moe_seq_aux_loss": moe.moe_seq_aux_loss,
     "adamw": adamw.adamw,
     "sum_of_squares": reduce.sum_of_squares,
     "causal_attention": attention.causal_attention,

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from ._common import acc_dtype, acc_type
+from ._common import acc_dtype, acc_type, split_float
 
 _BIG = tl.constexpr(1 << 30)
 
@@ -228,6 +228,164 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor | None = None, *, top_k: 
     bias = bias.contiguous() if bias is not None else None  # read as a dense vector by the kernel
     return _moe_route_op(logits.contiguous(), bias, top_k, n_group, topk_group, score_func, norm_topk_prob,
                          float(routed_scaling_factor))
+
+
+# -- the sequence-wise balance loss ---------------------------------------------------------------
+# Forward: programs over (sequence, chunk of its tokens) sum their tokens' normalized scores and count
+# their picks per expert into partials; one program adds each sequence's partials in chunk order (the
+# same bits every run, no atomics), forms f, the loss and keeps f for the backward. Backward: the same
+# grid writes each token's logit gradient from its recomputed scores and its sequence's f.
+
+@triton.jit
+def _normalized_scores(X, rows, row_ok, e_idx, n_experts, SOFTMAX: tl.constexpr, ACC: tl.constexpr):
+    """(normalized scores, sigmoid' / sum of sigmoids) of the ``rows`` x experts tile, zero where masked
+    (the second output is the softmax's scores again, whose Jacobian needs no other factor)."""
+    valid = row_ok[:, None] & (e_idx < n_experts)[None, :]
+    if SOFTMAX:
+        x = tl.load(X + rows[:, None] * n_experts + e_idx[None, :], mask=valid, other=float("-inf")).to(ACC)
+        m = tl.max(x, axis=1)
+        ex = tl.where(valid, tl.exp(x - tl.where(row_ok, m, 0.0)[:, None]), 0.0)
+        z = tl.sum(ex, axis=1)
+        n = ex / tl.where(row_ok, z, 1.0)[:, None]
+        return n, n
+    x = tl.load(X + rows[:, None] * n_experts + e_idx[None, :], mask=valid, other=0.0).to(ACC)
+    sig = tl.where(valid, 1.0 / (1.0 + tl.exp(-x)), 0.0)
+    z = tl.where(row_ok, tl.sum(sig, axis=1), 1.0)
+    return sig / z[:, None], sig * (1.0 - sig) / z[:, None]
+
+
+@triton.jit
+def _aux_partials(X, IDX, P_PART, C_PART, seq, n_experts, n_chunks, SOFTMAX: tl.constexpr, TOP_K: tl.constexpr,
+                  ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    local = c * CHUNK + tl.arange(0, CHUNK)
+    row_ok = local < seq
+    rows = b * seq + local
+    e_idx = tl.arange(0, BLOCK_E)
+    n, _ = _normalized_scores(X, rows, row_ok, e_idx, n_experts, SOFTMAX, ACC)
+    counts = tl.zeros([BLOCK_E], ACC)
+    for k in tl.static_range(TOP_K):
+        pick = tl.load(IDX + rows * TOP_K + k, mask=row_ok, other=-1)
+        counts += tl.sum((pick[:, None] == e_idx[None, :]).to(ACC), axis=0)
+    part = (b * n_chunks + c) * BLOCK_E + e_idx
+    tl.store(P_PART + part, tl.sum(n, axis=0))
+    tl.store(C_PART + part, counts)
+
+
+@triton.jit
+def _aux_total(P_PART, C_PART, F, LOSS, batch, seq, n_experts, n_chunks, coef_hi, coef_lo,
+               TOP_K: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr):
+    e_idx = tl.arange(0, BLOCK_E)
+    e_ok = e_idx < n_experts
+    total = tl.zeros([BLOCK_E], ACC)
+    for b in range(batch):
+        p = tl.zeros([BLOCK_E], ACC)
+        counts = tl.zeros([BLOCK_E], ACC)
+        for c in range(n_chunks):
+            part = (b * n_chunks + c) * BLOCK_E + e_idx
+            p += tl.load(P_PART + part)
+            counts += tl.load(C_PART + part)
+        f = counts * n_experts / (TOP_K * seq)
+        tl.store(F + b * n_experts + e_idx, f, mask=e_ok)
+        total += tl.where(e_ok, f * (p / seq), 0.0)
+    mean = tl.sum(total, axis=0) / batch
+    tl.store(LOSS, mean * coef_hi + mean * coef_lo)  # coef as two float32 halves: exact in float64
+
+
+@triton.jit
+def _aux_bwd(X, F, G, DX, seq, n_experts, batch, coef_hi, coef_lo, SOFTMAX: tl.constexpr, ACC: tl.constexpr,
+             CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    local = tl.program_id(1).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    row_ok = local < seq
+    rows = b * seq + local
+    e_idx = tl.arange(0, BLOCK_E)
+    e_ok = e_idx < n_experts
+    n, jac = _normalized_scores(X, rows, row_ok, e_idx, n_experts, SOFTMAX, ACC)
+    f = tl.load(F + b * n_experts + e_idx, mask=e_ok, other=0.0)
+    # d loss / d n[s, e] = scale * f[e]; through the normalization: jac * (f - sum_e' f[e'] n[s, e'])
+    g = tl.load(G).to(ACC)
+    scale = (g * coef_hi + g * coef_lo) / (batch * seq)
+    dx = scale * jac * (f[None, :] - tl.sum(f[None, :] * n, axis=1)[:, None])
+    tl.store(DX + rows[:, None] * n_experts + e_idx[None, :], dx.to(DX.dtype.element_ty),
+             mask=row_ok[:, None] & e_ok[None, :])
+
+
+def _aux_chunk(experts: int) -> tuple[int, int]:
+    """(tokens per program, padded expert count): a tile of at most 4096 scores, at most 128 tokens."""
+    block_e = triton.next_power_of_2(experts)
+    return max(1, min(128, 4096 // block_e)), block_e
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::moe_seq_aux_loss", mutates_args=())
+def _aux_op(logits: torch.Tensor, indices: torch.Tensor, batch: int, coef: float,
+            score_func: str) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens, experts = logits.shape
+    seq = tokens // batch
+    chunk, block_e = _aux_chunk(experts)
+    n_chunks = triton.cdiv(seq, chunk)
+    acc = acc_dtype(logits.dtype)
+    p_part = torch.empty(batch * n_chunks * block_e, dtype=acc, device=logits.device)
+    c_part = torch.empty_like(p_part)
+    f = torch.empty(batch, experts, dtype=acc, device=logits.device)
+    loss = torch.empty((), dtype=acc, device=logits.device)
+    softmax = score_func == "softmax"
+    _aux_partials[(batch, n_chunks)](logits, indices, p_part, c_part, seq, experts, n_chunks, SOFTMAX=softmax,
+                                     TOP_K=indices.shape[1], ACC=acc_type(logits.dtype), CHUNK=chunk,
+                                     BLOCK_E=block_e)
+    _aux_total[(1,)](p_part, c_part, f, loss, batch, seq, experts, n_chunks, *split_float(coef),
+                     TOP_K=indices.shape[1], ACC=acc_type(logits.dtype), BLOCK_E=block_e)
+    return loss, f
+
+
+@_aux_op.register_fake
+def _(logits, indices, batch, coef, score_func):
+    acc = acc_dtype(logits.dtype)
+    return logits.new_empty((), dtype=acc), logits.new_empty((batch, logits.shape[1]), dtype=acc)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::moe_seq_aux_loss_backward", mutates_args=())
+def _aux_backward_op(logits: torch.Tensor, f: torch.Tensor, grad: torch.Tensor, batch: int, coef: float,
+                     score_func: str) -> torch.Tensor:
+    tokens, experts = logits.shape
+    seq = tokens // batch
+    chunk, block_e = _aux_chunk(experts)
+    dx = torch.empty_like(logits)
+    _aux_bwd[(batch, triton.cdiv(seq, chunk))](logits, f, grad.reshape(1), dx, seq, experts, batch,
+                                               *split_float(coef), SOFTMAX=score_func == "softmax",
+                                               ACC=acc_type(logits.dtype), CHUNK=chunk, BLOCK_E=block_e)
+    return dx
+
+
+@_aux_backward_op.register_fake
+def _(logits, f, grad, batch, coef, score_func):
+    return torch.empty_like(logits)
+
+
+def _aux_setup_context(ctx, inputs, output):
+    logits, _, batch, coef, score_func = inputs
+    ctx.save_for_backward(logits, output[1])
+    ctx.config = (batch, coef, score_func)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _aux_backward(ctx, d_loss, _d_f):
+    logits, f = ctx.saved_tensors
+    return _aux_backward_op(logits, f, d_loss.contiguous(), *ctx.config), None, None, None, None
+
+
+_aux_op.register_autograd(_aux_backward, setup_context=_aux_setup_context)
+
+
+def moe_seq_aux_loss(logits: torch.Tensor, indices: torch.Tensor, batch: int, *, coef: float,
+                     score_func: str = "sigmoid") -> torch.Tensor:
+    if score_func not in ("sigmoid", "softmax"):
+        raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
+    tokens = logits.shape[0]
+    if batch < 1 or tokens % batch or tokens == 0:
+        raise ValueError(f"moe_seq_aux_loss: {tokens} tokens are not {batch} sequences of at least one token")
+    return _aux_op(logits.contiguous(), indices.contiguous(), int(batch), float(coef), score_func)[0]
 
 
 # -- permute / unpermute ------------------------------------------------------------------------
