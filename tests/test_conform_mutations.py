@@ -94,7 +94,7 @@ def _generic_applies(fault: str, name: str) -> bool:
     if fault == "gradient_scaled":
         return opdef.differentiable
     if fault == "shifted":  # adamw's outputs are lists in the caller's order; a loss is one number
-        return name not in ("adamw", "cross_entropy", "linear_cross_entropy", "sum_of_squares")
+        return name not in ("adamw", "cross_entropy", "linear_cross_entropy", "sum_of_squares", "moe_seq_aux_loss")
     return True
 
 
@@ -341,6 +341,10 @@ SPECIFIC: dict[str, dict[str, Callable[..., Any]]] = {
                   "groups_ignored": _with("moe_route", n_group=1, topk_group=1)},
     "moe_permute": {"unstable_order": _permute_reversed_within_expert},
     "moe_unpermute": {"weights_ignored": _unpermute_unweighted},
+    "moe_seq_aux_loss": {"sequences_pooled": _with("moe_seq_aux_loss", batch=1),
+                         "first_pick_only": _with("moe_seq_aux_loss", indices=lambda i: i[:, :1]),
+                         "score_func_swapped": _with("moe_seq_aux_loss", score_func=lambda f: {
+                             "sigmoid": "softmax", "softmax": "sigmoid"}[f])},
     "grouped_linear": {"boundary_off_by_one": _counts_off_by_one},
     "adamw": {"weight_decay_ignored": _with("adamw", weight_decay=0.0),
               "grad_scale_ignored": _with("adamw", grad_scale=None),
