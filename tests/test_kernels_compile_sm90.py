@@ -85,6 +85,6 @@ def test_balance_loss_kernels_build_for_sm90(softmax, tmp_path, monkeypatch):
                   tmp_path, monkeypatch)
     assert _cubin(moe._aux_total, {"P_PART": F32, "C_PART": F32, "F": F32, "LOSS": F32, "batch": "i32", "seq": "i32",
                                    "n_experts": "i32", "n_chunks": "i32", "coef_hi": "fp32", "coef_lo": "fp32"},
-                  {"TOP_K": 6, "ACC": tl.float32, "BLOCK_E": block_e}, tmp_path, monkeypatch)
+                  {"TOP_K": 6, "ACC": tl.float32, "BLOCK_E": block_e, "BLOCK_C": 64}, tmp_path, monkeypatch)
     assert _cubin(moe._aux_bwd, {"X": F32, "F": F32, "G": F32, "DX": F32, "seq": "i32", "n_experts": "i32",
                                  "batch": "i32", "coef_hi": "fp32", "coef_lo": "fp32"}, common, tmp_path, monkeypatch)

@@ -239,7 +239,8 @@ def _unpermute_samples(dtype, device, gen):
 def _aux_samples(dtype, device, gen):
     # batch, seq, experts, top_k, score_func
     for b, s, e, k, fn in [(2, 16, 8, 2, "sigmoid"), (3, 33, 64, 6, "sigmoid"), (1, 7, 16, 4, "softmax"),
-                           (2, 1, 4, 1, "sigmoid"), (2, 130, 256, 8, "sigmoid"), (4, 9, 12, 3, "softmax")]:
+                           (2, 1, 4, 1, "sigmoid"), (2, 130, 256, 8, "sigmoid"), (4, 9, 12, 3, "softmax"),
+                           (1, 600, 256, 8, "sigmoid")]:  # more token chunks than the Triton total's tile
         logits = randn(b * s, e, dtype=dtype, device=device, generator=gen, scale=2.0)
         indices = _random_routing(b * s, e, k, gen).to(device)
         yield Sample((logits, indices, b), dict(coef=0.37, score_func=fn), f"B{b}S{s}E{e}k{k}:{fn}", s * e)

@@ -232,9 +232,9 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor | None = None, *, top_k: 
 
 # -- the sequence-wise balance loss ---------------------------------------------------------------
 # Forward: programs over (sequence, chunk of its tokens) sum their tokens' normalized scores and count
-# their picks per expert into partials; one program adds each sequence's partials in chunk order (the
-# same bits every run, no atomics), forms f, the loss and keeps f for the backward. Backward: the same
-# grid writes each token's logit gradient from its recomputed scores and its sequence's f.
+# their picks per expert into partials; one program adds each sequence's partials (whole tiles of
+# chunks at a time; the same bits every run, no atomics), forms f, the loss and keeps f for the backward.
+# Backward: the same grid writes each token's logit gradient from its recomputed scores and its sequence's f.
 
 @triton.jit
 def _normalized_scores(X, rows, row_ok, e_idx, n_experts, SOFTMAX: tl.constexpr, ACC: tl.constexpr):
@@ -275,17 +275,22 @@ def _aux_partials(X, IDX, P_PART, C_PART, seq, n_experts, n_chunks, SOFTMAX: tl.
 
 @triton.jit
 def _aux_total(P_PART, C_PART, F, LOSS, batch, seq, n_experts, n_chunks, coef_hi, coef_lo,
-               TOP_K: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr):
+               TOP_K: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
+    # each sequence's partials as [BLOCK_C chunks, experts] tiles, summed over the chunks (a tree
+    # reduction: fixed for a given shape, so the same bits every run)
     e_idx = tl.arange(0, BLOCK_E)
     e_ok = e_idx < n_experts
+    c_idx = tl.arange(0, BLOCK_C)
     total = tl.zeros([BLOCK_E], ACC)
     for b in range(batch):
         p = tl.zeros([BLOCK_E], ACC)
         counts = tl.zeros([BLOCK_E], ACC)
-        for c in range(n_chunks):
-            part = (b * n_chunks + c) * BLOCK_E + e_idx
-            p += tl.load(P_PART + part)
-            counts += tl.load(C_PART + part)
+        for c0 in range(0, n_chunks, BLOCK_C):
+            chunk = c0 + c_idx
+            part = (b * n_chunks + chunk)[:, None] * BLOCK_E + e_idx[None, :]
+            ok = (chunk < n_chunks)[:, None]
+            p += tl.sum(tl.load(P_PART + part, mask=ok, other=0.0), axis=0)
+            counts += tl.sum(tl.load(C_PART + part, mask=ok, other=0.0), axis=0)
         f = counts * n_experts / (TOP_K * seq)
         tl.store(F + b * n_experts + e_idx, f, mask=e_ok)
         total += tl.where(e_ok, f * (p / seq), 0.0)
@@ -335,7 +340,8 @@ def _aux_op(logits: torch.Tensor, indices: torch.Tensor, batch: int, coef: float
                                      TOP_K=indices.shape[1], ACC=acc_type(logits.dtype), CHUNK=chunk,
                                      BLOCK_E=block_e)
     _aux_total[(1,)](p_part, c_part, f, loss, batch, seq, experts, n_chunks, *split_float(coef),
-                     TOP_K=indices.shape[1], ACC=acc_type(logits.dtype), BLOCK_E=block_e)
+                     TOP_K=indices.shape[1], ACC=acc_type(logits.dtype), BLOCK_E=block_e,
+                     BLOCK_C=min(triton.next_power_of_2(n_chunks), max(1, 8192 // block_e)), num_warps=8)
     return loss, f
 
 
