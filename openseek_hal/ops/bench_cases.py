@@ -260,6 +260,11 @@ def _cases_for(preset: str, p: dict[str, int]) -> list[Case]:
     cases.append(Case("moe_unpermute", f"{preset} {tok}x{h} E{e} top{k}",
                       functools.partial(unpermute_inputs, tt=tok), (0, 2),
                       (tok * k + tok) * h * bf, (tok + 2 * tok * k) * h * bf))
+    # the sequence-wise balance loss of a micro-batch of 2 sequences (float32 router logits)
+    cases.append(Case("moe_seq_aux_loss", f"{preset} 2x{tok} E{e} top{k}", functools.partial(
+        lambda dev, tt: ((_randn(tt, e, device=dev, dtype=torch.float32), routing(dev, tt), 2),
+                         {"coef": 1e-4}), tt=2 * tok),
+        (0,), 2 * tok * (e * 4 + k * 8), 2 * tok * (2 * e * 4)))
     # MLA attention (qk 192 = 128 + 64 rope, v 128), bf16, S = 4096: a micro-batch of 4 sequences for
     # OpenSeek-Small's 10 heads, one sequence for DeepSeek-V3's 128; and packed documents (8 per row)
     batch = 4 if preset == "openseek-small" else 1
