@@ -83,6 +83,15 @@ def _route_outputs(scores: torch.Tensor, indices: torch.Tensor, top_k: int, norm
     return indices, weights, counts
 
 
+def check_aux_args(logits: torch.Tensor, batch: int, score_func: str) -> None:
+    """`moe_seq_aux_loss`'s argument checks (shared by its implementations): ``ValueError`` if bad."""
+    if score_func not in ("sigmoid", "softmax"):
+        raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
+    tokens = logits.shape[0]
+    if batch < 1 or tokens % batch or tokens == 0:
+        raise ValueError(f"moe_seq_aux_loss: {tokens} tokens are not {batch} sequences of at least one token")
+
+
 def moe_seq_aux_loss(logits: torch.Tensor, indices: torch.Tensor, batch: int, *, coef: float,
                      score_func: str = "sigmoid") -> torch.Tensor:
     """DeepSeek-V3's sequence-wise balance loss of one MoE layer: ``coef * mean_b sum_e f[b, e] P[b, e]``.
@@ -93,11 +102,8 @@ def moe_seq_aux_loss(logits: torch.Tensor, indices: torch.Tensor, batch: int, *,
     fraction of the sequence's ``S * k`` picks that went to ``e``, times ``E`` (so a uniform spread gives 1).
     Differentiable with respect to ``logits`` only (the picks are counts). Returns a 0-d tensor in at
     least float32."""
-    if score_func not in ("sigmoid", "softmax"):
-        raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
+    check_aux_args(logits, batch, score_func)
     tokens, experts = logits.shape
-    if batch < 1 or tokens % batch or tokens == 0:
-        raise ValueError(f"moe_seq_aux_loss: {tokens} tokens are not {batch} sequences of at least one token")
     seq, top_k = tokens // batch, indices.shape[1]
     x = logits.to(torch.promote_types(logits.dtype, torch.float32)).view(batch, seq, experts)
     if score_func == "sigmoid":

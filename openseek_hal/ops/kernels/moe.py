@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..moe import check_aux_args
 from . import launch
 from ._common import acc_dtype, acc_type, split_float
 
@@ -386,11 +387,7 @@ _aux_op.register_autograd(_aux_backward, setup_context=_aux_setup_context)
 
 def moe_seq_aux_loss(logits: torch.Tensor, indices: torch.Tensor, batch: int, *, coef: float,
                      score_func: str = "sigmoid") -> torch.Tensor:
-    if score_func not in ("sigmoid", "softmax"):
-        raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
-    tokens = logits.shape[0]
-    if batch < 1 or tokens % batch or tokens == 0:
-        raise ValueError(f"moe_seq_aux_loss: {tokens} tokens are not {batch} sequences of at least one token")
+    check_aux_args(logits, batch, score_func)
     return _aux_op(logits.contiguous(), indices.contiguous(), int(batch), float(coef), score_func)[0]
 
 
