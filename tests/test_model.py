@@ -407,3 +407,18 @@ def test_tied_rows_add_in_float32_once_per_row_on_the_cpu():
     f32 = start.clone()
     _add_rows(f32, ids, rows)
     assert torch.allclose(f32.double(), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("interpret", [None, True])
+def test_balance_loss_rejects_a_batch_that_does_not_split(interpret):
+    """The reference and the Triton kernel refuse tokens that are not ``batch`` equal sequences, and an unknown
+    score function, with one ValueError."""
+    from openseek_hal import ops
+    from openseek_hal.ops.kernel_loader import load_kernels
+
+    fn = ops.get("moe_seq_aux_loss").reference if interpret is None else load_kernels(True).KERNELS["moe_seq_aux_loss"]
+    logits, picks = torch.randn(7, 4), torch.zeros(7, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="7 tokens are not 2 sequences"):
+        fn(logits, picks, 2, coef=1.0)
+    with pytest.raises(ValueError, match="score_func"):
+        fn(logits, picks, 7, coef=1.0, score_func="relu")
