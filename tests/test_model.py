@@ -422,3 +422,27 @@ def test_balance_loss_rejects_a_batch_that_does_not_split(interpret):
         fn(logits, picks, 2, coef=1.0)
     with pytest.raises(ValueError, match="score_func"):
         fn(logits, picks, 7, coef=1.0, score_func="relu")
+
+
+def test_backward_fills_no_zero_gradients_for_non_differentiable_outputs():
+    """The kernels' autograd nodes (attention's log-sum-exp, the router's indices and counts, the permute's order
+    and counts, the balance loss's f) ask autograd not to materialize the gradients their unused outputs never
+    get: the backward of a whole model makes no zero-filled tensor (each was a kernel launch on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Fills(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.fills: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("zeros", "zeros_like", "zero_", "new_zeros"):
+                self.fills.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = build_model("tiny", "triton-interpret", seed=0, vocab_size=64).train()
+    ids = ids_for(64, batch=2, seq=16)
+    loss = model.loss(ids[:, :-1], ids[:, 1:]).total
+    with Fills() as mode:
+        loss.backward()
+    assert mode.fills == []

@@ -786,9 +786,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
     ctx.scale, ctx.config = scale, config
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled [B*H, S] gradient for the log-sum-exp
 
 
 def _backward_rule(ctx, do, _d_lse):
+    if do is None:
+        return None, None, None, None, None, None
     q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
     dq, dk, dv = flash_attention_bwd(do, q, k, v, o, lse, ctx.scale, cu_seqlens, ctx.config)
     return dq, dk, dv, None, None, None

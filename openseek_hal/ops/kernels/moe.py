@@ -206,12 +206,13 @@ def _route_setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, output[0])
     ctx.config = (n_group, score_func, norm, scale)
     ctx.mark_non_differentiable(output[0], output[2])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the indices and the counts
 
 
 def _route_backward(ctx, _d_indices, d_weights, _d_counts):
+    if d_weights is None:  # only the weights carry a gradient
+        return None, None, None, None, None, None, None, None
     logits, indices = ctx.saved_tensors
-    if d_weights is None:
-        d_weights = torch.zeros(indices.shape, dtype=acc_dtype(logits.dtype), device=logits.device)
     dx = _moe_route_backward_op(logits, indices, d_weights, *ctx.config)
     return dx, None, None, None, None, None, None, None
 
@@ -375,9 +376,12 @@ def _aux_setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, output[1])
     ctx.config = (batch, coef, score_func)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for f
 
 
 def _aux_backward(ctx, d_loss, _d_f):
+    if d_loss is None:
+        return None, None, None, None, None
     logits, f = ctx.saved_tensors
     return _aux_backward_op(logits, f, d_loss.contiguous(), *ctx.config), None, None, None, None
 
@@ -493,10 +497,13 @@ class MoEPermute(torch.autograd.Function):
         ctx.save_for_backward(order)
         ctx.shape = (tokens, top_k)
         ctx.mark_non_differentiable(order, counts)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the order and the counts
         return out, order, counts
 
     @staticmethod
     def backward(ctx, d_out, _d_order, _d_counts):
+        if d_out is None:
+            return None, None, None
         (order,) = ctx.saved_tensors
         tokens, top_k = ctx.shape
         dx = _combine(_rows(d_out), _inverse(order), None, tokens, top_k, d_out.dtype)
