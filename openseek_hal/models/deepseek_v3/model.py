@@ -210,7 +210,6 @@ class MoE(nn.Module):
     def __init__(self, config: DeepseekV3Config, backend: Backend):
         super().__init__()
         c = config
-        self.num_experts, self.top_k = c.n_routed_experts, c.num_experts_per_tok
         self.route_kwargs = dict(top_k=c.num_experts_per_tok, n_group=c.n_group, topk_group=c.topk_group,
                                  score_func=c.scoring_func, norm_topk_prob=c.norm_topk_prob,
                                  routed_scaling_factor=c.routed_scaling_factor)
