@@ -104,19 +104,16 @@ def test_replayed_steps_equal_eager_ones(tmp_path, graphs):
 
 def _attention_without_reads(q, k, v, scale=None, cu_seqlens=None):
     """`causal_attention` with no host read (the reference checks ``cu_seqlens`` on the host) and torch ops
-    only (the emulated graph replays torch ops, not Triton launches): each token's document start within
-    its row by a search of the boundaries, and a dense masked softmax."""
-    from openseek_hal.ops.attention import causal_attention
+    only (the emulated graph replays torch ops, not Triton launches): the reference's document ids without
+    its checks, and a dense masked softmax."""
+    from openseek_hal.ops.attention import causal_attention, unchecked_document_ids
 
     if cu_seqlens is None:
         return causal_attention(q, k, v, scale)
     b, _, s, _ = q.shape
-    cu = cu_seqlens.to(torch.int64)
-    flat = torch.arange(b * s)
-    row_start = flat // s * s
-    start = (torch.maximum(cu[torch.searchsorted(cu, flat, right=True) - 1], row_start) - row_start).view(b, s)
+    doc = unchecked_document_ids(cu_seqlens, b, s)
     pos = torch.arange(s)
-    keep = (pos[None, :] <= pos[:, None])[None] & (pos[None, None, :] >= start[:, :, None])
+    keep = (pos[None, :] <= pos[:, None])[None] & (doc[:, :, None] == doc[:, None, :])
     scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     return scores.masked_fill(~keep[:, None], float("-inf")).softmax(-1) @ v
 

@@ -22,7 +22,13 @@ def document_ids(cu_seqlens: torch.Tensor, batch: int, seq: int) -> torch.Tensor
     cu = cu_seqlens.detach().to("cpu", torch.int64)
     if int(cu[0]) != 0 or int(cu[-1]) != batch * seq or bool((cu[1:] < cu[:-1]).any()):
         raise ValueError(f"cu_seqlens must rise from 0 to batch*seq = {batch * seq}, got {cu.tolist()[:8]}...")
-    flat = torch.arange(batch * seq, dtype=torch.int64)
+    return unchecked_document_ids(cu, batch, seq)
+
+
+def unchecked_document_ids(cu_seqlens: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """`document_ids` without its checks: device ops only, so no host read (a captured step may call it)."""
+    cu = cu_seqlens.to(torch.int64)
+    flat = torch.arange(batch * seq, dtype=torch.int64, device=cu.device)
     return (torch.searchsorted(cu, flat, right=True) - 1).view(batch, seq)
 
 

@@ -401,7 +401,7 @@ class DistributedOptimizer:
         A float64 norm takes float64 inputs (the op sums other dtypes in float32): a float64 run whose
         gradients were reduced in a narrower dtype still sums their squares in float64."""
         if self._norm_dtype == torch.float64:
-            tensors = [t if t.dtype == torch.float64 else t.to(torch.float64) for t in tensors]
+            tensors = [t.to(torch.float64) for t in tensors]  # no copy of float64 ones
         return self._sum_of_squares(tensors).to(self._norm_dtype)
 
     def _bucket_squares(self, b: Bucket) -> None:
