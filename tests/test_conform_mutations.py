@@ -316,6 +316,19 @@ def _grouped_linear_dx_tail_dropped(x, weight, counts):
     return _ref("fp8_grouped_linear")(_DropTailGrad.apply(x) if x.requires_grad else x, weight, counts)
 
 
+def _add_rows_last_wins(total, ids, rows):
+    """Repeated ids not summed: each id's row gets only its last token's row (a plain scatter)."""
+    out = total.clone()
+    flat = rows.reshape(-1, total.shape[1]).to(total.dtype)
+    out.index_put_((ids.reshape(-1),), out[ids.reshape(-1)] + flat)
+    return out
+
+
+def _add_rows_table_ignored(total, ids, rows):
+    """The rows put into a fresh zero table: the head's gradient already in ``total`` is lost."""
+    return _ref("embedding_add_rows")(torch.zeros_like(total), ids, rows)
+
+
 SPECIFIC: dict[str, dict[str, Callable[..., Any]]] = {
     "rms_norm": {"eps_ignored": _with("rms_norm", eps=lambda e: e * 1e4)},
     "add_rms_norm": {"residual_not_returned": _add_rms_norm_without_residual,
@@ -329,6 +342,7 @@ SPECIFIC: dict[str, dict[str, Callable[..., Any]]] = {
                              "ignore_index_ignored": _with("linear_cross_entropy", ignore_index=-12345),
                              "mean_over_all_rows": _lce_mean_over_all_rows},
     "embedding": {"off_by_one_row": _embedding_next_row},
+    "embedding_add_rows": {"last_wins": _add_rows_last_wins, "table_ignored": _add_rows_table_ignored},
     "mla_qkv": {"layout_flipped": _with("mla_qkv", interleaved=lambda i: not i),
                 "key_rope_unrotated": _mla_key_rope_unrotated, "value_one_late": _mla_value_one_late},
     "causal_attention": {"scale_ignored": _with("causal_attention", scale=None),

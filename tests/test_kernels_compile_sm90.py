@@ -88,3 +88,12 @@ def test_balance_loss_kernels_build_for_sm90(softmax, tmp_path, monkeypatch):
                   {"TOP_K": 6, "ACC": tl.float32, "BLOCK_E": block_e, "BLOCK_C": 64}, tmp_path, monkeypatch)
     assert _cubin(moe._aux_bwd, {"X": F32, "F": F32, "G": F32, "DX": F32, "seq": "i32", "n_experts": "i32",
                                  "batch": "i32", "coef_hi": "fp32", "coef_lo": "fp32"}, common, tmp_path, monkeypatch)
+
+
+def test_embedding_add_rows_kernel_builds_for_sm90(tmp_path, monkeypatch):
+    from openseek_hal.ops.kernels import embedding
+
+    signature = {"TOTAL": BF16, "SORTED": "*i32", "ENDS": "*i32", "PERM": "*i64", "ROWS": BF16, "n": "i32",
+                 "n_rows_total": "i32", "dim": "i32", "stride_total": "i32", "stride_rows": "i32"}
+    constexprs = {"ACC": tl.float32, "POSITIONS": 4, "BLOCK_R": 32, "BLOCK_D": 128}
+    assert _cubin(embedding._add_sorted_rows, signature, constexprs, tmp_path, monkeypatch)

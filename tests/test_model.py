@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from openseek_hal.backends.cpu import CPUBackend
 from openseek_hal.errors import ConfigError
@@ -390,23 +391,52 @@ def test_tied_gradient_refuses_a_use_that_arrives_after_collection():
         late.backward()
 
 
-def test_tied_rows_add_in_float32_once_per_row_on_the_cpu():
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_tied_rows_add_in_float32_once_per_row(impl):
     """The lookups' rows go into a bfloat16 gradient as float32 sums rounded once (not one bf16 rounding per
-    repeated token), and a float32 gradient takes them in id order (the same bits on every run)."""
-    from openseek_hal.models.deepseek_v3.tied import _add_rows
+    repeated token), and a float32 gradient gets the float32 sums: the reference (the CPU's) and the Triton
+    kernel (sorted runs, one program per id) alike; the kernel updates the table in place."""
+    from openseek_hal.ops.embedding import embedding_add_rows
+    from openseek_hal.ops.kernel_loader import load_kernels
 
+    add_rows = embedding_add_rows if impl == "reference" else load_kernels(True).KERNELS["embedding_add_rows"]
     gen = torch.Generator().manual_seed(4)
     ids = torch.tensor([2, 0, 2, 2, 5, 2, 0])
-    rows = torch.randn(7, 6, generator=gen)
-    start = torch.randn(8, 6, generator=gen)
+    rows = torch.randn(7, 6, generator=gen).to(torch.bfloat16)
+    start = torch.randn(8, 6, generator=gen).to(torch.bfloat16)
+    # float32 holds these sums of bf16 numbers exactly, so one rounding of them is the exact sum's rounding
+    exact = start.double().index_add(0, ids, rows.double())
+    assert torch.equal(add_rows(start.float(), ids, rows), exact.float())
+    table = start.clone()
+    got = add_rows(table, ids, rows)
+    assert impl == "reference" or got.data_ptr() == table.data_ptr()
+    if impl == "reference":
+        assert torch.equal(got, exact.float().to(torch.bfloat16))  # round to nearest, once
+    else:  # Triton's interpreter converts float32 to bf16 by truncation (the GPU rounds to nearest): one
+        # rounding either way, so every element is the exact sum's upper or lower bf16 neighbour
+        ulp = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(2**-126)
+        assert ((got.double() - exact).abs() < ulp).all()
+
+
+def test_tied_rows_kernel_sums_long_runs_the_same_way_every_call():
+    """Runs of one id longer than the kernel's block of rows (hundreds of copies of a frequent token), ids in
+    random order, a width of several column blocks: the table matches the float64 sum within float32's
+    rounding of a run's sum (``n * eps * sum|rows|`` per element), and two calls give the same bits."""
+    from openseek_hal.ops.kernel_loader import load_kernels
+
+    add_rows = load_kernels(True).KERNELS["embedding_add_rows"]
+    gen = torch.Generator().manual_seed(5)
+    # a Zipf-like draw: id 0 about half the tokens, the rest spread over 40 ids
+    ids = torch.where(torch.rand(300, generator=gen) < 0.5, 0, torch.randint(1, 41, (300,), generator=gen))
+    rows = torch.randn(300, 600, generator=gen)
+    start = torch.randn(50, 600, generator=gen)
     want = start.double().index_add(0, ids, rows.double())
-    got = start.to(torch.bfloat16)
-    _add_rows(got, ids, rows.to(torch.bfloat16))
-    exact = start.to(torch.bfloat16).double().index_add(0, ids, rows.to(torch.bfloat16).double())
-    assert torch.equal(got, exact.float().to(torch.bfloat16))  # float32 holds these sums exactly: one rounding
-    f32 = start.clone()
-    _add_rows(f32, ids, rows)
-    assert torch.allclose(f32.double(), want, rtol=0, atol=1e-6)
+    bound = (300 + 1) * torch.finfo(torch.float32).eps / 2 * (
+        start.double().abs().index_add(0, ids, rows.double().abs()))
+    first = add_rows(start.clone(), ids, rows)
+    assert ((first.double() - want).abs() <= bound).all()
+    assert torch.equal(first, add_rows(start.clone(), ids, rows))
+    assert torch.equal(first[41:], start[41:])  # rows no id names are left as they were
 
 
 @pytest.mark.parametrize("interpret", [None, True])
@@ -424,25 +454,73 @@ def test_balance_loss_rejects_a_batch_that_does_not_split(interpret):
         fn(logits, picks, 7, coef=1.0, score_func="relu")
 
 
+class _Dispatched(TorchDispatchMode):
+    """The names of the aten operators dispatched while active (``add``, ``zeros_like``, ``addmm``, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def test_backward_fills_no_zero_gradients_for_non_differentiable_outputs():
     """The kernels' autograd nodes (attention's log-sum-exp, the router's indices and counts, the permute's order
     and counts, the balance loss's f) ask autograd not to materialize the gradients their unused outputs never
     get: the backward of a whole model makes no zero-filled tensor (each was a kernel launch on a GPU)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Fills(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.fills: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ in ("zeros", "zeros_like", "zero_", "new_zeros"):
-                self.fills.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     model = build_model("tiny", "triton-interpret", seed=0, vocab_size=64).train()
     ids = ids_for(64, batch=2, seq=16)
     loss = model.loss(ids[:, :-1], ids[:, 1:]).total
-    with Fills() as mode:
+    with _Dispatched() as seen:
         loss.backward()
-    assert mode.fills == []
+    assert not {"zeros", "zeros_like", "zero_", "new_zeros"} & set(seen.names)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_experts_add_the_routed_output_in_their_last_gemm(dtype):
+    """``MLP(x, add)`` is ``add + MLP(x)`` made by the down projection's GEMM (``addmm``, no add kernel): within
+    one rounding of the float64 sum of the two, and no separate ``add`` dispatched. The fallback (a layer
+    that is not a plain linear one) gives the same value by an add."""
+    from openseek_hal.models.deepseek_v3.model import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(32, 16, CPUBackend()).to(dtype)
+    x, add = torch.randn(2, 5, 32).to(dtype), torch.randn(10, 32).to(dtype)
+    with torch.no_grad():
+        with _Dispatched() as seen:
+            got = mlp(x, add)
+        assert "addmm" in seen.names and not {"add", "add_"} & set(seen.names)
+        h = mlp._silu_and_mul(mlp.gate_up_proj(x)).double().reshape(10, 16)
+        exact = add.double() + h @ mlp.down_proj.weight.double().t()
+        eps = torch.finfo(dtype).eps
+        # one rounding of the sum, plus float32 accumulation over 16 products (bf16 products are exact in it)
+        bound = eps * exact.abs() + 16 * torch.finfo(torch.float32).eps * (
+            add.double().abs() + h.abs() @ mlp.down_proj.weight.double().abs().t())
+        assert got.shape == (10, 32) and ((got.double() - exact).abs() <= bound).all()
+        mlp.down_proj = torch.nn.Sequential(mlp.down_proj)  # not a plain linear layer: the add path
+        fallback = mlp(x, add)
+        assert ((fallback.double() - exact).abs() <= 2 * bound + eps * exact.abs()).all()
+
+
+def test_mla_input_projections_share_one_input_gradient_gemm():
+    """MLA's query and key-value projections of one input: the same values and gradients as two linear layers
+    (float64 gradcheck), and in backward the input's gradient is one ``addmm`` (no separate add kernel)."""
+    from openseek_hal.models.deepseek_v3.model import _two_linears, _TwoLinears
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    w1 = torch.randn(5, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    w2 = torch.randn(7, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(_TwoLinears.apply, (x, w1, w2))
+    a, b = torch.nn.Linear(8, 5, bias=False).double(), torch.nn.Linear(8, 7, bias=False).double()
+    y1, y2 = _two_linears(x, a, b)
+    assert torch.equal(y1, F.linear(x, a.weight)) and torch.equal(y2, F.linear(x, b.weight))
+    loss = y1.square().sum() + y2.sum()
+    with _Dispatched() as seen:
+        loss.backward()
+    assert "addmm" in seen.names and not {"add", "add_"} & set(seen.names)
+    b.bias = torch.nn.Parameter(torch.zeros(7, dtype=torch.float64))  # a bias: the layers' own calls
+    y1, y2 = _two_linears(x, a, b)
+    assert "TwoLinears" not in y1.grad_fn.name() and torch.equal(y2, F.linear(x, b.weight, b.bias))

@@ -25,8 +25,8 @@ from openseek_hal.ops import kernel_loader  # noqa: E402
 from openseek_hal.ops.selfcheck import check_op  # noqa: E402
 
 KERNEL_OPS = {"rms_norm", "add_rms_norm", "silu_and_mul", "rope", "mla_qkv", "cross_entropy", "linear_cross_entropy",
-              "moe_route", "moe_permute", "moe_unpermute", "moe_seq_aux_loss", "adamw", "causal_attention",
-              "fp8_quantize", "fp8_gemm", "fp8_grouped_gemm", "fp8_linear", "fp8_grouped_linear"}
+              "moe_route", "moe_permute", "moe_unpermute", "moe_seq_aux_loss", "embedding_add_rows", "adamw",
+              "causal_attention", "fp8_quantize", "fp8_gemm", "fp8_grouped_gemm", "fp8_linear", "fp8_grouped_linear"}
 
 
 def test_triton_interpret_backend_runs_every_op_natively():

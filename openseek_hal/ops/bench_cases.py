@@ -190,6 +190,33 @@ def attention_case(label: str, b: int, h: int, s: int, dqk: int = 192, dv: int =
                 eager_baseline=False, baselines=baselines, ours=_flash_kernel)
 
 
+def zipf_ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    """``n`` token ids drawn with probability ~ 1/rank (a text-like draw: the most frequent id a few hundred
+    times in 8192 tokens, most ids never), on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.multinomial(1.0 / torch.arange(1, vocab + 1, dtype=torch.float64), n, replacement=True,
+                             generator=g)
+
+
+def _index_put_rows(total: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """What ``embedding_add_rows`` replaced: torch's sort-based ``index_put_(accumulate=True)``."""
+    return total.index_put_((ids.reshape(-1),), rows.reshape(-1, total.shape[1]).to(total.dtype), accumulate=True)
+
+
+def embedding_add_rows_case(preset: str, n: int, vocab: int, dim: int) -> Case:
+    """``n`` rows added into a ``vocab x dim`` bf16 table, against ``index_put_``. Bytes: the rows read and the
+    distinct table rows they touch read and written."""
+    ids = zipf_ids(n, vocab)
+    touched = int(ids.unique().numel())
+
+    def make(dev):
+        return (_randn(vocab, dim, device=dev), ids.to(dev), _randn(n, dim, device=dev)), {}
+
+    return Case("embedding_add_rows", f"{preset} {n} ids ({touched} distinct) -> {vocab}x{dim}", make, (),
+                (n + 2 * touched) * dim * 2, 0, compile_baseline=False, eager_baseline=False,
+                baselines={"index_put_": _index_put_rows})
+
+
 def _cases_for(preset: str, p: dict[str, int]) -> list[Case]:
     bf = 2
     t = p["tokens"] * 4  # a micro-batch of 4 sequences
@@ -238,6 +265,8 @@ def _cases_for(preset: str, p: dict[str, int]) -> list[Case]:
                               torch.randint(0, vv, (8192,), device=dev)), {}), hh=h, vv=v),
         (0, 1), 8192 * v * bf, 2 * 8192 * v * bf, flops=2 * 8192 * h * v, bwd_flops=4 * 8192 * h * v,
         fused_fwd_bwd=True, eager_baseline=False, baselines={"head+cross_entropy": _head_then_cross_entropy}))
+    # a tied embedding's gradient rows added into the head's dense gradient (8192 tokens of a text-like draw)
+    cases.append(embedding_add_rows_case(preset, 8192, v, h))
     route_kw = dict(top_k=k, n_group=p["n_group"], topk_group=p["topk_group"], score_func="sigmoid",
                     norm_topk_prob=True, routed_scaling_factor=2.5)
     cases.append(Case("moe_route", f"{preset} {t}x{e} top{k}", functools.partial(

@@ -164,7 +164,7 @@ class _AllToAll(torch.autograd.Function):
         return _timed_backward(ctx.timer, run), None, None, None, None, None
 
 
-def _timed_backward(timer: _Timer | None, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+def _timed_backward(timer: _Timer | None, run: Callable[..., torch.Tensor]) -> torch.Tensor:
     """``run()``, its span added to the timer's ``backward_s``."""
     start = timer.mark() if timer is not None else None
     out = run()
@@ -294,7 +294,7 @@ class ExpertParallelExperts(nn.Module):
             self._timer = _Timer(Device(d.type, d.index))
         return self._timer
 
-    def _exchange_counts(self, counts: torch.Tensor, shared: Callable[[], torch.Tensor] | None,
+    def _exchange_counts(self, counts: torch.Tensor, shared: Callable[..., torch.Tensor] | None,
                          timer: _Timer | None) -> tuple[list[int], list[int], torch.Tensor, torch.Tensor | None, Any]:
         """Send ``counts`` (an even split: one equal block per peer), receive the peers' blocks for
         this rank, and bring both to the host: the layer's one host sync. Returns (sent, received)
@@ -326,14 +326,14 @@ class ExpertParallelExperts(nn.Module):
         return sizes[:len(sizes) // 2], sizes[len(sizes) // 2:], recv_counts, shared_out, t1
 
     def _dispatch(self, rows: torch.Tensor, recv: list[int], send: list[int], shared_out: torch.Tensor | None,
-                  shared: Callable[[], torch.Tensor] | None, timer: _Timer | None,
+                  shared: Callable[..., torch.Tensor] | None, timer: _Timer | None,
                   t1: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The uneven all-to-all of ``rows`` (async), the shared experts during it if not run yet."""
         return self._transfer(lambda handle: _AllToAll.apply(rows, self.ep_comm, recv, send, handle, timer),
                               shared_out, shared, timer, t1)
 
     def _transfer(self, start: Callable[[list], torch.Tensor], shared_out: torch.Tensor | None,
-                  shared: Callable[[], torch.Tensor] | None, timer: _Timer | None,
+                  shared: Callable[..., torch.Tensor] | None, timer: _Timer | None,
                   t1: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``start(handle)`` issues an asynchronous transfer; the shared experts run while it is in flight
         (with overlap, unless they already ran while the host waited for the split sizes); then wait."""
@@ -363,16 +363,16 @@ class ExpertParallelExperts(nn.Module):
         return back
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                shared: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+                shared: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         run = {"pairs": self._forward_pairs, "tokens": self._forward_tokens,
                "allgather": self._forward_allgather}[self.dispatch]
         out, shared_out = run(x, indices, weights, shared)
         if shared is not None:
-            out = out + (shared_out if shared_out is not None else shared())
+            out = out + shared_out if shared_out is not None else shared(out)
         return out
 
     def _forward_pairs(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                       shared: Callable[[], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       shared: Callable[..., torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         size, local_e = self.ep_comm.world_size, self.num_local_experts
         timer = self._get_timer()
         x_sorted, order, counts = self._permute(x, indices, self.num_global_experts)
@@ -395,7 +395,7 @@ class ExpertParallelExperts(nn.Module):
         return self._unpermute(y, order, weights), shared_out
 
     def _forward_tokens(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                        shared: Callable[[], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        shared: Callable[..., torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         size, local_e = self.ep_comm.world_size, self.num_local_experts
         timer = self._get_timer()
         tokens, k = indices.shape
@@ -433,7 +433,7 @@ class ExpertParallelExperts(nn.Module):
         return full.view(size, tokens, -1).sum(0), shared_out
 
     def _forward_allgather(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                           shared: Callable[[], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                           shared: Callable[..., torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every token to every rank of the group, no split sizes, so no host sync: an all-gather of the
         tokens and their routing, each rank's experts on the picks that are its own (the others form a
         sentinel group sorted last), and the weighted partial outputs summed back to their owners.

@@ -54,6 +54,35 @@ class RMSNorm(nn.Module):
         return self._add_rms_norm(x, residual, self.weight, self.eps)
 
 
+class _TwoLinears(torch.autograd.Function):
+    """``(x @ w1.T, x @ w2.T)``, whose input gradient is one GEMM added onto the other in its epilogue
+    (``addmm``) instead of two products that autograd then adds with a separate kernel."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2):
+        ctx.save_for_backward(x, w1, w2)
+        return F.linear(x, w1), F.linear(x, w2)
+
+    @staticmethod
+    def backward(ctx, d1, d2):
+        x, w1, w2 = ctx.saved_tensors
+        g1, g2 = d1.reshape(-1, d1.shape[-1]), d2.reshape(-1, d2.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        dx = torch.addmm(g2 @ w2, g1, w1).view(x.shape) if ctx.needs_input_grad[0] else None
+        dw1 = g1.t() @ rows if ctx.needs_input_grad[1] else None
+        dw2 = g2.t() @ rows if ctx.needs_input_grad[2] else None
+        return dx, dw1, dw2
+
+
+def _two_linears(x: torch.Tensor, a: nn.Module, b: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a(x), b(x))``: as `_TwoLinears` where both are plain bias-free linear layers of ``x``'s dtype outside
+    autocast (MLA's query and key-value projections read the same normed input), else the layers' own calls."""
+    if (type(a) is nn.Linear and type(b) is nn.Linear and a.bias is None and b.bias is None
+            and x.dtype == a.weight.dtype == b.weight.dtype and not torch.is_autocast_enabled(x.device.type)):
+        return _TwoLinears.apply(x, a.weight, b.weight)
+    return a(x), b(x)
+
+
 class MLA(nn.Module):
     """Multi-head latent attention: low-rank (optionally) queries, a compressed KV latent with its own
     norm, and a decoupled rope part whose key is shared by all heads."""
@@ -88,8 +117,11 @@ class MLA(nn.Module):
         # Activations stay in the projections' (batch, seq, heads, dim) layout and attention gets
         # (batch, heads, seq, dim) views of them: no transposing copy of q, k, v or their gradients
         # (the attention output and its gradient come back in the same layout).
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        direct = hasattr(self, "q_proj")
+        q, kv_a = _two_linears(x, self.q_proj if direct else self.q_a_proj, self.kv_a_proj_with_mqa)
+        if not direct:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        latent, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, s, self.heads, -1)
         # whole query and key heads: the parts without position joined to the rotated parts (the key's
         # shared by every head). The rotation keeps the interleaved pair order where HF de-interleaves;
@@ -109,8 +141,19 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         self._silu_and_mul = backend.op("silu_and_mul")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self._silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """``down(silu_and_mul(gate_up(x)))``; given ``add`` (``[tokens, hidden]``), ``add`` plus that as
+        ``[tokens, hidden]``. Where the down projection is a plain bias-free layer and the dtypes agree, its
+        GEMM makes the sum (``addmm``: the epilogue reads ``add``, one rounding) instead of an add kernel
+        reading two ``tokens x hidden`` tensors and writing a third."""
+        h = self._silu_and_mul(self.gate_up_proj(x))
+        if add is None:
+            return self.down_proj(h)
+        down = self.down_proj
+        if (type(down) is nn.Linear and down.bias is None and add.dtype == h.dtype == down.weight.dtype
+                and not torch.is_autocast_enabled(h.device.type)):
+            return torch.addmm(add, h.reshape(-1, h.shape[-1]), down.weight.t())
+        return add + down(h).reshape(add.shape)
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -234,7 +277,8 @@ class MoE(nn.Module):
         indices, weights, counts = self._route(logits, self.gate.e_score_correction_bias, **self.route_kwargs)
         # The experts module adds the shared experts' output; an expert-parallel one computes it while
         # the tokens travel (`openseek_hal.train.expert_parallel`).
-        shared = None if self.shared_experts is None else (lambda: self.shared_experts(x).view(-1, h))
+        shared = None if self.shared_experts is None else (
+            lambda add=None: self.shared_experts(x, add).view(-1, h))
         out = self.experts(flat, indices, weights, shared).view(b, s, h)
         aux = None
         if self.training:
@@ -249,9 +293,10 @@ class MoE(nn.Module):
 class Experts(nn.Module):
     """The routed experts' weights, stacked, and their grouped computation on permuted tokens.
 
-    ``forward(x, indices, weights, shared)`` returns the routed output plus ``shared()`` when given
-    (the shared experts, passed as a callable so that an expert-parallel replacement can run them
-    while its tokens are in flight).
+    ``forward(x, indices, weights, shared)`` returns the routed output plus the shared experts' when
+    ``shared`` is given: ``shared()`` is their output, ``shared(add)`` their output plus ``add`` (the sum
+    made by their last GEMM). It is a callable so that an expert-parallel replacement can run them while
+    its tokens are in flight.
     """
 
     def __init__(self, config: DeepseekV3Config, backend: Backend):
@@ -265,11 +310,11 @@ class Experts(nn.Module):
         self._grouped_linear = backend.op("grouped_linear")
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                shared: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+                shared: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         x_sorted, order, counts = self._permute(x, indices, self.gate_up_proj.shape[0])
         hidden = self._silu_and_mul(self._grouped_linear(x_sorted, self.gate_up_proj, counts))
         out = self._unpermute(self._grouped_linear(hidden, self.down_proj, counts), order, weights)
-        return out if shared is None else out + shared()
+        return out if shared is None else shared(out)
 
 
 class Block(nn.Module):
@@ -354,6 +399,7 @@ class DeepseekV3(nn.Module):
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPModule(c, d, backend) for d in range(c.num_nextn_predict_layers))
         self._embedding = backend.op("embedding")
+        self._embedding_add_rows = backend.op("embedding_add_rows")
         self._cross_entropy = backend.op("cross_entropy")
         # the head and its loss in one op where the backend has it (its forward writes the logits'
         # gradient; nothing reads the logits again); else the head, then the backend's cross_entropy
@@ -390,7 +436,7 @@ class DeepseekV3(nn.Module):
         """A collector of the shared embedding / head weight's gradient when one backward will need it."""
         weight = self.embed_tokens.weight
         if self.lm_head is None and weight.requires_grad and torch.is_grad_enabled():
-            return TiedGradient(weight)
+            return TiedGradient(weight, self._embedding_add_rows)
         return None
 
     def _trunk(self, input_ids: torch.Tensor, tied: TiedGradient | None = None,

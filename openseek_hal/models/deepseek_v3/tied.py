@@ -5,9 +5,10 @@ head last. Left to autograd, each use makes its own dense vocab x hidden gradien
 before the weight's gradient is ready: the embedding's is a zero-filled table with a few thousand rows
 scattered into it, and the add reads two tables and writes a third (OpenSeek-Small: 389 MB each, about
 0.5 ms of an H100 step). Here every head use hands its dense gradient to a `TiedGradient` and gives autograd
-none; every embedding use adds its rows to it (`_add_rows`: repeated tokens summed in float32, the same bits
-on every run), and the *first* embedding lookup of the forward, which autograd runs last (every other use of
-the weight lies downstream of it), returns the whole gradient to the weight.
+none; every embedding use adds its rows to it (the backend's `embedding_add_rows` op: repeated tokens
+summed in float32, the same bits on every run), and the *first* embedding lookup of the forward, which
+autograd runs last (every other use of the weight lies downstream of it), returns the whole gradient to
+the weight.
 
 The order rests on autograd's: a node runs once its inputs are ready, and among ready nodes the one made
 later runs first, so a head's hand-over (made after the lookup, ready as soon as the head's backward ran)
@@ -21,12 +22,18 @@ from collections.abc import Callable
 
 import torch
 
+from ...ops.embedding import embedding_add_rows
+
+AddRows = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 class TiedGradient:
-    """The collector of one forward's uses of the shared weight."""
+    """The collector of one forward's uses of the shared weight. ``add_rows`` is the backend's
+    ``embedding_add_rows`` (``total[ids] += rows``; it may update ``total`` in place, and returns it)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, add_rows: AddRows = embedding_add_rows):
         self.weight = weight
+        self._add_rows = add_rows
         self.dense: torch.Tensor | None = None  # the heads' gradients, summed
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # later lookups' (ids, gradient rows)
         self.collected = False
@@ -59,22 +66,9 @@ class TiedGradient:
         self.collected = True
         total = self.dense if self.dense is not None else torch.zeros_like(self.weight)
         for more_ids, rows in [*self.rows, (ids, grad)]:
-            _add_rows(total, more_ids.reshape(-1), rows.reshape(-1, rows.shape[-1]))
+            total = self._add_rows(total, more_ids, rows)
         self.dense, self.rows = None, []
         return total
-
-
-def _add_rows(total: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> None:
-    """``total[ids[i]] += rows[i]``, the same bits on every run. On CUDA ``index_put_(accumulate=True)`` sorts
-    the ids and sums each id's rows in float32 before one add (deterministic); on the CPU that call adds with
-    atomics across threads (run-to-run differences in the last bits), so the CPU takes ``index_add_``, which
-    walks the ids in order (in float32 for narrower dtypes)."""
-    if total.device.type != "cpu":
-        total.index_put_((ids,), rows.to(total.dtype), accumulate=True)
-    elif total.dtype in (torch.float32, torch.float64):
-        total.index_add_(0, ids, rows.to(total.dtype))
-    else:
-        total.copy_(total.float().index_add_(0, ids, rows.float()))
 
 
 class _Lookup(torch.autograd.Function):

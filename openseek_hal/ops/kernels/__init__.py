@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import activation, adamw, attention, cross_entropy, fp8, mla, moe, norm, reduce, rope
+from . import activation, adamw, attention, cross_entropy, embedding, fp8, mla, moe, norm, reduce, rope
 
 KERNELS: dict[str, Callable] = {
     "rms_norm": norm.rms_norm,
@@ -18,6 +18,7 @@ KERNELS: dict[str, Callable] = {
     "rope": rope.rope,
     "mla_qkv": mla.mla_qkv,
     "cross_entropy": cross_entropy.cross_entropy,
+    "embedding_add_rows": embedding.embedding_add_rows,
     "linear_cross_entropy": cross_entropy.linear_cross_entropy,
     "moe_route": moe.moe_route,
     "moe_permute": moe.moe_permute,
