@@ -283,7 +283,7 @@ class MoE(nn.Module):
         aux = None
         if self.training:
             if not RECOMPUTE.active:  # a recomputed forward must not count its tokens twice
-                self.expert_load += counts.detach().float()
+                self.expert_load += counts.detach()  # integer counts added into the float32 total
             if self.aux_coef > 0:
                 aux = self._aux_loss(logits, indices, b, coef=self.aux_coef,
                                      score_func=self.route_kwargs["score_func"])
@@ -548,10 +548,10 @@ class DeepseekV3(nn.Module):
         loads = torch.stack([m.expert_load for m in layers])
         if comm is not None:
             comm.all_reduce(loads)
-        rate = self.config.bias_update_rate
-        for m, load in zip(layers, loads):
-            m.gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)
-            m.expert_load.zero_()
+        # every layer at once (a handful of kernels a step, not six per MoE layer)
+        steps = self.config.bias_update_rate * torch.sign(loads.mean(dim=1, keepdim=True) - loads)
+        torch._foreach_add_([m.gate.e_score_correction_bias for m in layers], list(steps.unbind(0)))
+        torch._foreach_zero_([m.expert_load for m in layers])
         return loads
 
     @torch.no_grad()
