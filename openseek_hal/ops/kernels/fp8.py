@@ -659,7 +659,7 @@ def _rne(c: torch.Tensor) -> bool:
 def _row_ends(counts: torch.Tensor, experts: int) -> torch.Tensor:
     if counts.dim() != 1 or counts.numel() != experts:
         raise ValueError(f"counts must have one entry per expert ({experts}), got shape {tuple(counts.shape)}")
-    return counts.to(torch.int64).cumsum(0).to(torch.int32)
+    return counts.cumsum(0, dtype=torch.int32)
 
 
 def fp8_grouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
