@@ -524,3 +524,42 @@ def test_mla_input_projections_share_one_input_gradient_gemm():
     b.bias = torch.nn.Parameter(torch.zeros(7, dtype=torch.float64))  # a bias: the layers' own calls
     y1, y2 = _two_linears(x, a, b)
     assert "TwoLinears" not in y1.grad_fn.name() and torch.equal(y2, F.linear(x, b.weight, b.bias))
+
+
+def test_router_and_shared_experts_share_one_input_gradient(monkeypatch):
+    """On the tensor-core router path (emulated: float64 products rounded to fp32) the router and the shared
+    experts' gate/up projection run as one autograd node: the same forward bits as the separate layers, the
+    same weight gradients, the input gradient within one bf16 rounding, and one tokens x hidden gradient add
+    fewer in backward (the router's product accumulates the other's in one ``addmm``)."""
+    from openseek_hal.models.deepseek_v3 import model as m
+
+    monkeypatch.setattr(m, "_mm_fp32", lambda a, b: (a.double() @ b.double()).float())
+    monkeypatch.setattr(m, "_tensor_core_logits", lambda x, w: True)
+    moe = build_model(SMALL, "cpu", seed=0, dtype=torch.bfloat16).train().layers[1].mlp
+    assert moe.shared_experts is not None
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 12, SMALL["hidden_size"], generator=gen).to(torch.bfloat16)
+    upstream = torch.randn(2, 12, SMALL["hidden_size"], generator=gen).to(torch.bfloat16)
+
+    class Separate:  # the same two products as separate autograd nodes: the router's and a linear layer's
+        @staticmethod
+        def apply(x, weight, other):
+            return m._BF16RouterLogits.apply(x, weight), F.linear(x, other)
+
+    def run(fused: bool):
+        monkeypatch.setattr(m, "_RouterLogitsAndLinear", real if fused else Separate)
+        moe.zero_grad()
+        x = x0.clone().requires_grad_()
+        out, _ = moe(x)
+        with _Dispatched() as seen:
+            out.backward(upstream)
+        adds = sum(1 for name in seen.names if name in ("add", "add_"))
+        return out.detach(), x.grad, {n: p.grad.clone() for n, p in moe.named_parameters()}, adds
+
+    real = m._RouterLogitsAndLinear
+    out, dx, grads, adds = run(True)
+    out_ref, dx_ref, grads_ref, adds_ref = run(False)
+    assert torch.equal(out, out_ref)
+    assert grads.keys() == grads_ref.keys() and all(torch.equal(grads[n], grads_ref[n]) for n in grads)
+    torch.testing.assert_close(dx.float(), dx_ref.float(), rtol=2**-7, atol=2**-7 * dx_ref.abs().max().item())
+    assert adds == adds_ref - 1 and adds_ref >= 2, (adds, adds_ref)

@@ -75,10 +75,9 @@ class _TwoLinears(torch.autograd.Function):
 
 
 def _two_linears(x: torch.Tensor, a: nn.Module, b: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a(x), b(x))``: as `_TwoLinears` where both are plain bias-free linear layers of ``x``'s dtype outside
-    autocast (MLA's query and key-value projections read the same normed input), else the layers' own calls."""
-    if (type(a) is nn.Linear and type(b) is nn.Linear and a.bias is None and b.bias is None
-            and x.dtype == a.weight.dtype == b.weight.dtype and not torch.is_autocast_enabled(x.device.type)):
+    """``(a(x), b(x))``: as `_TwoLinears` where both are plain linear layers (`_plain_linear`; MLA's query and
+    key-value projections read the same normed input), else the layers' own calls."""
+    if _plain_linear(a, x) and _plain_linear(b, x):
         return _TwoLinears.apply(x, a.weight, b.weight)
     return a(x), b(x)
 
@@ -143,17 +142,27 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """``down(silu_and_mul(gate_up(x)))``; given ``add`` (``[tokens, hidden]``), ``add`` plus that as
-        ``[tokens, hidden]``. Where the down projection is a plain bias-free layer and the dtypes agree, its
-        GEMM makes the sum (``addmm``: the epilogue reads ``add``, one rounding) instead of an add kernel
-        reading two ``tokens x hidden`` tensors and writing a third."""
-        h = self._silu_and_mul(self.gate_up_proj(x))
+        ``[tokens, hidden]`` (`from_gate_up`)."""
+        return self.from_gate_up(self.gate_up_proj(x), add)
+
+    def from_gate_up(self, gate_up: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` from the gate/up projection's output on. Where the down projection is a plain bias-free
+        layer (`_plain_linear`), its GEMM makes the sum with ``add`` (``addmm``: the epilogue reads ``add``, one
+        rounding) instead of an add kernel reading two ``tokens x hidden`` tensors and writing a third."""
+        h = self._silu_and_mul(gate_up)
         if add is None:
             return self.down_proj(h)
-        down = self.down_proj
-        if (type(down) is nn.Linear and down.bias is None and add.dtype == h.dtype == down.weight.dtype
-                and not torch.is_autocast_enabled(h.device.type)):
-            return torch.addmm(add, h.reshape(-1, h.shape[-1]), down.weight.t())
-        return add + down(h).reshape(add.shape)
+        if add.dtype == h.dtype and _plain_linear(self.down_proj, h):
+            return torch.addmm(add, h.reshape(-1, h.shape[-1]), self.down_proj.weight.t())
+        return add + self.down_proj(h).reshape(add.shape)
+
+
+def _plain_linear(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``layer`` is a bias-free ``nn.Linear`` of ``x``'s dtype, called outside autocast: its product can
+    then be made by a GEMM of our choosing (one that also adds, or one of two sharing an input gradient)
+    without changing what the layer computes. An FP8 layer, a bias or autocast keep the layer's own call."""
+    return (type(layer) is nn.Linear and layer.bias is None and layer.weight.dtype == x.dtype
+            and not torch.is_autocast_enabled(x.device.type))
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -187,10 +196,33 @@ class _BF16RouterLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        high, low = _split_bf16(grad.contiguous())
-        dx = torch.mm(torch.cat([high, low], dim=1), torch.cat([weight, weight])).to(x.dtype)
-        dw = (_mm_fp32(high.t(), x) + _mm_fp32(low.t(), x)).to(weight.dtype)
-        return dx, dw
+        return _router_backward(x, weight, grad)
+
+
+def _router_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_BF16RouterLogits`' gradients (input, weight) for the fp32 upstream ``grad``, both bf16."""
+    high, low = _split_bf16(grad.contiguous())
+    dx = torch.mm(torch.cat([high, low], dim=1), torch.cat([weight, weight])).to(x.dtype)
+    dw = (_mm_fp32(high.t(), x) + _mm_fp32(low.t(), x)).to(weight.dtype)
+    return dx, dw
+
+
+class _RouterLogitsAndLinear(torch.autograd.Function):
+    """`_BF16RouterLogits` together with ``x @ other.T``, a bf16 linear layer of the same tokens (the shared
+    experts' gate/up projection). The input's gradient of the pair is the router's product with the other
+    layer's accumulated onto it by one GEMM (``addmm``), where autograd would add two tokens x hidden
+    gradients with a separate kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, other):
+        ctx.save_for_backward(x, weight, other)
+        return _mm_fp32(x, weight.t()), F.linear(x, other)
+
+    @staticmethod
+    def backward(ctx, grad, d_other):
+        x, weight, other = ctx.saved_tensors
+        dx, dw = _router_backward(x, weight, grad)
+        return torch.addmm(dx, d_other, other), dw, d_other.t() @ x
 
 
 _FP32_OUT_MM: dict[torch.device, bool] = {}  # per device: does torch's mm give bf16 products an fp32 output
@@ -273,12 +305,22 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, s, h = x.shape
         flat = x.reshape(-1, h)
-        logits = self.gate(flat)
+        mlp = self.shared_experts
+        gate_up = None
+        if mlp is not None and _tensor_core_logits(flat, self.gate.weight) and _plain_linear(mlp.gate_up_proj, flat):
+            # the router and the shared experts' first projection read the same tokens: one input gradient
+            logits, gate_up = _RouterLogitsAndLinear.apply(flat, self.gate.weight, mlp.gate_up_proj.weight)
+        else:
+            logits = self.gate(flat)
         indices, weights, counts = self._route(logits, self.gate.e_score_correction_bias, **self.route_kwargs)
         # The experts module adds the shared experts' output; an expert-parallel one computes it while
         # the tokens travel (`openseek_hal.train.expert_parallel`).
-        shared = None if self.shared_experts is None else (
-            lambda add=None: self.shared_experts(x, add).view(-1, h))
+        if mlp is None:
+            shared = None
+        elif gate_up is not None:
+            shared = lambda add=None: mlp.from_gate_up(gate_up, add)  # noqa: E731
+        else:
+            shared = lambda add=None: mlp(x, add).view(-1, h)  # noqa: E731
         out = self.experts(flat, indices, weights, shared).view(b, s, h)
         aux = None
         if self.training:
