@@ -97,3 +97,11 @@ def test_embedding_add_rows_kernel_builds_for_sm90(tmp_path, monkeypatch):
                  "n_rows_total": "i32", "dim": "i32", "stride_total": "i32", "stride_rows": "i32"}
     constexprs = {"ACC": tl.float32, "POSITIONS": 4, "BLOCK_R": 32, "BLOCK_D": 128}
     assert _cubin(embedding._add_sorted_rows, signature, constexprs, tmp_path, monkeypatch)
+
+
+def test_expert_count_and_inverse_kernels_build_for_sm90(tmp_path, monkeypatch):
+    from openseek_hal.ops.kernels import moe
+
+    assert _cubin(moe._histogram, {"IDS": "*i64", "COUNTS": "*i64", "n": "i32", "n_bins": "i32"},
+                  {"BLOCK": moe._COUNT_BLOCK, "BINS": 128}, tmp_path, monkeypatch)
+    assert _cubin(moe._invert, {"ORDER": "*i64", "INV": "*i64", "n": "i32"}, {"BLOCK": 1024}, tmp_path, monkeypatch)

@@ -444,3 +444,19 @@ def test_cuda_backends_multi_tensor_sum_of_squares_matches_reference(dtype):
     from openseek_hal.ops.optim import foreach_sum_of_squares
 
     assert check_op("sum_of_squares", foreach_sum_of_squares, dtype) > 0
+
+
+def test_expert_counts_and_inverse_over_several_blocks():
+    """The routing's tokens-per-expert (per-block histograms added with integer atomics) against
+    ``torch.bincount`` for ids spanning several blocks, an expert count that is not a power of two, experts
+    that get nothing, and no ids; the permutation inverse against ``argsort``."""
+    from openseek_hal.ops.kernel_loader import load_kernels
+
+    moe = load_kernels(True).moe
+    gen = torch.Generator().manual_seed(0)
+    for n, experts in ((3 * moe._COUNT_BLOCK + 17, 6), (500, 64), (0, 5)):
+        ids = torch.randint(0, max(1, experts - 1), (n,), generator=gen)  # the last expert is never picked
+        assert torch.equal(moe._count(ids.view(-1, 1), experts), torch.bincount(ids, minlength=experts))
+    order = torch.randperm(2500, generator=gen)
+    assert torch.equal(moe._inverse(order), torch.argsort(order))
+    assert moe._inverse(torch.empty(0, dtype=torch.int64)).numel() == 0

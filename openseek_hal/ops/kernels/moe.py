@@ -4,12 +4,13 @@
 tile; group-limited selection and the top-k are done by repeated max + lowest-index-of-max, which
 gives torch.topk's order (descending) without a sort. The backward (``ROWS`` tokens per program,
 `launch.config`) recomputes the scores from the logits, and the picked ones from the logits
-gathered at the saved indices. Tokens-per-expert counts are an integer ``index_add_`` (exact, so
-reproducible, and unlike ``torch.bincount`` it needs no device-to-host sync, so CUDA graphs and torch.compile keep it).
+gathered at the saved indices. Tokens-per-expert counts are a histogram per block of ids added into a
+zeroed table with integer atomics (exact, so reproducible, and unlike ``torch.bincount`` no device-to-host
+sync, so CUDA graphs and torch.compile keep it).
 
 Permute/unpermute: the stable sort of expert ids is torch's (over ``T * k`` ids narrowed to 8 or 16 bits); the
-row movement is Triton. Every backward is a gather (each output row read-summed by one program),
-never a scatter-add, so results are bitwise reproducible.
+row movement and the sort's inverse are Triton. Every backward is a gather (each output row read-summed by
+one program), never a scatter-add, so results are bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -139,9 +140,28 @@ def _route_bwd(X, IDX, DW, DX, n_tokens, n_experts, scale, SOFTMAX: tl.constexpr
     tl.store(DX + rows[:, None] * n_experts + e_idx[None, :], dx.to(DX.dtype.element_ty), mask=valid)
 
 
+@triton.jit
+def _histogram(IDS, COUNTS, n, n_bins, BLOCK: tl.constexpr, BINS: tl.constexpr):
+    """``counts[e] += #{i in this program's block: ids[i] == e}``: one integer atomic add per bin and program
+    (integer sums: the same counts in any order). Rows past ``n`` count into bin ``n_bins``, never stored."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(IDS + offs, mask=offs < n, other=n_bins).to(tl.int32)
+    bins = tl.arange(0, BINS)
+    tl.atomic_add(COUNTS + bins, tl.histogram(ids, BINS).to(COUNTS.dtype.element_ty), mask=bins < n_bins)
+
+
 def _count(indices: torch.Tensor, n: int) -> torch.Tensor:
+    """Tokens per expert as int64 ``[n]``, on the device (no host sync, so graphs and compile keep it): a zeroed
+    table and one histogram launch (where ``index_add_`` of ones took a third launch to make the ones)."""
     flat = indices.reshape(-1)
-    return torch.zeros(n, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(n, dtype=torch.int64, device=flat.device)
+    if flat.numel() and n:
+        _histogram[(triton.cdiv(flat.numel(), _COUNT_BLOCK),)](flat, counts, flat.numel(), n, BLOCK=_COUNT_BLOCK,
+                                                             BINS=triton.next_power_of_2(n + 1))
+    return counts
+
+
+_COUNT_BLOCK = 4096
 
 
 def _route_blocks(experts: int, n_group: int, top_k: int) -> dict:
@@ -457,8 +477,20 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
+@triton.jit
+def _invert(ORDER, INV, n, BLOCK: tl.constexpr):
+    """``inv[order[i]] = i``."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(INV + tl.load(ORDER + offs, mask=ok, other=0), offs.to(INV.dtype.element_ty), mask=ok)
+
+
 def _inverse(order: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    """The inverse of the permutation ``order`` (one launch; a scatter of an ``arange`` took two)."""
+    inv = torch.empty_like(order)
+    if order.numel():
+        _invert[(triton.cdiv(order.numel(), 1024),)](order.contiguous(), inv, order.numel(), BLOCK=1024)
+    return inv
 
 
 def _combine(src: torch.Tensor, inv: torch.Tensor, weights: torch.Tensor | None, tokens: int, top_k: int,
