@@ -88,7 +88,8 @@ def census(overrides: dict[str, Any], step: int = 3) -> dict[str, Any]:
         return out
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(None, {**DEFAULTS, "steps": step, "out": str(Path(out) / "run"), **overrides})
+        config = {**DEFAULTS, **overrides, "steps": step}  # the run ends with the counted step
+        cfg = load_config(None, {**config, "out": str(Path(out) / "run")})
         kernel_loader._InterpretedKernel.__getitem__ = counted_launch
         trainer._Run._step = counted_step
         try:
@@ -100,7 +101,7 @@ def census(overrides: dict[str, Any], step: int = 3) -> dict[str, Any]:
     by_name = collections.Counter()
     for (name, _), n in ops.items():
         by_name[name] += n
-    return {"config": {**DEFAULTS, **overrides}, "step": step, "torch_ops": sum(ops.values()),
+    return {"config": config, "step": step, "torch_ops": sum(ops.values()),
             "triton_launches": sum(launches.values()), "torch_ops_by_name": dict(by_name.most_common()),
             "torch_ops_by_shape": [{"op": name, "shapes": shapes, "calls": n}
                                    for (name, shapes), n in ops.most_common()],
