@@ -50,7 +50,10 @@ class TiedGradient:
 
     def _deposit_dense(self, grad: torch.Tensor) -> None:
         self._check_open()
-        self.dense = grad if self.dense is None else self.dense + grad
+        if self.dense is None:
+            self.dense = grad
+        else:  # the first head's gradient is ours alone (autograd keeps none): add in place, no third table
+            self.dense.add_(grad)
 
     def _deposit_rows(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
         self._check_open()
