@@ -164,7 +164,7 @@ class _AllToAll(torch.autograd.Function):
         return _timed_backward(ctx.timer, run), None, None, None, None, None
 
 
-def _timed_backward(timer: _Timer | None, run: Callable[..., torch.Tensor]) -> torch.Tensor:
+def _timed_backward(timer: _Timer | None, run: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``run()``, its span added to the timer's ``backward_s``."""
     start = timer.mark() if timer is not None else None
     out = run()

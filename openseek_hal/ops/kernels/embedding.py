@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..embedding import check_add_rows_args
-from ._common import acc_type
+from ._common import acc_type, as_rows
 
 
 @triton.jit
@@ -58,9 +58,7 @@ def embedding_add_rows(total: torch.Tensor, ids: torch.Tensor, rows: torch.Tenso
         return total
     if total.stride(1) != 1:  # the kernel adds along unit-stride rows: work on a copy, then write it back
         return total.copy_(embedding_add_rows(total.contiguous(), ids, rows))
-    flat = rows.reshape(n, dim)
-    if flat.stride(1) != 1:
-        flat = flat.contiguous()
+    flat = as_rows(rows)
     keys = ids.reshape(-1)
     if total.shape[0] <= torch.iinfo(torch.int32).max and keys.dtype != torch.int32:
         keys = keys.to(torch.int32)  # half the radix passes of 64-bit keys

@@ -140,6 +140,9 @@ def _route_bwd(X, IDX, DW, DX, n_tokens, n_experts, scale, SOFTMAX: tl.constexpr
     tl.store(DX + rows[:, None] * n_experts + e_idx[None, :], dx.to(DX.dtype.element_ty), mask=valid)
 
 
+_COUNT_BLOCK = 4096  # expert ids per histogram program
+
+
 @triton.jit
 def _histogram(IDS, COUNTS, n, n_bins, BLOCK: tl.constexpr, BINS: tl.constexpr):
     """``counts[e] += #{i in this program's block: ids[i] == e}``: one integer atomic add per bin and program
@@ -159,9 +162,6 @@ def _count(indices: torch.Tensor, n: int) -> torch.Tensor:
         _histogram[(triton.cdiv(flat.numel(), _COUNT_BLOCK),)](flat, counts, flat.numel(), n, BLOCK=_COUNT_BLOCK,
                                                              BINS=triton.next_power_of_2(n + 1))
     return counts
-
-
-_COUNT_BLOCK = 4096
 
 
 def _route_blocks(experts: int, n_group: int, top_k: int) -> dict:
